@@ -1,0 +1,29 @@
+"""Security events raised by django.contrib.auth go to the access log."""
+
+from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
+from django.dispatch import receiver
+
+from .models import AccessEvent
+from .services import access_event_record
+
+
+@receiver(user_logged_in)
+def _logged_in(sender, request, user, **kwargs):
+    access_event_record(action="auth.login", request=request, user=user)
+
+
+@receiver(user_logged_out)
+def _logged_out(sender, request, user, **kwargs):
+    if user is not None:
+        access_event_record(action="auth.logout", request=request, user=user)
+
+
+@receiver(user_login_failed)
+def _login_failed(sender, credentials, request=None, **kwargs):
+    access_event_record(
+        action="auth.login",
+        outcome=AccessEvent.Outcome.FAILED,
+        request=request,
+        user=None,
+        username=str(credentials.get("username", ""))[:150],
+    )

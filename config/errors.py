@@ -1,0 +1,101 @@
+"""One error shape for the whole platform.
+
+Services raise ``DomainError`` subclasses; the API renders every 4xx as
+``{"error": {"code", "message", "detail"}}`` and pages render a friendly error page.
+"""
+
+from __future__ import annotations
+
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.http import Http404
+from django.shortcuts import render
+from rest_framework import exceptions as drf_exceptions
+from rest_framework.response import Response
+from rest_framework.views import exception_handler
+
+
+class DomainError(Exception):
+    status = 400
+    code = "invalid"
+
+    def __init__(self, message: str, *, detail: object = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        if code:
+            self.code = code
+
+
+class Invalid(DomainError):
+    status, code = 400, "invalid"
+
+
+class NotFound(DomainError):
+    """Also what another hospital's object looks like: ids leak nothing."""
+
+    status, code = 404, "not_found"
+
+
+class Forbidden(DomainError):
+    status, code = 403, "forbidden"
+
+
+class TooLarge(DomainError):
+    status, code = 413, "too_large"
+
+
+class UnsupportedMedia(DomainError):
+    status, code = 415, "unsupported_media_type"
+
+
+class Unprocessable(DomainError):
+    status, code = 422, "unprocessable"
+
+
+class Unavailable(DomainError):
+    status, code = 503, "unavailable"
+
+
+def error_body(code: str, message: str, detail: object = None) -> dict:
+    return {"error": {"code": code, "message": message, "detail": detail}}
+
+
+def api_exception_handler(exc, context):
+    if isinstance(exc, DomainError):
+        return Response(error_body(exc.code, exc.message, exc.detail), status=exc.status)
+    if isinstance(exc, Http404):
+        exc = drf_exceptions.NotFound()
+    elif isinstance(exc, DjangoPermissionDenied):
+        exc = drf_exceptions.PermissionDenied()
+    response = exception_handler(exc, context)
+    if response is None:
+        return None
+    if isinstance(exc, drf_exceptions.ValidationError):
+        message, detail = "The request has invalid fields.", response.data
+    else:
+        message, detail = str(getattr(exc, "detail", exc)), None
+    code = exc.get_codes() if isinstance(exc, drf_exceptions.APIException) else "error"
+    if not isinstance(code, str):
+        code = "invalid"
+    response.data = error_body(code, message, detail)
+    return response
+
+
+class DomainErrorMiddleware:
+    """Pages: a domain error becomes a plain page with the right status, never a 500."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_exception(self, request, exception):
+        if isinstance(exception, DomainError):
+            return render(
+                request,
+                "error.html",
+                {"status": exception.status, "message": exception.message},
+                status=exception.status,
+            )
+        return None

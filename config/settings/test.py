@@ -1,0 +1,20 @@
+"""The test suite. Services are real: Redis, SQLite or PostgreSQL (DATABASE_URL)."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("SIGHTLINE_VAR_DIR", str(Path(__file__).resolve().parents[2] / "var" / "test"))
+
+from .base import *  # noqa: E402, F403
+from .base import DATABASES, VAR_DIR, env  # noqa: E402
+
+DEBUG = False
+SECRET_KEY = env("DJANGO_SECRET_KEY", default="test-only-not-a-secret")
+ALLOWED_HOSTS = ["127.0.0.1", "localhost", "testserver"]
+WHITENOISE_USE_FINDERS = True
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+# End-to-end tests share the test database with a worker and an ASGI server in other
+# processes, so SQLite's test database is a file, never in memory.
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}

@@ -1,0 +1,70 @@
+"""Reads of clinical data, always through the member's hospital.
+
+``image_get`` is the one access helper for images: another hospital's image and a missing
+one both answer 404, and the attempt is logged.
+"""
+
+from __future__ import annotations
+
+from django.db.models import OuterRef, Prefetch, QuerySet, Subquery
+
+from accounts.models import AccessEvent, Membership
+from accounts.permissions import Action
+from accounts.services import access_event_record, require
+from config.errors import NotFound
+
+from .models import Image, InferenceRequest, Result
+
+
+def _with_ai_state(queryset: QuerySet) -> QuerySet:
+    latest = InferenceRequest.objects.filter(image=OuterRef("pk")).order_by("-id")
+    return queryset.annotate(
+        ai_status=Subquery(latest.values("status")[:1]),
+        ai_error=Subquery(latest.values("error")[:1]),
+        ai_top_label=Subquery(latest.values("result__top_label")[:1]),
+        ai_top_probability=Subquery(latest.values("result__top_probability")[:1]),
+    )
+
+
+def image_list(*, membership: Membership, request=None) -> QuerySet:
+    require(membership, Action.IMAGE_VIEW, request=request)
+    return _with_ai_state(
+        Image.objects.for_tenant(membership.tenant).select_related("study").order_by("-created", "-id")
+    )
+
+
+def image_get(*, membership: Membership, image_id: int, request=None, action: str = "image.view") -> Image:
+    """One image of the member's hospital, its access logged as ``action``."""
+    require(membership, Action.IMAGE_VIEW, request=request)
+    image = (
+        _with_ai_state(Image.objects.for_tenant(membership.tenant))
+        .select_related("study", "series")
+        .prefetch_related(
+            Prefetch(
+                "results",
+                queryset=Result.objects.select_related("model_version__model").order_by("-created"),
+            )
+        )
+        .filter(pk=image_id)
+        .first()
+    )
+    if image is None:
+        access_event_record(
+            action=action,
+            outcome=AccessEvent.Outcome.DENIED,
+            request=request,
+            user=membership.user,
+            tenant=membership.tenant,
+            target_type="image",
+            target_id=image_id,
+        )
+        raise NotFound("No such image.")
+    access_event_record(
+        action=action,
+        request=request,
+        user=membership.user,
+        tenant=membership.tenant,
+        target_type="image",
+        target_id=image.pk,
+    )
+    return image

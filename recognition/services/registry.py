@@ -1,0 +1,109 @@
+"""The model registry: register immutable versions, move aliases, load for inference."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from django.conf import settings
+from django.core.files import File
+from django.core.files.storage import default_storage
+from django.db import transaction
+from django.utils import timezone
+
+from accounts.services import access_event_record
+from config.errors import Invalid
+from workers.engine.cache import HandlerCache
+from workers.engine.handler import Handler, choose_device
+from workers.engine.package import PackageError, read_manifest
+
+from ..models import AIModel, ModelAlias, ModelVersion
+from ..storage import model_package_key
+
+_handlers = HandlerCache()
+
+
+def model_version_register(
+    *, package_path: Path, registered_by=None, alias: str | None = ModelAlias.Name.PRODUCTION
+) -> tuple[ModelVersion, bool]:
+    """Register a package after loading it and running a dummy batch. Returns (version, created).
+
+    Registering the same bytes again changes nothing; different bytes under an existing
+    version number are refused, since versions are immutable.
+    """
+    try:
+        manifest = read_manifest(package_path)
+        Handler.initialize(package_path, manifest.weights_sha256, device=torch.device("cpu"))
+    except PackageError as exc:
+        raise Invalid(f"The model package was refused: {exc}", code="model_refused") from exc
+
+    existing = ModelVersion.objects.filter(model__name=manifest.name, version=manifest.version).first()
+    if existing is not None:
+        if existing.weights_sha256 != manifest.weights_sha256:
+            raise Invalid(
+                f"{manifest.name} {manifest.version} is already registered with other weights; "
+                "versions are immutable, register a new version number.",
+                code="version_exists",
+            )
+        return existing, False
+
+    key = model_package_key(name=manifest.name, version=manifest.version, sha256=manifest.weights_sha256)
+    with open(package_path, "rb") as handle:
+        stored_name = default_storage.save(key, File(handle))
+    try:
+        with transaction.atomic():
+            model, _ = AIModel.objects.get_or_create(
+                name=manifest.name, defaults={"description": manifest.description, "is_demo": manifest.demo}
+            )
+            version = ModelVersion.objects.create(
+                model=model,
+                version=manifest.version,
+                manifest=manifest.to_dict(),
+                package=stored_name,
+                weights_sha256=manifest.weights_sha256,
+                registered_by=registered_by,
+            )
+            access_event_record(
+                action="model.register", user=registered_by, target_type="model_version", target_id=version.pk
+            )
+            if alias:
+                model_alias_move(model=model, alias=alias, version=version, moved_by=registered_by)
+    except BaseException:
+        default_storage.delete(stored_name)
+        raise
+    return version, True
+
+
+def model_alias_move(*, model: AIModel, alias: str, version: ModelVersion, moved_by=None) -> ModelAlias:
+    with transaction.atomic():
+        row, _ = ModelAlias.objects.update_or_create(
+            model=model, name=alias, defaults={"version": version, "updated": timezone.now()}
+        )
+        access_event_record(action="model.alias_move", user=moved_by, target_type="model_alias", target_id=row.pk)
+    return row
+
+
+def _local_package(version: ModelVersion) -> Path:
+    """The package as a local file (copied once from storage, which may be S3)."""
+    cache_dir = Path(settings.SIGHTLINE_MODEL_CACHE_DIR)
+    path = cache_dir / f"{version.weights_sha256}.zip"
+    if not path.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with (
+            version.package.open("rb") as source,
+            tempfile.NamedTemporaryFile(dir=cache_dir, delete=False, suffix=".part") as target,
+        ):
+            shutil.copyfileobj(source, target)
+        Path(target.name).replace(path)
+    return path
+
+
+def model_handler(version: ModelVersion) -> Handler:
+    """The loaded model for a version; the checksum recorded at registration is enforced."""
+    device = choose_device(settings.SIGHTLINE_INFERENCE_DEVICE)
+    return _handlers.get(
+        f"{version.weights_sha256}:{device}",
+        lambda: Handler.initialize(_local_package(version), version.weights_sha256, device=device),
+    )

@@ -1,0 +1,11 @@
+"""Object keys. The server names every object; an uploaded file's name is never used."""
+
+import uuid
+
+
+def image_key(*, tenant_id: int) -> str:
+    return f"tenants/{tenant_id}/images/{uuid.uuid4().hex}.png"
+
+
+def model_package_key(*, name: str, version: str, sha256: str) -> str:
+    return f"models/{name}/{version}-{sha256[:16]}.zip"

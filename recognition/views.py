@@ -1,0 +1,91 @@
+"""Pages. Thin: resolve the member's hospital, call a selector or service, render."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import FileResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_http_methods, require_POST
+
+from accounts.models import Membership
+from accounts.permissions import Action, can
+from accounts.selectors import membership_resolve, memberships_active
+from config.errors import DomainError, Forbidden
+
+from .selectors import image_get, image_list
+from .services.images import image_upload
+
+PAGE_SIZE = 100
+
+
+def page_membership(request) -> Membership:
+    """The hospital a browser session works in: the one it chose, else the first it belongs to."""
+    slug = request.session.get("tenant_slug")
+    if slug:
+        return membership_resolve(user=request.user, tenant_slug=slug, request=request)
+    membership = memberships_active(user=request.user).first()
+    if membership is None:
+        raise Forbidden("You are not a member of any hospital.")
+    request.session["tenant_slug"] = membership.tenant.slug
+    return membership
+
+
+@login_required
+@require_POST
+def tenant_switch(request):
+    membership = membership_resolve(user=request.user, tenant_slug=request.POST.get("tenant", ""), request=request)
+    request.session["tenant_slug"] = membership.tenant.slug
+    return redirect("recognition:image-list")
+
+
+@login_required
+def image_list_page(request):
+    membership = page_membership(request)
+    images = list(image_list(membership=membership, request=request)[:PAGE_SIZE])
+    return render(
+        request,
+        "recognition/image_list.html",
+        {"images": images, "membership": membership, "can_upload": can(membership, Action.IMAGE_UPLOAD)},
+    )
+
+
+@login_required
+def image_detail_page(request, image_id: int):
+    membership = page_membership(request)
+    image = image_get(membership=membership, image_id=image_id, request=request)
+    return render(request, "recognition/image_detail.html", {"image": image, "membership": membership})
+
+
+@login_required
+def image_file(request, image_id: int):
+    membership = page_membership(request)
+    image = image_get(membership=membership, image_id=image_id, request=request, action="image.download")
+    response = FileResponse(image.file.open("rb"), content_type="image/png")
+    response["Cache-Control"] = "private, no-store"
+    return response
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def upload_page(request):
+    membership = page_membership(request)
+    if request.method == "POST":
+        files = request.FILES.getlist("files")
+        if not files:
+            messages.error(request, "Choose at least one image to upload.")
+        stored = 0
+        for upload in files:
+            try:
+                image_upload(membership=membership, upload=upload, request=request)
+                stored += 1
+            except DomainError as exc:  # one bad file never stops the others
+                messages.error(request, f"{upload.name}: {exc.message}")
+        if stored:
+            messages.success(request, f"{stored} image{'s' if stored != 1 else ''} uploaded; AI reads are queued.")
+            return redirect("recognition:image-list")
+    return render(
+        request,
+        "recognition/upload.html",
+        {"membership": membership, "can_upload": can(membership, Action.IMAGE_UPLOAD)},
+    )

@@ -1,0 +1,156 @@
+"""Load a model once, then preprocess → one batched forward pass → postprocess.
+
+Shaped like a TorchServe handler: ``predict(list[bytes])`` returns exactly one
+``ItemResult`` per input, in input order. An input that cannot be decoded gets an error
+of its own and the rest of the batch runs.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image, UnidentifiedImageError
+
+from .package import Manifest, PackageError, read_weights
+
+logger = logging.getLogger(__name__)
+
+# Inputs reaching the engine were validated and re-encoded on upload; this cap only stops a
+# file that changed in storage from exhausting a worker.
+MAX_DECODE_PIXELS = 50_000_000
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    probabilities: dict[str, float] = field(default_factory=dict)
+    top_label: str = ""
+    top_probability: float = 0.0
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+def choose_device(preferred: str = "auto") -> torch.device:
+    """CUDA when present, CPU otherwise; ``preferred`` may force either."""
+    if preferred == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(preferred)
+
+
+def configure_cpu_threads(threads: int | None = None) -> int:
+    """Intra-op threads = the cores this process owns (its affinity mask), unless told."""
+    count = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(count)
+    return count
+
+
+def build_model(architecture: str, num_classes: int) -> torch.nn.Module:
+    try:
+        return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+    except ValueError as exc:
+        raise PackageError(f"unknown torchvision architecture {architecture!r}") from exc
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float images: stretch the stored range onto 8 bits.
+        array = np.asarray(image, dtype=np.float32)
+        low, high = float(array.min()), float(array.max())
+        scale = 255.0 / (high - low) if high > low else 0.0
+        image = Image.fromarray(((array - low) * scale).astype(np.uint8))
+    return image.convert("RGB")
+
+
+class Handler:
+    def __init__(self, manifest: Manifest, model: torch.nn.Module, device: torch.device):
+        self.manifest = manifest
+        self.device = device
+        self.model = model
+        size = manifest.input_size
+        self._size = (size, size)
+        self._mean = torch.tensor(manifest.mean, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(manifest.std, device=device).view(1, 3, 1, 1)
+
+    @classmethod
+    def initialize(cls, package_path: Path, expected_sha256: str, device: torch.device | None = None) -> Handler:
+        manifest, state_dict = read_weights(package_path, expected_sha256)
+        model = build_model(manifest.architecture, len(manifest.labels))
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as exc:
+            raise PackageError(f"weights do not fit {manifest.architecture}: {exc}") from exc
+        device = device or choose_device()
+        model = model.eval().to(device, memory_format=torch.channels_last)
+        handler = cls(manifest, model, device)
+        handler._warm_up()
+        return handler
+
+    def _warm_up(self) -> None:
+        dummy = torch.zeros((1, 3, *self._size), dtype=torch.uint8)
+        probabilities = self.infer(dummy)
+        if probabilities.shape != (1, len(self.manifest.labels)):
+            raise PackageError(
+                f"the model answers {tuple(probabilities.shape)[1:]} outputs for {len(self.manifest.labels)} labels"
+            )
+
+    def decode(self, data: bytes) -> torch.Tensor:
+        """Bytes → uint8 tensor (3, H, W) at the model's input size."""
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_DECODE_PIXELS:
+                raise ValueError(f"image of {image.width}x{image.height} pixels is too large")
+            image.draft("RGB", self._size)  # JPEG: decode at reduced scale when possible
+            rgb = _to_rgb(image).resize(self._size, Image.Resampling.BILINEAR)
+        return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+
+    def preprocess(self, items: list[bytes]) -> tuple[torch.Tensor | None, list[str]]:
+        tensors, errors = [], []
+        for data in items:
+            try:
+                tensors.append(self.decode(data))
+                errors.append("")
+            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+                errors.append(f"the image could not be decoded: {exc}")
+        batch = torch.stack(tensors) if tensors else None
+        return batch, errors
+
+    def infer(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) → probabilities (N, labels) on the CPU."""
+        with torch.inference_mode():
+            x = batch.to(self.device, non_blocking=True).float().div_(255.0)
+            x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+                logits = self.model(x)
+            return torch.softmax(logits.float(), dim=1).cpu()
+
+    def postprocess(self, probabilities: torch.Tensor | None, errors: list[str]) -> list[ItemResult]:
+        labels = self.manifest.labels
+        rows = iter(probabilities.tolist() if probabilities is not None else [])
+        results = []
+        for error in errors:
+            if error:
+                results.append(ItemResult(error=error))
+                continue
+            row = next(rows)
+            best = max(range(len(labels)), key=row.__getitem__)
+            results.append(
+                ItemResult(
+                    probabilities={label: round(p, 6) for label, p in zip(labels, row, strict=True)},
+                    top_label=labels[best],
+                    top_probability=round(row[best], 6),
+                )
+            )
+        return results
+
+    def predict(self, items: list[bytes]) -> list[ItemResult]:
+        batch, errors = self.preprocess(items)
+        probabilities = self.infer(batch) if batch is not None else None
+        return self.postprocess(probabilities, errors)

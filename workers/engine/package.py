@@ -1,0 +1,141 @@
+"""Model packages: a zip holding ``manifest.json`` and ``weights.pt`` (a state_dict).
+
+Weights are read with ``torch.load(weights_only=True)``, never unpickled, and their sha256
+must match both the manifest and the checksum the registry recorded when the version was
+registered: a package whose bytes changed since registration is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+MANIFEST_NAME = "manifest.json"
+WEIGHTS_NAME = "weights.pt"
+FRAMEWORKS = ("torchvision",)
+TASKS = ("single-label",)
+MAX_MANIFEST_BYTES = 64 * 1024
+MAX_WEIGHTS_BYTES = 1024 * 1024 * 1024
+
+
+class PackageError(ValueError):
+    """The package is malformed, or its weights are not the ones that were registered."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    architecture: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    labels: tuple[str, ...]
+    weights_sha256: str
+    task: str = "single-label"
+    framework: str = "torchvision"
+    description: str = ""
+    demo: bool = False
+    metrics: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        try:
+            manifest = cls(
+                name=str(data["name"]),
+                version=str(data["version"]),
+                architecture=str(data["architecture"]),
+                input_size=int(data["input_size"]),
+                mean=tuple(float(v) for v in data["mean"]),
+                std=tuple(float(v) for v in data["std"]),
+                labels=tuple(str(v) for v in data["labels"]),
+                weights_sha256=str(data["weights_sha256"]).lower(),
+                task=str(data.get("task", "single-label")),
+                framework=str(data.get("framework", "torchvision")),
+                description=str(data.get("description", "")),
+                demo=bool(data.get("demo", False)),
+                metrics=dict(data.get("metrics", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PackageError(f"manifest.json is incomplete or malformed: {exc}") from exc
+        if manifest.framework not in FRAMEWORKS:
+            raise PackageError(f"framework {manifest.framework!r} is not supported")
+        if manifest.task not in TASKS:
+            raise PackageError(f"task {manifest.task!r} is not supported")
+        if len(manifest.mean) != 3 or len(manifest.std) != 3 or min(manifest.std) <= 0:
+            raise PackageError("mean and std need three values each, std above zero")
+        if len(manifest.labels) < 2 or not 16 <= manifest.input_size <= 1024:
+            raise PackageError("a model needs at least two labels and an input size of 16-1024")
+        return manifest
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["mean"], data["std"], data["labels"] = list(self.mean), list(self.std), list(self.labels)
+        return data
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_package(path: Path, state_dict: dict, **manifest_fields) -> Manifest:
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    weights = buffer.getvalue()
+    manifest = Manifest.from_dict({**manifest_fields, "weights_sha256": sha256_bytes(weights)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr(MANIFEST_NAME, json.dumps(manifest.to_dict(), indent=2))
+        archive.writestr(WEIGHTS_NAME, weights)
+    tmp.replace(path)
+    return manifest
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    try:
+        info = archive.getinfo(name)
+    except KeyError as exc:
+        raise PackageError(f"the package has no {name}") from exc
+    if info.file_size > limit:
+        raise PackageError(f"{name} is larger than {limit} bytes")
+    with archive.open(info) as member:
+        data = member.read(limit + 1)
+    if len(data) > limit:
+        raise PackageError(f"{name} is larger than {limit} bytes")
+    return data
+
+
+def read_manifest(path: Path) -> Manifest:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            raw = _read_member(archive, MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    except zipfile.BadZipFile as exc:
+        raise PackageError("the model package is not a zip archive") from exc
+    try:
+        return Manifest.from_dict(json.loads(raw))
+    except json.JSONDecodeError as exc:
+        raise PackageError("manifest.json is not valid JSON") from exc
+
+
+def read_weights(path: Path, expected_sha256: str) -> tuple[Manifest, dict]:
+    """Manifest and state_dict, after both checksums agree with ``expected_sha256``."""
+    manifest = read_manifest(path)
+    with zipfile.ZipFile(path) as archive:
+        weights = _read_member(archive, WEIGHTS_NAME, MAX_WEIGHTS_BYTES)
+    actual = sha256_bytes(weights)
+    if actual != manifest.weights_sha256 or actual != expected_sha256.lower():
+        raise PackageError(
+            f"checksum mismatch for {manifest.name} {manifest.version}: weights are {actual[:12]}…, "
+            f"registered {expected_sha256[:12]}…; the model is refused"
+        )
+    state_dict = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+    if not isinstance(state_dict, dict):
+        raise PackageError("weights.pt does not hold a state_dict")
+    return manifest, state_dict
