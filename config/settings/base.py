@@ -97,7 +97,6 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = VAR_DIR / "static"
 STATICFILES_DIRS = [BASE_DIR / "templates" / "static"]
 MEDIA_ROOT = VAR_DIR / "media"
 # No MEDIA_URL is routed: image bytes are patient data and leave only through views that

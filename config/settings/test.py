@@ -9,7 +9,7 @@ from .base import *  # noqa: E402, F403
 from .base import DATABASES, VAR_DIR, env  # noqa: E402
 
 DEBUG = False
-SECRET_KEY = env("DJANGO_SECRET_KEY", default="test-only-not-a-secret")
+SECRET_KEY = env("DJANGO_SECRET_KEY", default="test-only-not-a-secret-0123456789abcdef")
 ALLOWED_HOSTS = ["127.0.0.1", "localhost", "testserver"]
 WHITENOISE_USE_FINDERS = True
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -105,8 +105,11 @@ def _read_member(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
         raise PackageError(f"the package has no {name}") from exc
     if info.file_size > limit:
         raise PackageError(f"{name} is larger than {limit} bytes")
-    with archive.open(info) as member:
-        data = member.read(limit + 1)
+    try:
+        with archive.open(info) as member:
+            data = member.read(limit + 1)
+    except zipfile.BadZipFile as exc:  # CRC mismatch: the bytes changed after packing
+        raise PackageError(f"{name} is damaged: {exc}") from exc
     if len(data) > limit:
         raise PackageError(f"{name} is larger than {limit} bytes")
     return data
@@ -127,15 +130,21 @@ def read_manifest(path: Path) -> Manifest:
 def read_weights(path: Path, expected_sha256: str) -> tuple[Manifest, dict]:
     """Manifest and state_dict, after both checksums agree with ``expected_sha256``."""
     manifest = read_manifest(path)
-    with zipfile.ZipFile(path) as archive:
-        weights = _read_member(archive, WEIGHTS_NAME, MAX_WEIGHTS_BYTES)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            weights = _read_member(archive, WEIGHTS_NAME, MAX_WEIGHTS_BYTES)
+    except zipfile.BadZipFile as exc:
+        raise PackageError("the model package is not a readable zip archive") from exc
     actual = sha256_bytes(weights)
     if actual != manifest.weights_sha256 or actual != expected_sha256.lower():
         raise PackageError(
             f"checksum mismatch for {manifest.name} {manifest.version}: weights are {actual[:12]}…, "
             f"registered {expected_sha256[:12]}…; the model is refused"
         )
-    state_dict = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+    try:
+        state_dict = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses anything but tensors and plain containers
+        raise PackageError(f"weights.pt is not a plain state_dict and was not loaded: {exc}") from exc
     if not isinstance(state_dict, dict):
         raise PackageError("weights.pt does not hold a state_dict")
     return manifest, state_dict

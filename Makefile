@@ -1,0 +1,68 @@
+# Sightline: `make run` serves the demo, `make test` runs the whole suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+PORT ?= 8000
+REDIS_URL ?= redis://127.0.0.1:6379/0
+SIGHTLINE_DEMO_PASSWORD ?= sightline-demo
+export REDIS_URL SIGHTLINE_DEMO_PASSWORD
+
+.PHONY: run test lint format bench browser-deps clean
+
+$(VENV)/.runtime: requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+run: export DJANGO_SETTINGS_MODULE = config.settings.local
+run: $(VENV)/.runtime
+	@mkdir -p var
+	$(BIN)/python manage.py migrate --noinput
+	$(BIN)/python manage.py build_demo_model
+	$(BIN)/python manage.py seed_demo
+	@redis_port=$$($(BIN)/python -c "from urllib.parse import urlsplit; print(urlsplit('$(REDIS_URL)').port or 6379)"); \
+	if $(BIN)/python -c "import redis; redis.Redis.from_url('$(REDIS_URL)', socket_connect_timeout=1).ping()" 2>/dev/null; then \
+	  processes="web worker"; echo "Redis: using the one answering on $(REDIS_URL)"; \
+	else \
+	  processes="redis web worker"; redis_server=$$(command -v redis-server || echo $(BIN)/redis-server); \
+	  echo "Redis: starting $$redis_server on port $$redis_port"; \
+	fi; \
+	echo; \
+	echo "  Sightline → http://127.0.0.1:$(PORT)/   (API docs: http://127.0.0.1:$(PORT)/api/v1/docs/)"; \
+	echo "  Demo General:    clinician, viewer, hospital-admin, auditor"; \
+	echo "  Demo Children's: clinician-b"; \
+	echo "  Password for all: $(SIGHTLINE_DEMO_PASSWORD)"; \
+	echo "  Ctrl-C stops everything started here."; \
+	echo; \
+	PATH="$(BIN):$$PATH" REDIS_SERVER=$$redis_server REDIS_PORT=$$redis_port WEB_PORT=$(PORT) \
+	  exec $(BIN)/honcho --no-colour -f platform/Procfile -d . start $$processes
+
+browser-deps:
+	@test -x /usr/bin/chromium || { \
+	  echo "Installing Debian's chromium for the browser tests"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; fi; }
+
+test: export DJANGO_SETTINGS_MODULE = config.settings.test
+test: $(VENV)/.dev browser-deps
+	$(BIN)/ruff check .
+	$(BIN)/python manage.py makemigrations --check --dry-run
+	$(BIN)/python -m pytest -m "not browser"
+	# Playwright gets a process of its own: async tests after it in one process fail.
+	$(BIN)/python -m pytest -m browser
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.dev
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf var

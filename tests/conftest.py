@@ -1,0 +1,92 @@
+"""Personas and shared fixtures.
+
+Three people, as the isolation tests need them: a clinician and a viewer of hospital A
+(Demo General) and a clinician of hospital B (Demo Children's).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from django.conf import settings
+from django.core.files.uploadedfile import SimpleUploadedFile
+from rest_framework.test import APIClient
+
+from accounts.models import Role, Tenant
+from accounts.services import membership_grant, user_get_or_create
+from workers.engine import synthetic, training
+
+PASSWORD = "correct-horse-battery-staple"
+PACKAGE_CACHE = Path(settings.BASE_DIR) / "var" / "test-cache" / f"{training.DEMO_NAME}-{training.DEMO_VERSION}.zip"
+
+
+@pytest.fixture(scope="session")
+def demo_package() -> Path:
+    """The real demo model, trained once and reused by later runs (about 40 s on 2 cores)."""
+    if not PACKAGE_CACHE.exists():
+        report = training.train_demo_model(PACKAGE_CACHE)
+        assert report.accuracy >= training.REQUIRED_ACCURACY
+    return PACKAGE_CACHE
+
+
+@pytest.fixture
+def demo_model(db, demo_package):
+    from recognition.services.registry import model_version_register
+
+    version, _ = model_version_register(package_path=demo_package)
+    return version
+
+
+@pytest.fixture
+def hospital_a(db) -> Tenant:
+    return Tenant.objects.create(name="Demo General", slug="demo-general")
+
+
+@pytest.fixture
+def hospital_b(db) -> Tenant:
+    return Tenant.objects.create(name="Demo Children's", slug="demo-childrens")
+
+
+def _member(tenant, username, role):
+    user = user_get_or_create(username=username, password=PASSWORD)
+    return membership_grant(tenant=tenant, user=user, role=role)
+
+
+@pytest.fixture
+def clinician_a(hospital_a):
+    return _member(hospital_a, "clinician", Role.CLINICIAN)
+
+
+@pytest.fixture
+def viewer_a(hospital_a):
+    return _member(hospital_a, "viewer", Role.VIEWER)
+
+
+@pytest.fixture
+def clinician_b(hospital_b):
+    return _member(hospital_b, "clinician-b", Role.CLINICIAN)
+
+
+def api_client_for(membership) -> APIClient:
+    client = APIClient()
+    client.force_authenticate(membership.user)
+    return client
+
+
+def png_bytes(*, opacity: bool = True, size: int = 256, seed: int = 1) -> bytes:
+    return synthetic.render_png(np.random.default_rng(seed), size, opacity)
+
+
+def jpeg_bytes(size: int = 128) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(synthetic.render(np.random.default_rng(3), size, False)).convert("RGB").save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def upload_file(data: bytes, name: str = "scan.png") -> SimpleUploadedFile:
+    return SimpleUploadedFile(name, data, content_type="application/octet-stream")

@@ -1,0 +1,101 @@
+"""End to end in headless Chromium: sign in, upload, watch the AI result arrive without a reload.
+
+Run in a pytest process of its own (``-m browser``): Playwright's event loop upsets async tests
+that follow it in the same process.
+"""
+
+import time
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from tests.conftest import png_bytes
+
+pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture
+def browser_context(tmp_path):
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context()
+        context.set_default_timeout(30_000)
+        yield context
+        context.close()
+        browser.close()
+
+
+def sign_in(page, stack, username, password):
+    page.goto(f"{stack.base_url}/accounts/login/")
+    page.fill("#id_username", username)
+    page.fill("#id_password", password)
+    page.click("button[type=submit]")
+    expect(page.locator("h1")).to_contain_text("Images")
+
+
+def test_a_clinician_uploads_and_sees_the_result_appear_without_a_reload(stack, live_demo, browser_context, tmp_path):
+    watcher = browser_context.new_page()
+    sign_in(watcher, stack, "clinician", live_demo["password"])
+    expect(watcher.locator("#live")).to_have_attribute("data-state", "live")
+    watcher.evaluate("window.__sameDocument = true")
+
+    uploader = browser_context.new_page()
+    uploader.goto(f"{stack.base_url}/upload/")
+    opacity, clear = tmp_path / "opacity.png", tmp_path / "clear.png"
+    opacity.write_bytes(png_bytes(opacity=True, seed=41, size=384))
+    clear.write_bytes(png_bytes(opacity=False, seed=42, size=384))
+    uploader.set_input_files("#files", [str(opacity), str(clear)])
+    started = time.monotonic()
+    uploader.click("#upload-form button[type=submit]")
+    expect(uploader.locator(".messages")).to_contain_text("2 images uploaded")
+
+    rows = watcher.locator("#images tbody tr[data-image]")
+    expect(rows).to_have_count(2)
+    for row in (rows.nth(0), rows.nth(1)):
+        expect(row.locator("[data-role=status]")).to_have_text("done")
+    elapsed = time.monotonic() - started
+    findings = sorted(rows.locator("[data-role=finding]").all_inner_texts())
+    assert findings[0].startswith("no_finding") and findings[1].startswith("round_opacity")
+    assert watcher.evaluate("window.__sameDocument") is True  # no reload happened
+    print(f"\nbrowser upload of 2 → both results on the open list page: {elapsed * 1000:.0f} ms")
+
+    # the uploader's own list page (reached by redirect) shows them too, and the image page the result
+    expect(uploader.locator("#images [data-role=status]").first).to_have_text("done")
+    uploader.locator("#images tbody tr[data-image] a").first.click()
+    expect(uploader.locator(".bars")).to_contain_text("round_opacity")
+    expect(uploader.locator(".badge")).to_contain_text("demo model, not for diagnosis")
+    uploader.screenshot(path=str(stack.logs / "image-page.png"), full_page=True)
+
+
+def test_another_hospitals_clinician_sees_none_of_it(stack, live_demo, browser_context, tmp_path):
+    outsider = browser_context.new_page()
+    sign_in(outsider, stack, "clinician-b", live_demo["password"])
+    expect(outsider.locator("#live")).to_have_attribute("data-state", "live")
+
+    other_context = browser_context.browser.new_context()
+    try:
+        member = other_context.new_page()
+        sign_in(member, stack, "clinician", live_demo["password"])
+        image = tmp_path / "scan.png"
+        image.write_bytes(png_bytes(seed=43))
+        member.goto(f"{stack.base_url}/upload/")
+        member.set_input_files("#files", str(image))
+        member.click("#upload-form button[type=submit]")
+        expect(member.locator("#images [data-role=status]").first).to_have_text("done")
+        image_url = member.locator("#images tbody tr[data-image] a").first.get_attribute("href")
+    finally:
+        other_context.close()
+    expect(outsider.locator("#images tbody tr[data-image]")).to_have_count(0)
+    response = outsider.goto(f"{stack.base_url}{image_url}")
+    assert response.status == 404

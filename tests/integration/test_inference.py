@@ -1,0 +1,96 @@
+"""The worker's service, in-process, with the real engine and database."""
+
+import pytest
+from django.core.files.storage import default_storage
+
+from recognition.models import InferenceRequest, Result
+from recognition.services.images import image_upload
+from recognition.services.inference import inference_run
+from tests.conftest import png_bytes, upload_file
+
+pytestmark = pytest.mark.django_db
+
+
+def queue_images(membership, count, **kwargs):
+    images = [
+        image_upload(membership=membership, upload=upload_file(png_bytes(seed=i, **kwargs))) for i in range(count)
+    ]
+    return [InferenceRequest.objects.get(image=image) for image in images]
+
+
+def test_waiting_requests_of_one_version_run_as_one_batch(clinician_a, clinician_b, demo_model, settings):
+    settings.SIGHTLINE_MAX_BATCH_SIZE = 4
+    settings.SIGHTLINE_MAX_WAIT_MS = 0
+    requests = queue_images(clinician_a, 3) + queue_images(clinician_b, 3)
+    assert inference_run(request_id=requests[4].pk) == 4
+    first = InferenceRequest.objects.get(pk=requests[4].pk)
+    assert first.status == "done" and first.batch_size == 4  # the triggering request is always in its batch
+    assert InferenceRequest.objects.filter(status="done").count() == 4
+    assert InferenceRequest.objects.filter(status="queued").count() == 2
+    for request in InferenceRequest.objects.filter(status="done"):
+        assert request.result.tenant_id == request.tenant_id  # results stay with their hospital
+
+
+def test_a_request_already_run_in_another_batch_is_a_no_op(clinician_a, demo_model):
+    first, second = queue_images(clinician_a, 2)
+    assert inference_run(request_id=first.pk) == 2
+    assert inference_run(request_id=second.pk) == 0  # its own message arrives later: nothing to do
+    assert inference_run(request_id=first.pk) == 0  # a redelivered message changes nothing
+    assert Result.objects.count() == 2
+    assert InferenceRequest.objects.get(pk=first.pk).attempts == 1
+
+
+def test_an_unreadable_stored_image_fails_alone(clinician_a, demo_model):
+    good, broken, other = queue_images(clinician_a, 3)
+    with default_storage.open(broken.image.file.name, "wb") as handle:
+        handle.write(b"garbage where a PNG was")
+    assert inference_run(request_id=good.pk) == 3
+    outcome = {r.pk: r for r in InferenceRequest.objects.all()}
+    assert outcome[good.pk].status == outcome[other.pk].status == "done"
+    assert outcome[broken.pk].status == "failed"
+    assert "could not be decoded" in outcome[broken.pk].error
+    assert not Result.objects.filter(request=broken).exists()
+
+
+def test_a_missing_stored_image_fails_alone(clinician_a, demo_model):
+    good, missing = queue_images(clinician_a, 2)
+    default_storage.delete(missing.image.file.name)
+    inference_run(request_id=good.pk)
+    assert InferenceRequest.objects.get(pk=good.pk).status == "done"
+    assert InferenceRequest.objects.get(pk=missing.pk).error == "the stored image could not be read"
+
+
+def test_a_tampered_model_package_is_refused_and_every_request_says_so(clinician_a, demo_model, settings, tmp_path):
+    from recognition.services import registry
+
+    (request,) = queue_images(clinician_a, 1)
+    registry._handlers.clear()
+    settings.SIGHTLINE_MODEL_CACHE_DIR = tmp_path
+    with demo_model.package.open("rb") as source:
+        data = bytearray(source.read())
+    data[-200] ^= 0xFF  # flip a byte inside the stored weights
+    with default_storage.open(demo_model.package.name, "wb") as target:
+        target.write(bytes(data))
+    assert inference_run(request_id=request.pk) == 1
+    request.refresh_from_db()
+    assert request.status == "failed"
+    assert "the model could not be loaded" in request.error
+    registry._handlers.clear()
+
+
+def test_the_result_is_unique_per_image_and_model_version(clinician_a, demo_model):
+    from django.db import IntegrityError, transaction
+
+    (request,) = queue_images(clinician_a, 1)
+    inference_run(request_id=request.pk)
+    result = Result.objects.get()
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Result.objects.create(
+            tenant=result.tenant,
+            request=InferenceRequest.objects.create(tenant=result.tenant, image=result.image, model_version=demo_model),
+            image=result.image,
+            model_version=demo_model,
+            probabilities={},
+            top_label="x",
+            top_probability=0.5,
+        )

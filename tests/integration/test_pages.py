@@ -1,0 +1,106 @@
+"""Browser pages through Django's test client: login, list, detail, upload, isolation."""
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.core.management import call_command
+
+from accounts.models import AccessEvent, Membership, Tenant
+from recognition.models import Image, Study
+from recognition.services.images import image_upload
+from tests.conftest import PASSWORD, png_bytes, upload_file
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def signed_in(client):
+    def sign_in(membership):
+        assert client.login(username=membership.user.username, password=PASSWORD)
+        return client
+
+    return sign_in
+
+
+def test_login_page_signs_in_and_logs_the_event(client, clinician_a, demo_model):
+    response = client.post("/accounts/login/", {"username": "clinician", "password": PASSWORD})
+    assert response.status_code == 302 and response["Location"] == "/"
+    assert AccessEvent.objects.filter(action="auth.login", outcome="success", actor=clinician_a.user).exists()
+
+
+def test_a_failed_login_says_so_without_naming_the_cause(client, clinician_a):
+    wrong = client.post("/accounts/login/", {"username": "clinician", "password": "nope"})
+    unknown = client.post("/accounts/login/", {"username": "nobody", "password": "nope"})
+    assert wrong.status_code == unknown.status_code == 200
+    assert b"did not match" in wrong.content and b"did not match" in unknown.content
+    assert AccessEvent.objects.filter(action="auth.login", outcome="failed").count() == 2
+
+
+def test_pages_need_a_login(client):
+    for url in ("/", "/upload/", "/images/1/", "/images/1/file/"):
+        response = client.get(url)
+        assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
+
+
+def test_the_list_shows_only_the_own_hospitals_images(signed_in, clinician_a, clinician_b, demo_model):
+    mine = image_upload(membership=clinician_a, upload=upload_file(png_bytes()))
+    theirs = image_upload(membership=clinician_b, upload=upload_file(png_bytes()))
+    page = signed_in(clinician_a).get("/")
+    assert page.status_code == 200
+    assert f'data-image="{mine.pk}"'.encode() in page.content
+    assert f'data-image="{theirs.pk}"'.encode() not in page.content
+    assert b"queued" in page.content
+
+
+def test_another_hospitals_image_page_and_file_are_404(signed_in, clinician_a, clinician_b, demo_model):
+    theirs = image_upload(membership=clinician_b, upload=upload_file(png_bytes()))
+    client = signed_in(clinician_a)
+    assert client.get(f"/images/{theirs.pk}/").status_code == 404
+    assert client.get(f"/images/{theirs.pk}/file/").status_code == 404
+    assert client.get("/images/999999/").status_code == 404
+
+
+def test_the_image_page_shows_the_image_and_its_result(signed_in, clinician_a, demo_model):
+    from recognition.services.inference import inference_run
+
+    image = image_upload(membership=clinician_a, upload=upload_file(png_bytes(opacity=True, seed=8)))
+    inference_run(request_id=image.inference_requests.get().pk)
+    client = signed_in(clinician_a)
+    page = client.get(f"/images/{image.pk}/")
+    assert page.status_code == 200
+    assert b"round_opacity" in page.content and b"sightline-demo 1.0.0" in page.content
+    assert b"not a diagnosis" in page.content
+    file = client.get(f"/images/{image.pk}/file/")
+    assert file.status_code == 200 and file["Cache-Control"] == "private, no-store"
+
+
+def test_upload_of_several_files_stores_the_good_ones_and_names_the_bad(signed_in, clinician_a, demo_model):
+    files = [
+        SimpleUploadedFile("first.png", png_bytes(seed=1)),
+        SimpleUploadedFile("broken.png", b"definitely not a png"),
+        SimpleUploadedFile("third.png", png_bytes(seed=3)),
+    ]
+    response = signed_in(clinician_a).post("/upload/", {"files": files}, follow=True)
+    assert response.status_code == 200
+    assert Image.objects.count() == 2
+    text = response.content.decode()
+    assert "broken.png: The file is not an image" in text
+    assert "2 images uploaded" in text
+
+
+def test_a_viewer_sees_no_upload_form_and_cannot_post(signed_in, viewer_a, demo_model):
+    client = signed_in(viewer_a)
+    assert b'type="file"' not in client.get("/upload/").content
+    response = client.post("/upload/", {"files": [SimpleUploadedFile("a.png", png_bytes())]}, follow=True)
+    assert Image.objects.count() == 0
+    assert b"does not allow this" in response.content
+
+
+def test_seeding_twice_changes_nothing(demo_model):
+    call_command("seed_demo")
+    counts = (Tenant.objects.count(), Membership.objects.count(), Study.objects.count(), Image.objects.count())
+    events = AccessEvent.objects.count()
+    call_command("seed_demo")
+    assert counts == (2, 5, 7, 7)
+    assert (Tenant.objects.count(), Membership.objects.count(), Study.objects.count(), Image.objects.count()) == counts
+    assert AccessEvent.objects.count() == events
+    assert set(Tenant.objects.values_list("slug", flat=True)) == {"demo-general", "demo-childrens"}

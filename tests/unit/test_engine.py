@@ -1,0 +1,124 @@
+"""The engine on its own: real demo weights, no Django, no worker."""
+
+import io
+import json
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import jpeg_bytes, png_bytes
+from workers.engine import synthetic
+from workers.engine.handler import Handler
+from workers.engine.package import MANIFEST_NAME, WEIGHTS_NAME, PackageError, read_manifest, sha256_bytes
+
+
+@pytest.fixture(scope="module")
+def handler(demo_package):
+    return Handler.initialize(demo_package, read_manifest(demo_package).weights_sha256, device=torch.device("cpu"))
+
+
+def test_one_answer_per_input_and_a_corrupt_input_fails_alone(handler):
+    items = [png_bytes(opacity=True, seed=11), b"\x89PNG\r\n\x1a\n not really", png_bytes(opacity=False, seed=12)]
+    results = handler.predict(items)
+    assert len(results) == 3
+    assert results[1].error.startswith("the image could not be decoded")
+    assert not results[1].probabilities
+    assert results[0].ok and results[0].top_label == "round_opacity"
+    assert results[2].ok and results[2].top_label == "no_finding"
+    assert sum(results[0].probabilities.values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_batched_output_order_matches_the_inputs(handler):
+    rng = np.random.default_rng(99)
+    flags = [bool(v) for v in rng.integers(0, 2, size=12)]
+    items = [synthetic.render_png(rng, 128, flag) for flag in flags]
+    batched = handler.predict(items)
+    alone = [handler.predict([item])[0] for item in items]
+    for together, single in zip(batched, alone, strict=True):
+        assert together.top_label == single.top_label
+        assert together.top_probability == pytest.approx(single.top_probability, abs=1e-3)
+
+
+def test_jpeg_and_rgb_inputs_are_read(handler):
+    (result,) = handler.predict([jpeg_bytes()])
+    assert result.ok
+
+
+def test_the_demo_model_means_something_through_the_whole_pipeline(handler):
+    """Fresh images (another seed, 256 px PNGs) through decode, resize and the batched forward."""
+    rng = np.random.default_rng(31337)
+    flags = [i % 2 == 1 for i in range(200)]
+    items = [synthetic.render_png(rng, 256, flag) for flag in flags]
+    results = []
+    for start in range(0, len(items), 32):
+        results.extend(handler.predict(items[start : start + 32]))
+    correct = sum((r.top_label == "round_opacity") == flag for r, flag in zip(results, flags, strict=True))
+    assert correct / len(items) >= 0.95
+
+
+def _rewrite(package, target, *, manifest=None, weights=None):
+    with zipfile.ZipFile(package) as source:
+        original_manifest = json.loads(source.read(MANIFEST_NAME))
+        original_weights = source.read(WEIGHTS_NAME)
+    with zipfile.ZipFile(target, "w") as archive:
+        archive.writestr(MANIFEST_NAME, json.dumps(manifest or original_manifest))
+        archive.writestr(WEIGHTS_NAME, original_weights if weights is None else weights)
+    return original_manifest
+
+
+def test_weights_that_changed_since_registration_are_refused(demo_package, tmp_path):
+    registered = read_manifest(demo_package).weights_sha256
+    tampered = tmp_path / "tampered.zip"
+    buffer = io.BytesIO()
+    torch.save({"not": torch.zeros(1)}, buffer)
+    _rewrite(demo_package, tampered, weights=buffer.getvalue())
+    with pytest.raises(PackageError, match="checksum mismatch"):
+        Handler.initialize(tampered, registered, device=torch.device("cpu"))
+
+
+def test_a_package_whose_manifest_was_rewritten_to_match_is_still_refused(demo_package, tmp_path):
+    registered = read_manifest(demo_package).weights_sha256
+    buffer = io.BytesIO()
+    torch.save({"not": torch.zeros(1)}, buffer)
+    manifest = json.loads(zipfile.ZipFile(demo_package).read(MANIFEST_NAME))
+    manifest["weights_sha256"] = sha256_bytes(buffer.getvalue())
+    forged = tmp_path / "forged.zip"
+    _rewrite(demo_package, forged, manifest=manifest, weights=buffer.getvalue())
+    with pytest.raises(PackageError, match="checksum mismatch"):
+        Handler.initialize(forged, registered, device=torch.device("cpu"))
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/sightline-pwned",))
+
+
+def test_weights_are_never_unpickled(demo_package, tmp_path):
+    if os.path.exists("/tmp/sightline-pwned"):
+        os.remove("/tmp/sightline-pwned")
+    payload = pickle.dumps({"weight": _Exploit()})
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as inner:  # torch's own zip layout around a hostile pickle
+        inner.writestr("archive/data.pkl", payload)
+        inner.writestr("archive/version", "3\n")
+    weights = buffer.getvalue()
+    manifest = json.loads(zipfile.ZipFile(demo_package).read(MANIFEST_NAME))
+    manifest["weights_sha256"] = sha256_bytes(weights)
+    hostile = tmp_path / "hostile.zip"
+    _rewrite(demo_package, hostile, manifest=manifest, weights=weights)
+    with pytest.raises(PackageError, match="not a plain state_dict"):
+        Handler.initialize(hostile, manifest["weights_sha256"], device=torch.device("cpu"))
+    assert not os.path.exists("/tmp/sightline-pwned")
+
+
+def test_weights_that_do_not_fit_the_labels_are_refused(demo_package, tmp_path):
+    manifest = json.loads(zipfile.ZipFile(demo_package).read(MANIFEST_NAME))
+    manifest["labels"] = ["a", "b", "c"]
+    wrong = tmp_path / "wrong.zip"
+    _rewrite(demo_package, wrong, manifest=manifest)
+    with pytest.raises(PackageError, match="do not fit"):
+        Handler.initialize(wrong, manifest["weights_sha256"], device=torch.device("cpu"))
