@@ -66,3 +66,10 @@ format: $(VENV)/.dev
 
 clean:
 	rm -rf var
+
+bench: export DJANGO_SETTINGS_MODULE = config.settings.local
+bench: $(VENV)/.runtime
+	@mkdir -p var/bench
+	$(BIN)/python manage.py migrate --noinput -v0
+	$(BIN)/python manage.py build_demo_model
+	$(BIN)/python -m workers.engine.bench var/models/sightline-demo-1.0.0.zip --json var/bench/engine.json
