@@ -52,26 +52,23 @@ class StudyOutput(serializers.Serializer):
     study_date = serializers.DateField()
 
 
-class ImageSummaryOutput(serializers.Serializer):
+class ImageBaseOutput(serializers.Serializer):
     id = serializers.IntegerField()
     study = StudyOutput()
     width = serializers.IntegerField()
     height = serializers.IntegerField()
     format = serializers.CharField()
     created = serializers.DateTimeField()
+
+
+class ImageSummaryOutput(ImageBaseOutput):
     status = serializers.CharField(source="ai_status", allow_null=True)
     error = serializers.CharField(source="ai_error", allow_null=True)
     top_label = serializers.CharField(source="ai_top_label", allow_null=True)
     top_probability = serializers.FloatField(source="ai_top_probability", allow_null=True)
 
 
-class ImageCreatedOutput(serializers.Serializer):
-    id = serializers.IntegerField()
-    study = StudyOutput()
-    width = serializers.IntegerField()
-    height = serializers.IntegerField()
-    format = serializers.CharField()
-    created = serializers.DateTimeField()
+class ImageCreatedOutput(ImageBaseOutput):
     status = serializers.SerializerMethodField()
 
     def get_status(self, image) -> str:
