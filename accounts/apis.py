@@ -1,9 +1,40 @@
-"""JWT endpoints. A successful token grant is a login and is logged like one."""
+"""API for people: JWT (a grant is a login and is logged like one), members, invitations,
+the hospital's activity and its access log."""
 
+from __future__ import annotations
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers, status
+from rest_framework.exceptions import AuthenticationFailed
+from rest_framework.pagination import CursorPagination
+from rest_framework.response import Response
+from rest_framework.views import APIView
 from rest_framework_simplejwt.serializers import TokenObtainPairSerializer
 from rest_framework_simplejwt.views import TokenObtainPairView
 
-from .services import access_event_record
+from config.errors import Locked
+
+from .models import Role
+from .selectors import access_log_list, activity_list, membership_get, membership_list, membership_resolve
+from .services import access_event_record, invitation_create, membership_change_role, membership_deactivate
+
+TENANT_HEADER = OpenApiParameter(
+    "X-Tenant",
+    OpenApiTypes.STR,
+    OpenApiParameter.HEADER,
+    description="Hospital slug; needed only when the user belongs to several hospitals.",
+)
+
+
+class TenantApi(APIView):
+    """Resolves ``request.membership`` after authentication, from ``X-Tenant`` or the only one."""
+
+    def initial(self, request, *args, **kwargs):
+        super().initial(request, *args, **kwargs)
+        request.membership = membership_resolve(
+            user=request.user, tenant_slug=request.headers.get("X-Tenant"), request=request
+        )
 
 
 class AuditedTokenObtainPairSerializer(TokenObtainPairSerializer):
@@ -15,3 +46,111 @@ class AuditedTokenObtainPairSerializer(TokenObtainPairSerializer):
 
 class TokenObtainApi(TokenObtainPairView):
     serializer_class = AuditedTokenObtainPairSerializer
+
+    def post(self, request, *args, **kwargs):
+        try:
+            return super().post(request, *args, **kwargs)
+        except AuthenticationFailed:
+            if getattr(request, "axes_locked_out", False):  # set by the axes backend
+                raise Locked(
+                    "Too many failed sign-in attempts for this username from this address. Try again later."
+                ) from None
+            raise
+
+
+class MemberOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    username = serializers.CharField(source="user.username")
+    role = serializers.CharField()
+    is_active = serializers.BooleanField()
+    last_seen = serializers.DateTimeField(allow_null=True)
+    created = serializers.DateTimeField()
+
+
+class MemberRoleInput(serializers.Serializer):
+    role = serializers.ChoiceField(choices=Role.choices)
+
+
+class InvitationInput(serializers.Serializer):
+    email = serializers.EmailField()
+    role = serializers.ChoiceField(choices=Role.choices)
+
+
+class InvitationOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    email = serializers.EmailField()
+    role = serializers.CharField()
+    expires_at = serializers.DateTimeField()
+
+
+class EventOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    created = serializers.DateTimeField()
+    actor = serializers.CharField(source="actor_label")
+    action = serializers.CharField()
+    target_type = serializers.CharField()
+    target_id = serializers.CharField()
+    outcome = serializers.CharField()
+    ip_address = serializers.CharField(allow_null=True)
+
+
+class NewestFirst(CursorPagination):
+    ordering = ("-created", "-id")
+    page_size = 100
+
+
+class MemberListApi(TenantApi):
+    @extend_schema(parameters=[TENANT_HEADER], responses=MemberOutput(many=True))
+    def get(self, request):
+        members = membership_list(actor=request.membership, request=request)
+        return Response(MemberOutput(members, many=True).data)
+
+
+class MemberDetailApi(TenantApi):
+    @extend_schema(parameters=[TENANT_HEADER], request=MemberRoleInput, responses=MemberOutput)
+    def patch(self, request, membership_id: int):
+        data = MemberRoleInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        membership = membership_get(actor=request.membership, membership_id=membership_id, request=request)
+        membership = membership_change_role(
+            actor=request.membership, membership=membership, role=data.validated_data["role"], request=request
+        )
+        return Response(MemberOutput(membership).data)
+
+
+class MemberDeactivateApi(TenantApi):
+    @extend_schema(parameters=[TENANT_HEADER], request=None, responses=MemberOutput)
+    def post(self, request, membership_id: int):
+        membership = membership_get(actor=request.membership, membership_id=membership_id, request=request)
+        membership = membership_deactivate(actor=request.membership, membership=membership, request=request)
+        return Response(MemberOutput(membership).data)
+
+
+class InvitationCreateApi(TenantApi):
+    @extend_schema(
+        parameters=[TENANT_HEADER],
+        request=InvitationInput,
+        responses={201: InvitationOutput},
+        description="E-mails a single-use link; the link itself is never returned.",
+    )
+    def post(self, request):
+        data = InvitationInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        invitation, _ = invitation_create(actor=request.membership, request=request, **data.validated_data)
+        return Response(InvitationOutput(invitation).data, status=status.HTTP_201_CREATED)
+
+
+class ActivityApi(TenantApi):
+    @extend_schema(parameters=[TENANT_HEADER], responses=EventOutput(many=True))
+    def get(self, request):
+        paginator = NewestFirst()
+        page = paginator.paginate_queryset(activity_list(actor=request.membership, request=request), request)
+        return paginator.get_paginated_response(EventOutput(page, many=True).data)
+
+
+class AccessLogApi(TenantApi):
+    @extend_schema(parameters=[TENANT_HEADER], responses=EventOutput(many=True))
+    def get(self, request):
+        paginator = NewestFirst()
+        page = paginator.paginate_queryset(access_log_list(actor=request.membership, request=request), request)
+        return paginator.get_paginated_response(EventOutput(page, many=True).data)

@@ -1,5 +1,8 @@
 import re
+import time
 import uuid
+
+from django.contrib.auth.models import AnonymousUser
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -16,3 +19,39 @@ class RequestIdMiddleware:
         response = self.get_response(request)
         response["X-Request-ID"] = request.request_id
         return response
+
+
+def session_expired(session, now: float | None = None) -> bool:
+    """Idle for longer than SIGHTLINE_SESSION_IDLE_SECONDS, or older than SESSION_COOKIE_AGE."""
+    from django.conf import settings
+
+    now = time.time() if now is None else now
+    started, seen = session.get("started"), session.get("seen")
+    if started is None or seen is None:
+        return False
+    return now - seen > settings.SIGHTLINE_SESSION_IDLE_SECONDS or now - started > settings.SESSION_COOKIE_AGE
+
+
+class SessionLifetimeMiddleware:
+    """Ends a browser session after an idle period and after an absolute lifetime."""
+
+    # write the "seen" mark at most this often, so most requests do not rewrite the session
+    SEEN_RESOLUTION_SECONDS = 60
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if request.user.is_authenticated:
+            session, now = request.session, time.time()
+            if session_expired(session, now):
+                from .services import access_event_record
+
+                access_event_record(action="auth.session_expired", request=request, user=request.user)
+                session.flush()
+                request.user = AnonymousUser()
+            else:
+                session.setdefault("started", now)
+                if now - session.get("seen", 0) > self.SEEN_RESOLUTION_SECONDS:
+                    session["seen"] = now
+        return self.get_response(request)

@@ -11,6 +11,9 @@ class Tenant(models.Model):
     name = models.CharField(max_length=200)
     slug = models.SlugField(max_length=64, unique=True)
     is_active = models.BooleanField(default=True)
+    require_admin_two_factor = models.BooleanField(
+        default=False, help_text="Hospital admins must sign in with a one-time code (TOTP)."
+    )
     created = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -18,6 +21,11 @@ class Tenant(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class TenantQuerySet(models.QuerySet):
+    def for_tenant(self, tenant: Tenant | int) -> TenantQuerySet:
+        return self.filter(tenant=tenant)
 
 
 class Role(models.TextChoices):
@@ -33,6 +41,9 @@ class Membership(models.Model):
     role = models.CharField(max_length=20, choices=Role.choices)
     is_active = models.BooleanField(default=True)
     created = models.DateTimeField(default=timezone.now)
+    last_seen = models.DateTimeField(null=True, blank=True)
+
+    objects = TenantQuerySet.as_manager()
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["user", "tenant"], name="one_membership_per_hospital")]
@@ -41,9 +52,29 @@ class Membership(models.Model):
         return f"{self.user} @ {self.tenant.slug} ({self.role})"
 
 
-class TenantQuerySet(models.QuerySet):
-    def for_tenant(self, tenant: Tenant | int) -> TenantQuerySet:
-        return self.filter(tenant=tenant)
+class Invitation(models.Model):
+    """A single-use link that makes its holder a member with ``role``. Only its hash is stored."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="invitations")
+    email = models.EmailField()
+    role = models.CharField(max_length=20, choices=Role.choices)
+    token_hash = models.CharField(max_length=64, unique=True)
+    invited_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    accepted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    objects = TenantQuerySet.as_manager()
+
+    def __str__(self) -> str:
+        return f"invitation to {self.tenant.slug} as {self.role}"
+
+    @property
+    def is_usable(self) -> bool:
+        return self.accepted_at is None and self.expires_at > timezone.now()
 
 
 class TenantOwned(models.Model):

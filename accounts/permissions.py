@@ -8,16 +8,15 @@ from .models import Membership, Role
 
 
 class Action(StrEnum):
-    IMAGE_VIEW = "image.view"
+    IMAGE_VIEW = "image.view"  # images, their studies and AI results
     IMAGE_UPLOAD = "image.upload"
-    RESULT_VIEW = "result.view"
-    EVENTS_SUBSCRIBE = "events.subscribe"
-    MEMBERS_MANAGE = "members.manage"
-    ACTIVITY_VIEW = "activity.view"
-    AUDIT_VIEW = "audit.view"
+    EVENTS_SUBSCRIBE = "events.subscribe"  # live notifications over the WebSocket
+    MEMBERS_MANAGE = "members.manage"  # list, invite, change role, deactivate
+    ACTIVITY_VIEW = "activity.view"  # the hospital's membership and sign-in activity
+    AUDIT_VIEW = "audit.view"  # the access log
 
 
-_READ_CLINICAL = {Action.IMAGE_VIEW, Action.RESULT_VIEW, Action.EVENTS_SUBSCRIBE}
+_READ_CLINICAL = {Action.IMAGE_VIEW, Action.EVENTS_SUBSCRIBE}
 
 ROLE_ACTIONS: dict[str, frozenset[Action]] = {
     Role.VIEWER: frozenset(_READ_CLINICAL),
@@ -25,6 +24,9 @@ ROLE_ACTIONS: dict[str, frozenset[Action]] = {
     Role.TENANT_ADMIN: frozenset({Action.MEMBERS_MANAGE, Action.ACTIVITY_VIEW}),
     Role.AUDITOR: frozenset({Action.AUDIT_VIEW}),
 }
+
+# Actions a hospital can put behind a second factor for its admins.
+ADMIN_ACTIONS = frozenset({Action.MEMBERS_MANAGE, Action.ACTIVITY_VIEW})
 
 
 def can(membership: Membership, action: Action) -> bool:

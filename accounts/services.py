@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import secrets
+from datetime import timedelta
+
+from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.mail import send_mail
 from django.db import transaction
+from django.urls import reverse
+from django.utils import timezone
 
-from config.errors import Forbidden
+from config.errors import Forbidden, Gone, Invalid
 
-from .models import AccessEvent, Membership, Role, Tenant
-from .permissions import Action, can
+from .events import access_revoked_on_commit
+from .models import AccessEvent, Invitation, Membership, Role, Tenant
+from .permissions import ADMIN_ACTIONS, Action, can
 
 Outcome = AccessEvent.Outcome
 
@@ -62,9 +71,25 @@ def access_event_record(
     )
 
 
+def _two_factor_verified(request) -> bool:
+    user = getattr(request, "user", None)
+    return bool(user is not None and getattr(user, "is_verified", lambda: False)())
+
+
 def require(membership: Membership, action: Action, *, request=None) -> None:
-    """403 for a member whose role lacks ``action``; the denial is logged."""
-    if can(membership, action):
+    """403 for a member whose role lacks ``action``; the denial is logged.
+
+    Hospitals that require a second factor for their admins also refuse admin actions to
+    a session that has not been verified with a one-time code.
+    """
+    allowed = can(membership, action)
+    second_factor_missing = (
+        allowed
+        and action in ADMIN_ACTIONS
+        and membership.tenant.require_admin_two_factor
+        and not _two_factor_verified(request)
+    )
+    if allowed and not second_factor_missing:
         return
     access_event_record(
         action=str(action),
@@ -73,16 +98,26 @@ def require(membership: Membership, action: Action, *, request=None) -> None:
         user=membership.user,
         tenant=membership.tenant,
     )
+    if second_factor_missing:
+        raise Forbidden(
+            f"{membership.tenant.name} requires its admins to sign in with a one-time code. "
+            "Set up two-factor sign-in under your account, then sign in again.",
+            code="two_factor_required",
+        )
     raise Forbidden(f"Your role in {membership.tenant.name} does not allow this.")
 
 
 @transaction.atomic
-def tenant_create(*, name: str, slug: str) -> Tenant:
-    return Tenant.objects.create(name=name, slug=slug)
+def tenant_create(*, name: str, slug: str, created_by=None) -> Tenant:
+    tenant = Tenant.objects.create(name=name, slug=slug)
+    access_event_record(
+        action="tenant.create", user=created_by, tenant=tenant, target_type="tenant", target_id=tenant.pk
+    )
+    return tenant
 
 
 @transaction.atomic
-def membership_grant(*, tenant: Tenant, user, role: Role, granted_by=None) -> Membership:
+def membership_grant(*, tenant: Tenant, user, role: Role, granted_by=None, request=None) -> Membership:
     membership, created = Membership.objects.get_or_create(tenant=tenant, user=user, defaults={"role": role})
     if not created and (membership.role != role or not membership.is_active):
         membership.role, membership.is_active = role, True
@@ -90,7 +125,8 @@ def membership_grant(*, tenant: Tenant, user, role: Role, granted_by=None) -> Me
         created = True
     if created:
         access_event_record(
-            action="membership.role_change",
+            action="membership.grant",
+            request=request,
             user=granted_by,
             tenant=tenant,
             target_type="membership",
@@ -105,3 +141,148 @@ def user_get_or_create(*, username: str, password: str, **fields):
     if user is None:
         user = User.objects.create_user(username=username, password=password, **fields)
     return user
+
+
+def _hash_token(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def invitation_create(*, actor: Membership, email: str, role: str, request=None) -> tuple[Invitation, str]:
+    """Invite someone into the actor's hospital. The link is e-mailed; only its hash is kept."""
+    require(actor, Action.MEMBERS_MANAGE, request=request)
+    if role not in Role.values:
+        raise Invalid(f"{role!r} is not a role; choose one of {', '.join(Role.values)}.", code="invalid_role")
+    raw = secrets.token_urlsafe(32)
+    with transaction.atomic():
+        invitation = Invitation.objects.create(
+            tenant=actor.tenant,
+            email=email,
+            role=role,
+            token_hash=_hash_token(raw),
+            invited_by=actor.user,
+            expires_at=timezone.now() + timedelta(days=settings.SIGHTLINE_INVITATION_DAYS),
+        )
+        access_event_record(
+            action="invitation.create",
+            request=request,
+            user=actor.user,
+            tenant=actor.tenant,
+            target_type="invitation",
+            target_id=invitation.pk,
+        )
+        path = reverse("invitation-accept", kwargs={"token": raw})
+        link = request.build_absolute_uri(path) if request is not None else path
+        tenant_name, days = actor.tenant.name, settings.SIGHTLINE_INVITATION_DAYS
+        transaction.on_commit(
+            lambda: send_mail(
+                f"You are invited to {tenant_name} on Sightline",
+                f"Open this link within {days} days to join {tenant_name}:\n\n{link}\n\n"
+                "The link works once. If you did not expect it, ignore this message.",
+                None,
+                [email],
+            )
+        )
+    return invitation, raw
+
+
+def invitation_for_token(raw: str) -> Invitation:
+    invitation = Invitation.objects.select_related("tenant").filter(token_hash=_hash_token(raw)).first()
+    if invitation is None or not invitation.is_usable or not invitation.tenant.is_active:
+        raise Gone("This invitation link has expired or has already been used.", code="invitation_unusable")
+    return invitation
+
+
+def invitation_accept(*, raw_token: str, user, request=None) -> Membership:
+    """Single use: the first acceptance wins, a second one is refused."""
+    with transaction.atomic():
+        invitation = invitation_for_token(raw_token)
+        claimed = Invitation.objects.filter(
+            pk=invitation.pk, accepted_at__isnull=True, expires_at__gt=timezone.now()
+        ).update(accepted_at=timezone.now(), accepted_by=user)
+        if claimed != 1:
+            raise Gone("This invitation link has expired or has already been used.", code="invitation_unusable")
+        membership = membership_grant(
+            tenant=invitation.tenant, user=user, role=invitation.role, granted_by=invitation.invited_by, request=request
+        )
+        access_event_record(
+            action="invitation.accept",
+            request=request,
+            user=user,
+            tenant=invitation.tenant,
+            target_type="invitation",
+            target_id=invitation.pk,
+        )
+    return membership
+
+
+def _ensure_an_admin_remains(membership: Membership) -> None:
+    others = (
+        Membership.objects.for_tenant(membership.tenant)
+        .filter(role=Role.TENANT_ADMIN, is_active=True, user__is_active=True)
+        .exclude(pk=membership.pk)
+    )
+    if membership.role == Role.TENANT_ADMIN and not others.exists():
+        raise Invalid("A hospital needs at least one active admin.", code="last_admin")
+
+
+def membership_change_role(*, actor: Membership, membership: Membership, role: str, request=None) -> Membership:
+    require(actor, Action.MEMBERS_MANAGE, request=request)
+    if role not in Role.values:
+        raise Invalid(f"{role!r} is not a role; choose one of {', '.join(Role.values)}.", code="invalid_role")
+    if role == membership.role:
+        return membership
+    with transaction.atomic():
+        if role != Role.TENANT_ADMIN:
+            _ensure_an_admin_remains(membership)
+        membership.role = role
+        membership.save(update_fields=["role"])
+        access_event_record(
+            action="membership.role_change",
+            request=request,
+            user=actor.user,
+            tenant=actor.tenant,
+            target_type="membership",
+            target_id=membership.pk,
+        )
+        # the user's live sockets re-check what they may receive
+        access_revoked_on_commit(user_id=membership.user_id, tenant_id=membership.tenant_id)
+    return membership
+
+
+def membership_deactivate(*, actor: Membership, membership: Membership, request=None) -> Membership:
+    """Takes effect at once: API calls for this hospital fail, open sockets for it close."""
+    require(actor, Action.MEMBERS_MANAGE, request=request)
+    if not membership.is_active:
+        return membership
+    with transaction.atomic():
+        _ensure_an_admin_remains(membership)
+        membership.is_active = False
+        membership.save(update_fields=["is_active"])
+        access_event_record(
+            action="membership.deactivate",
+            request=request,
+            user=actor.user,
+            tenant=actor.tenant,
+            target_type="membership",
+            target_id=membership.pk,
+        )
+        access_revoked_on_commit(user_id=membership.user_id, tenant_id=membership.tenant_id)
+    return membership
+
+
+def user_deactivate(*, user, deactivated_by=None, request=None) -> None:
+    """Platform staff: the person can no longer sign in, refresh or use any token or socket."""
+    with transaction.atomic():
+        type(user).objects.filter(pk=user.pk).update(is_active=False)
+        access_event_record(
+            action="user.deactivate", request=request, user=deactivated_by, target_type="user", target_id=user.pk
+        )
+        access_revoked_on_commit(user_id=user.pk, tenant_id=None)
+
+
+def membership_touch(membership: Membership) -> None:
+    """Record activity for the members page, at most once a minute per membership."""
+    now = timezone.now()
+    if membership.last_seen is None or now - membership.last_seen > timedelta(minutes=1):
+        Membership.objects.filter(pk=membership.pk).update(last_seen=now)
+        membership.last_seen = now

@@ -40,6 +40,14 @@ class Forbidden(DomainError):
     status, code = 403, "forbidden"
 
 
+class Gone(DomainError):
+    status, code = 410, "gone"
+
+
+class Locked(DomainError):
+    status, code = 429, "locked_out"
+
+
 class TooLarge(DomainError):
     status, code = 413, "too_large"
 

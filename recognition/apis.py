@@ -4,33 +4,15 @@ from __future__ import annotations
 
 from django.http import FileResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
-from accounts.selectors import membership_resolve
+from accounts.apis import TENANT_HEADER, TenantApi
 
 from .selectors import image_get, image_list
 from .services.images import StudyFields, image_upload
-
-TENANT_HEADER = OpenApiParameter(
-    "X-Tenant",
-    OpenApiTypes.STR,
-    OpenApiParameter.HEADER,
-    description="Hospital slug; needed only when the user belongs to several hospitals.",
-)
-
-
-class TenantApi(APIView):
-    """Resolves ``request.membership`` after authentication, from ``X-Tenant`` or the only one."""
-
-    def initial(self, request, *args, **kwargs):
-        super().initial(request, *args, **kwargs)
-        request.membership = membership_resolve(
-            user=request.user, tenant_slug=request.headers.get("X-Tenant"), request=request
-        )
 
 
 class ResultOutput(serializers.Serializer):

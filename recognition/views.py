@@ -6,29 +6,17 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import FileResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST
 
-from accounts.models import Membership
 from accounts.permissions import Action, can
-from accounts.selectors import membership_resolve, memberships_active
-from config.errors import DomainError, Forbidden
+from accounts.selectors import membership_for_session, membership_resolve
+from config.errors import DomainError
 
 from .selectors import image_get, image_list
 from .services.images import image_upload
 
 PAGE_SIZE = 100
-
-
-def page_membership(request) -> Membership:
-    """The hospital a browser session works in: the one it chose, else the first it belongs to."""
-    slug = request.session.get("tenant_slug")
-    if slug:
-        return membership_resolve(user=request.user, tenant_slug=slug, request=request)
-    membership = memberships_active(user=request.user).first()
-    if membership is None:
-        raise Forbidden("You are not a member of any hospital.")
-    request.session["tenant_slug"] = membership.tenant.slug
-    return membership
 
 
 @login_required
@@ -41,25 +29,45 @@ def tenant_switch(request):
 
 @login_required
 def image_list_page(request):
-    membership = page_membership(request)
+    membership = membership_for_session(request)
     images = list(image_list(membership=membership, request=request)[:PAGE_SIZE])
+    live_config = {
+        "tenant": membership.tenant.slug,
+        "imageUrl": reverse("recognition:image-detail", args=[0]),
+        "apiImage": reverse("api-image-detail", args=[0]),
+        "apiList": reverse("api-images"),
+    }
     return render(
         request,
         "recognition/image_list.html",
-        {"images": images, "membership": membership, "can_upload": can(membership, Action.IMAGE_UPLOAD)},
+        {
+            "images": images,
+            "membership": membership,
+            "can_upload": can(membership, Action.IMAGE_UPLOAD),
+            "live_config": live_config,
+        },
     )
 
 
 @login_required
 def image_detail_page(request, image_id: int):
-    membership = page_membership(request)
+    membership = membership_for_session(request)
     image = image_get(membership=membership, image_id=image_id, request=request)
-    return render(request, "recognition/image_detail.html", {"image": image, "membership": membership})
+    live_config = {
+        "tenant": membership.tenant.slug,
+        "reloadOnImage": image.pk,
+        "apiImage": reverse("api-image-detail", args=[image.pk]),
+    }
+    return render(
+        request,
+        "recognition/image_detail.html",
+        {"image": image, "membership": membership, "live_config": live_config},
+    )
 
 
 @login_required
 def image_file(request, image_id: int):
-    membership = page_membership(request)
+    membership = membership_for_session(request)
     image = image_get(membership=membership, image_id=image_id, request=request, action="image.download")
     response = FileResponse(image.file.open("rb"), content_type="image/png")
     response["Cache-Control"] = "private, no-store"
@@ -69,7 +77,7 @@ def image_file(request, image_id: int):
 @login_required
 @require_http_methods(["GET", "POST"])
 def upload_page(request):
-    membership = page_membership(request)
+    membership = membership_for_session(request)
     if request.method == "POST":
         files = request.FILES.getlist("files")
         if not files:

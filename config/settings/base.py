@@ -27,6 +27,10 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "channels",
+    "axes",
+    "csp",
+    "django_otp",
+    "django_otp.plugins.otp_totp",
     "accounts",
     "recognition",
 ]
@@ -39,9 +43,14 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django_otp.middleware.OTPMiddleware",
+    "accounts.middleware.SessionLifetimeMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "csp.middleware.CSPMiddleware",
     "config.errors.DomainErrorMiddleware",
+    # last: turns a lockout flagged during authentication into the lockout page
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -87,6 +96,46 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",  # refuses locked-out username + IP pairs first
+    "django.contrib.auth.backends.ModelBackend",
+]
+# Lockout after repeated failures for one username from one address, for the browser and the
+# token endpoint alike; unknown usernames count exactly like known ones.
+AXES_FAILURE_LIMIT = env.int("SIGHTLINE_LOGIN_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.int("SIGHTLINE_LOGIN_COOLOFF_MINUTES", default=15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_VERBOSE = False
+
+# Sessions end after SIGHTLINE_SESSION_IDLE_MINUTES without a request, and in any case
+# SESSION_COOKIE_AGE after sign-in (accounts.middleware.SessionLifetimeMiddleware).
+SESSION_COOKIE_AGE = env.int("SIGHTLINE_SESSION_MAX_HOURS", default=12) * 3600
+SIGHTLINE_SESSION_IDLE_SECONDS = env.int("SIGHTLINE_SESSION_IDLE_MINUTES", default=30) * 60
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+
+SIGHTLINE_INVITATION_DAYS = env.int("SIGHTLINE_INVITATION_DAYS", default=7)
+EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
+DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="Sightline <no-reply@sightline.invalid>")
+OTP_TOTP_ISSUER = "Sightline"
+
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:"],
+        "connect-src": ["'self'"],
+        "font-src": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'self'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    }
+}
+
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "recognition:image-list"
 LOGOUT_REDIRECT_URL = "login"
@@ -177,6 +226,7 @@ SIMPLE_JWT = {
     "AUDIENCE": "sightline-api",
     "ISSUER": "sightline",
     "UPDATE_LAST_LOGIN": False,
+    "CHECK_REVOKE_TOKEN": True,  # a password change revokes the user's tokens
 }
 
 SPECTACULAR_SETTINGS = {

@@ -7,4 +7,3 @@ DEBUG = env.bool("DJANGO_DEBUG", default=True)
 SECRET_KEY = env("DJANGO_SECRET_KEY", default="local-development-only-not-a-secret-0123456789")
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
 WHITENOISE_USE_FINDERS = True
-EMAIL_BACKEND = "django.core.mail.backends.console.EmailBackend"

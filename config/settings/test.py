@@ -13,7 +13,7 @@ SECRET_KEY = env("DJANGO_SECRET_KEY", default="test-only-not-a-secret-0123456789
 ALLOWED_HOSTS = ["127.0.0.1", "localhost", "testserver"]
 WHITENOISE_USE_FINDERS = True
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.locmem.EmailBackend")
 # End-to-end tests share the test database with a worker and an ASGI server in other
 # processes, so SQLite's test database is a file, never in memory.
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":

@@ -129,6 +129,7 @@ def stack(django_db_setup, django_db_blocker, demo_package, tmp_path_factory) ->
         "REDIS_URL": redis_url,
         "SIGHTLINE_VAR_DIR": str(settings.VAR_DIR),
         "SIGHTLINE_MAX_WAIT_MS": "10",
+        "EMAIL_BACKEND": "django.core.mail.backends.console.EmailBackend",  # invitation links land in web.log
         "PYTHONUNBUFFERED": "1",
     }
     try:

@@ -21,6 +21,15 @@ def token(stack, username, password):
     return response.json()["access"]
 
 
+def open_feed(stack, access, tenant):
+    """A socket subscribed to one hospital's feed."""
+    socket = connect(f"{stack.ws_url}/ws/events/?token={access}", open_timeout=10)
+    assert json.loads(socket.recv(timeout=10)) == {"type": "hello"}
+    socket.send(json.dumps({"type": "subscribe", "tenant": tenant}))
+    assert json.loads(socket.recv(timeout=10)) == {"type": "subscribed", "tenant": tenant}
+    return socket
+
+
 def receive_until(socket, predicate, timeout=60):
     deadline = time.monotonic() + timeout
     while True:
@@ -32,8 +41,7 @@ def receive_until(socket, predicate, timeout=60):
 def test_an_api_upload_comes_back_live_over_the_websocket(stack, live_demo):
     access = token(stack, "clinician", live_demo["password"])
     headers = {"Authorization": f"Bearer {access}"}
-    with connect(f"{stack.ws_url}/ws/events/?token={access}", open_timeout=10) as socket:
-        assert json.loads(socket.recv(timeout=10)) == {"type": "hello", "tenants": 1}
+    with open_feed(stack, access, "demo-general") as socket:
         started = time.monotonic()
         response = requests.post(
             f"{stack.base_url}/api/v1/images/",
@@ -64,11 +72,10 @@ def test_an_api_upload_comes_back_live_over_the_websocket(stack, live_demo):
 def test_another_hospitals_results_never_reach_the_socket(stack, live_demo):
     mine = token(stack, "clinician", live_demo["password"])
     theirs = token(stack, "clinician-b", live_demo["password"])
-    with (
-        connect(f"{stack.ws_url}/ws/events/?token={theirs}", open_timeout=10) as outsider,
-        connect(f"{stack.ws_url}/ws/events/?token={mine}", open_timeout=10) as member,
-    ):
-        outsider.recv(timeout=10), member.recv(timeout=10)  # hello
+    with open_feed(stack, theirs, "demo-childrens") as outsider, open_feed(stack, mine, "demo-general") as member:
+        outsider.send(json.dumps({"type": "subscribe", "tenant": "demo-general"}))
+        refused = json.loads(outsider.recv(timeout=10))
+        assert refused["type"] == "error" and refused["code"] == "not_found"  # like a hospital that does not exist
         response = requests.post(
             f"{stack.base_url}/api/v1/images/",
             headers={"Authorization": f"Bearer {mine}"},

@@ -14,6 +14,7 @@ from tests.conftest import png_bytes
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 CHROMIUM = "/usr/bin/chromium"
+expect.set_options(timeout=30_000)
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",

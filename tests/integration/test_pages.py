@@ -15,7 +15,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def signed_in(client):
     def sign_in(membership):
-        assert client.login(username=membership.user.username, password=PASSWORD)
+        client.force_login(membership.user)
         return client
 
     return sign_in

@@ -2,11 +2,11 @@
 // page that reconnects fetches what it may have missed.
 (function () {
   "use strict";
-  var cfg = window.SIGHTLINE || {};
+  var configElement = document.getElementById("sightline-config");
+  var cfg = configElement ? JSON.parse(configElement.textContent) : {};
   var indicator = document.getElementById("live");
   var table = document.querySelector("#images tbody");
   var delay = 500;
-  var connectedBefore = false;
 
   function setState(state, text) {
     if (!indicator) return;
@@ -73,8 +73,14 @@
   }
 
   function resync() {
+    if (cfg.reloadOnImage) {
+      api(cfg.apiImage).then(function (image) {
+        if (image.status === "done" || image.status === "failed") window.location.reload();
+      }).catch(function () {});
+      return;
+    }
     if (!table) return;
-    api(cfg.apiList).then(function (page) { page.results.slice().reverse().forEach(upsert); });
+    api(cfg.apiList).then(function (page) { page.results.slice().reverse().forEach(upsert); }).catch(function () {});
   }
 
   function onResult(message) {
@@ -97,15 +103,23 @@
     var socket = new WebSocket(scheme + window.location.host + "/ws/events/");
     socket.onopen = function () {
       delay = 500;
-      setState("live", "live");
-      if (connectedBefore) resync();
-      connectedBefore = true;
+      socket.send(JSON.stringify({type: "subscribe", tenant: cfg.tenant}));
     };
     socket.onmessage = function (event) {
       var message = JSON.parse(event.data);
-      if (message.type === "result.ready") onResult(message);
+      if (message.type === "subscribed") {
+        setState("live", "live");
+        // whatever finished between the page's render (or the last connection) and now
+        resync();
+      } else if (message.type === "result.ready") {
+        onResult(message);
+      }
     };
-    socket.onclose = function () {
+    socket.onclose = function (event) {
+      if (event.code === 4401 || event.code === 4403) {
+        setState("offline", "signed out — reload the page");
+        return;
+      }
       setState("offline", "reconnecting…");
       setTimeout(connect, delay);
       delay = Math.min(delay * 2, 15000);

@@ -1,0 +1,15 @@
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("accounts/login/", views.SignInView.as_view(), name="login"),
+    path("accounts/two-factor/verify/", views.two_factor_verify, name="two-factor-verify"),
+    path("accounts/two-factor/", views.two_factor_setup, name="two-factor"),
+    path("hospital/members/", views.members_page, name="members"),
+    path("hospital/members/invite/", views.member_invite, name="member-invite"),
+    path("hospital/members/<int:membership_id>/role/", views.member_role, name="member-role"),
+    path("hospital/members/<int:membership_id>/deactivate/", views.member_deactivate, name="member-deactivate"),
+    path("hospital/access-log/", views.access_log_page, name="access-log"),
+    path("invitations/<str:token>/", views.invitation_accept_page, name="invitation-accept"),
+]

@@ -1,0 +1,184 @@
+"""Pages for people: sign-in with an optional second factor, members, invitations, access log."""
+
+from __future__ import annotations
+
+import segno
+from django.contrib import messages
+from django.contrib.auth import get_user_model, login
+from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_required
+from django.contrib.auth.forms import UserCreationForm
+from django.core.paginator import Paginator
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_http_methods, require_POST
+from django_otp import login as otp_login
+from django_otp.plugins.otp_totp.models import TOTPDevice
+
+from config.errors import DomainError
+
+from .models import Role
+from .selectors import (
+    access_log_list,
+    activity_list,
+    invitation_list,
+    membership_for_session,
+    membership_get,
+    membership_list,
+)
+from .services import (
+    access_event_record,
+    invitation_accept,
+    invitation_create,
+    invitation_for_token,
+    membership_change_role,
+    membership_deactivate,
+)
+
+PENDING_USER = "two_factor_pending_user"
+PENDING_BACKEND = "two_factor_pending_backend"
+
+
+def _confirmed_device(user) -> TOTPDevice | None:
+    return TOTPDevice.objects.filter(user=user, confirmed=True).first()
+
+
+class SignInView(auth_views.LoginView):
+    """Password first; a user with a confirmed authenticator then gives a one-time code."""
+
+    def form_valid(self, form):
+        user = form.get_user()
+        if _confirmed_device(user) is None:
+            return super().form_valid(form)
+        self.request.session.cycle_key()
+        self.request.session[PENDING_USER] = user.pk
+        self.request.session[PENDING_BACKEND] = user.backend
+        return redirect(f"{redirect('two-factor-verify').url}?next={self.get_success_url()}")
+
+
+@require_http_methods(["GET", "POST"])
+def two_factor_verify(request):
+    user_id = request.session.get(PENDING_USER)
+    if user_id is None:
+        return redirect("login")
+    user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
+    device = _confirmed_device(user) if user else None
+    if device is None:
+        return redirect("login")
+    error = ""
+    if request.method == "POST":
+        if device.verify_token(request.POST.get("code", "").strip()):
+            backend = request.session.pop(PENDING_BACKEND)
+            request.session.pop(PENDING_USER)
+            login(request, user, backend=backend)
+            otp_login(request, device)
+            return redirect(request.GET.get("next") or "recognition:image-list")
+        access_event_record(action="auth.two_factor", outcome="failed", request=request, user=user)
+        error = "That code is not valid. Codes change every 30 seconds."
+    return render(request, "registration/two_factor_verify.html", {"error": error})
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def two_factor_setup(request):
+    confirmed = _confirmed_device(request.user)
+    if confirmed is not None:
+        return render(request, "accounts/two_factor.html", {"confirmed": True, "verified": request.user.is_verified()})
+    device, _ = TOTPDevice.objects.get_or_create(user=request.user, confirmed=False, defaults={"name": "Authenticator"})
+    error = ""
+    if request.method == "POST":
+        if device.verify_token(request.POST.get("code", "").strip()):
+            device.confirmed = True
+            device.save(update_fields=["confirmed"])
+            otp_login(request, device)
+            access_event_record(action="auth.two_factor_enrol", request=request)
+            messages.success(request, "Two-factor sign-in is on. You will be asked for a code when you sign in.")
+            return redirect("two-factor")
+        error = "That code is not valid. Check the time on your phone and try the current code."
+    qr = segno.make(device.config_url, error="m").svg_inline(scale=4)
+    return render(request, "accounts/two_factor.html", {"qr": qr, "secret": device.config_url, "error": error})
+
+
+@login_required
+def members_page(request):
+    actor = membership_for_session(request)
+    members = membership_list(actor=actor, request=request)
+    return render(
+        request,
+        "accounts/members.html",
+        {
+            "actor": actor,
+            "members": members,
+            "invitations": invitation_list(actor=actor, request=request),
+            "activity": activity_list(actor=actor, request=request)[:20],
+            "roles": Role.choices,
+        },
+    )
+
+
+@login_required
+@require_POST
+def member_invite(request):
+    actor = membership_for_session(request)
+    try:
+        invitation_create(
+            actor=actor, email=request.POST.get("email", "").strip(), role=request.POST.get("role", ""), request=request
+        )
+        messages.success(request, "Invitation sent. The link works once and expires after a few days.")
+    except DomainError as exc:
+        messages.error(request, exc.message)
+    return redirect("members")
+
+
+@login_required
+@require_POST
+def member_role(request, membership_id: int):
+    actor = membership_for_session(request)
+    membership = membership_get(actor=actor, membership_id=membership_id, request=request)
+    try:
+        membership_change_role(actor=actor, membership=membership, role=request.POST.get("role", ""), request=request)
+        messages.success(request, f"{membership.user.get_username()} is now {membership.get_role_display()}.")
+    except DomainError as exc:
+        messages.error(request, exc.message)
+    return redirect("members")
+
+
+@login_required
+@require_POST
+def member_deactivate(request, membership_id: int):
+    actor = membership_for_session(request)
+    membership = membership_get(actor=actor, membership_id=membership_id, request=request)
+    try:
+        membership_deactivate(actor=actor, membership=membership, request=request)
+        messages.success(request, f"{membership.user.get_username()} no longer has access to {actor.tenant.name}.")
+    except DomainError as exc:
+        messages.error(request, exc.message)
+    return redirect("members")
+
+
+@require_http_methods(["GET", "POST"])
+def invitation_accept_page(request, token: str):
+    invitation = invitation_for_token(token)  # 410 page when expired or used
+    form = None
+    if request.user.is_authenticated:
+        if request.method == "POST":
+            invitation_accept(raw_token=token, user=request.user, request=request)
+            request.session["tenant_slug"] = invitation.tenant.slug
+            messages.success(request, f"You have joined {invitation.tenant.name}.")
+            return redirect("recognition:image-list")
+    else:
+        form = UserCreationForm(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            user = form.save()
+            invitation_accept(raw_token=token, user=user, request=request)
+            login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+            request.session["tenant_slug"] = invitation.tenant.slug
+            messages.success(request, f"Welcome to {invitation.tenant.name}.")
+            return redirect("recognition:image-list")
+    return render(request, "accounts/invitation.html", {"invitation": invitation, "form": form})
+
+
+@login_required
+def access_log_page(request):
+    actor = membership_for_session(request)
+    page = Paginator(access_log_list(actor=actor, request=request), 100).get_page(request.GET.get("page"))
+    return render(request, "accounts/access_log.html", {"actor": actor, "page": page})
