@@ -214,6 +214,7 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "config.errors.api_exception_handler",
+    "DEFAULT_METADATA_CLASS": None,  # OPTIONS answers 405 instead of describing a view
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 
