@@ -109,9 +109,9 @@ class MemberListApi(TenantApi):
 class MemberDetailApi(TenantApi):
     @extend_schema(parameters=[TENANT_HEADER], request=MemberRoleInput, responses=MemberOutput)
     def patch(self, request, membership_id: int):
+        membership = membership_get(actor=request.membership, membership_id=membership_id, request=request)
         data = MemberRoleInput(data=request.data)
         data.is_valid(raise_exception=True)
-        membership = membership_get(actor=request.membership, membership_id=membership_id, request=request)
         membership = membership_change_role(
             actor=request.membership, membership=membership, role=data.validated_data["role"], request=request
         )

@@ -1,0 +1,287 @@
+"""The isolation proof: every route, every role, every method, as a member of another hospital.
+
+The routes are read from the URL configuration, so a new route is swept without editing this
+file; a route the sweep cannot classify fails it until it is classified below.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pytest
+from django.urls import URLPattern, URLResolver, get_resolver, reverse
+from rest_framework.test import APIClient
+
+from accounts.apis import TenantApi
+from accounts.models import Membership, Role
+from accounts.permissions import ROLE_ACTIONS, Action, can
+from accounts.services import invitation_create, membership_grant, user_get_or_create
+from recognition.services.images import StudyFields, image_upload
+from recognition.services.inference import inference_run
+from tests.conftest import PASSWORD, png_bytes, upload_file
+
+pytestmark = pytest.mark.django_db
+
+METHODS = ("get", "post", "put", "patch", "delete", "options")
+
+# Routes that take an object id: the kind of object, by the name of the id argument.
+OBJECT_KINDS = {"image_id": "image", "membership_id": "membership"}
+
+# Every route without an object id, by name, and why it cannot show hospital A to hospital B.
+ROUTES_WITHOUT_IDS = {
+    # lists of the active hospital's data: swept for A's markers as every role of B
+    "image-list": "list",
+    "api-images": "list",
+    "members": "list",
+    "api-members": "list",
+    "api-activity": "list",
+    "api-access-log": "list",
+    "access-log": "list",
+    # act on the caller's own hospital, chosen by session or X-Tenant (swept with A's slug)
+    "upload": "own-hospital",
+    "member-invite": "own-hospital",
+    "api-invitations": "own-hospital",
+    "tenant-switch": "own-hospital",
+    # no hospital data at all
+    "login": "public",
+    "logout": "public",
+    "two-factor": "own-account",
+    "two-factor-verify": "own-account",
+    "token-obtain": "public",
+    "token-refresh": "public",
+    "schema": "public",
+    "api-docs": "public",
+    # special case: the token in the link is the credential itself (single use, expiring,
+    # only its hash stored); holding it is what entitles someone to join.
+    "invitation-accept": "bearer-link",
+}
+
+MARKERS = ("A-MARKER-PATIENT", "A-MARKER-ACC", "a-marker-admin", "invitee@a-marker.example")
+
+
+@dataclass
+class Route:
+    name: str
+    namespace: str
+    pattern: str
+    callback: object
+
+    def url(self, **kwargs) -> str:
+        return reverse(f"{self.namespace}:{self.name}" if self.namespace else self.name, kwargs=kwargs)
+
+    @property
+    def object_args(self) -> list[str]:
+        return re.findall(r"<(?:\w+:)?(\w+_id)>", self.pattern)
+
+    @property
+    def is_api(self) -> bool:
+        return self.pattern.startswith("api/")
+
+    @property
+    def is_tenant_api(self) -> bool:
+        view_class = getattr(self.callback, "view_class", None)
+        return bool(view_class and issubclass(view_class, TenantApi))
+
+
+def all_routes() -> list[Route]:
+    def walk(patterns, prefix="", namespace=""):
+        for entry in patterns:
+            if isinstance(entry, URLResolver):
+                yield from walk(entry.url_patterns, prefix + str(entry.pattern), entry.namespace or namespace)
+            elif isinstance(entry, URLPattern):
+                yield Route(entry.name or "", namespace, prefix + str(entry.pattern), entry.callback)
+
+    return list(walk(get_resolver().url_patterns))
+
+
+@pytest.fixture
+def world(hospital_a, hospital_b, demo_model):
+    """Hospital A full of marked data; hospital B with one member of every role."""
+    admin_a = membership_grant(
+        tenant=hospital_a, user=user_get_or_create(username="a-marker-admin", password=PASSWORD), role=Role.TENANT_ADMIN
+    )
+    clinician_a = membership_grant(
+        tenant=hospital_a, user=user_get_or_create(username="a-clinician", password=PASSWORD), role=Role.CLINICIAN
+    )
+    image = image_upload(
+        membership=clinician_a,
+        upload=upload_file(png_bytes()),
+        study=StudyFields(patient_pseudonym="A-MARKER-PATIENT", accession_number="A-MARKER-ACC"),
+    )
+    inference_run(request_id=image.inference_requests.get().pk)
+    invitation_create(actor=admin_a, email="invitee@a-marker.example", role=Role.VIEWER)
+    b_members = {
+        role: membership_grant(
+            tenant=hospital_b, user=user_get_or_create(username=f"b-{role}", password=PASSWORD), role=role
+        )
+        for role in Role.values
+    }
+    return {"a": hospital_a, "image": image, "membership": admin_a, "b": b_members}
+
+
+def client_for(route: Route, membership: Membership, tenant_slug: str | None = None):
+    if route.is_api:
+        client = APIClient()
+        client.force_authenticate(membership.user)
+        if tenant_slug:
+            client.credentials(HTTP_X_TENANT=tenant_slug)
+        return client
+    client = APIClient()  # a plain Django test client with force_login would do the same
+    client.force_login(membership.user)
+    return client
+
+
+def call(client, method, url):
+    return getattr(client, method)(url, {}, format="json") if method != "get" else client.get(url)
+
+
+def test_every_route_is_classified():
+    unclassified = [
+        f"{r.pattern} ({r.name})"
+        for r in all_routes()
+        if r.namespace != "admin"
+        and not (r.object_args and all(arg in OBJECT_KINDS for arg in r.object_args))
+        and r.name not in ROUTES_WITHOUT_IDS
+    ]
+    assert not unclassified, f"classify these routes in {__name__}: {unclassified}"
+
+
+def test_hospital_b_gets_404_for_every_object_of_hospital_a(world, capsys):
+    objects = {"image": world["image"].pk, "membership": world["membership"].pk}
+    missing = 987654321
+    covered = 0
+    for route in [r for r in all_routes() if r.namespace != "admin" and r.object_args]:
+        kwargs = {arg: objects[OBJECT_KINDS[arg]] for arg in route.object_args}
+        url = route.url(**kwargs)
+        missing_url = route.url(**{arg: missing for arg in route.object_args})
+        for role, member in world["b"].items():
+            for method in METHODS:
+                theirs = call(client_for(route, member), method, url)
+                nothing = call(client_for(route, member), method, missing_url)
+                covered += 1
+                assert theirs.status_code in (403, 404, 405), (route.pattern, role, method, theirs.status_code)
+                # an answer that differs from "does not exist" would confirm that A's object exists
+                assert theirs.status_code == nothing.status_code, (route.pattern, role, method)
+                if theirs.status_code == 403:
+                    assert not any(
+                        can(member, action) for action in ROLE_ACTIONS[role] & ROUTE_ACTION.get(route.name, set())
+                    )
+                for marker in MARKERS:
+                    assert marker.encode() not in theirs.content, (route.pattern, role, method, marker)
+    # the most privileged role for each route must see exactly 404 or 405
+    for route in [r for r in all_routes() if r.namespace != "admin" and r.object_args]:
+        kwargs = {arg: objects[OBJECT_KINDS[arg]] for arg in route.object_args}
+        url = route.url(**kwargs)
+        privileged = [world["b"][role] for role in Role.values if ROLE_ACTIONS[role] & ROUTE_ACTION[route.name]]
+        assert privileged, route.name
+        for method in METHODS:
+            response = call(client_for(route, privileged[0]), method, url)
+            assert response.status_code in (404, 405), (route.pattern, method, response.status_code)
+    with capsys.disabled():
+        print(f"\nsweep: object routes × {len(world['b'])} roles × {len(METHODS)} methods = {covered} requests")
+
+
+# Which action protects each object route; the sweep above asserts every object route is here.
+ROUTE_ACTION = {
+    "api-image-detail": {Action.IMAGE_VIEW},
+    "api-image-file": {Action.IMAGE_VIEW},
+    "image-detail": {Action.IMAGE_VIEW},
+    "image-file": {Action.IMAGE_VIEW},
+    "api-member-detail": {Action.MEMBERS_MANAGE},
+    "api-member-deactivate": {Action.MEMBERS_MANAGE},
+    "member-role": {Action.MEMBERS_MANAGE},
+    "member-deactivate": {Action.MEMBERS_MANAGE},
+}
+
+
+def test_nothing_of_hospital_a_appears_in_any_list_hospital_b_sees(world, capsys):
+    covered = 0
+    for route in [r for r in all_routes() if ROUTES_WITHOUT_IDS.get(r.name) == "list"]:
+        for role, member in world["b"].items():
+            response = client_for(route, member).get(route.url())
+            covered += 1
+            assert response.status_code in (200, 403), (route.pattern, role, response.status_code)
+            for marker in MARKERS:
+                assert marker.encode() not in response.content, (route.pattern, role, marker)
+            if route.name == "api-images" and response.status_code == 200:
+                assert response.json()["results"] == []
+    with capsys.disabled():
+        print(f"sweep: list routes × roles = {covered} requests")
+
+
+def test_naming_hospital_a_in_x_tenant_is_404_on_every_hospital_api(world, capsys):
+    covered = 0
+    for route in [r for r in all_routes() if r.is_tenant_api]:
+        kwargs = {
+            arg: world["image"].pk if OBJECT_KINDS[arg] == "image" else world["membership"].pk
+            for arg in route.object_args
+        }
+        url = route.url(**kwargs)
+        for role, member in world["b"].items():
+            for method in METHODS:
+                response = call(client_for(route, member, tenant_slug=world["a"].slug), method, url)
+                covered += 1
+                assert response.status_code in (404, 405), (route.pattern, role, method, response.status_code)
+    with capsys.disabled():
+        print(f"sweep: hospital APIs with X-Tenant of hospital A × roles × methods = {covered} requests")
+
+
+def test_switching_the_browser_to_hospital_a_is_404(world):
+    client = APIClient()
+    client.force_login(world["b"][Role.CLINICIAN].user)
+    response = client.post(reverse("recognition:tenant-switch"), {"tenant": world["a"].slug})
+    assert response.status_code == 404
+    assert client.get(reverse("recognition:image-list")).status_code == 200
+
+
+def test_the_admin_is_for_platform_staff_only(world):
+    client = APIClient()
+    client.force_login(world["b"][Role.TENANT_ADMIN].user)
+    for url in ("/admin/", f"/admin/accounts/membership/{world['membership'].pk}/change/", "/admin/auth/user/"):
+        response = client.get(url)
+        assert response.status_code == 302 and "/admin/login/" in response["Location"], url
+
+
+# Part two: the role → action table against the real endpoints, as members of hospital A.
+HTTP_PROBES = {
+    Action.IMAGE_VIEW: [("api", "get", "api-image-detail", 200), ("page", "get", "recognition:image-detail", 200)],
+    Action.IMAGE_UPLOAD: [("api", "post", "api-images", 201)],
+    Action.MEMBERS_MANAGE: [("api", "get", "api-members", 200), ("page", "get", "members", 200)],
+    Action.ACTIVITY_VIEW: [("api", "get", "api-activity", 200)],
+    Action.AUDIT_VIEW: [("api", "get", "api-access-log", 200), ("page", "get", "access-log", 200)],
+}
+# Covered against the live server in tests/e2e/test_revocation.py with the same table.
+WEBSOCKET_ACTIONS = {Action.EVENTS_SUBSCRIBE}
+
+
+def test_every_action_has_a_probe():
+    assert set(HTTP_PROBES) | WEBSOCKET_ACTIONS == set(Action)
+
+
+def test_each_role_can_do_exactly_what_the_table_says(world, capsys):
+    covered = 0
+    image = world["image"]
+    for role in Role.values:
+        member = membership_grant(
+            tenant=world["a"], user=user_get_or_create(username=f"a-{role}", password=PASSWORD), role=role
+        )
+        for action, probes in HTTP_PROBES.items():
+            expected_allowed = action in ROLE_ACTIONS[role]
+            for kind, method, name, success in probes:
+                kwargs = {"image_id": image.pk} if "image-detail" in name else {}
+                url = reverse(name, kwargs=kwargs)
+                client = APIClient()
+                if kind == "api":
+                    client.force_authenticate(member.user)
+                else:
+                    client.force_login(member.user)
+                if method == "post":
+                    response = client.post(url, {"file": upload_file(png_bytes())}, format="multipart")
+                else:
+                    response = client.get(url)
+                covered += 1
+                expected = success if expected_allowed else 403
+                assert response.status_code == expected, (role, action, name, response.status_code)
+    with capsys.disabled():
+        print(f"role table: {len(Role.values)} roles × {sum(len(p) for p in HTTP_PROBES.values())} probes = {covered}")
