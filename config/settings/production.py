@@ -27,3 +27,6 @@ STATIC_ROOT = env("DJANGO_STATIC_ROOT", default=str(VAR_DIR / "static"))  # noqa
 STORAGES["staticfiles"] = {  # noqa: F405
     "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
 }
+
+# Invitations are e-mailed: EMAIL_URL such as smtp+tls://user:password@mail.example.org:587
+vars().update(env.email_url("EMAIL_URL", default="smtp://localhost:25"))
