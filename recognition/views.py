@@ -24,7 +24,21 @@ PAGE_SIZE = 100
 def tenant_switch(request):
     membership = membership_resolve(user=request.user, tenant_slug=request.POST.get("tenant", ""), request=request)
     request.session["tenant_slug"] = membership.tenant.slug
-    return redirect("recognition:image-list")
+    return redirect("recognition:home")
+
+
+@login_required
+def home(request):
+    """Where a role starts: images for clinical roles, members for admins, the log for auditors."""
+    membership = membership_for_session(request)
+    for action, destination in (
+        (Action.IMAGE_VIEW, "recognition:image-list"),
+        (Action.MEMBERS_MANAGE, "members"),
+        (Action.AUDIT_VIEW, "access-log"),
+    ):
+        if can(membership, action):
+            return redirect(destination)
+    return redirect("two-factor")
 
 
 @login_required

@@ -36,7 +36,7 @@ def test_a_failed_login_says_so_without_naming_the_cause(client, clinician_a):
 
 
 def test_pages_need_a_login(client):
-    for url in ("/", "/upload/", "/images/1/", "/images/1/file/"):
+    for url in ("/", "/images/", "/upload/", "/images/1/", "/images/1/file/"):
         response = client.get(url)
         assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
 
@@ -44,7 +44,7 @@ def test_pages_need_a_login(client):
 def test_the_list_shows_only_the_own_hospitals_images(signed_in, clinician_a, clinician_b, demo_model):
     mine = image_upload(membership=clinician_a, upload=upload_file(png_bytes()))
     theirs = image_upload(membership=clinician_b, upload=upload_file(png_bytes()))
-    page = signed_in(clinician_a).get("/")
+    page = signed_in(clinician_a).get("/images/")
     assert page.status_code == 200
     assert f'data-image="{mine.pk}"'.encode() in page.content
     assert f'data-image="{theirs.pk}"'.encode() not in page.content
@@ -104,3 +104,24 @@ def test_seeding_twice_changes_nothing(demo_model):
     assert (Tenant.objects.count(), Membership.objects.count(), Study.objects.count(), Image.objects.count()) == counts
     assert AccessEvent.objects.count() == events
     assert set(Tenant.objects.values_list("slug", flat=True)) == {"demo-general", "demo-childrens"}
+
+
+@pytest.mark.parametrize(
+    ("role", "landing"),
+    [
+        ("clinician", "/images/"),
+        ("viewer", "/images/"),
+        ("tenant_admin", "/hospital/members/"),
+        ("auditor", "/hospital/access-log/"),
+    ],
+)
+def test_each_role_starts_on_its_own_page(client, hospital_a, role, landing):
+    from accounts.services import membership_grant, user_get_or_create
+
+    member = membership_grant(
+        tenant=hospital_a, user=user_get_or_create(username=f"u-{role}", password=PASSWORD), role=role
+    )
+    client.force_login(member.user)
+    response = client.get("/", follow=True)
+    assert response.redirect_chain[-1][0] == landing
+    assert response.status_code == 200

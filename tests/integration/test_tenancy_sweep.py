@@ -44,6 +44,7 @@ ROUTES_WITHOUT_IDS = {
     "api-invitations": "own-hospital",
     "tenant-switch": "own-hospital",
     # no hospital data at all
+    "home": "public",  # a redirect to the role's first page
     "login": "public",
     "logout": "public",
     "two-factor": "own-account",
