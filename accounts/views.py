@@ -10,6 +10,7 @@ from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
 from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods, require_POST
 from django_otp import login as otp_login
 from django_otp.plugins.otp_totp.models import TOTPDevice
@@ -71,7 +72,11 @@ def two_factor_verify(request):
             request.session.pop(PENDING_USER)
             login(request, user, backend=backend)
             otp_login(request, device)
-            return redirect(request.GET.get("next") or "recognition:image-list")
+            target = request.GET.get("next", "")
+            safe = url_has_allowed_host_and_scheme(
+                target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+            )
+            return redirect(target if safe else "recognition:home")
         access_event_record(action="auth.two_factor", outcome="failed", request=request, user=user)
         error = "That code is not valid. Codes change every 30 seconds."
     return render(request, "registration/two_factor_verify.html", {"error": error})
@@ -164,7 +169,7 @@ def invitation_accept_page(request, token: str):
             invitation_accept(raw_token=token, user=request.user, request=request)
             request.session["tenant_slug"] = invitation.tenant.slug
             messages.success(request, f"You have joined {invitation.tenant.name}.")
-            return redirect("recognition:image-list")
+            return redirect("recognition:home")
     else:
         form = UserCreationForm(request.POST or None)
         if request.method == "POST" and form.is_valid():
@@ -173,7 +178,7 @@ def invitation_accept_page(request, token: str):
             login(request, user, backend="django.contrib.auth.backends.ModelBackend")
             request.session["tenant_slug"] = invitation.tenant.slug
             messages.success(request, f"Welcome to {invitation.tenant.name}.")
-            return redirect("recognition:image-list")
+            return redirect("recognition:home")
     return render(request, "accounts/invitation.html", {"invitation": invitation, "form": form})
 
 
