@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 import segno
 from django.contrib import messages
 from django.contrib.auth import get_user_model, login
@@ -10,6 +12,7 @@ from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
 from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods, require_POST
 from django_otp import login as otp_login
@@ -53,7 +56,7 @@ class SignInView(auth_views.LoginView):
         self.request.session.cycle_key()
         self.request.session[PENDING_USER] = user.pk
         self.request.session[PENDING_BACKEND] = user.backend
-        return redirect(f"{redirect('two-factor-verify').url}?next={self.get_success_url()}")
+        return redirect(f"{reverse('two-factor-verify')}?{urlencode({'next': self.get_success_url()})}")
 
 
 @require_http_methods(["GET", "POST"])
