@@ -3,6 +3,7 @@ the hospital's activity and its access log."""
 
 from __future__ import annotations
 
+from axes.handlers.proxy import AxesProxyHandler
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
@@ -40,7 +41,11 @@ class TenantApi(APIView):
 class AuditedTokenObtainPairSerializer(TokenObtainPairSerializer):
     def validate(self, attrs):
         data = super().validate(attrs)  # a failure raises; django.contrib.auth logs it
-        access_event_record(action="auth.token", request=self.context.get("request"), user=self.user)
+        request = self.context.get("request")
+        access_event_record(action="auth.token", request=request, user=self.user)
+        # simplejwt sends no user_logged_in: tell axes of the success, so it resets the count
+        # exactly as a page sign-in does
+        AxesProxyHandler.user_logged_in(sender=type(self), request=request, user=self.user)
         return data
 
 

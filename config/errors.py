@@ -78,11 +78,17 @@ def api_exception_handler(exc, context):
     response = exception_handler(exc, context)
     if response is None:
         return None
+    detail_data = getattr(exc, "detail", None)
+    code = exc.get_codes() if isinstance(exc, drf_exceptions.APIException) else "error"
     if isinstance(exc, drf_exceptions.ValidationError):
         message, detail = "The request has invalid fields.", response.data
+    elif isinstance(detail_data, dict) and "detail" in detail_data:
+        # simplejwt's token errors: {"detail", "code", "messages": [{"message", ...}]}
+        message = str(detail_data["detail"])
+        detail = [str(m.get("message", "")) for m in detail_data.get("messages", [])] or None
+        code = code.get("code") if isinstance(code, dict) else code
     else:
-        message, detail = str(getattr(exc, "detail", exc)), None
-    code = exc.get_codes() if isinstance(exc, drf_exceptions.APIException) else "error"
+        message, detail = str(detail_data if detail_data is not None else exc), None
     if not isinstance(code, str):
         code = "invalid"
     response.data = error_body(code, message, detail)

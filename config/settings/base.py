@@ -108,6 +108,7 @@ AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
 AXES_VERBOSE = False
+AXES_DISABLE_ACCESS_LOG = True  # successes are in Sightline's own access log
 
 # Sessions end after SIGHTLINE_SESSION_IDLE_MINUTES without a request, and in any case
 # SESSION_COOKIE_AGE after sign-in (accounts.middleware.SessionLifetimeMiddleware).

@@ -20,10 +20,6 @@ from urllib.parse import quote
 import pytest
 from django.conf import settings
 
-# Playwright's sync API runs an event loop in this thread; the ORM calls made by fixtures
-# in between are still plain synchronous calls.
-os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-
 VENV_BIN = Path(sys.executable).parent
 STARTUP_SECONDS = 90
 
@@ -111,6 +107,13 @@ class Processes:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+@pytest.fixture(autouse=True)
+def _allow_orm_beside_playwright(monkeypatch):
+    """Playwright's sync API runs an event loop in this thread; the ORM calls made by fixtures
+    in between are still plain synchronous calls. Set per test, never for the whole process."""
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
 
 @pytest.fixture(scope="session")
