@@ -3,7 +3,9 @@
 from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
+from django.db import transaction
 
+from .events import access_revoked_on_commit, hospital_access_changed_on_commit
 from .models import AccessEvent, Membership, Tenant
 from .services import access_event_record, user_deactivate
 
@@ -14,14 +16,20 @@ class TenantAdmin(admin.ModelAdmin):
     prepopulated_fields = {"slug": ("name",)}
 
     def save_model(self, request, obj, form, change):
-        super().save_model(request, obj, form, change)
-        access_event_record(
-            action="tenant.change" if change else "tenant.create",
-            request=request,
-            tenant=obj,
-            target_type="tenant",
-            target_id=obj.pk,
-        )
+        with transaction.atomic():
+            super().save_model(request, obj, form, change)
+            access_event_record(
+                action="tenant.change" if change else "tenant.create",
+                request=request,
+                tenant=obj,
+                target_type="tenant",
+                target_id=obj.pk,
+            )
+            if change:  # closed, or its second-factor rule changed: sockets re-check
+                hospital_access_changed_on_commit(tenant_id=obj.pk)
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # hospitals are closed (is_active), never deleted with their records
 
 
 @admin.register(Membership)
@@ -31,14 +39,32 @@ class MembershipAdmin(admin.ModelAdmin):
     readonly_fields = ("last_seen",)
 
     def save_model(self, request, obj, form, change):
-        super().save_model(request, obj, form, change)
-        access_event_record(
-            action="membership.role_change" if change else "membership.grant",
-            request=request,
-            tenant=obj.tenant,
-            target_type="membership",
-            target_id=obj.pk,
-        )
+        with transaction.atomic():
+            super().save_model(request, obj, form, change)
+            access_event_record(
+                action="membership.role_change" if change else "membership.grant",
+                request=request,
+                tenant=obj.tenant,
+                target_type="membership",
+                target_id=obj.pk,
+            )
+            access_revoked_on_commit(user_id=obj.user_id, tenant_id=obj.tenant_id)
+
+    def delete_model(self, request, obj):
+        with transaction.atomic():
+            access_event_record(
+                action="membership.delete",
+                request=request,
+                tenant=obj.tenant,
+                target_type="membership",
+                target_id=obj.pk,
+            )
+            access_revoked_on_commit(user_id=obj.user_id, tenant_id=obj.tenant_id)
+            super().delete_model(request, obj)
+
+    def delete_queryset(self, request, queryset):
+        for membership in queryset:
+            self.delete_model(request, membership)
 
 
 @admin.register(AccessEvent)
@@ -63,6 +89,18 @@ admin.site.unregister(User)
 @admin.register(User)
 class SightlineUserAdmin(UserAdmin):
     actions = ["deactivate"]
+
+    def save_model(self, request, obj, form, change):
+        with transaction.atomic():
+            super().save_model(request, obj, form, change)
+            access_event_record(
+                action="user.change" if change else "user.create", request=request, target_type="user", target_id=obj.pk
+            )
+            if not obj.is_active:  # unticked "active": their sockets close like any deactivation
+                access_revoked_on_commit(user_id=obj.pk, tenant_id=None)
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # people are deactivated, so the access log keeps naming them
 
     @admin.action(description="Deactivate selected users (ends their sessions, tokens and sockets)")
     def deactivate(self, request, queryset):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from asgiref.sync import async_to_sync
@@ -19,6 +20,11 @@ def user_group(user_id: int) -> str:
     return f"user-{user_id}"
 
 
+def session_group(session_key: str) -> str:
+    """Sockets opened with one browser session; the key itself never leaves the server."""
+    return "session-" + hashlib.sha256(session_key.encode()).hexdigest()[:40]
+
+
 def send(group: str, message: dict) -> None:
     try:
         async_to_sync(get_channel_layer().group_send)(group, message)
@@ -27,9 +33,20 @@ def send(group: str, message: dict) -> None:
 
 
 def send_on_commit(group: str, message: dict) -> None:
-    transaction.on_commit(lambda: send(group, message))
+    transaction.on_commit(lambda: send(group, message), robust=True)
 
 
 def access_revoked_on_commit(*, user_id: int, tenant_id: int | None) -> None:
     """Close the user's sockets for one hospital (``tenant_id``) or for all (None)."""
     send_on_commit(user_group(user_id), {"type": "access.revoked", "tenant": tenant_id})
+
+
+def hospital_access_changed_on_commit(*, tenant_id: int) -> None:
+    """Every socket subscribed to the hospital re-checks its access (e.g. the hospital was closed)."""
+    send_on_commit(tenant_group(tenant_id), {"type": "access.revoked", "tenant": tenant_id})
+
+
+def session_ended(session_key: str | None) -> None:
+    """Close the sockets of a browser session that signed out or expired."""
+    if session_key:
+        send_on_commit(session_group(session_key), {"type": "access.revoked", "tenant": None})

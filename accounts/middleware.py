@@ -45,13 +45,47 @@ class SessionLifetimeMiddleware:
         if request.user.is_authenticated:
             session, now = request.session, time.time()
             if session_expired(session, now):
+                from .events import session_ended
                 from .services import access_event_record
 
                 access_event_record(action="auth.session_expired", request=request, user=request.user)
+                session_ended(session.session_key)
                 session.flush()
                 request.user = AnonymousUser()
             else:
                 session.setdefault("started", now)
                 if now - session.get("seen", 0) > self.SEEN_RESOLUTION_SECONDS:
                     session["seen"] = now
+        return self.get_response(request)
+
+
+class RequestSizeLimitMiddleware:
+    """Refuse a request body larger than any legitimate upload before anything parses it.
+
+    Django parses multipart bodies (CSRF checks read POST) before views run, and streams file
+    parts to disk without a limit of its own; the proxy should enforce the same cap.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        from django.conf import settings
+        from django.http import JsonResponse
+
+        try:
+            length = int(request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        if length > settings.SIGHTLINE_MAX_REQUEST_BYTES:
+            return JsonResponse(
+                {
+                    "error": {
+                        "code": "too_large",
+                        "message": f"The request is larger than {settings.SIGHTLINE_MAX_REQUEST_BYTES // 2**20} MB.",
+                        "detail": None,
+                    }
+                },
+                status=413,
+            )
         return self.get_response(request)

@@ -8,12 +8,14 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
+from django.core.validators import validate_email
 from django.db import transaction
 from django.urls import reverse
 from django.utils import timezone
 
-from config.errors import Forbidden, Gone, Invalid
+from config.errors import Conflict, Forbidden, Gone, Invalid
 
 from .events import access_revoked_on_commit
 from .models import AccessEvent, Invitation, Membership, Role, Tenant
@@ -152,6 +154,10 @@ def invitation_create(*, actor: Membership, email: str, role: str, request=None)
     require(actor, Action.MEMBERS_MANAGE, request=request)
     if role not in Role.values:
         raise Invalid(f"{role!r} is not a role; choose one of {', '.join(Role.values)}.", code="invalid_role")
+    try:
+        validate_email(email)
+    except ValidationError:
+        raise Invalid(f"{email!r} is not an e-mail address.", code="invalid_email") from None
     raw = secrets.token_urlsafe(32)
     with transaction.atomic():
         invitation = Invitation.objects.create(
@@ -180,7 +186,8 @@ def invitation_create(*, actor: Membership, email: str, role: str, request=None)
                 "The link works once. If you did not expect it, ignore this message.",
                 None,
                 [email],
-            )
+            ),
+            robust=True,  # the invitation stands; an admin can send another if mail was down
         )
     return invitation, raw
 
@@ -201,6 +208,11 @@ def invitation_accept(*, raw_token: str, user, request=None) -> Membership:
         ).update(accepted_at=timezone.now(), accepted_by=user)
         if claimed != 1:
             raise Gone("This invitation link has expired or has already been used.", code="invitation_unusable")
+        if Membership.objects.filter(tenant=invitation.tenant, user=user, is_active=True).exists():
+            raise Conflict(
+                f"You are already a member of {invitation.tenant.name}; ask an admin to change your role.",
+                code="already_a_member",
+            )
         membership = membership_grant(
             tenant=invitation.tenant, user=user, role=invitation.role, granted_by=invitation.invited_by, request=request
         )
@@ -216,6 +228,8 @@ def invitation_accept(*, raw_token: str, user, request=None) -> Membership:
 
 
 def _ensure_an_admin_remains(membership: Membership) -> None:
+    """Call inside the change's transaction: the hospital row lock serialises concurrent changes."""
+    Tenant.objects.select_for_update().filter(pk=membership.tenant_id).first()
     others = (
         Membership.objects.for_tenant(membership.tenant)
         .filter(role=Role.TENANT_ADMIN, is_active=True, user__is_active=True)

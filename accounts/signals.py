@@ -3,6 +3,7 @@
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 from django.dispatch import receiver
 
+from .events import session_ended
 from .models import AccessEvent
 from .services import access_event_record
 
@@ -16,6 +17,7 @@ def _logged_in(sender, request, user, **kwargs):
 def _logged_out(sender, request, user, **kwargs):
     if user is not None:
         access_event_record(action="auth.logout", request=request, user=user)
+    session_ended(getattr(request.session, "session_key", None))
 
 
 @receiver(user_login_failed)

@@ -11,6 +11,7 @@ from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
 from django.core.paginator import Paginator
+from django.db import transaction
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -18,7 +19,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from django_otp import login as otp_login
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
-from config.errors import DomainError
+from config.errors import Conflict, DomainError
 
 from .models import Role
 from .selectors import (
@@ -169,15 +170,20 @@ def invitation_accept_page(request, token: str):
     form = None
     if request.user.is_authenticated:
         if request.method == "POST":
-            invitation_accept(raw_token=token, user=request.user, request=request)
+            try:
+                invitation_accept(raw_token=token, user=request.user, request=request)
+            except Conflict as exc:
+                messages.error(request, exc.message)
+                return redirect("recognition:home")
             request.session["tenant_slug"] = invitation.tenant.slug
             messages.success(request, f"You have joined {invitation.tenant.name}.")
             return redirect("recognition:home")
     else:
         form = UserCreationForm(request.POST or None)
         if request.method == "POST" and form.is_valid():
-            user = form.save()
-            invitation_accept(raw_token=token, user=user, request=request)
+            with transaction.atomic():  # no account without its membership
+                user = form.save()
+                invitation_accept(raw_token=token, user=user, request=request)
             login(request, user, backend="django.contrib.auth.backends.ModelBackend")
             request.session["tenant_slug"] = invitation.tenant.slug
             messages.success(request, f"Welcome to {invitation.tenant.name}.")

@@ -26,11 +26,13 @@ def _query_token(scope) -> str | None:
 
 @database_sync_to_async
 def _user_for_token(raw: str):
+    """(user, expiry as a Unix time) for a valid access token; (anonymous, None) otherwise."""
     authentication = JWTAuthentication()
     try:
-        return authentication.get_user(authentication.get_validated_token(raw))
+        token = authentication.get_validated_token(raw)
+        return authentication.get_user(token), token.get("exp")
     except (InvalidToken, TokenError, AuthenticationFailed):
-        return AnonymousUser()
+        return AnonymousUser(), None
 
 
 def websocket_auth(urlpatterns):
@@ -41,7 +43,7 @@ def websocket_auth(urlpatterns):
         token = _query_token(scope)
         if token is None:
             return await session_app(scope, receive, send)
-        user = await _user_for_token(token)
-        return await token_router(dict(scope, user=user, auth_method="token"), receive, send)
+        user, expires = await _user_for_token(token)
+        return await token_router(dict(scope, user=user, token_expires=expires), receive, send)
 
     return application

@@ -40,6 +40,10 @@ class Forbidden(DomainError):
     status, code = 403, "forbidden"
 
 
+class Conflict(DomainError):
+    status, code = 409, "conflict"
+
+
 class Gone(DomainError):
     status, code = 410, "gone"
 

@@ -1,6 +1,7 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
+from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 from rest_framework_simplejwt.views import TokenRefreshView
 
@@ -18,6 +19,8 @@ api_v1 = [
 
 urlpatterns = [
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    # staff sign in like everyone else: lockout and second factor apply
+    path("admin/login/", RedirectView.as_view(pattern_name="login", query_string=True), name="admin-login"),
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
     path("", include("accounts.urls")),

@@ -1,22 +1,32 @@
+"""Platform staff may look at the model registry here; changes go through the services
+(`register_model`, alias moves), which check the package and write the access log."""
+
 from django.contrib import admin
 
 from .models import AIModel, ModelAlias, ModelVersion
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(AIModel)
-class AIModelAdmin(admin.ModelAdmin):
+class AIModelAdmin(ReadOnlyAdmin):
     list_display = ("name", "is_demo", "created")
 
 
 @admin.register(ModelVersion)
-class ModelVersionAdmin(admin.ModelAdmin):
+class ModelVersionAdmin(ReadOnlyAdmin):
     list_display = ("model", "version", "weights_sha256", "created")
-    readonly_fields = ("model", "version", "manifest", "package", "weights_sha256", "registered_by", "created")
-
-    def has_add_permission(self, request):  # registration goes through register_model
-        return False
 
 
 @admin.register(ModelAlias)
-class ModelAliasAdmin(admin.ModelAdmin):
+class ModelAliasAdmin(ReadOnlyAdmin):
     list_display = ("model", "name", "version", "updated")

@@ -120,4 +120,6 @@ class ImageFileApi(TenantApi):
     @extend_schema(parameters=[TENANT_HEADER], responses={(200, "image/png"): OpenApiTypes.BINARY})
     def get(self, request, image_id: int):
         image = image_get(membership=request.membership, image_id=image_id, request=request, action="image.download")
-        return FileResponse(image.file.open("rb"), content_type="image/png")
+        response = FileResponse(image.file.open("rb"), content_type="image/png")
+        response["Cache-Control"] = "private, no-store"
+        return response

@@ -9,10 +9,14 @@ feed is left.
 
 from __future__ import annotations
 
+import time
+from importlib import import_module
+
 from asgiref.sync import async_to_sync
 from channels.generic.websocket import JsonWebsocketConsumer
+from django.conf import settings
 
-from accounts.events import tenant_group, user_group
+from accounts.events import session_group, tenant_group, user_group
 from accounts.middleware import session_expired
 from accounts.models import AccessEvent
 from accounts.permissions import Action, can
@@ -21,6 +25,8 @@ from accounts.services import access_event_record
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_ACCESS_REVOKED = 4403
+# how often a long-lived socket re-reads its browser session (idle and absolute limits)
+SESSION_RECHECK_SECONDS = 60
 
 
 class EventsConsumer(JsonWebsocketConsumer):
@@ -32,15 +38,32 @@ class EventsConsumer(JsonWebsocketConsumer):
             return
         self.user = user
         self.feeds: dict[int, str] = {}
+        self.own_groups = [user_group(user.pk)]
+        if session is not None and session.session_key:
+            self.own_groups.append(session_group(session.session_key))
+        self.session_checked = time.monotonic()
         self.accept()
-        async_to_sync(self.channel_layer.group_add)(user_group(user.pk), self.channel_name)
+        for group in self.own_groups:
+            async_to_sync(self.channel_layer.group_add)(group, self.channel_name)
         self.send_json({"type": "hello"})
 
     def disconnect(self, code):
-        if hasattr(self, "user"):
-            async_to_sync(self.channel_layer.group_discard)(user_group(self.user.pk), self.channel_name)
-        for group in getattr(self, "feeds", {}).values():
+        for group in [*getattr(self, "own_groups", []), *getattr(self, "feeds", {}).values()]:
             async_to_sync(self.channel_layer.group_discard)(group, self.channel_name)
+
+    def _still_signed_in(self) -> bool:
+        """The token has not expired; the browser session has not ended (re-read now and then)."""
+        expires = self.scope.get("token_expires")
+        if expires is not None and time.time() >= expires:
+            return False
+        session = self.scope.get("session")
+        if session is not None and time.monotonic() - self.session_checked > SESSION_RECHECK_SECONDS:
+            self.session_checked = time.monotonic()
+            store = import_module(settings.SESSION_ENGINE).SessionStore
+            fresh = store(session.session_key)
+            if not fresh.exists(session.session_key) or session_expired(fresh):
+                return False
+        return True
 
     def receive_json(self, content, **kwargs):
         kind = content.get("type") if isinstance(content, dict) else None
@@ -52,6 +75,9 @@ class EventsConsumer(JsonWebsocketConsumer):
             self.send_json({"type": "error", "code": "unknown_message", "message": "Send subscribe or ping."})
 
     def _subscribe(self, slug: str) -> None:
+        if not self._still_signed_in():
+            self.close(code=CLOSE_UNAUTHENTICATED)
+            return
         membership = memberships_active(user=self.user).filter(tenant__slug=slug).first()
         if membership is None or not can(membership, Action.EVENTS_SUBSCRIBE):
             access_event_record(
@@ -73,14 +99,19 @@ class EventsConsumer(JsonWebsocketConsumer):
         self.send_json({"type": "subscribed", "tenant": slug})
 
     def access_revoked(self, event):
-        if event.get("tenant") is None:  # the user was deactivated
+        """Tenant None: the user or this browser session is done. Otherwise re-check the feeds."""
+        if event.get("tenant") is None:
             self.close(code=CLOSE_ACCESS_REVOKED)
             return
         allowed = {m.tenant_id for m in memberships_active(user=self.user) if can(m, Action.EVENTS_SUBSCRIBE)}
-        for tenant_id in [t for t in self.feeds if t not in allowed]:
+        removed = [t for t in self.feeds if t not in allowed]
+        for tenant_id in removed:
             async_to_sync(self.channel_layer.group_discard)(self.feeds.pop(tenant_id), self.channel_name)
-        if not self.feeds:
+        if removed and not self.feeds:
             self.close(code=CLOSE_ACCESS_REVOKED)
 
     def result_ready(self, event):
+        if not self._still_signed_in():
+            self.close(code=CLOSE_UNAUTHENTICATED)
+            return
         self.send_json({key: event[key] for key in ("type", "image", "status", "top_label", "probability")})

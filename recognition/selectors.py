@@ -27,7 +27,11 @@ def _with_ai_state(queryset: QuerySet) -> QuerySet:
 
 
 def image_list(*, membership: Membership, request=None) -> QuerySet:
+    """The hospital's images, newest first. Reading the list is itself logged."""
     require(membership, Action.IMAGE_VIEW, request=request)
+    access_event_record(
+        action="image.list", request=request, user=membership.user, tenant=membership.tenant, target_type="image"
+    )
     return _with_ai_state(
         Image.objects.for_tenant(membership.tenant).select_related("study").order_by("-created", "-id")
     )

@@ -36,6 +36,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "accounts.middleware.RequestSizeLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "accounts.middleware.RequestIdMiddleware",
@@ -247,6 +248,8 @@ SPECTACULAR_SETTINGS = {
 SIGHTLINE_MAX_UPLOAD_BYTES = env.int("SIGHTLINE_MAX_UPLOAD_BYTES", default=50 * 1024 * 1024)
 SIGHTLINE_MAX_IMAGE_PIXELS = env.int("SIGHTLINE_MAX_IMAGE_PIXELS", default=40_000_000)
 DATA_UPLOAD_MAX_NUMBER_FILES = env.int("SIGHTLINE_MAX_FILES_PER_UPLOAD", default=100)
+# one browser upload of several files; the same cap belongs in the proxy (client_max_body_size)
+SIGHTLINE_MAX_REQUEST_BYTES = env.int("SIGHTLINE_MAX_REQUEST_BYTES", default=512 * 1024 * 1024)
 
 # Inference.
 SIGHTLINE_DEFAULT_MODEL = env("SIGHTLINE_DEFAULT_MODEL", default="sightline-demo")

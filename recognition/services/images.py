@@ -19,7 +19,7 @@ from PIL import UnidentifiedImageError
 from accounts.models import Membership
 from accounts.permissions import Action
 from accounts.services import access_event_record, require
-from config.errors import TooLarge, Unprocessable, UnsupportedMedia
+from config.errors import Conflict, TooLarge, Unprocessable, UnsupportedMedia
 
 from ..models import Image, Series, Study
 from ..storage import image_key
@@ -68,6 +68,7 @@ def image_validate(upload) -> ValidatedImage:
             original_format = image.format
             image.load()  # a truncated or damaged file fails here, before anything is stored
             clean = _normalise_mode(image)
+            clean.info = {}  # no text chunks, EXIF or ICC profile in the stored copy
             buffer = io.BytesIO()
             clean.save(buffer, format="PNG", compress_level=6)
     except UnidentifiedImageError as exc:
@@ -113,7 +114,7 @@ class StudyFields:
 
 def _study_for_upload(*, tenant, fields: StudyFields) -> Study:
     if fields.accession_number:
-        study, _ = Study.objects.for_tenant(tenant).get_or_create(
+        study, created = Study.objects.for_tenant(tenant).get_or_create(
             tenant=tenant,
             accession_number=fields.accession_number,
             defaults={
@@ -123,6 +124,12 @@ def _study_for_upload(*, tenant, fields: StudyFields) -> Study:
                 "study_date": fields.study_date,
             },
         )
+        # an accession number names one patient's study: never file an image under another patient
+        if not created and fields.patient_pseudonym and fields.patient_pseudonym != study.patient_pseudonym:
+            raise Conflict(
+                "This accession number belongs to a study of another patient; check the patient id.",
+                code="accession_patient_mismatch",
+            )
         return study
     return Study.objects.create(
         tenant=tenant,

@@ -47,7 +47,9 @@ def model_version_for_tenant(*, tenant) -> ModelVersion:
 
 def inference_request_create(*, image: Image, model_version: ModelVersion) -> InferenceRequest:
     request = InferenceRequest.objects.create(tenant=image.tenant, image=image, model_version=model_version)
-    transaction.on_commit(lambda: _enqueue(request.pk))
+    # robust: a broker outage must not undo a committed upload; the request stays queued in
+    # the database, which is what re-enqueueing reads
+    transaction.on_commit(lambda: _enqueue(request.pk), robust=True)
     return request
 
 
@@ -117,7 +119,12 @@ def inference_run(*, request_id: int) -> int:
             payloads.append(None)
     readable = [data for data in payloads if data is not None]
     started = time.perf_counter()
-    predictions = iter(handler.predict(readable) if readable else [])
+    try:
+        predictions = iter(handler.predict(readable) if readable else [])
+    except Exception as exc:  # e.g. out of GPU memory: the batch fails in words, never stays running
+        logger.exception("forward pass failed for a batch of %d", len(requests))
+        _store_outcomes(requests, [ItemResult(error=f"inference failed: {type(exc).__name__}")] * len(requests))
+        return len(requests)
     outcomes = [
         next(predictions) if data is not None else ItemResult(error="the stored image could not be read")
         for data in payloads

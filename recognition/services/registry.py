@@ -105,5 +105,7 @@ def model_handler(version: ModelVersion) -> Handler:
     device = choose_device(settings.SIGHTLINE_INFERENCE_DEVICE)
     return _handlers.get(
         f"{version.weights_sha256}:{device}",
-        lambda: Handler.initialize(_local_package(version), version.weights_sha256, device=device),
+        lambda: Handler.initialize(
+            _local_package(version), version.weights_sha256, device=device, expected_manifest=version.manifest
+        ),
     )

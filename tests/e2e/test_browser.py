@@ -100,3 +100,17 @@ def test_another_hospitals_clinician_sees_none_of_it(stack, live_demo, browser_c
     expect(outsider.locator("#images tbody tr[data-image]")).to_have_count(0)
     response = outsider.goto(f"{stack.base_url}{image_url}")
     assert response.status == 404
+
+
+def test_pages_run_under_the_content_security_policy_without_violations(stack, live_demo, browser_context):
+    page = browser_context.new_page()
+    violations = []
+    page.on("console", lambda message: "Content Security Policy" in message.text and violations.append(message.text))
+    sign_in(page, stack, "clinician", live_demo["password"])
+    expect(page.locator("#live")).to_have_attribute("data-state", "live")  # the live script ran
+    page.goto(f"{stack.base_url}/upload/")
+    page.goto(f"{stack.base_url}/accounts/two-factor/")
+    expect(page.locator(".qr svg")).to_be_visible()
+    page.goto(f"{stack.base_url}/api/v1/docs/")
+    expect(page.locator("#swagger-ui .title").first).to_contain_text("Sightline API")
+    assert violations == []

@@ -306,3 +306,46 @@ def test_a_session_socket_from_a_foreign_origin_is_refused(stack, live_demo):
         with connect(url, open_timeout=10, origin=stack.base_url, additional_headers={"Cookie": cookies}) as socket:
             assert json.loads(socket.recv(timeout=10)) == {"type": "hello"}
             assert subscribe(socket, "demo-general") == {"type": "subscribed", "tenant": "demo-general"}
+
+
+# -- sockets end with the credentials that opened them -----------------------------------------
+
+
+def test_signing_out_closes_the_sessions_sockets(stack, live_demo):
+    browser = requests.Session()
+    login = f"{stack.base_url}/accounts/login/"
+    browser.get(login, timeout=10).raise_for_status()
+    browser.post(
+        login,
+        data={"username": "clinician", "password": PASSWORD, "csrfmiddlewaretoken": browser.cookies["csrftoken"]},
+        headers={"Referer": login},
+        timeout=10,
+    ).raise_for_status()
+    cookies = "; ".join(f"{name}={value}" for name, value in browser.cookies.items())
+    url = f"{stack.ws_url}/ws/events/"
+    with connect(url, open_timeout=10, origin=stack.base_url, additional_headers={"Cookie": cookies}) as socket:
+        assert json.loads(socket.recv(timeout=10)) == {"type": "hello"}
+        assert subscribe(socket, "demo-general")["type"] == "subscribed"
+        response = browser.post(
+            f"{stack.base_url}/accounts/logout/",
+            data={"csrfmiddlewaretoken": browser.cookies["csrftoken"]},
+            headers={"Referer": login},
+            timeout=10,
+        )
+        assert response.status_code == 200
+        assert close_code(socket) == 4403
+
+
+def test_a_socket_closes_when_its_token_expires(stack, live_demo):
+    from datetime import timedelta
+
+    from django.contrib.auth import get_user_model
+    from rest_framework_simplejwt.tokens import AccessToken
+
+    user = get_user_model().objects.get(username="clinician")
+    short = AccessToken.for_user(user)
+    short.set_exp(lifetime=timedelta(seconds=3))
+    with open_feed(stack, str(short), "demo-general") as socket:
+        time.sleep(3.5)
+        socket.send(json.dumps({"type": "subscribe", "tenant": "demo-general"}))
+        assert close_code(socket) == 4401

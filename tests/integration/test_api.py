@@ -240,3 +240,47 @@ def test_the_openapi_schema_describes_the_image_endpoints(client):
     assert schema["openapi"].startswith("3.")
     assert {"/api/v1/images/", "/api/v1/images/{image_id}/", "/api/v1/auth/token/"} <= set(schema["paths"])
     assert client.get("/api/v1/docs/").status_code == 200
+
+
+def test_reading_the_list_is_logged(clinician_a, demo_model):
+    api_client_for(clinician_a).get("/api/v1/images/")
+    assert (
+        AccessEvent.objects.filter(action="image.list", actor=clinician_a.user, tenant=clinician_a.tenant).count() == 1
+    )
+
+
+def test_an_accession_number_of_another_patient_is_409(clinician_a, demo_model):
+    client = api_client_for(clinician_a)
+    assert upload(client, png_bytes(), accession_number="ACC-7", patient_id="P-1").status_code == 201
+    response = upload(client, png_bytes(), accession_number="ACC-7", patient_id="P-2")
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "accession_patient_mismatch"
+    assert Image.objects.count() == 1
+    assert upload(client, png_bytes(), accession_number="ACC-7", patient_id="P-1").status_code == 201
+
+
+def test_a_request_larger_than_the_cap_is_413_before_parsing(clinician_a, demo_model, settings):
+    settings.SIGHTLINE_MAX_REQUEST_BYTES = 2000
+    response = upload(api_client_for(clinician_a), png_bytes(size=256))
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "too_large"
+    assert Image.objects.count() == 0
+
+
+def test_the_api_download_is_not_cached(clinician_a, demo_model):
+    client = api_client_for(clinician_a)
+    image_id = upload(client, png_bytes()).json()["id"]
+    assert client.get(f"/api/v1/images/{image_id}/file/")["Cache-Control"] == "private, no-store"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_broker_outage_keeps_the_committed_upload(clinician_a, demo_model):
+    """The enqueue runs after commit; if Redis is down, the image and its queued request stay."""
+    from unittest import mock
+
+    with mock.patch("workers.tasks.infer.apply_async", side_effect=ConnectionError("broker down")):
+        response = upload(api_client_for(clinician_a), png_bytes())
+    assert response.status_code == 201
+    image = Image.objects.get(pk=response.json()["id"])
+    assert default_storage.exists(image.file.name)
+    assert InferenceRequest.objects.get(image=image).status == "queued"

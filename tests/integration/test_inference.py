@@ -94,3 +94,21 @@ def test_the_result_is_unique_per_image_and_model_version(clinician_a, demo_mode
             top_label="x",
             top_probability=0.5,
         )
+
+
+def test_a_forward_pass_that_raises_fails_its_requests_instead_of_leaving_them_running(
+    clinician_a, demo_model, monkeypatch
+):
+    from recognition.services import registry
+
+    requests = queue_images(clinician_a, 2)
+    handler = registry.model_handler(demo_model)
+
+    def out_of_memory(items):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(handler, "predict", out_of_memory)
+    assert inference_run(request_id=requests[0].pk) == 2
+    for request in InferenceRequest.objects.all():
+        assert request.status == "failed"
+        assert request.error == "inference failed: RuntimeError"

@@ -125,3 +125,49 @@ def test_each_role_starts_on_its_own_page(client, hospital_a, role, landing):
     response = client.get("/", follow=True)
     assert response.redirect_chain[-1][0] == landing
     assert response.status_code == 200
+
+
+def test_the_admin_sign_in_is_the_sites_own(client):
+    response = client.get("/admin/login/?next=/admin/")
+    assert response.status_code == 302
+    assert response["Location"] == "/accounts/login/?next=/admin/"
+
+
+def test_the_model_registry_cannot_be_edited_in_the_admin(client, demo_model):
+    from django.contrib.auth import get_user_model
+
+    from recognition.models import ModelAlias
+
+    staff = get_user_model().objects.create_superuser("staff", password=PASSWORD)
+    client.force_login(staff)
+    alias = ModelAlias.objects.get()
+    response = client.post(f"/admin/recognition/modelalias/{alias.pk}/change/", {"name": "production"})
+    assert response.status_code == 403
+    assert client.get("/admin/recognition/modelversion/add/").status_code == 403
+
+
+def test_an_invitation_for_someone_already_a_member_changes_nothing(client, clinician_a, hospital_a):
+    from accounts.models import Invitation, Membership, Role
+    from accounts.services import invitation_create, membership_grant, user_get_or_create
+
+    admin = membership_grant(
+        tenant=hospital_a, user=user_get_or_create(username="admin-a", password=PASSWORD), role=Role.TENANT_ADMIN
+    )
+    _, token = invitation_create(actor=admin, email="c@example.org", role=Role.VIEWER)
+    client.force_login(clinician_a.user)
+    response = client.post(f"/invitations/{token}/", follow=True)
+    assert b"already a member" in response.content
+    assert Membership.objects.get(pk=clinician_a.pk).role == Role.CLINICIAN
+    assert Invitation.objects.get().accepted_at is None  # still usable by the right person
+
+
+def test_an_invitation_to_a_malformed_address_is_refused(hospital_a):
+    from accounts.models import Role
+    from accounts.services import invitation_create, membership_grant, user_get_or_create
+    from config.errors import Invalid
+
+    admin = membership_grant(
+        tenant=hospital_a, user=user_get_or_create(username="admin-a", password=PASSWORD), role=Role.TENANT_ADMIN
+    )
+    with pytest.raises(Invalid, match="not an e-mail address"):
+        invitation_create(actor=admin, email="not-an-address", role=Role.VIEWER)

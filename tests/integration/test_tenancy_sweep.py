@@ -45,6 +45,7 @@ ROUTES_WITHOUT_IDS = {
     "tenant-switch": "own-hospital",
     # no hospital data at all
     "home": "public",  # a redirect to the role's first page
+    "admin-login": "public",  # a redirect to the site's own sign-in
     "login": "public",
     "logout": "public",
     "two-factor": "own-account",

@@ -122,3 +122,14 @@ def test_weights_that_do_not_fit_the_labels_are_refused(demo_package, tmp_path):
     _rewrite(demo_package, wrong, manifest=manifest)
     with pytest.raises(PackageError, match="do not fit"):
         Handler.initialize(wrong, manifest["weights_sha256"], device=torch.device("cpu"))
+
+
+def test_a_manifest_that_changed_since_registration_is_refused(demo_package, tmp_path):
+    registered = json.loads(zipfile.ZipFile(demo_package).read(MANIFEST_NAME))
+    swapped = {**registered, "labels": list(reversed(registered["labels"]))}  # same weights, findings inverted
+    relabelled = tmp_path / "relabelled.zip"
+    _rewrite(demo_package, relabelled, manifest=swapped)
+    with pytest.raises(PackageError, match="differs from the registered one"):
+        Handler.initialize(
+            relabelled, registered["weights_sha256"], device=torch.device("cpu"), expected_manifest=registered
+        )

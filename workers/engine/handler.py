@@ -81,8 +81,21 @@ class Handler:
         self._std = torch.tensor(manifest.std, device=device).view(1, 3, 1, 1)
 
     @classmethod
-    def initialize(cls, package_path: Path, expected_sha256: str, device: torch.device | None = None) -> Handler:
+    def initialize(
+        cls,
+        package_path: Path,
+        expected_sha256: str,
+        device: torch.device | None = None,
+        expected_manifest: dict | None = None,
+    ) -> Handler:
+        """Load, check and warm up. ``expected_manifest`` is what the registry recorded: labels,
+        normalisation and sizes that changed since registration refuse the model too."""
         manifest, state_dict = read_weights(package_path, expected_sha256)
+        if expected_manifest is not None and manifest.to_dict() != expected_manifest:
+            raise PackageError(
+                f"the manifest of {manifest.name} {manifest.version} differs from the registered one; "
+                "the model is refused"
+            )
         model = build_model(manifest.architecture, len(manifest.labels))
         try:
             model.load_state_dict(state_dict, strict=True)
