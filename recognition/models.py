@@ -115,6 +115,44 @@ class ModelAlias(models.Model):
         return f"{self.model.name}@{self.name}"
 
 
+class TrafficSplit(TenantOwned):
+    """A share of one hospital's images goes to another version of a model (A/B or canary)."""
+
+    model = models.ForeignKey(AIModel, on_delete=models.CASCADE, related_name="+")
+    version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="+")
+    percent = models.PositiveSmallIntegerField(help_text="Share of the hospital's images, 1-99.")
+    updated = models.DateTimeField(default=timezone.now)
+    updated_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "model"], name="one_split_per_hospital_and_model"),
+            models.CheckConstraint(condition=Q(percent__gte=1, percent__lte=99), name="split_percent_1_to_99"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}: {self.percent}% to {self.version}"
+
+
+class ModelPin(TenantOwned):
+    """A hospital that must stay on one version, whatever the aliases say."""
+
+    model = models.ForeignKey(AIModel, on_delete=models.CASCADE, related_name="+")
+    version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="+")
+    updated = models.DateTimeField(default=timezone.now)
+    updated_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["tenant", "model"], name="one_pin_per_hospital_and_model")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} pinned to {self.version}"
+
+
 class InferenceRequest(TenantOwned):
     class Status(models.TextChoices):
         QUEUED = "queued"
@@ -122,7 +160,13 @@ class InferenceRequest(TenantOwned):
         DONE = "done"
         FAILED = "failed"
 
+    class Priority(models.IntegerChoices):
+        INTERACTIVE = 0  # a person is waiting: always claimed first
+        BULK = 1  # batch jobs: claimed round-robin across hospitals
+
     image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="inference_requests")
+    priority = models.PositiveSmallIntegerField(choices=Priority.choices, default=Priority.INTERACTIVE)
+    claimed_by = models.CharField(max_length=200, blank=True, help_text="host:pid of the worker running it")
     model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="+")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     error = models.CharField(max_length=500, blank=True)
@@ -135,7 +179,8 @@ class InferenceRequest(TenantOwned):
     class Meta:
         indexes = [
             # the worker's claim: queued requests of one model version, oldest first
-            models.Index(fields=["model_version", "status", "id"], name="inference_claim"),
+            models.Index(fields=["model_version", "status", "priority", "id"], name="inference_claim"),
+            models.Index(fields=["status", "claimed_by"], name="inference_running"),
         ]
 
 
@@ -146,6 +191,8 @@ class Result(TenantOwned):
     probabilities = models.JSONField()
     top_label = models.CharField(max_length=100)
     top_probability = models.FloatField()
+    positive_labels = models.JSONField(default=list, help_text="Multi-label models: labels above their threshold.")
+    heatmap = models.FileField(max_length=255, blank=True, help_text="Grad-CAM overlay (PNG), when the model has one.")
     created = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -3,12 +3,16 @@
 import os
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
+
+from workers.bootsteps import GpuBackPressure
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
 
 app = Celery("sightline", include=["workers.tasks"])
 app.config_from_object("django.conf:settings", namespace="CELERY")
+# a worker whose GPU stays busy stops taking tasks until it cools down (no-op without a GPU)
+app.steps["consumer"].add(GpuBackPressure)
 
 
 @worker_process_init.connect
@@ -31,3 +35,13 @@ def _warm_up(**_kwargs):
         import logging
 
         logging.getLogger(__name__).exception("warm-up failed")
+
+
+@worker_ready.connect
+def _recover(**_kwargs):
+    """After a crash or restart: requests this host's dead processes left running go back to the
+    queue (or fail after their last attempt), and every version with waiting work gets a wake-up."""
+    from recognition.services.inference import inference_reclaim_orphans, inference_requeue_waiting
+
+    inference_reclaim_orphans()
+    inference_requeue_waiting()

@@ -255,7 +255,15 @@ SIGHTLINE_MAX_REQUEST_BYTES = env.int("SIGHTLINE_MAX_REQUEST_BYTES", default=512
 SIGHTLINE_DEFAULT_MODEL = env("SIGHTLINE_DEFAULT_MODEL", default="sightline-demo")
 SIGHTLINE_INFERENCE_DEVICE = env("SIGHTLINE_INFERENCE_DEVICE", default="auto")
 SIGHTLINE_MAX_BATCH_SIZE = env.int("SIGHTLINE_MAX_BATCH_SIZE", default=16)
-SIGHTLINE_MAX_WAIT_MS = env.float("SIGHTLINE_MAX_WAIT_MS", default=10.0)
+# 0: a batch is what accumulated while the previous forward pass ran, so a lone request never
+# waits for company; a version's manifest may set its own max_batch_size and max_wait_ms
+SIGHTLINE_MAX_WAIT_MS = env.float("SIGHTLINE_MAX_WAIT_MS", default=0.0)
+SIGHTLINE_MAX_ATTEMPTS = env.int("SIGHTLINE_MAX_ATTEMPTS", default=3)  # then a request ends failed, never loops
+SIGHTLINE_DECODE_THREADS = env.int("SIGHTLINE_DECODE_THREADS", default=2)
+SIGHTLINE_MAX_BATCHES_PER_TASK = env.int("SIGHTLINE_MAX_BATCHES_PER_TASK", default=16)
+# GPU back-pressure: a worker stops taking tasks while its GPU stays above this (workers.bootsteps)
+SIGHTLINE_GPU_BUSY_PERCENT = env.float("SIGHTLINE_GPU_BUSY_PERCENT", default=85.0)
+SIGHTLINE_GPU_SAMPLE_SECONDS = env.float("SIGHTLINE_GPU_SAMPLE_SECONDS", default=1.0)
 SIGHTLINE_MODEL_CACHE_DIR = Path(env("SIGHTLINE_MODEL_CACHE_DIR", default=str(VAR_DIR / "model-cache")))
 SIGHTLINE_MODEL_BUILD_DIR = Path(env("SIGHTLINE_MODEL_BUILD_DIR", default=str(VAR_DIR / "models")))
 SIGHTLINE_DEMO_PASSWORD = env("SIGHTLINE_DEMO_PASSWORD", default="sightline-demo")

@@ -23,7 +23,7 @@ from config.errors import Conflict, TooLarge, Unprocessable, UnsupportedMedia
 
 from ..models import Image, Series, Study
 from ..storage import image_key
-from .inference import inference_request_create, model_version_for_tenant
+from .inference import inference_request_create, model_version_for_upload
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def image_upload(*, membership: Membership, upload, study: StudyFields | None = 
     """Store one image for the member's hospital and queue its AI read after commit."""
     require(membership, Action.IMAGE_UPLOAD, request=request)
     tenant = membership.tenant
-    model_version = model_version_for_tenant(tenant=tenant)
+    model_version_for_upload(tenant=tenant, image_id=None)  # 503 before storing anything if no model
     validated = image_validate(upload)
     stored_name = default_storage.save(image_key(tenant_id=tenant.pk), ContentFile(validated.content))
     try:
@@ -165,7 +165,9 @@ def image_upload(*, membership: Membership, upload, study: StudyFields | None = 
                 byte_size=len(validated.content),
                 uploaded_by=membership.user,
             )
-            inference_request_create(image=image, model_version=model_version)
+            inference_request_create(
+                image=image, model_version=model_version_for_upload(tenant=tenant, image_id=image.pk)
+            )
             access_event_record(
                 action="image.upload",
                 request=request,

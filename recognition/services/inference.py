@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import torch
 from django.conf import settings
 from django.core.files.storage import default_storage
 from django.db import transaction
-from django.db.models import Case, F, IntegerField, Value, When
+from django.db.models import Case, F, IntegerField, Value, When, Window
+from django.db.models.functions import RowNumber
 from django.utils import timezone
 
 from config.errors import Unavailable
@@ -18,7 +23,7 @@ from workers.engine.package import PackageError
 
 from .. import events
 from ..models import Image, InferenceRequest, ModelAlias, ModelVersion, Result
-from .registry import model_handler
+from .registry import model_handler, model_version_for_image
 
 logger = logging.getLogger(__name__)
 Status = InferenceRequest.Status
@@ -33,9 +38,9 @@ def _default_production_version() -> ModelVersion | None:
     return alias.version if alias else None
 
 
-def model_version_for_tenant(*, tenant) -> ModelVersion:
-    """The version that reads this hospital's images: the default model's production alias."""
-    version = _default_production_version()
+def model_version_for_upload(*, tenant, image_id: int | None) -> ModelVersion:
+    """The version that reads this image: the hospital's pin, its split, or production."""
+    version = model_version_for_image(tenant=tenant, image_id=image_id, model_name=settings.SIGHTLINE_DEFAULT_MODEL)
     if version is None:
         raise Unavailable(
             "No production model is registered yet, so images cannot be read. "
@@ -45,93 +50,221 @@ def model_version_for_tenant(*, tenant) -> ModelVersion:
     return version
 
 
-def inference_request_create(*, image: Image, model_version: ModelVersion) -> InferenceRequest:
-    request = InferenceRequest.objects.create(tenant=image.tenant, image=image, model_version=model_version)
+def inference_request_create(
+    *, image: Image, model_version: ModelVersion, priority: int = InferenceRequest.Priority.INTERACTIVE
+) -> InferenceRequest:
+    request = InferenceRequest.objects.create(
+        tenant=image.tenant, image=image, model_version=model_version, priority=priority
+    )
     # robust: a broker outage must not undo a committed upload; the request stays queued in
     # the database, which is what re-enqueueing reads
-    transaction.on_commit(lambda: _enqueue(request.pk), robust=True)
+    transaction.on_commit(lambda: _enqueue(request.pk, priority), robust=True)
     return request
 
 
-def _enqueue(request_id: int) -> None:
+def _enqueue(request_id: int, priority: int = InferenceRequest.Priority.INTERACTIVE) -> None:
     from workers.tasks import infer  # the task module imports this one
 
-    infer.apply_async(args=[request_id], queue="interactive")
+    queue = "interactive" if priority == InferenceRequest.Priority.INTERACTIVE else "bulk"
+    infer.apply_async(args=[request_id], queue=queue)
 
 
-def _claimer(*, model_version_id: int, first_id: int):
-    """``take(n)``: atomically move up to n queued requests of one version to running."""
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
-    def take(limit: int) -> list[int]:
-        with transaction.atomic():
-            ids = list(
-                InferenceRequest.objects.select_for_update(skip_locked=True)
-                .filter(model_version_id=model_version_id, status=Status.QUEUED)
-                .order_by(
-                    Case(When(id=first_id, then=Value(0)), default=Value(1), output_field=IntegerField()),
-                    "id",
-                )
-                .values_list("id", flat=True)[:limit]
+
+def _claim(*, model_version_id: int, limit: int, first_id: int | None = None) -> list[int]:
+    """Move up to ``limit`` queued requests of one version to running, in the order they should
+    run: the triggering request, then interactive ones, then bulk ones round-robin across
+    hospitals (each hospital's oldest first), so one hospital's big job cannot starve another's."""
+    ranked = (
+        InferenceRequest.objects.filter(
+            model_version_id=model_version_id, status=Status.QUEUED, attempts__lt=settings.SIGHTLINE_MAX_ATTEMPTS
+        )
+        .annotate(turn=Window(RowNumber(), partition_by=[F("priority"), F("tenant_id")], order_by=F("id").asc()))
+        .order_by(
+            Case(When(id=first_id, then=Value(0)), default=Value(1), output_field=IntegerField()),
+            "priority",
+            "turn",
+            "id",
+        )
+    )
+    candidates = list(ranked.values_list("id", flat=True)[:limit])
+    if not candidates:
+        return []
+    with transaction.atomic():
+        # window functions cannot be locked FOR UPDATE: lock the chosen rows in a second step;
+        # another worker may have taken some of them meanwhile, which only makes this batch smaller
+        locked = set(
+            InferenceRequest.objects.select_for_update(skip_locked=True)
+            .filter(id__in=candidates, status=Status.QUEUED)
+            .values_list("id", flat=True)
+        )
+        if locked:
+            InferenceRequest.objects.filter(id__in=locked).update(
+                status=Status.RUNNING, started_at=timezone.now(), attempts=F("attempts") + 1, claimed_by=_worker_id()
             )
-            if ids:
-                InferenceRequest.objects.filter(id__in=ids, status=Status.QUEUED).update(
-                    status=Status.RUNNING, started_at=timezone.now(), attempts=F("attempts") + 1
-                )
-            return ids
+    return [request_id for request_id in candidates if request_id in locked]
 
-    return take
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def inference_reclaim_orphans() -> set[int]:
+    """Requests left running by a worker process of this host that has died (kill -9, OOM):
+    back to queued, or failed once they have used up their attempts. Returns their versions."""
+    prefix = f"{socket.gethostname()}:"
+    orphans = [
+        (request_id, claimed_by, version_id)
+        for request_id, claimed_by, version_id in InferenceRequest.objects.filter(
+            status=Status.RUNNING, claimed_by__startswith=prefix
+        ).values_list("id", "claimed_by", "model_version_id")
+        if not _process_alive(int(claimed_by.rsplit(":", 1)[1]))
+    ]
+    if not orphans:
+        return set()
+    ids = [request_id for request_id, _, _ in orphans]
+    running = InferenceRequest.objects.filter(id__in=ids, status=Status.RUNNING)
+    with transaction.atomic():
+        exhausted = list(running.filter(attempts__gte=settings.SIGHTLINE_MAX_ATTEMPTS))
+        _store_outcomes(
+            exhausted,
+            [ItemResult(error=f"stopped after {settings.SIGHTLINE_MAX_ATTEMPTS} attempts: the worker kept failing")]
+            * len(exhausted),
+        )
+        reset = running.update(status=Status.QUEUED, claimed_by="", started_at=None)
+    logger.warning("reclaimed %d orphaned requests (%d given up)", reset, len(exhausted))
+    return {version_id for _, _, version_id in orphans}
+
+
+def inference_requeue_waiting() -> int:
+    """One wake-up task per model version with queued requests (after a restart or an outage):
+    the database knows what still needs work, whatever happened to the broker's messages."""
+    versions = InferenceRequest.objects.filter(status=Status.QUEUED).values_list("model_version_id", flat=True)
+    versions = set(versions)
+    for version_id in versions:
+        _wake_next(version_id)
+    return len(versions)
+
+
+def _batch_limits(version: ModelVersion) -> tuple[int, float]:
+    manifest = version.manifest
+    return (
+        manifest.get("max_batch_size") or settings.SIGHTLINE_MAX_BATCH_SIZE,
+        manifest.get("max_wait_ms") if manifest.get("max_wait_ms") is not None else settings.SIGHTLINE_MAX_WAIT_MS,
+    )
+
+
+def _prepare(handler, names: list[str]):
+    """Storage read and decode for one batch: runs in the decode pool beside the forward pass."""
+    tensors, errors = [], []
+    for name in names:
+        try:
+            with default_storage.open(name, "rb") as stored:
+                data = stored.read()
+        except OSError:
+            errors.append("the stored image could not be read")
+            continue
+        batch, (error,) = handler.preprocess([data])
+        errors.append(error)
+        if batch is not None:
+            tensors.append(batch[0])
+    return (torch.stack(tensors) if tensors else None), errors
+
+
+_decode_pool: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _decode_pool
+    if _decode_pool is None:  # created in the worker process, after the fork
+        _decode_pool = ThreadPoolExecutor(max_workers=settings.SIGHTLINE_DECODE_THREADS, thread_name_prefix="decode")
+    return _decode_pool
 
 
 def inference_run(*, request_id: int) -> int:
-    """Run the request and whatever else waits for the same model version. Returns batch size.
+    """Run the request, and whatever else waits for the same model version, batch after batch.
 
-    Redelivered or already-batched requests find nothing queued and return 0.
+    The first batch takes what is waiting now (a lone request does not wait for company unless
+    the version sets max_wait_ms); while a batch runs its forward pass, the next one is claimed
+    and decoded in the pool. Redelivered or already-batched requests find nothing and return 0.
     """
+    inference_reclaim_orphans()
     row = InferenceRequest.objects.filter(id=request_id).values("model_version_id", "status").first()
     if row is None or row["status"] != Status.QUEUED:
         return 0
-    take = _claimer(model_version_id=row["model_version_id"], first_id=request_id)
-    ids = collect_batch(
-        take, max_batch_size=settings.SIGHTLINE_MAX_BATCH_SIZE, max_wait_ms=settings.SIGHTLINE_MAX_WAIT_MS
+    version = ModelVersion.objects.select_related("model").get(pk=row["model_version_id"])
+    max_batch, max_wait = _batch_limits(version)
+    first = collect_batch(
+        lambda n: _claim(model_version_id=version.pk, limit=n, first_id=request_id),
+        max_batch_size=max_batch,
+        max_wait_ms=max_wait,
     )
-    if not ids:
+    if not first:
         return 0
-    requests = list(
-        InferenceRequest.objects.filter(id__in=ids).select_related("image", "model_version__model").order_by("id")
-    )
-    model_version = requests[0].model_version
     try:
-        handler = model_handler(model_version)
+        handler = model_handler(version)
     except PackageError as exc:
-        logger.error("model version %s refused: %s", model_version.pk, exc)
-        _store_outcomes(requests, [ItemResult(error=f"the model could not be loaded: {exc}")] * len(requests))
-        return len(requests)
+        logger.error("model version %s refused: %s", version.pk, exc)
+        _store_outcomes(_rows(first), [ItemResult(error=f"the model could not be loaded: {exc}")] * len(first))
+        return len(first)
     except Exception:
-        _store_outcomes(requests, [ItemResult(error="the worker failed to load the model")] * len(requests))
+        _store_outcomes(_rows(first), [ItemResult(error="the worker failed to load the model")] * len(first))
         raise
 
-    payloads: list[bytes | None] = []
-    for request in requests:
+    done, batches = 0, 0
+    current = (first, _pool().submit(_prepare, handler, _file_names(first)))
+    while current is not None:
+        ids, prepared = current
+        batches += 1
+        current = None
+        if batches < settings.SIGHTLINE_MAX_BATCHES_PER_TASK:
+            more = _claim(model_version_id=version.pk, limit=max_batch)
+            if more:
+                current = (more, _pool().submit(_prepare, handler, _file_names(more)))
+        else:  # yield the worker to other versions' tasks; a new task picks up what is left
+            _wake_next(version.pk)
+        requests = _rows(ids)
+        started = time.perf_counter()
         try:
-            with default_storage.open(request.image.file.name, "rb") as stored:
-                payloads.append(stored.read())
-        except OSError:
-            payloads.append(None)
-    readable = [data for data in payloads if data is not None]
-    started = time.perf_counter()
-    try:
-        predictions = iter(handler.predict(readable) if readable else [])
-    except Exception as exc:  # e.g. out of GPU memory: the batch fails in words, never stays running
-        logger.exception("forward pass failed for a batch of %d", len(requests))
-        _store_outcomes(requests, [ItemResult(error=f"inference failed: {type(exc).__name__}")] * len(requests))
-        return len(requests)
-    outcomes = [
-        next(predictions) if data is not None else ItemResult(error="the stored image could not be read")
-        for data in payloads
-    ]
-    logger.info("batch of %d on %s in %.1f ms", len(requests), handler.device, (time.perf_counter() - started) * 1000)
-    _store_outcomes(requests, outcomes)
-    return len(requests)
+            batch, errors = prepared.result()
+            probabilities = handler.infer(batch) if batch is not None else None
+            outcomes = handler.postprocess(probabilities, errors)
+        except Exception as exc:  # e.g. out of GPU memory: the batch fails in words, never stays running
+            logger.exception("forward pass failed for a batch of %d", len(ids))
+            outcomes = [ItemResult(error=f"inference failed: {type(exc).__name__}")] * len(ids)
+        logger.info("batch of %d on %s in %.1f ms", len(ids), handler.device, (time.perf_counter() - started) * 1000)
+        _store_outcomes(requests, outcomes)
+        done += len(ids)
+    return done
+
+
+def _wake_next(version_id: int) -> None:
+    waiting = (
+        InferenceRequest.objects.filter(model_version_id=version_id, status=Status.QUEUED)
+        .order_by("priority", "id")
+        .values_list("id", "priority")
+        .first()
+    )
+    if waiting is not None:
+        transaction.on_commit(lambda: _enqueue(*waiting), robust=True)
+
+
+def _rows(ids: list[int]) -> list[InferenceRequest]:
+    by_id = InferenceRequest.objects.select_related("image", "model_version__model").in_bulk(ids)
+    return [by_id[request_id] for request_id in ids]
+
+
+def _file_names(ids: list[int]) -> list[str]:
+    names = dict(InferenceRequest.objects.filter(id__in=ids).values_list("id", "image__file"))
+    return [names[request_id] for request_id in ids]
 
 
 def _store_outcomes(requests: list[InferenceRequest], outcomes: list[ItemResult]) -> None:
@@ -140,7 +273,7 @@ def _store_outcomes(requests: list[InferenceRequest], outcomes: list[ItemResult]
         for request, outcome in zip(requests, outcomes, strict=True):
             status = Status.DONE if outcome.ok else Status.FAILED
             claimed = InferenceRequest.objects.filter(id=request.pk, status=Status.RUNNING).update(
-                status=status, error=outcome.error[:500], finished_at=now, batch_size=len(requests)
+                status=status, error=outcome.error[:500], finished_at=now, batch_size=len(requests), claimed_by=""
             )
             if not claimed:  # finished elsewhere meanwhile: its outcome stands
                 continue
@@ -154,6 +287,7 @@ def _store_outcomes(requests: list[InferenceRequest], outcomes: list[ItemResult]
                         "probabilities": outcome.probabilities,
                         "top_label": outcome.top_label,
                         "top_probability": outcome.top_probability,
+                        "positive_labels": list(outcome.positive_labels),
                     },
                 )
             events.result_ready_on_commit(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,7 +20,7 @@ from workers.engine.cache import HandlerCache
 from workers.engine.handler import Handler, choose_device
 from workers.engine.package import PackageError, read_manifest
 
-from ..models import AIModel, ModelAlias, ModelVersion
+from ..models import AIModel, ModelAlias, ModelPin, ModelVersion, TrafficSplit
 from ..storage import model_package_key
 
 _handlers = HandlerCache()
@@ -76,13 +77,98 @@ def model_version_register(
     return version, True
 
 
-def model_alias_move(*, model: AIModel, alias: str, version: ModelVersion, moved_by=None) -> ModelAlias:
+def _version_of(model: AIModel, version: ModelVersion) -> None:
+    if version.model_id != model.pk:
+        raise Invalid(f"{version} is not a version of {model.name}.", code="wrong_model")
+
+
+def model_alias_move(*, model: AIModel, alias: str, version: ModelVersion, moved_by=None, request=None) -> ModelAlias:
+    if alias not in ModelAlias.Name.values:
+        raise Invalid(f"{alias!r} is not an alias; use one of {', '.join(ModelAlias.Name.values)}.", code="bad_alias")
+    _version_of(model, version)
     with transaction.atomic():
         row, _ = ModelAlias.objects.update_or_create(
             model=model, name=alias, defaults={"version": version, "updated": timezone.now()}
         )
-        access_event_record(action="model.alias_move", user=moved_by, target_type="model_alias", target_id=row.pk)
+        access_event_record(
+            action="model.alias_move", request=request, user=moved_by, target_type="model_alias", target_id=row.pk
+        )
     return row
+
+
+def traffic_split_set(
+    *, tenant, model: AIModel, version: ModelVersion | None, percent: int, changed_by=None, request=None
+) -> TrafficSplit | None:
+    """Send ``percent`` of the hospital's images to ``version``; 0 (or no version) ends the split."""
+    with transaction.atomic():
+        current = TrafficSplit.objects.for_tenant(tenant).filter(model=model).first()
+        if not percent or version is None:
+            if current is not None:
+                current.delete()
+            split = None
+        else:
+            if not 1 <= percent <= 99:
+                raise Invalid("A split sends 1-99% of images to the other version.", code="bad_percent")
+            _version_of(model, version)
+            split, _ = TrafficSplit.objects.update_or_create(
+                tenant=tenant,
+                model=model,
+                defaults={"version": version, "percent": percent, "updated": timezone.now(), "updated_by": changed_by},
+            )
+        access_event_record(
+            action="model.split_change",
+            request=request,
+            user=changed_by,
+            tenant=tenant,
+            target_type="model",
+            target_id=model.pk,
+        )
+    return split
+
+
+def model_pin_set(*, tenant, model: AIModel, version: ModelVersion | None, changed_by=None, request=None):
+    """Keep the hospital on ``version`` whatever the aliases say; None removes the pin."""
+    with transaction.atomic():
+        if version is None:
+            ModelPin.objects.for_tenant(tenant).filter(model=model).delete()
+            pin = None
+        else:
+            _version_of(model, version)
+            pin, _ = ModelPin.objects.update_or_create(
+                tenant=tenant,
+                model=model,
+                defaults={"version": version, "updated": timezone.now(), "updated_by": changed_by},
+            )
+        access_event_record(
+            action="model.pin_change",
+            request=request,
+            user=changed_by,
+            tenant=tenant,
+            target_type="model",
+            target_id=model.pk,
+        )
+    return pin
+
+
+def split_bucket(image_id: int) -> int:
+    """0-99, fixed per image, so a retry of the same image lands on the same version."""
+    return int(hashlib.sha256(f"sightline-split:{image_id}".encode()).hexdigest()[:8], 16) % 100
+
+
+def model_version_for_image(*, tenant, image_id: int | None, model_name: str) -> ModelVersion | None:
+    """Pin, else split (when there is an image to place), else the production alias."""
+    pin = ModelPin.objects.for_tenant(tenant).select_related("version").filter(model__name=model_name).first()
+    if pin is not None:
+        return pin.version
+    split = TrafficSplit.objects.for_tenant(tenant).select_related("version").filter(model__name=model_name).first()
+    if split is not None and image_id is not None and split_bucket(image_id) < split.percent:
+        return split.version
+    alias = (
+        ModelAlias.objects.select_related("version__model")
+        .filter(model__name=model_name, name=ModelAlias.Name.PRODUCTION)
+        .first()
+    )
+    return alias.version if alias else None
 
 
 def _local_package(version: ModelVersion) -> Path:

@@ -18,17 +18,40 @@ def queue_images(membership, count, **kwargs):
     return [InferenceRequest.objects.get(image=image) for image in images]
 
 
-def test_waiting_requests_of_one_version_run_as_one_batch(clinician_a, clinician_b, demo_model, settings):
+def test_waiting_requests_of_one_version_run_as_full_batches(clinician_a, clinician_b, demo_model, settings):
     settings.SIGHTLINE_MAX_BATCH_SIZE = 4
-    settings.SIGHTLINE_MAX_WAIT_MS = 0
     requests = queue_images(clinician_a, 3) + queue_images(clinician_b, 3)
-    assert inference_run(request_id=requests[4].pk) == 4
+    assert inference_run(request_id=requests[4].pk) == 6  # a batch of 4, then the 2 left
     first = InferenceRequest.objects.get(pk=requests[4].pk)
-    assert first.status == "done" and first.batch_size == 4  # the triggering request is always in its batch
-    assert InferenceRequest.objects.filter(status="done").count() == 4
-    assert InferenceRequest.objects.filter(status="queued").count() == 2
-    for request in InferenceRequest.objects.filter(status="done"):
+    assert first.status == "done" and first.batch_size == 4  # the triggering request is always in the first batch
+    assert sorted(InferenceRequest.objects.values_list("batch_size", flat=True)) == [2, 2, 4, 4, 4, 4]
+    for request in InferenceRequest.objects.all():
         assert request.result.tenant_id == request.tenant_id  # results stay with their hospital
+
+
+def test_one_task_runs_at_most_the_configured_number_of_batches(clinician_a, demo_model, settings):
+    settings.SIGHTLINE_MAX_BATCH_SIZE = 2
+    settings.SIGHTLINE_MAX_BATCHES_PER_TASK = 2
+    requests = queue_images(clinician_a, 5)
+    assert inference_run(request_id=requests[0].pk) == 4
+    assert InferenceRequest.objects.filter(status="queued").count() == 1
+
+
+def test_interactive_requests_go_first_and_bulk_work_is_shared_round_robin(
+    clinician_a, clinician_b, demo_model, settings
+):
+    from recognition.models import InferenceRequest as IR
+    from recognition.services.inference import _claim
+
+    a_bulk = queue_images(clinician_a, 4)
+    b_bulk = queue_images(clinician_b, 2)
+    IR.objects.filter(pk__in=[r.pk for r in a_bulk + b_bulk]).update(priority=IR.Priority.BULK)
+    interactive = queue_images(clinician_b, 1)[0]
+    order = _claim(model_version_id=demo_model.pk, limit=7)
+    tenants = [IR.objects.get(pk=i).tenant_id for i in order[1:]]
+    assert order[0] == interactive.pk  # a person waiting comes before any bulk work
+    a, b = clinician_a.tenant_id, clinician_b.tenant_id
+    assert tenants == [a, b, a, b, a, a]  # hospital A's bigger job does not starve B
 
 
 def test_a_request_already_run_in_another_batch_is_a_no_op(clinician_a, demo_model):
@@ -107,7 +130,7 @@ def test_a_forward_pass_that_raises_fails_its_requests_instead_of_leaving_them_r
     def out_of_memory(items):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(handler, "predict", out_of_memory)
+    monkeypatch.setattr(handler, "infer", out_of_memory)
     assert inference_run(request_id=requests[0].pk) == 2
     for request in InferenceRequest.objects.all():
         assert request.status == "failed"

@@ -32,6 +32,7 @@ class ItemResult:
     probabilities: dict[str, float] = field(default_factory=dict)
     top_label: str = ""
     top_probability: float = 0.0
+    positive_labels: tuple[str, ...] = ()  # multi-label models: the labels at or above their threshold
     error: str = ""
 
     @property
@@ -90,17 +91,20 @@ class Handler:
     ) -> Handler:
         """Load, check and warm up. ``expected_manifest`` is what the registry recorded: labels,
         normalisation and sizes that changed since registration refuse the model too."""
-        manifest, state_dict = read_weights(package_path, expected_sha256)
-        if expected_manifest is not None and manifest.to_dict() != expected_manifest:
+        manifest, weights = read_weights(package_path, expected_sha256)
+        if expected_manifest is not None and manifest != Manifest.from_dict(expected_manifest):
             raise PackageError(
                 f"the manifest of {manifest.name} {manifest.version} differs from the registered one; "
                 "the model is refused"
             )
-        model = build_model(manifest.architecture, len(manifest.labels))
-        try:
-            model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as exc:
-            raise PackageError(f"weights do not fit {manifest.architecture}: {exc}") from exc
+        if isinstance(weights, torch.jit.ScriptModule):
+            model = weights
+        else:
+            model = build_model(manifest.architecture, len(manifest.labels))
+            try:
+                model.load_state_dict(weights, strict=True)
+            except RuntimeError as exc:
+                raise PackageError(f"weights do not fit {manifest.architecture}: {exc}") from exc
         device = device or choose_device()
         model = model.eval().to(device, memory_format=torch.channels_last)
         handler = cls(manifest, model, device)
@@ -142,6 +146,8 @@ class Handler:
             x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
                 logits = self.model(x)
+            if self.manifest.task == "multi-label":  # independent findings, one sigmoid each
+                return torch.sigmoid(logits.float()).cpu()
             return torch.softmax(logits.float(), dim=1).cpu()
 
     def postprocess(self, probabilities: torch.Tensor | None, errors: list[str]) -> list[ItemResult]:
@@ -154,11 +160,16 @@ class Handler:
                 continue
             row = next(rows)
             best = max(range(len(labels)), key=row.__getitem__)
+            positive: tuple[str, ...] = ()
+            if self.manifest.task == "multi-label":
+                thresholds = self.manifest.thresholds or (0.5,) * len(labels)
+                positive = tuple(label for label, p, t in zip(labels, row, thresholds, strict=True) if p >= t)
             results.append(
                 ItemResult(
                     probabilities={label: round(p, 6) for label, p in zip(labels, row, strict=True)},
                     top_label=labels[best],
                     top_probability=round(row[best], 6),
+                    positive_labels=positive,
                 )
             )
         return results

@@ -18,8 +18,8 @@ import torch
 
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "weights.pt"
-FRAMEWORKS = ("torchvision",)
-TASKS = ("single-label",)
+FRAMEWORKS = ("torchvision", "torchscript")
+TASKS = ("single-label", "multi-label")
 MAX_MANIFEST_BYTES = 64 * 1024
 MAX_WEIGHTS_BYTES = 1024 * 1024 * 1024
 
@@ -43,6 +43,10 @@ class Manifest:
     description: str = ""
     demo: bool = False
     metrics: dict = field(default_factory=dict)
+    thresholds: tuple[float, ...] = ()  # multi-label: one per label (default 0.5)
+    gradcam_layer: str = ""  # a CNN layer to explain with Grad-CAM, e.g. "layer4"
+    max_batch_size: int | None = None  # batching limits for this version; None: the worker's default
+    max_wait_ms: float | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> Manifest:
@@ -61,6 +65,10 @@ class Manifest:
                 description=str(data.get("description", "")),
                 demo=bool(data.get("demo", False)),
                 metrics=dict(data.get("metrics", {})),
+                thresholds=tuple(float(v) for v in data.get("thresholds", ())),
+                gradcam_layer=str(data.get("gradcam_layer", "")),
+                max_batch_size=int(data["max_batch_size"]) if data.get("max_batch_size") else None,
+                max_wait_ms=float(data["max_wait_ms"]) if data.get("max_wait_ms") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PackageError(f"manifest.json is incomplete or malformed: {exc}") from exc
@@ -72,11 +80,18 @@ class Manifest:
             raise PackageError("mean and std need three values each, std above zero")
         if len(manifest.labels) < 2 or not 16 <= manifest.input_size <= 1024:
             raise PackageError("a model needs at least two labels and an input size of 16-1024")
+        if manifest.thresholds and (
+            len(manifest.thresholds) != len(manifest.labels) or not all(0 < t < 1 for t in manifest.thresholds)
+        ):
+            raise PackageError("thresholds need one value between 0 and 1 per label")
+        if manifest.max_batch_size is not None and not 1 <= manifest.max_batch_size <= 1024:
+            raise PackageError("max_batch_size must be 1-1024")
         return manifest
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["mean"], data["std"], data["labels"] = list(self.mean), list(self.std), list(self.labels)
+        data["thresholds"] = list(self.thresholds)
         return data
 
 
@@ -127,8 +142,9 @@ def read_manifest(path: Path) -> Manifest:
         raise PackageError("manifest.json is not valid JSON") from exc
 
 
-def read_weights(path: Path, expected_sha256: str) -> tuple[Manifest, dict]:
-    """Manifest and state_dict, after both checksums agree with ``expected_sha256``."""
+def read_weights(path: Path, expected_sha256: str) -> tuple[Manifest, dict | torch.jit.ScriptModule]:
+    """Manifest and weights (a state_dict, or a TorchScript module), after both checksums agree
+    with ``expected_sha256``."""
     manifest = read_manifest(path)
     try:
         with zipfile.ZipFile(path) as archive:
@@ -141,6 +157,11 @@ def read_weights(path: Path, expected_sha256: str) -> tuple[Manifest, dict]:
             f"checksum mismatch for {manifest.name} {manifest.version}: weights are {actual[:12]}…, "
             f"registered {expected_sha256[:12]}…; the model is refused"
         )
+    if manifest.framework == "torchscript":
+        try:  # TorchScript archives hold code and tensors, read by TorchScript's own loader
+            return manifest, torch.jit.load(io.BytesIO(weights), map_location="cpu")
+        except Exception as exc:
+            raise PackageError(f"weights.pt is not a TorchScript archive: {exc}") from exc
     try:
         state_dict = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses anything but tensors and plain containers

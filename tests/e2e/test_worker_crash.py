@@ -1,0 +1,118 @@
+"""A worker killed with SIGKILL in the middle of its work: after a restart every request ends in
+exactly one terminal state, none lost, none doubled."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from unittest import mock
+
+import pytest
+from django.conf import settings
+
+from recognition.models import InferenceRequest, Result
+from recognition.services.images import image_upload
+from tests.conftest import png_bytes, upload_file
+from tests.e2e.conftest import (
+    VENV_BIN,
+    Processes,
+    database_url,
+    free_port,
+    redis_server_binary,
+    wait_for_line,
+    wait_for_port,
+)
+
+pytestmark = pytest.mark.e2e
+
+IMAGES = 240
+
+
+def start_worker(processes: Processes, env: dict, name: str):
+    worker, log = processes.start(
+        name,
+        [
+            str(VENV_BIN / "celery"),
+            "-A",
+            "workers.celery",
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            "1",
+            "-Q",
+            "interactive,bulk",
+            "-n",
+            f"{name}-{os.getpid()}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "-l",
+            "info",
+        ],
+        env,
+    )
+    wait_for_line(" ready.", worker, log)
+    return worker
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def test_a_killed_worker_loses_and_doubles_nothing(live_demo, demo_package, tmp_path):
+    from accounts.models import Membership
+
+    clinician = Membership.objects.get(user__username="clinician")
+    # the requests wait in the database; the worker's start-up finds them (no messages needed)
+    with mock.patch("recognition.services.inference._enqueue"):
+        for number in range(IMAGES):
+            image_upload(membership=clinician, upload=upload_file(png_bytes(size=384, seed=number)))
+    assert InferenceRequest.objects.filter(status="queued").count() == IMAGES
+
+    processes = Processes(tmp_path)
+    redis_port = free_port()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "DATABASE_URL": database_url(),
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "SIGHTLINE_VAR_DIR": str(settings.VAR_DIR),
+        "SIGHTLINE_MAX_BATCH_SIZE": "4",
+        "PYTHONUNBUFFERED": "1",
+    }
+    try:
+        server, log = processes.start(
+            "redis", [redis_server_binary(), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""], env
+        )
+        wait_for_port(redis_port, server, log)
+        first = start_worker(processes, env, "doomed")
+        assert wait_until(lambda: InferenceRequest.objects.filter(status="done").exists(), timeout=60)
+        os.killpg(first.pid, signal.SIGKILL)  # the main process and its pool child, mid-batch
+        first.wait()
+        unfinished = InferenceRequest.objects.exclude(status__in=["done", "failed"]).count()
+        running = InferenceRequest.objects.filter(status="running").count()
+        print(f"\nkilled with {unfinished} of {IMAGES} unfinished, {running} of them claimed by the dead worker")
+        assert unfinished > 0, "the worker finished before it could be killed: raise IMAGES"
+
+        start_worker(processes, env, "survivor")
+        assert wait_until(
+            lambda: not InferenceRequest.objects.exclude(status__in=["done", "failed"]).exists(),
+            timeout=120,
+            interval=0.5,
+        ), list(InferenceRequest.objects.values_list("status", "attempts", "claimed_by")[:20])
+    finally:
+        processes.stop_all()
+
+    done = InferenceRequest.objects.filter(status="done")
+    assert InferenceRequest.objects.count() == IMAGES  # none lost
+    assert done.count() + InferenceRequest.objects.filter(status="failed").count() == IMAGES
+    assert Result.objects.count() == done.count()  # one result per done request, none doubled
+    assert set(Result.objects.values_list("request_id", flat=True)) == set(done.values_list("id", flat=True))
+    assert InferenceRequest.objects.filter(status="failed").count() == 0  # nothing here deserved to fail
+    assert max(InferenceRequest.objects.values_list("attempts", flat=True)) <= settings.SIGHTLINE_MAX_ATTEMPTS
