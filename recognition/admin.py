@@ -1,12 +1,32 @@
-"""Platform staff may look at the model registry here; changes go through the services
-(`register_model`, alias moves), which check the package and write the access log."""
+"""Platform staff: the model registry. Every change goes through the registry services, which
+check packages and write the access log; versions themselves are immutable."""
 
-from django.contrib import admin
+import tempfile
+from pathlib import Path
 
-from .models import AIModel, ModelAlias, ModelVersion
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.shortcuts import redirect, render
+from django.urls import path
+
+from config.errors import DomainError
+
+from .models import AIModel, ModelAlias, ModelPin, ModelVersion, TrafficSplit
+from .services.registry import model_alias_move, model_pin_set, model_version_register, traffic_split_set
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class RegisterPackageForm(forms.Form):
+    package = forms.FileField(help_text="A zip with manifest.json and weights.pt.")
+    alias = forms.ChoiceField(
+        choices=[("", "no alias"), *ModelAlias.Name.choices], required=False, help_text="Point this alias at it."
+    )
+
+
+@admin.register(AIModel)
+class AIModelAdmin(admin.ModelAdmin):
+    list_display = ("name", "is_demo", "created")
+
     def has_add_permission(self, request):
         return False
 
@@ -17,16 +37,117 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
-@admin.register(AIModel)
-class AIModelAdmin(ReadOnlyAdmin):
-    list_display = ("name", "is_demo", "created")
-
-
 @admin.register(ModelVersion)
-class ModelVersionAdmin(ReadOnlyAdmin):
-    list_display = ("model", "version", "weights_sha256", "created")
+class ModelVersionAdmin(admin.ModelAdmin):
+    list_display = ("model", "version", "weights_sha256", "registered_by", "created")
+    change_list_template = "admin/recognition/modelversion/change_list.html"
+
+    def has_add_permission(self, request):
+        return False  # through "Register a package", which loads and checks it first
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def get_urls(self):
+        return [
+            path("register/", self.admin_site.admin_view(self.register_view), name="recognition_modelversion_register"),
+            *super().get_urls(),
+        ]
+
+    def register_view(self, request):
+        if not (request.user.is_active and request.user.is_staff and request.user.is_superuser):
+            raise PermissionDenied
+        form = RegisterPackageForm(request.POST or None, request.FILES or None)
+        if request.method == "POST" and form.is_valid():
+            with tempfile.TemporaryDirectory() as folder:
+                package = Path(folder) / "package.zip"
+                with package.open("wb") as target:
+                    for chunk in form.cleaned_data["package"].chunks():
+                        target.write(chunk)
+                try:
+                    version, created = model_version_register(
+                        package_path=package, registered_by=request.user, alias=form.cleaned_data["alias"] or None
+                    )
+                except DomainError as exc:
+                    form.add_error("package", exc.message)
+                else:
+                    state = "Registered" if created else "Already registered:"
+                    messages.success(request, f"{state} {version}.")
+                    return redirect("admin:recognition_modelversion_changelist")
+        context = {**self.admin_site.each_context(request), "form": form, "title": "Register a model package"}
+        return render(request, "admin/recognition/modelversion/register.html", context)
+
+
+class RegistryChangeAdmin(admin.ModelAdmin):
+    """Saves and deletes go through a registry service (validation and the access log)."""
+
+    def delete_queryset(self, request, queryset):
+        for obj in queryset:
+            self.delete_model(request, obj)
+
+    def _apply(self, request, change):
+        try:
+            change()
+        except DomainError as exc:
+            messages.error(request, exc.message)
 
 
 @admin.register(ModelAlias)
-class ModelAliasAdmin(ReadOnlyAdmin):
+class ModelAliasAdmin(RegistryChangeAdmin):
     list_display = ("model", "name", "version", "updated")
+    fields = ("model", "name", "version")
+
+    def save_model(self, request, obj, form, change):
+        self._apply(
+            request,
+            lambda: model_alias_move(
+                model=obj.model, alias=obj.name, version=obj.version, moved_by=request.user, request=request
+            ),
+        )
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(TrafficSplit)
+class TrafficSplitAdmin(RegistryChangeAdmin):
+    list_display = ("tenant", "model", "version", "percent", "updated", "updated_by")
+    fields = ("tenant", "model", "version", "percent")
+
+    def save_model(self, request, obj, form, change):
+        self._apply(
+            request,
+            lambda: traffic_split_set(
+                tenant=obj.tenant,
+                model=obj.model,
+                version=obj.version,
+                percent=obj.percent,
+                changed_by=request.user,
+                request=request,
+            ),
+        )
+
+    def delete_model(self, request, obj):
+        traffic_split_set(
+            tenant=obj.tenant, model=obj.model, version=None, percent=0, changed_by=request.user, request=request
+        )
+
+
+@admin.register(ModelPin)
+class ModelPinAdmin(RegistryChangeAdmin):
+    list_display = ("tenant", "model", "version", "updated", "updated_by")
+    fields = ("tenant", "model", "version")
+
+    def save_model(self, request, obj, form, change):
+        self._apply(
+            request,
+            lambda: model_pin_set(
+                tenant=obj.tenant, model=obj.model, version=obj.version, changed_by=request.user, request=request
+            ),
+        )
+
+    def delete_model(self, request, obj):
+        model_pin_set(tenant=obj.tenant, model=obj.model, version=None, changed_by=request.user, request=request)

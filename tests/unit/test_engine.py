@@ -133,3 +133,58 @@ def test_a_manifest_that_changed_since_registration_is_refused(demo_package, tmp
         Handler.initialize(
             relabelled, registered["weights_sha256"], device=torch.device("cpu"), expected_manifest=registered
         )
+
+
+def _tiny_torchscript_package(path, *, task="multi-label", thresholds=(0.5, 0.9, 0.1)):
+    """A small scripted CNN whose three outputs are fixed by its bias, in a TorchScript package."""
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = torch.nn.AdaptiveAvgPool2d(1)
+            self.head = torch.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.head(torch.flatten(self.pool(x), 1))
+
+    model = Tiny()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([2.0, 1.0, -3.0]))  # sigmoid: 0.88, 0.73, 0.05
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(model), buffer)
+    weights = buffer.getvalue()
+    manifest = {
+        "name": "tiny",
+        "version": "1",
+        "architecture": "custom",
+        "framework": "torchscript",
+        "task": task,
+        "input_size": 32,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "labels": ["effusion", "nodule", "fracture"],
+        "thresholds": list(thresholds),
+        "weights_sha256": sha256_bytes(weights),
+    }
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(MANIFEST_NAME, json.dumps(manifest))
+        archive.writestr(WEIGHTS_NAME, weights)
+    return manifest
+
+
+def test_a_multi_label_torchscript_package_reports_each_finding_against_its_threshold(tmp_path):
+    package = tmp_path / "tiny.zip"
+    manifest = _tiny_torchscript_package(package)
+    handler = Handler.initialize(package, manifest["weights_sha256"], device=torch.device("cpu"))
+    (result,) = handler.predict([png_bytes(size=64)])
+    assert result.probabilities["effusion"] == pytest.approx(0.8808, abs=1e-3)  # sigmoid, not softmax
+    assert result.probabilities["nodule"] == pytest.approx(0.7311, abs=1e-3)
+    assert result.top_label == "effusion"
+    assert result.positive_labels == ("effusion",)  # nodule is under its 0.9 threshold
+
+
+def test_thresholds_must_fit_the_labels(tmp_path):
+    with pytest.raises(PackageError, match="thresholds"):
+        _tiny_torchscript_package(tmp_path / "bad.zip", thresholds=(0.5, 0.5))
+        read_manifest(tmp_path / "bad.zip")
