@@ -11,7 +11,7 @@ from rest_framework.response import Response
 
 from accounts.apis import TENANT_HEADER, TenantApi
 
-from .selectors import image_get, image_list
+from .selectors import image_get, image_heatmap_get, image_list
 from .services.images import StudyFields, image_upload
 
 
@@ -22,7 +22,12 @@ class ResultOutput(serializers.Serializer):
     top_label = serializers.CharField()
     top_probability = serializers.FloatField()
     probabilities = serializers.DictField(child=serializers.FloatField())
+    positive_labels = serializers.ListField(child=serializers.CharField())
+    has_heatmap = serializers.SerializerMethodField()
     created = serializers.DateTimeField()
+
+    def get_has_heatmap(self, result) -> bool:
+        return bool(result.heatmap)
 
 
 class StudyOutput(serializers.Serializer):
@@ -121,5 +126,18 @@ class ImageFileApi(TenantApi):
     def get(self, request, image_id: int):
         image = image_get(membership=request.membership, image_id=image_id, request=request, action="image.download")
         response = FileResponse(image.file.open("rb"), content_type="image/png")
+        response["Cache-Control"] = "private, no-store"
+        return response
+
+
+class ImageHeatmapApi(TenantApi):
+    @extend_schema(
+        parameters=[TENANT_HEADER],
+        responses={(200, "image/png"): OpenApiTypes.BINARY},
+        description="The Grad-CAM overlay (transparent PNG at the image's size) of the newest result that has one.",
+    )
+    def get(self, request, image_id: int):
+        result = image_heatmap_get(membership=request.membership, image_id=image_id, request=request)
+        response = FileResponse(result.heatmap.open("rb"), content_type="image/png")
         response["Cache-Control"] = "private, no-store"
         return response

@@ -82,6 +82,7 @@ class ModelVersion(models.Model):
     manifest = models.JSONField()
     package = models.FileField(max_length=255)
     weights_sha256 = models.CharField(max_length=64)
+    package_sha256 = models.CharField(max_length=64, blank=True, help_text="Of the whole zip, as registered.")
     registered_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )

@@ -10,5 +10,6 @@ urlpatterns = [
     path("upload/", views.upload_page, name="upload"),
     path("images/<int:image_id>/", views.image_detail_page, name="image-detail"),
     path("images/<int:image_id>/file/", views.image_file, name="image-file"),
+    path("images/<int:image_id>/heatmap/", views.image_heatmap, name="image-heatmap"),
     path("hospital/", views.tenant_switch, name="tenant-switch"),
 ]

@@ -13,7 +13,7 @@ from accounts.permissions import Action, can
 from accounts.selectors import membership_for_session, membership_resolve
 from config.errors import DomainError
 
-from .selectors import image_get, image_list
+from .selectors import image_get, image_heatmap_get, image_list
 from .services.images import image_upload
 
 PAGE_SIZE = 100
@@ -84,6 +84,15 @@ def image_file(request, image_id: int):
     membership = membership_for_session(request)
     image = image_get(membership=membership, image_id=image_id, request=request, action="image.download")
     response = FileResponse(image.file.open("rb"), content_type="image/png")
+    response["Cache-Control"] = "private, no-store"
+    return response
+
+
+@login_required
+def image_heatmap(request, image_id: int):
+    membership = membership_for_session(request)
+    result = image_heatmap_get(membership=membership, image_id=image_id, request=request)
+    response = FileResponse(result.heatmap.open("rb"), content_type="image/png")
     response["Cache-Control"] = "private, no-store"
     return response
 

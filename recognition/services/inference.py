@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from django.conf import settings
+from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import transaction
 from django.db.models import Case, F, IntegerField, Value, When, Window
@@ -18,11 +19,13 @@ from django.utils import timezone
 
 from config.errors import Unavailable
 from workers.engine.batching import collect_batch
+from workers.engine.gradcam import gradcam, render_overlay_png
 from workers.engine.handler import ItemResult
 from workers.engine.package import PackageError
 
 from .. import events
 from ..models import Image, InferenceRequest, ModelAlias, ModelVersion, Result
+from ..storage import heatmap_key
 from .registry import model_handler, model_version_for_image
 
 logger = logging.getLogger(__name__)
@@ -233,6 +236,7 @@ def inference_run(*, request_id: int) -> int:
             _wake_next(version.pk)
         requests = _rows(ids)
         started = time.perf_counter()
+        heatmaps: dict[int, str] = {}
         try:
             batch, errors = prepared.result()
             probabilities = handler.infer(batch) if batch is not None else None
@@ -240,10 +244,29 @@ def inference_run(*, request_id: int) -> int:
         except Exception as exc:  # e.g. out of GPU memory: the batch fails in words, never stays running
             logger.exception("forward pass failed for a batch of %d", len(ids))
             outcomes = [ItemResult(error=f"inference failed: {type(exc).__name__}")] * len(ids)
+        else:
+            if probabilities is not None and handler.manifest.gradcam_layer and settings.SIGHTLINE_GRADCAM:
+                heatmaps = _heatmaps(handler, requests, batch, errors, probabilities)
         logger.info("batch of %d on %s in %.1f ms", len(ids), handler.device, (time.perf_counter() - started) * 1000)
-        _store_outcomes(requests, outcomes)
+        _store_outcomes(requests, outcomes, heatmaps)
         done += len(ids)
     return done
+
+
+def _heatmaps(handler, requests, batch, errors, probabilities) -> dict[int, str]:
+    """Grad-CAM overlays for the batch's readable images, stored beside the results. A failure
+    here costs the heatmaps, never the findings."""
+    try:
+        cams = gradcam(handler, batch, probabilities.argmax(1).tolist(), handler.manifest.gradcam_layer)
+        readable = [request for request, error in zip(requests, errors, strict=True) if not error]
+        names = {}
+        for request, cam in zip(readable, cams, strict=True):
+            png = render_overlay_png(cam, (request.image.width, request.image.height), indexed=True)
+            names[request.pk] = default_storage.save(heatmap_key(tenant_id=request.tenant_id), ContentFile(png))
+        return names
+    except Exception:
+        logger.exception("Grad-CAM failed for a batch of %d", len(requests))
+        return {}
 
 
 def _wake_next(version_id: int) -> None:
@@ -267,7 +290,10 @@ def _file_names(ids: list[int]) -> list[str]:
     return [names[request_id] for request_id in ids]
 
 
-def _store_outcomes(requests: list[InferenceRequest], outcomes: list[ItemResult]) -> None:
+def _store_outcomes(
+    requests: list[InferenceRequest], outcomes: list[ItemResult], heatmaps: dict[int, str] | None = None
+) -> None:
+    heatmaps = heatmaps or {}
     now = timezone.now()
     with transaction.atomic():
         for request, outcome in zip(requests, outcomes, strict=True):
@@ -288,6 +314,7 @@ def _store_outcomes(requests: list[InferenceRequest], outcomes: list[ItemResult]
                         "top_label": outcome.top_label,
                         "top_probability": outcome.top_probability,
                         "positive_labels": list(outcome.positive_labels),
+                        "heatmap": heatmaps.get(request.pk, ""),
                     },
                 )
             events.result_ready_on_commit(

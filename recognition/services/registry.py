@@ -64,6 +64,7 @@ def model_version_register(
                 manifest=manifest.to_dict(),
                 package=stored_name,
                 weights_sha256=manifest.weights_sha256,
+                package_sha256=_file_sha256(package_path),
                 registered_by=registered_by,
             )
             access_event_record(
@@ -171,10 +172,19 @@ def model_version_for_image(*, tenant, image_id: int | None, model_name: str) ->
     return alias.version if alias else None
 
 
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _local_package(version: ModelVersion) -> Path:
-    """The package as a local file (copied once from storage, which may be S3)."""
+    """The package as a local file, copied once from storage (which may be S3) and named by the
+    checksum of the whole package, so a cached copy can only be the registered bytes."""
     cache_dir = Path(settings.SIGHTLINE_MODEL_CACHE_DIR)
-    path = cache_dir / f"{version.weights_sha256}.zip"
+    path = cache_dir / f"{version.package_sha256 or f'v{version.pk}-{version.weights_sha256}'}.zip"
     if not path.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         with (
@@ -182,7 +192,11 @@ def _local_package(version: ModelVersion) -> Path:
             tempfile.NamedTemporaryFile(dir=cache_dir, delete=False, suffix=".part") as target,
         ):
             shutil.copyfileobj(source, target)
-        Path(target.name).replace(path)
+        copied = Path(target.name)
+        if version.package_sha256 and _file_sha256(copied) != version.package_sha256:
+            copied.unlink()
+            raise PackageError(f"the stored package of {version} differs from the one registered; the model is refused")
+        copied.replace(path)
     return path
 
 
@@ -190,7 +204,7 @@ def model_handler(version: ModelVersion) -> Handler:
     """The loaded model for a version; the checksum recorded at registration is enforced."""
     device = choose_device(settings.SIGHTLINE_INFERENCE_DEVICE)
     return _handlers.get(
-        f"{version.weights_sha256}:{device}",
+        f"{version.package_sha256 or version.pk}:{version.weights_sha256}:{device}",
         lambda: Handler.initialize(
             _local_package(version), version.weights_sha256, device=device, expected_manifest=version.manifest
         ),

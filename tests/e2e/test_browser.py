@@ -76,6 +76,11 @@ def test_a_clinician_uploads_and_sees_the_result_appear_without_a_reload(stack, 
     uploader.locator("#images tbody tr[data-image] a").first.click()
     expect(uploader.locator(".bars")).to_contain_text("round_opacity")
     expect(uploader.locator(".badge")).to_contain_text("demo model, not for diagnosis")
+    overlay = uploader.locator("#heatmap")
+    expect(overlay).to_be_hidden()
+    uploader.check("#heatmap-toggle")  # the Grad-CAM overlay over the image
+    expect(overlay).to_be_visible()
+    assert uploader.evaluate("document.getElementById('heatmap').naturalWidth") > 0  # the PNG loaded
     uploader.screenshot(path=str(stack.logs / "image-page.png"), full_page=True)
 
 

@@ -133,17 +133,23 @@ def test_the_admin_sign_in_is_the_sites_own(client):
     assert response["Location"] == "/accounts/login/?next=/admin/"
 
 
-def test_the_model_registry_cannot_be_edited_in_the_admin(client, demo_model):
+def test_model_versions_are_immutable_in_the_admin_and_alias_moves_are_logged(client, demo_model):
     from django.contrib.auth import get_user_model
 
     from recognition.models import ModelAlias
 
     staff = get_user_model().objects.create_superuser("staff", password=PASSWORD)
     client.force_login(staff)
-    alias = ModelAlias.objects.get()
-    response = client.post(f"/admin/recognition/modelalias/{alias.pk}/change/", {"name": "production"})
-    assert response.status_code == 403
     assert client.get("/admin/recognition/modelversion/add/").status_code == 403
+    assert client.post(f"/admin/recognition/modelversion/{demo_model.pk}/change/", {}).status_code == 403
+    alias = ModelAlias.objects.get()
+    response = client.post(
+        f"/admin/recognition/modelalias/{alias.pk}/change/",
+        {"model": demo_model.model_id, "name": "canary", "version": demo_model.pk},
+    )
+    assert response.status_code == 302
+    assert ModelAlias.objects.filter(name="canary", version=demo_model).exists()
+    assert AccessEvent.objects.filter(action="model.alias_move", actor=staff).count() == 1
 
 
 def test_an_invitation_for_someone_already_a_member_changes_nothing(client, clinician_a, hospital_a):
@@ -171,3 +177,17 @@ def test_an_invitation_to_a_malformed_address_is_refused(hospital_a):
     )
     with pytest.raises(Invalid, match="not an e-mail address"):
         invitation_create(actor=admin, email="not-an-address", role=Role.VIEWER)
+
+
+def test_the_heatmap_is_served_to_the_hospital_and_logged(signed_in, clinician_a, clinician_b, demo_model):
+    from recognition.services.inference import inference_run
+
+    image = image_upload(membership=clinician_a, upload=upload_file(png_bytes(opacity=True, seed=9)))
+    inference_run(request_id=image.inference_requests.get().pk)
+    client = signed_in(clinician_a)
+    page = client.get(f"/images/{image.pk}/")
+    assert b'id="heatmap-toggle"' in page.content
+    heatmap = client.get(f"/images/{image.pk}/heatmap/")
+    assert heatmap.status_code == 200 and heatmap["Content-Type"] == "image/png"
+    assert AccessEvent.objects.filter(action="image.heatmap", target_id=str(image.pk)).count() == 1
+    assert signed_in(clinician_b).get(f"/images/{image.pk}/heatmap/").status_code == 404

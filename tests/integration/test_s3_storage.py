@@ -103,7 +103,7 @@ def test_images_and_models_live_in_s3_and_the_worker_reads_them_back(s3_storage,
     request.refresh_from_db()
     assert request.status == "done", request.error
     assert request.result.top_label == "round_opacity"
-    assert (settings.SIGHTLINE_MODEL_CACHE_DIR / f"{version.weights_sha256}.zip").is_file()  # copied from S3
+    assert (settings.SIGHTLINE_MODEL_CACHE_DIR / f"{version.package_sha256}.zip").is_file()  # copied from S3
     registry._handlers.clear()
 
     download = api_client_for(clinician_a).get(f"/api/v1/images/{image.pk}/file/")

@@ -190,6 +190,8 @@ ROUTE_ACTION = {
     "api-image-file": {Action.IMAGE_VIEW},
     "image-detail": {Action.IMAGE_VIEW},
     "image-file": {Action.IMAGE_VIEW},
+    "image-heatmap": {Action.IMAGE_VIEW},
+    "api-image-heatmap": {Action.IMAGE_VIEW},
     "api-member-detail": {Action.MEMBERS_MANAGE},
     "api-member-deactivate": {Action.MEMBERS_MANAGE},
     "member-role": {Action.MEMBERS_MANAGE},

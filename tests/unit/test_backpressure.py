@@ -107,7 +107,7 @@ def test_nvml_sampler_is_none_without_a_gpu():
     assert nvml_sampler("GPU-00000000-0000-0000-0000-000000000000") is None
 
 
-@pytest.mark.skipif(not HAS_NVIDIA_DRIVER, reason="needs an NVIDIA GPU")
+@pytest.mark.gpu  # `make test-gpu` on a machine with an NVIDIA GPU
 def test_nvml_sampler_reads_a_real_gpu():
     sampler = nvml_sampler(0)
     assert sampler is not None
