@@ -6,6 +6,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitVie
 from rest_framework_simplejwt.views import TokenRefreshView
 
 from accounts.apis import TokenObtainApi
+from recognition import health
 
 api_v1 = [
     path("auth/token/", TokenObtainApi.as_view(), name="token-obtain"),
@@ -18,6 +19,9 @@ api_v1 = [
 ]
 
 urlpatterns = [
+    path("health/live/", health.live, name="health-live"),
+    path("health/ready/", health.ready, name="health-ready"),
+    path("metrics", health.metrics, name="metrics"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     # staff sign in like everyone else: lockout and second factor apply
     path("admin/login/", RedirectView.as_view(pattern_name="login", query_string=True), name="admin-login"),

@@ -173,6 +173,8 @@ class InferenceRequest(TenantOwned):
     error = models.CharField(max_length=500, blank=True)
     attempts = models.PositiveIntegerField(default=0)
     batch_size = models.PositiveIntegerField(null=True, blank=True)
+    wait_ms = models.PositiveIntegerField(null=True, blank=True, help_text="From queued to claimed.")
+    inference_ms = models.PositiveIntegerField(null=True, blank=True, help_text="From claimed to stored.")
     created = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

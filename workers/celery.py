@@ -35,6 +35,10 @@ def _warm_up(**_kwargs):
         import logging
 
         logging.getLogger(__name__).exception("warm-up failed")
+    from recognition.health import start_heartbeat
+    from recognition.services.registry import loaded_models
+
+    start_heartbeat(loaded_models)
 
 
 @worker_ready.connect

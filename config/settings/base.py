@@ -260,6 +260,7 @@ SIGHTLINE_MAX_BATCH_SIZE = env.int("SIGHTLINE_MAX_BATCH_SIZE", default=16)
 SIGHTLINE_MAX_WAIT_MS = env.float("SIGHTLINE_MAX_WAIT_MS", default=0.0)
 SIGHTLINE_MAX_ATTEMPTS = env.int("SIGHTLINE_MAX_ATTEMPTS", default=3)  # then a request ends failed, never loops
 SIGHTLINE_DECODE_THREADS = env.int("SIGHTLINE_DECODE_THREADS", default=2)
+SIGHTLINE_METRICS_TOKEN = env("SIGHTLINE_METRICS_TOKEN", default="")  # when set, /metrics needs it as a bearer
 SIGHTLINE_GRADCAM = env.bool("SIGHTLINE_GRADCAM", default=True)  # heatmaps for models that name a layer
 SIGHTLINE_MAX_BATCHES_PER_TASK = env.int("SIGHTLINE_MAX_BATCHES_PER_TASK", default=16)
 # GPU back-pressure: a worker stops taking tasks while its GPU stays above this (workers.bootsteps)

@@ -298,8 +298,15 @@ def _store_outcomes(
     with transaction.atomic():
         for request, outcome in zip(requests, outcomes, strict=True):
             status = Status.DONE if outcome.ok else Status.FAILED
+            started = request.started_at or now
             claimed = InferenceRequest.objects.filter(id=request.pk, status=Status.RUNNING).update(
-                status=status, error=outcome.error[:500], finished_at=now, batch_size=len(requests), claimed_by=""
+                status=status,
+                error=outcome.error[:500],
+                finished_at=now,
+                batch_size=len(requests),
+                claimed_by="",
+                wait_ms=max(0, int((started - request.created).total_seconds() * 1000)),
+                inference_ms=max(0, int((now - started).total_seconds() * 1000)),
             )
             if not claimed:  # finished elsewhere meanwhile: its outcome stands
                 continue

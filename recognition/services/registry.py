@@ -209,3 +209,9 @@ def model_handler(version: ModelVersion) -> Handler:
             _local_package(version), version.weights_sha256, device=device, expected_manifest=version.manifest
         ),
     )
+
+
+def loaded_models() -> tuple[list[str], str]:
+    """(weights checksums of the models this process holds, its device), for the heartbeat."""
+    weights = [key.split(":")[1] for key in _handlers.keys()]  # noqa: SIM118  (a method, not a dict)
+    return weights, str(choose_device(settings.SIGHTLINE_INFERENCE_DEVICE))

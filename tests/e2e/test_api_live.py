@@ -94,3 +94,22 @@ def test_sockets_without_valid_credentials_are_refused(stack, live_demo):
         with pytest.raises(InvalidStatus) as refused, connect(url, open_timeout=10, origin="http://127.0.0.1"):
             pass
         assert refused.value.response.status_code == 403
+
+
+def test_the_stack_becomes_ready_once_a_worker_serves_the_production_model(stack, live_demo):
+    access = token(stack, "clinician", live_demo["password"])
+    requests.post(
+        f"{stack.base_url}/api/v1/images/",
+        headers={"Authorization": f"Bearer {access}"},
+        files={"file": ("scan.png", png_bytes(seed=23), "image/png")},
+        timeout=30,
+    )
+    deadline = time.monotonic() + 40  # the worker's heartbeat runs every 15 s
+    while True:
+        response = requests.get(f"{stack.base_url}/health/ready/", timeout=10)
+        if response.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert response.status_code == 200, response.json()
+    checks = response.json()["checks"]
+    assert checks["worker"]["ok"] and checks["worker"]["workers"] >= 1

@@ -46,6 +46,9 @@ ROUTES_WITHOUT_IDS = {
     # no hospital data at all
     "home": "public",  # a redirect to the role's first page
     "admin-login": "public",  # a redirect to the site's own sign-in
+    "health-live": "public",  # process up
+    "health-ready": "public",  # database, broker, worker: no hospital data
+    "metrics": "public",  # totals across hospitals, no identifiers; SIGHTLINE_METRICS_TOKEN guards it
     "login": "public",
     "logout": "public",
     "two-factor": "own-account",

@@ -31,6 +31,10 @@ class HandlerCache:
                 self._handlers.popitem(last=False)
             return handler
 
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._handlers)
+
     def clear(self) -> None:
         with self._lock:
             self._handlers.clear()
