@@ -2,6 +2,7 @@
 
 import json
 import time
+from contextlib import contextmanager
 
 import pytest
 import requests
@@ -21,13 +22,14 @@ def token(stack, username, password):
     return response.json()["access"]
 
 
+@contextmanager
 def open_feed(stack, access, tenant):
     """A socket subscribed to one hospital's feed."""
-    socket = connect(f"{stack.ws_url}/ws/events/?token={access}", open_timeout=10)
-    assert json.loads(socket.recv(timeout=10)) == {"type": "hello"}
-    socket.send(json.dumps({"type": "subscribe", "tenant": tenant}))
-    assert json.loads(socket.recv(timeout=10)) == {"type": "subscribed", "tenant": tenant}
-    return socket
+    with connect(f"{stack.ws_url}/ws/events/?token={access}", open_timeout=10) as socket:
+        assert json.loads(socket.recv(timeout=10)) == {"type": "hello"}
+        socket.send(json.dumps({"type": "subscribe", "tenant": tenant}))
+        assert json.loads(socket.recv(timeout=10)) == {"type": "subscribed", "tenant": tenant}
+        yield socket
 
 
 def receive_until(socket, predicate, timeout=60):
