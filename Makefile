@@ -71,9 +71,8 @@ format: $(VENV)/.dev
 clean:
 	rm -rf var
 
-bench: export DJANGO_SETTINGS_MODULE = config.settings.local
-bench: $(VENV)/.runtime
-	@mkdir -p var/bench
-	$(BIN)/python manage.py migrate --noinput -v0
-	$(BIN)/python manage.py build_demo_model
-	$(BIN)/python -m workers.engine.bench var/models/sightline-demo-1.0.0.zip --json var/bench/engine.json
+BENCH_ARGS ?=
+
+# A benchmark, not a test: prints a table and writes bench/results.json (`make bench BENCH_ARGS=--quick`).
+bench: $(VENV)/.dev
+	$(BIN)/python bench/run.py $(BENCH_ARGS)

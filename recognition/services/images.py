@@ -70,7 +70,8 @@ def image_validate(upload) -> ValidatedImage:
             clean = _normalise_mode(image)
             clean.info = {}  # no text chunks, EXIF or ICC profile in the stored copy
             buffer = io.BytesIO()
-            clean.save(buffer, format="PNG", compress_level=6)
+            # measured (make bench): level 6 spent 13 ms of a 512² upload, level 1 about 9, same pixels
+            clean.save(buffer, format="PNG", compress_level=1)
     except UnidentifiedImageError as exc:
         raise UnsupportedMedia(
             "The file is not an image this service can read; send PNG or JPEG.",

@@ -79,7 +79,8 @@ def _worker_id() -> str:
 def _claim(*, model_version_id: int, limit: int, first_id: int | None = None) -> list[int]:
     """Move up to ``limit`` queued requests of one version to running, in the order they should
     run: the triggering request, then interactive ones, then bulk ones round-robin across
-    hospitals (each hospital's oldest first), so one hospital's big job cannot starve another's."""
+    hospitals (each hospital's oldest first), so one hospital's big job cannot starve another's.
+    A batch never mixes the two: interactive requests do not wait for bulk ones to fill it."""
     ranked = (
         InferenceRequest.objects.filter(
             model_version_id=model_version_id, status=Status.QUEUED, attempts__lt=settings.SIGHTLINE_MAX_ATTEMPTS
@@ -92,9 +93,11 @@ def _claim(*, model_version_id: int, limit: int, first_id: int | None = None) ->
             "id",
         )
     )
-    candidates = list(ranked.values_list("id", flat=True)[:limit])
-    if not candidates:
+    ranked_rows = list(ranked.values_list("id", "priority")[:limit])
+    if not ranked_rows:
         return []
+    batch_priority = min(priority for _, priority in ranked_rows)
+    candidates = [request_id for request_id, priority in ranked_rows if priority == batch_priority]
     with transaction.atomic():
         # window functions cannot be locked FOR UPDATE: lock the chosen rows in a second step;
         # another worker may have taken some of them meanwhile, which only makes this batch smaller
@@ -118,6 +121,17 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+_last_reclaim = 0.0
+RECLAIM_INTERVAL_SECONDS = 30  # a dead process's requests wait at most this long (or a worker restart)
+
+
+def _reclaim_now_and_then() -> None:
+    global _last_reclaim
+    if time.monotonic() - _last_reclaim > RECLAIM_INTERVAL_SECONDS:
+        _last_reclaim = time.monotonic()
+        inference_reclaim_orphans()
 
 
 def inference_reclaim_orphans() -> set[int]:
@@ -199,7 +213,7 @@ def inference_run(*, request_id: int) -> int:
     the version sets max_wait_ms); while a batch runs its forward pass, the next one is claimed
     and decoded in the pool. Redelivered or already-batched requests find nothing and return 0.
     """
-    inference_reclaim_orphans()
+    _reclaim_now_and_then()
     row = InferenceRequest.objects.filter(id=request_id).values("model_version_id", "status").first()
     if row is None or row["status"] != Status.QUEUED:
         return 0
