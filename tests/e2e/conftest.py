@@ -79,6 +79,14 @@ class Stack:
     logs: Path
 
 
+def worker_argv(name: str, queues: str = "interactive,bulk") -> list[str]:
+    """A real Celery worker with one pool process, as deployments run one per GPU."""
+    return [
+        str(VENV_BIN / "celery"), "-A", "workers.celery", "worker", "-P", "prefork", "-c", "1",
+        "-Q", queues, "-n", f"{name}-{os.getpid()}@%h", "--without-gossip", "--without-mingle", "-l", "info",
+    ]  # fmt: skip
+
+
 class Processes:
     def __init__(self, logs: Path):
         self.logs = logs
@@ -165,28 +173,7 @@ def stack(django_db_setup, django_db_blocker, demo_package, tmp_path_factory) ->
                 env,
             )
             wait_for_port(redis_port, server, log)
-        worker, worker_log = processes.start(
-            "worker",
-            [
-                str(VENV_BIN / "celery"),
-                "-A",
-                "workers.celery",
-                "worker",
-                "-P",
-                "prefork",
-                "-c",
-                "1",
-                "-Q",
-                "interactive",
-                "-n",
-                f"e2e-{os.getpid()}@%h",
-                "--without-gossip",
-                "--without-mingle",
-                "-l",
-                "info",
-            ],
-            env,
-        )
+        worker, worker_log = processes.start("worker", worker_argv("e2e"), env)
         web, web_log = processes.start(
             "web",
             [str(VENV_BIN / "daphne"), "-b", "127.0.0.1", "-p", str(web_port), "config.asgi:application"],
@@ -216,3 +203,34 @@ def live_demo(transactional_db, demo_package):
     ]:
         membership_grant(tenant=tenant, user=user_get_or_create(username=username, password=PASSWORD), role=role)
     return {"password": PASSWORD}
+
+
+# Debian's Chromium, with the flags that keep it off the network it cannot reach here.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture
+def chromium():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def browser_context(chromium):
+    context = chromium.new_context()
+    context.set_default_timeout(30_000)
+    yield context
+    context.close()

@@ -11,7 +11,7 @@ import time
 import uuid
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from accounts.models import Role, Tenant
 from accounts.services import membership_grant, user_get_or_create
@@ -19,26 +19,8 @@ from tests.conftest import PASSWORD
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
-CHROMIUM = "/usr/bin/chromium"
 expect.set_options(timeout=30_000)
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 INVITEE_PASSWORD = "Lumbar-Quartz-Meadow-47"
-
-
-@pytest.fixture
-def browser():
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 def new_context(browser):
@@ -69,7 +51,8 @@ def invitation_link(stack, email: str, timeout: float = 30) -> str:
     pytest.fail(f"no invitation e-mail to {email} in {log}:\n{log.read_text(errors='replace')[-3000:]}")
 
 
-def test_an_admin_invites_re_roles_and_removes_a_member(stack, live_demo, browser):
+def test_an_admin_invites_re_roles_and_removes_a_member(stack, live_demo, chromium):
+    browser = chromium
     admin = user_get_or_create(username="hospital-admin", password=PASSWORD)
     membership_grant(tenant=Tenant.objects.get(slug="demo-general"), user=admin, role=Role.TENANT_ADMIN)
     suffix = uuid.uuid4().hex[:8]

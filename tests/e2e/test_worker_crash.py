@@ -15,13 +15,13 @@ from recognition.models import InferenceRequest, Result
 from recognition.services.images import image_upload
 from tests.conftest import png_bytes, upload_file
 from tests.e2e.conftest import (
-    VENV_BIN,
     Processes,
     database_url,
     free_port,
     redis_server_binary,
     wait_for_line,
     wait_for_port,
+    worker_argv,
 )
 
 pytestmark = pytest.mark.e2e
@@ -30,28 +30,7 @@ IMAGES = 240
 
 
 def start_worker(processes: Processes, env: dict, name: str):
-    worker, log = processes.start(
-        name,
-        [
-            str(VENV_BIN / "celery"),
-            "-A",
-            "workers.celery",
-            "worker",
-            "-P",
-            "prefork",
-            "-c",
-            "1",
-            "-Q",
-            "interactive,bulk",
-            "-n",
-            f"{name}-{os.getpid()}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "-l",
-            "info",
-        ],
-        env,
-    )
+    worker, log = processes.start(name, worker_argv(name), env)
     wait_for_line(" ready.", worker, log)
     return worker
 
