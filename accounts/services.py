@@ -152,8 +152,7 @@ def _hash_token(raw: str) -> str:
 def invitation_create(*, actor: Membership, email: str, role: str, request=None) -> tuple[Invitation, str]:
     """Invite someone into the actor's hospital. The link is e-mailed; only its hash is kept."""
     require(actor, Action.MEMBERS_MANAGE, request=request)
-    if role not in Role.values:
-        raise Invalid(f"{role!r} is not a role; choose one of {', '.join(Role.values)}.", code="invalid_role")
+    _check_role(role)
     try:
         validate_email(email)
     except ValidationError:
@@ -239,10 +238,28 @@ def _ensure_an_admin_remains(membership: Membership) -> None:
         raise Invalid("A hospital needs at least one active admin.", code="last_admin")
 
 
-def membership_change_role(*, actor: Membership, membership: Membership, role: str, request=None) -> Membership:
-    require(actor, Action.MEMBERS_MANAGE, request=request)
+def _membership_changed(*, action: str, actor: Membership, membership: Membership, request) -> None:
+    """Inside the change's transaction: log it, and after commit the member's live sockets
+    re-check what they may still receive."""
+    access_event_record(
+        action=action,
+        request=request,
+        user=actor.user,
+        tenant=actor.tenant,
+        target_type="membership",
+        target_id=membership.pk,
+    )
+    access_revoked_on_commit(user_id=membership.user_id, tenant_id=membership.tenant_id)
+
+
+def _check_role(role: str) -> None:
     if role not in Role.values:
         raise Invalid(f"{role!r} is not a role; choose one of {', '.join(Role.values)}.", code="invalid_role")
+
+
+def membership_change_role(*, actor: Membership, membership: Membership, role: str, request=None) -> Membership:
+    require(actor, Action.MEMBERS_MANAGE, request=request)
+    _check_role(role)
     if role == membership.role:
         return membership
     with transaction.atomic():
@@ -250,16 +267,7 @@ def membership_change_role(*, actor: Membership, membership: Membership, role: s
             _ensure_an_admin_remains(membership)
         membership.role = role
         membership.save(update_fields=["role"])
-        access_event_record(
-            action="membership.role_change",
-            request=request,
-            user=actor.user,
-            tenant=actor.tenant,
-            target_type="membership",
-            target_id=membership.pk,
-        )
-        # the user's live sockets re-check what they may receive
-        access_revoked_on_commit(user_id=membership.user_id, tenant_id=membership.tenant_id)
+        _membership_changed(action="membership.role_change", actor=actor, membership=membership, request=request)
     return membership
 
 
@@ -272,15 +280,7 @@ def membership_deactivate(*, actor: Membership, membership: Membership, request=
         _ensure_an_admin_remains(membership)
         membership.is_active = False
         membership.save(update_fields=["is_active"])
-        access_event_record(
-            action="membership.deactivate",
-            request=request,
-            user=actor.user,
-            tenant=actor.tenant,
-            target_type="membership",
-            target_id=membership.pk,
-        )
-        access_revoked_on_commit(user_id=membership.user_id, tenant_id=membership.tenant_id)
+        _membership_changed(action="membership.deactivate", actor=actor, membership=membership, request=request)
     return membership
 
 
