@@ -585,7 +585,9 @@ class Bench:
 
     # -- measurements -----------------------------------------------------------------------------
 
-    def measure_limit(self, package: Path, sha256: str, *, batch: int, trials: int, single: bool) -> dict:
+    def measure_limit(
+        self, package: Path, sha256: str, *, batch: int, trials: int, single: bool, compile_for: tuple[int, ...] = ()
+    ) -> dict:
         """decode + preprocess + forward + postprocess in a tight loop (what Handler.predict does), as the
         worker would run it on its device, with no web, broker or database in the way.
 
@@ -596,11 +598,15 @@ class Bench:
         from workers.engine.handler import Handler, choose_device
 
         device = choose_device(settings.SIGHTLINE_INFERENCE_DEVICE)
-        handler = Handler.initialize(package, sha256, device=device)
+        loading = time.perf_counter()
+        handler = Handler.initialize(package, sha256, device=device, compile_for=compile_for)
         pool = self.stored_pool
         position = itertools.count()
         seconds = self.limits.trial_seconds
         result: dict = {"device": str(device), "batch_size": batch, "trial_seconds": seconds}
+        if compile_for:
+            result["compiled"] = handler.compiled
+            result["load_and_compile_s"] = round(time.perf_counter() - loading, 1)
 
         def one_batch() -> tuple[float, float, float]:
             start = next(position) * batch
@@ -985,6 +991,16 @@ class Bench:
         section["limit_before"] = self.measure_limit(
             package, version.weights_sha256, batch=self.args.batch_size, trials=trials, single=True
         )
+        if plan.key in self.args.compile.split(","):
+            self.say(f"{plan.key}: limit with torch.compile (SIGHTLINE_TORCH_COMPILE), batch {self.args.batch_size}")
+            section["limit_compiled"] = self.measure_limit(
+                package,
+                version.weights_sha256,
+                batch=self.args.batch_size,
+                trials=trials,
+                single=True,
+                compile_for=(1, self.args.batch_size),
+            )
         self.start_stack(plan)
         try:
             section["interactive_idle"] = {}
@@ -1374,6 +1390,22 @@ def table_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
                 f"{_fmt(lb['forward_ms_per_batch'])} ms/batch; {_fmt(lb.get('cpu_ms_per_image'), 0)} core-ms/img",
             )
         )
+        compiled = s.get("limit_compiled")
+        if compiled:
+            gain = compiled["images_per_s"] / lb["images_per_s"] if lb["images_per_s"] else None
+            single_gain = lb["single"]["p50_ms"] / compiled["single"]["p50_ms"] if compiled.get("single") else None
+            rows.append(
+                (
+                    key,
+                    f"limit with torch.compile, batch {compiled['batch_size']}",
+                    _fmt(compiled["images_per_s"]),
+                    "img/s",
+                    ("NOT COMPILED (fell back to eager); " if not compiled.get("compiled") else "")
+                    + f"{_fmt(gain, 2)} × eager; single image p50 {_fmt(compiled['single']['p50_ms'])} ms "
+                    f"({_fmt(single_gain, 2)} × faster); load + compile {_fmt(compiled['load_and_compile_s'])} s"
+                    + (" NOISY" if compiled.get("noisy") else ""),
+                )
+            )
         single = lb["single"]
         rows.append(
             (
@@ -1565,6 +1597,11 @@ def main() -> int:
     parser.add_argument("--models", default="resnet18,resnet50,demo", help="comma-separated: resnet18,resnet50,demo")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results.json", help="where to write results")
     parser.add_argument("--batch-size", type=int, default=16, help="SIGHTLINE_MAX_BATCH_SIZE of the worker and limit")
+    parser.add_argument(
+        "--compile",
+        default="resnet18",
+        help="models whose limit is measured again with torch.compile (comma-separated; empty: none)",
+    )
     parser.add_argument("--client-threads", type=int, default=4, help="upload threads of the bulk-through-API phase")
     parser.add_argument(
         "--settle",

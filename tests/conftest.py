@@ -7,6 +7,7 @@ Three people, as the isolation tests need them: a clinician and a viewer of hosp
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,13 @@ from workers.engine import synthetic, training
 
 PASSWORD = "correct-horse-battery-staple"
 PACKAGE_CACHE = Path(settings.BASE_DIR) / "var" / "test-cache" / f"{training.DEMO_NAME}-{training.DEMO_VERSION}.zip"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fresh_media_root():
+    """Stored files outlive the rolled-back rows that named them: start each run with none, so
+    repeated runs (CI runs the suite twice) do not fill the disk."""
+    shutil.rmtree(settings.MEDIA_ROOT, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

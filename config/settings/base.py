@@ -246,7 +246,8 @@ SPECTACULAR_SETTINGS = {
 
 # Uploads: checked by content, then re-encoded before they are stored.
 SIGHTLINE_MAX_UPLOAD_BYTES = env.int("SIGHTLINE_MAX_UPLOAD_BYTES", default=50 * 1024 * 1024)
-SIGHTLINE_MAX_IMAGE_PIXELS = env.int("SIGHTLINE_MAX_IMAGE_PIXELS", default=40_000_000)
+SIGHTLINE_MAX_IMAGE_PIXELS = env.int("SIGHTLINE_MAX_IMAGE_PIXELS", default=40_000_000)  # per image or frame
+SIGHTLINE_MAX_DICOM_FRAMES = env.int("SIGHTLINE_MAX_DICOM_FRAMES", default=300)
 DATA_UPLOAD_MAX_NUMBER_FILES = env.int("SIGHTLINE_MAX_FILES_PER_UPLOAD", default=100)
 # one browser upload of several files; the same cap belongs in the proxy (client_max_body_size)
 SIGHTLINE_MAX_REQUEST_BYTES = env.int("SIGHTLINE_MAX_REQUEST_BYTES", default=512 * 1024 * 1024)
@@ -266,6 +267,11 @@ SIGHTLINE_MAX_BATCHES_PER_TASK = env.int("SIGHTLINE_MAX_BATCHES_PER_TASK", defau
 # GPU back-pressure: a worker stops taking tasks while its GPU stays above this (workers.bootsteps)
 SIGHTLINE_GPU_BUSY_PERCENT = env.float("SIGHTLINE_GPU_BUSY_PERCENT", default=85.0)
 SIGHTLINE_GPU_SAMPLE_SECONDS = env.float("SIGHTLINE_GPU_SAMPLE_SECONDS", default=1.0)
+# loaded models a worker process keeps (weights and buffers), least recently used evicted first
+# torch.compile (frozen, dynamic batch) when a worker loads a model: faster forward passes for
+# 15–40 s more per model at load; see README's benchmark before switching it on
+SIGHTLINE_TORCH_COMPILE = env.bool("SIGHTLINE_TORCH_COMPILE", default=False)
+SIGHTLINE_MODEL_CACHE_MB = env.int("SIGHTLINE_MODEL_CACHE_MB", default=2048)
 SIGHTLINE_MODEL_CACHE_DIR = Path(env("SIGHTLINE_MODEL_CACHE_DIR", default=str(VAR_DIR / "model-cache")))
 SIGHTLINE_MODEL_BUILD_DIR = Path(env("SIGHTLINE_MODEL_BUILD_DIR", default=str(VAR_DIR / "models")))
 SIGHTLINE_DEMO_PASSWORD = env("SIGHTLINE_DEMO_PASSWORD", default="sightline-demo")

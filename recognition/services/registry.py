@@ -23,7 +23,7 @@ from workers.engine.package import PackageError, read_manifest
 from ..models import AIModel, ModelAlias, ModelPin, ModelVersion, TrafficSplit
 from ..storage import model_package_key
 
-_handlers = HandlerCache()
+_handlers = HandlerCache(budget_bytes=settings.SIGHTLINE_MODEL_CACHE_MB * 1024 * 1024)
 
 
 def model_version_register(
@@ -50,9 +50,14 @@ def model_version_register(
             )
         return existing, False
 
-    key = model_package_key(name=manifest.name, version=manifest.version, sha256=manifest.weights_sha256)
-    with open(package_path, "rb") as handle:
-        stored_name = default_storage.save(key, File(handle))
+    package_sha256 = _file_sha256(package_path)
+    # named by the whole package's checksum: the same bytes are stored once, however often
+    # a registration is retried or rolled back
+    stored_name = model_package_key(name=manifest.name, version=manifest.version, sha256=package_sha256)
+    stored_here = not default_storage.exists(stored_name)
+    if stored_here:
+        with open(package_path, "rb") as handle:
+            stored_name = default_storage.save(stored_name, File(handle))
     try:
         with transaction.atomic():
             model, _ = AIModel.objects.get_or_create(
@@ -64,7 +69,7 @@ def model_version_register(
                 manifest=manifest.to_dict(),
                 package=stored_name,
                 weights_sha256=manifest.weights_sha256,
-                package_sha256=_file_sha256(package_path),
+                package_sha256=package_sha256,
                 registered_by=registered_by,
             )
             access_event_record(
@@ -73,7 +78,8 @@ def model_version_register(
             if alias:
                 model_alias_move(model=model, alias=alias, version=version, moved_by=registered_by)
     except BaseException:
-        default_storage.delete(stored_name)
+        if stored_here:
+            default_storage.delete(stored_name)
         raise
     return version, True
 
@@ -200,13 +206,25 @@ def _local_package(version: ModelVersion) -> Path:
     return path
 
 
+def _compile_batch_sizes(version: ModelVersion) -> tuple[int, ...]:
+    """With SIGHTLINE_TORCH_COMPILE: a lone request, a pair and a full batch are compiled at load."""
+    if not settings.SIGHTLINE_TORCH_COMPILE:
+        return ()
+    largest = version.manifest.get("max_batch_size") or settings.SIGHTLINE_MAX_BATCH_SIZE
+    return tuple(sorted({1, min(2, largest), largest}))
+
+
 def model_handler(version: ModelVersion) -> Handler:
     """The loaded model for a version; the checksum recorded at registration is enforced."""
     device = choose_device(settings.SIGHTLINE_INFERENCE_DEVICE)
     return _handlers.get(
         f"{version.package_sha256 or version.pk}:{version.weights_sha256}:{device}",
         lambda: Handler.initialize(
-            _local_package(version), version.weights_sha256, device=device, expected_manifest=version.manifest
+            _local_package(version),
+            version.weights_sha256,
+            device=device,
+            expected_manifest=version.manifest,
+            compile_for=_compile_batch_sizes(version),
         ),
     )
 

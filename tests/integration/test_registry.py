@@ -51,6 +51,26 @@ def test_register_model_loads_checks_and_registers_once(demo_package, tmp_path):
     assert AccessEvent.objects.filter(action="model.register").count() == 1
 
 
+def test_a_package_is_stored_once_under_its_checksum_even_after_a_rolled_back_registration(demo_package):
+    from django.core.files.storage import default_storage
+    from django.db import transaction
+
+    from recognition.services.registry import model_version_register
+
+    class RolledBack(Exception):
+        pass
+
+    with pytest.raises(RolledBack), transaction.atomic():
+        first, _ = model_version_register(package_path=demo_package)
+        raise RolledBack
+    assert not ModelVersion.objects.exists()
+    version, created = model_version_register(package_path=demo_package)
+    assert created and version.package.name == first.package.name
+    assert version.package.name.endswith(f"-{version.package_sha256}.zip")
+    stored = default_storage.listdir(str(Path(version.package.name).parent))[1]
+    assert [name for name in stored if name.startswith("1.0.0")] == [Path(version.package.name).name]
+
+
 def test_a_package_whose_outputs_do_not_match_its_labels_is_refused(demo_package, tmp_path):
     wrong = variant(demo_package, tmp_path, version="9.0.0", labels=["a", "b", "c"])
     with pytest.raises(CommandError, match="refused"):

@@ -188,3 +188,48 @@ def test_thresholds_must_fit_the_labels(tmp_path):
     with pytest.raises(PackageError, match="thresholds"):
         _tiny_torchscript_package(tmp_path / "bad.zip", thresholds=(0.5, 0.5))
         read_manifest(tmp_path / "bad.zip")
+
+
+def tiny_handler() -> Handler:
+    """A small CNN behind the real Handler: compiling it takes seconds, not a minute."""
+    from workers.engine.package import Manifest
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 2),
+    ).eval()
+    manifest = Manifest(
+        name="tiny",
+        version="1",
+        architecture="custom",
+        input_size=16,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        labels=("a", "b"),
+        weights_sha256="0" * 64,
+    )
+    return Handler(manifest, model.to(memory_format=torch.channels_last), torch.device("cpu"))
+
+
+def test_compiling_keeps_the_answers_for_compiled_and_other_batch_sizes():
+    handler = tiny_handler()
+    batch = torch.randint(0, 255, (5, 3, 16, 16), dtype=torch.uint8)
+    eager = handler.infer(batch)
+    handler.compile((1, 4))
+    assert handler.compiled
+    assert torch.allclose(handler.infer(batch[:1]), eager[:1], atol=1e-4)
+    assert torch.allclose(handler.infer(batch), eager, atol=1e-4)  # 5 was not compiled for: still right
+
+
+def test_a_compiled_model_that_answers_differently_is_not_used(monkeypatch):
+    handler = tiny_handler()
+    batch = torch.randint(0, 255, (2, 3, 16, 16), dtype=torch.uint8)
+    eager = handler.infer(batch)
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: lambda x: model(x) * torch.tensor([1.0, -1.0]))
+    handler.compile((1, 2))
+    assert not handler.compiled
+    assert torch.equal(handler.infer(batch), eager)

@@ -1,4 +1,5 @@
-"""One model cache per worker process: load once, keep the most recently used few."""
+"""One model cache per worker process: load once, keep the most recently used within a memory
+budget (the weights and buffers each model holds on its device)."""
 
 from __future__ import annotations
 
@@ -6,30 +7,49 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
+import torch
+
 from .handler import Handler
 
-# A resnet18 handler holds about 45 MB; a GPU worker rarely serves more than a production and
-# a canary version at once.
-DEFAULT_CAPACITY = 4
+# A resnet18 handler holds about 45 MB, a resnet50 about 100 MB; the default leaves room for a
+# production and a canary version of much larger models on one GPU.
+DEFAULT_BUDGET_BYTES = 2 * 1024**3
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by a model's parameters and buffers (TorchScript modules included)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
 class HandlerCache:
-    def __init__(self, capacity: int = DEFAULT_CAPACITY):
-        self.capacity = capacity
-        self._handlers: OrderedDict[str, Handler] = OrderedDict()
+    """LRU by memory: loading a model evicts the least recently used ones until the rest fit.
+    The model just loaded always stays, even when it alone exceeds the budget."""
+
+    def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES, size_of: Callable[[Handler], int] | None = None):
+        self.budget_bytes = budget_bytes
+        self._size_of = size_of or (lambda handler: model_bytes(handler.model))
+        self._handlers: OrderedDict[str, tuple[Handler, int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: str, load: Callable[[], Handler]) -> Handler:
         with self._lock:
-            handler = self._handlers.get(key)
-            if handler is not None:
+            entry = self._handlers.get(key)
+            if entry is not None:
                 self._handlers.move_to_end(key)
-                return handler
+                return entry[0]
             handler = load()
-            self._handlers[key] = handler
-            while len(self._handlers) > self.capacity:
+            self._handlers[key] = (handler, self._size_of(handler))
+            evicted = False
+            while len(self._handlers) > 1 and self.held_bytes() > self.budget_bytes:
                 self._handlers.popitem(last=False)
+                evicted = True
+            if evicted and torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give the evicted weights back to the device
             return handler
+
+    def held_bytes(self) -> int:
+        return sum(size for _, size in self._handlers.values())
 
     def keys(self) -> list[str]:
         with self._lock:

@@ -75,7 +75,9 @@ class Handler:
     def __init__(self, manifest: Manifest, model: torch.nn.Module, device: torch.device):
         self.manifest = manifest
         self.device = device
-        self.model = model
+        self.model = model  # eager: Grad-CAM's hooks and the cache's memory count use it
+        self._forward: torch.nn.Module = model  # what infer runs: the model, or its compiled form
+        self.compiled = False
         size = manifest.input_size
         self._size = (size, size)
         self._mean = torch.tensor(manifest.mean, device=device).view(1, 3, 1, 1)
@@ -88,9 +90,11 @@ class Handler:
         expected_sha256: str,
         device: torch.device | None = None,
         expected_manifest: dict | None = None,
+        compile_for: tuple[int, ...] = (),
     ) -> Handler:
         """Load, check and warm up. ``expected_manifest`` is what the registry recorded: labels,
-        normalisation and sizes that changed since registration refuse the model too."""
+        normalisation and sizes that changed since registration refuse the model too.
+        ``compile_for``: batch sizes to compile the forward pass for (``torch.compile``)."""
         manifest, weights = read_weights(package_path, expected_sha256)
         if expected_manifest is not None and manifest != Manifest.from_dict(expected_manifest):
             raise PackageError(
@@ -109,7 +113,31 @@ class Handler:
         model = model.eval().to(device, memory_format=torch.channels_last)
         handler = cls(manifest, model, device)
         handler._warm_up()
+        if compile_for:
+            handler.compile(compile_for)
         return handler
+
+    def compile(self, batch_sizes: tuple[int, ...]) -> None:
+        """``torch.compile`` with frozen weights, one graph with a dynamic batch dimension,
+        compiled now (seconds per shape) for the sizes given rather than on a request's time.
+        Outputs are checked against the eager model; a mismatch keeps the eager model."""
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        compiled = torch.compile(self.model, dynamic=True)
+        probe = torch.randint(0, 255, (max(batch_sizes), 3, *self._size), dtype=torch.uint8)
+        expected = self.infer(probe)
+        self._forward = compiled
+        try:
+            for size in sorted(set(batch_sizes)):
+                got = self.infer(probe[:size])
+                if not torch.allclose(got, expected[:size], atol=1e-3 if self.device.type == "cpu" else 2e-2):
+                    raise RuntimeError(f"compiled outputs differ at batch {size}")
+        except Exception:
+            logger.exception("torch.compile failed; %s %s runs eager", self.manifest.name, self.manifest.version)
+            self._forward = self.model
+            return
+        self.compiled = True
 
     def _warm_up(self) -> None:
         dummy = torch.zeros((1, 3, *self._size), dtype=torch.uint8)
@@ -145,7 +173,7 @@ class Handler:
             x = batch.to(self.device, non_blocking=True).float().div_(255.0)
             x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
-                logits = self.model(x)
+                logits = self._forward(x)
             if self.manifest.task == "multi-label":  # independent findings, one sigmoid each
                 return torch.sigmoid(logits.float()).cpu()
             return torch.softmax(logits.float(), dim=1).cpu()
