@@ -36,6 +36,26 @@ def send_on_commit(group: str, message: dict) -> None:
     transaction.on_commit(lambda: send(group, message), robust=True)
 
 
+def send_many(messages: list[tuple[str, dict]]) -> None:
+    """Several group messages from one trip into the event loop (a batch's results)."""
+
+    async def send_all():
+        layer = get_channel_layer()
+        for group, message in messages:
+            try:
+                await layer.group_send(group, message)
+            except Exception:  # a lost notification is recovered by the page's re-fetch
+                logger.warning("could not notify %s", group, exc_info=True)
+
+    if messages:
+        async_to_sync(send_all)()
+
+
+def send_many_on_commit(messages: list[tuple[str, dict]]) -> None:
+    if messages:
+        transaction.on_commit(lambda: send_many(messages), robust=True)
+
+
 def access_revoked_on_commit(*, user_id: int, tenant_id: int | None) -> None:
     """Close the user's sockets for one hospital (``tenant_id``) or for all (None)."""
     send_on_commit(user_group(user_id), {"type": "access.revoked", "tenant": tenant_id})

@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
-from accounts.events import send_on_commit, tenant_group
+from dataclasses import dataclass
+
+from accounts.events import send_many_on_commit, tenant_group
 
 
-def result_ready_on_commit(
-    *, tenant_id: int, image_id: int, status: str, top_label: str, probability: float | None
-) -> None:
-    send_on_commit(
-        tenant_group(tenant_id),
-        {
-            "type": "result.ready",
-            "image": image_id,
-            "status": status,
-            "top_label": top_label,
-            "probability": probability,
-        },
+@dataclass(frozen=True)
+class ResultNotice:
+    tenant_id: int
+    image_id: int
+    status: str
+    top_label: str
+    probability: float | None
+
+
+def results_ready_on_commit(notices: list[ResultNotice]) -> None:
+    """One ``result.ready`` message per image, all sent from one callback after commit."""
+    send_many_on_commit(
+        [
+            (
+                tenant_group(notice.tenant_id),
+                {
+                    "type": "result.ready",
+                    "image": notice.image_id,
+                    "status": notice.status,
+                    "top_label": notice.top_label,
+                    "probability": notice.probability,
+                },
+            )
+            for notice in notices
+        ]
     )

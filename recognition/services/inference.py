@@ -27,6 +27,7 @@ from .. import events
 from ..models import Image, InferenceRequest, ModelAlias, ModelVersion, Result
 from ..storage import heatmap_key
 from .registry import model_handler, model_version_for_image
+from .studies import study_summary_refresh
 
 logger = logging.getLogger(__name__)
 Status = InferenceRequest.Status
@@ -240,6 +241,14 @@ def inference_run(*, request_id: int) -> int:
     current = (first, _pool().submit(_prepare, handler, _file_names(first)))
     while current is not None:
         ids, prepared = current
+        requests = _rows(ids)
+        if requests[0].priority == InferenceRequest.Priority.BULK and _interactive_waiting(version.pk):
+            # a clinician's read arrived while this bulk batch waited its turn: it goes first
+            _release(ids)
+            ids = _claim(model_version_id=version.pk, limit=max_batch)
+            if not ids:
+                break
+            prepared, requests = _pool().submit(_prepare, handler, _file_names(ids)), _rows(ids)
         batches += 1
         current = None
         if batches < settings.SIGHTLINE_MAX_BATCHES_PER_TASK:
@@ -248,7 +257,6 @@ def inference_run(*, request_id: int) -> int:
                 current = (more, _pool().submit(_prepare, handler, _file_names(more)))
         else:  # yield the worker to other versions' tasks; a new task picks up what is left
             _wake_next(version.pk)
-        requests = _rows(ids)
         started = time.perf_counter()
         heatmaps: dict[int, str] = {}
         try:
@@ -283,6 +291,19 @@ def _heatmaps(handler, requests, batch, errors, probabilities) -> dict[int, str]
         return {}
 
 
+def _interactive_waiting(version_id: int) -> bool:
+    return InferenceRequest.objects.filter(
+        model_version_id=version_id, status=Status.QUEUED, priority=InferenceRequest.Priority.INTERACTIVE
+    ).exists()
+
+
+def _release(ids: list[int]) -> None:
+    """Claimed but not started: back to the queue, and the attempt does not count."""
+    InferenceRequest.objects.filter(id__in=ids, status=Status.RUNNING, claimed_by=_worker_id()).update(
+        status=Status.QUEUED, claimed_by="", started_at=None, attempts=F("attempts") - 1
+    )
+
+
 def _wake_next(version_id: int) -> None:
     waiting = (
         InferenceRequest.objects.filter(model_version_id=version_id, status=Status.QUEUED)
@@ -307,44 +328,63 @@ def _file_names(ids: list[int]) -> list[str]:
 def _store_outcomes(
     requests: list[InferenceRequest], outcomes: list[ItemResult], heatmaps: dict[int, str] | None = None
 ) -> None:
+    """One transaction per batch: one UPDATE for the requests, one INSERT for the results, and
+    the notifications sent together after commit. A request that is no longer running (it was
+    reclaimed and finished elsewhere meanwhile) keeps the outcome it has."""
     heatmaps = heatmaps or {}
     now = timezone.now()
     with transaction.atomic():
+        running = set(
+            InferenceRequest.objects.select_for_update()
+            .filter(id__in=[request.pk for request in requests], status=Status.RUNNING)
+            .values_list("id", flat=True)
+        )
+        finished, results, notices = [], [], []
         for request, outcome in zip(requests, outcomes, strict=True):
-            status = Status.DONE if outcome.ok else Status.FAILED
-            started = request.started_at or now
-            claimed = InferenceRequest.objects.filter(id=request.pk, status=Status.RUNNING).update(
-                status=status,
-                error=outcome.error[:500],
-                finished_at=now,
-                batch_size=len(requests),
-                claimed_by="",
-                wait_ms=max(0, int((started - request.created).total_seconds() * 1000)),
-                inference_ms=max(0, int((now - started).total_seconds() * 1000)),
-            )
-            if not claimed:  # finished elsewhere meanwhile: its outcome stands
+            if request.pk not in running:
                 continue
+            started = request.started_at or now
+            request.status = Status.DONE if outcome.ok else Status.FAILED
+            request.error = outcome.error[:500]
+            request.finished_at = now
+            request.batch_size = len(requests)
+            request.claimed_by = ""
+            request.wait_ms = max(0, int((started - request.created).total_seconds() * 1000))
+            request.inference_ms = max(0, int((now - started).total_seconds() * 1000))
+            finished.append(request)
             if outcome.ok:
-                Result.objects.get_or_create(
-                    image_id=request.image_id,
-                    model_version_id=request.model_version_id,
-                    defaults={
-                        "tenant_id": request.tenant_id,
-                        "request": request,
-                        "probabilities": outcome.probabilities,
-                        "top_label": outcome.top_label,
-                        "top_probability": outcome.top_probability,
-                        "positive_labels": list(outcome.positive_labels),
-                        "heatmap": heatmaps.get(request.pk, ""),
-                    },
+                results.append(
+                    Result(
+                        tenant_id=request.tenant_id,
+                        image_id=request.image_id,
+                        model_version_id=request.model_version_id,
+                        request=request,
+                        probabilities=outcome.probabilities,
+                        top_label=outcome.top_label,
+                        top_probability=outcome.top_probability,
+                        positive_labels=list(outcome.positive_labels),
+                        heatmap=heatmaps.get(request.pk, ""),
+                    )
                 )
-            events.result_ready_on_commit(
-                tenant_id=request.tenant_id,
-                image_id=request.image_id,
-                status=status,
-                top_label=outcome.top_label,
-                probability=outcome.top_probability if outcome.ok else None,
+            notices.append(
+                events.ResultNotice(
+                    tenant_id=request.tenant_id,
+                    image_id=request.image_id,
+                    status=request.status,
+                    top_label=outcome.top_label,
+                    probability=outcome.top_probability if outcome.ok else None,
+                )
             )
+        InferenceRequest.objects.bulk_update(finished, _OUTCOME_FIELDS)
+        # unique per (image, version): a result made by an earlier delivery stands
+        Result.objects.bulk_create(results, ignore_conflicts=True)
+        study_summary_refresh(
+            Image.objects.filter(id__in=[request.image_id for request in finished]).values_list("study_id", flat=True)
+        )
+        events.results_ready_on_commit(notices)
+
+
+_OUTCOME_FIELDS = ["status", "error", "finished_at", "batch_size", "claimed_by", "wait_ms", "inference_ms"]
 
 
 def inference_warm_up() -> None:

@@ -55,6 +55,34 @@ def test_interactive_requests_go_first_and_bulk_work_is_shared_round_robin(
     assert tenants == [a, b, a, b, a, a]  # hospital A's bigger job does not starve B
 
 
+def test_a_clinicians_request_overtakes_a_bulk_batch_already_claimed_ahead(
+    clinician_a, clinician_b, demo_model, settings, monkeypatch
+):
+    """While bulk batch 1 runs, batch 2 is claimed and decoded ahead; a clinician's upload
+    arriving meanwhile runs before batch 2, whose requests go back to the queue uncounted."""
+    from recognition.services import registry
+
+    settings.SIGHTLINE_MAX_BATCH_SIZE = 2
+    bulk = queue_images(clinician_a, 4)
+    InferenceRequest.objects.filter(pk__in=[r.pk for r in bulk]).update(priority=InferenceRequest.Priority.BULK)
+    handler = registry.model_handler(demo_model)
+    forward, order = handler.infer, []
+
+    def infer_and_meanwhile_a_clinician_uploads(batch):
+        if not order:
+            order.append(queue_images(clinician_b, 1, size=40)[0].pk)
+        return forward(batch)
+
+    monkeypatch.setattr(handler, "infer", infer_and_meanwhile_a_clinician_uploads)
+    assert inference_run(request_id=bulk[0].pk) == 5
+    finished = list(InferenceRequest.objects.order_by("finished_at", "id").values_list("id", "attempts"))
+    interactive = order[0]
+    ids = [request_id for request_id, _ in finished]
+    assert set(ids[:2]) == {bulk[0].pk, bulk[1].pk}
+    assert ids[2] == interactive  # before bulk[2] and bulk[3], which had been claimed ahead
+    assert all(attempts == 1 for _, attempts in finished)
+
+
 def test_a_request_already_run_in_another_batch_is_a_no_op(clinician_a, demo_model):
     first, second = queue_images(clinician_a, 2)
     assert inference_run(request_id=first.pk) == 2
