@@ -14,4 +14,5 @@ def tenancy(request):
         "active_tenant_slug": active.tenant.slug if active else "",
         "can_manage_members": bool(active and can(active, Action.MEMBERS_MANAGE)),
         "can_view_audit": bool(active and can(active, Action.AUDIT_VIEW)),
+        "can_view_agreement": user.is_staff or bool(active and can(active, Action.AGREEMENT_VIEW)),
     }

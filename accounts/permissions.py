@@ -10,6 +10,8 @@ from .models import Membership, Role
 class Action(StrEnum):
     IMAGE_VIEW = "image.view"  # images, their studies and AI results
     IMAGE_UPLOAD = "image.upload"
+    REVIEW_WRITE = "review.write"  # agree, disagree or correct an AI finding, sign off, amend
+    AGREEMENT_VIEW = "agreement.view"  # clinicians' agreement with each model version
     EVENTS_SUBSCRIBE = "events.subscribe"  # live notifications over the WebSocket
     MEMBERS_MANAGE = "members.manage"  # list, invite, change role, deactivate
     ACTIVITY_VIEW = "activity.view"  # the hospital's membership and sign-in activity
@@ -20,8 +22,8 @@ _READ_CLINICAL = {Action.IMAGE_VIEW, Action.EVENTS_SUBSCRIBE}
 
 ROLE_ACTIONS: dict[str, frozenset[Action]] = {
     Role.VIEWER: frozenset(_READ_CLINICAL),
-    Role.CLINICIAN: frozenset(_READ_CLINICAL | {Action.IMAGE_UPLOAD}),
-    Role.TENANT_ADMIN: frozenset({Action.MEMBERS_MANAGE, Action.ACTIVITY_VIEW}),
+    Role.CLINICIAN: frozenset(_READ_CLINICAL | {Action.IMAGE_UPLOAD, Action.REVIEW_WRITE}),
+    Role.TENANT_ADMIN: frozenset({Action.MEMBERS_MANAGE, Action.ACTIVITY_VIEW, Action.AGREEMENT_VIEW}),
     Role.AUDITOR: frozenset({Action.AUDIT_VIEW}),
 }
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.http import FileResponse
+from django.http import FileResponse, HttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
@@ -10,9 +10,24 @@ from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 
 from accounts.apis import TENANT_HEADER, TenantApi
+from accounts.permissions import Action
+from accounts.services import require
 
-from .selectors import image_get, image_heatmap_get, image_list
+from .models import Review, Study
+from .selectors import (
+    WORKLIST_SORTS,
+    WorklistFilters,
+    image_get,
+    image_heatmap_get,
+    image_list,
+    image_modality_pixels,
+    image_rendering,
+    review_history,
+    study_get,
+    study_worklist,
+)
 from .services.images import StudyFields, image_upload
+from .services.reviews import review_save, review_sign_off
 
 
 class ResultOutput(serializers.Serializer):
@@ -45,6 +60,8 @@ class ImageBaseOutput(serializers.Serializer):
     width = serializers.IntegerField()
     height = serializers.IntegerField()
     format = serializers.CharField()
+    frame_number = serializers.IntegerField()
+    unprocessable_reason = serializers.CharField()
     created = serializers.DateTimeField()
 
 
@@ -125,7 +142,21 @@ class ImageFileApi(TenantApi):
     @extend_schema(parameters=[TENANT_HEADER], responses={(200, "image/png"): OpenApiTypes.BINARY})
     def get(self, request, image_id: int):
         image = image_get(membership=request.membership, image_id=image_id, request=request, action="image.download")
-        response = FileResponse(image.file.open("rb"), content_type="image/png")
+        response = FileResponse(image_rendering(image), content_type="image/png")
+        response["Cache-Control"] = "private, no-store"
+        return response
+
+
+class ImagePixelsApi(TenantApi):
+    @extend_schema(
+        parameters=[TENANT_HEADER],
+        responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
+        description="Grayscale DICOM only: the frame's modality values (e.g. Hounsfield units), little-endian "
+        "float32, row-major, width × height values; the viewer windows them itself.",
+    )
+    def get(self, request, image_id: int):
+        image = image_get(membership=request.membership, image_id=image_id, request=request, action="image.download")
+        response = HttpResponse(image_modality_pixels(image), content_type="application/octet-stream")
         response["Cache-Control"] = "private, no-store"
         return response
 
@@ -141,3 +172,145 @@ class ImageHeatmapApi(TenantApi):
         response = FileResponse(result.heatmap.open("rb"), content_type="image/png")
         response["Cache-Control"] = "private, no-store"
         return response
+
+
+class StudySummaryOutput(StudyOutput):
+    ai_status = serializers.CharField()
+    top_label = serializers.CharField()
+    top_probability = serializers.FloatField(allow_null=True)
+    review_state = serializers.CharField()
+    image_count = serializers.IntegerField()
+    created = serializers.DateTimeField()
+    updated = serializers.DateTimeField()
+
+
+class StudyListInput(serializers.Serializer):
+    ai_status = serializers.ChoiceField(choices=Study.AIStatus.values, required=False, default="")
+    finding = serializers.CharField(max_length=100, required=False, default="")
+    modality = serializers.CharField(max_length=16, required=False, default="")
+    review = serializers.ChoiceField(choices=[*Study.ReviewState.values, "reviewed"], required=False, default="")
+    date_from = serializers.DateField(required=False, allow_null=True, default=None)
+    date_to = serializers.DateField(required=False, allow_null=True, default=None)
+    sort = serializers.ChoiceField(choices=list(WORKLIST_SORTS), required=False, default="newest")
+    cursor = serializers.CharField(required=False, default="")
+    page_size = serializers.IntegerField(min_value=1, max_value=200, required=False, default=50)
+
+
+class StudySearchInput(StudyListInput):
+    q = serializers.CharField(max_length=64, help_text="A pseudonymous patient id or an accession number, exactly.")
+
+
+def _worklist_response(request, fields: dict, q: str = ""):
+    filters = WorklistFilters(
+        ai_status=fields["ai_status"],
+        finding=fields["finding"],
+        modality=fields["modality"],
+        review=fields["review"],
+        date_from=fields["date_from"],
+        date_to=fields["date_to"],
+        q=q,
+        sort=fields["sort"],
+    )
+    rows, cursor = study_worklist(
+        membership=request.membership,
+        filters=filters,
+        cursor=fields["cursor"],
+        limit=fields["page_size"],
+        request=request,
+    )
+    return Response({"next_cursor": cursor or None, "results": StudySummaryOutput(rows, many=True).data})
+
+
+class StudyListApi(TenantApi):
+    @extend_schema(
+        parameters=[TENANT_HEADER, StudyListInput],
+        responses=StudySummaryOutput(many=True),
+        description="The worklist: the hospital's studies with AI status, top finding and review state. Pass "
+        "`next_cursor` back as `cursor` for the next page. Searching by patient or accession is a POST to "
+        "/studies/search/, so that identifiers stay out of URLs and logs.",
+    )
+    def get(self, request):
+        data = StudyListInput(data=request.query_params)
+        data.is_valid(raise_exception=True)
+        return _worklist_response(request, data.validated_data)
+
+
+class StudySearchApi(TenantApi):
+    @extend_schema(parameters=[TENANT_HEADER], request=StudySearchInput, responses=StudySummaryOutput(many=True))
+    def post(self, request):
+        data = StudySearchInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        return _worklist_response(request, data.validated_data, q=data.validated_data["q"])
+
+
+class StudyDetailOutput(StudySummaryOutput):
+    images = serializers.SerializerMethodField()
+
+    def get_images(self, study) -> list[int]:
+        return list(
+            study.images.order_by("series__number", "instance_number", "frame_number", "id").values_list(
+                "id", flat=True
+            )
+        )
+
+
+class StudyDetailApi(TenantApi):
+    @extend_schema(parameters=[TENANT_HEADER], responses=StudyDetailOutput)
+    def get(self, request, study_id: int):
+        study = study_get(membership=request.membership, study_id=study_id, request=request)
+        return Response(StudyDetailOutput(study).data)
+
+
+class ReviewOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    image = serializers.IntegerField(source="image_id")
+    model = serializers.CharField(source="model_version.model.name", allow_null=True)
+    model_version = serializers.CharField(source="model_version.version", allow_null=True)
+    ai_label = serializers.CharField()
+    verdict = serializers.CharField()
+    label = serializers.CharField()
+    comment = serializers.CharField()
+    author = serializers.CharField(source="author.get_username")
+    amends = serializers.IntegerField(source="amends_id", allow_null=True)
+    created = serializers.DateTimeField()
+    updated = serializers.DateTimeField()
+    signed_off_at = serializers.DateTimeField(allow_null=True)
+    signed_off_by = serializers.CharField(source="signed_off_by.get_username", allow_null=True, default=None)
+
+
+class ReviewInput(serializers.Serializer):
+    verdict = serializers.ChoiceField(choices=Review.Verdict.values)
+    label = serializers.CharField(max_length=100, required=False, default="", allow_blank=True)
+    comment = serializers.CharField(max_length=2000, required=False, default="", allow_blank=True)
+    sign_off = serializers.BooleanField(required=False, default=False)
+
+
+class ImageReviewsApi(TenantApi):
+    @extend_schema(parameters=[TENANT_HEADER], responses=ReviewOutput(many=True))
+    def get(self, request, image_id: int):
+        image = image_get(membership=request.membership, image_id=image_id, request=request, action="review.list")
+        return Response(ReviewOutput(review_history(image=image), many=True).data)
+
+    @extend_schema(
+        parameters=[TENANT_HEADER],
+        request=ReviewInput,
+        responses={201: ReviewOutput},
+        description="Review the image's newest AI finding. Your own unsigned draft is updated; a signed review is "
+        "amended by a new one (the history stays); `sign_off: true` signs it.",
+    )
+    def post(self, request, image_id: int):
+        data = ReviewInput(data=request.data)
+        if not data.is_valid():
+            # who may not review this image learns nothing from the shape of the request
+            require(request.membership, Action.REVIEW_WRITE, request=request)
+            image_get(membership=request.membership, image_id=image_id, request=request, action="image.review")
+            raise serializers.ValidationError(data.errors)
+        review = review_save(membership=request.membership, image_id=image_id, request=request, **data.validated_data)
+        return Response(ReviewOutput(review).data, status=status.HTTP_201_CREATED)
+
+
+class ReviewSignOffApi(TenantApi):
+    @extend_schema(parameters=[TENANT_HEADER], request=None, responses=ReviewOutput)
+    def post(self, request, review_id: int):
+        review = review_sign_off(membership=request.membership, review_id=review_id, request=request)
+        return Response(ReviewOutput(review).data)

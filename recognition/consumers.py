@@ -2,7 +2,8 @@
 
 Protocol (JSON): the server greets with ``{"type": "hello"}``; the client sends
 ``{"type": "subscribe", "tenant": "<slug>"}`` and gets ``subscribed`` or an ``error``; then
-``result.ready`` messages arrive for that hospital. Every subscription is authorised with
+``result.ready`` (an image's AI read ended) and ``study.updated`` (a worklist row changed) messages
+arrive for that hospital. Every subscription is authorised with
 the same table as the API; losing access closes the hospital's feed, and the socket when no
 feed is left.
 """
@@ -115,3 +116,10 @@ class EventsConsumer(JsonWebsocketConsumer):
             self.close(code=CLOSE_UNAUTHENTICATED)
             return
         self.send_json({key: event[key] for key in ("type", "image", "status", "top_label", "probability")})
+
+    def study_updated(self, event):
+        """A study's worklist columns changed; the page fetches the row it shows."""
+        if not self._still_signed_in():
+            self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        self.send_json({"type": "study.updated", "study": event["study"]})

@@ -14,14 +14,35 @@ from accounts.models import TenantOwned
 
 
 class Study(TenantOwned):
+    class AIStatus(models.TextChoices):
+        NONE = "none", "no AI read"
+        QUEUED = "queued"
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+        UNPROCESSABLE = "unprocessable"
+
+    class ReviewState(models.TextChoices):
+        UNREVIEWED = "unreviewed"
+        IN_REVIEW = "in_review", "in review"  # a draft is saved, not yet signed
+        SIGNED_OFF = "signed_off", "signed off"
+
     patient_pseudonym = models.CharField(
         max_length=64, blank=True, help_text="Pseudonymous patient id; never a name or MRN."
     )
     accession_number = models.CharField(max_length=64, blank=True)
+    study_instance_uid = models.CharField(max_length=64, blank=True)
     modality = models.CharField(max_length=16, blank=True)
     description = models.CharField(max_length=200, blank=True)
     study_date = models.DateField(null=True, blank=True)
     created = models.DateTimeField(default=timezone.now)
+    # the worklist's columns, kept current by the services that change them (study_summary_refresh)
+    ai_status = models.CharField(max_length=16, choices=AIStatus.choices, default=AIStatus.NONE)
+    top_label = models.CharField(max_length=100, blank=True)
+    top_probability = models.FloatField(null=True, blank=True)
+    review_state = models.CharField(max_length=16, choices=ReviewState.choices, default=ReviewState.UNREVIEWED)
+    image_count = models.PositiveIntegerField(default=0)
+    updated = models.DateTimeField(default=timezone.now)
 
     class Meta:
         verbose_name_plural = "studies"
@@ -30,14 +51,30 @@ class Study(TenantOwned):
                 fields=["tenant", "accession_number"],
                 condition=~Q(accession_number=""),
                 name="study_accession_unique_per_hospital",
-            )
+            ),
+            models.UniqueConstraint(
+                fields=["tenant", "study_instance_uid"],
+                condition=~Q(study_instance_uid=""),
+                name="study_uid_unique_per_hospital",
+            ),
         ]
-        indexes = [models.Index(fields=["tenant", "-created"], name="study_tenant_created")]
+        indexes = [
+            # the worklist: newest first, keyset-paginated on (created, id), one per common filter
+            models.Index(fields=["tenant", "-created", "-id"], name="study_worklist"),
+            models.Index(fields=["tenant", "ai_status", "-created", "-id"], name="study_worklist_ai"),
+            models.Index(fields=["tenant", "review_state", "-created", "-id"], name="study_worklist_review"),
+            models.Index(fields=["tenant", "top_label", "-created", "-id"], name="study_worklist_finding"),
+            models.Index(fields=["tenant", "modality", "-created", "-id"], name="study_worklist_modality"),
+            models.Index(fields=["tenant", "study_date", "id"], name="study_worklist_date"),
+            models.Index(fields=["tenant", "patient_pseudonym", "id"], name="study_worklist_patient"),
+            models.Index(fields=["tenant", "accession_number", "id"], name="study_worklist_accession"),
+        ]
 
 
 class Series(TenantOwned):
     study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="series")
     number = models.PositiveIntegerField(default=1)
+    series_instance_uid = models.CharField(max_length=64, blank=True)
     modality = models.CharField(max_length=16, blank=True)
     description = models.CharField(max_length=200, blank=True)
 
@@ -49,7 +86,19 @@ class Series(TenantOwned):
 class Image(TenantOwned):
     study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="images")
     series = models.ForeignKey(Series, on_delete=models.CASCADE, related_name="images")
-    file = models.FileField(max_length=255)
+    file = models.FileField(
+        max_length=255, blank=True, help_text="PNG for display and the model; none if unprocessable."
+    )
+    original = models.FileField(max_length=255, blank=True, help_text="DICOM: the file as received, preamble zeroed.")
+    sop_instance_uid = models.CharField(max_length=64, blank=True)
+    instance_number = models.IntegerField(null=True, blank=True)
+    frame_number = models.PositiveIntegerField(default=0, help_text="Multi-frame DICOM: this frame's index.")
+    photometric = models.CharField(max_length=16, blank=True)
+    window_center = models.FloatField(null=True, blank=True, help_text="DICOM default window, modality units.")
+    window_width = models.FloatField(null=True, blank=True)
+    unprocessable_reason = models.CharField(
+        max_length=300, blank=True, help_text="Kept but not readable here (e.g. a transfer syntax without decoder)."
+    )
     sha256 = models.CharField(max_length=64, help_text="Of the stored (re-encoded) bytes.")
     width = models.PositiveIntegerField()
     height = models.PositiveIntegerField()
@@ -59,7 +108,19 @@ class Image(TenantOwned):
     created = models.DateTimeField(default=timezone.now)
 
     class Meta:
-        indexes = [models.Index(fields=["tenant", "-created", "-id"], name="image_tenant_created")]
+        indexes = [
+            models.Index(fields=["tenant", "-created", "-id"], name="image_tenant_created"),
+            models.Index(fields=["study", "series", "instance_number", "frame_number", "id"], name="image_in_study"),
+        ]
+
+    @property
+    def is_dicom(self) -> bool:
+        return bool(self.original)
+
+    @property
+    def has_modality_pixels(self) -> bool:
+        """Grayscale DICOM: the viewer windows the modality values itself."""
+        return self.is_dicom and not self.unprocessable_reason and self.photometric.startswith("MONOCHROME")
 
 
 class AIModel(models.Model):
@@ -202,3 +263,44 @@ class Result(TenantOwned):
         constraints = [
             models.UniqueConstraint(fields=["image", "model_version"], name="one_result_per_image_and_version")
         ]
+
+
+class Review(TenantOwned):
+    """A clinician's reading of an AI finding. Drafts may change; once signed off a review never
+    does: an amendment is a new review pointing at the one it amends, and the history stays."""
+
+    class Verdict(models.TextChoices):
+        AGREE = "agree"
+        DISAGREE = "disagree"
+        CORRECT = "correct", "corrected label"
+
+    image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="reviews")
+    result = models.ForeignKey(Result, null=True, blank=True, on_delete=models.PROTECT, related_name="reviews")
+    model_version = models.ForeignKey(ModelVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    ai_label = models.CharField(max_length=100, blank=True, help_text="The AI's top label that was reviewed.")
+    verdict = models.CharField(max_length=16, choices=Verdict.choices)
+    label = models.CharField(max_length=100, blank=True, help_text="The clinician's label.")
+    comment = models.TextField(blank=True, max_length=2000)
+    author = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    amends = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="amendments")
+    created = models.DateTimeField(default=timezone.now)
+    updated = models.DateTimeField(default=timezone.now)
+    signed_off_at = models.DateTimeField(null=True, blank=True)
+    signed_off_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["image", "-created", "-id"], name="review_history"),
+            models.Index(fields=["model_version", "signed_off_at"], name="review_agreement"),
+        ]
+
+    @property
+    def is_signed(self) -> bool:
+        return self.signed_off_at is not None
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None and Review.objects.filter(pk=self.pk, signed_off_at__isnull=False).exists():
+            raise ValueError("a signed-off review is never changed; amend it with a new review")
+        super().save(*args, **kwargs)

@@ -6,14 +6,21 @@ one both answer 404, and the attempt is logged.
 
 from __future__ import annotations
 
-from django.db.models import OuterRef, Prefetch, QuerySet, Subquery
+import json
+from base64 import urlsafe_b64decode, urlsafe_b64encode
+from dataclasses import dataclass
+from datetime import date, datetime
+
+from django.conf import settings
+from django.db.models import OuterRef, Prefetch, Q, QuerySet, Subquery
 
 from accounts.models import AccessEvent, Membership
 from accounts.permissions import Action
 from accounts.services import access_event_record, require
-from config.errors import NotFound
+from config.errors import Conflict, Invalid, NotFound
 
-from .models import Image, InferenceRequest, Result
+from . import dicom
+from .models import Image, InferenceRequest, Result, Review, Study
 
 
 def _with_ai_state(queryset: QuerySet) -> QuerySet:
@@ -81,3 +88,168 @@ def image_get(*, membership: Membership, image_id: int, request=None, action: st
         target_id=image.pk,
     )
     return image
+
+
+def image_neighbours(image: Image) -> tuple[int | None, int | None, int, int]:
+    """(previous id, next id, position, count) of the image within its study: series by number,
+    then instance number, frame and id."""
+    ids = list(
+        Image.objects.filter(study_id=image.study_id)
+        .order_by("series__number", "instance_number", "frame_number", "id")
+        .values_list("id", flat=True)
+    )
+    index = ids.index(image.pk)
+    return (
+        ids[index - 1] if index > 0 else None,
+        ids[index + 1] if index + 1 < len(ids) else None,
+        index + 1,
+        len(ids),
+    )
+
+
+def _denied(*, membership: Membership, request, action: str, target_type: str, target_id) -> None:
+    access_event_record(
+        action=action,
+        outcome=AccessEvent.Outcome.DENIED,
+        request=request,
+        user=membership.user,
+        tenant=membership.tenant,
+        target_type=target_type,
+        target_id=target_id,
+    )
+
+
+def review_get(*, membership: Membership, review_id: int, request=None, for_update: bool = False) -> Review:
+    """One review of the member's hospital; another hospital's is a 404, and logged."""
+    require(membership, Action.IMAGE_VIEW, request=request)
+    reviews = Review.objects.for_tenant(membership.tenant).select_related("image")
+    review = (reviews.select_for_update() if for_update else reviews).filter(pk=review_id).first()
+    if review is None:
+        _denied(membership=membership, request=request, action="review.view", target_type="review", target_id=review_id)
+        raise NotFound("No such review.")
+    return review
+
+
+def review_history(*, image: Image) -> list[Review]:
+    """An image's reviews, newest first (the image was reached through image_get)."""
+    return list(
+        Review.objects.filter(image=image, tenant_id=image.tenant_id)
+        .select_related("author", "signed_off_by", "model_version__model", "amends")
+        .order_by("-created", "-id")
+    )
+
+
+def study_get(*, membership: Membership, study_id: int, request=None) -> Study:
+    """One study of the member's hospital (404 for another's, logged)."""
+    require(membership, Action.IMAGE_VIEW, request=request)
+    study = Study.objects.for_tenant(membership.tenant).filter(pk=study_id).first()
+    if study is None:
+        _denied(membership=membership, request=request, action="study.view", target_type="study", target_id=study_id)
+        raise NotFound("No such study.")
+    access_event_record(
+        action="study.view",
+        request=request,
+        user=membership.user,
+        tenant=membership.tenant,
+        target_type="study",
+        target_id=study.pk,
+    )
+    return study
+
+
+@dataclass(frozen=True)
+class WorklistFilters:
+    ai_status: str = ""
+    finding: str = ""
+    modality: str = ""
+    review: str = ""  # a Study.ReviewState, or "reviewed" for in review or signed off
+    date_from: date | None = None
+    date_to: date | None = None
+    q: str = ""  # a pseudonymous patient id or an accession number, exactly
+    sort: str = "newest"
+
+
+# sort name → (field, descending); the id breaks ties, so (value, id) is a key for the cursor
+WORKLIST_SORTS = {
+    "newest": ("created", True),
+    "oldest": ("created", False),
+    "patient": ("patient_pseudonym", False),
+    "accession": ("accession_number", False),
+}
+WORKLIST_PAGE = 50
+
+
+def _cursor_encode(value, pk: int) -> str:
+    value = value.isoformat() if isinstance(value, datetime) else value
+    return urlsafe_b64encode(json.dumps([value, pk]).encode()).decode().rstrip("=")
+
+
+def _cursor_decode(cursor: str, field: str):
+    try:
+        value, pk = json.loads(urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if field == "created":
+            value = datetime.fromisoformat(value)
+        return str(value) if field != "created" else value, int(pk)
+    except (ValueError, TypeError):
+        raise Invalid("The page cursor is not valid; start from the first page.", code="bad_cursor") from None
+
+
+def study_worklist(
+    *, membership: Membership, filters: WorklistFilters, cursor: str = "", limit: int = WORKLIST_PAGE, request=None
+) -> tuple[list[Study], str]:
+    """One page of the hospital's studies and the cursor of the next page ("" at the end). Keyset
+    pagination on (sort field, id) over the worklist indexes: as fast on page 2,000 as on page 1."""
+    require(membership, Action.IMAGE_VIEW, request=request)
+    if filters.sort not in WORKLIST_SORTS:
+        raise Invalid(f"Sort by one of: {', '.join(WORKLIST_SORTS)}.", code="bad_sort")
+    studies = Study.objects.for_tenant(membership.tenant)
+    if filters.ai_status:
+        studies = studies.filter(ai_status=filters.ai_status)
+    if filters.finding:
+        studies = studies.filter(top_label=filters.finding)
+    if filters.modality:
+        studies = studies.filter(modality=filters.modality)
+    if filters.review == "reviewed":
+        studies = studies.exclude(review_state=Study.ReviewState.UNREVIEWED)
+    elif filters.review:
+        studies = studies.filter(review_state=filters.review)
+    if filters.date_from:
+        studies = studies.filter(study_date__gte=filters.date_from)
+    if filters.date_to:
+        studies = studies.filter(study_date__lte=filters.date_to)
+    if filters.q:
+        studies = studies.filter(Q(patient_pseudonym=filters.q) | Q(accession_number=filters.q))
+    field, descending = WORKLIST_SORTS[filters.sort]
+    if cursor:
+        value, pk = _cursor_decode(cursor, field)
+        after = "lt" if descending else "gt"
+        studies = studies.filter(Q(**{f"{field}__{after}": value}) | Q(**{field: value, f"id__{after}": pk}))
+    prefix = "-" if descending else ""
+    page = list(studies.order_by(f"{prefix}{field}", f"{prefix}id")[: limit + 1])
+    access_event_record(
+        action="study.list", request=request, user=membership.user, tenant=membership.tenant, target_type="study"
+    )
+    if len(page) <= limit:
+        return page, ""
+    page = page[:limit]
+    return page, _cursor_encode(getattr(page[-1], field), page[-1].pk)
+
+
+def image_rendering(image: Image):
+    """The stored display rendering (PNG) of an image reached through image_get."""
+    if not image.file:
+        raise Conflict(
+            f"This image is kept but cannot be displayed: {image.unprocessable_reason}", code="unprocessable"
+        )
+    return image.file.open("rb")
+
+
+def image_modality_pixels(image: Image) -> bytes:
+    """A grayscale DICOM frame's modality values (e.g. Hounsfield units) as little-endian float32,
+    row-major, for the viewer's window/level. The original is parsed again: nothing else is kept."""
+    if not image.has_modality_pixels:
+        raise NotFound("This image has no modality values; it is shown as stored.", code="no_pixels")
+    with image.original.open("rb") as stored:
+        data = stored.read()
+    parsed = dicom.parse(data, max_pixels=settings.SIGHTLINE_MAX_IMAGE_PIXELS, max_frames=10**6)
+    return dicom.frame_modality(parsed, image.frame_number).astype("<f4").tobytes()

@@ -11,5 +11,13 @@ urlpatterns = [
     path("images/<int:image_id>/", views.image_detail_page, name="image-detail"),
     path("images/<int:image_id>/file/", views.image_file, name="image-file"),
     path("images/<int:image_id>/heatmap/", views.image_heatmap, name="image-heatmap"),
+    path("images/<int:image_id>/pixels/", views.image_pixels, name="image-pixels"),
+    path("images/<int:image_id>/review/", views.image_review, name="image-review"),
+    path("reviews/<int:review_id>/sign-off/", views.review_sign_off_view, name="review-sign-off"),
+    path("worklist/", views.worklist_page, name="worklist"),
+    path("worklist/rows/<int:study_id>/", views.worklist_row, name="worklist-row"),
+    path("studies/<int:study_id>/", views.study_open, name="study-open"),
+    path("agreement/", views.agreement_page, name="agreement"),
+    path("agreement.csv", views.agreement_csv_view, name="agreement-csv"),
     path("hospital/", views.tenant_switch, name="tenant-switch"),
 ]

@@ -2,19 +2,40 @@
 
 from __future__ import annotations
 
+from datetime import date
+from urllib.parse import urlencode
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import FileResponse
+from django.http import FileResponse, HttpResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
+from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_http_methods, require_POST
 
+from accounts.models import Tenant
 from accounts.permissions import Action, can
 from accounts.selectors import membership_for_session, membership_resolve
-from config.errors import DomainError
+from accounts.services import require
+from config.errors import DomainError, Invalid, NotFound
 
-from .selectors import image_get, image_heatmap_get, image_list
+from .agreement import agreement_csv, agreement_rows, agreement_svg
+from .models import Review, Study
+from .selectors import (
+    WORKLIST_SORTS,
+    WorklistFilters,
+    image_get,
+    image_heatmap_get,
+    image_list,
+    image_modality_pixels,
+    image_neighbours,
+    image_rendering,
+    review_history,
+    study_get,
+    study_worklist,
+)
 from .services.images import image_upload
+from .services.reviews import review_save, review_sign_off
 
 PAGE_SIZE = 100
 
@@ -32,7 +53,7 @@ def home(request):
     """Where a role starts: images for clinical roles, members for admins, the log for auditors."""
     membership = membership_for_session(request)
     for action, destination in (
-        (Action.IMAGE_VIEW, "recognition:image-list"),
+        (Action.IMAGE_VIEW, "recognition:worklist"),
         (Action.MEMBERS_MANAGE, "members"),
         (Action.AUDIT_VIEW, "access-log"),
     ):
@@ -65,8 +86,14 @@ def image_list_page(request):
 
 @login_required
 def image_detail_page(request, image_id: int):
+    """The viewer: the image with window/level and the heatmap, the AI finding, the reviews."""
     membership = membership_for_session(request)
     image = image_get(membership=membership, image_id=image_id, request=request)
+    previous_id, next_id, position, count = image_neighbours(image)
+    result = next(iter(image.results.all()), None)
+    reviews = review_history(image=image)
+    latest = reviews[0] if reviews else None
+    draft = latest if latest is not None and not latest.is_signed and latest.author_id == request.user.pk else None
     live_config = {
         "tenant": membership.tenant.slug,
         "reloadOnImage": image.pk,
@@ -75,15 +102,154 @@ def image_detail_page(request, image_id: int):
     return render(
         request,
         "recognition/image_detail.html",
-        {"image": image, "membership": membership, "live_config": live_config},
+        {
+            "image": image,
+            "result": result,
+            "membership": membership,
+            "live_config": live_config,
+            "previous_id": previous_id,
+            "next_id": next_id,
+            "position": position,
+            "count": count,
+            "reviews": reviews,
+            "draft": draft,
+            "can_review": can(membership, Action.REVIEW_WRITE) and result is not None,
+            "verdicts": Review.Verdict.choices,
+            "labels": result.model_version.labels if result else [],
+            "in_progress": image.ai_status in ("queued", "running"),
+        },
     )
+
+
+@login_required
+def image_pixels(request, image_id: int):
+    membership = membership_for_session(request)
+    image = image_get(membership=membership, image_id=image_id, request=request, action="image.download")
+    response = HttpResponse(image_modality_pixels(image), content_type="application/octet-stream")
+    response["Cache-Control"] = "private, no-store"
+    return response
+
+
+@login_required
+@require_POST
+def image_review(request, image_id: int):
+    """The viewer's review form: save a draft, sign off, or amend a signed review."""
+    membership = membership_for_session(request)
+    sign_off = request.POST.get("action") == "sign_off"
+    try:
+        review_save(
+            membership=membership,
+            image_id=image_id,
+            verdict=request.POST.get("verdict", ""),
+            label=request.POST.get("label", ""),
+            comment=request.POST.get("comment", ""),
+            sign_off=sign_off,
+            request=request,
+        )
+    except DomainError as exc:
+        if exc.status in (403, 404):  # not theirs to review: the same answer as everywhere
+            raise
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, "Review signed off." if sign_off else "Draft saved; sign it off when ready.")
+    return redirect("recognition:image-detail", image_id=image_id)
+
+
+@login_required
+@require_POST
+def review_sign_off_view(request, review_id: int):
+    membership = membership_for_session(request)
+    try:
+        review = review_sign_off(membership=membership, review_id=review_id, request=request)
+    except DomainError as exc:
+        if exc.status in (403, 404):  # not theirs to review: the same answer as everywhere
+            raise
+        messages.error(request, exc.message)
+        return redirect("recognition:worklist")
+    messages.success(request, "Review signed off.")
+    return redirect("recognition:image-detail", image_id=review.image_id)
+
+
+@login_required
+def study_open(request, study_id: int):
+    """A worklist row opens the study's first image in the viewer."""
+    membership = membership_for_session(request)
+    study = study_get(membership=membership, study_id=study_id, request=request)
+    first = study.images.order_by("series__number", "instance_number", "frame_number", "id").first()
+    if first is None:
+        raise NotFound("This study has no images yet.")
+    return redirect("recognition:image-detail", image_id=first.pk)
+
+
+def _worklist_filters(data, q: str = "") -> WorklistFilters:
+    def day(name):
+        try:
+            return date.fromisoformat(data.get(name, "")) if data.get(name) else None
+        except ValueError:
+            raise Invalid(f"{name.replace('_', ' ').capitalize()} is not a date (YYYY-MM-DD).") from None
+
+    return WorklistFilters(
+        ai_status=data.get("ai_status", ""),
+        finding=data.get("finding", "").strip(),
+        modality=data.get("modality", "").strip(),
+        review=data.get("review", ""),
+        date_from=day("date_from"),
+        date_to=day("date_to"),
+        q=q,
+        sort=data.get("sort", "newest") or "newest",
+    )
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def worklist_page(request):
+    """The hospital's studies. Filters travel in the query string; a search by patient or
+    accession is POSTed, so identifiers never appear in URLs or access logs of proxies."""
+    membership = membership_for_session(request)
+    data = request.POST if request.method == "POST" else request.GET
+    q = request.POST.get("q", "").strip() if request.method == "POST" else ""
+    filters = _worklist_filters(data, q)
+    studies, next_cursor = study_worklist(
+        membership=membership, filters=filters, cursor=data.get("cursor", ""), request=request
+    )
+    query = {key: value for key, value in data.items() if key not in ("cursor", "q", "csrfmiddlewaretoken") and value}
+    live_config = {
+        "tenant": membership.tenant.slug,
+        "rowUrl": reverse("recognition:worklist-row", args=[0]),
+        "studyUrl": reverse("recognition:study-open", args=[0]),
+    }
+    return render(
+        request,
+        "recognition/worklist.html",
+        {
+            "membership": membership,
+            "studies": studies,
+            "filters": filters,
+            "next_cursor": next_cursor,
+            "next_query": urlencode({**query, "cursor": next_cursor}) if next_cursor else "",
+            "is_search": bool(q),
+            "ai_statuses": Study.AIStatus.choices,
+            "review_states": [*Study.ReviewState.choices, ("reviewed", "reviewed or signed off")],
+            "sorts": list(WORKLIST_SORTS),
+            "can_upload": can(membership, Action.IMAGE_UPLOAD),
+            "live_config": live_config,
+        },
+    )
+
+
+@login_required
+def worklist_row(request, study_id: int):
+    """One worklist row, re-rendered when the socket says the study changed."""
+    membership = membership_for_session(request)
+    study = study_get(membership=membership, study_id=study_id, request=request)
+    return render(request, "recognition/_worklist_row.html", {"study": study})
 
 
 @login_required
 def image_file(request, image_id: int):
     membership = membership_for_session(request)
     image = image_get(membership=membership, image_id=image_id, request=request, action="image.download")
-    response = FileResponse(image.file.open("rb"), content_type="image/png")
+    response = FileResponse(image_rendering(image), content_type="image/png")
     response["Cache-Control"] = "private, no-store"
     return response
 
@@ -120,3 +286,48 @@ def upload_page(request):
         "recognition/upload.html",
         {"membership": membership, "can_upload": can(membership, Action.IMAGE_UPLOAD)},
     )
+
+
+def _agreement_scope(request):
+    """Platform staff see every hospital (or one, by ?tenant=); a hospital's admin sees theirs."""
+    if request.user.is_staff:
+        slug = request.GET.get("tenant", "")
+        tenant = Tenant.objects.filter(slug=slug).first() if slug else None
+        if slug and tenant is None:
+            raise NotFound("No such hospital.")
+        return tenant, slug
+    membership = membership_for_session(request)
+    require(membership, Action.AGREEMENT_VIEW, request=request)
+    return membership.tenant, membership.tenant.slug
+
+
+@login_required
+def agreement_page(request):
+    """How often clinicians agreed with each model version's findings: the answer to an A/B split."""
+    tenant, slug = _agreement_scope(request)
+    rows = agreement_rows(tenant=tenant)
+    csv_url = reverse("recognition:agreement-csv") + (
+        f"?{urlencode({'tenant': slug})}" if request.user.is_staff and slug else ""
+    )
+    return render(
+        request,
+        "recognition/agreement.html",
+        {
+            "rows": rows,
+            "chart": mark_safe(agreement_svg(rows)),  # noqa: S308  (agreement_svg escapes every text it writes)
+            "csv_url": csv_url,
+            "is_staff": request.user.is_staff,
+            "tenants": list(Tenant.objects.order_by("name").values_list("slug", "name"))
+            if request.user.is_staff
+            else [],
+            "tenant_slug": slug,
+        },
+    )
+
+
+@login_required
+def agreement_csv_view(request):
+    tenant, slug = _agreement_scope(request)
+    response = StreamingHttpResponse(agreement_csv(agreement_rows(tenant=tenant)), content_type="text/csv")
+    response["Content-Disposition"] = f'attachment; filename="agreement-{slug or "all"}.csv"'
+    return response

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import logging
 from dataclasses import dataclass
@@ -21,9 +22,11 @@ from accounts.permissions import Action
 from accounts.services import access_event_record, require
 from config.errors import Conflict, TooLarge, Unprocessable, UnsupportedMedia
 
+from .. import dicom
 from ..models import Image, Series, Study
-from ..storage import image_key
+from ..storage import dicom_key, image_key
 from .inference import inference_request_create, model_version_for_upload
+from .studies import study_summary_refresh
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +44,7 @@ class ValidatedImage:
     sha256: str
 
 
-def image_validate(upload) -> ValidatedImage:
-    """Read the file's content (never its name or Content-Type) and re-encode it as PNG."""
+def _read_upload(upload) -> bytes:
     limit = settings.SIGHTLINE_MAX_UPLOAD_BYTES
     if upload.size is not None and upload.size > limit:
         raise TooLarge(f"The file is larger than {limit // (1024 * 1024)} MB.")
@@ -51,11 +53,27 @@ def image_validate(upload) -> ValidatedImage:
         raise TooLarge(f"The file is larger than {limit // (1024 * 1024)} MB.")
     if not data:
         raise Unprocessable("The file is empty.", code="empty_file")
+    return data
+
+
+def image_validate(upload) -> ValidatedImage:
+    """Read the file's content (never its name or Content-Type) and re-encode it as PNG."""
+    return _validate_bytes(_read_upload(upload))
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    # measured (make bench): level 6 spent 13 ms of a 512² upload, level 1 about 9, same pixels
+    PILImage.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _validate_bytes(data: bytes) -> ValidatedImage:
     try:
         with PILImage.open(io.BytesIO(data)) as image:
             if image.format not in ACCEPTED_FORMATS:
                 raise UnsupportedMedia(
-                    f"{image.format} images are not accepted; send PNG or JPEG.",
+                    f"{image.format} images are not accepted; send PNG, JPEG or DICOM.",
                     code="unsupported_format",
                 )
             width, height = image.size
@@ -74,7 +92,7 @@ def image_validate(upload) -> ValidatedImage:
             clean.save(buffer, format="PNG", compress_level=1)
     except UnidentifiedImageError as exc:
         raise UnsupportedMedia(
-            "The file is not an image this service can read; send PNG or JPEG.",
+            "The file is not an image this service can read; send PNG, JPEG or DICOM.",
             code="not_an_image",
         ) from exc
     except PILImage.DecompressionBombError as exc:
@@ -142,11 +160,15 @@ def _study_for_upload(*, tenant, fields: StudyFields) -> Study:
 
 
 def image_upload(*, membership: Membership, upload, study: StudyFields | None = None, request=None) -> Image:
-    """Store one image for the member's hospital and queue its AI read after commit."""
+    """Store one image for the member's hospital and queue its AI read after commit. A DICOM
+    file becomes one image per frame; the first is returned."""
     require(membership, Action.IMAGE_UPLOAD, request=request)
     tenant = membership.tenant
     model_version_for_upload(tenant=tenant, image_id=None)  # 503 before storing anything if no model
-    validated = image_validate(upload)
+    data = _read_upload(upload)
+    if dicom.looks_like_dicom(data):
+        return _dicom_upload(membership=membership, data=data, fields=study or StudyFields(), request=request)
+    validated = _validate_bytes(data)
     stored_name = default_storage.save(image_key(tenant_id=tenant.pk), ContentFile(validated.content))
     try:
         with transaction.atomic():
@@ -169,17 +191,191 @@ def image_upload(*, membership: Membership, upload, study: StudyFields | None = 
             inference_request_create(
                 image=image, model_version=model_version_for_upload(tenant=tenant, image_id=image.pk)
             )
-            access_event_record(
-                action="image.upload",
-                request=request,
-                user=membership.user,
-                tenant=tenant,
-                target_type="image",
-                target_id=image.pk,
-            )
+            study_summary_refresh([study_row.pk])
+            _record_upload(membership, image, request)
     except BaseException:
         # no row points at the stored bytes: remove them, so nothing is half-written
         default_storage.delete(stored_name)
         raise
     logger.info("image %s stored for tenant %s", image.pk, tenant.pk)
     return image
+
+
+def _record_upload(membership: Membership, image: Image, request) -> None:
+    access_event_record(
+        action="image.upload",
+        request=request,
+        user=membership.user,
+        tenant=membership.tenant,
+        target_type="image",
+        target_id=image.pk,
+    )
+
+
+def _patient_pseudonym(tenant, patient_id: str) -> str:
+    """A DICOM Patient ID is an identifier: the platform keeps a keyed hash of it, the same for
+    the same patient within one hospital, and different between hospitals."""
+    if not patient_id:
+        return ""
+    digest = hmac.new(settings.SECRET_KEY.encode(), f"{tenant.pk}:{patient_id}".encode(), hashlib.sha256)
+    return "P-" + digest.hexdigest()[:12].upper()
+
+
+def _dicom_study(tenant, header: dict, fields: StudyFields) -> Study:
+    pseudonym = fields.patient_pseudonym or _patient_pseudonym(tenant, header["patient_id"])
+    study_fields = StudyFields(
+        patient_pseudonym=pseudonym,
+        accession_number=fields.accession_number or header["accession_number"],
+        modality=fields.modality or header["modality"],
+        description=fields.description or header["study_description"],
+        study_date=fields.study_date or header["study_date"],
+    )
+    uid = header["study_instance_uid"]
+    if uid:
+        existing = Study.objects.for_tenant(tenant).filter(study_instance_uid=uid).first()
+        if existing is not None:
+            if pseudonym and existing.patient_pseudonym and pseudonym != existing.patient_pseudonym:
+                raise Conflict(
+                    "This study belongs to another patient; check the file's Patient ID.",
+                    code="study_patient_mismatch",
+                )
+            return existing
+    study = _study_for_upload(tenant=tenant, fields=study_fields)
+    if uid and not study.study_instance_uid:
+        study.study_instance_uid = uid
+        study.save(update_fields=["study_instance_uid"])
+    return study
+
+
+def _dicom_series(tenant, study: Study, header: dict) -> Series:
+    uid = header["series_instance_uid"]
+    if uid:
+        existing = Series.objects.for_tenant(tenant).filter(study=study, series_instance_uid=uid).first()
+        if existing is not None:
+            return existing
+    taken = set(Series.objects.filter(study=study).values_list("number", flat=True))
+    number = header["series_number"]
+    if number is None or number < 0 or number in taken:
+        number = max(taken, default=0) + 1
+    return Series.objects.create(
+        tenant=tenant,
+        study=study,
+        number=number,
+        series_instance_uid=uid,
+        modality=header["modality"],
+        description=header["series_description"],
+    )
+
+
+def _dicom_upload(*, membership: Membership, data: bytes, fields: StudyFields, request) -> Image:
+    """Parse with limits, render every frame for display and the model, keep the original with
+    its preamble zeroed. An encoding no decoder here reads is kept as unprocessable (415)."""
+    try:
+        parsed = dicom.parse(
+            data, max_pixels=settings.SIGHTLINE_MAX_IMAGE_PIXELS, max_frames=settings.SIGHTLINE_MAX_DICOM_FRAMES
+        )
+        renders = [_png(dicom.frame_display(parsed, index)) for index in range(parsed.frames)]
+    except dicom.DicomTooLarge as exc:
+        raise TooLarge(exc.message, code=exc.code) from exc
+    except dicom.DicomUnsupportedSyntax as exc:
+        image = _store_dicom(
+            membership=membership, data=data, header=exc.header, fields=fields, request=request, reason=exc.message
+        )
+        raise UnsupportedMedia(
+            f"{exc.message} The file is kept, marked unprocessable.", code=exc.code, detail={"image": image.pk}
+        ) from exc
+    except dicom.DicomUnreadable as exc:
+        raise Unprocessable(exc.message, code=exc.code) from exc
+    header = {
+        **{key: getattr(parsed, key) for key in _HEADER_KEYS},
+        "rows": parsed.rows,
+        "columns": parsed.columns,
+        "photometric": parsed.photometric,
+        "window": None if parsed.is_color else parsed.default_window,
+    }
+    return _store_dicom(
+        membership=membership, data=data, header=header, fields=fields, request=request, renders=renders
+    )
+
+
+_HEADER_KEYS = (
+    "patient_id",
+    "study_instance_uid",
+    "accession_number",
+    "study_date",
+    "study_description",
+    "modality",
+    "series_instance_uid",
+    "series_number",
+    "series_description",
+    "sop_instance_uid",
+    "instance_number",
+)
+
+
+def _store_dicom(
+    *,
+    membership: Membership,
+    data: bytes,
+    header: dict,
+    fields: StudyFields,
+    request,
+    renders: list[bytes] = (),
+    reason: str = "",
+) -> Image:
+    tenant = membership.tenant
+    stored: list[str] = []
+    try:
+        original = ContentFile(dicom.anonymized_preamble(data))
+        stored.append(default_storage.save(dicom_key(tenant_id=tenant.pk), original))
+        names = [default_storage.save(image_key(tenant_id=tenant.pk), ContentFile(png)) for png in renders]
+        stored.extend(names)
+        with transaction.atomic():
+            study = _dicom_study(tenant, header, fields)
+            series = _dicom_series(tenant, study, header)
+            window = header.get("window")
+            common = {
+                "tenant": tenant,
+                "study": study,
+                "series": series,
+                "original": stored[0],
+                "sop_instance_uid": header["sop_instance_uid"],
+                "instance_number": header["instance_number"],
+                "photometric": header.get("photometric", ""),
+                "window_center": window[0] if window else None,
+                "window_width": window[1] if window else None,
+                "format": "DICOM",
+                "width": header["columns"],
+                "height": header["rows"],
+                "uploaded_by": membership.user,
+            }
+            if reason:
+                images = [
+                    Image.objects.create(
+                        **common, unprocessable_reason=reason[:300], sha256="", byte_size=len(data), file=""
+                    )
+                ]
+            else:
+                images = [
+                    Image.objects.create(
+                        **common,
+                        file=name,
+                        frame_number=index,
+                        sha256=hashlib.sha256(png).hexdigest(),
+                        byte_size=len(png),
+                    )
+                    for index, (name, png) in enumerate(zip(names, renders, strict=True))
+                ]
+                for image in images:
+                    inference_request_create(
+                        image=image, model_version=model_version_for_upload(tenant=tenant, image_id=image.pk)
+                    )
+            study_summary_refresh([study.pk])
+            for image in images:
+                _record_upload(membership, image, request)
+    except BaseException:
+        for name in stored:
+            default_storage.delete(name)
+        raise
+    logger.info("DICOM stored for tenant %s as %d image(s)", tenant.pk, len(images))
+    return images[0]

@@ -78,7 +78,7 @@ def test_upload_stores_the_image_and_queues_one_read_after_commit(
     assert image.file.name.startswith(f"tenants/{clinician_a.tenant_id}/images/")
     assert "scan" not in image.file.name  # the server names objects, not the client
     assert InferenceRequest.objects.get(image=image).model_version == demo_model
-    assert len(callbacks) == 1  # the enqueue waits for the commit
+    assert len(callbacks) == 2  # the enqueue and the worklist's study.updated wait for the commit
     assert AccessEvent.objects.filter(action="image.upload", target_id=str(image.pk)).count() == 1
 
 

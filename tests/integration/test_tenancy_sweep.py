@@ -19,6 +19,7 @@ from accounts.permissions import ROLE_ACTIONS, Action, can
 from accounts.services import invitation_create, membership_grant, user_get_or_create
 from recognition.services.images import StudyFields, image_upload
 from recognition.services.inference import inference_run
+from recognition.services.reviews import review_save
 from tests.conftest import PASSWORD, png_bytes, upload_file
 
 pytestmark = pytest.mark.django_db
@@ -26,13 +27,17 @@ pytestmark = pytest.mark.django_db
 METHODS = ("get", "post", "put", "patch", "delete", "options")
 
 # Routes that take an object id: the kind of object, by the name of the id argument.
-OBJECT_KINDS = {"image_id": "image", "membership_id": "membership"}
+OBJECT_KINDS = {"image_id": "image", "membership_id": "membership", "study_id": "study", "review_id": "review"}
 
 # Every route without an object id, by name, and why it cannot show hospital A to hospital B.
 ROUTES_WITHOUT_IDS = {
     # lists of the active hospital's data: swept for A's markers as every role of B
     "image-list": "list",
     "api-images": "list",
+    "worklist": "list",
+    "api-studies": "list",
+    "agreement": "list",
+    "agreement-csv": "list",
     "members": "list",
     "api-members": "list",
     "api-activity": "list",
@@ -40,6 +45,7 @@ ROUTES_WITHOUT_IDS = {
     "access-log": "list",
     # act on the caller's own hospital, chosen by session or X-Tenant (swept with A's slug)
     "upload": "own-hospital",
+    "api-study-search": "own-hospital",  # a POSTed worklist search
     "member-invite": "own-hospital",
     "api-invitations": "own-hospital",
     "tenant-switch": "own-hospital",
@@ -115,6 +121,7 @@ def world(hospital_a, hospital_b, demo_model):
         study=StudyFields(patient_pseudonym="A-MARKER-PATIENT", accession_number="A-MARKER-ACC"),
     )
     inference_run(request_id=image.inference_requests.get().pk)
+    review = review_save(membership=clinician_a, image_id=image.pk, verdict="agree", comment="A-MARKER-PATIENT")
     invitation_create(actor=admin_a, email="invitee@a-marker.example", role=Role.VIEWER)
     b_members = {
         role: membership_grant(
@@ -122,7 +129,13 @@ def world(hospital_a, hospital_b, demo_model):
         )
         for role in Role.values
     }
-    return {"a": hospital_a, "image": image, "membership": admin_a, "b": b_members}
+    return {
+        "a": hospital_a,
+        "image": image,
+        "membership": admin_a,
+        "b": b_members,
+        "objects": {"image": image.pk, "membership": admin_a.pk, "study": image.study_id, "review": review.pk},
+    }
 
 
 def client_for(route: Route, membership: Membership, tenant_slug: str | None = None):
@@ -153,7 +166,7 @@ def test_every_route_is_classified():
 
 
 def test_hospital_b_gets_404_for_every_object_of_hospital_a(world, capsys):
-    objects = {"image": world["image"].pk, "membership": world["membership"].pk}
+    objects = world["objects"]
     missing = 987654321
     covered = 0
     for route in [r for r in all_routes() if r.namespace != "admin" and r.object_args]:
@@ -195,6 +208,15 @@ ROUTE_ACTION = {
     "image-file": {Action.IMAGE_VIEW},
     "image-heatmap": {Action.IMAGE_VIEW},
     "api-image-heatmap": {Action.IMAGE_VIEW},
+    "api-image-pixels": {Action.IMAGE_VIEW},
+    "image-pixels": {Action.IMAGE_VIEW},
+    "api-image-reviews": {Action.REVIEW_WRITE},  # GET needs image.view; a viewer's POST is the 403 here
+    "image-review": {Action.REVIEW_WRITE},
+    "api-review-sign-off": {Action.REVIEW_WRITE},
+    "review-sign-off": {Action.REVIEW_WRITE},
+    "api-study-detail": {Action.IMAGE_VIEW},
+    "worklist-row": {Action.IMAGE_VIEW},
+    "study-open": {Action.IMAGE_VIEW},
     "api-member-detail": {Action.MEMBERS_MANAGE},
     "api-member-deactivate": {Action.MEMBERS_MANAGE},
     "member-role": {Action.MEMBERS_MANAGE},
@@ -209,8 +231,9 @@ def test_nothing_of_hospital_a_appears_in_any_list_hospital_b_sees(world, capsys
             response = client_for(route, member).get(route.url())
             covered += 1
             assert response.status_code in (200, 403), (route.pattern, role, response.status_code)
+            body = b"".join(response.streaming_content) if response.streaming else response.content
             for marker in MARKERS:
-                assert marker.encode() not in response.content, (route.pattern, role, marker)
+                assert marker.encode() not in body, (route.pattern, role, marker)
             if route.name == "api-images" and response.status_code == 200:
                 assert response.json()["results"] == []
     with capsys.disabled():
@@ -220,10 +243,7 @@ def test_nothing_of_hospital_a_appears_in_any_list_hospital_b_sees(world, capsys
 def test_naming_hospital_a_in_x_tenant_is_404_on_every_hospital_api(world, capsys):
     covered = 0
     for route in [r for r in all_routes() if r.is_tenant_api]:
-        kwargs = {
-            arg: world["image"].pk if OBJECT_KINDS[arg] == "image" else world["membership"].pk
-            for arg in route.object_args
-        }
+        kwargs = {arg: world["objects"][OBJECT_KINDS[arg]] for arg in route.object_args}
         url = route.url(**kwargs)
         for role, member in world["b"].items():
             for method in METHODS:
@@ -254,6 +274,8 @@ def test_the_admin_is_for_platform_staff_only(world):
 HTTP_PROBES = {
     Action.IMAGE_VIEW: [("api", "get", "api-image-detail", 200), ("page", "get", "recognition:image-detail", 200)],
     Action.IMAGE_UPLOAD: [("api", "post", "api-images", 201)],
+    Action.REVIEW_WRITE: [("api", "post", "api-image-reviews", 201)],
+    Action.AGREEMENT_VIEW: [("page", "get", "recognition:agreement", 200)],
     Action.MEMBERS_MANAGE: [("api", "get", "api-members", 200), ("page", "get", "members", 200)],
     Action.ACTIVITY_VIEW: [("api", "get", "api-activity", 200)],
     Action.AUDIT_VIEW: [("api", "get", "api-access-log", 200), ("page", "get", "access-log", 200)],
@@ -276,15 +298,17 @@ def test_each_role_can_do_exactly_what_the_table_says(world, capsys):
         for action, probes in HTTP_PROBES.items():
             expected_allowed = action in ROLE_ACTIONS[role]
             for kind, method, name, success in probes:
-                kwargs = {"image_id": image.pk} if "image-detail" in name else {}
+                kwargs = {"image_id": image.pk} if "image-detail" in name or "image-reviews" in name else {}
                 url = reverse(name, kwargs=kwargs)
                 client = APIClient()
                 if kind == "api":
                     client.force_authenticate(member.user)
                 else:
                     client.force_login(member.user)
-                if method == "post":
+                if name == "api-images":
                     response = client.post(url, {"file": upload_file(png_bytes())}, format="multipart")
+                elif method == "post":
+                    response = client.post(url, {"verdict": "agree"}, format="json")
                 else:
                     response = client.get(url)
                 covered += 1

@@ -1,0 +1,390 @@
+"""Reading DICOM files: validation, metadata, and frames for display and for the model.
+
+Pure functions over bytes: no Django, no storage, no database. pydicom does the parsing; the
+pylibjpeg plugins (and Pillow) decode JPEG, JPEG-LS, JPEG 2000 and RLE pixel data.
+
+Nothing here puts a patient's name or id into an error message, a log line or a repr.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from dataclasses import dataclass, field
+from io import SEEK_END, BytesIO
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
+from pydicom.uid import UID, AllTransferSyntaxes
+
+PREAMBLE_SIZE = 128
+MAGIC = b"DICM"
+# Elements above this size (in practice Pixel Data) are read from the buffer only when needed.
+DEFER_SIZE = "1 MB"
+PIXEL_DATA_TAG_LE, PIXEL_DATA_TAG_BE = b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10"  # (7FE0,0010)
+TRUNCATED = "This DICOM file is truncated: its image data is incomplete."
+TEXT_LIMIT = 64  # the longest value DICOM allows for LO/SH-style identifiers
+BITS_ALLOCATED = (1, 8, 16, 32)
+GRAY = ("MONOCHROME1", "MONOCHROME2")
+COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
+
+
+class DicomError(Exception):
+    """A DICOM file this module cannot use; `code` is stable, `message` is for people."""
+
+    code = "dicom_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+
+
+class DicomUnreadable(DicomError):
+    """Not DICOM, damaged or truncated, or without an image."""
+
+    code = "dicom_unreadable"
+
+
+class DicomUnsupportedSyntax(DicomError):
+    """Valid DICOM whose pixel encoding (transfer syntax) no installed decoder handles. ``header``
+    holds what is known without the pixels (see ``header_fields``), so the caller can keep the file."""
+
+    code = "unsupported_transfer_syntax"
+    header: dict = {}  # noqa: RUF012  (replaced per instance by parse)
+
+
+class DicomTooLarge(DicomError):
+    """More pixels per frame or more frames than the caller allows."""
+
+    code = "dicom_too_large"
+
+
+@dataclass(frozen=True)
+class DicomFile:
+    """A parsed, validated DICOM image. Identifiers are kept out of repr(); the name is not kept."""
+
+    dataset: Dataset = field(repr=False, compare=False)
+    patient_id: str = field(repr=False)
+    study_instance_uid: str
+    accession_number: str = field(repr=False)
+    study_date: dt.date | None
+    study_description: str
+    modality: str
+    series_instance_uid: str
+    series_number: int | None
+    series_description: str
+    sop_instance_uid: str
+    instance_number: int | None
+    rows: int
+    columns: int
+    frames: int
+    photometric: str
+    transfer_syntax_name: str
+    default_window: tuple[float, float]
+    is_color: bool
+
+
+def looks_like_dicom(head: bytes) -> bool:
+    """True when `head` carries the DICOM Part 10 magic b"DICM" after the 128-byte preamble."""
+    return head[PREAMBLE_SIZE : PREAMBLE_SIZE + len(MAGIC)] == MAGIC
+
+
+def anonymized_preamble(data: bytes) -> bytes:
+    """The same file with its 128-byte preamble zeroed (a preamble can hide arbitrary content)."""
+    if not looks_like_dicom(data):
+        raise DicomUnreadable("This file is not a DICOM file (the DICM marker is missing).", code="not_dicom")
+    return bytes(PREAMBLE_SIZE) + data[PREAMBLE_SIZE:]
+
+
+@functools.cache
+def decoder_names() -> tuple[str, ...]:
+    """Names of the transfer syntaxes whose pixel data this installation can decode."""
+    names = []
+    for uid in AllTransferSyntaxes:
+        try:
+            if get_decoder(uid).is_available:
+                names.append(UID(uid).name)
+        except NotImplementedError:
+            continue
+    return tuple(names)
+
+
+def parse(data: bytes, *, max_pixels: int, max_frames: int) -> DicomFile:
+    """Read and validate a DICOM image; raises a DicomError subclass when it cannot be used."""
+    if not looks_like_dicom(data):
+        raise DicomUnreadable("This file is not a DICOM file (the DICM marker is missing).", code="not_dicom")
+    try:
+        ds = pydicom.dcmread(BytesIO(data), defer_size=DEFER_SIZE)
+    except Exception as exc:
+        raise DicomUnreadable("This DICOM file is damaged and could not be read.", code="unreadable") from exc
+
+    pixel_elem = ds.get_item(0x7FE00010, keep_deferred=True)
+    if pixel_elem is None:
+        # pydicom drops an encapsulated element cut off before its end; its tag is still in the bytes
+        if PIXEL_DATA_TAG_LE in data or PIXEL_DATA_TAG_BE in data:
+            raise DicomUnreadable(TRUNCATED, code="truncated")
+        raise DicomUnreadable("This DICOM file contains no image (no Pixel Data).", code="no_pixel_data")
+    # a deferred element is only seeked over while reading, so a cut-off file is caught here;
+    # a deflated file is read from pydicom's inflated copy, whose offsets differ from `data`'s
+    stream = getattr(ds, "buffer", None)
+    size = stream.seek(0, SEEK_END) if stream is not None else len(data)
+    length, offset = getattr(pixel_elem, "length", None), getattr(pixel_elem, "value_tell", None)
+    if length is not None and length != 0xFFFFFFFF and offset is not None and offset + length > size:
+        raise DicomUnreadable(TRUNCATED, code="truncated")
+
+    try:
+        syntax = _check_syntax(ds)
+    except DicomUnsupportedSyntax as exc:
+        exc.header = {**header_fields(ds), "rows": _int(ds, "Rows") or 0, "columns": _int(ds, "Columns") or 0}
+        raise
+    rows, columns, frames, photometric = _check_image_attributes(ds)
+    if rows * columns > max_pixels:
+        raise DicomTooLarge(
+            f"The image is {columns} x {rows} pixels ({rows * columns:,}); the limit is {max_pixels:,} per frame.",
+            code="too_many_pixels",
+        )
+    if frames > max_frames:
+        raise DicomTooLarge(f"The file has {frames} frames; the limit is {max_frames}.", code="too_many_frames")
+
+    is_color = photometric in COLOR
+    first = _decode(ds, 0)  # proves the pixel data decodes now, not later in a worker
+    if is_color:
+        window: tuple[float, float] = (128.0, 256.0)  # the full uint8 range
+    else:
+        values = _to_modality(ds, 0, first)
+        low, high = float(values.min()), float(values.max())
+        window = _file_window(ds, 0) or _lut_window(ds) or ((low + high) / 2.0, max(high - low, 1.0))
+
+    return DicomFile(
+        dataset=ds,
+        **header_fields(ds),
+        rows=rows,
+        columns=columns,
+        frames=frames,
+        photometric=photometric,
+        transfer_syntax_name=syntax.name,
+        default_window=window,
+        is_color=is_color,
+    )
+
+
+def header_fields(ds: Dataset) -> dict:
+    """Patient, study, series and instance fields (never the patient's name)."""
+    return {
+        "patient_id": _text(ds, "PatientID"),
+        "study_instance_uid": _text(ds, "StudyInstanceUID"),
+        "accession_number": _text(ds, "AccessionNumber"),
+        "study_date": _date(ds, "StudyDate"),
+        "study_description": _text(ds, "StudyDescription"),
+        "modality": _text(ds, "Modality"),
+        "series_instance_uid": _text(ds, "SeriesInstanceUID"),
+        "series_number": _int(ds, "SeriesNumber"),
+        "series_description": _text(ds, "SeriesDescription"),
+        "sop_instance_uid": _text(ds, "SOPInstanceUID"),
+        "instance_number": _int(ds, "InstanceNumber"),
+    }
+
+
+def frame_modality(dicom: DicomFile, index: int) -> np.ndarray:
+    """Frame `index` in modality units (e.g. HU) as float32 HxW, or uint8 HxWx3 RGB for colour."""
+    if not 0 <= index < dicom.frames:
+        raise IndexError(f"frame {index} does not exist; this file has {dicom.frames} frame(s)")
+    arr = _decode(dicom.dataset, index)
+    if dicom.is_color:
+        return _to_rgb8(dicom.dataset, arr)
+    return _to_modality(dicom.dataset, index, arr)
+
+
+def frame_display(dicom: DicomFile, index: int) -> np.ndarray:
+    """Frame `index` as uint8 for viewing and for the model: windowed HxW grayscale or HxWx3 RGB.
+
+    Grayscale uses the file's window, else its VOI LUT, else the frame's own min/max; MONOCHROME1
+    is inverted so that dense tissue is bright, as in MONOCHROME2.
+    """
+    values = frame_modality(dicom, index)
+    if dicom.is_color:
+        return values
+    ds = dicom.dataset
+    window = _file_window(ds, index)
+    if window is not None:
+        function = str(_lookup(ds, index, "FrameVOILUTSequence", "VOILUTFunction") or "LINEAR").upper()
+        scaled = _apply_window(values, *window, function=function)
+    elif (looked_up := _apply_voi_lut(ds, values)) is not None:
+        scaled = looked_up
+    else:
+        scaled = _rescale(values.astype(np.float64), float(values.min()), float(values.max()))
+    out = np.rint(scaled * 255.0).astype(np.uint8)
+    if dicom.photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
+        out = 255 - out
+    return out
+
+
+def _check_syntax(ds: Dataset) -> UID:
+    uid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if not uid:
+        raise DicomUnreadable(
+            "This DICOM file does not say how its image is encoded (no Transfer Syntax UID).", code="unreadable"
+        )
+    uid = UID(str(uid))
+    label = f"'{uid.name}' ({uid})" if uid.name != str(uid) else f"an unrecognised one ({uid})"
+    try:
+        available = get_decoder(uid).is_available
+    except NotImplementedError:
+        available = False
+    if not available:
+        raise DicomUnsupportedSyntax(
+            f"This image is encoded with the transfer syntax {label}, which this server cannot decode. "
+            f"Supported: {', '.join(decoder_names())}."
+        )
+    return uid
+
+
+def _check_image_attributes(ds: Dataset) -> tuple[int, int, int, str]:
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples, bits = int(ds.SamplesPerPixel), int(ds.BitsAllocated)
+        stored = int(ds.get("BitsStored") or bits)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        photometric = str(ds.PhotometricInterpretation).strip().upper()
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise DicomUnreadable(
+            "This DICOM file lacks the attributes that describe its image (rows, columns, bits, colour model).",
+            code="bad_image_attributes",
+        ) from exc
+    colour_ok = (samples == 1 and photometric in (*GRAY, "PALETTE COLOR")) or (samples == 3 and photometric in COLOR)
+    if min(rows, columns, frames) < 1 or bits not in BITS_ALLOCATED or not 0 < stored <= bits or not colour_ok:
+        raise DicomUnreadable(
+            f"This DICOM file describes its image inconsistently ({rows} x {columns}, {frames} frame(s), "
+            f"{samples} sample(s) of {bits} bits, {photometric or 'no colour model'}).",
+            code="bad_image_attributes",
+        )
+    return rows, columns, frames, photometric
+
+
+def _decode(ds: Dataset, index: int) -> np.ndarray:
+    try:
+        arr, _ = get_decoder(ds.file_meta.TransferSyntaxUID).as_array(ds, index=index)
+    except Exception as exc:
+        raise DicomUnreadable(
+            "The image data in this DICOM file could not be decoded; the file may be damaged or truncated.",
+            code="decode_failed",
+        ) from exc
+    return arr
+
+
+def _to_modality(ds: Dataset, index: int, arr: np.ndarray) -> np.ndarray:
+    if "ModalityLUTSequence" in ds:
+        return apply_modality_lut(arr, ds).astype(np.float32)
+    slope = _number(_lookup(ds, index, "PixelValueTransformationSequence", "RescaleSlope"))
+    intercept = _number(_lookup(ds, index, "PixelValueTransformationSequence", "RescaleIntercept"))
+    return arr.astype(np.float32) * np.float32(slope or 1.0) + np.float32(intercept or 0.0)
+
+
+def _to_rgb8(ds: Dataset, arr: np.ndarray) -> np.ndarray:
+    bits = int(ds.get("BitsStored") or ds.BitsAllocated)
+    if str(ds.PhotometricInterpretation).strip().upper() == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)[..., :3]
+        bits = 8 * arr.dtype.itemsize
+    if arr.dtype == np.uint8:
+        return arr
+    return np.rint(arr.astype(np.float64) * (255.0 / (2**bits - 1))).clip(0, 255).astype(np.uint8)
+
+
+def _apply_window(values: np.ndarray, center: float, width: float, *, function: str) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 windowing onto [0, 1]."""
+    x = values.astype(np.float64)
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((x - center) / width + 0.5, 0.0, 1.0)
+    return np.clip((x - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5, 0.0, 1.0)
+
+
+def _rescale(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.float64)
+    return np.clip((values - low) / (high - low), 0.0, 1.0)
+
+
+def _file_window(ds: Dataset, index: int) -> tuple[float, float] | None:
+    center = _number(_lookup(ds, index, "FrameVOILUTSequence", "WindowCenter"))
+    width = _number(_lookup(ds, index, "FrameVOILUTSequence", "WindowWidth"))
+    if center is None or width is None or width <= 0:
+        return None
+    return (center, width)
+
+
+def _lut_window(ds: Dataset) -> tuple[float, float] | None:
+    try:
+        entries, first = int(ds.VOILUTSequence[0].LUTDescriptor[0]) or 2**16, int(ds.VOILUTSequence[0].LUTDescriptor[1])
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
+    return (first + entries / 2.0, float(entries))
+
+
+def _apply_voi_lut(ds: Dataset, values: np.ndarray) -> np.ndarray | None:
+    """The file's first VOI LUT applied to `values`, onto [0, 1]; None when there is no usable one."""
+    if (window := _lut_window(ds)) is None:
+        return None
+    first, entries = int(window[0] - window[1] / 2), int(window[1])
+    try:
+        table = apply_voi(np.arange(first, first + entries), ds, 0).astype(np.float64)
+        # clip first: pydicom 3.0.2 casts to the LUT's dtype before clipping, so out-of-range values would wrap
+        inputs = np.clip(np.rint(values), first, first + entries - 1).astype(np.int64)
+        mapped = apply_voi(inputs, ds, 0).astype(np.float64)
+    except Exception:
+        return None
+    return _rescale(mapped, float(table.min()), float(table.max()))
+
+
+def _lookup(ds: Dataset, index: int, group: str, keyword: str) -> Any:
+    """An attribute for frame `index`: per-frame group, then shared group (enhanced objects), then top level."""
+    try:
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+        shared = ds.get("SharedFunctionalGroupsSequence") or []
+        for item in (per_frame[index] if index < len(per_frame) else None, shared[0] if shared else None):
+            inner = item.get(group) if item is not None else None
+            if inner and keyword in inner[0]:
+                return inner[0].get(keyword)
+        return ds.get(keyword)
+    except Exception:
+        return None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, list | tuple | MultiValue):
+        value = value[0] if len(value) else None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        value = None
+    if isinstance(value, MultiValue):
+        value = "\\".join(str(v) for v in value)
+    return "" if value is None else str(value).strip()[:TEXT_LIMIT]
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    number = _number(_text(ds, keyword))
+    return int(number) if number is not None and number.is_integer() else None
+
+
+def _date(ds: Dataset, keyword: str) -> dt.date | None:
+    raw = _text(ds, keyword).replace(".", "")  # "YYYY.MM.DD" is the old ACR-NEMA form
+    try:
+        return dt.datetime.strptime(raw[:8], "%Y%m%d").date() if len(raw) >= 8 else None
+    except ValueError:
+        return None

@@ -1,0 +1,95 @@
+// The worklist: rows update live (the socket says which study changed, the server renders the
+// row), and j/k/Enter move through it. A reconnecting page re-renders its rows: it misses nothing.
+(function () {
+  "use strict";
+  var cfg = JSON.parse(document.getElementById("sightline-config").textContent);
+  var table = document.querySelector("#worklist tbody");
+  var indicator = document.getElementById("live");
+  var notice = document.getElementById("worklist-new");
+  var delay = 500;
+  var selected = null;
+
+  function setState(state, text) {
+    indicator.dataset.state = state;
+    indicator.textContent = text;
+  }
+
+  function rows() { return Array.prototype.slice.call(table.querySelectorAll("tr[data-study]")); }
+
+  function select(row) {
+    if (selected) selected.classList.remove("selected");
+    selected = row;
+    if (!row) return;
+    row.classList.add("selected");
+    row.setAttribute("aria-selected", "true");
+    row.focus({preventScroll: true});
+    row.scrollIntoView({block: "nearest"});
+  }
+
+  function refreshRow(studyId) {
+    var row = table.querySelector('tr[data-study="' + studyId + '"]');
+    if (!row) {  // a study this page does not show: offer to reload instead of reshuffling the list
+      if (notice) notice.hidden = false;
+      return;
+    }
+    fetch(cfg.rowUrl.replace("/0/", "/" + studyId + "/"), {credentials: "same-origin"})
+      .then(function (response) { if (!response.ok) throw new Error(response.status); return response.text(); })
+      .then(function (html) {
+        var holder = document.createElement("tbody");
+        holder.innerHTML = html.trim();  // server-rendered and escaped by Django's templates
+        var fresh = holder.querySelector("tr[data-study]");
+        if (!fresh) return;
+        var wasSelected = row === selected;
+        row.replaceWith(fresh);
+        if (wasSelected) { selected = fresh; fresh.classList.add("selected"); }
+      })
+      .catch(function () {});
+  }
+
+  function resync() { rows().forEach(function (row) { refreshRow(row.dataset.study); }); }
+
+  document.addEventListener("keydown", function (event) {
+    var target = event.target;
+    if (event.ctrlKey || event.metaKey || event.altKey) return;
+    if (target.closest && target.closest("input, select, textarea, button")) return;
+    var list = rows();
+    if (!list.length) return;
+    var index = list.indexOf(selected);
+    if (event.key === "j") { select(list[Math.min(index + 1, list.length - 1)]); event.preventDefault(); }
+    else if (event.key === "k") { select(list[Math.max(index - 1, 0)]); event.preventDefault(); }
+    else if (event.key === "Enter" && selected) { window.location.href = selected.dataset.href; event.preventDefault(); }
+  });
+  table.addEventListener("click", function (event) {
+    var row = event.target.closest("tr[data-study]");
+    if (row && !event.target.closest("a")) select(row);
+  });
+
+  function connect() {
+    var scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
+    var socket = new WebSocket(scheme + window.location.host + "/ws/events/");
+    socket.onopen = function () {
+      delay = 500;
+      socket.send(JSON.stringify({type: "subscribe", tenant: cfg.tenant}));
+    };
+    socket.onmessage = function (event) {
+      var message = JSON.parse(event.data);
+      if (message.type === "subscribed") {
+        setState("live", "live");
+        resync();  // whatever changed between the page's render (or the last connection) and now
+      } else if (message.type === "study.updated") {
+        refreshRow(message.study);
+      }
+    };
+    socket.onclose = function (event) {
+      if (event.code === 4401 || event.code === 4403) {
+        setState("offline", "signed out — reload the page");
+        return;
+      }
+      setState("offline", "reconnecting…");
+      setTimeout(connect, delay);
+      delay = Math.min(delay * 2, 15000);
+    };
+  }
+
+  connect();
+})();
