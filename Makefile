@@ -76,3 +76,4 @@ BENCH_ARGS ?=
 # A benchmark, not a test: prints a table and writes bench/results.json (`make bench BENCH_ARGS=--quick`).
 bench: $(VENV)/.dev
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/worklist.py

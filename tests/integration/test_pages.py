@@ -100,7 +100,9 @@ def test_seeding_twice_changes_nothing(demo_model):
     counts = (Tenant.objects.count(), Membership.objects.count(), Study.objects.count(), Image.objects.count())
     events = AccessEvent.objects.count()
     call_command("seed_demo")
-    assert counts == (2, 5, 7, 7)
+    assert counts == (2, 5, 8, 10)  # 7 PNG studies, and one CT study of three frames
+    ct = Study.objects.get(accession_number="DEMO-CT-0001")
+    assert ct.modality == "CT" and ct.image_count == 3 and ct.patient_pseudonym.startswith("P-")
     assert (Tenant.objects.count(), Membership.objects.count(), Study.objects.count(), Image.objects.count()) == counts
     assert AccessEvent.objects.count() == events
     assert set(Tenant.objects.values_list("slug", flat=True)) == {"demo-general", "demo-childrens"}
@@ -109,8 +111,8 @@ def test_seeding_twice_changes_nothing(demo_model):
 @pytest.mark.parametrize(
     ("role", "landing"),
     [
-        ("clinician", "/images/"),
-        ("viewer", "/images/"),
+        ("clinician", "/worklist/"),
+        ("viewer", "/worklist/"),
         ("tenant_admin", "/hospital/members/"),
         ("auditor", "/hospital/access-log/"),
     ],

@@ -1,6 +1,7 @@
 """Two demo hospitals, a user for every role, and sample images. Running it twice changes nothing."""
 
 import datetime
+import io
 
 import numpy as np
 from django.conf import settings
@@ -70,4 +71,47 @@ class Command(BaseCommand):
                 ),
             )
             created += 1
+        accession = "DEMO-CT-0001"
+        clinician = memberships["clinician"]
+        if not Study.objects.for_tenant(clinician.tenant).filter(accession_number=accession).exists():
+            image_upload(membership=clinician, upload=SimpleUploadedFile("ct.dcm", demo_ct(accession)))
+            created += 1
         return created
+
+
+def demo_ct(accession: str, frames: int = 3, size: int = 256) -> bytes:
+    """A generated chest-CT-like DICOM (a phantom, not a patient): three slices in Hounsfield
+    units, with a window in the file, so the viewer's window/level and presets have work to do."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    y, x = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j]
+    slices = []
+    for index in range(frames):
+        hu = np.full((size, size), -1000.0)
+        hu[(x / 0.85) ** 2 + (y / 0.65) ** 2 < 1] = 40  # soft tissue
+        for side in (-0.38, 0.38):
+            hu[((x - side) / 0.3) ** 2 + (y / 0.45) ** 2 < 1] = -820  # lungs
+        hu[x**2 + (y - 0.48) ** 2 < 0.012] = 700  # spine
+        if index == 1:
+            hu[(x - 0.35) ** 2 + (y + 0.1) ** 2 < 0.01] = 30  # a round opacity in one slice
+        hu += np.random.default_rng(index).normal(0, 12, hu.shape)
+        slices.append(np.clip(hu + 1024, 0, 4095).astype(np.uint16))
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID = "Demo^Phantom", "DEMO-PHANTOM"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.AccessionNumber, ds.StudyDate, ds.Modality = accession, "20260110", "CT"
+    ds.StudyDescription, ds.SeriesNumber, ds.InstanceNumber = "Generated phantom (not a patient)", 1, 1
+    ds.NumberOfFrames, ds.Rows, ds.Columns = frames, size, size
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept, ds.WindowCenter, ds.WindowWidth = 1, -1024, 40, 400
+    ds.PixelData = np.stack(slices).tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
