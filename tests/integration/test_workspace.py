@@ -261,3 +261,47 @@ def test_agreement_is_shown_to_tenant_admins_and_staff_with_a_csv(client, clinic
     client.force_login(staff)
     assert demo_model.version in client.get("/agreement/", {"tenant": hospital_a.slug}).content.decode()
     assert client.get("/agreement/", {"tenant": "no-such-hospital"}).status_code == 404
+
+
+def test_a_real_ct_upload_keeps_the_original_byte_for_byte_apart_from_the_preamble(clinician_a, demo_model):
+    from pydicom.data import get_testdata_file
+
+    with open(get_testdata_file("CT_small.dcm", download=False), "rb") as handle:
+        data = b"\x11" * 128 + handle.read()[128:]
+    image = Image.objects.get(pk=post_file(api_client_for(clinician_a), data).json()["id"])
+    with image.original.open("rb") as stored:
+        kept = stored.read()
+    assert kept[:128] == bytes(128) and kept[128:] == data[128:]
+
+
+def count_queries(call) -> int:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as captured:
+        response = call()
+    assert response.status_code == 200
+    return len(captured)
+
+
+def test_the_worklist_costs_the_same_queries_for_3_or_30_studies(client, clinician_a, demo_model):
+    from recognition.services.images import StudyFields, image_upload
+    from tests.conftest import upload_file
+
+    client.force_login(clinician_a.user)
+    api = api_client_for(clinician_a)
+
+    def add(count, start):
+        for i in range(start, start + count):
+            image_upload(
+                membership=clinician_a,
+                upload=upload_file(png_bytes(seed=i, size=32)),
+                study=StudyFields(accession_number=f"Q-{i}", modality="DX"),
+            )
+
+    add(3, 0)
+    client.get("/worklist/")  # the session's first request also records the member's sign-in activity
+    few = (count_queries(lambda: client.get("/worklist/")), count_queries(lambda: api.get("/api/v1/studies/")))
+    add(27, 3)
+    many = (count_queries(lambda: client.get("/worklist/")), count_queries(lambda: api.get("/api/v1/studies/")))
+    assert few == many
