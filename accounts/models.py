@@ -4,6 +4,8 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
+GENESIS_HASH = "0" * 64
+
 
 class Tenant(models.Model):
     """A hospital. Every clinical row belongs to exactly one."""
@@ -13,6 +15,11 @@ class Tenant(models.Model):
     is_active = models.BooleanField(default=True)
     require_admin_two_factor = models.BooleanField(
         default=False, help_text="Hospital admins must sign in with a one-time code (TOTP)."
+    )
+    audit_retention_days = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Access-log entries older than this are pruned by `manage.py prune_audit_log`; empty: kept forever.",
     )
     created = models.DateTimeField(default=timezone.now)
 
@@ -96,8 +103,35 @@ class AppendOnlyQuerySet(models.QuerySet):
         raise TypeError("the access log is append-only")
 
 
+class AuditChain(models.Model):
+    """The head of one hash chain of the access log: one per hospital, and one for the platform.
+
+    ``first_sequence`` and ``anchor_hash`` move only when old entries are pruned: verification
+    starts at the first kept entry, whose ``previous_hash`` must be the anchor."""
+
+    key = models.CharField(max_length=32, unique=True)  # "tenant-<id>" or "platform"
+    sequence = models.PositiveBigIntegerField(default=0, help_text="Of the last entry written.")
+    head_hash = models.CharField(max_length=64, default=GENESIS_HASH)
+    first_sequence = models.PositiveBigIntegerField(default=1)
+    anchor_hash = models.CharField(max_length=64, default=GENESIS_HASH)
+
+    def __str__(self) -> str:
+        return f"{self.key} at {self.sequence}"
+
+
+class AuditPrunePermit(models.Model):
+    """Exists only inside `prune_audit_log`'s transaction: the database triggers let DELETE
+    through on the access log while a row is here, and refuse it otherwise."""
+
+    created = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"prune permit {self.pk}"
+
+
 class AccessEvent(models.Model):
-    """One access to patient data or one security event. Append-only.
+    """One access to patient data or one security event. Append-only (model, queryset and
+    database triggers) and tamper-evident: each hospital's entries form a hash chain.
 
     Targets are named by type and id only: no patient names or identifiers here.
     """
@@ -107,7 +141,7 @@ class AccessEvent(models.Model):
         DENIED = "denied"
         FAILED = "failed"
 
-    created = models.DateTimeField(default=timezone.now, db_index=True)
+    created = models.DateTimeField(default=timezone.now)
     tenant = models.ForeignKey(Tenant, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     actor = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
@@ -120,11 +154,25 @@ class AccessEvent(models.Model):
     ip_address = models.GenericIPAddressField(null=True, blank=True)
     user_agent = models.CharField(max_length=256, blank=True)
     request_id = models.CharField(max_length=64, blank=True)
+    chain = models.CharField(max_length=32)
+    sequence = models.PositiveBigIntegerField()
+    previous_hash = models.CharField(max_length=64)
+    entry_hash = models.CharField(max_length=64)
 
     objects = AppendOnlyQuerySet.as_manager()
 
     class Meta:
-        indexes = [models.Index(fields=["tenant", "-created"], name="accessevent_tenant_created")]
+        constraints = [models.UniqueConstraint(fields=["chain", "sequence"], name="accessevent_chain_no_forks")]
+        indexes = [
+            # the auditor's page: newest first per hospital, and the same with each filter
+            models.Index(fields=["tenant", "-created", "-id"], name="accessevent_tenant_created"),
+            models.Index(fields=["tenant", "actor", "-created", "-id"], name="accessevent_tenant_actor"),
+            models.Index(fields=["tenant", "action", "-created", "-id"], name="accessevent_tenant_action"),
+            models.Index(fields=["tenant", "outcome", "-created", "-id"], name="accessevent_tenant_outcome"),
+            models.Index(fields=["tenant", "target_type", "target_id"], name="accessevent_tenant_target"),
+            models.Index(fields=["-created", "-id"], name="accessevent_created"),  # platform auditors
+        ]
+        permissions = [("audit_all_hospitals", "Can read every hospital's access log (platform auditor)")]
 
     def __str__(self) -> str:
         return f"{self.created:%Y-%m-%d %H:%M:%S} {self.actor_label} {self.action} {self.outcome}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import secrets
 from datetime import timedelta
 
@@ -17,6 +18,7 @@ from django.utils import timezone
 
 from config.errors import Conflict, Forbidden, Gone, Invalid
 
+from .audit import chain_append
 from .events import access_revoked_on_commit
 from .models import AccessEvent, Invitation, Membership, Role, Tenant
 from .permissions import ADMIN_ACTIONS, Action, can
@@ -24,12 +26,20 @@ from .permissions import ADMIN_ACTIONS, Action, can
 Outcome = AccessEvent.Outcome
 
 
+def _ip(value: str | None) -> str | None:
+    """The address in its one canonical text form (it is part of the entry's hash)."""
+    try:
+        return ipaddress.ip_address(value).compressed if value else None
+    except ValueError:
+        return None
+
+
 def _request_context(request) -> dict:
     if request is None:
         return {}
     meta = request.META
     context = {
-        "ip_address": meta.get("REMOTE_ADDR") or None,
+        "ip_address": _ip(meta.get("REMOTE_ADDR")),
         "user_agent": meta.get("HTTP_USER_AGENT", "")[:256],
         "request_id": getattr(request, "request_id", "")[:64],
     }
@@ -61,15 +71,17 @@ def access_event_record(
     token_id = context.pop("token_id", None)
     if token_id:
         label = f"{label} (token {token_id})"
-    return AccessEvent.objects.create(
-        action=action,
-        outcome=outcome,
-        actor=user,
-        actor_label=label[:150],
-        tenant=tenant,
-        target_type=target_type,
-        target_id=str(target_id)[:64],
-        **context,
+    return chain_append(
+        AccessEvent(
+            action=action,
+            outcome=outcome,
+            actor=user,
+            actor_label=label[:150],
+            tenant=tenant,
+            target_type=target_type,
+            target_id=str(target_id)[:64],
+            **context,
+        )
     )
 
 

@@ -31,6 +31,30 @@ def _fresh_media_root():
     shutil.rmtree(settings.MEDIA_ROOT, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _flush_holds_a_prune_permit():
+    """Transactional tests empty the database with ``flush`` after each test. The access log's
+    triggers refuse that, as they should; like `prune_audit_log`, the flush holds a permit."""
+    from django.core.management.commands import flush
+
+    original = flush.Command.handle
+
+    def handle(self, **options):
+        from django.db import connections
+
+        from accounts.models import AccessEvent, AuditPrunePermit
+
+        database = options.get("database", "default")
+        AuditPrunePermit.objects.using(database).create()  # PostgreSQL's TRUNCATE trigger checks it
+        with connections[database].cursor() as cursor:  # SQLite's row trigger: no rows left to refuse
+            cursor.execute(f"DELETE FROM {AccessEvent._meta.db_table}")  # noqa: S608
+        return original(self, **options)
+
+    flush.Command.handle = handle
+    yield
+    flush.Command.handle = original
+
+
 @pytest.fixture(scope="session")
 def demo_package() -> Path:
     """The real demo model, trained once and reused by later runs (about 40 s on 2 cores)."""
