@@ -162,3 +162,23 @@ def chain_prune(tenant: Tenant, *, now=None) -> PruneReport | None:
             )
         )
     return PruneReport(key, pruned, last_sequence + 1)
+
+
+def audit_verify_and_alert() -> bool:
+    """Verify every chain; for each that fails, log an error and record an ``audit.tampered``
+    security event in the platform's chain (naming the chain and the first bad entry)."""
+    import logging
+
+    failed = [report for report in chains_verify() if not report.ok]
+    for report in failed:
+        logging.getLogger(__name__).error("access log does not verify: %s", report)
+        chain_append(
+            AccessEvent(
+                action="audit.tampered",
+                outcome=AccessEvent.Outcome.FAILED,
+                actor_label="verify_audit_log",
+                target_type="audit_chain",
+                target_id=f"{report.chain}#{report.first_bad_sequence}",
+            )
+        )
+    return not failed

@@ -1,5 +1,6 @@
 """Security events raised by django.contrib.auth go to the access log."""
 
+from axes.signals import user_locked_out
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 from django.dispatch import receiver
 
@@ -28,4 +29,16 @@ def _login_failed(sender, credentials, request=None, **kwargs):
         request=request,
         user=None,
         username=str(credentials.get("username", ""))[:150],
+    )
+
+
+@receiver(user_locked_out)
+def _locked_out(sender, request=None, username=None, **kwargs):
+    """django-axes locked this username and address out after repeated failures."""
+    access_event_record(
+        action="auth.lockout",
+        outcome=AccessEvent.Outcome.DENIED,
+        request=request,
+        user=None,
+        username=str(username or "")[:150],
     )

@@ -8,3 +8,11 @@ def infer(request_id: int) -> int:
     from recognition.services.inference import inference_run
 
     return inference_run(request_id=request_id)
+
+
+@shared_task(name="workers.tasks.audit_verify", acks_late=True)
+def audit_verify() -> bool:
+    """Periodic (Celery beat): verify every chain of the access log; a failure is an alert."""
+    from accounts.audit import audit_verify_and_alert
+
+    return audit_verify_and_alert()

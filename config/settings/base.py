@@ -200,6 +200,14 @@ CELERY_TASK_DEFAULT_QUEUE = "interactive"
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+# housekeeping runs on its own queue, so it never holds up an inference worker that skips it
+CELERY_TASK_ROUTES = {"workers.tasks.audit_verify": {"queue": "maintenance"}}
+CELERY_BEAT_SCHEDULE = {
+    "verify-audit-log": {
+        "task": "workers.tasks.audit_verify",
+        "schedule": env.int("SIGHTLINE_AUDIT_VERIFY_MINUTES", default=60) * 60,
+    },
+}
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

@@ -266,14 +266,25 @@ def test_a_role_without_events_subscribe_closes_the_feed(stack, live_demo):
 
 @pytest.mark.parametrize("role", list(Role), ids=[str(role) for role in Role])
 def test_subscribing_follows_the_role_table(stack, live_demo, role):
+    from accounts.models import AccessEvent
+
     membership = member(f"member-{role}", "demo-general", role)
     access = token_pair(stack, membership.user.username)["access"]
+    denials = AccessEvent.objects.filter(action="events.subscribe", outcome="denied", actor=membership.user)
     with open_socket(stack, access) as socket:
         answer = subscribe(socket, "demo-general")
         if can(membership, Action.EVENTS_SUBSCRIBE):
             assert answer == {"type": "subscribed", "tenant": "demo-general"}
+            assert not denials.exists()
         else:
             assert answer["type"] == "error" and answer["code"] == "forbidden", answer
+            # the refused subscription is in the access log, once, with who, what and where
+            (entry,) = denials
+            assert (entry.tenant_id, entry.target_type, entry.target_id) == (
+                membership.tenant_id,
+                "tenant",
+                "demo-general",
+            )
         assert_alive(socket)
 
 
