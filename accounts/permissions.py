@@ -10,6 +10,7 @@ from .models import Membership, Role
 class Action(StrEnum):
     IMAGE_VIEW = "image.view"  # images, their studies and AI results
     IMAGE_UPLOAD = "image.upload"
+    BATCH_SUBMIT = "batch.submit"  # create, fill, start, cancel and retry bulk jobs
     REVIEW_WRITE = "review.write"  # agree, disagree or correct an AI finding, sign off, amend
     AGREEMENT_VIEW = "agreement.view"  # clinicians' agreement with each model version
     EVENTS_SUBSCRIBE = "events.subscribe"  # live notifications over the WebSocket
@@ -22,7 +23,7 @@ _READ_CLINICAL = {Action.IMAGE_VIEW, Action.EVENTS_SUBSCRIBE}
 
 ROLE_ACTIONS: dict[str, frozenset[Action]] = {
     Role.VIEWER: frozenset(_READ_CLINICAL),
-    Role.CLINICIAN: frozenset(_READ_CLINICAL | {Action.IMAGE_UPLOAD, Action.REVIEW_WRITE}),
+    Role.CLINICIAN: frozenset(_READ_CLINICAL | {Action.IMAGE_UPLOAD, Action.REVIEW_WRITE, Action.BATCH_SUBMIT}),
     Role.TENANT_ADMIN: frozenset({Action.MEMBERS_MANAGE, Action.ACTIVITY_VIEW, Action.AGREEMENT_VIEW}),
     Role.AUDITOR: frozenset({Action.AUDIT_VIEW}),
 }

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from django.http import FileResponse, HttpResponse
+from django.http import FileResponse, HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
@@ -12,6 +12,7 @@ from rest_framework.response import Response
 from accounts.apis import TENANT_HEADER, TenantApi
 from accounts.permissions import Action
 from accounts.services import require
+from config.errors import Invalid
 
 from .models import Review, Study
 from .selectors import (
@@ -25,6 +26,21 @@ from .selectors import (
     review_history,
     study_get,
     study_worklist,
+)
+from .services.batches import (
+    batch_items_add_files,
+    batch_job_cancel,
+    batch_job_create,
+    batch_job_get,
+    batch_job_list,
+    batch_job_progress,
+    batch_job_retry,
+    batch_job_start,
+    batch_results_open,
+    batch_upload_prefix,
+    batch_upload_zip,
+    results_csv,
+    results_json,
 )
 from .services.images import StudyFields, image_upload
 from .services.reviews import review_save, review_sign_off
@@ -314,3 +330,154 @@ class ReviewSignOffApi(TenantApi):
     def post(self, request, review_id: int):
         review = review_sign_off(membership=request.membership, review_id=review_id, request=request)
         return Response(ReviewOutput(review).data)
+
+
+class BatchJobInput(serializers.Serializer):
+    name = serializers.CharField(max_length=200)
+    model = serializers.CharField(max_length=100, required=False, default="", help_text="default: the site's model")
+    alias = serializers.ChoiceField(choices=["", "production", "canary"], required=False, default="")
+    version = serializers.CharField(max_length=50, required=False, default="", help_text="wins over alias")
+
+
+class BatchJobOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    model = serializers.CharField(source="model_version.model.name")
+    model_version = serializers.CharField(source="model_version.version")
+    status = serializers.CharField()
+    state = serializers.SerializerMethodField(help_text="open, running, finished or cancelled")
+    counts = serializers.SerializerMethodField(help_text="items per state")
+    total = serializers.SerializerMethodField()
+    images_per_s = serializers.SerializerMethodField()
+    eta_s = serializers.SerializerMethodField()
+    uploads_pending = serializers.SerializerMethodField(help_text="archives still being unpacked")
+    created = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+
+    def _progress(self, job):
+        if not hasattr(job, "_progress"):
+            job._progress = batch_job_progress(job)
+        return job._progress
+
+    def get_state(self, job) -> str:
+        return self._progress(job).state
+
+    def get_counts(self, job) -> dict[str, int]:
+        return self._progress(job).counts
+
+    def get_total(self, job) -> int:
+        return self._progress(job).total
+
+    def get_images_per_s(self, job) -> float | None:
+        return self._progress(job).images_per_s
+
+    def get_eta_s(self, job) -> float | None:
+        return self._progress(job).eta_s
+
+    def get_uploads_pending(self, job) -> int:
+        return self._progress(job).uploads_pending
+
+
+IDEMPOTENCY_HEADER = OpenApiParameter(
+    "Idempotency-Key",
+    str,
+    OpenApiParameter.HEADER,
+    required=False,
+    description="Repeat a create with the same key and get the same job back (200) instead of a second one.",
+)
+
+
+class BatchJobListCreateApi(TenantApi):
+    @extend_schema(parameters=[TENANT_HEADER], responses=BatchJobOutput(many=True))
+    def get(self, request):
+        jobs = batch_job_list(membership=request.membership, request=request)
+        return Response(BatchJobOutput(jobs, many=True).data)
+
+    @extend_schema(
+        parameters=[TENANT_HEADER, IDEMPOTENCY_HEADER],
+        request=BatchJobInput,
+        responses={201: BatchJobOutput, 200: BatchJobOutput},
+        description="Create an open job for one model version (by version, alias, or the hospital's default).",
+    )
+    def post(self, request):
+        data = BatchJobInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        job, created = batch_job_create(
+            membership=request.membership,
+            idempotency_key=request.headers.get("Idempotency-Key", ""),
+            request=request,
+            **data.validated_data,
+        )
+        return Response(BatchJobOutput(job).data, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+
+class BatchJobDetailApi(TenantApi):
+    @extend_schema(parameters=[TENANT_HEADER], responses=BatchJobOutput)
+    def get(self, request, job_id: int):
+        job = batch_job_get(membership=request.membership, job_id=job_id, request=request)
+        return Response(BatchJobOutput(job).data)
+
+
+class BatchItemsInput(serializers.Serializer):
+    files = serializers.ListField(child=serializers.FileField(allow_empty_file=True), required=False)
+    archive = serializers.FileField(required=False, help_text="one zip of images (PNG, JPEG, DICOM)")
+    prefix = serializers.CharField(required=False, help_text="import every file under tenants/<id>/imports/…")
+
+
+class BatchItemsApi(TenantApi):
+    @extend_schema(
+        parameters=[TENANT_HEADER],
+        request={"multipart/form-data": BatchItemsInput},
+        responses={202: BatchJobOutput},
+        description="Add items before the job starts: `files` (each becomes an item; a bad file a failed item), "
+        "or one `archive` (zip; unpacked by a worker, the job starts once it is done), or a storage `prefix`.",
+    )
+    def post(self, request, job_id: int):
+        membership = request.membership
+        files, archive, prefix = (
+            request.FILES.getlist("files"),
+            request.FILES.get("archive"),
+            request.data.get("prefix"),
+        )
+        if sum(bool(x) for x in (files, archive, prefix)) != 1:
+            batch_job_get(membership=membership, job_id=job_id, request=request)  # a 404 comes first
+            raise Invalid("Send exactly one of: files, archive, prefix.", code="one_source")
+        if files:
+            batch_items_add_files(membership=membership, job_id=job_id, files=files, request=request)
+        elif archive:
+            batch_upload_zip(membership=membership, job_id=job_id, archive=archive, request=request)
+        else:
+            batch_upload_prefix(membership=membership, job_id=job_id, prefix=str(prefix), request=request)
+        job = batch_job_get(membership=membership, job_id=job_id, request=request)
+        return Response(BatchJobOutput(job).data, status=status.HTTP_202_ACCEPTED)
+
+
+class BatchJobActionApi(TenantApi):
+    action = ""
+
+    @extend_schema(parameters=[TENANT_HEADER], request=None, responses=BatchJobOutput)
+    def post(self, request, job_id: int):
+        service = {"start": batch_job_start, "cancel": batch_job_cancel, "retry": batch_job_retry}[self.action]
+        service(membership=request.membership, job_id=job_id, request=request)
+        job = batch_job_get(membership=request.membership, job_id=job_id, request=request)
+        return Response(BatchJobOutput(job).data)
+
+
+class BatchResultsApi(TenantApi):
+    @extend_schema(
+        parameters=[
+            TENANT_HEADER,
+            OpenApiParameter("format", str, OpenApiParameter.QUERY, enum=["csv", "json"], required=False),
+        ],
+        responses={(200, "text/csv"): OpenApiTypes.STR, (200, "application/json"): OpenApiTypes.OBJECT},
+        description="One row per item, streamed: item, position, image, status, top_label, probability, "
+        "model_version, error (the finding or the error in words).",
+    )
+    def get(self, request, job_id: int):
+        job = batch_results_open(membership=request.membership, job_id=job_id, request=request)
+        if request.query_params.get("format", "csv") == "json":
+            response = StreamingHttpResponse(results_json(job), content_type="application/json")
+        else:
+            response = StreamingHttpResponse(results_csv(job), content_type="text/csv")
+            response["Content-Disposition"] = f'attachment; filename="job-{job.pk}.csv"'
+        return response

@@ -123,3 +123,10 @@ class EventsConsumer(JsonWebsocketConsumer):
             self.close(code=CLOSE_UNAUTHENTICATED)
             return
         self.send_json({"type": "study.updated", "study": event["study"]})
+
+    def job_progress(self, event):
+        """A bulk job's counts changed; the jobs page fetches the job."""
+        if not self._still_signed_in():
+            self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        self.send_json({"type": "job.progress", "job": event["job"]})

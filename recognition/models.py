@@ -221,6 +221,7 @@ class InferenceRequest(TenantOwned):
         RUNNING = "running"
         DONE = "done"
         FAILED = "failed"
+        CANCELLED = "cancelled"  # its bulk job was cancelled before it ran
 
     class Priority(models.IntegerChoices):
         INTERACTIVE = 0  # a person is waiting: always claimed first
@@ -304,3 +305,94 @@ class Review(TenantOwned):
         if self.pk is not None and Review.objects.filter(pk=self.pk, signed_off_at__isnull=False).exists():
             raise ValueError("a signed-off review is never changed; amend it with a new review")
         super().save(*args, **kwargs)
+
+
+class BatchJob(TenantOwned):
+    """A bulk job: many images read by one model version at bulk priority, with progress,
+    cancel, retry and results for the whole job."""
+
+    class Status(models.TextChoices):
+        OPEN = "open"  # taking items, not started
+        RUNNING = "running"
+        CANCELLED = "cancelled"
+
+    name = models.CharField(max_length=200)
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="+")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    idempotency_key = models.CharField(max_length=128, blank=True)
+    created = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    cancelled_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "created_by", "idempotency_key"],
+                condition=~Q(idempotency_key=""),
+                name="batchjob_idempotency_key_unique",
+            )
+        ]
+        indexes = [models.Index(fields=["tenant", "-created", "-id"], name="batchjob_tenant_created")]
+
+    def __str__(self) -> str:
+        return f"job {self.pk} ({self.name})"
+
+
+class BatchUpload(TenantOwned):
+    """One archive (or storage prefix) added to a job: expanded into items by a worker task.
+    A job cannot start while one of its uploads is still being expanded."""
+
+    class Status(models.TextChoices):
+        RECEIVED = "received"
+        EXPANDING = "expanding"
+        COMPLETE = "complete"
+        REFUSED = "refused"
+
+    job = models.ForeignKey(BatchJob, on_delete=models.CASCADE, related_name="uploads")
+    kind = models.CharField(max_length=16, choices=[("zip", "zip archive"), ("prefix", "storage prefix")])
+    source = models.CharField(max_length=255, help_text="The stored archive's key, or the storage prefix.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RECEIVED)
+    error = models.CharField(max_length=300, blank=True)
+    entries = models.PositiveIntegerField(default=0)
+    created = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.kind} upload {self.pk} of job {self.job_id}"
+
+
+class BatchItem(TenantOwned):
+    """One image of a job, or one entry that could not become an image (failed, with why)."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"  # added, the job not started
+        QUEUED = "queued"
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    job = models.ForeignKey(BatchJob, on_delete=models.CASCADE, related_name="items")
+    upload = models.ForeignKey(BatchUpload, null=True, blank=True, on_delete=models.CASCADE, related_name="items")
+    position = models.PositiveIntegerField(help_text="Its place in the upload (zip entry or file index).")
+    image = models.ForeignKey(Image, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    request = models.ForeignKey(
+        InferenceRequest, null=True, blank=True, on_delete=models.SET_NULL, related_name="batch_items"
+    )
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    error = models.CharField(max_length=500, blank=True)
+    created = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            # an archive expanded twice (a worker died half-way) never makes an entry twice
+            models.UniqueConstraint(
+                fields=["upload", "position"], condition=Q(upload__isnull=False), name="batchitem_once_per_entry"
+            )
+        ]
+        indexes = [
+            models.Index(fields=["job", "status"], name="batchitem_job_status"),
+            models.Index(fields=["job", "id"], name="batchitem_job_order"),
+        ]

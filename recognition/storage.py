@@ -11,6 +11,15 @@ def dicom_key(*, tenant_id: int) -> str:
     return f"tenants/{tenant_id}/dicom/{uuid.uuid4().hex}.dcm"
 
 
+def archive_key(*, tenant_id: int) -> str:
+    return f"tenants/{tenant_id}/archives/{uuid.uuid4().hex}.zip"
+
+
+def import_prefix(*, tenant_id: int) -> str:
+    """Where a hospital puts files for bulk import: a job may import only under its own prefix."""
+    return f"tenants/{tenant_id}/imports/"
+
+
 def heatmap_key(*, tenant_id: int) -> str:
     return f"tenants/{tenant_id}/heatmaps/{uuid.uuid4().hex}.png"
 

@@ -18,6 +18,12 @@ urlpatterns = [
     path("worklist/rows/<int:study_id>/", views.worklist_row, name="worklist-row"),
     path("studies/<int:study_id>/", views.study_open, name="study-open"),
     path("agreement/", views.agreement_page, name="agreement"),
+    path("jobs/", views.jobs_page, name="jobs"),
+    path("jobs/<int:job_id>/items/", views.job_action, {"action": "items"}, name="job-items"),
+    path("jobs/<int:job_id>/start/", views.job_action, {"action": "start"}, name="job-start"),
+    path("jobs/<int:job_id>/cancel/", views.job_action, {"action": "cancel"}, name="job-cancel"),
+    path("jobs/<int:job_id>/retry/", views.job_action, {"action": "retry"}, name="job-retry"),
+    path("jobs/<int:job_id>/results.csv", views.job_results, name="job-results"),
     path("agreement.csv", views.agreement_csv_view, name="agreement-csv"),
     path("hospital/", views.tenant_switch, name="tenant-switch"),
 ]

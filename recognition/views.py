@@ -34,6 +34,19 @@ from .selectors import (
     study_get,
     study_worklist,
 )
+from .services.batches import (
+    batch_items_add_files,
+    batch_job_cancel,
+    batch_job_create,
+    batch_job_get,
+    batch_job_list,
+    batch_job_progress,
+    batch_job_retry,
+    batch_job_start,
+    batch_results_open,
+    batch_upload_zip,
+    results_csv,
+)
 from .services.images import image_upload
 from .services.reviews import review_save, review_sign_off
 
@@ -330,4 +343,68 @@ def agreement_csv_view(request):
     tenant, slug = _agreement_scope(request)
     response = StreamingHttpResponse(agreement_csv(agreement_rows(tenant=tenant)), content_type="text/csv")
     response["Content-Disposition"] = f'attachment; filename="agreement-{slug or "all"}.csv"'
+    return response
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def jobs_page(request):
+    """Bulk jobs: create one, drop files or a zip into it, start, cancel, retry, download."""
+    membership = membership_for_session(request)
+    if request.method == "POST":
+        try:
+            job, _ = batch_job_create(membership=membership, name=request.POST.get("name", ""), request=request)
+        except DomainError as exc:
+            if exc.status == 404:
+                raise
+            messages.error(request, exc.message)
+        else:
+            messages.success(request, f"Job “{job.name}” created: add files or a zip, then start it.")
+        return redirect("recognition:jobs")
+    jobs = batch_job_list(membership=membership, request=request)
+    return render(
+        request,
+        "recognition/jobs.html",
+        {
+            "membership": membership,
+            "jobs": [(job, batch_job_progress(job)) for job in jobs],
+            "can_submit": can(membership, Action.BATCH_SUBMIT),
+            "live_config": {"tenant": membership.tenant.slug, "apiJob": reverse("api-batch-detail", args=[0])},
+        },
+    )
+
+
+@login_required
+@require_POST
+def job_action(request, job_id: int, action: str):
+    membership = membership_for_session(request)
+    require(membership, Action.BATCH_SUBMIT, request=request)  # who may not, or whose job it is not,
+    batch_job_get(membership=membership, job_id=job_id, request=request)  # hears 403 / 404 first
+    try:
+        if action == "items":
+            archive, files = request.FILES.get("archive"), request.FILES.getlist("files")
+            if archive:
+                batch_upload_zip(membership=membership, job_id=job_id, archive=archive, request=request)
+                messages.success(request, "Archive received; it is being unpacked.")
+            elif files:
+                items = batch_items_add_files(membership=membership, job_id=job_id, files=files, request=request)
+                messages.success(request, f"{len(items)} item{'s' if len(items) != 1 else ''} added.")
+            else:
+                messages.error(request, "Choose files or a zip archive.")
+        else:
+            service = {"start": batch_job_start, "cancel": batch_job_cancel, "retry": batch_job_retry}[action]
+            service(membership=membership, job_id=job_id, request=request)
+    except DomainError as exc:
+        if exc.status in (403, 404):
+            raise
+        messages.error(request, exc.message)
+    return redirect("recognition:jobs")
+
+
+@login_required
+def job_results(request, job_id: int):
+    membership = membership_for_session(request)
+    job = batch_results_open(membership=membership, job_id=job_id, request=request)
+    response = StreamingHttpResponse(results_csv(job), content_type="text/csv")
+    response["Content-Disposition"] = f'attachment; filename="job-{job.pk}.csv"'
     return response

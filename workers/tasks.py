@@ -16,3 +16,18 @@ def audit_verify() -> bool:
     from accounts.audit import audit_verify_and_alert
 
     return audit_verify_and_alert()
+
+
+@shared_task(name="workers.tasks.batch_expand", acks_late=True)
+def batch_expand(upload_id: int) -> None:
+    from recognition.services.batches import batch_upload_expand
+
+    batch_upload_expand(upload_id=upload_id)
+
+
+@shared_task(name="workers.tasks.batch_reconcile", acks_late=True)
+def batch_reconcile() -> int:
+    """Periodic (Celery beat): requests stuck running past their time limit are requeued."""
+    from recognition.services.batches import batch_reconcile as reconcile
+
+    return reconcile()

@@ -201,8 +201,13 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 # housekeeping runs on its own queue, so it never holds up an inference worker that skips it
-CELERY_TASK_ROUTES = {"workers.tasks.audit_verify": {"queue": "maintenance"}}
+CELERY_TASK_ROUTES = {
+    "workers.tasks.audit_verify": {"queue": "maintenance"},
+    "workers.tasks.batch_expand": {"queue": "maintenance"},
+    "workers.tasks.batch_reconcile": {"queue": "maintenance"},
+}
 CELERY_BEAT_SCHEDULE = {
+    "reconcile-stuck-requests": {"task": "workers.tasks.batch_reconcile", "schedule": 60},
     "verify-audit-log": {
         "task": "workers.tasks.audit_verify",
         "schedule": env.int("SIGHTLINE_AUDIT_VERIFY_MINUTES", default=60) * 60,
@@ -256,6 +261,12 @@ SPECTACULAR_SETTINGS = {
 SIGHTLINE_MAX_UPLOAD_BYTES = env.int("SIGHTLINE_MAX_UPLOAD_BYTES", default=50 * 1024 * 1024)
 SIGHTLINE_MAX_IMAGE_PIXELS = env.int("SIGHTLINE_MAX_IMAGE_PIXELS", default=40_000_000)  # per image or frame
 SIGHTLINE_MAX_DICOM_FRAMES = env.int("SIGHTLINE_MAX_DICOM_FRAMES", default=300)
+# bulk jobs' zip archives: entries, uncompressed bytes (declared and as read), ratio per entry
+SIGHTLINE_ARCHIVE_MAX_ENTRIES = env.int("SIGHTLINE_ARCHIVE_MAX_ENTRIES", default=20_000)
+SIGHTLINE_ARCHIVE_MAX_BYTES = env.int("SIGHTLINE_ARCHIVE_MAX_BYTES", default=8 * 1024**3)
+SIGHTLINE_ARCHIVE_MAX_RATIO = env.float("SIGHTLINE_ARCHIVE_MAX_RATIO", default=100.0)
+# a request still running after this long (any host) is requeued by the periodic reconciliation
+SIGHTLINE_REQUEST_TIME_LIMIT_SECONDS = env.int("SIGHTLINE_REQUEST_TIME_LIMIT_SECONDS", default=600)
 DATA_UPLOAD_MAX_NUMBER_FILES = env.int("SIGHTLINE_MAX_FILES_PER_UPLOAD", default=100)
 # one browser upload of several files; the same cap belongs in the proxy (client_max_body_size)
 SIGHTLINE_MAX_REQUEST_BYTES = env.int("SIGHTLINE_MAX_REQUEST_BYTES", default=512 * 1024 * 1024)

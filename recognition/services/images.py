@@ -159,15 +159,27 @@ def _study_for_upload(*, tenant, fields: StudyFields) -> Study:
     )
 
 
-def image_upload(*, membership: Membership, upload, study: StudyFields | None = None, request=None) -> Image:
-    """Store one image for the member's hospital and queue its AI read after commit. A DICOM
-    file becomes one image per frame; the first is returned."""
+def image_upload(
+    *, membership: Membership, upload, study: StudyFields | None = None, request=None, read: bool = True
+) -> Image:
+    """Store one file for the member's hospital; the first image it became (see images_upload)."""
+    return images_upload(membership=membership, upload=upload, study=study, request=request, read=read)[0]
+
+
+def images_upload(
+    *, membership: Membership, upload, study: StudyFields | None = None, request=None, read: bool = True
+) -> list[Image]:
+    """Store one file for the member's hospital and queue its AI read after commit (``read``;
+    a bulk job queues its reads when it starts). A DICOM file becomes one image per frame."""
     require(membership, Action.IMAGE_UPLOAD, request=request)
     tenant = membership.tenant
-    model_version_for_upload(tenant=tenant, image_id=None)  # 503 before storing anything if no model
+    if read:
+        model_version_for_upload(tenant=tenant, image_id=None)  # 503 before storing anything if no model
     data = _read_upload(upload)
     if dicom.looks_like_dicom(data):
-        return _dicom_upload(membership=membership, data=data, fields=study or StudyFields(), request=request)
+        return _dicom_upload(
+            membership=membership, data=data, fields=study or StudyFields(), request=request, read=read
+        )
     validated = _validate_bytes(data)
     stored_name = default_storage.save(image_key(tenant_id=tenant.pk), ContentFile(validated.content))
     try:
@@ -188,9 +200,10 @@ def image_upload(*, membership: Membership, upload, study: StudyFields | None = 
                 byte_size=len(validated.content),
                 uploaded_by=membership.user,
             )
-            inference_request_create(
-                image=image, model_version=model_version_for_upload(tenant=tenant, image_id=image.pk)
-            )
+            if read:
+                inference_request_create(
+                    image=image, model_version=model_version_for_upload(tenant=tenant, image_id=image.pk)
+                )
             study_summary_refresh([study_row.pk])
             _record_upload(membership, image, request)
     except BaseException:
@@ -198,7 +211,7 @@ def image_upload(*, membership: Membership, upload, study: StudyFields | None = 
         default_storage.delete(stored_name)
         raise
     logger.info("image %s stored for tenant %s", image.pk, tenant.pk)
-    return image
+    return [image]
 
 
 def _record_upload(membership: Membership, image: Image, request) -> None:
@@ -267,7 +280,7 @@ def _dicom_series(tenant, study: Study, header: dict) -> Series:
     )
 
 
-def _dicom_upload(*, membership: Membership, data: bytes, fields: StudyFields, request) -> Image:
+def _dicom_upload(*, membership: Membership, data: bytes, fields: StudyFields, request, read: bool) -> list[Image]:
     """Parse with limits, render every frame for display and the model, keep the original with
     its preamble zeroed. An encoding no decoder here reads is kept as unprocessable (415)."""
     try:
@@ -278,7 +291,7 @@ def _dicom_upload(*, membership: Membership, data: bytes, fields: StudyFields, r
     except dicom.DicomTooLarge as exc:
         raise TooLarge(exc.message, code=exc.code) from exc
     except dicom.DicomUnsupportedSyntax as exc:
-        image = _store_dicom(
+        (image,) = _store_dicom(
             membership=membership, data=data, header=exc.header, fields=fields, request=request, reason=exc.message
         )
         raise UnsupportedMedia(
@@ -294,7 +307,7 @@ def _dicom_upload(*, membership: Membership, data: bytes, fields: StudyFields, r
         "window": None if parsed.is_color else parsed.default_window,
     }
     return _store_dicom(
-        membership=membership, data=data, header=header, fields=fields, request=request, renders=renders
+        membership=membership, data=data, header=header, fields=fields, request=request, renders=renders, read=read
     )
 
 
@@ -322,7 +335,8 @@ def _store_dicom(
     request,
     renders: list[bytes] = (),
     reason: str = "",
-) -> Image:
+    read: bool = True,
+) -> list[Image]:
     tenant = membership.tenant
     stored: list[str] = []
     try:
@@ -366,7 +380,7 @@ def _store_dicom(
                     )
                     for index, (name, png) in enumerate(zip(names, renders, strict=True))
                 ]
-                for image in images:
+                for image in images if read else ():
                     inference_request_create(
                         image=image, model_version=model_version_for_upload(tenant=tenant, image_id=image.pk)
                     )
@@ -378,4 +392,4 @@ def _store_dicom(
             default_storage.delete(name)
         raise
     logger.info("DICOM stored for tenant %s as %d image(s)", tenant.pk, len(images))
-    return images[0]
+    return images

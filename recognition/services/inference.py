@@ -29,6 +29,13 @@ from ..storage import heatmap_key
 from .registry import model_handler, model_version_for_image
 from .studies import study_summary_refresh
 
+
+def batch_items_on_outcome(request_ids_by_status, now) -> None:
+    from .batches import batch_items_on_outcome as follow  # batches imports this module
+
+    follow(request_ids_by_status, now)
+
+
 logger = logging.getLogger(__name__)
 Status = InferenceRequest.Status
 
@@ -380,6 +387,13 @@ def _store_outcomes(
         Result.objects.bulk_create(results, ignore_conflicts=True)
         study_summary_refresh(
             Image.objects.filter(id__in=[request.image_id for request in finished]).values_list("study_id", flat=True)
+        )
+        batch_items_on_outcome(
+            {
+                status: [request.pk for request in finished if request.status == status]
+                for status in (Status.DONE, Status.FAILED)
+            },
+            now,
         )
         events.results_ready_on_commit(notices)
 

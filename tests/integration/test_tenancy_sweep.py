@@ -14,9 +14,10 @@ from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from rest_framework.test import APIClient
 
 from accounts.apis import TenantApi
-from accounts.models import Membership, Role
+from accounts.models import AccessEvent, Membership, Role
 from accounts.permissions import ROLE_ACTIONS, Action, can
 from accounts.services import invitation_create, membership_grant, user_get_or_create
+from recognition.services.batches import batch_job_create
 from recognition.services.images import StudyFields, image_upload
 from recognition.services.inference import inference_run
 from recognition.services.reviews import review_save
@@ -27,7 +28,14 @@ pytestmark = pytest.mark.django_db
 METHODS = ("get", "post", "put", "patch", "delete", "options")
 
 # Routes that take an object id: the kind of object, by the name of the id argument.
-OBJECT_KINDS = {"image_id": "image", "membership_id": "membership", "study_id": "study", "review_id": "review"}
+OBJECT_KINDS = {
+    "image_id": "image",
+    "membership_id": "membership",
+    "study_id": "study",
+    "review_id": "review",
+    "job_id": "batch_job",
+    "entry_id": "access_event",
+}
 
 # Every route without an object id, by name, and why it cannot show hospital A to hospital B.
 ROUTES_WITHOUT_IDS = {
@@ -36,6 +44,8 @@ ROUTES_WITHOUT_IDS = {
     "api-images": "list",
     "worklist": "list",
     "api-studies": "list",
+    "api-batches": "list",
+    "jobs": "list",
     "agreement": "list",
     "agreement-csv": "list",
     "members": "list",
@@ -43,6 +53,7 @@ ROUTES_WITHOUT_IDS = {
     "api-activity": "list",
     "api-access-log": "list",
     "access-log": "list",
+    "access-log-csv": "list",
     # act on the caller's own hospital, chosen by session or X-Tenant (swept with A's slug)
     "upload": "own-hospital",
     "api-study-search": "own-hospital",  # a POSTed worklist search
@@ -122,6 +133,7 @@ def world(hospital_a, hospital_b, demo_model):
     )
     inference_run(request_id=image.inference_requests.get().pk)
     review = review_save(membership=clinician_a, image_id=image.pk, verdict="agree", comment="A-MARKER-PATIENT")
+    job, _ = batch_job_create(membership=clinician_a, name="A-MARKER-ACC job")
     invitation_create(actor=admin_a, email="invitee@a-marker.example", role=Role.VIEWER)
     b_members = {
         role: membership_grant(
@@ -134,7 +146,14 @@ def world(hospital_a, hospital_b, demo_model):
         "image": image,
         "membership": admin_a,
         "b": b_members,
-        "objects": {"image": image.pk, "membership": admin_a.pk, "study": image.study_id, "review": review.pk},
+        "objects": {
+            "image": image.pk,
+            "membership": admin_a.pk,
+            "study": image.study_id,
+            "review": review.pk,
+            "batch_job": job.pk,
+            "access_event": AccessEvent.objects.filter(tenant=hospital_a).latest("id").pk,
+        },
     }
 
 
@@ -217,6 +236,18 @@ ROUTE_ACTION = {
     "api-study-detail": {Action.IMAGE_VIEW},
     "worklist-row": {Action.IMAGE_VIEW},
     "study-open": {Action.IMAGE_VIEW},
+    "api-batch-detail": {Action.IMAGE_VIEW},
+    "access-log-entry": {Action.AUDIT_VIEW},
+    "api-batch-results": {Action.IMAGE_VIEW},
+    "api-batch-items": {Action.BATCH_SUBMIT},
+    "api-batch-start": {Action.BATCH_SUBMIT},
+    "api-batch-cancel": {Action.BATCH_SUBMIT},
+    "api-batch-retry": {Action.BATCH_SUBMIT},
+    "job-items": {Action.BATCH_SUBMIT},
+    "job-start": {Action.BATCH_SUBMIT},
+    "job-cancel": {Action.BATCH_SUBMIT},
+    "job-retry": {Action.BATCH_SUBMIT},
+    "job-results": {Action.IMAGE_VIEW},
     "api-member-detail": {Action.MEMBERS_MANAGE},
     "api-member-deactivate": {Action.MEMBERS_MANAGE},
     "member-role": {Action.MEMBERS_MANAGE},
@@ -275,6 +306,7 @@ HTTP_PROBES = {
     Action.IMAGE_VIEW: [("api", "get", "api-image-detail", 200), ("page", "get", "recognition:image-detail", 200)],
     Action.IMAGE_UPLOAD: [("api", "post", "api-images", 201)],
     Action.REVIEW_WRITE: [("api", "post", "api-image-reviews", 201)],
+    Action.BATCH_SUBMIT: [("api", "post", "api-batches", 201)],
     Action.AGREEMENT_VIEW: [("page", "get", "recognition:agreement", 200)],
     Action.MEMBERS_MANAGE: [("api", "get", "api-members", 200), ("page", "get", "members", 200)],
     Action.ACTIVITY_VIEW: [("api", "get", "api-activity", 200)],
@@ -307,6 +339,8 @@ def test_each_role_can_do_exactly_what_the_table_says(world, capsys):
                     client.force_login(member.user)
                 if name == "api-images":
                     response = client.post(url, {"file": upload_file(png_bytes())}, format="multipart")
+                elif name == "api-batches":
+                    response = client.post(url, {"name": f"probe {role}"}, format="json")
                 elif method == "post":
                     response = client.post(url, {"verdict": "agree"}, format="json")
                 else:

@@ -1,0 +1,526 @@
+"""Bulk jobs: create (idempotently), add files, a zip or a storage prefix, start, cancel, retry.
+
+Archives and prefixes are expanded by a worker task, entry by entry, so the web process never
+holds an archive in memory and a crash half-way leaves an upload that is visibly not complete
+(and is finished by the next expansion, which skips the entries already made). Starting a job
+creates one bulk-priority request per item; the engine claims bulk work round-robin across
+hospitals and always after interactive work.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.core.files.base import ContentFile, File
+from django.core.files.storage import default_storage
+from django.db import transaction
+from django.db.models import Count
+from django.utils import timezone
+
+from accounts.events import send_many_on_commit, tenant_group
+from accounts.models import Membership
+from accounts.permissions import Action
+from accounts.services import access_event_record, require
+from config.errors import Conflict, DomainError, Invalid, NotFound
+
+from ..archive import ArchiveLimits, ArchiveRefused, read_archive
+from ..models import AIModel, BatchItem, BatchJob, BatchUpload, InferenceRequest, ModelAlias, ModelPin, ModelVersion
+from ..storage import archive_key, import_prefix
+from .images import images_upload
+
+logger = logging.getLogger(__name__)
+Item, Job, Upload = BatchItem.Status, BatchJob.Status, BatchUpload.Status
+
+
+def _job_version(*, tenant, model: str, alias: str, version: str) -> ModelVersion:
+    name = model or settings.SIGHTLINE_DEFAULT_MODEL
+    family = AIModel.objects.filter(name=name).first()
+    if family is None:
+        raise Invalid(f"There is no model called {name!r}.", code="unknown_model")
+    if version:
+        found = ModelVersion.objects.filter(model=family, version=version).first()
+        if found is None:
+            raise Invalid(f"{name} has no version {version!r}.", code="unknown_version")
+        return found
+    if not alias:  # the hospital's pin wins over the production alias, as for single uploads
+        pin = ModelPin.objects.for_tenant(tenant).filter(model=family).select_related("version").first()
+        if pin is not None:
+            return pin.version
+    row = ModelAlias.objects.filter(model=family, name=alias or ModelAlias.Name.PRODUCTION).first()
+    if row is None:
+        raise Invalid(f"{name} has no {alias or 'production'} alias.", code="unknown_alias")
+    return row.version
+
+
+def batch_job_create(
+    *,
+    membership: Membership,
+    name: str,
+    model: str = "",
+    alias: str = "",
+    version: str = "",
+    idempotency_key: str = "",
+    request=None,
+) -> tuple[BatchJob, bool]:
+    """A new open job, or — for a repeated Idempotency-Key — the job that key made. (job, created)"""
+    require(membership, Action.BATCH_SUBMIT, request=request)
+    name = name.strip()[:200]
+    if not name:
+        raise Invalid("Give the job a name.", code="name_required")
+    if len(idempotency_key) > 128:
+        raise Invalid("The Idempotency-Key is longer than 128 characters.", code="bad_idempotency_key")
+    chosen = _job_version(tenant=membership.tenant, model=model, alias=alias, version=version)
+    with transaction.atomic():
+        if idempotency_key:
+            existing = (
+                BatchJob.objects.for_tenant(membership.tenant)
+                .select_for_update()
+                .filter(created_by=membership.user, idempotency_key=idempotency_key)
+                .first()
+            )
+            if existing is not None:
+                if (existing.name, existing.model_version_id) != (name, chosen.pk):
+                    raise Conflict(
+                        "This Idempotency-Key was used for a different job; use a new key.", code="idempotency_mismatch"
+                    )
+                return existing, False
+        job = BatchJob.objects.create(
+            tenant=membership.tenant,
+            name=name,
+            model_version=chosen,
+            created_by=membership.user,
+            idempotency_key=idempotency_key,
+        )
+        _record(membership, "batch.create", job, request)
+    return job, True
+
+
+def _record(membership: Membership, action: str, job: BatchJob, request) -> None:
+    access_event_record(
+        action=action,
+        request=request,
+        user=membership.user,
+        tenant=membership.tenant,
+        target_type="batch_job",
+        target_id=job.pk,
+    )
+
+
+def batch_job_get(*, membership: Membership, job_id: int, request=None, for_update: bool = False) -> BatchJob:
+    """One job of the member's hospital (another hospital's is a 404, and logged)."""
+    require(membership, Action.IMAGE_VIEW, request=request)
+    jobs = BatchJob.objects.for_tenant(membership.tenant).select_related("model_version__model")
+    job = (jobs.select_for_update() if for_update else jobs).filter(pk=job_id).first()
+    if job is None:
+        from accounts.models import AccessEvent
+
+        access_event_record(
+            action="batch.view",
+            outcome=AccessEvent.Outcome.DENIED,
+            request=request,
+            user=membership.user,
+            tenant=membership.tenant,
+            target_type="batch_job",
+            target_id=job_id,
+        )
+        raise NotFound("No such job.")
+    return job
+
+
+def _open_job(membership: Membership, job_id: int, request) -> BatchJob:
+    require(membership, Action.BATCH_SUBMIT, request=request)
+    job = batch_job_get(membership=membership, job_id=job_id, request=request, for_update=True)
+    if job.status != Job.OPEN:
+        raise Conflict("Items can be added only before the job starts.", code="job_started")
+    return job
+
+
+def _next_position(job: BatchJob) -> int:
+    last = BatchItem.objects.filter(job=job, upload=None).order_by("-position").values_list("position", flat=True)
+    return (last.first() or 0) + 1
+
+
+def batch_items_add_files(*, membership: Membership, job_id: int, files: list, request=None) -> list[BatchItem]:
+    """Files sent with the request: each becomes an item (a DICOM file, one per frame); a file
+    that is not a usable image becomes a failed item that says why. The others go on."""
+    items = []
+    with transaction.atomic():
+        job = _open_job(membership, job_id, request)
+        position = _next_position(job)
+    for upload in files:
+        try:
+            with transaction.atomic():
+                images = images_upload(membership=membership, upload=upload, request=request, read=False)
+                for image in images:
+                    items.append(BatchItem.objects.create(tenant=job.tenant, job=job, position=position, image=image))
+                    position += 1
+        except DomainError as exc:
+            items.append(
+                BatchItem.objects.create(
+                    tenant=job.tenant, job=job, position=position, status=Item.FAILED, error=exc.message[:500]
+                )
+            )
+            position += 1
+    _notify([job])
+    return items
+
+
+def batch_upload_zip(*, membership: Membership, job_id: int, archive, request=None) -> BatchUpload:
+    """Store the archive as it came (Django has spooled it to a temporary file, not memory) and
+    queue its expansion; nothing of it counts until the expansion is complete."""
+    with transaction.atomic():
+        job = _open_job(membership, job_id, request)
+    stored = default_storage.save(archive_key(tenant_id=job.tenant_id), File(archive))
+    try:
+        with transaction.atomic():
+            upload = BatchUpload.objects.create(tenant=job.tenant, job=job, kind="zip", source=stored)
+            _record(membership, "batch.add_archive", job, request)
+            transaction.on_commit(lambda: _enqueue_expand(upload.pk), robust=True)
+    except BaseException:
+        default_storage.delete(stored)
+        raise
+    return upload
+
+
+def batch_upload_prefix(*, membership: Membership, job_id: int, prefix: str, request=None) -> BatchUpload:
+    """Import every file under a storage prefix the hospital owns (tenants/<id>/imports/…)."""
+    with transaction.atomic():
+        job = _open_job(membership, job_id, request)
+        own = import_prefix(tenant_id=job.tenant_id)
+        cleaned = posixpath.normpath(prefix.strip().lstrip("/")) + "/"
+        if not cleaned.startswith(own) or ".." in cleaned.split("/"):
+            raise Invalid(f"Import from your hospital's prefix, {own}…", code="foreign_prefix")
+        upload = BatchUpload.objects.create(tenant=job.tenant, job=job, kind="prefix", source=cleaned)
+        _record(membership, "batch.add_prefix", job, request)
+        transaction.on_commit(lambda: _enqueue_expand(upload.pk), robust=True)
+    return upload
+
+
+def _enqueue_expand(upload_id: int) -> None:
+    from workers.tasks import batch_expand
+
+    batch_expand.apply_async(args=[upload_id], queue="maintenance")
+
+
+class _Entry(File):
+    def __init__(self, data: bytes, size: int):
+        super().__init__(ContentFile(data), name="entry")
+        self.size = size
+
+
+def _prefix_files(prefix: str) -> Iterator[tuple[int, bytes | None, str]]:
+    """Every file under the prefix, depth first, in name order: (position, bytes, error)."""
+    position = 0
+    stack = [prefix]
+    while stack:
+        folder = stack.pop()
+        folders, files = default_storage.listdir(folder)
+        stack.extend(posixpath.join(folder, name) + "/" for name in sorted(folders, reverse=True))
+        for name in sorted(files):
+            position += 1
+            path = posixpath.join(folder, name)
+            if default_storage.size(path) > settings.SIGHTLINE_MAX_UPLOAD_BYTES:
+                yield position, None, "the file is larger than the upload limit"
+                continue
+            with default_storage.open(path, "rb") as handle:
+                yield position, handle.read(), ""
+
+
+def batch_upload_expand(*, upload_id: int) -> None:
+    """Worker task: turn an archive's entries (or a prefix's files) into items. Safe to run
+    again after a crash: entries already made are skipped, the upload completes once."""
+    upload = BatchUpload.objects.select_related("job").filter(pk=upload_id).first()
+    if upload is None or upload.status in (Upload.COMPLETE, Upload.REFUSED):
+        return
+    job = upload.job
+    membership = Membership.objects.filter(user=job.created_by, tenant=job.tenant, is_active=True).first()
+    BatchUpload.objects.filter(pk=upload.pk).update(status=Upload.EXPANDING)
+    if membership is None:
+        _finish_upload(upload, Upload.REFUSED, "the job's owner no longer has access to this hospital")
+        return
+    done = set(BatchItem.objects.filter(upload=upload).values_list("position", flat=True))
+    entries = 0
+    try:
+        for position, data, error in _upload_entries(upload):
+            entries += 1
+            if position in done:
+                continue
+            _add_entry(membership, job, upload, position, data, error)
+    except ArchiveRefused as exc:
+        _finish_upload(upload, Upload.REFUSED, exc.message, entries)
+        return
+    _finish_upload(upload, Upload.COMPLETE, "", entries)
+
+
+def _upload_entries(upload: BatchUpload) -> Iterator[tuple[int, bytes | None, str]]:
+    if upload.kind == "prefix":
+        yield from _prefix_files(upload.source)
+        return
+    limits = ArchiveLimits(
+        max_entries=settings.SIGHTLINE_ARCHIVE_MAX_ENTRIES,
+        max_entry_bytes=settings.SIGHTLINE_MAX_UPLOAD_BYTES,
+        max_total_bytes=settings.SIGHTLINE_ARCHIVE_MAX_BYTES,
+        max_ratio=settings.SIGHTLINE_ARCHIVE_MAX_RATIO,
+    )
+    with default_storage.open(upload.source, "rb") as archive:
+        for item in read_archive(archive, limits):
+            yield item.index + 1, item.data, item.error
+
+
+def _add_entry(membership, job, upload, position, data, error) -> None:
+    with transaction.atomic():
+        if error:
+            BatchItem.objects.create(
+                tenant=job.tenant, job=job, upload=upload, position=position, status=Item.FAILED, error=error[:500]
+            )
+            return
+        try:
+            with transaction.atomic():
+                images = images_upload(membership=membership, upload=_Entry(data, len(data)), read=False)
+        except DomainError as exc:
+            BatchItem.objects.create(
+                tenant=job.tenant, job=job, upload=upload, position=position, status=Item.FAILED, error=exc.message
+            )
+            return
+        # a multi-frame DICOM entry: its frames share the entry's position (the first) and follow it
+        BatchItem.objects.create(tenant=job.tenant, job=job, upload=upload, position=position, image=images[0])
+        for image in images[1:]:
+            BatchItem.objects.create(tenant=job.tenant, job=job, upload=None, position=_next_position(job), image=image)
+
+
+def _finish_upload(upload: BatchUpload, status: str, error: str, entries: int = 0) -> None:
+    BatchUpload.objects.filter(pk=upload.pk).update(
+        status=status, error=error[:300], entries=entries, finished_at=timezone.now()
+    )
+    if upload.kind == "zip":
+        default_storage.delete(upload.source)  # its entries are images now (or failed items)
+    _notify([upload.job])
+
+
+def batch_job_start(*, membership: Membership, job_id: int, request=None) -> BatchJob:
+    """Queue every pending item at bulk priority, in chunks the worker batches."""
+    with transaction.atomic():
+        job = _open_job(membership, job_id, request)
+        if job.uploads.exclude(status__in=[Upload.COMPLETE, Upload.REFUSED]).exists():
+            raise Conflict("An archive is still being unpacked; start the job when it is done.", code="expanding")
+        job.status, job.started_at = Job.RUNNING, timezone.now()
+        job.save(update_fields=["status", "started_at"])
+        _queue(job, BatchItem.objects.filter(job=job, status=Item.PENDING, image__isnull=False))
+        _record(membership, "batch.start", job, request)
+        _notify([job])
+    return job
+
+
+def _queue(job: BatchJob, items) -> None:
+    """One bulk request per item, created in bulk; wake-ups go out after commit, one per chunk."""
+    chunk = job.model_version.manifest.get("max_batch_size") or settings.SIGHTLINE_MAX_BATCH_SIZE
+    pending = list(items.values_list("id", "image_id"))
+    for start in range(0, len(pending), 1000):
+        part = pending[start : start + 1000]
+        requests = InferenceRequest.objects.bulk_create(
+            [
+                InferenceRequest(
+                    tenant_id=job.tenant_id,
+                    image_id=image_id,
+                    model_version_id=job.model_version_id,
+                    priority=InferenceRequest.Priority.BULK,
+                )
+                for _, image_id in part
+            ]
+        )
+        rows = [
+            BatchItem(pk=item_id, request_id=r.pk, status=Item.QUEUED)
+            for (item_id, _), r in zip(part, requests, strict=True)
+        ]
+        BatchItem.objects.bulk_update(rows, ["request_id", "status"])
+        first_ids = [r.pk for r in requests[::chunk]]
+        transaction.on_commit(lambda ids=first_ids: _wake(ids), robust=True)
+
+
+def _wake(request_ids: list[int]) -> None:
+    from recognition.services.inference import _enqueue
+
+    for request_id in request_ids:
+        _enqueue(request_id, InferenceRequest.Priority.BULK)
+
+
+def batch_job_cancel(*, membership: Membership, job_id: int, request=None) -> BatchJob:
+    """Items that have not started stop; running ones finish."""
+    require(membership, Action.BATCH_SUBMIT, request=request)
+    with transaction.atomic():
+        job = batch_job_get(membership=membership, job_id=job_id, request=request, for_update=True)
+        if job.status == Job.CANCELLED:
+            return job
+        waiting = BatchItem.objects.filter(job=job, status__in=[Item.PENDING, Item.QUEUED])
+        InferenceRequest.objects.filter(
+            id__in=waiting.exclude(request=None).values("request_id"), status=InferenceRequest.Status.QUEUED
+        ).update(status=InferenceRequest.Status.CANCELLED, finished_at=timezone.now())
+        # a queued item whose request a worker claimed meanwhile runs to its end
+        waiting.exclude(request__status=InferenceRequest.Status.RUNNING).update(
+            status=Item.CANCELLED, finished_at=timezone.now()
+        )
+        job.status, job.cancelled_at = Job.CANCELLED, timezone.now()
+        job.save(update_fields=["status", "cancelled_at"])
+        _record(membership, "batch.cancel", job, request)
+        _notify([job])
+    return job
+
+
+def batch_job_retry(*, membership: Membership, job_id: int, request=None) -> int:
+    """Failed items that have an image get a fresh request; returns how many."""
+    require(membership, Action.BATCH_SUBMIT, request=request)
+    with transaction.atomic():
+        job = batch_job_get(membership=membership, job_id=job_id, request=request, for_update=True)
+        if job.status != Job.RUNNING:
+            raise Conflict("Only a started, not cancelled job retries its failed items.", code="not_running")
+        failed = BatchItem.objects.filter(job=job, status=Item.FAILED, image__isnull=False)
+        count = failed.count()
+        _queue(job, failed)
+        _record(membership, "batch.retry", job, request)
+        _notify([job])
+    return count
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    counts: dict[str, int]
+    total: int
+    finished: int
+    state: str  # open, running, finished, cancelled
+    images_per_s: float | None
+    eta_s: float | None
+    uploads_pending: int
+
+
+def batch_job_progress(job: BatchJob) -> JobProgress:
+    counts = dict.fromkeys(Item.values, 0)
+    counts.update(dict(BatchItem.objects.filter(job=job).values_list("status").annotate(n=Count("id"))))
+    total = sum(counts.values())
+    finished = counts[Item.DONE] + counts[Item.FAILED] + counts[Item.CANCELLED]
+    uploads_pending = job.uploads.exclude(status__in=[Upload.COMPLETE, Upload.REFUSED]).count()
+    state = job.status
+    if job.status == Job.RUNNING and finished == total and not uploads_pending:
+        state = "finished"
+    rate = eta = None
+    if job.started_at:
+        read = BatchItem.objects.filter(job=job, status__in=[Item.DONE, Item.FAILED], request__isnull=False)
+        last = read.order_by("-finished_at").values_list("finished_at", flat=True).first()
+        count = read.count()
+        end = timezone.now() if state == Job.RUNNING else (last or timezone.now())
+        elapsed = (end - job.started_at).total_seconds()
+        if count and elapsed > 0:
+            rate = round(count / elapsed, 2)
+            remaining = counts[Item.QUEUED] + counts[Item.RUNNING]
+            eta = round(remaining / rate, 1) if state == Job.RUNNING else 0.0
+    return JobProgress(counts, total, finished, state, rate, eta, uploads_pending)
+
+
+def batch_items_on_outcome(request_ids_by_status: dict[str, list[int]], now) -> None:
+    """Called where the worker stores outcomes: the items follow their requests, and each job
+    touched gets one progress notification after commit."""
+    touched: set[tuple[int, int]] = set()
+    for status, ids in request_ids_by_status.items():
+        if not ids:
+            continue
+        items = BatchItem.objects.filter(request_id__in=ids).exclude(status=Item.CANCELLED)
+        touched.update(items.values_list("job_id", "tenant_id"))
+        items.update(status=status, finished_at=now)
+    if touched:
+        send_many_on_commit(
+            [(tenant_group(tenant_id), {"type": "job.progress", "job": job_id}) for job_id, tenant_id in touched]
+        )
+
+
+def _notify(jobs: list[BatchJob]) -> None:
+    send_many_on_commit([(tenant_group(job.tenant_id), {"type": "job.progress", "job": job.pk}) for job in jobs])
+
+
+def batch_reconcile() -> int:
+    """Periodic: requests of any host left running past the time limit go back to the queue,
+    or fail once their attempts are used up; returns how many were touched."""
+    limit = timezone.now() - timezone.timedelta(seconds=settings.SIGHTLINE_REQUEST_TIME_LIMIT_SECONDS)
+    stuck = InferenceRequest.objects.filter(status=InferenceRequest.Status.RUNNING, started_at__lt=limit)
+    from workers.engine.handler import ItemResult
+
+    from .inference import _store_outcomes, _wake_next
+
+    with transaction.atomic():
+        exhausted = list(stuck.filter(attempts__gte=settings.SIGHTLINE_MAX_ATTEMPTS).select_related("image"))
+        _store_outcomes(
+            exhausted, [ItemResult(error="stopped: it ran past the time limit on every attempt")] * len(exhausted)
+        )
+        versions = set(stuck.values_list("model_version_id", flat=True))
+        requeued = stuck.update(status=InferenceRequest.Status.QUEUED, claimed_by="", started_at=None)
+        for version_id in versions:
+            _wake_next(version_id)
+    if requeued or exhausted:
+        logger.warning("reconciled %d stuck requests (%d given up)", requeued, len(exhausted))
+    return requeued + len(exhausted)
+
+
+def batch_results(job: BatchJob) -> Iterator[dict]:
+    """One row per item, in order, with the finding or the error in words."""
+    items = BatchItem.objects.filter(job=job).select_related("request__result", "request__model_version").order_by("id")
+    for item in items.iterator(chunk_size=1000):
+        request = item.request
+        result = getattr(request, "result", None) if request else None
+        error = item.error or (request.error if request and item.status == Item.FAILED else "")
+        yield {
+            "item": item.pk,
+            "position": item.position,
+            "image": item.image_id,
+            "status": item.status,
+            "top_label": result.top_label if result else "",
+            "probability": result.top_probability if result else None,
+            "model_version": str(request.model_version) if request else "",
+            "error": error,
+        }
+
+
+def batch_job_list(*, membership: Membership, request=None) -> list[BatchJob]:
+    require(membership, Action.IMAGE_VIEW, request=request)
+    return list(
+        BatchJob.objects.for_tenant(membership.tenant).select_related("model_version__model").order_by("-created")[:100]
+    )
+
+
+def batch_results_open(*, membership: Membership, job_id: int, request=None) -> BatchJob:
+    """The job whose results are being downloaded; the download is recorded before it streams."""
+    job = batch_job_get(membership=membership, job_id=job_id, request=request)
+    _record(membership, "batch.results", job, request)
+    return job
+
+
+def _csv_cell(value) -> str:
+    text = "" if value is None else str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def results_csv(job: BatchJob) -> Iterator[str]:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    columns = ["item", "position", "image", "status", "top_label", "probability", "model_version", "error"]
+    writer.writerow(columns)
+    for row in batch_results(job):
+        writer.writerow([_csv_cell(row[column]) for column in columns])
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+    if buffer.tell():
+        yield buffer.getvalue()
+
+
+def results_json(job: BatchJob) -> Iterator[str]:
+    import json
+
+    yield f'{{"job": {job.pk}, "results": ['
+    for index, row in enumerate(batch_results(job)):
+        yield ("," if index else "") + json.dumps(row)
+    yield "]}"

@@ -1,0 +1,66 @@
+// Live job progress: the socket says which job changed; the API has its counts.
+(function () {
+  "use strict";
+  var cfg = JSON.parse(document.getElementById("sightline-config").textContent);
+  var indicator = document.getElementById("live");
+  var delay = 500;
+  var pending = {};
+
+  function setState(state, text) { indicator.dataset.state = state; indicator.textContent = text; }
+
+  function render(card, job) {
+    var finished = job.counts.done + job.counts.failed + job.counts.cancelled;
+    card.querySelector("[data-role=state]").textContent = job.state;
+    card.querySelector("[data-role=summary]").textContent = finished + " of " + job.total + " finished";
+    var rate = "";
+    if (job.images_per_s) rate += "· " + job.images_per_s + " images/s";
+    if (job.eta_s) rate += " · about " + Math.round(job.eta_s) + " s left";
+    card.querySelector("[data-role=rate]").textContent = rate;
+    var bar = card.querySelector("[data-role=bar]");
+    bar.max = job.total || 1;
+    bar.value = finished;
+    var counts = Object.keys(job.counts).filter(function (k) { return job.counts[k]; })
+      .map(function (k) { return k + " " + job.counts[k]; }).join(" ");
+    card.querySelector("[data-role=counts]").textContent = counts;
+    var unpacking = card.querySelector("[data-role=unpacking]");
+    if (unpacking && !job.uploads_pending) unpacking.remove();
+  }
+
+  function refresh(jobId) {
+    var card = document.querySelector('[data-job="' + jobId + '"]');
+    if (!card || pending[jobId]) return;
+    pending[jobId] = true;
+    // at most one fetch per job in flight, and at most every 300 ms while a job is busy
+    setTimeout(function () {
+      fetch(cfg.apiJob.replace("/0/", "/" + jobId + "/"), {credentials: "same-origin",
+        headers: {"Accept": "application/json", "X-Tenant": cfg.tenant}})
+        .then(function (r) { if (!r.ok) throw new Error(r.status); return r.json(); })
+        .then(function (job) { render(card, job); })
+        .catch(function () {})
+        .then(function () { pending[jobId] = false; });
+    }, 300);
+  }
+
+  function resync() {
+    document.querySelectorAll("[data-job]").forEach(function (card) { refresh(card.dataset.job); });
+  }
+
+  function connect() {
+    var scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
+    var socket = new WebSocket(scheme + window.location.host + "/ws/events/");
+    socket.onopen = function () { delay = 500; socket.send(JSON.stringify({type: "subscribe", tenant: cfg.tenant})); };
+    socket.onmessage = function (event) {
+      var message = JSON.parse(event.data);
+      if (message.type === "subscribed") { setState("live", "live"); resync(); }
+      else if (message.type === "job.progress") refresh(message.job);
+    };
+    socket.onclose = function (event) {
+      if (event.code === 4401 || event.code === 4403) { setState("offline", "signed out — reload the page"); return; }
+      setState("offline", "reconnecting…");
+      setTimeout(connect, delay);
+      delay = Math.min(delay * 2, 15000);
+    };
+  }
+
+  connect();
+})();

@@ -1,0 +1,236 @@
+"""Bulk jobs through the API and the services, with the real engine and database (the worker's
+tasks are called in-process here; tests/e2e runs them on a real worker)."""
+
+import csv
+import io
+import json
+import zipfile
+from datetime import timedelta
+
+import pytest
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.utils import timezone
+
+from accounts.models import AccessEvent
+from recognition.models import BatchItem, BatchJob, BatchUpload, InferenceRequest, Result
+from recognition.services.batches import batch_reconcile, batch_upload_expand
+from recognition.services.inference import inference_run
+from tests.conftest import api_client_for, png_bytes
+
+pytestmark = pytest.mark.django_db
+
+
+def make_zip(entries: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in entries:
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def create(client, name="night films", key=None, **data):
+    headers = {"HTTP_IDEMPOTENCY_KEY": key} if key else {}
+    return client.post("/api/v1/batches/", {"name": name, **data}, format="json", **headers)
+
+
+def add_zip(client, job_id, data: bytes):
+    upload = SimpleUploadedFile("night.zip", data, content_type="application/zip")
+    return client.post(f"/api/v1/batches/{job_id}/items/", {"archive": upload}, format="multipart")
+
+
+def expand_all():
+    for upload in BatchUpload.objects.filter(status__in=["received", "expanding"]):
+        batch_upload_expand(upload_id=upload.pk)
+
+
+def run_worker():
+    while (waiting := InferenceRequest.objects.filter(status="queued").order_by("id").first()) is not None:
+        inference_run(request_id=waiting.pk)
+
+
+def test_a_zip_job_runs_to_one_row_per_item_with_the_finding_or_the_error(clinician_a, demo_model):
+    client = api_client_for(clinician_a)
+    job = create(client).json()
+    assert job["state"] == "open" and job["model_version"] == demo_model.version
+    archive = make_zip(
+        [(f"scans/{i}.png", png_bytes(seed=i, size=64)) for i in range(5)]
+        + [("notes.txt", b"not an image"), ("../../../etc/evil.png", png_bytes(seed=9, size=64))]
+    )
+    assert add_zip(client, job["id"], archive).status_code == 202
+    assert client.post(f"/api/v1/batches/{job['id']}/start/").status_code == 409  # still unpacking
+    expand_all()
+    upload = BatchUpload.objects.get()
+    assert upload.status == "complete" and upload.entries == 7
+    assert not default_storage.exists(upload.source)  # the archive is gone once unpacked
+    started = client.post(f"/api/v1/batches/{job['id']}/start/").json()
+    assert started["state"] == "running" and started["counts"]["queued"] == 6 and started["counts"]["failed"] == 1
+    assert set(InferenceRequest.objects.values_list("priority", flat=True)) == {InferenceRequest.Priority.BULK}
+    run_worker()
+    status = client.get(f"/api/v1/batches/{job['id']}/").json()
+    assert status["state"] == "finished" and status["counts"]["done"] == 6 and status["total"] == 7
+    assert status["images_per_s"] > 0 and status["eta_s"] == 0
+    response = client.get(f"/api/v1/batches/{job['id']}/results/")
+    rows = list(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
+    assert [row["position"] for row in rows] == [str(i) for i in range(1, 8)]
+    failed = [row for row in rows if row["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["position"] == "6" and "not an image" in failed[0]["error"]
+    assert all(row["top_label"] for row in rows if row["status"] == "done")
+    assert Result.objects.count() == 6
+    as_json = json.loads(b"".join(client.get(f"/api/v1/batches/{job['id']}/results/?format=json").streaming_content))
+    assert len(as_json["results"]) == 7
+    assert AccessEvent.objects.filter(action="batch.results", target_id=str(job["id"])).count() == 2
+
+
+def test_the_same_idempotency_key_gives_the_same_job(clinician_a, demo_model):
+    client = api_client_for(clinician_a)
+    first = create(client, key="import-2026-11-29")
+    again = create(client, key="import-2026-11-29")
+    assert (first.status_code, again.status_code) == (201, 200) and first.json()["id"] == again.json()["id"]
+    assert create(client, name="another", key="import-2026-11-29").status_code == 409
+    assert create(client, key="other-key").json()["id"] != first.json()["id"]
+    assert BatchJob.objects.count() == 2
+
+
+def test_files_become_items_and_a_bad_file_a_failed_item(clinician_a, demo_model):
+    client = api_client_for(clinician_a)
+    job = create(client).json()
+    files = [
+        SimpleUploadedFile("a.png", png_bytes(seed=1, size=64)),
+        SimpleUploadedFile("b.png", b"\x89PNG broken"),
+        SimpleUploadedFile("c.png", png_bytes(seed=2, size=64)),
+    ]
+    response = client.post(f"/api/v1/batches/{job['id']}/items/", {"files": files}, format="multipart")
+    assert response.status_code == 202 and response.json()["counts"] == {
+        "pending": 2,
+        "queued": 0,
+        "running": 0,
+        "done": 0,
+        "failed": 1,
+        "cancelled": 0,
+    }
+    assert not InferenceRequest.objects.exists()  # nothing is read before the job starts
+
+
+def test_cancel_stops_waiting_items_and_retry_requeues_failed_ones(clinician_a, demo_model):
+    client = api_client_for(clinician_a)
+    job = create(client).json()
+    files = [SimpleUploadedFile(f"{i}.png", png_bytes(seed=i, size=64)) for i in range(4)]
+    client.post(f"/api/v1/batches/{job['id']}/items/", {"files": files}, format="multipart")
+    client.post(f"/api/v1/batches/{job['id']}/start/")
+    first = InferenceRequest.objects.order_by("id").first()
+    InferenceRequest.objects.filter(pk=first.pk).update(status="running", started_at=timezone.now(), attempts=1)
+    cancelled = client.post(f"/api/v1/batches/{job['id']}/cancel/").json()
+    assert cancelled["state"] == "cancelled" and cancelled["counts"]["cancelled"] == 3
+    assert InferenceRequest.objects.filter(status="cancelled").count() == 3
+    run_worker()  # nothing is left queued: cancelled requests are never claimed
+    assert not Result.objects.exists()
+    assert client.post(f"/api/v1/batches/{job['id']}/retry/").status_code == 409
+
+    job2 = create(client, name="second").json()
+    client.post(
+        f"/api/v1/batches/{job2['id']}/items/",
+        {"files": [SimpleUploadedFile("x.png", png_bytes(size=64))]},
+        format="multipart",
+    )
+    client.post(f"/api/v1/batches/{job2['id']}/start/")
+    item = BatchItem.objects.get(job_id=job2["id"])
+    InferenceRequest.objects.filter(pk=item.request_id).update(status="failed", error="boom")
+    BatchItem.objects.filter(pk=item.pk).update(status="failed")
+    retried = client.post(f"/api/v1/batches/{job2['id']}/retry/").json()
+    assert retried["counts"]["queued"] == 1
+    run_worker()
+    assert client.get(f"/api/v1/batches/{job2['id']}/").json()["counts"]["done"] == 1
+
+
+def test_an_import_reads_only_the_hospitals_own_prefix(clinician_a, demo_model):
+    client = api_client_for(clinician_a)
+    job = create(client).json()
+    own = f"tenants/{clinician_a.tenant_id}/imports/night/"
+    for i in range(3):
+        default_storage.save(f"{own}{i}.png", ContentFile(png_bytes(seed=i, size=64)))
+    for prefix in (f"tenants/{clinician_a.tenant_id + 1}/imports/", "tenants/", f"{own}../../images/"):
+        response = client.post(f"/api/v1/batches/{job['id']}/items/", {"prefix": prefix}, format="multipart")
+        assert response.status_code == 400 and response.json()["error"]["code"] == "foreign_prefix", prefix
+    assert client.post(f"/api/v1/batches/{job['id']}/items/", {"prefix": own}, format="multipart").status_code == 202
+    expand_all()
+    assert BatchItem.objects.filter(job_id=job["id"], status="pending").count() == 3
+
+
+def test_an_expansion_that_died_half_way_finishes_without_doubles(clinician_a, demo_model):
+    client = api_client_for(clinician_a)
+    job = create(client).json()
+    add_zip(client, job["id"], make_zip([(f"{i}.png", png_bytes(seed=i, size=64)) for i in range(4)]))
+    upload = BatchUpload.objects.get()
+    batch_upload_expand(upload_id=upload.pk)
+    # as if the worker died after two entries: the upload is not complete, two items exist
+    BatchItem.objects.filter(position__gt=2).delete()
+    BatchUpload.objects.filter(pk=upload.pk).update(status="expanding")
+    default_storage.save(
+        upload.source, ContentFile(make_zip([(f"{i}.png", png_bytes(seed=i, size=64)) for i in range(4)]))
+    )
+    batch_upload_expand(upload_id=upload.pk)
+    assert sorted(BatchItem.objects.values_list("position", flat=True)) == [1, 2, 3, 4]
+
+
+def test_a_hostile_archive_is_refused_in_words(clinician_a, demo_model):
+    client = api_client_for(clinician_a)
+    job = create(client).json()
+    assert add_zip(client, job["id"], b"PK\x03\x04 this is no zip").status_code == 202
+    expand_all()
+    upload = BatchUpload.objects.get()
+    assert upload.status == "refused" and upload.error
+    assert client.post(f"/api/v1/batches/{job['id']}/start/").status_code == 200  # a refused upload blocks nothing
+
+
+def test_requests_stuck_running_are_requeued_until_their_attempts_run_out(clinician_a, demo_model, settings):
+    client = api_client_for(clinician_a)
+    job = create(client).json()
+    files = [SimpleUploadedFile(f"{i}.png", png_bytes(seed=i, size=64)) for i in range(2)]
+    client.post(f"/api/v1/batches/{job['id']}/items/", {"files": files}, format="multipart")
+    client.post(f"/api/v1/batches/{job['id']}/start/")
+    long_ago = timezone.now() - timedelta(seconds=settings.SIGHTLINE_REQUEST_TIME_LIMIT_SECONDS + 5)
+    a, b = InferenceRequest.objects.order_by("id")
+    InferenceRequest.objects.filter(pk=a.pk).update(status="running", started_at=long_ago, attempts=1, claimed_by="h:1")
+    InferenceRequest.objects.filter(pk=b.pk).update(
+        status="running", started_at=long_ago, attempts=settings.SIGHTLINE_MAX_ATTEMPTS, claimed_by="h:2"
+    )
+    assert batch_reconcile() == 2
+    a.refresh_from_db(), b.refresh_from_db()
+    assert a.status == "queued" and b.status == "failed" and "time limit" in b.error
+    assert BatchItem.objects.get(request=b).status == "failed"
+    run_worker()
+    assert client.get(f"/api/v1/batches/{job['id']}/").json()["counts"] == {
+        "pending": 0,
+        "queued": 0,
+        "running": 0,
+        "done": 1,
+        "failed": 1,
+        "cancelled": 0,
+    }
+
+
+def test_another_hospitals_job_is_a_404(clinician_a, clinician_b, demo_model):
+    job = create(api_client_for(clinician_a)).json()
+    other = api_client_for(clinician_b)
+    for method, suffix in (("get", ""), ("post", "start/"), ("post", "cancel/"), ("get", "results/")):
+        assert getattr(other, method)(f"/api/v1/batches/{job['id']}/{suffix}").status_code == 404
+    assert other.get("/api/v1/batches/").json() == []
+
+
+def test_the_jobs_page_creates_fills_and_starts_a_job(client, clinician_a, demo_model):
+    client.force_login(clinician_a.user)
+    assert client.post("/jobs/", {"name": "from the page"}).status_code == 302
+    job = BatchJob.objects.get()
+    page = client.get("/jobs/").content.decode()
+    assert f"/jobs/{job.pk}/items/" in page and f"/jobs/{job.pk}/start/" in page
+    archive = SimpleUploadedFile("x.zip", make_zip([("a.png", png_bytes(size=64))]), content_type="application/zip")
+    client.post(f"/jobs/{job.pk}/items/", {"archive": archive})
+    expand_all()
+    client.post(f"/jobs/{job.pk}/start/")
+    run_worker()
+    page = client.get("/jobs/").content.decode()
+    assert "from the page" in page and "finished" in page and "1 of 1 finished" in page
+    rows = b"".join(client.get(f"/jobs/{job.pk}/results.csv").streaming_content).decode().splitlines()
+    assert len(rows) == 2 and ",done," in rows[1]
