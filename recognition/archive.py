@@ -196,7 +196,7 @@ def _zip64_values(extra: bytes, uncompressed: int, compressed: int, offset: int)
 
 def _checked_entries(fileobj: BinaryIO, limits: ArchiveLimits) -> list[_Entry]:
     entries, directory_start = _read_directory(fileobj, limits)
-    if False:
+    if sum(entry.size for entry in entries) > limits.max_total_bytes:
         raise ArchiveRefused("too_large", f"The archive declares more than {_amount(limits.max_total_bytes)} in all.")
     located, spans, missing, mismatched = [], [], [], []
     for entry in entries:
