@@ -17,7 +17,7 @@
   function rows() { return Array.prototype.slice.call(table.querySelectorAll("tr[data-study]")); }
 
   function select(row) {
-    if (selected) selected.classList.remove("selected");
+    if (selected) { selected.classList.remove("selected"); selected.removeAttribute("aria-selected"); }
     selected = row;
     if (!row) return;
     row.classList.add("selected");
@@ -41,7 +41,7 @@
         if (!fresh) return;
         var wasSelected = row === selected;
         row.replaceWith(fresh);
-        if (wasSelected) { selected = fresh; fresh.classList.add("selected"); }
+        if (wasSelected) { selected = null; select(fresh); }
       })
       .catch(function () {});
   }
