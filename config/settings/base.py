@@ -207,7 +207,10 @@ CELERY_TASK_ROUTES = {
     "workers.tasks.batch_reconcile": {"queue": "maintenance"},
 }
 CELERY_BEAT_SCHEDULE = {
-    "reconcile-stuck-requests": {"task": "workers.tasks.batch_reconcile", "schedule": 60},
+    "reconcile-stuck-requests": {
+        "task": "workers.tasks.batch_reconcile",
+        "schedule": env.int("SIGHTLINE_RECONCILE_SECONDS", default=60),
+    },
     "verify-audit-log": {
         "task": "workers.tasks.audit_verify",
         "schedule": env.int("SIGHTLINE_AUDIT_VERIFY_MINUTES", default=60) * 60,

@@ -446,7 +446,7 @@ def batch_reconcile() -> int:
     stuck = InferenceRequest.objects.filter(status=InferenceRequest.Status.RUNNING, started_at__lt=limit)
     from workers.engine.handler import ItemResult
 
-    from .inference import _store_outcomes, _wake_next
+    from .inference import _store_outcomes, _wake_next, inference_requeue_waiting
 
     with transaction.atomic():
         exhausted = list(stuck.filter(attempts__gte=settings.SIGHTLINE_MAX_ATTEMPTS).select_related("image"))
@@ -459,6 +459,9 @@ def batch_reconcile() -> int:
             _wake_next(version_id)
     if requeued or exhausted:
         logger.warning("reconciled %d stuck requests (%d given up)", requeued, len(exhausted))
+    # queued work whose broker message was lost (Redis restarted without persistence) gets a
+    # wake-up; for a version a worker is already draining, the extra task finds nothing to do
+    inference_requeue_waiting()
     return requeued + len(exhausted)
 
 
