@@ -77,3 +77,4 @@ BENCH_ARGS ?=
 bench: $(VENV)/.dev
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/worklist.py
+	$(BIN)/python bench/audit.py

@@ -16,8 +16,17 @@ from rest_framework_simplejwt.views import TokenObtainPairView
 
 from config.errors import Locked
 
-from .models import Role
-from .selectors import access_log_list, activity_list, membership_get, membership_list, membership_resolve
+from .models import AccessEvent, Role
+from .selectors import (
+    ACCESS_LOG_PAGE,
+    ACCESS_LOG_PAGE_MAX,
+    AccessLogFilters,
+    access_log_list,
+    activity_list,
+    membership_get,
+    membership_list,
+    membership_resolve,
+)
 from .services import access_event_record, invitation_create, membership_change_role, membership_deactivate
 
 TENANT_HEADER = OpenApiParameter(
@@ -153,9 +162,87 @@ class ActivityApi(TenantApi):
         return paginator.get_paginated_response(EventOutput(page, many=True).data)
 
 
+class AccessLogListInput(serializers.Serializer):
+    person = serializers.CharField(
+        max_length=150, required=False, default="", help_text="A username, or the name typed at a failed sign-in."
+    )
+    patient = serializers.CharField(
+        max_length=64,
+        required=False,
+        default="",
+        help_text="A pseudonymous patient id: entries about their studies, images and reviews.",
+    )
+    study = serializers.IntegerField(
+        min_value=1,
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="A study id: entries about it, its images and their reviews.",
+    )
+    action = serializers.CharField(
+        max_length=64, required=False, default="", help_text='Exact, or a prefix ending in "." such as "auth.".'
+    )
+    outcome = serializers.ChoiceField(choices=AccessEvent.Outcome.values, required=False, allow_blank=True, default="")
+    date_from = serializers.DateField(
+        required=False, allow_null=True, default=None, help_text="Inclusive, in the site's time zone."
+    )
+    date_to = serializers.DateField(
+        required=False, allow_null=True, default=None, help_text="Inclusive, in the site's time zone."
+    )
+    cursor = serializers.CharField(required=False, default="", help_text="`next_cursor` of the previous page.")
+    page_size = serializers.IntegerField(
+        min_value=1, max_value=ACCESS_LOG_PAGE_MAX, required=False, default=ACCESS_LOG_PAGE
+    )
+
+
+class AccessLogEntryOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    created = serializers.DateTimeField()
+    hospital = serializers.CharField(source="tenant.slug", allow_null=True, default=None)
+    actor = serializers.CharField(source="actor_label")
+    action = serializers.CharField()
+    target_type = serializers.CharField()
+    target_id = serializers.CharField()
+    outcome = serializers.CharField()
+    ip_address = serializers.CharField(allow_null=True)
+    user_agent = serializers.CharField()
+    request_id = serializers.CharField()
+    chain = serializers.CharField()
+    sequence = serializers.IntegerField()
+    previous_hash = serializers.CharField()
+    entry_hash = serializers.CharField()
+
+
+class AccessLogPageOutput(serializers.Serializer):
+    next_cursor = serializers.CharField(allow_null=True)
+    results = AccessLogEntryOutput(many=True)
+
+
 class AccessLogApi(TenantApi):
-    @extend_schema(parameters=[TENANT_HEADER], responses=EventOutput(many=True))
+    @extend_schema(
+        parameters=[TENANT_HEADER, AccessLogListInput],
+        responses=AccessLogPageOutput,
+        description="The hospital's access log, newest first, for its auditors; reading it is itself logged. "
+        "Pass `next_cursor` back as `cursor` for the next page (null: the last page).",
+    )
     def get(self, request):
-        paginator = NewestFirst()
-        page = paginator.paginate_queryset(access_log_list(actor=request.membership, request=request), request)
-        return paginator.get_paginated_response(EventOutput(page, many=True).data)
+        data = AccessLogListInput(data=request.query_params)
+        data.is_valid(raise_exception=True)
+        fields = data.validated_data
+        filters = AccessLogFilters(
+            person=fields["person"],
+            patient=fields["patient"],
+            study=fields["study"],
+            action=fields["action"],
+            outcome=fields["outcome"],
+            date_from=fields["date_from"],
+            date_to=fields["date_to"],
+        )
+        entries, cursor = access_log_list(
+            actor=request.membership,
+            filters=filters,
+            cursor=fields["cursor"],
+            limit=fields["page_size"],
+            request=request,
+        )
+        return Response({"next_cursor": cursor or None, "results": AccessLogEntryOutput(entries, many=True).data})

@@ -11,5 +11,7 @@ urlpatterns = [
     path("hospital/members/<int:membership_id>/role/", views.member_role, name="member-role"),
     path("hospital/members/<int:membership_id>/deactivate/", views.member_deactivate, name="member-deactivate"),
     path("hospital/access-log/", views.access_log_page, name="access-log"),
+    path("hospital/access-log.csv", views.access_log_csv, name="access-log-csv"),
+    path("hospital/access-log/<int:entry_id>/", views.access_log_entry_page, name="access-log-entry"),
     path("invitations/<str:token>/", views.invitation_accept_page, name="invitation-accept"),
 ]

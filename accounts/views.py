@@ -2,27 +2,39 @@
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Iterator
+from datetime import UTC, date
+from itertools import islice
 from urllib.parse import urlencode
 
 import segno
+from asgiref.sync import sync_to_async
 from django.contrib import messages
 from django.contrib.auth import get_user_model, login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
-from django.core.paginator import Paginator
+from django.core.handlers.asgi import ASGIRequest
 from django.db import transaction
+from django.http import StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
-from django.views.decorators.http import require_http_methods, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_otp import login as otp_login
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
-from config.errors import Conflict, DomainError
+from config.errors import Conflict, DomainError, Invalid
 
-from .models import Role
+from .models import AccessEvent, Membership, Role
 from .selectors import (
+    AccessLogFilters,
+    access_log_actor,
+    access_log_entry_get,
+    access_log_export,
+    access_log_hospitals,
     access_log_list,
     activity_list,
     invitation_list,
@@ -191,8 +203,147 @@ def invitation_accept_page(request, token: str):
     return render(request, "accounts/invitation.html", {"invitation": invitation, "form": form})
 
 
+CSV_CHUNK_ROWS = 2000  # the queryset's fetch size too: one database round trip per chunk
+CSV_COLUMNS = (
+    "id",
+    "time_utc",
+    "hospital",
+    "person",
+    "action",
+    "target_type",
+    "target_id",
+    "outcome",
+    "ip_address",
+    "user_agent",
+    "request_id",
+    "chain",
+    "sequence",
+    "previous_hash",
+    "entry_hash",
+)
+# a spreadsheet runs a cell that starts with one of these as a formula
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _access_log_filters(data) -> AccessLogFilters:
+    def day(name: str) -> date | None:
+        try:
+            return date.fromisoformat(data[name]) if data.get(name) else None
+        except ValueError:
+            raise Invalid(f"{name.replace('_', ' ').capitalize()} is not a date (YYYY-MM-DD).") from None
+
+    study = data.get("study", "").strip()
+    if study and not study.isdigit():
+        raise Invalid("Study is a study id (a number).")
+    return AccessLogFilters(
+        person=data.get("person", "").strip(),
+        patient=data.get("patient", "").strip(),
+        study=int(study) if study else None,
+        action=data.get("action", "").strip(),
+        outcome=data.get("outcome", ""),
+        date_from=day("date_from"),
+        date_to=day("date_to"),
+        hospital=data.get("hospital", ""),
+    )
+
+
 @login_required
+@require_GET
 def access_log_page(request):
-    actor = membership_for_session(request)
-    page = Paginator(access_log_list(actor=actor, request=request), 100).get_page(request.GET.get("page"))
-    return render(request, "accounts/access_log.html", {"actor": actor, "page": page})
+    """The auditor's view of the log: filters in the query string (a patient filter puts a
+    pseudonymous id there, which is by design non-identifying), newest first, keyset pages."""
+    actor = access_log_actor(request)
+    filters = _access_log_filters(request.GET)
+    entries, next_cursor = access_log_list(
+        actor=actor, filters=filters, cursor=request.GET.get("cursor", ""), request=request
+    )
+    is_platform = not isinstance(actor, Membership)
+    query = filters.as_query()
+    return render(
+        request,
+        "accounts/access_log.html",
+        {
+            "actor": actor,
+            "is_platform": is_platform,
+            "hospitals": access_log_hospitals() if is_platform else [],
+            "entries": entries,
+            "filters": filters,
+            "outcomes": AccessEvent.Outcome.values,
+            "next_query": urlencode({**query, "cursor": next_cursor}) if next_cursor else "",
+            "csv_query": urlencode(query),
+        },
+    )
+
+
+@login_required
+@require_GET
+def access_log_entry_page(request, entry_id: int):
+    entry = access_log_entry_get(actor=access_log_actor(request), entry_id=entry_id, request=request)
+    return render(request, "accounts/access_log_entry.html", {"entry": entry})
+
+
+def _csv_cell(value) -> str:
+    text = "" if value is None else str(value)
+    return f"'{text}" if text.startswith(_FORMULA_STARTS) else text
+
+
+class _Echo:
+    """csv.writer writes into this and gets the line back, so each row can be yielded."""
+
+    def write(self, value: str) -> str:
+        return value
+
+
+def access_log_csv_lines(entries) -> Iterator[str]:
+    writer = csv.writer(_Echo())
+    yield writer.writerow(CSV_COLUMNS)
+    for entry in entries.iterator(chunk_size=CSV_CHUNK_ROWS):
+        row = (
+            entry.pk,
+            entry.created.astimezone(UTC).isoformat(timespec="microseconds"),
+            entry.tenant.slug if entry.tenant else "",
+            entry.actor_label,
+            entry.action,
+            entry.target_type,
+            entry.target_id,
+            entry.outcome,
+            entry.ip_address,
+            entry.user_agent,
+            entry.request_id,
+            entry.chain,
+            entry.sequence,
+            entry.previous_hash,
+            entry.entry_hash,
+        )
+        yield writer.writerow([_csv_cell(value) for value in row])
+
+
+def _streamable(request, lines: Iterator[str]):
+    """The site is served by Daphne (ASGI), where Django reads a synchronous iterator whole into
+    memory before sending it; there the rows go out through an async iterator instead, a chunk
+    at a time, each read on the request's own (thread-sensitive) database connection."""
+    if not isinstance(request, ASGIRequest):
+        return lines
+
+    def next_chunk() -> str:
+        return "".join(islice(lines, CSV_CHUNK_ROWS))
+
+    async def chunks():
+        while chunk := await sync_to_async(next_chunk)():
+            yield chunk
+
+    return chunks()
+
+
+@login_required
+@require_GET
+def access_log_csv(request):
+    """The filtered log as CSV, streamed row by row; the export is logged before it starts."""
+    entries = access_log_export(
+        actor=access_log_actor(request), filters=_access_log_filters(request.GET), request=request
+    )
+    response = StreamingHttpResponse(
+        _streamable(request, access_log_csv_lines(entries)), content_type="text/csv; charset=utf-8"
+    )
+    response["Content-Disposition"] = f'attachment; filename="access-log-{timezone.now():%Y%m%d-%H%M%S}.csv"'
+    return response

@@ -15,7 +15,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from accounts.models import Tenant
 from accounts.permissions import Action, can
-from accounts.selectors import membership_for_session, membership_resolve
+from accounts.selectors import membership_for_session, membership_resolve, memberships_active
 from accounts.services import require
 from config.errors import DomainError, Invalid, NotFound
 
@@ -64,6 +64,8 @@ def tenant_switch(request):
 @login_required
 def home(request):
     """Where a role starts: images for clinical roles, members for admins, the log for auditors."""
+    if request.user.has_perm("accounts.audit_all_hospitals") and not memberships_active(user=request.user).exists():
+        return redirect("access-log")  # a platform auditor, outside every hospital
     membership = membership_for_session(request)
     for action, destination in (
         (Action.IMAGE_VIEW, "recognition:worklist"),
