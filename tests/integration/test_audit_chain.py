@@ -291,3 +291,51 @@ def test_concurrent_writers_never_fork_a_chain(hospital_a):
     sequences = list(AccessEvent.objects.filter(chain=chain_key(hospital_a.pk)).values_list("sequence", flat=True))
     assert sorted(sequences) == list(range(1, 6 * per_thread + 1))
     assert chain_verify(chain_key(hospital_a.pk)).ok
+
+
+WRITER = """
+import django, sys
+django.setup()
+from django.contrib.auth import get_user_model
+from accounts.models import Tenant
+from accounts.services import access_event_record
+tenant, user = Tenant.objects.get(pk=int(sys.argv[1])), get_user_model().objects.get(pk=int(sys.argv[2]))
+for _ in range(int(sys.argv[3])):
+    access_event_record(action="test.process", user=user, tenant=tenant)
+"""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_writer_processes_leave_a_chain_that_verifies(hospital_a):
+    """Several processes (as web and worker processes are) append to one hospital's chain at once."""
+    import os
+    import subprocess
+    import sys
+
+    from django.conf import settings
+
+    from tests.e2e.conftest import database_url
+
+    user = get_user_model().objects.create(username="process-writer")
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "DATABASE_URL": database_url(),
+        "SIGHTLINE_VAR_DIR": str(settings.VAR_DIR),
+    }
+    writers, each = 4, 25
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(hospital_a.pk), str(user.pk), str(each)],
+            env=env,
+            cwd=settings.BASE_DIR,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(writers)
+    ]
+    for process in processes:
+        assert process.wait(timeout=120) == 0, process.stderr.read().decode()[-2000:]
+    key = chain_key(hospital_a.pk)
+    sequences = sorted(AccessEvent.objects.filter(chain=key).values_list("sequence", flat=True))
+    assert sequences == list(range(1, writers * each + 1))
+    assert chain_verify(key).ok
