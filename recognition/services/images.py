@@ -25,8 +25,8 @@ from config.errors import Conflict, TooLarge, Unprocessable, UnsupportedMedia
 from .. import dicom
 from ..models import Image, Series, Study
 from ..storage import dicom_key, image_key
-from .inference import inference_request_create, model_version_for_upload
-from .studies import study_summary_refresh
+from .inference import inference_request_create, model_version_for_upload, upload_routing
+from .studies import study_summary_refresh, study_updated_on_commit
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,8 @@ class StudyFields:
     study_date: date | None = None
 
 
-def _study_for_upload(*, tenant, fields: StudyFields) -> Study:
+def _study_for_upload(*, tenant, fields: StudyFields) -> tuple[Study, bool]:
+    """The study an upload belongs to, and whether it was made now."""
     if fields.accession_number:
         study, created = Study.objects.for_tenant(tenant).get_or_create(
             tenant=tenant,
@@ -149,14 +150,15 @@ def _study_for_upload(*, tenant, fields: StudyFields) -> Study:
                 "This accession number belongs to a study of another patient; check the patient id.",
                 code="accession_patient_mismatch",
             )
-        return study
-    return Study.objects.create(
+        return study, created
+    study = Study.objects.create(
         tenant=tenant,
         patient_pseudonym=fields.patient_pseudonym,
         modality=fields.modality,
         description=fields.description,
         study_date=fields.study_date,
     )
+    return study, True
 
 
 def image_upload(
@@ -173,8 +175,7 @@ def images_upload(
     a bulk job queues its reads when it starts). A DICOM file becomes one image per frame."""
     require(membership, Action.IMAGE_UPLOAD, request=request)
     tenant = membership.tenant
-    if read:
-        model_version_for_upload(tenant=tenant, image_id=None)  # 503 before storing anything if no model
+    routing = upload_routing(tenant=tenant) if read else None  # 503 before storing anything if no model
     data = _read_upload(upload)
     if dicom.looks_like_dicom(data):
         return _dicom_upload(
@@ -184,7 +185,7 @@ def images_upload(
     stored_name = default_storage.save(image_key(tenant_id=tenant.pk), ContentFile(validated.content))
     try:
         with transaction.atomic():
-            study_row = _study_for_upload(tenant=tenant, fields=study or StudyFields())
+            study_row, new_study = _study_for_upload(tenant=tenant, fields=study or StudyFields())
             series, _ = Series.objects.get_or_create(
                 tenant=tenant, study=study_row, number=1, defaults={"modality": study_row.modality}
             )
@@ -201,10 +202,14 @@ def images_upload(
                 uploaded_by=membership.user,
             )
             if read:
-                inference_request_create(
-                    image=image, model_version=model_version_for_upload(tenant=tenant, image_id=image.pk)
+                inference_request_create(image=image, model_version=routing.version_for(image.pk))
+            if new_study:  # its worklist columns are known without looking: one image, its read queued
+                Study.objects.filter(pk=study_row.pk).update(
+                    image_count=1, ai_status=Study.AIStatus.QUEUED if read else Study.AIStatus.NONE
                 )
-            study_summary_refresh([study_row.pk])
+                study_updated_on_commit([study_row])
+            else:
+                study_summary_refresh([study_row.pk])
             _record_upload(membership, image, request)
     except BaseException:
         # no row points at the stored bytes: remove them, so nothing is half-written
@@ -253,7 +258,7 @@ def _dicom_study(tenant, header: dict, fields: StudyFields) -> Study:
                     code="study_patient_mismatch",
                 )
             return existing
-    study = _study_for_upload(tenant=tenant, fields=study_fields)
+    study, _ = _study_for_upload(tenant=tenant, fields=study_fields)
     if uid and not study.study_instance_uid:
         study.study_instance_uid = uid
         study.save(update_fields=["study_instance_uid"])

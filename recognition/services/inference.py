@@ -26,7 +26,7 @@ from workers.engine.package import PackageError
 from .. import events
 from ..models import Image, InferenceRequest, ModelAlias, ModelVersion, Result
 from ..storage import heatmap_key
-from .registry import model_handler, model_version_for_image
+from .registry import Routing, model_handler, model_routing, model_version_for_image
 from .studies import study_summary_refresh
 
 
@@ -47,6 +47,18 @@ def _default_production_version() -> ModelVersion | None:
         .first()
     )
     return alias.version if alias else None
+
+
+def upload_routing(*, tenant) -> Routing:
+    """The hospital's routing for uploads, or 503 (before anything is stored) without a model."""
+    routing = model_routing(tenant=tenant, model_name=settings.SIGHTLINE_DEFAULT_MODEL)
+    if routing.version_for(None) is None:
+        raise Unavailable(
+            "No production model is registered yet, so images cannot be read. "
+            "Platform staff register one with `manage.py build_demo_model` or `register_model`.",
+            code="no_model",
+        )
+    return routing
 
 
 def model_version_for_upload(*, tenant, image_id: int | None) -> ModelVersion:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -162,20 +163,37 @@ def split_bucket(image_id: int) -> int:
     return int(hashlib.sha256(f"sightline-split:{image_id}".encode()).hexdigest()[:8], 16) % 100
 
 
-def model_version_for_image(*, tenant, image_id: int | None, model_name: str) -> ModelVersion | None:
-    """Pin, else split (when there is an image to place), else the production alias."""
+@dataclass(frozen=True)
+class Routing:
+    """Which version reads a hospital's images: read once per upload, asked per image."""
+
+    pin: ModelVersion | None
+    split: TrafficSplit | None
+    production: ModelVersion | None
+
+    def version_for(self, image_id: int | None) -> ModelVersion | None:
+        """Pin, else split (when there is an image to place), else the production alias."""
+        if self.pin is not None:
+            return self.pin
+        if self.split is not None and image_id is not None and split_bucket(image_id) < self.split.percent:
+            return self.split.version
+        return self.production
+
+
+def model_routing(*, tenant, model_name: str) -> Routing:
     pin = ModelPin.objects.for_tenant(tenant).select_related("version").filter(model__name=model_name).first()
-    if pin is not None:
-        return pin.version
     split = TrafficSplit.objects.for_tenant(tenant).select_related("version").filter(model__name=model_name).first()
-    if split is not None and image_id is not None and split_bucket(image_id) < split.percent:
-        return split.version
     alias = (
         ModelAlias.objects.select_related("version__model")
         .filter(model__name=model_name, name=ModelAlias.Name.PRODUCTION)
         .first()
     )
-    return alias.version if alias else None
+    return Routing(pin.version if pin else None, split, alias.version if alias else None)
+
+
+def model_version_for_image(*, tenant, image_id: int | None, model_name: str) -> ModelVersion | None:
+    """Pin, else split (when there is an image to place), else the production alias."""
+    return model_routing(tenant=tenant, model_name=model_name).version_for(image_id)
 
 
 def _file_sha256(path: Path) -> str:

@@ -73,6 +73,11 @@ def study_summary_refresh(study_ids: Iterable[int]) -> None:
     Study.objects.bulk_update(
         studies, ["image_count", "ai_status", "top_label", "top_probability", "review_state", "updated"]
     )
+    study_updated_on_commit(studies)
+
+
+def study_updated_on_commit(studies: list[Study]) -> None:
+    """Tell the hospitals' open worklists which rows to re-render, after commit."""
     send_many_on_commit(
         [(tenant_group(study.tenant_id), {"type": "study.updated", "study": study.pk}) for study in studies]
     )
