@@ -400,13 +400,11 @@ def _store_outcomes(
         study_summary_refresh(
             Image.objects.filter(id__in=[request.image_id for request in finished]).values_list("study_id", flat=True)
         )
-        batch_items_on_outcome(
-            {
-                status: [request.pk for request in finished if request.status == status]
-                for status in (Status.DONE, Status.FAILED)
-            },
-            now,
-        )
+        bulk = [request for request in finished if request.priority == InferenceRequest.Priority.BULK]
+        if bulk:  # only bulk requests belong to jobs
+            batch_items_on_outcome(
+                {status: [r.pk for r in bulk if r.status == status] for status in (Status.DONE, Status.FAILED)}, now
+            )
         events.results_ready_on_commit(notices)
 
 
