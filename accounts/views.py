@@ -27,6 +27,7 @@ from django_otp import login as otp_login
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from config.errors import Conflict, DomainError, Invalid
+from config.spreadsheet import spreadsheet_safe
 
 from .models import AccessEvent, Membership, Role
 from .selectors import (
@@ -221,8 +222,6 @@ CSV_COLUMNS = (
     "previous_hash",
     "entry_hash",
 )
-# a spreadsheet runs a cell that starts with one of these as a formula
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _access_log_filters(data) -> AccessLogFilters:
@@ -282,11 +281,6 @@ def access_log_entry_page(request, entry_id: int):
     return render(request, "accounts/access_log_entry.html", {"entry": entry})
 
 
-def _csv_cell(value) -> str:
-    text = "" if value is None else str(value)
-    return f"'{text}" if text.startswith(_FORMULA_STARTS) else text
-
-
 class _Echo:
     """csv.writer writes into this and gets the line back, so each row can be yielded."""
 
@@ -315,7 +309,7 @@ def access_log_csv_lines(entries) -> Iterator[str]:
             entry.previous_hash,
             entry.entry_hash,
         )
-        yield writer.writerow([_csv_cell(value) for value in row])
+        yield writer.writerow([spreadsheet_safe(value) for value in row])
 
 
 def _streamable(request, lines: Iterator[str]):

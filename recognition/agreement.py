@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from django.db.models import Count, Exists, OuterRef, Q
 
 from accounts.models import Tenant
+from config.spreadsheet import spreadsheet_safe
 
 from .models import Review
 
 CSV_HEADER = ("model", "version", "label", "reviewed", "agreed", "disagreed", "corrected", "agreement")
-# OWASP's list: a spreadsheet treats a cell starting with any of these as a formula (tab and CR too)
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
 SVG_WIDTH = 640
 SVG_ROW_HEIGHT = 44  # one line of text (15px) above a 14px bar, plus spacing
@@ -118,10 +117,6 @@ def agreement_rows(*, tenant: Tenant | None = None) -> list[AgreementRow]:
     return rows
 
 
-def _csv_cell(value: str) -> str:
-    return f"'{value}" if value.startswith(FORMULA_PREFIXES) else value
-
-
 def agreement_csv(rows: Iterable[AgreementRow]) -> Iterator[str]:
     """The rows as CSV lines (header first), one at a time, for a StreamingHttpResponse."""
     buffer = io.StringIO()
@@ -138,9 +133,9 @@ def agreement_csv(rows: Iterable[AgreementRow]) -> Iterator[str]:
         share = row.share
         yield line(
             (
-                _csv_cell(row.model),
-                _csv_cell(row.version),
-                _csv_cell(row.label),
+                spreadsheet_safe(row.model),
+                spreadsheet_safe(row.version),
+                spreadsheet_safe(row.label),
                 row.reviewed,
                 row.agreed,
                 row.disagreed,

@@ -26,6 +26,7 @@ from accounts.models import Membership
 from accounts.permissions import Action
 from accounts.services import access_event_record, require
 from config.errors import Conflict, DomainError, Invalid, NotFound
+from config.spreadsheet import spreadsheet_safe
 
 from ..archive import ArchiveLimits, ArchiveRefused, read_archive
 from ..models import AIModel, BatchItem, BatchJob, BatchUpload, InferenceRequest, ModelAlias, ModelPin, ModelVersion
@@ -498,11 +499,6 @@ def batch_results_open(*, membership: Membership, job_id: int, request=None) -> 
     return job
 
 
-def _csv_cell(value) -> str:
-    text = "" if value is None else str(value)
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
-
-
 def results_csv(job: BatchJob) -> Iterator[str]:
     import csv
     import io
@@ -512,7 +508,7 @@ def results_csv(job: BatchJob) -> Iterator[str]:
     columns = ["item", "position", "image", "status", "top_label", "probability", "model_version", "error"]
     writer.writerow(columns)
     for row in batch_results(job):
-        writer.writerow([_csv_cell(row[column]) for column in columns])
+        writer.writerow([spreadsheet_safe(row[column]) for column in columns])
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()
