@@ -78,3 +78,4 @@ bench: $(VENV)/.dev
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/worklist.py
 	$(BIN)/python bench/audit.py
+	$(BIN)/python bench/job.py

@@ -84,7 +84,7 @@ def test_an_admin_invites_re_roles_and_removes_a_member(stack, live_demo, chromi
         invitee.fill("#id_password1", INVITEE_PASSWORD)
         invitee.fill("#id_password2", INVITEE_PASSWORD)
         invitee.locator("#accept-form button[type=submit]").click()
-        expect(invitee.locator("h1")).to_contain_text("Images")
+        expect(invitee.locator("h1")).to_contain_text("Worklist")
         expect(invitee.locator(".messages")).to_contain_text("Welcome to Demo General")
         expect(invitee.locator("#live")).to_have_attribute("data-state", "live")
 
@@ -104,9 +104,9 @@ def test_an_admin_invites_re_roles_and_removes_a_member(stack, live_demo, chromi
         row = page.locator(f'tr[data-member="{username}"]')
         expect(row.locator("select")).to_have_value(Role.VIEWER.value)
 
-        # a viewer still reads images and keeps the live feed
+        # a viewer still reads the worklist and keeps the live feed
         invitee.reload()
-        expect(invitee.locator("h1")).to_contain_text("Images")
+        expect(invitee.locator("h1")).to_contain_text("Worklist")
         expect(invitee.locator("#live")).to_have_attribute("data-state", "live")
 
         # the admin removes them, confirming the browser's dialog
