@@ -45,7 +45,11 @@ def _warm_up(**_kwargs):
 def _recover(**_kwargs):
     """After a crash or restart: requests this host's dead processes left running go back to the
     queue (or fail after their last attempt), and every version with waiting work gets a wake-up."""
+    from django.db import connections
+
     from recognition.services.inference import inference_reclaim_orphans, inference_requeue_waiting
 
     inference_reclaim_orphans()
     inference_requeue_waiting()
+    # the main process holds no database connection a pool process forked later could inherit
+    connections.close_all()

@@ -1,9 +1,21 @@
 """Thin tasks: ids in, a service does the work."""
 
 from celery import shared_task
+from django.db import InterfaceError, OperationalError
+
+# a database that is briefly unreachable (a restart, a failover, a refused connection) must not
+# strand the requests this wake-up was for: the task tries again, backing off
+TRANSIENT = (OperationalError, InterfaceError)
 
 
-@shared_task(name="workers.tasks.infer", acks_late=True)
+@shared_task(
+    name="workers.tasks.infer",
+    acks_late=True,
+    autoretry_for=TRANSIENT,
+    retry_backoff=1,
+    retry_backoff_max=30,
+    max_retries=8,
+)
 def infer(request_id: int) -> int:
     from recognition.services.inference import inference_run
 

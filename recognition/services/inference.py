@@ -16,6 +16,7 @@ from django.db import transaction
 from django.db.models import Case, F, IntegerField, Value, When, Window
 from django.db.models.functions import RowNumber
 from django.utils import timezone
+from kombu.exceptions import OperationalError
 
 from config.errors import Unavailable
 from workers.engine.batching import collect_batch
@@ -89,7 +90,12 @@ def _enqueue(request_id: int, priority: int = InferenceRequest.Priority.INTERACT
     from workers.tasks import infer  # the task module imports this one
 
     queue = "interactive" if priority == InferenceRequest.Priority.INTERACTIVE else "bulk"
-    infer.apply_async(args=[request_id], queue=queue)
+    try:
+        infer.apply_async(args=[request_id], queue=queue)
+    except (OSError, OperationalError):  # ConnectionError is an OSError
+        # the request stays queued in the database: a worker's start-up, or beat's reconciliation
+        # within a minute, wakes it once the broker is back
+        logger.warning("broker unavailable; request %s stays queued until it is woken up", request_id)
 
 
 def _worker_id() -> str:

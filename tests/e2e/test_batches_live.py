@@ -150,11 +150,19 @@ def _assert_exactly_once(job: BatchJob, count: int) -> None:
     assert max(requests_.values_list("attempts", flat=True)) <= settings.SIGHTLINE_MAX_ATTEMPTS
 
 
+def _start_beat(processes, env, tmp_path) -> None:
+    """Beat with the reconciliation every 2 s, as production runs it every minute."""
+    env["SIGHTLINE_RECONCILE_SECONDS"] = "2"
+    celery = str(Path(worker_argv("x")[0]))
+    processes.start("beat", [celery, "-A", "workers.celery", "beat", "-l", "info", "-s", str(tmp_path / "beat")], env)
+
+
 def test_a_worker_killed_mid_job_loses_and_doubles_nothing(live_demo, tmp_path):
     job, count = _started_job(120), 120
     processes, redis_port, env = _private_stack(tmp_path)
     try:
         _start_redis(processes, redis_port, env)
+        _start_beat(processes, env, tmp_path)
         first = _start_worker(processes, env, "doomed")
         assert wait_until(lambda: BatchItem.objects.filter(job=job, status="done").exists(), 60, 0.02)
         os.killpg(first.pid, signal.SIGKILL)
@@ -172,12 +180,10 @@ def test_redis_restarted_mid_job_loses_and_doubles_nothing(live_demo, tmp_path):
     what waits; beat's reconciliation (every 2 s here) wakes it once the broker is back."""
     job, count = _started_job(80), 80
     processes, redis_port, env = _private_stack(tmp_path)
-    env["SIGHTLINE_RECONCILE_SECONDS"] = "2"
     try:
         redis_server = _start_redis(processes, redis_port, env)
         _start_worker(processes, env, "steady")
-        beat = ["celery", "-A", "workers.celery", "beat", "-l", "info", "-s", str(tmp_path / "beat-schedule")]
-        processes.start("beat", [str(Path(worker_argv("x")[0]).parent / beat[0]), *beat[1:]], env)
+        _start_beat(processes, env, tmp_path)
         assert wait_until(lambda: BatchItem.objects.filter(job=job, status="done").exists(), 60, 0.02)
         redis_server.send_signal(signal.SIGKILL)
         redis_server.wait()

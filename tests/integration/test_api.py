@@ -278,9 +278,13 @@ def test_a_broker_outage_keeps_the_committed_upload(clinician_a, demo_model):
     """The enqueue runs after commit; if Redis is down, the image and its queued request stay."""
     from unittest import mock
 
-    with mock.patch("workers.tasks.infer.apply_async", side_effect=ConnectionError("broker down")):
+    with (
+        mock.patch("workers.tasks.infer.apply_async", side_effect=ConnectionError("broker down")),
+        mock.patch("recognition.services.inference.logger") as logger,
+    ):
         response = upload(api_client_for(clinician_a), png_bytes())
     assert response.status_code == 201
+    assert "stays queued" in logger.warning.call_args.args[0]  # one line, not a traceback
     image = Image.objects.get(pk=response.json()["id"])
     assert default_storage.exists(image.file.name)
     assert InferenceRequest.objects.get(image=image).status == "queued"
