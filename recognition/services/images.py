@@ -25,7 +25,8 @@ from config.errors import Conflict, TooLarge, Unprocessable, UnsupportedMedia
 from .. import dicom
 from ..models import Image, Series, Study
 from ..storage import dicom_key, image_key
-from .inference import inference_request_create, model_version_for_upload, upload_routing
+from .inference import inference_request_create, upload_routing
+from .registry import Routing
 from .studies import study_summary_refresh, study_updated_on_commit
 
 logger = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ def images_upload(
     data = _read_upload(upload)
     if dicom.looks_like_dicom(data):
         return _dicom_upload(
-            membership=membership, data=data, fields=study or StudyFields(), request=request, read=read
+            membership=membership, data=data, fields=study or StudyFields(), request=request, routing=routing
         )
     validated = _validate_bytes(data)
     stored_name = default_storage.save(image_key(tenant_id=tenant.pk), ContentFile(validated.content))
@@ -285,7 +286,9 @@ def _dicom_series(tenant, study: Study, header: dict) -> Series:
     )
 
 
-def _dicom_upload(*, membership: Membership, data: bytes, fields: StudyFields, request, read: bool) -> list[Image]:
+def _dicom_upload(
+    *, membership: Membership, data: bytes, fields: StudyFields, request, routing: Routing | None
+) -> list[Image]:
     """Parse with limits, render every frame for display and the model, keep the original with
     its preamble zeroed. An encoding no decoder here reads is kept as unprocessable (415)."""
     try:
@@ -312,7 +315,13 @@ def _dicom_upload(*, membership: Membership, data: bytes, fields: StudyFields, r
         "window": None if parsed.is_color else parsed.default_window,
     }
     return _store_dicom(
-        membership=membership, data=data, header=header, fields=fields, request=request, renders=renders, read=read
+        membership=membership,
+        data=data,
+        header=header,
+        fields=fields,
+        request=request,
+        renders=renders,
+        routing=routing,
     )
 
 
@@ -340,7 +349,7 @@ def _store_dicom(
     request,
     renders: list[bytes] = (),
     reason: str = "",
-    read: bool = True,
+    routing: Routing | None = None,
 ) -> list[Image]:
     tenant = membership.tenant
     stored: list[str] = []
@@ -385,10 +394,8 @@ def _store_dicom(
                     )
                     for index, (name, png) in enumerate(zip(names, renders, strict=True))
                 ]
-                for image in images if read else ():
-                    inference_request_create(
-                        image=image, model_version=model_version_for_upload(tenant=tenant, image_id=image.pk)
-                    )
+                for image in images if routing else ():
+                    inference_request_create(image=image, model_version=routing.version_for(image.pk))
             study_summary_refresh([study.pk])
             for image in images:
                 _record_upload(membership, image, request)

@@ -27,15 +27,8 @@ from workers.engine.package import PackageError
 from .. import events
 from ..models import Image, InferenceRequest, ModelAlias, ModelVersion, Result
 from ..storage import heatmap_key
-from .registry import Routing, model_handler, model_routing, model_version_for_image
+from .registry import Routing, model_handler, model_routing
 from .studies import study_summary_refresh
-
-
-def batch_items_on_outcome(request_ids_by_status, now) -> None:
-    from .batches import batch_items_on_outcome as follow  # batches imports this module
-
-    follow(request_ids_by_status, now)
-
 
 logger = logging.getLogger(__name__)
 Status = InferenceRequest.Status
@@ -60,18 +53,6 @@ def upload_routing(*, tenant) -> Routing:
             code="no_model",
         )
     return routing
-
-
-def model_version_for_upload(*, tenant, image_id: int | None) -> ModelVersion:
-    """The version that reads this image: the hospital's pin, its split, or production."""
-    version = model_version_for_image(tenant=tenant, image_id=image_id, model_name=settings.SIGHTLINE_DEFAULT_MODEL)
-    if version is None:
-        raise Unavailable(
-            "No production model is registered yet, so images cannot be read. "
-            "Platform staff register one with `manage.py build_demo_model` or `register_model`.",
-            code="no_model",
-        )
-    return version
 
 
 def inference_request_create(
@@ -408,6 +389,8 @@ def _store_outcomes(
         )
         bulk = [request for request in finished if request.priority == InferenceRequest.Priority.BULK]
         if bulk:  # only bulk requests belong to jobs
+            from .batches import batch_items_on_outcome  # batches imports this module
+
             batch_items_on_outcome(
                 {status: [r.pk for r in bulk if r.status == status] for status in (Status.DONE, Status.FAILED)}, now
             )

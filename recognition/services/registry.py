@@ -191,11 +191,6 @@ def model_routing(*, tenant, model_name: str) -> Routing:
     return Routing(pin.version if pin else None, split, alias.version if alias else None)
 
 
-def model_version_for_image(*, tenant, image_id: int | None, model_name: str) -> ModelVersion | None:
-    """Pin, else split (when there is an image to place), else the production alias."""
-    return model_routing(tenant=tenant, model_name=model_name).version_for(image_id)
-
-
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
