@@ -2,11 +2,7 @@
 (function () {
   "use strict";
   var cfg = JSON.parse(document.getElementById("sightline-config").textContent);
-  var indicator = document.getElementById("live");
-  var delay = 500;
   var pending = {};
-
-  function setState(state, text) { indicator.dataset.state = state; indicator.textContent = text; }
 
   function render(card, job) {
     var finished = job.counts.done + job.counts.failed + job.counts.cancelled;
@@ -45,22 +41,8 @@
     document.querySelectorAll("[data-job]").forEach(function (card) { refresh(card.dataset.job); });
   }
 
-  function connect() {
-    var scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
-    var socket = new WebSocket(scheme + window.location.host + "/ws/events/");
-    socket.onopen = function () { delay = 500; socket.send(JSON.stringify({type: "subscribe", tenant: cfg.tenant})); };
-    socket.onmessage = function (event) {
-      var message = JSON.parse(event.data);
-      if (message.type === "subscribed") { setState("live", "live"); resync(); }
-      else if (message.type === "job.progress") refresh(message.job);
-    };
-    socket.onclose = function (event) {
-      if (event.code === 4401 || event.code === 4403) { setState("offline", "signed out — reload the page"); return; }
-      setState("offline", "reconnecting…");
-      setTimeout(connect, delay);
-      delay = Math.min(delay * 2, 15000);
-    };
-  }
-
-  connect();
+  window.SightlineFeed(cfg.tenant, {
+    onSubscribed: resync,
+    "job.progress": function (message) { refresh(message.job); }
+  });
 })();

@@ -4,15 +4,7 @@
   "use strict";
   var configElement = document.getElementById("sightline-config");
   var cfg = configElement ? JSON.parse(configElement.textContent) : {};
-  var indicator = document.getElementById("live");
   var table = document.querySelector("#images tbody");
-  var delay = 500;
-
-  function setState(state, text) {
-    if (!indicator) return;
-    indicator.dataset.state = state;
-    indicator.textContent = text;
-  }
 
   function api(url) {
     return fetch(url, {credentials: "same-origin", headers: {"Accept": "application/json", "X-Tenant": cfg.tenant || ""}})
@@ -98,33 +90,9 @@
     api(cfg.apiImage.replace("/0/", "/" + message.image + "/")).then(upsert).catch(function () {});
   }
 
-  function connect() {
-    var scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
-    var socket = new WebSocket(scheme + window.location.host + "/ws/events/");
-    socket.onopen = function () {
-      delay = 500;
-      socket.send(JSON.stringify({type: "subscribe", tenant: cfg.tenant}));
-    };
-    socket.onmessage = function (event) {
-      var message = JSON.parse(event.data);
-      if (message.type === "subscribed") {
-        setState("live", "live");
-        // whatever finished between the page's render (or the last connection) and now
-        resync();
-      } else if (message.type === "result.ready") {
-        onResult(message);
-      }
-    };
-    socket.onclose = function (event) {
-      if (event.code === 4401 || event.code === 4403) {
-        setState("offline", "signed out — reload the page");
-        return;
-      }
-      setState("offline", "reconnecting…");
-      setTimeout(connect, delay);
-      delay = Math.min(delay * 2, 15000);
-    };
-  }
-
-  connect();
+  window.SightlineFeed(cfg.tenant, {
+    // whatever finished between the page's render (or the last connection) and now
+    onSubscribed: resync,
+    "result.ready": onResult
+  });
 })();

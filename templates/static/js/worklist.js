@@ -4,15 +4,8 @@
   "use strict";
   var cfg = JSON.parse(document.getElementById("sightline-config").textContent);
   var table = document.querySelector("#worklist tbody");
-  var indicator = document.getElementById("live");
   var notice = document.getElementById("worklist-new");
-  var delay = 500;
   var selected = null;
-
-  function setState(state, text) {
-    indicator.dataset.state = state;
-    indicator.textContent = text;
-  }
 
   function rows() { return Array.prototype.slice.call(table.querySelectorAll("tr[data-study]")); }
 
@@ -64,32 +57,8 @@
     if (row && !event.target.closest("a")) select(row);
   });
 
-  function connect() {
-    var scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
-    var socket = new WebSocket(scheme + window.location.host + "/ws/events/");
-    socket.onopen = function () {
-      delay = 500;
-      socket.send(JSON.stringify({type: "subscribe", tenant: cfg.tenant}));
-    };
-    socket.onmessage = function (event) {
-      var message = JSON.parse(event.data);
-      if (message.type === "subscribed") {
-        setState("live", "live");
-        resync();  // whatever changed between the page's render (or the last connection) and now
-      } else if (message.type === "study.updated") {
-        refreshRow(message.study);
-      }
-    };
-    socket.onclose = function (event) {
-      if (event.code === 4401 || event.code === 4403) {
-        setState("offline", "signed out — reload the page");
-        return;
-      }
-      setState("offline", "reconnecting…");
-      setTimeout(connect, delay);
-      delay = Math.min(delay * 2, 15000);
-    };
-  }
-
-  connect();
+  window.SightlineFeed(cfg.tenant, {
+    onSubscribed: resync,  // whatever changed between the page's render (or the last connection) and now
+    "study.updated": function (message) { refreshRow(message.study); }
+  });
 })();
