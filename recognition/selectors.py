@@ -69,16 +69,14 @@ def image_get(*, membership: Membership, image_id: int, request=None, action: st
         .first()
     )
     if image is None:
-        access_event_record(
-            action=action,
-            outcome=AccessEvent.Outcome.DENIED,
+        raise not_found_recorded(
+            membership=membership,
             request=request,
-            user=membership.user,
-            tenant=membership.tenant,
+            action=action,
             target_type="image",
             target_id=image_id,
+            message="No such image.",
         )
-        raise NotFound("No such image.")
     access_event_record(
         action=action,
         request=request,
@@ -107,7 +105,11 @@ def image_neighbours(image: Image) -> tuple[int | None, int | None, int, int]:
     )
 
 
-def _denied(*, membership: Membership, request, action: str, target_type: str, target_id) -> None:
+def not_found_recorded(
+    *, membership: Membership, request, action: str, target_type: str, target_id, message: str
+) -> NotFound:
+    """Another hospital's object looks exactly like a missing one, and the attempt is logged:
+    the 404 every access helper raises."""
     access_event_record(
         action=action,
         outcome=AccessEvent.Outcome.DENIED,
@@ -117,6 +119,7 @@ def _denied(*, membership: Membership, request, action: str, target_type: str, t
         target_type=target_type,
         target_id=target_id,
     )
+    return NotFound(message)
 
 
 def review_get(*, membership: Membership, review_id: int, request=None, for_update: bool = False) -> Review:
@@ -125,8 +128,14 @@ def review_get(*, membership: Membership, review_id: int, request=None, for_upda
     reviews = Review.objects.for_tenant(membership.tenant).select_related("image")
     review = (reviews.select_for_update() if for_update else reviews).filter(pk=review_id).first()
     if review is None:
-        _denied(membership=membership, request=request, action="review.view", target_type="review", target_id=review_id)
-        raise NotFound("No such review.")
+        raise not_found_recorded(
+            membership=membership,
+            request=request,
+            action="review.view",
+            target_type="review",
+            target_id=review_id,
+            message="No such review.",
+        )
     return review
 
 
@@ -144,8 +153,14 @@ def study_get(*, membership: Membership, study_id: int, request=None) -> Study:
     require(membership, Action.IMAGE_VIEW, request=request)
     study = Study.objects.for_tenant(membership.tenant).filter(pk=study_id).first()
     if study is None:
-        _denied(membership=membership, request=request, action="study.view", target_type="study", target_id=study_id)
-        raise NotFound("No such study.")
+        raise not_found_recorded(
+            membership=membership,
+            request=request,
+            action="study.view",
+            target_type="study",
+            target_id=study_id,
+            message="No such study.",
+        )
     access_event_record(
         action="study.view",
         request=request,

@@ -25,11 +25,12 @@ from accounts.events import send_many_on_commit, tenant_group
 from accounts.models import Membership
 from accounts.permissions import Action
 from accounts.services import access_event_record, require
-from config.errors import Conflict, DomainError, Invalid, NotFound
+from config.errors import Conflict, DomainError, Invalid
 from config.spreadsheet import spreadsheet_safe
 
 from ..archive import ArchiveLimits, ArchiveRefused, read_archive
 from ..models import AIModel, BatchItem, BatchJob, BatchUpload, InferenceRequest, ModelAlias, ModelPin, ModelVersion
+from ..selectors import not_found_recorded
 from ..storage import archive_key, import_prefix
 from .images import images_upload
 
@@ -117,18 +118,14 @@ def batch_job_get(*, membership: Membership, job_id: int, request=None, for_upda
     jobs = BatchJob.objects.for_tenant(membership.tenant).select_related("model_version__model")
     job = (jobs.select_for_update() if for_update else jobs).filter(pk=job_id).first()
     if job is None:
-        from accounts.models import AccessEvent
-
-        access_event_record(
-            action="batch.view",
-            outcome=AccessEvent.Outcome.DENIED,
+        raise not_found_recorded(
+            membership=membership,
             request=request,
-            user=membership.user,
-            tenant=membership.tenant,
+            action="batch.view",
             target_type="batch_job",
             target_id=job_id,
+            message="No such job.",
         )
-        raise NotFound("No such job.")
     return job
 
 
