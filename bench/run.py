@@ -440,7 +440,9 @@ class Bench:
 
     def start_web(self, plan: Plan) -> None:
         env = {**self.child_env, "SIGHTLINE_DEFAULT_MODEL": plan.name}
-        argv = [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(self.web_port), "config.asgi:application"]
+        from config.webserver import web_server_argv
+
+        argv = web_server_argv(bin_dir=BIN, port=self.web_port)
         web = self.processes.start(f"web-{plan.key}", argv, env)
         self._web_name = f"web-{plan.key}"
         wait_for_port(self.web_port, web, self.processes.log(self._web_name))
@@ -475,7 +477,7 @@ class Bench:
         self.processes.stop(self._worker_name)
 
     def start_stack(self, plan: Plan) -> None:
-        self.say(f"{plan.key}: starting daphne and a celery worker (SIGHTLINE_DEFAULT_MODEL={plan.name})")
+        self.say(f"{plan.key}: starting uvicorn and a celery worker (SIGHTLINE_DEFAULT_MODEL={plan.name})")
         self.start_web(plan)
         self.start_worker(plan, self.args.batch_size)
         self.api = Api(f"http://127.0.0.1:{self.web_port}", USERNAME, self.password)
@@ -1230,7 +1232,7 @@ def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> dict:
             "SIGHTLINE_INFERENCE_DEVICE": settings.SIGHTLINE_INFERENCE_DEVICE,
             "torch_threads": threads,
             "worker": "celery -P prefork -c 1 -Q interactive,bulk",
-            "web": "daphne (one process), config.settings.local with DJANGO_DEBUG=false",
+            "web": "uvicorn (one process), config.settings.local with DJANGO_DEBUG=false",
             "database": "SQLite (WAL) in a temporary folder",
             "broker": "private redis-server",
             "image": f"{IMAGE_SIZE}x{IMAGE_SIZE} grayscale PNG (workers.engine.synthetic.render_png), "

@@ -302,7 +302,13 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "filters": {"redact_query": {"()": "config.log_filters.RedactQueryStrings"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
-    "loggers": {"daphne": {"level": "WARNING"}, "axes": {"level": "WARNING"}},
+    "loggers": {
+        # the ASGI server's lines (its handshakes name the query string, where API tokens ride)
+        "uvicorn.error": {"filters": ["redact_query"]},
+        "uvicorn.access": {"level": "WARNING"},
+        "axes": {"level": "WARNING"},
+    },
 }

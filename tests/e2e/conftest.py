@@ -20,6 +20,8 @@ from urllib.parse import quote
 import pytest
 from django.conf import settings
 
+from config.webserver import web_server_argv
+
 VENV_BIN = Path(sys.executable).parent
 STARTUP_SECONDS = 90
 
@@ -176,7 +178,7 @@ def stack(django_db_setup, django_db_blocker, demo_package, tmp_path_factory) ->
         worker, worker_log = processes.start("worker", worker_argv("e2e"), env)
         web, web_log = processes.start(
             "web",
-            [str(VENV_BIN / "daphne"), "-b", "127.0.0.1", "-p", str(web_port), "config.asgi:application"],
+            web_server_argv(bin_dir=VENV_BIN, port=web_port),
             env,
         )
         wait_for_port(web_port, web, web_log)

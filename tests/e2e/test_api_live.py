@@ -70,6 +70,11 @@ def test_an_api_upload_comes_back_live_over_the_websocket(stack, live_demo):
     response = requests.get(f"{stack.base_url}/api/v1/images/{image_id}/", headers=outsider, timeout=10)
     assert response.status_code == 404
 
+    # the web server logged the handshake, but not the token it carried in its query string
+    web_log = (stack.logs / "web.log").read_text(errors="replace")
+    assert "WebSocket /ws/events/" in web_log
+    assert access not in web_log
+
 
 def test_another_hospitals_results_never_reach_the_socket(stack, live_demo):
     mine = token(stack, "clinician", live_demo["password"])
