@@ -63,7 +63,8 @@ class RequestSizeLimitMiddleware:
     """Refuse a request body larger than any legitimate upload before anything parses it.
 
     Django parses multipart bodies (CSRF checks read POST) before views run, and streams file
-    parts to disk without a limit of its own; the proxy should enforce the same cap.
+    parts to disk without a limit of its own; the proxy should enforce the same cap. Under the
+    ASGI server, config.body_limit refuses earlier still, chunked bodies included.
     """
 
     def __init__(self, get_response):
@@ -73,19 +74,12 @@ class RequestSizeLimitMiddleware:
         from django.conf import settings
         from django.http import JsonResponse
 
+        from config.body_limit import too_large_body
+
         try:
             length = int(request.META.get("CONTENT_LENGTH") or 0)
         except ValueError:
             length = 0
         if length > settings.SIGHTLINE_MAX_REQUEST_BYTES:
-            return JsonResponse(
-                {
-                    "error": {
-                        "code": "too_large",
-                        "message": f"The request is larger than {settings.SIGHTLINE_MAX_REQUEST_BYTES // 2**20} MB.",
-                        "detail": None,
-                    }
-                },
-                status=413,
-            )
+            return JsonResponse(too_large_body(settings.SIGHTLINE_MAX_REQUEST_BYTES), status=413)
         return self.get_response(request)

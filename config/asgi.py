@@ -10,11 +10,12 @@ django_asgi_app = get_asgi_application()  # before importing anything that touch
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
 from accounts.ws_auth import websocket_auth  # noqa: E402
+from config.body_limit import BodySizeLimit  # noqa: E402
 from recognition.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": BodySizeLimit(django_asgi_app),
         "websocket": websocket_auth(websocket_urlpatterns),
     }
 )
