@@ -442,7 +442,7 @@ def batch_reconcile() -> int:
     or fail once their attempts are used up; returns how many were touched."""
     limit = timezone.now() - timezone.timedelta(seconds=settings.SIGHTLINE_REQUEST_TIME_LIMIT_SECONDS)
     stuck = InferenceRequest.objects.filter(status=InferenceRequest.Status.RUNNING, started_at__lt=limit)
-    from workers.engine.handler import ItemResult
+    from workers.engine.results import ItemResult
 
     from .inference import _store_outcomes, _wake_next, inference_requeue_waiting
 

@@ -8,7 +8,6 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
@@ -20,9 +19,8 @@ from kombu.exceptions import OperationalError
 
 from config.errors import Unavailable
 from workers.engine.batching import collect_batch
-from workers.engine.gradcam import gradcam, render_overlay_png
-from workers.engine.handler import ItemResult
 from workers.engine.package import PackageError
+from workers.engine.results import ItemResult
 
 from .. import events
 from ..models import Image, InferenceRequest, ModelAlias, ModelVersion, Result
@@ -188,6 +186,8 @@ def _batch_limits(version: ModelVersion) -> tuple[int, float]:
 
 def _prepare(handler, names: list[str]):
     """Storage read and decode for one batch: runs in the decode pool beside the forward pass."""
+    import torch  # the worker's: the web process imports this module and never loads torch
+
     tensors, errors = [], []
     for name in names:
         try:
@@ -284,6 +284,8 @@ def inference_run(*, request_id: int) -> int:
 def _heatmaps(handler, requests, batch, errors, probabilities) -> dict[int, str]:
     """Grad-CAM overlays for the batch's readable images, stored beside the results. A failure
     here costs the heatmaps, never the findings."""
+    from workers.engine.gradcam import gradcam, render_overlay_png
+
     try:
         cams = gradcam(handler, batch, probabilities.argmax(1).tolist(), handler.manifest.gradcam_layer)
         readable = [request for request, error in zip(requests, errors, strict=True) if not error]

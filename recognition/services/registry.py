@@ -7,8 +7,8 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import default_storage
@@ -18,8 +18,10 @@ from django.utils import timezone
 from accounts.services import access_event_record
 from config.errors import Invalid
 from workers.engine.cache import HandlerCache
-from workers.engine.handler import Handler, choose_device
 from workers.engine.package import PackageError, read_manifest
+
+if TYPE_CHECKING:
+    from workers.engine.handler import Handler
 
 from ..models import AIModel, ModelAlias, ModelPin, ModelVersion, TrafficSplit
 from ..storage import model_package_key
@@ -35,6 +37,10 @@ def model_version_register(
     Registering the same bytes again changes nothing; different bytes under an existing
     version number are refused, since versions are immutable.
     """
+    import torch  # registration loads the model once; only then is torch needed in this process
+
+    from workers.engine.handler import Handler
+
     try:
         manifest = read_manifest(package_path)
         Handler.initialize(package_path, manifest.weights_sha256, device=torch.device("cpu"))
@@ -229,6 +235,8 @@ def _compile_batch_sizes(version: ModelVersion) -> tuple[int, ...]:
 
 def model_handler(version: ModelVersion) -> Handler:
     """The loaded model for a version; the checksum recorded at registration is enforced."""
+    from workers.engine.handler import Handler, choose_device
+
     device = choose_device(settings.SIGHTLINE_INFERENCE_DEVICE)
     return _handlers.get(
         f"{version.package_sha256 or version.pk}:{version.weights_sha256}:{device}",
@@ -244,5 +252,7 @@ def model_handler(version: ModelVersion) -> Handler:
 
 def loaded_models() -> tuple[list[str], str]:
     """(weights checksums of the models this process holds, its device), for the heartbeat."""
+    from workers.engine.handler import choose_device
+
     weights = [key.split(":")[1] for key in _handlers.keys()]  # noqa: SIM118  (a method, not a dict)
     return weights, str(choose_device(settings.SIGHTLINE_INFERENCE_DEVICE))

@@ -6,10 +6,12 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the web process imports the registry, and must not load torch for it
+    import torch
 
-from .handler import Handler
+    from .handler import Handler
 
 # A resnet18 handler holds about 45 MB, a resnet50 about 100 MB; the default leaves room for a
 # production and a canary version of much larger models on one GPU.
@@ -44,7 +46,7 @@ class HandlerCache:
             while len(self._handlers) > 1 and self.held_bytes() > self.budget_bytes:
                 self._handlers.popitem(last=False)
                 evicted = True
-            if evicted and torch.cuda.is_available():
+            if evicted and _cuda_available():
                 torch.cuda.empty_cache()  # give the evicted weights back to the device
             return handler
 
@@ -58,3 +60,9 @@ class HandlerCache:
     def clear(self) -> None:
         with self._lock:
             self._handlers.clear()
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

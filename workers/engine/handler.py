@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,25 +18,13 @@ import torchvision
 from PIL import Image, UnidentifiedImageError
 
 from .package import Manifest, PackageError, read_weights
+from .results import ItemResult
 
 logger = logging.getLogger(__name__)
 
 # Inputs reaching the engine were validated and re-encoded on upload; this cap only stops a
 # file that changed in storage from exhausting a worker.
 MAX_DECODE_PIXELS = 50_000_000
-
-
-@dataclass(frozen=True)
-class ItemResult:
-    probabilities: dict[str, float] = field(default_factory=dict)
-    top_label: str = ""
-    top_probability: float = 0.0
-    positive_labels: tuple[str, ...] = ()  # multi-label models: the labels at or above their threshold
-    error: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return not self.error
 
 
 def choose_device(preferred: str = "auto") -> torch.device:

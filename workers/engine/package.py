@@ -13,8 +13,10 @@ import json
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where it is used: reading a manifest must not load torch
+    import torch
 
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "weights.pt"
@@ -100,6 +102,8 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def write_package(path: Path, state_dict: dict, **manifest_fields) -> Manifest:
+    import torch
+
     buffer = io.BytesIO()
     torch.save(state_dict, buffer)
     weights = buffer.getvalue()
@@ -157,6 +161,8 @@ def read_weights(path: Path, expected_sha256: str) -> tuple[Manifest, dict | tor
             f"checksum mismatch for {manifest.name} {manifest.version}: weights are {actual[:12]}…, "
             f"registered {expected_sha256[:12]}…; the model is refused"
         )
+    import torch
+
     if manifest.framework == "torchscript":
         try:  # TorchScript archives hold code and tensors, read by TorchScript's own loader
             return manifest, torch.jit.load(io.BytesIO(weights), map_location="cpu")
