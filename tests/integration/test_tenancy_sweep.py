@@ -350,3 +350,93 @@ def test_each_role_can_do_exactly_what_the_table_says(world, capsys):
                 assert response.status_code == expected, (role, action, name, response.status_code)
     with capsys.disabled():
         print(f"role table: {len(Role.values)} roles × {sum(len(p) for p in HTTP_PROBES.values())} probes = {covered}")
+
+
+# Part three: the WebSocket routes, walked from the routing like the URLs above. A socket names
+# no object in its path; what a socket may hear is chosen by the hospital it subscribes to.
+WEBSOCKET_ROUTES = {
+    "ws/events/": "hospital-feed",  # {"type": "subscribe", "tenant": <slug>}: membership decides
+}
+
+
+def websocket_routes() -> list[str]:
+    from recognition.routing import websocket_urlpatterns
+
+    return [str(route.pattern) for route in websocket_urlpatterns]
+
+
+def test_every_websocket_route_is_classified():
+    routes = websocket_routes()
+    assert routes, "no WebSocket routes"
+    for pattern in routes:
+        assert pattern in WEBSOCKET_ROUTES, f"classify the WebSocket route {pattern!r} in WEBSOCKET_ROUTES"
+        # a route with an object id in its path would need the object sweep: extend this part first
+        assert "<" not in pattern, f"{pattern!r} takes a parameter: sweep it against hospital A's objects"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_hospital_b_hears_nothing_of_hospital_a_on_any_websocket_route(hospital_a, hospital_b, settings, capsys):
+    """The real ASGI application (token auth, routing, the consumer), in this process with an
+    in-memory channel layer; across processes it is tests/e2e/test_revocation.py's job."""
+    import json
+
+    from asgiref.sync import async_to_sync
+    from asgiref.testing import ApplicationCommunicator
+    from channels.layers import get_channel_layer
+    from rest_framework_simplejwt.tokens import AccessToken
+
+    from accounts.events import tenant_group
+    from config.asgi import application
+
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    b_members = {
+        role: membership_grant(
+            tenant=hospital_b, user=user_get_or_create(username=f"ws-b-{role}", password=PASSWORD), role=role
+        )
+        for role in Role.values
+    }
+    layer = get_channel_layer()
+    ready = {"type": "result.ready", "image": 1, "status": "done", "top_label": "A-MARKER", "probability": 0.9}
+    covered = 0
+
+    class Socket(ApplicationCommunicator):  # the ASGI WebSocket protocol, spoken directly
+        async def receive_json_from(self):
+            message = await self.receive_output(5)
+            assert message["type"] == "websocket.send", message
+            return json.loads(message["text"])
+
+        async def send_json_to(self, data):
+            await self.send_input({"type": "websocket.receive", "text": json.dumps(data)})
+
+    async def sweep(pattern: str, member: Membership) -> None:
+        token = str(AccessToken.for_user(member.user))
+        scope = {"type": "websocket", "path": f"/{pattern}", "query_string": f"token={token}".encode(), "headers": []}
+        socket = Socket(application, scope)
+        await socket.send_input({"type": "websocket.connect"})
+        assert (await socket.receive_output(5))["type"] == "websocket.accept"
+        assert await socket.receive_json_from() == {"type": "hello"}
+        for slug in (hospital_a.slug, "no-such-hospital"):  # A answers exactly like a hospital that is not there
+            await socket.send_json_to({"type": "subscribe", "tenant": slug})
+            assert await socket.receive_json_from() == {
+                "type": "error",
+                "code": "not_found",
+                "message": "No such hospital.",
+            }
+        await layer.group_send(tenant_group(hospital_a.pk), ready)
+        assert await socket.receive_nothing(timeout=0.3)
+        if can(member, Action.EVENTS_SUBSCRIBE):  # the socket works: its own hospital is heard
+            await socket.send_json_to({"type": "subscribe", "tenant": hospital_b.slug})
+            assert await socket.receive_json_from() == {"type": "subscribed", "tenant": hospital_b.slug}
+            await layer.group_send(tenant_group(hospital_b.pk), {**ready, "top_label": "B"})
+            assert (await socket.receive_json_from())["top_label"] == "B"
+            await layer.group_send(tenant_group(hospital_a.pk), ready)
+            assert await socket.receive_nothing(timeout=0.3)
+        await socket.send_input({"type": "websocket.disconnect", "code": 1000})
+        await socket.wait(5)
+
+    for pattern in websocket_routes():
+        for member in b_members.values():
+            async_to_sync(sweep)(pattern, member)
+            covered += 1
+    with capsys.disabled():
+        print(f"sweep: WebSocket routes × {len(b_members)} roles = {covered} sockets")
