@@ -323,6 +323,8 @@ class BatchJob(TenantOwned):
     idempotency_key = models.CharField(max_length=128, blank=True)
     created = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
+    # the latest start or retry: the pace and time left are measured from here
+    resumed_at = models.DateTimeField(null=True, blank=True)
     cancelled_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

@@ -393,8 +393,14 @@ def job_action(request, job_id: int, action: str):
                 messages.success(request, f"{len(items)} item{'s' if len(items) != 1 else ''} added.")
             else:
                 messages.error(request, "Choose files or a zip archive.")
+        elif action == "retry":
+            count = batch_job_retry(membership=membership, job_id=job_id, request=request)
+            if count:
+                messages.success(request, f"{count} failed item{'s' if count != 1 else ''} queued again.")
+            else:
+                messages.info(request, "No failed item can be read again: each failed before it became an image.")
         else:
-            service = {"start": batch_job_start, "cancel": batch_job_cancel, "retry": batch_job_retry}[action]
+            service = {"start": batch_job_start, "cancel": batch_job_cancel}[action]
             service(membership=membership, job_id=job_id, request=request)
     except DomainError as exc:
         if exc.status in (403, 404):

@@ -306,7 +306,8 @@ def batch_job_start(*, membership: Membership, job_id: int, request=None) -> Bat
         if job.uploads.exclude(status__in=[Upload.COMPLETE, Upload.REFUSED]).exists():
             raise Conflict("An archive is still being unpacked; start the job when it is done.", code="expanding")
         job.status, job.started_at = Job.RUNNING, timezone.now()
-        job.save(update_fields=["status", "started_at"])
+        job.resumed_at = job.started_at
+        job.save(update_fields=["status", "started_at", "resumed_at"])
         _queue(job, BatchItem.objects.filter(job=job, status=Item.PENDING, image__isnull=False))
         _record(membership, "batch.start", job, request)
         _notify([job])
@@ -353,6 +354,8 @@ def batch_job_cancel(*, membership: Membership, job_id: int, request=None) -> Ba
         job = batch_job_get(membership=membership, job_id=job_id, request=request, for_update=True)
         if job.status == Job.CANCELLED:
             return job
+        if job.status == Job.RUNNING and not _unfinished(job):
+            raise Conflict("The job has finished: there is nothing left to cancel.", code="finished")
         waiting = BatchItem.objects.filter(job=job, status__in=[Item.PENDING, Item.QUEUED])
         InferenceRequest.objects.filter(
             id__in=waiting.exclude(request=None).values("request_id"), status=InferenceRequest.Status.QUEUED
@@ -368,6 +371,13 @@ def batch_job_cancel(*, membership: Membership, job_id: int, request=None) -> Ba
     return job
 
 
+def _unfinished(job: BatchJob) -> bool:
+    return (
+        BatchItem.objects.filter(job=job, status__in=[Item.PENDING, Item.QUEUED, Item.RUNNING]).exists()
+        or job.uploads.exclude(status__in=[Upload.COMPLETE, Upload.REFUSED]).exists()
+    )
+
+
 def batch_job_retry(*, membership: Membership, job_id: int, request=None) -> int:
     """Failed items that have an image get a fresh request; returns how many."""
     require(membership, Action.BATCH_SUBMIT, request=request)
@@ -377,6 +387,9 @@ def batch_job_retry(*, membership: Membership, job_id: int, request=None) -> int
             raise Conflict("Only a started, not cancelled job retries its failed items.", code="not_running")
         failed = BatchItem.objects.filter(job=job, status=Item.FAILED, image__isnull=False)
         count = failed.count()
+        if count:
+            job.resumed_at = timezone.now()
+            job.save(update_fields=["resumed_at"])
         _queue(job, failed)
         _record(membership, "batch.retry", job, request)
         _notify([job])
@@ -404,12 +417,15 @@ def batch_job_progress(job: BatchJob) -> JobProgress:
     if job.status == Job.RUNNING and finished == total and not uploads_pending:
         state = "finished"
     rate = eta = None
-    if job.started_at:
-        read = BatchItem.objects.filter(job=job, status__in=[Item.DONE, Item.FAILED], request__isnull=False)
+    since = job.resumed_at or job.started_at
+    if since:  # the pace of the latest run (a retry starts a new one), not of the job's whole life
+        read = BatchItem.objects.filter(
+            job=job, status__in=[Item.DONE, Item.FAILED], request__isnull=False, finished_at__gte=since
+        )
         last = read.order_by("-finished_at").values_list("finished_at", flat=True).first()
         count = read.count()
         end = timezone.now() if state == Job.RUNNING else (last or timezone.now())
-        elapsed = (end - job.started_at).total_seconds()
+        elapsed = (end - since).total_seconds()
         if count and elapsed > 0:
             rate = round(count / elapsed, 2)
             remaining = counts[Item.QUEUED] + counts[Item.RUNNING]

@@ -138,10 +138,19 @@ def test_cancel_stops_waiting_items_and_retry_requeues_failed_ones(clinician_a, 
     item = BatchItem.objects.get(job_id=job2["id"])
     InferenceRequest.objects.filter(pk=item.request_id).update(status="failed", error="boom")
     BatchItem.objects.filter(pk=item.pk).update(status="failed")
+    BatchJob.objects.filter(pk=job2["id"]).update(started_at=timezone.now() - timedelta(hours=2))
     retried = client.post(f"/api/v1/batches/{job2['id']}/retry/").json()
     assert retried["counts"]["queued"] == 1
     run_worker()
-    assert client.get(f"/api/v1/batches/{job2['id']}/").json()["counts"]["done"] == 1
+    finished = client.get(f"/api/v1/batches/{job2['id']}/").json()
+    assert finished["state"] == "finished" and finished["counts"]["done"] == 1
+    # the pace is the retry's own, not one item over the two hours since the first start
+    assert finished["images_per_s"] > 1 / 60
+
+    # a finished job has nothing to cancel: it stays finished, with its results
+    refused = client.post(f"/api/v1/batches/{job2['id']}/cancel/")
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "finished"
+    assert client.get(f"/api/v1/batches/{job2['id']}/").json()["state"] == "finished"
 
 
 def test_an_import_reads_only_the_hospitals_own_prefix(clinician_a, demo_model):
@@ -234,3 +243,12 @@ def test_the_jobs_page_creates_fills_and_starts_a_job(client, clinician_a, demo_
     assert "from the page" in page and "finished" in page and "1 of 1 finished" in page
     rows = b"".join(client.get(f"/jobs/{job.pk}/results.csv").streaming_content).decode().splitlines()
     assert len(rows) == 2 and ",done," in rows[1]
+    card = page.split(f'data-job="{job.pk}"')[1]
+    # a finished job offers neither start nor cancel; with nothing failed, no retry either
+    for action in ("add", "start", "cancel", "retry"):
+        assert f'data-action="{action}" hidden>' in card, action
+
+    # retrying a job whose failures never became images says so, instead of nothing
+    BatchItem.objects.create(tenant=job.tenant, job=job, position=99, status="failed", error="not an image")
+    response = client.post(f"/jobs/{job.pk}/retry/", follow=True)
+    assert "No failed item can be read again" in response.content.decode()

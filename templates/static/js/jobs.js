@@ -2,7 +2,15 @@
 (function () {
   "use strict";
   var cfg = JSON.parse(document.getElementById("sightline-config").textContent);
-  var pending = {};
+  var pending = {}, again = {};
+
+  // which actions a job in this state offers (the page renders the same rule)
+  var ACTIONS = {
+    add: function (job) { return job.state === "open"; },
+    start: function (job) { return job.state === "open"; },
+    cancel: function (job) { return job.state === "open" || job.state === "running"; },
+    retry: function (job) { return (job.state === "running" || job.state === "finished") && job.counts.failed > 0; }
+  };
 
   function render(card, job) {
     var finished = job.counts.done + job.counts.failed + job.counts.cancelled;
@@ -20,11 +28,16 @@
     card.querySelector("[data-role=counts]").textContent = counts;
     var unpacking = card.querySelector("[data-role=unpacking]");
     if (unpacking && !job.uploads_pending) unpacking.remove();
+    Object.keys(ACTIONS).forEach(function (name) {
+      var form = card.querySelector('[data-action="' + name + '"]');
+      if (form) form.hidden = !ACTIONS[name](job);
+    });
   }
 
   function refresh(jobId) {
     var card = document.querySelector('[data-job="' + jobId + '"]');
-    if (!card || pending[jobId]) return;
+    if (!card) return;
+    if (pending[jobId]) { again[jobId] = true; return; }  // fetch once more when this one is back
     pending[jobId] = true;
     // at most one fetch per job in flight, and at most every 300 ms while a job is busy
     setTimeout(function () {
@@ -33,7 +46,10 @@
         .then(function (r) { if (!r.ok) throw new Error(r.status); return r.json(); })
         .then(function (job) { render(card, job); })
         .catch(function () {})
-        .then(function () { pending[jobId] = false; });
+        .then(function () {
+          pending[jobId] = false;
+          if (again[jobId]) { again[jobId] = false; refresh(jobId); }
+        });
     }, 300);
   }
 
