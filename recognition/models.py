@@ -346,6 +346,7 @@ class BatchUpload(TenantOwned):
     A job cannot start while one of its uploads is still being expanded."""
 
     class Status(models.TextChoices):
+        RECEIVING = "receiving"  # the archive is being stored under `source`; a crash leaves it so
         RECEIVED = "received"
         EXPANDING = "expanding"
         COMPLETE = "complete"
@@ -358,6 +359,9 @@ class BatchUpload(TenantOwned):
     error = models.CharField(max_length=300, blank=True)
     entries = models.PositiveIntegerField(default=0)
     created = models.DateTimeField(default=timezone.now)
+    # the last sign of life of whoever is storing or expanding it; reconciliation takes over
+    # an upload that has shown none for SIGHTLINE_UPLOAD_STALL_SECONDS
+    touched_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:

@@ -30,7 +30,14 @@ def audit_verify() -> bool:
     return audit_verify_and_alert()
 
 
-@shared_task(name="workers.tasks.batch_expand", acks_late=True)
+@shared_task(
+    name="workers.tasks.batch_expand",
+    acks_late=True,
+    autoretry_for=TRANSIENT,
+    retry_backoff=1,
+    retry_backoff_max=30,
+    max_retries=8,
+)
 def batch_expand(upload_id: int) -> None:
     from recognition.services.batches import batch_upload_expand
 

@@ -270,6 +270,8 @@ SIGHTLINE_ARCHIVE_MAX_BYTES = env.int("SIGHTLINE_ARCHIVE_MAX_BYTES", default=8 *
 SIGHTLINE_ARCHIVE_MAX_RATIO = env.float("SIGHTLINE_ARCHIVE_MAX_RATIO", default=100.0)
 # a request still running after this long (any host) is requeued by the periodic reconciliation
 SIGHTLINE_REQUEST_TIME_LIMIT_SECONDS = env.int("SIGHTLINE_REQUEST_TIME_LIMIT_SECONDS", default=600)
+# an archive being stored, or expanded, that shows no progress for this long is taken over
+SIGHTLINE_UPLOAD_STALL_SECONDS = env.int("SIGHTLINE_UPLOAD_STALL_SECONDS", default=300)
 DATA_UPLOAD_MAX_NUMBER_FILES = env.int("SIGHTLINE_MAX_FILES_PER_UPLOAD", default=100)
 # one browser upload of several files; the same cap belongs in the proxy (client_max_body_size)
 SIGHTLINE_MAX_REQUEST_BYTES = env.int("SIGHTLINE_MAX_REQUEST_BYTES", default=512 * 1024 * 1024)

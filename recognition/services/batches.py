@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.core.files.base import ContentFile, File
 from django.core.files.storage import default_storage
-from django.db import transaction
-from django.db.models import Count
+from django.db import IntegrityError, transaction
+from django.db.models import Count, Q
 from django.utils import timezone
 
 from accounts.events import send_many_on_commit, tenant_group
@@ -169,19 +169,43 @@ def batch_items_add_files(*, membership: Membership, job_id: int, files: list, r
 
 def batch_upload_zip(*, membership: Membership, job_id: int, archive, request=None) -> BatchUpload:
     """Store the archive as it came (Django has spooled it to a temporary file, not memory) and
-    queue its expansion; nothing of it counts until the expansion is complete."""
+    queue its expansion; nothing of it counts until the expansion is complete.
+
+    The upload row, with the key the archive will have, is written before a byte is stored: if
+    the process dies while storing, reconciliation finds the row still "receiving", deletes
+    whatever reached storage and refuses the upload in words. No orphan file, no silent loss."""
     with transaction.atomic():
         job = _open_job(membership, job_id, request)
-    stored = default_storage.save(archive_key(tenant_id=job.tenant_id), File(archive))
+        upload = BatchUpload.objects.create(
+            tenant=job.tenant,
+            job=job,
+            kind="zip",
+            source=archive_key(tenant_id=job.tenant_id),
+            status=Upload.RECEIVING,
+            touched_at=timezone.now(),
+        )
     try:
+        stored = default_storage.save(upload.source, File(archive))
+        if stored != upload.source:  # a storage that renamed it: keep the two in step
+            BatchUpload.objects.filter(pk=upload.pk).update(source=stored)
         with transaction.atomic():
-            upload = BatchUpload.objects.create(tenant=job.tenant, job=job, kind="zip", source=stored)
+            BatchUpload.objects.filter(pk=upload.pk).update(status=Upload.RECEIVED, touched_at=timezone.now())
             _record(membership, "batch.add_archive", job, request)
             transaction.on_commit(lambda: _enqueue_expand(upload.pk), robust=True)
     except BaseException:
-        default_storage.delete(stored)
+        _abandon_receiving(upload, "the archive could not be stored; send it again")
         raise
+    upload.refresh_from_db()
     return upload
+
+
+def _abandon_receiving(upload: BatchUpload, reason: str) -> None:
+    """An archive that never finished arriving: what reached storage goes, the upload is refused."""
+    default_storage.delete(upload.source)
+    BatchUpload.objects.filter(pk=upload.pk, status=Upload.RECEIVING).update(
+        status=Upload.REFUSED, error=reason, finished_at=timezone.now()
+    )
+    _notify([upload.job])
 
 
 def batch_upload_prefix(*, membership: Membership, job_id: int, prefix: str, request=None) -> BatchUpload:
@@ -199,9 +223,14 @@ def batch_upload_prefix(*, membership: Membership, job_id: int, prefix: str, req
 
 
 def _enqueue_expand(upload_id: int) -> None:
+    from kombu.exceptions import OperationalError
+
     from workers.tasks import batch_expand
 
-    batch_expand.apply_async(args=[upload_id], queue="maintenance")
+    try:
+        batch_expand.apply_async(args=[upload_id], queue="maintenance")
+    except OperationalError:  # the broker is down: reconciliation enqueues it again
+        logger.warning("broker unavailable: upload %s waits for reconciliation", upload_id)
 
 
 class _Entry(File):
@@ -232,11 +261,10 @@ def batch_upload_expand(*, upload_id: int) -> None:
     """Worker task: turn an archive's entries (or a prefix's files) into items. Safe to run
     again after a crash: entries already made are skipped, the upload completes once."""
     upload = BatchUpload.objects.select_related("job").filter(pk=upload_id).first()
-    if upload is None or upload.status in (Upload.COMPLETE, Upload.REFUSED):
-        return
+    if upload is None or not _claim_expansion(upload):
+        return  # finished, refused, still arriving, or being expanded by a live worker
     job = upload.job
     membership = Membership.objects.filter(user=job.created_by, tenant=job.tenant, is_active=True).first()
-    BatchUpload.objects.filter(pk=upload.pk).update(status=Upload.EXPANDING)
     if membership is None:
         _finish_upload(upload, Upload.REFUSED, "the job's owner no longer has access to this hospital")
         return
@@ -245,13 +273,33 @@ def batch_upload_expand(*, upload_id: int) -> None:
     try:
         for position, data, error in _upload_entries(upload):
             entries += 1
+            if entries % 25 == 0:  # alive: reconciliation leaves this expansion alone
+                BatchUpload.objects.filter(pk=upload.pk).update(touched_at=timezone.now())
             if position in done:
                 continue
-            _add_entry(membership, job, upload, position, data, error)
+            try:
+                _add_entry(membership, job, upload, position, data, error)
+            except IntegrityError:  # an expander taken for dead made this entry after all
+                continue
     except ArchiveRefused as exc:
         _finish_upload(upload, Upload.REFUSED, exc.message, entries)
         return
     _finish_upload(upload, Upload.COMPLETE, "", entries)
+
+
+def _stalled_before():
+    return timezone.now() - timezone.timedelta(seconds=settings.SIGHTLINE_UPLOAD_STALL_SECONDS)
+
+
+def _claim_expansion(upload: BatchUpload) -> bool:
+    """Take the upload for expansion: a received one, or one whose expander has shown no sign of
+    life for the stall time (its worker died). One conditional UPDATE, so two never share it."""
+    stale = Q(status=Upload.EXPANDING) & (Q(touched_at__isnull=True) | Q(touched_at__lt=_stalled_before()))
+    return bool(
+        BatchUpload.objects.filter(Q(pk=upload.pk) & (Q(status=Upload.RECEIVED) | stale)).update(
+            status=Upload.EXPANDING, touched_at=timezone.now()
+        )
+    )
 
 
 def _upload_entries(upload: BatchUpload) -> Iterator[tuple[int, bytes | None, str]]:
@@ -476,7 +524,28 @@ def batch_reconcile() -> int:
     # queued work whose broker message was lost (Redis restarted without persistence) gets a
     # wake-up; for a version a worker is already draining, the extra task finds nothing to do
     inference_requeue_waiting()
-    return requeued + len(exhausted)
+    return requeued + len(exhausted) + _reconcile_uploads()
+
+
+def _reconcile_uploads() -> int:
+    """Archives that stopped arriving are removed and refused; received ones whose expansion
+    message was lost, and expansions whose worker died, are queued again (expansion resumes
+    where it stopped). Returns how many uploads were touched."""
+    stalled = _stalled_before()
+    abandoned = list(BatchUpload.objects.select_related("job").filter(status=Upload.RECEIVING, touched_at__lt=stalled))
+    for upload in abandoned:
+        _abandon_receiving(upload, "the upload did not finish (the server stopped while storing it); send it again")
+    waiting = list(
+        BatchUpload.objects.filter(
+            Q(status=Upload.RECEIVED, touched_at__lt=timezone.now() - timezone.timedelta(seconds=30))
+            | (Q(status=Upload.EXPANDING) & (Q(touched_at__isnull=True) | Q(touched_at__lt=stalled)))
+        ).values_list("pk", flat=True)
+    )
+    for upload_id in waiting:
+        _enqueue_expand(upload_id)
+    if abandoned or waiting:
+        logger.warning("reconciled uploads: %d abandoned, %d queued again", len(abandoned), len(waiting))
+    return len(abandoned) + len(waiting)
 
 
 def batch_results(job: BatchJob) -> Iterator[dict]:

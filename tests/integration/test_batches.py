@@ -175,12 +175,70 @@ def test_an_expansion_that_died_half_way_finishes_without_doubles(clinician_a, d
     batch_upload_expand(upload_id=upload.pk)
     # as if the worker died after two entries: the upload is not complete, two items exist
     BatchItem.objects.filter(position__gt=2).delete()
-    BatchUpload.objects.filter(pk=upload.pk).update(status="expanding")
+    BatchUpload.objects.filter(pk=upload.pk).update(status="expanding", touched_at=timezone.now())
     default_storage.save(
         upload.source, ContentFile(make_zip([(f"{i}.png", png_bytes(seed=i, size=64)) for i in range(4)]))
     )
-    batch_upload_expand(upload_id=upload.pk)
+    batch_upload_expand(upload_id=upload.pk)  # a redelivery while the expander may still live: left alone
+    assert BatchItem.objects.count() == 2
+    BatchUpload.objects.filter(pk=upload.pk).update(touched_at=timezone.now() - timedelta(hours=1))
+    batch_upload_expand(upload_id=upload.pk)  # no sign of life for the stall time: taken over, resumed
     assert sorted(BatchItem.objects.values_list("position", flat=True)) == [1, 2, 3, 4]
+    assert BatchUpload.objects.get().status == "complete"
+
+
+def test_reconciliation_cleans_up_an_archive_that_never_arrived_and_requeues_lost_expansions(
+    clinician_a, demo_model, monkeypatch
+):
+    from recognition.services import batches
+
+    client = api_client_for(clinician_a)
+    job = create(client).json()
+    long_ago = timezone.now() - timedelta(hours=1)
+    # the web process died while storing an archive: its row says "receiving", part of it is stored
+    partial = BatchUpload.objects.create(
+        tenant_id=clinician_a.tenant_id, job_id=job["id"], kind="zip", status="receiving", touched_at=long_ago,
+        source=f"tenants/{clinician_a.tenant_id}/archives/partial.zip",
+    )  # fmt: skip
+    default_storage.save(partial.source, ContentFile(b"PK\x03\x04 half an archive"))
+    # a received archive whose expansion message Redis lost, a dead expansion, and a live one
+    lost = BatchUpload.objects.create(
+        tenant_id=clinician_a.tenant_id, job_id=job["id"], kind="zip", status="received", touched_at=long_ago,
+        source="x",
+    )  # fmt: skip
+    dead = BatchUpload.objects.create(
+        tenant_id=clinician_a.tenant_id, job_id=job["id"], kind="zip", status="expanding", touched_at=long_ago,
+        source="y",
+    )  # fmt: skip
+    BatchUpload.objects.create(
+        tenant_id=clinician_a.tenant_id, job_id=job["id"], kind="zip", status="expanding",
+        touched_at=timezone.now(), source="z",
+    )  # fmt: skip
+    queued = []
+    monkeypatch.setattr(batches, "_enqueue_expand", queued.append)
+
+    assert batch_reconcile() == 3
+    assert sorted(queued) == sorted([lost.pk, dead.pk])
+    partial.refresh_from_db()
+    assert partial.status == "refused" and "did not finish" in partial.error
+    assert not default_storage.exists(partial.source)  # no orphan bytes
+    status = client.get(f"/api/v1/batches/{job['id']}/").json()
+    assert status["uploads_pending"] == 3 and status["total"] == 0  # the refused one no longer counts
+
+
+def test_an_archive_the_storage_refuses_leaves_nothing_behind(clinician_a, demo_model, monkeypatch):
+    client = api_client_for(clinician_a)
+    job = create(client).json()
+
+    def broken_save(name, content, max_length=None):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(default_storage, "save", broken_save)
+    with pytest.raises(OSError):
+        add_zip(client, job["id"], make_zip([("a.png", png_bytes(size=64))]))
+    (upload,) = BatchUpload.objects.all()
+    assert upload.status == "refused" and "could not be stored" in upload.error
+    assert client.get(f"/api/v1/batches/{job['id']}/").json()["uploads_pending"] == 0
 
 
 def test_a_hostile_archive_is_refused_in_words(clinician_a, demo_model):
