@@ -186,6 +186,7 @@ def run(args, workdir: Path, processes: Processes) -> dict:
     headers = {"Authorization": f"Bearer {api.token}"}
     events = Events(f"ws://127.0.0.1:{web_port}", api.token)
     probes = [distinct[k] for k in range(8)]
+    interactive_latencies(api, events, probes, until=lambda: False, most=2)  # warm-up, not counted
     idle = interactive_latencies(api, events, probes, until=lambda: False, most=20)
     web_after_start = rss_mib(web.pid)
     job = requests.post(f"{base}/batches/", json={"name": "bench"}, headers=headers, timeout=30).json()
