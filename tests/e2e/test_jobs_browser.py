@@ -9,6 +9,7 @@ tests/e2e/test_browser.py.
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import re
@@ -59,15 +60,30 @@ def card(page, name: str):
     return page.locator("section.job", has=page.locator("h2", has_text=name))
 
 
-def create_job(page, name: str, archive: Path) -> int:
-    """Create a job with the page's form, add the zip to it, and wait (live) until the zip is unpacked."""
+DROP = """(card, [b64, name]) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const transfer = new DataTransfer();
+  transfer.items.add(new File([bytes], name, {type: "application/zip"}));
+  for (const kind of ["dragover", "drop"]) {
+    card.dispatchEvent(new DragEvent(kind, {dataTransfer: transfer, bubbles: true, cancelable: true}));
+  }
+}"""
+
+
+def create_job(page, name: str, archive: Path, *, drop: bool = False) -> int:
+    """Create a job with the page's form, add the zip to it (chosen in the form, or dropped on the
+    job), and wait (live) until the zip is unpacked."""
     page.fill("input[name=name]", name)
     page.click("form.inline-form button.primary")
     expect(page.locator(".messages")).to_contain_text(f"Job “{name}” created")
     job = card(page, name)
     expect(job.locator("[data-role=state]")).to_have_text("open")
-    job.locator("input[name=archive]").set_input_files(str(archive))
-    job.get_by_role("button", name="Add").click()
+    if drop:
+        with page.expect_navigation():  # the page posts the dropped file through the job's Add form
+            job.evaluate(DROP, [base64.b64encode(archive.read_bytes()).decode(), archive.name])
+    else:
+        job.locator("input[name=archive]").set_input_files(str(archive))
+        job.get_by_role("button", name="Add").click()
     expect(page.locator(".messages")).to_contain_text("Archive received; it is being unpacked.")
     expect(job.locator("[data-role=unpacking]")).to_have_count(0, timeout=JOB_MS)  # removed by jobs.js when done
     return int(job.get_attribute("data-job"))
@@ -162,7 +178,7 @@ def test_a_zip_job_runs_live_on_the_jobs_page_retries_downloads_and_cancels(
 
     # A larger job, cancelled on the page while it is being read.
     big = "archive backfill"
-    big_id = create_job(page, big, zip_file(tmp_path / "backfill.zip", CANCEL_IMAGES, first_seed=1000))
+    big_id = create_job(page, big, zip_file(tmp_path / "backfill.zip", CANCEL_IMAGES, first_seed=1000), drop=True)
     total = CANCEL_IMAGES + 1
     big_card = card(page, big)
     with page.expect_navigation():

@@ -57,6 +57,27 @@
     document.querySelectorAll("[data-job]").forEach(function (card) { refresh(card.dataset.job); });
   }
 
+  // Files or one zip dropped on a job that is still open go in through its Add form.
+  document.querySelectorAll("[data-job]").forEach(function (card) {
+    var form = card.querySelector('[data-action="add"]');
+    if (!form) return;
+    card.addEventListener("dragover", function (event) {
+      if (form.hidden) return;
+      event.preventDefault();
+      card.classList.add("dropping");
+    });
+    card.addEventListener("dragleave", function () { card.classList.remove("dropping"); });
+    card.addEventListener("drop", function (event) {
+      card.classList.remove("dropping");
+      var files = event.dataTransfer && event.dataTransfer.files;
+      if (form.hidden || !files || !files.length) return;
+      event.preventDefault();
+      var zip = files.length === 1 && /\.zip$/i.test(files[0].name);
+      form.querySelector(zip ? "input[name=archive]" : "input[name=files]").files = files;
+      form.requestSubmit();
+    });
+  });
+
   window.SightlineFeed(cfg.tenant, {
     onSubscribed: resync,
     "job.progress": function (message) { refresh(message.job); }
