@@ -351,7 +351,7 @@ def batch_job_start(*, membership: Membership, job_id: int, request=None) -> Bat
     """Queue every pending item at bulk priority, in chunks the worker batches."""
     with transaction.atomic():
         job = _open_job(membership, job_id, request)
-        if job.uploads.exclude(status__in=[Upload.COMPLETE, Upload.REFUSED]).exists():
+        if _uploads_pending(job).exists():
             raise Conflict("An archive is still being unpacked; start the job when it is done.", code="expanding")
         job.status, job.started_at = Job.RUNNING, timezone.now()
         job.resumed_at = job.started_at
@@ -419,10 +419,15 @@ def batch_job_cancel(*, membership: Membership, job_id: int, request=None) -> Ba
     return job
 
 
+def _uploads_pending(job: BatchJob):
+    """Archives still arriving or being unpacked: until they are done the job cannot start."""
+    return job.uploads.exclude(status__in=[Upload.COMPLETE, Upload.REFUSED])
+
+
 def _unfinished(job: BatchJob) -> bool:
     return (
         BatchItem.objects.filter(job=job, status__in=[Item.PENDING, Item.QUEUED, Item.RUNNING]).exists()
-        or job.uploads.exclude(status__in=[Upload.COMPLETE, Upload.REFUSED]).exists()
+        or _uploads_pending(job).exists()
     )
 
 
@@ -460,7 +465,7 @@ def batch_job_progress(job: BatchJob) -> JobProgress:
     counts.update(dict(BatchItem.objects.filter(job=job).values_list("status").annotate(n=Count("id"))))
     total = sum(counts.values())
     finished = counts[Item.DONE] + counts[Item.FAILED] + counts[Item.CANCELLED]
-    uploads_pending = job.uploads.exclude(status__in=[Upload.COMPLETE, Upload.REFUSED]).count()
+    uploads_pending = _uploads_pending(job).count()
     state = job.status
     if job.status == Job.RUNNING and finished == total and not uploads_pending:
         state = "finished"
