@@ -73,24 +73,6 @@ def database_url() -> str:
     return f"postgres://{auth + '@' if auth else ''}{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
 
 
-def wait_for_other_database_sessions_to_end(timeout: float = 15) -> None:
-    """PostgreSQL ends a backend a moment after its client process is gone; the test database
-    can only be dropped once every other session on it has ended."""
-    from django.db import connection
-
-    if connection.vendor != "postgresql":
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-            if cursor.fetchone()[0] == 0:
-                return
-        time.sleep(0.1)
-
-
 @dataclass
 class Stack:
     base_url: str
@@ -204,8 +186,6 @@ def stack(django_db_setup, django_db_blocker, demo_package, tmp_path_factory) ->
         yield Stack(f"http://127.0.0.1:{web_port}", f"ws://127.0.0.1:{web_port}", redis_url, logs)
     finally:
         processes.stop_all()
-        with django_db_blocker.unblock():
-            wait_for_other_database_sessions_to_end()
 
 
 @pytest.fixture
