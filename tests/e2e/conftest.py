@@ -236,3 +236,8 @@ def browser_context(chromium):
     context.set_default_timeout(30_000)
     yield context
     context.close()
+    # ORM calls made while Playwright's loop runs keep their connection apart from the one the
+    # test database's teardown closes; close it here, or PostgreSQL refuses to drop the database
+    from django.db import connections
+
+    connections.close_all()
