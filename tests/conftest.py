@@ -82,24 +82,24 @@ def hospital_b(db) -> Tenant:
     return Tenant.objects.create(name="Demo Children's", slug="demo-childrens")
 
 
-def _member(tenant, username, role):
+def member(tenant, username, role):
     user = user_get_or_create(username=username, password=PASSWORD)
     return membership_grant(tenant=tenant, user=user, role=role)
 
 
 @pytest.fixture
 def clinician_a(hospital_a):
-    return _member(hospital_a, "clinician", Role.CLINICIAN)
+    return member(hospital_a, "clinician", Role.CLINICIAN)
 
 
 @pytest.fixture
 def viewer_a(hospital_a):
-    return _member(hospital_a, "viewer", Role.VIEWER)
+    return member(hospital_a, "viewer", Role.VIEWER)
 
 
 @pytest.fixture
 def clinician_b(hospital_b):
-    return _member(hospital_b, "clinician-b", Role.CLINICIAN)
+    return member(hospital_b, "clinician-b", Role.CLINICIAN)
 
 
 def api_client_for(membership) -> APIClient:

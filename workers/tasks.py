@@ -6,16 +6,10 @@ from django.db import InterfaceError, OperationalError
 # a database that is briefly unreachable (a restart, a failover, a refused connection) must not
 # strand the requests this wake-up was for: the task tries again, backing off
 TRANSIENT = (OperationalError, InterfaceError)
+RETRY_TRANSIENT = {"autoretry_for": TRANSIENT, "retry_backoff": 1, "retry_backoff_max": 30, "max_retries": 8}
 
 
-@shared_task(
-    name="workers.tasks.infer",
-    acks_late=True,
-    autoretry_for=TRANSIENT,
-    retry_backoff=1,
-    retry_backoff_max=30,
-    max_retries=8,
-)
+@shared_task(name="workers.tasks.infer", acks_late=True, **RETRY_TRANSIENT)
 def infer(request_id: int) -> int:
     from recognition.services.inference import inference_run
 
@@ -30,14 +24,7 @@ def audit_verify() -> bool:
     return audit_verify_and_alert()
 
 
-@shared_task(
-    name="workers.tasks.batch_expand",
-    acks_late=True,
-    autoretry_for=TRANSIENT,
-    retry_backoff=1,
-    retry_backoff_max=30,
-    max_retries=8,
-)
+@shared_task(name="workers.tasks.batch_expand", acks_late=True, **RETRY_TRANSIENT)
 def batch_expand(upload_id: int) -> None:
     from recognition.services.batches import batch_upload_expand
 

@@ -30,7 +30,7 @@ from accounts.services import (
     user_deactivate,
     user_get_or_create,
 )
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, member
 
 pytestmark = pytest.mark.django_db
 
@@ -47,11 +47,6 @@ def images_page() -> str:
 
 
 # --- personas and helpers ---------------------------------------------------------------
-
-
-def member(tenant, username, role):
-    user = user_get_or_create(username=username, password=PASSWORD)
-    return membership_grant(tenant=tenant, user=user, role=role)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from accounts.services import membership_grant, user_get_or_create
 from recognition.models import BatchJob, Image, InferenceRequest, Review
 from recognition.services.images import image_upload
 from recognition.services.inference import inference_run
-from tests.conftest import PASSWORD, api_client_for, png_bytes, upload_file
+from tests.conftest import PASSWORD, api_client_for, member, png_bytes, upload_file
 
 pytestmark = pytest.mark.django_db
 
@@ -35,11 +35,6 @@ BATCHES_API = "/api/v1/batches/"
 MEMBERS_PAGE = "/hospital/members/"
 SWITCH_URL = "/hospital/"
 TENANT_ADD = "/admin/accounts/tenant/add/"
-
-
-def member(tenant, username, role):
-    user = user_get_or_create(username=username, password=PASSWORD)
-    return membership_grant(tenant=tenant, user=user, role=role)
 
 
 @pytest.fixture
