@@ -8,13 +8,13 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import AuthenticationFailed
-from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
 from rest_framework_simplejwt.serializers import TokenObtainPairSerializer
-from rest_framework_simplejwt.views import TokenObtainPairView
+from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
 
-from config.errors import Locked
+from config.errors import Forbidden, Invalid, Locked, NotFound
+from config.pagination import NewestFirstPagination, NextCursorPage
 
 from .models import AccessEvent, Role
 from .selectors import (
@@ -40,6 +40,10 @@ TENANT_HEADER = OpenApiParameter(
 class TenantApi(APIView):
     """Resolves ``request.membership`` after authentication, from ``X-Tenant`` or the only one."""
 
+    # what choosing the hospital answers, for every API under it (config/openapi.py): several
+    # hospitals and no X-Tenant, not a member of any, or not of the one named
+    api_errors = (Invalid, Forbidden, NotFound)
+
     def initial(self, request, *args, **kwargs):
         super().initial(request, *args, **kwargs)
         request.membership = membership_resolve(
@@ -60,6 +64,7 @@ class AuditedTokenObtainPairSerializer(TokenObtainPairSerializer):
 
 class TokenObtainApi(TokenObtainPairView):
     serializer_class = AuditedTokenObtainPairSerializer
+    api_errors = (AuthenticationFailed, Locked)  # wrong credentials; too many failures
 
     def post(self, request, *args, **kwargs):
         try:
@@ -70,6 +75,10 @@ class TokenObtainApi(TokenObtainPairView):
                     "Too many failed sign-in attempts for this username from this address. Try again later."
                 ) from None
             raise
+
+
+class TokenRefreshApi(TokenRefreshView):
+    api_errors = (AuthenticationFailed,)  # an expired, revoked or already rotated refresh token
 
 
 class MemberOutput(serializers.Serializer):
@@ -108,16 +117,18 @@ class EventOutput(serializers.Serializer):
     ip_address = serializers.CharField(allow_null=True)
 
 
-class NewestFirst(CursorPagination):
-    ordering = ("-created", "-id")
+class NewestFirst(NewestFirstPagination):
     page_size = 100
 
 
 class MemberListApi(TenantApi):
+    pagination_class = NewestFirst
+
     @extend_schema(parameters=[TENANT_HEADER], responses=MemberOutput(many=True))
     def get(self, request):
-        members = membership_list(actor=request.membership, request=request)
-        return Response(MemberOutput(members, many=True).data)
+        paginator = self.pagination_class()
+        page = paginator.paginate_queryset(membership_list(actor=request.membership, request=request), request)
+        return paginator.get_paginated_response(MemberOutput(page, many=True).data)
 
 
 class MemberDetailApi(TenantApi):
@@ -155,9 +166,11 @@ class InvitationCreateApi(TenantApi):
 
 
 class ActivityApi(TenantApi):
+    pagination_class = NewestFirst
+
     @extend_schema(parameters=[TENANT_HEADER], responses=EventOutput(many=True))
     def get(self, request):
-        paginator = NewestFirst()
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(activity_list(actor=request.membership, request=request), request)
         return paginator.get_paginated_response(EventOutput(page, many=True).data)
 
@@ -213,15 +226,12 @@ class AccessLogEntryOutput(serializers.Serializer):
     entry_hash = serializers.CharField()
 
 
-class AccessLogPageOutput(serializers.Serializer):
-    next_cursor = serializers.CharField(allow_null=True)
-    results = AccessLogEntryOutput(many=True)
-
-
 class AccessLogApi(TenantApi):
+    pagination_class = NextCursorPage
+
     @extend_schema(
         parameters=[TENANT_HEADER, AccessLogListInput],
-        responses=AccessLogPageOutput,
+        responses=AccessLogEntryOutput(many=True),
         description="The hospital's access log, newest first, for its auditors; reading it is itself logged. "
         "Pass `next_cursor` back as `cursor` for the next page (null: the last page).",
     )

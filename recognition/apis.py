@@ -6,13 +6,13 @@ from django.http import FileResponse, HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
-from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 
 from accounts.apis import TENANT_HEADER, TenantApi
 from accounts.permissions import Action
 from accounts.services import require
-from config.errors import Invalid
+from config.errors import Conflict, Invalid, Unavailable
+from config.pagination import NewestFirstPagination, NextCursorPage
 
 from .models import Review, Study
 from .selectors import (
@@ -108,17 +108,15 @@ class ImageUploadInput(serializers.Serializer):
     study_date = serializers.DateField(required=False, allow_null=True, default=None)
 
 
-class ImagePagination(CursorPagination):
-    ordering = ("-created", "-id")
-    page_size = 50
-    max_page_size = 200
-    page_size_query_param = "page_size"
-
-
 class ImageListCreateApi(TenantApi):
+    pagination_class = NewestFirstPagination
+    # a content-checked upload: 413/415/422 come with its file; 409 a study's fields that disagree,
+    # 503 when no model is registered to read it
+    api_errors = {"post": (Conflict, Unavailable)}
+
     @extend_schema(parameters=[TENANT_HEADER], responses=ImageSummaryOutput(many=True))
     def get(self, request):
-        paginator = ImagePagination()
+        paginator = self.pagination_class()
         page = paginator.paginate_queryset(image_list(membership=request.membership, request=request), request)
         return paginator.get_paginated_response(ImageSummaryOutput(page, many=True).data)
 
@@ -155,6 +153,8 @@ class ImageDetailApi(TenantApi):
 
 
 class ImageFileApi(TenantApi):
+    api_errors = (Conflict,)  # kept, but it cannot be displayed
+
     @extend_schema(parameters=[TENANT_HEADER], responses={(200, "image/png"): OpenApiTypes.BINARY})
     def get(self, request, image_id: int):
         image = image_get(membership=request.membership, image_id=image_id, request=request, action="image.download")
@@ -238,6 +238,8 @@ def _worklist_response(request, fields: dict, q: str = ""):
 
 
 class StudyListApi(TenantApi):
+    pagination_class = NextCursorPage
+
     @extend_schema(
         parameters=[TENANT_HEADER, StudyListInput],
         responses=StudySummaryOutput(many=True),
@@ -252,6 +254,8 @@ class StudyListApi(TenantApi):
 
 
 class StudySearchApi(TenantApi):
+    pagination_class = NextCursorPage
+
     @extend_schema(parameters=[TENANT_HEADER], request=StudySearchInput, responses=StudySummaryOutput(many=True))
     def post(self, request):
         data = StudySearchInput(data=request.data)
@@ -302,10 +306,15 @@ class ReviewInput(serializers.Serializer):
 
 
 class ImageReviewsApi(TenantApi):
+    pagination_class = NewestFirstPagination
+    api_errors = {"post": (Conflict,)}  # no finding yet, or a review of another's signed one
+
     @extend_schema(parameters=[TENANT_HEADER], responses=ReviewOutput(many=True))
     def get(self, request, image_id: int):
         image = image_get(membership=request.membership, image_id=image_id, request=request, action="review.list")
-        return Response(ReviewOutput(review_history(image=image), many=True).data)
+        paginator = self.pagination_class()
+        page = paginator.paginate_queryset(review_history(image=image), request)
+        return paginator.get_paginated_response(ReviewOutput(page, many=True).data)
 
     @extend_schema(
         parameters=[TENANT_HEADER],
@@ -326,6 +335,8 @@ class ImageReviewsApi(TenantApi):
 
 
 class ReviewSignOffApi(TenantApi):
+    api_errors = (Conflict,)  # already signed, or not the author's draft
+
     @extend_schema(parameters=[TENANT_HEADER], request=None, responses=ReviewOutput)
     def post(self, request, review_id: int):
         review = review_sign_off(membership=request.membership, review_id=review_id, request=request)
@@ -388,10 +399,14 @@ IDEMPOTENCY_HEADER = OpenApiParameter(
 
 
 class BatchJobListCreateApi(TenantApi):
+    pagination_class = NewestFirstPagination
+    api_errors = {"post": (Conflict,)}  # an Idempotency-Key used for another job
+
     @extend_schema(parameters=[TENANT_HEADER], responses=BatchJobOutput(many=True))
     def get(self, request):
-        jobs = batch_job_list(membership=request.membership, request=request)
-        return Response(BatchJobOutput(jobs, many=True).data)
+        paginator = self.pagination_class()
+        page = paginator.paginate_queryset(batch_job_list(membership=request.membership, request=request), request)
+        return paginator.get_paginated_response(BatchJobOutput(page, many=True).data)
 
     @extend_schema(
         parameters=[TENANT_HEADER, IDEMPOTENCY_HEADER],
@@ -425,6 +440,8 @@ class BatchItemsInput(serializers.Serializer):
 
 
 class BatchItemsApi(TenantApi):
+    api_errors = (Conflict,)  # the job has started, or an archive is still being unpacked
+
     @extend_schema(
         parameters=[TENANT_HEADER],
         request={"multipart/form-data": BatchItemsInput},
@@ -454,6 +471,7 @@ class BatchItemsApi(TenantApi):
 
 class BatchJobActionApi(TenantApi):
     action = ""
+    api_errors = (Conflict,)  # not in a state that can start, be cancelled or retry
 
     @extend_schema(parameters=[TENANT_HEADER], request=None, responses=BatchJobOutput)
     def post(self, request, job_id: int):

@@ -139,9 +139,9 @@ def review_get(*, membership: Membership, review_id: int, request=None, for_upda
     return review
 
 
-def review_history(*, image: Image) -> list[Review]:
+def review_history(*, image: Image) -> QuerySet[Review]:
     """An image's reviews, newest first (the image was reached through image_get)."""
-    return list(
+    return (
         Review.objects.filter(image=image, tenant_id=image.tenant_id)
         .select_related("author", "signed_off_by", "model_version__model", "amends")
         .order_by("-created", "-id")

@@ -51,6 +51,7 @@ from .services.images import image_upload
 from .services.reviews import review_save, review_sign_off
 
 PAGE_SIZE = 100
+JOBS_PAGE = 100  # the jobs page shows the newest; the API pages through all of them
 
 
 @login_required
@@ -363,7 +364,7 @@ def jobs_page(request):
         else:
             messages.success(request, f"Job “{job.name}” created: add files or a zip, then start it.")
         return redirect("recognition:jobs")
-    jobs = batch_job_list(membership=membership, request=request)
+    jobs = batch_job_list(membership=membership, request=request)[:JOBS_PAGE]
     return render(
         request,
         "recognition/jobs.html",

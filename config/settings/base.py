@@ -230,7 +230,7 @@ REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.CursorPagination",
     "PAGE_SIZE": 50,
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "config.openapi.ContractAutoSchema",  # every operation documents its errors
     "EXCEPTION_HANDLER": "config.errors.api_exception_handler",
     "DEFAULT_METADATA_CLASS": None,  # OPTIONS answers 405 instead of describing a view
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
@@ -258,6 +258,8 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # the document is a contract (config/openapi.py): /api/v1/ only, every error answer described
+    "PREPROCESSING_HOOKS": ["config.openapi.only_api_v1"],
 }
 
 # Uploads: checked by content, then re-encoded before they are stored.

@@ -18,7 +18,7 @@ from django.conf import settings
 from django.core.files.base import ContentFile, File
 from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
-from django.db.models import Count, Q
+from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
 from accounts.events import send_many_on_commit, tenant_group
@@ -572,10 +572,13 @@ def batch_results(job: BatchJob) -> Iterator[dict]:
         }
 
 
-def batch_job_list(*, membership: Membership, request=None) -> list[BatchJob]:
+def batch_job_list(*, membership: Membership, request=None) -> QuerySet[BatchJob]:
+    """The hospital's jobs, newest first; the API pages through them, the jobs page shows the newest."""
     require(membership, Action.IMAGE_VIEW, request=request)
-    return list(
-        BatchJob.objects.for_tenant(membership.tenant).select_related("model_version__model").order_by("-created")[:100]
+    return (
+        BatchJob.objects.for_tenant(membership.tenant)
+        .select_related("model_version__model")
+        .order_by("-created", "-id")
     )
 
 

@@ -171,7 +171,7 @@ def test_review_draft_sign_off_and_amendment_keep_the_history(clinician_a, viewe
     other = next(label for label in labels if label != image.results.get().top_label)
     amendment = client.post(url, {"verdict": "correct", "label": other, "sign_off": True}, format="json").json()
     assert amendment["amends"] == draft["id"] and amendment["id"] != draft["id"]
-    history = client.get(url).json()
+    history = client.get(url).json()["results"]
     assert [row["id"] for row in history] == [amendment["id"], draft["id"]]
     assert history[1]["verdict"] == "disagree" and history[1]["comment"] == "on second look"  # unchanged
     with pytest.raises(ValueError, match="never changed"):

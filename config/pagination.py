@@ -1,0 +1,89 @@
+"""The API's two page envelopes, each describing itself to the OpenAPI document.
+
+A view that answers a list sets ``pagination_class``; drf-spectacular then documents its 200 as
+the envelope this class builds (``get_paginated_response_schema``) instead of a bare array, and
+tests/contract/test_schema.py fails any list operation that has none.
+
+- ``NewestFirstPagination``: DRF's cursor pagination over (created, id), ``{"next", "previous",
+  "results"}`` where next/previous are links. Its cursor carries a timestamp, never an identifier.
+- ``NextCursorPage``: the keyset pages the selectors build themselves (the worklist, the access
+  log), ``{"next_cursor", "results"}``; the view's input serializer declares ``cursor``/``page_size``.
+"""
+
+from __future__ import annotations
+
+from django.utils.dateparse import parse_datetime
+from rest_framework.pagination import BasePagination, CursorPagination
+from rest_framework.response import Response
+
+from config.errors import Invalid
+
+PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+
+
+class NewestFirstPagination(CursorPagination):
+    ordering = ("-created", "-id")
+    page_size = PAGE_SIZE
+    max_page_size = MAX_PAGE_SIZE
+    page_size_query_param = "page_size"
+    # what this class itself can answer, read by config.openapi
+    api_errors = (Invalid,)
+
+    def get_page_size(self, request):
+        # DRF silently falls back to the default for "abc" or 0, and clips 10_000: a client that
+        # asked for something else learns it, and the documented bounds are the enforced ones
+        raw = request.query_params.get(self.page_size_query_param)
+        if raw is None:
+            return self.page_size
+        if not raw.isdigit() or not 1 <= int(raw) <= self.max_page_size:
+            raise Invalid(
+                f"page_size must be a whole number from 1 to {self.max_page_size}.",
+                code="bad_page_size",
+            )
+        return int(raw)
+
+    def decode_cursor(self, request):
+        from rest_framework.exceptions import NotFound
+
+        try:
+            cursor = super().decode_cursor(request)
+        except NotFound:
+            cursor = False
+        # the position is compared with a datetime column: a forged one must not reach the query
+        if cursor is False or (cursor is not None and cursor.position and parse_datetime(cursor.position) is None):
+            raise Invalid("The page cursor is not valid; start from the first page.", code="bad_cursor")
+        return cursor
+
+    def get_schema_operation_parameters(self, view):
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            if parameter["name"] == self.page_size_query_param:
+                parameter["schema"] = {"type": "integer", "minimum": 1, "maximum": self.max_page_size}
+        return parameters
+
+
+class NextCursorPage(BasePagination):
+    """Describes (and builds) ``{"next_cursor": str | null, "results": [...]}``."""
+
+    api_errors = (Invalid,)
+
+    def get_paginated_response(self, data, next_cursor: str = ""):
+        return Response({"next_cursor": next_cursor or None, "results": data})
+
+    def get_paginated_response_schema(self, schema):
+        return {
+            "type": "object",
+            "required": ["next_cursor", "results"],
+            "properties": {
+                "next_cursor": {
+                    "type": "string",
+                    "nullable": True,
+                    "description": "Pass back as `cursor` for the next page; null on the last page.",
+                },
+                "results": schema,
+            },
+        }
+
+    def get_schema_operation_parameters(self, view):
+        return []  # the view's input serializer declares cursor and page_size
