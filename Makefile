@@ -8,7 +8,7 @@ REDIS_URL ?= redis://127.0.0.1:6379/0
 SIGHTLINE_DEMO_PASSWORD ?= sightline-demo
 export REDIS_URL SIGHTLINE_DEMO_PASSWORD
 
-.PHONY: run test test-gpu lint format bench browser-deps clean
+.PHONY: run test test-gpu contract lint format bench browser-deps clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,13 +52,18 @@ test: export DJANGO_SETTINGS_MODULE = config.settings.test
 test: $(VENV)/.dev browser-deps
 	$(BIN)/ruff check .
 	$(BIN)/python manage.py makemigrations --check --dry-run
-	$(BIN)/python -m pytest -m "not browser and not gpu"
+	$(BIN)/python -m pytest -m "not browser and not gpu and not contract"
 	# Playwright gets a process of its own: async tests after it in one process fail.
 	$(BIN)/python -m pytest -m "browser and not gpu"
 
 test-gpu: export DJANGO_SETTINGS_MODULE = config.settings.test
 test-gpu: $(VENV)/.dev
 	$(BIN)/python -m pytest -m gpu
+
+# The OpenAPI contract: schemathesis (all checks, all phases) against a live server, a few minutes.
+contract: export DJANGO_SETTINGS_MODULE = config.settings.test
+contract: $(VENV)/.dev
+	$(BIN)/python -m pytest -m contract tests/contract
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

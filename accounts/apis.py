@@ -14,6 +14,7 @@ from rest_framework_simplejwt.serializers import TokenObtainPairSerializer
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
 
 from config.errors import Forbidden, Invalid, Locked, NotFound
+from config.inputs import ApiInput
 from config.pagination import NewestFirstPagination, NextCursorPage
 
 from .models import AccessEvent, Role
@@ -90,11 +91,11 @@ class MemberOutput(serializers.Serializer):
     created = serializers.DateTimeField()
 
 
-class MemberRoleInput(serializers.Serializer):
+class MemberRoleInput(ApiInput):
     role = serializers.ChoiceField(choices=Role.choices)
 
 
-class InvitationInput(serializers.Serializer):
+class InvitationInput(ApiInput):
     email = serializers.EmailField()
     role = serializers.ChoiceField(choices=Role.choices)
 
@@ -175,34 +176,40 @@ class ActivityApi(TenantApi):
         return paginator.get_paginated_response(EventOutput(page, many=True).data)
 
 
-class AccessLogListInput(serializers.Serializer):
+class AccessLogListInput(ApiInput):
     person = serializers.CharField(
-        max_length=150, required=False, default="", help_text="A username, or the name typed at a failed sign-in."
+        max_length=150,
+        required=False,
+        default="",
+        allow_blank=True,
+        help_text="A username, or the name typed at a failed sign-in.",
     )
     patient = serializers.CharField(
         max_length=64,
         required=False,
         default="",
+        allow_blank=True,
         help_text="A pseudonymous patient id: entries about their studies, images and reviews.",
     )
     study = serializers.IntegerField(
         min_value=1,
         required=False,
-        allow_null=True,
         default=None,
         help_text="A study id: entries about it, its images and their reviews.",
     )
     action = serializers.CharField(
-        max_length=64, required=False, default="", help_text='Exact, or a prefix ending in "." such as "auth.".'
+        max_length=64,
+        required=False,
+        default="",
+        allow_blank=True,
+        help_text='Exact, or a prefix ending in "." such as "auth.".',
     )
     outcome = serializers.ChoiceField(choices=AccessEvent.Outcome.values, required=False, allow_blank=True, default="")
-    date_from = serializers.DateField(
-        required=False, allow_null=True, default=None, help_text="Inclusive, in the site's time zone."
+    date_from = serializers.DateField(required=False, default=None, help_text="Inclusive, in the site's time zone.")
+    date_to = serializers.DateField(required=False, default=None, help_text="Inclusive, in the site's time zone.")
+    cursor = serializers.CharField(
+        required=False, default="", allow_blank=True, help_text="`next_cursor` of the previous page."
     )
-    date_to = serializers.DateField(
-        required=False, allow_null=True, default=None, help_text="Inclusive, in the site's time zone."
-    )
-    cursor = serializers.CharField(required=False, default="", help_text="`next_cursor` of the previous page.")
     page_size = serializers.IntegerField(
         min_value=1, max_value=ACCESS_LOG_PAGE_MAX, required=False, default=ACCESS_LOG_PAGE
     )

@@ -117,3 +117,49 @@ class DomainErrorMiddleware:
                 status=exception.status,
             )
         return None
+
+
+# Django's own error views, for what no API view sees (a URL no route matches, a request Django
+# refuses before any view): the API answers in the one error shape, pages stay friendly pages.
+def _api_error_or_page(request, *, status: int, code: str, message: str, page):
+    if request.path.startswith("/api/"):
+        from django.http import JsonResponse
+
+        return JsonResponse(error_body(code, message), status=status)
+    return page()
+
+
+def page_not_found(request, exception=None):
+    from django.views import defaults
+
+    return _api_error_or_page(
+        request, status=404, code="not_found", message="Not found.",
+        page=lambda: defaults.page_not_found(request, exception),
+    )  # fmt: skip
+
+
+def bad_request(request, exception=None):
+    from django.views import defaults
+
+    return _api_error_or_page(
+        request, status=400, code="bad_request", message="The request is malformed.",
+        page=lambda: defaults.bad_request(request, exception),
+    )  # fmt: skip
+
+
+def permission_denied(request, exception=None):
+    from django.views import defaults
+
+    return _api_error_or_page(
+        request, status=403, code="forbidden", message="You do not have permission to do this.",
+        page=lambda: defaults.permission_denied(request, exception),
+    )  # fmt: skip
+
+
+def server_error(request):
+    from django.views import defaults
+
+    return _api_error_or_page(
+        request, status=500, code="server_error", message="Something went wrong on our side.",
+        page=lambda: defaults.server_error(request),
+    )  # fmt: skip

@@ -104,7 +104,34 @@ def _carries_a_file(serializer) -> bool:
     )
 
 
+# DRF's CharField refuses NUL characters, and a value blank once trimmed unless the field allows
+# blanks: the request schema says so, so such strings are not "valid" there either
+TEXT_PATTERN = r"^[^\x00]*$"
+NON_BLANK_PATTERN = r"^[^\x00]*[^\x00\s][^\x00]*$"
+
+
 class ContractAutoSchema(AutoSchema):
+    def _map_serializer_field(self, field, direction, bypass_extensions=False):
+        schema = super()._map_serializer_field(field, direction, bypass_extensions)
+        if (
+            direction == "request"
+            and isinstance(field, serializers.CharField)
+            and schema.get("type") == "string"
+            and not {"pattern", "format", "enum"} & set(schema)
+        ):
+            blank_ok = field.allow_blank or not field.trim_whitespace
+            schema["pattern"] = TEXT_PATTERN if blank_ok else NON_BLANK_PATTERN
+        return schema
+
+    def _insert_field_validators(self, field, schema):
+        super()._insert_field_validators(field, schema)
+        # drf-spectacular offers "" as a second branch of a blank-allowed field with a pattern;
+        # TEXT_PATTERN already takes "", and "" matching both branches would make it invalid
+        branches = schema.get("oneOf")
+        if branches and len(branches) == 2 and branches[0].get("pattern") == TEXT_PATTERN:
+            del schema["oneOf"]
+            schema.update(branches[0])
+
     def error_statuses(self) -> set[int]:
         view, method = self.view, self.method
         statuses = declared_statuses(view, method)

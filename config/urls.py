@@ -29,3 +29,10 @@ urlpatterns = [
     path("", include("accounts.urls")),
     path("", include("recognition.urls")),
 ]
+
+# Django's own error answers (no route matched, a request refused before any view): the API's in
+# the one error shape, the pages' as pages
+handler400 = "config.errors.bad_request"
+handler403 = "config.errors.permission_denied"
+handler404 = "config.errors.page_not_found"
+handler500 = "config.errors.server_error"

@@ -12,6 +12,7 @@ from accounts.apis import TENANT_HEADER, TenantApi
 from accounts.permissions import Action
 from accounts.services import require
 from config.errors import Conflict, Invalid, Unavailable
+from config.inputs import ApiInput
 from config.pagination import NewestFirstPagination, NextCursorPage
 
 from .models import Review, Study
@@ -67,7 +68,7 @@ class StudyOutput(serializers.Serializer):
     accession_number = serializers.CharField()
     modality = serializers.CharField()
     description = serializers.CharField()
-    study_date = serializers.DateField()
+    study_date = serializers.DateField(allow_null=True)
 
 
 class ImageBaseOutput(serializers.Serializer):
@@ -99,13 +100,13 @@ class ImageDetailOutput(ImageSummaryOutput):
     results = ResultOutput(many=True)
 
 
-class ImageUploadInput(serializers.Serializer):
+class ImageUploadInput(ApiInput):
     file = serializers.FileField(allow_empty_file=True)
-    patient_id = serializers.CharField(max_length=64, required=False, default="")
-    accession_number = serializers.CharField(max_length=64, required=False, default="")
-    modality = serializers.CharField(max_length=16, required=False, default="")
-    study_description = serializers.CharField(max_length=200, required=False, default="")
-    study_date = serializers.DateField(required=False, allow_null=True, default=None)
+    patient_id = serializers.CharField(max_length=64, required=False, default="", allow_blank=True)
+    accession_number = serializers.CharField(max_length=64, required=False, default="", allow_blank=True)
+    modality = serializers.CharField(max_length=16, required=False, default="", allow_blank=True)
+    study_description = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
+    study_date = serializers.DateField(required=False, default=None)
 
 
 class ImageListCreateApi(TenantApi):
@@ -200,15 +201,17 @@ class StudySummaryOutput(StudyOutput):
     updated = serializers.DateTimeField()
 
 
-class StudyListInput(serializers.Serializer):
-    ai_status = serializers.ChoiceField(choices=Study.AIStatus.values, required=False, default="")
-    finding = serializers.CharField(max_length=100, required=False, default="")
-    modality = serializers.CharField(max_length=16, required=False, default="")
-    review = serializers.ChoiceField(choices=[*Study.ReviewState.values, "reviewed"], required=False, default="")
-    date_from = serializers.DateField(required=False, allow_null=True, default=None)
-    date_to = serializers.DateField(required=False, allow_null=True, default=None)
+class StudyListInput(ApiInput):
+    ai_status = serializers.ChoiceField(choices=Study.AIStatus.values, required=False, default="", allow_blank=True)
+    finding = serializers.CharField(max_length=100, required=False, default="", allow_blank=True)
+    modality = serializers.CharField(max_length=16, required=False, default="", allow_blank=True)
+    review = serializers.ChoiceField(
+        choices=[*Study.ReviewState.values, "reviewed"], required=False, default="", allow_blank=True
+    )
+    date_from = serializers.DateField(required=False, default=None)
+    date_to = serializers.DateField(required=False, default=None)
     sort = serializers.ChoiceField(choices=list(WORKLIST_SORTS), required=False, default="newest")
-    cursor = serializers.CharField(required=False, default="")
+    cursor = serializers.CharField(required=False, default="", allow_blank=True)
     page_size = serializers.IntegerField(min_value=1, max_value=200, required=False, default=50)
 
 
@@ -298,7 +301,7 @@ class ReviewOutput(serializers.Serializer):
     signed_off_by = serializers.CharField(source="signed_off_by.get_username", allow_null=True, default=None)
 
 
-class ReviewInput(serializers.Serializer):
+class ReviewInput(ApiInput):
     verdict = serializers.ChoiceField(choices=Review.Verdict.values)
     label = serializers.CharField(max_length=100, required=False, default="", allow_blank=True)
     comment = serializers.CharField(max_length=2000, required=False, default="", allow_blank=True)
@@ -343,11 +346,17 @@ class ReviewSignOffApi(TenantApi):
         return Response(ReviewOutput(review).data)
 
 
-class BatchJobInput(serializers.Serializer):
+class BatchJobInput(ApiInput):
     name = serializers.CharField(max_length=200)
-    model = serializers.CharField(max_length=100, required=False, default="", help_text="default: the site's model")
-    alias = serializers.ChoiceField(choices=["", "production", "canary"], required=False, default="")
-    version = serializers.CharField(max_length=50, required=False, default="", help_text="wins over alias")
+    model = serializers.CharField(
+        max_length=100, required=False, default="", allow_blank=True, help_text="default: the site's model"
+    )
+    alias = serializers.ChoiceField(
+        choices=["production", "canary"], required=False, default="", allow_blank=True, help_text="default: production"
+    )
+    version = serializers.CharField(
+        max_length=50, required=False, default="", allow_blank=True, help_text="wins over alias"
+    )
 
 
 class BatchJobOutput(serializers.Serializer):
@@ -391,7 +400,7 @@ class BatchJobOutput(serializers.Serializer):
 
 IDEMPOTENCY_HEADER = OpenApiParameter(
     "Idempotency-Key",
-    str,
+    {"type": "string", "maxLength": 128},
     OpenApiParameter.HEADER,
     required=False,
     description="Repeat a create with the same key and get the same job back (200) instead of a second one.",
@@ -433,7 +442,7 @@ class BatchJobDetailApi(TenantApi):
         return Response(BatchJobOutput(job).data)
 
 
-class BatchItemsInput(serializers.Serializer):
+class BatchItemsInput(ApiInput):
     files = serializers.ListField(child=serializers.FileField(allow_empty_file=True), required=False)
     archive = serializers.FileField(required=False, help_text="one zip of images (PNG, JPEG, DICOM)")
     prefix = serializers.CharField(required=False, help_text="import every file under tenants/<id>/imports/…")
@@ -451,6 +460,10 @@ class BatchItemsApi(TenantApi):
     )
     def post(self, request, job_id: int):
         membership = request.membership
+        data = BatchItemsInput(data=request.data)
+        if not data.is_valid():
+            batch_job_get(membership=membership, job_id=job_id, request=request)  # a 404 comes first
+            raise serializers.ValidationError(data.errors)
         files, archive, prefix = (
             request.FILES.getlist("files"),
             request.FILES.get("archive"),
@@ -492,8 +505,12 @@ class BatchResultsApi(TenantApi):
         "model_version, error (the finding or the error in words).",
     )
     def get(self, request, job_id: int):
+        result_format = request.query_params.get("format", "csv")
+        if result_format not in ("csv", "json"):
+            batch_job_get(membership=request.membership, job_id=job_id, request=request)  # a 404 comes first
+            raise Invalid("format is csv or json.", code="bad_format")
         job = batch_results_open(membership=request.membership, job_id=job_id, request=request)
-        if request.query_params.get("format", "csv") == "json":
+        if result_format == "json":
             response = StreamingHttpResponse(results_json(job), content_type="application/json")
         else:
             response = StreamingHttpResponse(results_csv(job), content_type="text/csv")

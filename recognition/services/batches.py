@@ -25,7 +25,7 @@ from accounts.events import send_many_on_commit, tenant_group
 from accounts.models import Membership
 from accounts.permissions import Action
 from accounts.services import access_event_record, require
-from config.errors import Conflict, DomainError, Invalid
+from config.errors import Conflict, DomainError, Invalid, NotFound
 from config.spreadsheet import spreadsheet_safe
 
 from ..archive import ArchiveLimits, ArchiveRefused, read_archive
@@ -42,11 +42,11 @@ def _job_version(*, tenant, model: str, alias: str, version: str) -> ModelVersio
     name = model or settings.SIGHTLINE_DEFAULT_MODEL
     family = AIModel.objects.filter(name=name).first()
     if family is None:
-        raise Invalid(f"There is no model called {name!r}.", code="unknown_model")
+        raise NotFound(f"There is no model called {name!r}.", code="unknown_model")
     if version:
         found = ModelVersion.objects.filter(model=family, version=version).first()
         if found is None:
-            raise Invalid(f"{name} has no version {version!r}.", code="unknown_version")
+            raise NotFound(f"{name} has no version {version!r}.", code="unknown_version")
         return found
     if not alias:  # the hospital's pin wins over the production alias, as for single uploads
         pin = ModelPin.objects.for_tenant(tenant).filter(model=family).select_related("version").first()
@@ -54,7 +54,7 @@ def _job_version(*, tenant, model: str, alias: str, version: str) -> ModelVersio
             return pin.version
     row = ModelAlias.objects.filter(model=family, name=alias or ModelAlias.Name.PRODUCTION).first()
     if row is None:
-        raise Invalid(f"{name} has no {alias or 'production'} alias.", code="unknown_alias")
+        raise NotFound(f"{name} has no {alias or 'production'} alias.", code="unknown_alias")
     return row.version
 
 
