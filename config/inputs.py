@@ -20,4 +20,32 @@ class ApiInput(serializers.Serializer):
                 if isinstance(field, serializers.ListField | serializers.MultipleChoiceField)
             }
             data = {key: data.getlist(key) if key in lists else data.get(key) for key in data}
+        elif isinstance(data, dict):
+            # JSON has types: DRF would take 0 for a name or "5" for a page size; the document says
+            # string and integer, and so does the server
+            wrong = {
+                name: [f"Must be {JSON_TYPES[kind][1]}."]
+                for name, field in self.fields.items()
+                if name in data and data[name] is not None
+                for kind in [next((k for k in JSON_TYPES if isinstance(field, k)), None)]
+                if kind is not None and not _is_json_type(data[name], JSON_TYPES[kind][0])
+            }
+            if wrong:
+                raise serializers.ValidationError(wrong)
         return super().to_internal_value(data)
+
+
+def _is_json_type(value, types: tuple) -> bool:
+    return isinstance(value, types) and (bool in types or not isinstance(value, bool))
+
+
+# the first matching field class wins: BooleanField before the number fields, as bool is an int
+JSON_TYPES = {
+    serializers.BooleanField: ((bool,), "true or false"),
+    serializers.IntegerField: ((int,), "a whole number"),
+    serializers.FloatField: ((int, float), "a number"),
+    serializers.CharField: ((str,), "a string"),
+    serializers.ChoiceField: ((str,), "a string"),
+    serializers.DateField: ((str,), "a date (YYYY-MM-DD)"),
+    serializers.ListField: ((list,), "a list"),
+}

@@ -160,3 +160,19 @@ def test_a_job_for_a_model_that_does_not_exist_is_not_found(clinician_a, demo_mo
     response = api_client_for(clinician_a).post("/api/v1/batches/", {"name": "n", "model": "nope"}, format="json")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "unknown_model"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [({"name": 0}, "name"), ({"name": "n", "alias": 1}, "alias"), ({"name": ["n"]}, "name")],
+)
+def test_a_json_value_of_the_wrong_type_is_refused_not_coerced(clinician_a, demo_model, body, field):
+    response = api_client_for(clinician_a).post("/api/v1/batches/", body, format="json")
+    assert response.status_code == 400
+    assert field in response.json()["error"]["detail"]
+
+
+def test_a_json_page_size_must_be_a_number(clinician_a):
+    response = api_client_for(clinician_a).post("/api/v1/studies/search/", {"q": "P1", "page_size": "5"}, format="json")
+    assert response.status_code == 400
+    assert "page_size" in response.json()["error"]["detail"]
