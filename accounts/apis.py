@@ -63,10 +63,17 @@ class AuditedTokenObtainPairSerializer(TokenObtainPairSerializer):
         return data
 
 
+class TokenPairOutput(serializers.Serializer):
+    access = serializers.CharField(help_text="Send as `Authorization: Bearer <access>`; short-lived.")
+    refresh = serializers.CharField(help_text="Exchange at /api/v1/auth/token/refresh/ for a new pair, once.")
+
+
 class TokenObtainApi(TokenObtainPairView):
     serializer_class = AuditedTokenObtainPairSerializer
     api_errors = (AuthenticationFailed, Locked)  # wrong credentials; too many failures
 
+    # the serializer's own fields are what is sent; what comes back is the pair
+    @extend_schema(responses=TokenPairOutput)
     def post(self, request, *args, **kwargs):
         try:
             return super().post(request, *args, **kwargs)

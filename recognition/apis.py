@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.http import FileResponse, HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -92,7 +93,7 @@ class ImageSummaryOutput(ImageBaseOutput):
 class ImageCreatedOutput(ImageBaseOutput):
     status = serializers.SerializerMethodField()
 
-    def get_status(self, image) -> str:
+    def get_status(self, image) -> str | None:  # None: kept, but nothing to read
         return image.inference_requests.order_by("-id").values_list("status", flat=True).first()
 
 
@@ -324,7 +325,8 @@ class ImageReviewsApi(TenantApi):
         request=ReviewInput,
         responses={201: ReviewOutput},
         description="Review the image's newest AI finding. Your own unsigned draft is updated; a signed review is "
-        "amended by a new one (the history stays); `sign_off: true` signs it.",
+        "amended by a new one (the history stays); `sign_off: true` signs it. A `label` must be one of the labels "
+        "of the model that made the finding; `correct` needs one, and it must differ from the AI's (400 otherwise).",
     )
     def post(self, request, image_id: int):
         data = ReviewInput(data=request.data)
@@ -443,7 +445,12 @@ class BatchJobDetailApi(TenantApi):
 
 
 class BatchItemsInput(ApiInput):
-    files = serializers.ListField(child=serializers.FileField(allow_empty_file=True), required=False)
+    files = serializers.ListField(
+        child=serializers.FileField(allow_empty_file=True),
+        required=False,
+        min_length=1,
+        max_length=settings.DATA_UPLOAD_MAX_NUMBER_FILES,  # Django refuses more before any view runs
+    )
     archive = serializers.FileField(required=False, help_text="one zip of images (PNG, JPEG, DICOM)")
     prefix = serializers.CharField(required=False, help_text="import every file under tenants/<id>/imports/…")
 

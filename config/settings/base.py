@@ -263,6 +263,9 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
     # the document is a contract (config/openapi.py): /api/v1/ only, every error answer described
     "PREPROCESSING_HOOKS": ["config.openapi.only_api_v1"],
+    # JSON bodies are documented as JSON only (uploads declare multipart themselves): one body
+    # type per operation is what client generators handle
+    "PARSER_WHITELIST": ["rest_framework.parsers.JSONParser"],
 }
 
 # Uploads: checked by content, then re-encoded before they are stored.

@@ -44,6 +44,14 @@ def test_the_document_is_the_api_v1_contract_and_nothing_else(schema):
     assert set(resolve(schema, body["properties"]["error"])["required"]) == {"code", "message", "detail"}
 
 
+def test_endpoints_of_other_protocols_stay_out_of_the_document():
+    from config.openapi import only_api_v1
+
+    endpoints = [("/v2/models/demo/infer", "", "POST", None), ("/dicomweb/studies", "", "POST", None)]
+    endpoints.append(("/api/v1/images/", "", "GET", None))
+    assert only_api_v1(endpoints) == [("/api/v1/images/", "", "GET", None)]
+
+
 def test_every_error_answer_has_the_one_error_shape(schema):
     for name, _, _, operation in operations(schema):
         for status, response in operation["responses"].items():
@@ -86,6 +94,12 @@ def test_every_list_answers_a_page_envelope(schema):
                     assert resolve(schema, properties["results"]).get("type") == "array", name
                     assert "results" in body["required"], name
     assert {"GET /api/v1/images/", "GET /api/v1/studies/", "GET /api/v1/batches/", "GET /api/v1/members/"} <= set(lists)
+
+
+def test_signing_in_documents_the_token_pair_it_answers(schema):
+    answer = schema["paths"]["/api/v1/auth/token/"]["post"]["responses"]["200"]  # was "No response body"
+    pair = resolve(schema, answer["content"]["application/json"]["schema"])
+    assert set(pair["required"]) == {"access", "refresh"}
 
 
 def test_uploads_are_multipart_with_the_real_field_names(schema):
