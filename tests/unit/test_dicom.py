@@ -25,7 +25,7 @@ from recognition import dicom
 
 PATIENT_NAME = "Quixotic^Zebedee"
 PATIENT_ID = "PID-7741-SECRET"
-LIMITS = {"max_pixels": 4096 * 4096, "max_frames": 100}
+LIMITS = {"max_pixels": 4096 * 4096, "max_frames": 100, "max_bytes": 64 * 1024 * 1024}
 
 
 def ct_pixels(rows: int = 32, cols: int = 32) -> np.ndarray:
