@@ -359,13 +359,13 @@ def _frame_modality(dicom: DicomFile, index: int) -> np.ndarray:
     return _to_modality(dicom.dataset, index, arr)
 
 
-def frame_display(dicom: DicomFile, index: int) -> np.ndarray:
+def frame_display(dicom: DicomFile, index: int, values: np.ndarray | None = None) -> np.ndarray:
     """Frame `index` as uint8 for viewing and for the model: windowed HxW grayscale or HxWx3 RGB.
 
     Grayscale uses the file's window, else its VOI LUT, else the frame's own min/max; MONOCHROME1
     is inverted so that dense tissue is bright, as in MONOCHROME2.
     """
-    values = frame_modality(dicom, index)
+    values = frame_modality(dicom, index) if values is None else values  # ``values``: that frame's, decoded once
     if dicom.is_color:
         return values
     return _guarded(lambda: _display(dicom, index, values))
