@@ -333,16 +333,21 @@ def _guarded(work: Callable[[], _T]) -> _T:
 def _default_window(ds: Dataset, index: int, arr: np.ndarray, *, is_color: bool) -> tuple[float, float]:
     if is_color:
         return (128.0, 256.0)  # the full uint8 range
-    values = _to_modality(ds, index, arr)
+    return _window_of(ds, index, _to_modality(ds, index, arr))
+
+
+def _window_of(ds: Dataset, index: int, values: np.ndarray) -> tuple[float, float]:
     low, high = float(values.min()), float(values.max())
     return _file_window(ds, index) or _lut_window(ds) or ((low + high) / 2.0, max(high - low, 1.0))
 
 
-def frame_window(dicom: DicomFile, index: int) -> tuple[float, float]:
-    """The default window for frame `index` (the file's, its VOI LUT's, or the frame's range)."""
-    return _guarded(
-        lambda: _default_window(dicom.dataset, index, _decode(dicom.dataset, index), is_color=dicom.is_color)
-    )
+def frame_window(dicom: DicomFile, index: int, values: np.ndarray | None = None) -> tuple[float, float]:
+    """The default window for frame `index` (the file's, its VOI LUT's, or the frame's range);
+    ``values``: that frame's modality values when they are decoded already."""
+    if dicom.is_color:
+        return (128.0, 256.0)
+    values = frame_modality(dicom, index) if values is None else values
+    return _guarded(lambda: _window_of(dicom.dataset, index, values))
 
 
 def frame_modality(dicom: DicomFile, index: int) -> np.ndarray:

@@ -428,6 +428,7 @@ def _decode_budget(request) -> DecodeBudget | None:
 class RenderedFrame:
     png: bytes  # for display and the model
     pixels: bytes | None  # grayscale: modality values as little-endian float32, for the viewer's window/level
+    window: tuple[float, float] | None  # grayscale: this frame's default window
 
 
 def _render_frame(parsed: dicom.DicomFile, index: int) -> RenderedFrame:
@@ -438,7 +439,10 @@ def _render_frame(parsed: dicom.DicomFile, index: int) -> RenderedFrame:
         png = _png(display)
     except Exception as exc:  # Pillow on an array it cannot encode: the frame's failure, in words
         raise dicom.DicomUnreadable("This frame could not be converted for display.", code="render_failed") from exc
-    return RenderedFrame(png=png, pixels=None if parsed.is_color else values.astype("<f4").tobytes())
+    if parsed.is_color:
+        return RenderedFrame(png=png, pixels=None, window=None)
+    window = dicom.frame_window(parsed, index, values)
+    return RenderedFrame(png=png, pixels=values.astype("<f4").tobytes(), window=window)
 
 
 def _dicom_upload(
@@ -504,7 +508,7 @@ def _dicom_upload(
         )
     try:
         renders = [_render_frame(parsed, index) for index in range(parsed.frames)]
-        window = None if parsed.is_color else dicom.frame_window(parsed, 0)
+        window = renders[0].window  # as before the worker step: the first frame's, for every frame
     except dicom.DicomTooLarge as exc:
         raise TooLarge(exc.message, code=exc.code) from exc
     except dicom.DicomError as exc:
@@ -692,7 +696,7 @@ def _render_one(image: Image, parsed: dicom.DicomFile) -> int:
     tenant_id = image.tenant_id
     try:
         render = _render_frame(parsed, image.frame_number)
-        window = None if parsed.is_color else dicom.frame_window(parsed, image.frame_number)
+        window = render.window
     except (dicom.DicomError, IndexError) as exc:
         _render_failed([image], getattr(exc, "message", "This frame is missing from the file."))
         return 0
