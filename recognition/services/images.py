@@ -687,8 +687,11 @@ def images_render(*, image_ids: list[int]) -> int:
         except dicom.DicomError as exc:
             _render_failed(frames, exc.message)
             continue
-        for image in frames:
-            rendered += _render_one(image, parsed)
+        done = sum(_render_one(image, parsed) for image in frames)
+        if done:  # the worklist learns once per original, not once per frame
+            with transaction.atomic():
+                study_summary_refresh({image.study_id for image in frames})
+        rendered += done
     return rendered
 
 
@@ -716,8 +719,6 @@ def _render_one(image: Image, parsed: dicom.DicomFile) -> int:
             )
             if moved and image.read_on_render:
                 _queue_read(image)
-            if moved:
-                study_summary_refresh([image.study_id])
     except BaseException:
         for name in names:
             default_storage.delete(name)
