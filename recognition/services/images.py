@@ -283,6 +283,9 @@ def _images_from_bytes(
         return _dicom_upload(
             membership=membership, data=data, fields=fields, request=request, routing=routing, on_stored=on_stored
         )
+    # PNG/JPEG are still re-encoded here, bounded per file by SIGHTLINE_MAX_IMAGE_PIXELS and per
+    # request by the file count; they do not draw on the DICOM decode budget until a later issue
+    # moves their re-encoding onto the worker step (images_render), where they can wait instead
     validated = _validate_bytes(data)
     stored_name = default_storage.save(image_key(tenant_id=tenant.pk), ContentFile(validated.content))
     try:

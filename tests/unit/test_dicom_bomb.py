@@ -129,3 +129,19 @@ def test_a_bare_deflated_dataset_from_a_network_receiver_goes_through_the_same_b
     assert read.Rows == 32 and read.PatientID == ds.PatientID
     with pytest.raises(dicom.DicomTooLarge):
         dicom.dicom_read(bare, max_bytes=1024, transfer_syntax=DeflatedExplicitVRLittleEndian)
+
+
+def test_no_code_but_the_bounded_reader_calls_pydicom_s_reader_or_inflates():
+    """A later receiver (DIMSE, STOW-RS) that called dcmread or zlib itself would skip the bound."""
+    offenders = []
+    for folder in ("accounts", "config", "recognition", "workers"):
+        for path in (ROOT / folder).rglob("*.py"):
+            name = str(path.relative_to(ROOT))
+            if name == "recognition/dicom.py":
+                continue
+            calls = ["dcmread(", "read_file(", "zlib.decompress("]
+            if name != "recognition/archive.py":  # zip entries: its own inflater, bounded by ArchiveLimits
+                calls.append("decompressobj(")
+            if any(call in path.read_text() for call in calls):
+                offenders.append(name)
+    assert offenders == [], "read DICOM through recognition.dicom.dicom_read (bounded inflating)"
