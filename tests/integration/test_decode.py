@@ -117,6 +117,7 @@ def test_a_compressed_dicom_is_received_at_once_and_rendered_by_the_worker(clini
     assert [(i["frame_number"], i["state"]) for i in body["images"]] == [(0, "received"), (1, "received")]
     assert render_worker.sent == [[i["id"] for i in body["images"]]]  # one wake-up, ids only
     assert not InferenceRequest.objects.exists()  # the read is queued only once rendered
+    assert Study.objects.get().ai_status == "queued"  # the worklist says so meanwhile
     assert client.get(f"/api/v1/images/{body['id']}/file/").json()["error"]["code"] == "rendering"
 
     render_worker.run()
