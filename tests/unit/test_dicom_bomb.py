@@ -11,7 +11,13 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 
 from recognition import dicom
 from tests.unit.test_dicom import LIMITS, ct_dataset, make_dataset, to_bytes
@@ -145,3 +151,13 @@ def test_no_code_but_the_bounded_reader_calls_pydicom_s_reader_or_inflates():
             if any(call in path.read_text() for call in calls):
                 offenders.append(name)
     assert offenders == [], "read DICOM through recognition.dicom.dicom_read (bounded inflating)"
+
+
+def test_a_bare_dataset_in_a_plain_syntax_reads_as_it_came():
+    plain = DicomBytesIO()
+    plain.is_little_endian, plain.is_implicit_VR = True, True
+    write_dataset(plain, ct_dataset())
+    read = dicom.dicom_read(plain.getvalue(), max_bytes=1024 * 1024, transfer_syntax=ImplicitVRLittleEndian)
+    assert read.Rows == 32 and str(read.file_meta.TransferSyntaxUID) == ImplicitVRLittleEndian
+    with pytest.raises(dicom.DicomTooLarge):  # the bytes on the wire are bounded too
+        dicom.dicom_read(plain.getvalue(), max_bytes=1024, transfer_syntax=ImplicitVRLittleEndian)
