@@ -252,6 +252,8 @@ def study_worklist(
 
 def image_rendering(image: Image):
     """The stored display rendering (PNG) of an image reached through image_get."""
+    if image.state == Image.State.RECEIVED:
+        raise Conflict("This image is received and still being prepared for display; try again soon.", code="rendering")
     if not image.file:
         raise Conflict(
             f"This image is kept but cannot be displayed: {image.unprocessable_reason}", code="unprocessable"
@@ -261,10 +263,26 @@ def image_rendering(image: Image):
 
 def image_modality_pixels(image: Image) -> bytes:
     """A grayscale DICOM frame's modality values (e.g. Hounsfield units) as little-endian float32,
-    row-major, for the viewer's window/level. The original is parsed again: nothing else is kept."""
+    row-major, for the viewer's window/level: stored when the frame was rendered, so a call reads
+    one frame's values and never parses the original again."""
+    if image.state == Image.State.RECEIVED:
+        raise Conflict("This image is received and still being prepared for display; try again soon.", code="rendering")
     if not image.has_modality_pixels:
         raise NotFound("This image has no modality values; it is shown as stored.", code="no_pixels")
+    if image.pixels:
+        with image.pixels.open("rb") as stored:
+            return stored.read()
+    # rendered before the values were stored: parsed once more, through the bounded reader
     with image.original.open("rb") as stored:
-        data = stored.read()
-    parsed = dicom.parse(data, max_pixels=settings.SIGHTLINE_MAX_IMAGE_PIXELS, max_frames=10**6)
-    return dicom.frame_modality(parsed, image.frame_number).astype("<f4").tobytes()
+        data = stored.read(settings.SIGHTLINE_MAX_UPLOAD_BYTES + 1)
+    try:
+        parsed = dicom.parse(
+            data,
+            max_pixels=settings.SIGHTLINE_MAX_IMAGE_PIXELS,
+            max_frames=10**6,
+            max_bytes=settings.SIGHTLINE_MAX_UPLOAD_BYTES,
+            decode_first=False,
+        )
+        return dicom.frame_modality(parsed, image.frame_number).astype("<f4").tobytes()
+    except dicom.DicomError as exc:
+        raise Conflict(f"This image's values cannot be read: {exc.message}", code="unprocessable") from exc

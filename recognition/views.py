@@ -20,7 +20,7 @@ from accounts.services import require
 from config.errors import DomainError, Invalid, NotFound
 
 from .agreement import agreement_csv, agreement_rows, agreement_svg
-from .models import Review, Study
+from .models import Image, Review, Study
 from .selectors import (
     WORKLIST_SORTS,
     WorklistFilters,
@@ -131,7 +131,7 @@ def image_detail_page(request, image_id: int):
             "can_review": can(membership, Action.REVIEW_WRITE) and result is not None,
             "verdicts": Review.Verdict.choices,
             "labels": result.model_version.labels if result else [],
-            "in_progress": image.ai_status in ("queued", "running"),
+            "in_progress": image.ai_status in ("queued", "running") or image.state == Image.State.RECEIVED,
         },
     )
 

@@ -205,10 +205,15 @@ CELERY_TASK_ROUTES = {
     "workers.tasks.audit_verify": {"queue": "maintenance"},
     "workers.tasks.batch_expand": {"queue": "maintenance"},
     "workers.tasks.batch_reconcile": {"queue": "maintenance"},
+    "workers.tasks.image_render_reconcile": {"queue": "maintenance"},
 }
 CELERY_BEAT_SCHEDULE = {
     "reconcile-stuck-requests": {
         "task": "workers.tasks.batch_reconcile",
+        "schedule": env.int("SIGHTLINE_RECONCILE_SECONDS", default=60),
+    },
+    "render-received-images": {  # decode: images whose render wake-up was lost (Redis keeps nothing)
+        "task": "workers.tasks.image_render_reconcile",
         "schedule": env.int("SIGHTLINE_RECONCILE_SECONDS", default=60),
     },
     "verify-audit-log": {
@@ -264,6 +269,11 @@ SPECTACULAR_SETTINGS = {
 SIGHTLINE_MAX_UPLOAD_BYTES = env.int("SIGHTLINE_MAX_UPLOAD_BYTES", default=50 * 1024 * 1024)
 SIGHTLINE_MAX_IMAGE_PIXELS = env.int("SIGHTLINE_MAX_IMAGE_PIXELS", default=40_000_000)  # per image or frame
 SIGHTLINE_MAX_DICOM_FRAMES = env.int("SIGHTLINE_MAX_DICOM_FRAMES", default=300)
+# decode: pixels one request may decode, all files and frames together (a 300-slice 512² CT);
+# a DICOM past it, or in a compressed syntax, is received at once and rendered by a worker
+SIGHTLINE_MAX_DECODE_PIXELS_PER_REQUEST = env.int("SIGHTLINE_MAX_DECODE_PIXELS_PER_REQUEST", default=300 * 512 * 512)
+# decode: an image received but not rendered whose wake-up is older than this is woken again
+SIGHTLINE_RENDER_STALL_SECONDS = env.int("SIGHTLINE_RENDER_STALL_SECONDS", default=600)
 # bulk jobs' zip archives: entries, uncompressed bytes (declared and as read), ratio per entry
 SIGHTLINE_ARCHIVE_MAX_ENTRIES = env.int("SIGHTLINE_ARCHIVE_MAX_ENTRIES", default=20_000)
 SIGHTLINE_ARCHIVE_MAX_BYTES = env.int("SIGHTLINE_ARCHIVE_MAX_BYTES", default=8 * 1024**3)
