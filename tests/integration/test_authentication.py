@@ -632,6 +632,7 @@ def deploy_check(settings, **overrides) -> subprocess.CompletedProcess:
     unwanted = {"DJANGO_SECRET_KEY", "ALLOWED_HOSTS", "DJANGO_ALLOW_ASYNC_UNSAFE"}
     env = {key: value for key, value in os.environ.items() if key not in unwanted}
     env["DJANGO_SETTINGS_MODULE"] = "config.settings.production"
+    env["SIGHTLINE_PSEUDONYM_KEY"] = "a-pseudonym-key-of-its-own-" + SECRET[::-1]  # issue 11 (ids): required too
     for key, value in overrides.items():
         if value is None:
             env.pop(key, None)
