@@ -180,7 +180,9 @@ class AccessLogListInput(serializers.Serializer):
     date_to = serializers.DateField(
         required=False, allow_null=True, default=None, help_text="Inclusive, in the site's time zone."
     )
-    cursor = serializers.CharField(required=False, default="", help_text="`next_cursor` of the previous page.")
+    cursor = serializers.CharField(
+        required=False, allow_blank=True, default="", help_text="`next_cursor` of the previous page (opaque)."
+    )
     page_size = serializers.IntegerField(
         min_value=1, max_value=ACCESS_LOG_PAGE_MAX, required=False, default=ACCESS_LOG_PAGE
     )

@@ -208,7 +208,9 @@ class StudyListInput(serializers.Serializer):
     date_from = serializers.DateField(required=False, allow_null=True, default=None)
     date_to = serializers.DateField(required=False, allow_null=True, default=None)
     sort = serializers.ChoiceField(choices=list(WORKLIST_SORTS), required=False, default="newest")
-    cursor = serializers.CharField(required=False, default="")
+    cursor = serializers.CharField(
+        required=False, allow_blank=True, default="", help_text="`next_cursor` of the previous page."
+    )
     page_size = serializers.IntegerField(min_value=1, max_value=200, required=False, default=50)
 
 
