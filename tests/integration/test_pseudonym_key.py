@@ -161,3 +161,18 @@ def test_the_site_secret_rotates_with_fallbacks_from_the_environment():
     )
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.strip() == "['old-secret-one', 'old-secret-two']"
+
+
+def test_a_session_survives_a_site_secret_rotation_while_the_old_secret_is_a_fallback(clinician_a, settings):
+    from django.test import Client
+
+    kept, dropped = Client(), Client()
+    for client in (kept, dropped):
+        client.force_login(clinician_a.user)
+        assert client.get("/worklist/").status_code == 200
+    old = settings.SECRET_KEY
+    settings.SECRET_KEY, settings.SECRET_KEY_FALLBACKS = "a-new-site-secret-" + "n" * 40, [old]
+    assert kept.get("/worklist/").status_code == 200  # verified with the fallback, moved to the new key
+    settings.SECRET_KEY_FALLBACKS = []
+    assert kept.get("/worklist/").status_code == 200
+    assert dropped.get("/worklist/").status_code == 302  # never seen under the new key: signed out
