@@ -8,12 +8,12 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import AuthenticationFailed
-from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
 from rest_framework_simplejwt.serializers import TokenObtainPairSerializer
 from rest_framework_simplejwt.views import TokenObtainPairView
 
+from config.cursor import OpaqueCursorPagination, identifiers_refused_in_query
 from config.errors import Locked
 
 from .models import AccessEvent, Role
@@ -108,7 +108,7 @@ class EventOutput(serializers.Serializer):
     ip_address = serializers.CharField(allow_null=True)
 
 
-class NewestFirst(CursorPagination):
+class NewestFirst(OpaqueCursorPagination):
     ordering = ("-created", "-id")
     page_size = 100
 
@@ -163,15 +163,6 @@ class ActivityApi(TenantApi):
 
 
 class AccessLogListInput(serializers.Serializer):
-    person = serializers.CharField(
-        max_length=150, required=False, default="", help_text="A username, or the name typed at a failed sign-in."
-    )
-    patient = serializers.CharField(
-        max_length=64,
-        required=False,
-        default="",
-        help_text="A pseudonymous patient id: entries about their studies, images and reviews.",
-    )
     study = serializers.IntegerField(
         min_value=1,
         required=False,
@@ -189,9 +180,28 @@ class AccessLogListInput(serializers.Serializer):
     date_to = serializers.DateField(
         required=False, allow_null=True, default=None, help_text="Inclusive, in the site's time zone."
     )
-    cursor = serializers.CharField(required=False, default="", help_text="`next_cursor` of the previous page.")
+    cursor = serializers.CharField(
+        required=False, allow_blank=True, default="", help_text="`next_cursor` of the previous page (opaque)."
+    )
     page_size = serializers.IntegerField(
         min_value=1, max_value=ACCESS_LOG_PAGE_MAX, required=False, default=ACCESS_LOG_PAGE
+    )
+
+
+class AccessLogSearchInput(AccessLogListInput):
+    """The list's filters and the identifier filters, which only ever travel in a POST body."""
+
+    person = serializers.CharField(
+        max_length=150,
+        required=False,
+        default="",
+        help_text="A username, or the name typed at a failed sign-in (matched through its keyed hash).",
+    )
+    patient = serializers.CharField(
+        max_length=64,
+        required=False,
+        default="",
+        help_text="A patient id, as shown or the hospital's own: entries about their studies, images and reviews.",
     )
 
 
@@ -218,31 +228,51 @@ class AccessLogPageOutput(serializers.Serializer):
     results = AccessLogEntryOutput(many=True)
 
 
+def _access_log_page(request, fields: dict) -> Response:
+    filters = AccessLogFilters(
+        person=fields.get("person", ""),
+        patient=fields.get("patient", ""),
+        study=fields["study"],
+        action=fields["action"],
+        outcome=fields["outcome"],
+        date_from=fields["date_from"],
+        date_to=fields["date_to"],
+    )
+    entries, cursor = access_log_list(
+        actor=request.membership,
+        filters=filters,
+        cursor=fields["cursor"],
+        limit=fields["page_size"],
+        request=request,
+    )
+    return Response({"next_cursor": cursor or None, "results": AccessLogEntryOutput(entries, many=True).data})
+
+
 class AccessLogApi(TenantApi):
     @extend_schema(
         parameters=[TENANT_HEADER, AccessLogListInput],
         responses=AccessLogPageOutput,
         description="The hospital's access log, newest first, for its auditors; reading it is itself logged. "
-        "Pass `next_cursor` back as `cursor` for the next page (null: the last page).",
+        "Pass `next_cursor` back as `cursor` for the next page (null: the last page); cursors are opaque. "
+        "Filtering by person or patient is a POST to /access-log/search/: a GET naming `person` or `patient` "
+        "is refused with 400 `identifier_in_url`, so identifiers stay out of URLs and logs.",
     )
     def get(self, request):
+        identifiers_refused_in_query(request.query_params)
         data = AccessLogListInput(data=request.query_params)
         data.is_valid(raise_exception=True)
-        fields = data.validated_data
-        filters = AccessLogFilters(
-            person=fields["person"],
-            patient=fields["patient"],
-            study=fields["study"],
-            action=fields["action"],
-            outcome=fields["outcome"],
-            date_from=fields["date_from"],
-            date_to=fields["date_to"],
-        )
-        entries, cursor = access_log_list(
-            actor=request.membership,
-            filters=filters,
-            cursor=fields["cursor"],
-            limit=fields["page_size"],
-            request=request,
-        )
-        return Response({"next_cursor": cursor or None, "results": AccessLogEntryOutput(entries, many=True).data})
+        return _access_log_page(request, data.validated_data)
+
+
+class AccessLogSearchApi(TenantApi):
+    @extend_schema(
+        parameters=[TENANT_HEADER],
+        request=AccessLogSearchInput,
+        responses=AccessLogPageOutput,
+        description="The access log filtered by person or patient (and the list's filters), the filters in the "
+        "body. The next page is the same body with `cursor` set to the previous page's `next_cursor`.",
+    )
+    def post(self, request):
+        data = AccessLogSearchInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        return _access_log_page(request, data.validated_data)

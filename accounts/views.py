@@ -26,6 +26,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_otp import login as otp_login
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
+from config.cursor import identifiers_refused_in_query
 from config.errors import Conflict, DomainError, Invalid
 from config.spreadsheet import spreadsheet_safe
 
@@ -246,16 +247,25 @@ def _access_log_filters(data) -> AccessLogFilters:
     )
 
 
+def _access_log_request_data(request):
+    """The filters of a page or CSV request: a POST body (the page's forms), or a query string
+    that names no person or patient (identifiers never go into URLs: refused in words)."""
+    if request.method == "POST":
+        return request.POST
+    identifiers_refused_in_query(request.GET)
+    return request.GET
+
+
 @login_required
-@require_GET
+@require_http_methods(["GET", "POST"])
 def access_log_page(request):
-    """The auditor's view of the log: filters in the query string (a patient filter puts a
-    pseudonymous id there, which is by design non-identifying), newest first, keyset pages."""
+    """The auditor's view of the log, newest first, keyset pages. The filter form, the next page
+    and the CSV download POST the filters, so a person or patient filter never reaches a URL;
+    the cursor is opaque (config.cursor)."""
     actor = access_log_actor(request)
-    filters = _access_log_filters(request.GET)
-    entries, next_cursor = access_log_list(
-        actor=actor, filters=filters, cursor=request.GET.get("cursor", ""), request=request
-    )
+    data = _access_log_request_data(request)
+    filters = _access_log_filters(data)
+    entries, next_cursor = access_log_list(actor=actor, filters=filters, cursor=data.get("cursor", ""), request=request)
     is_platform = not isinstance(actor, Membership)
     query = filters.as_query()
     return render(
@@ -268,8 +278,8 @@ def access_log_page(request):
             "entries": entries,
             "filters": filters,
             "outcomes": AccessEvent.Outcome.values,
-            "next_query": urlencode({**query, "cursor": next_cursor}) if next_cursor else "",
-            "csv_query": urlencode(query),
+            "next_fields": sorted({**query, "cursor": next_cursor}.items()) if next_cursor else [],
+            "csv_fields": sorted(query.items()),
         },
     )
 
@@ -330,12 +340,13 @@ def _streamable(request, lines: Iterator[str]):
 
 
 @login_required
-@require_GET
+@require_http_methods(["GET", "POST"])
 def access_log_csv(request):
-    """The filtered log as CSV, streamed row by row; the export is logged before it starts."""
-    entries = access_log_export(
-        actor=access_log_actor(request), filters=_access_log_filters(request.GET), request=request
-    )
+    """The filtered log as CSV, streamed row by row; the export is logged before it starts. The
+    page's download button POSTs the filters (a person or patient filter never reaches a URL)."""
+    actor = access_log_actor(request)
+    filters = _access_log_filters(_access_log_request_data(request))
+    entries = access_log_export(actor=actor, filters=filters, request=request)
     response = StreamingHttpResponse(
         _streamable(request, access_log_csv_lines(entries)), content_type="text/csv; charset=utf-8"
     )

@@ -6,12 +6,12 @@ from django.http import FileResponse, HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
-from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 
 from accounts.apis import TENANT_HEADER, TenantApi
 from accounts.permissions import Action
 from accounts.services import require
+from config.cursor import OpaqueCursorPagination, identifiers_refused_in_query
 from config.errors import Invalid
 
 from .models import Image, Review, Study
@@ -123,7 +123,7 @@ class ImageUploadInput(serializers.Serializer):
     study_date = serializers.DateField(required=False, allow_null=True, default=None)
 
 
-class ImagePagination(CursorPagination):
+class ImagePagination(OpaqueCursorPagination):
     ordering = ("-created", "-id")
     page_size = 50
     max_page_size = 200
@@ -240,12 +240,18 @@ class StudyListInput(serializers.Serializer):
     date_from = serializers.DateField(required=False, allow_null=True, default=None)
     date_to = serializers.DateField(required=False, allow_null=True, default=None)
     sort = serializers.ChoiceField(choices=list(WORKLIST_SORTS), required=False, default="newest")
-    cursor = serializers.CharField(required=False, default="")
+    cursor = serializers.CharField(
+        required=False, allow_blank=True, default="", help_text="`next_cursor` of the previous page."
+    )
     page_size = serializers.IntegerField(min_value=1, max_value=200, required=False, default=50)
 
 
 class StudySearchInput(StudyListInput):
-    q = serializers.CharField(max_length=64, help_text="A pseudonymous patient id or an accession number, exactly.")
+    q = serializers.CharField(
+        max_length=64,
+        help_text="A patient id (as shown, or the hospital's own, which is hashed the way uploads are) or an "
+        "accession number, exactly. Pass `next_cursor` back as `cursor` with the same body for the next page.",
+    )
 
 
 def _worklist_response(request, fields: dict, q: str = ""):
@@ -275,9 +281,11 @@ class StudyListApi(TenantApi):
         responses=StudySummaryOutput(many=True),
         description="The worklist: the hospital's studies with AI status, top finding and review state. Pass "
         "`next_cursor` back as `cursor` for the next page. Searching by patient or accession is a POST to "
-        "/studies/search/, so that identifiers stay out of URLs and logs.",
+        "/studies/search/, so that identifiers stay out of URLs and logs: a GET naming one (`q`, `patient_id`, "
+        "`accession_number`...) is refused with 400 `identifier_in_url`. Cursors are opaque.",
     )
     def get(self, request):
+        identifiers_refused_in_query(request.query_params)
         data = StudyListInput(data=request.query_params)
         data.is_valid(raise_exception=True)
         return _worklist_response(request, data.validated_data)

@@ -110,6 +110,13 @@ AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
 AXES_VERBOSE = False
 AXES_DISABLE_ACCESS_LOG = True  # successes are in Sightline's own access log
+# --- axes keeps no username (issue 11 item 13, branch ids) ---
+# axes' AccessAttempt/AccessFailureLog rows and its log lines name the keyed hash of the
+# username tried (config.pseudonym, purpose "username"), never what was typed: a password typed
+# into the username field is not kept. POST data it copies masks the username field too.
+AXES_USERNAME_CALLABLE = "accounts.signals.axes_username"
+AXES_SENSITIVE_PARAMETERS = ["username", "ip_address"]
+# --- end axes username ---
 
 # Sessions end after SIGHTLINE_SESSION_IDLE_MINUTES without a request, and in any case
 # SESSION_COOKIE_AGE after sign-in (accounts.middleware.SessionLifetimeMiddleware).
@@ -309,6 +316,20 @@ SIGHTLINE_MODEL_CACHE_MB = env.int("SIGHTLINE_MODEL_CACHE_MB", default=2048)
 SIGHTLINE_MODEL_CACHE_DIR = Path(env("SIGHTLINE_MODEL_CACHE_DIR", default=str(VAR_DIR / "model-cache")))
 SIGHTLINE_MODEL_BUILD_DIR = Path(env("SIGHTLINE_MODEL_BUILD_DIR", default=str(VAR_DIR / "models")))
 SIGHTLINE_DEMO_PASSWORD = env("SIGHTLINE_DEMO_PASSWORD", default="sightline-demo")
+
+# --- keys and rotation (issue 11 items 7 and 10, branch ids) ---
+# Old site secrets still accepted for what they signed (sessions, page cursors, reset links);
+# comma-separated, newest first. Rotate: new DJANGO_SECRET_KEY, old one here, drop it later.
+SECRET_KEY_FALLBACKS = env.list("DJANGO_SECRET_KEY_FALLBACKS", default=[])
+# The pseudonym key ring (config.pseudonym): new pseudonyms under the key, lookups under every
+# key. Production requires the key; test and local settings give a labelled development key.
+SIGHTLINE_PSEUDONYM_KEY = env("SIGHTLINE_PSEUDONYM_KEY", default=None)
+SIGHTLINE_PSEUDONYM_KEY_FALLBACKS = env.list("SIGHTLINE_PSEUDONYM_KEY_FALLBACKS", default=[])
+# site secrets under which pseudonyms of the old 48-bit scheme were made: found, never made
+SIGHTLINE_PSEUDONYM_LEGACY_SECRET_KEYS = env.list("SIGHTLINE_PSEUDONYM_LEGACY_SECRET_KEYS", default=[])
+# every cursor DRF hands out is sealed by the platform's one codec (config.cursor)
+REST_FRAMEWORK["DEFAULT_PAGINATION_CLASS"] = "config.cursor.OpaqueCursorPagination"
+# --- end keys and rotation ---
 
 LOGGING = {
     "version": 1,

@@ -8,7 +8,7 @@ import io
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 
 import numpy as np
@@ -25,6 +25,7 @@ from accounts.models import Membership
 from accounts.permissions import Action
 from accounts.services import access_event_record, require
 from config.errors import Conflict, Invalid, TooLarge, Unavailable, Unprocessable, UnsupportedMedia
+from config.pseudonym import PATIENT, pseudonym_candidates, pseudonym_for
 
 from .. import dicom, events
 from ..models import Image, Series, Study, UploadKey
@@ -339,15 +340,19 @@ def _record_upload(membership: Membership, image: Image, request) -> None:
 
 def _patient_pseudonym(tenant, patient_id: str) -> str:
     """A DICOM Patient ID is an identifier: the platform keeps a keyed hash of it, the same for
-    the same patient within one hospital, and different between hospitals."""
-    if not patient_id:
-        return ""
-    digest = hmac.new(settings.SECRET_KEY.encode(), f"{tenant.pk}:{patient_id}".encode(), hashlib.sha256)
-    return "P-" + digest.hexdigest()[:12].upper()
+    the same patient within one hospital, and different between hospitals (config.pseudonym)."""
+    return pseudonym_for(patient_id, purpose=PATIENT, scope=tenant.pk)
 
 
 def _dicom_study(tenant, header: dict, fields: StudyFields) -> Study:
     pseudonym = fields.patient_pseudonym or _patient_pseudonym(tenant, header["patient_id"])
+    # the patient's pseudonym under every key of the ring: a study made before a key rotation
+    # is still this patient's
+    known = (
+        {pseudonym}
+        if fields.patient_pseudonym
+        else set(pseudonym_candidates(header["patient_id"], purpose=PATIENT, scope=tenant.pk))
+    )
     study_fields = StudyFields(
         patient_pseudonym=pseudonym,
         accession_number=fields.accession_number or header["accession_number"],
@@ -359,12 +364,20 @@ def _dicom_study(tenant, header: dict, fields: StudyFields) -> Study:
     if uid:
         existing = Study.objects.for_tenant(tenant).filter(study_instance_uid=uid).first()
         if existing is not None:
-            if pseudonym and existing.patient_pseudonym and pseudonym != existing.patient_pseudonym:
+            if pseudonym and existing.patient_pseudonym and existing.patient_pseudonym not in known:
                 raise Conflict(
                     "This study belongs to another patient; check the file's Patient ID.",
                     code="study_patient_mismatch",
                 )
             return existing
+    if pseudonym and study_fields.accession_number:  # the accession's study, made under an older key
+        earlier = (
+            Study.objects.for_tenant(tenant)
+            .filter(accession_number=study_fields.accession_number, patient_pseudonym__in=known)
+            .values_list("patient_pseudonym", flat=True)
+            .first()
+        )
+        study_fields = replace(study_fields, patient_pseudonym=earlier or pseudonym)
     study, _ = _study_for_upload(tenant=tenant, fields=study_fields)
     if uid and not study.study_instance_uid:
         study.study_instance_uid = uid

@@ -57,6 +57,7 @@ ROUTES_WITHOUT_IDS = {
     # act on the caller's own hospital, chosen by session or X-Tenant (swept with A's slug)
     "upload": "own-hospital",
     "api-study-search": "own-hospital",  # a POSTed worklist search
+    "api-access-log-search": "own-hospital",  # a POSTed access-log search (identifiers stay out of URLs)
     "member-invite": "own-hospital",
     "api-invitations": "own-hospital",
     "tenant-switch": "own-hospital",
