@@ -219,41 +219,41 @@ def device_enrol(*, user, device: TOTPDevice, code: str, enrolment_code: str = "
     password alone stop working. Raises Invalid with the reason."""
     from .services import access_event_record
 
+    refusal = None
     with transaction.atomic():
         device = TOTPDevice.objects.select_for_update().filter(pk=device.pk, user=user, confirmed=False).first()
         if device is None or confirmed_device(user) is not None:
             raise Invalid("Two-factor sign-in is already on for your account.", code="already_enrolled")
-        needs_code = enrolment_code_required(user)
-        grant = _enrolment_code_usable(user=user, raw=enrolment_code) if needs_code else None
-        if needs_code and grant is None:
-            access_event_record(
-                action="auth.two_factor_enrol", outcome=AccessEvent.Outcome.FAILED, request=request, user=user
-            )
-            raise Invalid(
+        grant = _enrolment_code_usable(user=user, raw=enrolment_code) if enrolment_code_required(user) else None
+        if enrolment_code_required(user) and grant is None:
+            refusal = Invalid(
                 "That enrolment code is not valid: it may be mistyped, used or expired. "
                 "Ask another admin of your hospital (or platform staff) for a new one.",
                 code="enrolment_code_invalid",
             )
-        if not device.verify_token((code or "").strip()):
-            raise Invalid("That code is not valid. Check the time on your phone and try the current code.")
-        if grant is not None:
-            claimed = TwoFactorEnrolmentCode.objects.filter(pk=grant.pk, used_at__isnull=True).update(
-                used_at=timezone.now()
+        elif not device.verify_token((code or "").strip()):  # a failure is counted by the device's throttle
+            refusal = Invalid("That code is not valid. Check the time on your phone and try the current code.")
+        elif grant is not None and not TwoFactorEnrolmentCode.objects.filter(pk=grant.pk, used_at__isnull=True).update(
+            used_at=timezone.now()
+        ):
+            refusal = Invalid("That enrolment code has just been used.", code="enrolment_code_invalid")
+        if refusal is None:
+            device.confirmed = True
+            device.save(update_fields=["confirmed"])
+            TOTPDevice.objects.filter(user=user).exclude(pk=device.pk).delete()
+            access_event_record(
+                action="auth.two_factor_enrol",
+                request=request,
+                user=user,
+                target_type="enrolment_code" if grant else "",
+                target_id=grant.pk if grant else "",
             )
-            if claimed != 1:
-                raise Invalid("That enrolment code has just been used.", code="enrolment_code_invalid")
-        device.confirmed = True
-        device.save(update_fields=["confirmed"])
-        TOTPDevice.objects.filter(user=user).exclude(pk=device.pk).delete()
+            _refresh_tokens_revoke(user)
+            return recovery_codes_replace(user=user, request=request)
         access_event_record(
-            action="auth.two_factor_enrol",
-            request=request,
-            user=user,
-            target_type="enrolment_code" if grant else "",
-            target_id=grant.pk if grant else "",
+            action="auth.two_factor_enrol", outcome=AccessEvent.Outcome.FAILED, request=request, user=user
         )
-        _refresh_tokens_revoke(user)
-        return recovery_codes_replace(user=user, request=request)
+    raise refusal
 
 
 def _reset(*, user, tenant: Tenant | None, actor_user, request) -> None:
