@@ -193,10 +193,17 @@ def enrolment_code_issue(
     return _enrolment_code_create(user=membership.user, tenant=actor.tenant, issued_by=actor.user, request=request)
 
 
+def _check_staff_may_act_for(*, staff, user) -> None:
+    """Only a superuser opens a way into another staff account (None: an operator's shell)."""
+    if staff is not None and (user.is_staff or user.is_superuser) and not staff.is_superuser:
+        raise Forbidden(f"Only a superuser can do this for the staff account {user.get_username()}.")
+
+
 def enrolment_code_issue_by_staff(*, user, issued_by=None, request=None) -> tuple[TwoFactorEnrolmentCode, str]:
     """Platform staff (the Django admin) or an operator (``manage.py two_factor_enrolment_code``)."""
     if issued_by is not None and issued_by.pk == user.pk:
         raise Forbidden("Another member of the platform staff issues your enrolment code.")
+    _check_staff_may_act_for(staff=issued_by, user=user)
     return _enrolment_code_create(user=user, tenant=None, issued_by=issued_by, request=request)
 
 
@@ -287,6 +294,7 @@ def device_reset(*, actor: Membership, membership: Membership, request=None) -> 
 def device_reset_by_staff(*, user, reset_by, request=None) -> None:
     if reset_by.pk == user.pk:
         raise Forbidden("Another member of the platform staff resets your second factor.")
+    _check_staff_may_act_for(staff=reset_by, user=user)
     _reset(user=user, tenant=None, actor_user=reset_by, request=request)
 
 

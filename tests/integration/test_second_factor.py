@@ -507,3 +507,61 @@ def test_production_settings_turn_the_staff_rule_on(settings):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().endswith("needs-second-factor"), result.stdout
+
+
+# --- item 5: platform staff issue codes and reset devices in the Django admin -------------------
+
+
+@pytest.fixture
+def user_staff(db):
+    from django.contrib.auth.models import Permission
+
+    user = get_user_model().objects.create_user(username="people-staff", password=PASSWORD, is_staff=True)
+    user.user_permissions.add(*Permission.objects.filter(codename__in=["view_user", "change_user"]))
+    return user
+
+
+def admin_action(client, action, *users):
+    return client.post("/admin/auth/user/", {"action": action, "_selected_action": [u.pk for u in users]})
+
+
+def test_staff_issue_an_enrolment_code_in_the_admin_shown_once(client, user_staff, admin_a, strict_hospital):
+    client.force_login(user_staff)
+    response = admin_action(client, "issue_enrolment_code", admin_a.user)
+    assert response.status_code == 200 and "no-store" in response["Cache-Control"]
+    text = response.content.decode()
+    start = text.index('data-role="enrolment-code">') + len('data-role="enrolment-code">')
+    raw = text[start : text.index("<", start)]
+    stored = TwoFactorEnrolmentCode.objects.get(user=admin_a.user)
+    assert stored.tenant is None and stored.issued_by == user_staff
+    assert stored.code_hash == hashlib.sha256(raw.replace("-", "").encode()).hexdigest()
+    assert AccessEvent.objects.filter(action="two_factor.enrolment_code_issue", actor=user_staff).count() == 1
+
+    enrolling = type(client)()
+    enrolling.force_login(admin_a.user)
+    _, device = enrol_page(enrolling)
+    assert b'id="recovery-codes"' in enrolling.post(SETUP_URL, {"code": code_at(device), "enrolment_code": raw}).content
+
+
+def test_staff_reset_a_device_in_the_admin_but_only_a_superuser_does_it_for_staff(
+    client, user_staff, clinician_a, staff_user
+):
+    with_device(clinician_a)
+    with_device(Membership(user=staff_user))
+    client.force_login(user_staff)
+    assert admin_action(client, "reset_two_factor", clinician_a.user).status_code == 302
+    assert not TOTPDevice.objects.filter(user=clinician_a.user).exists()
+    assert AccessEvent.objects.filter(action="two_factor.reset", actor=user_staff).count() == 1
+    admin_action(client, "reset_two_factor", staff_user)
+    admin_action(client, "issue_enrolment_code", staff_user)
+    assert TOTPDevice.objects.filter(user=staff_user).exists()
+    assert not TwoFactorEnrolmentCode.objects.filter(user=staff_user).exists()
+
+
+def test_the_hospitals_activity_shows_codes_issued_and_resets(client, admin_a, second_admin, clinician_a):
+    with_device(clinician_a)
+    client.force_login(second_admin.user)
+    client.post(f"/hospital/members/{clinician_a.pk}/two-factor-reset/")
+    client.post(f"/hospital/members/{admin_a.pk}/enrolment-code/")
+    actions = [event["action"] for event in client.get("/api/v1/activity/").json()["results"]]
+    assert "two_factor.reset" in actions and "two_factor.enrolment_code_issue" in actions
