@@ -24,6 +24,7 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied
 from django.core.mail import send_mail
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.crypto import salted_hmac
 
@@ -96,9 +97,11 @@ def account_failure_record(*, request, username: str) -> bool:
         return False
     now = timezone.now()
     with transaction.atomic():
-        row, _ = AccountSignInLimit.objects.select_for_update().get_or_create(
+        row, created = AccountSignInLimit.objects.select_for_update().get_or_create(
             subject=_subject(username, user), defaults={"user": user}
         )
+        if created:  # names sprayed at the sign-in must not grow the table for ever
+            _stale_rows_delete(now)
         if row.locked_until is not None and row.locked_until > now:
             return False  # already paused: refused requests do not extend it
         if row.window_started is None or now - row.window_started > settings.SIGHTLINE_ACCOUNT_FAILURE_WINDOW:
@@ -118,6 +121,15 @@ def account_failure_record(*, request, username: str) -> bool:
     if fired and request is not None:
         request.sightline_account_locked = True
     return fired
+
+
+def _stale_rows_delete(now) -> None:
+    cutoff = now - max(settings.SIGHTLINE_ACCOUNT_FAILURE_WINDOW, settings.SIGHTLINE_ACCOUNT_NOTICE_INTERVAL)
+    AccountSignInLimit.objects.filter(
+        Q(window_started__isnull=True) | Q(window_started__lt=cutoff),
+        Q(locked_until__isnull=True) | Q(locked_until__lt=cutoff),
+        Q(notified_at__isnull=True) | Q(notified_at__lt=cutoff),
+    ).delete()
 
 
 def _lock_recorded(*, row: AccountSignInLimit, user, request, notify: bool) -> None:

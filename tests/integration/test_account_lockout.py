@@ -188,3 +188,10 @@ def test_a_completed_sign_in_records_its_address_and_a_password_alone_does_not(c
     Client().post(LOGIN_URL, {"username": "clinician", "password": PASSWORD}, REMOTE_ADDR=address(60))
     addresses = set(KnownSignInAddress.objects.filter(user=clinician.user).values_list("ip_address", flat=True))
     assert addresses == {HOME}
+
+
+def test_old_counts_are_cleared_so_sprayed_names_do_not_pile_up(clinician, settings):
+    rotate(token_sign_in, "sprayed-name-1", 1)
+    AccountSignInLimit.objects.update(window_started=timezone.now() - timedelta(days=1))
+    rotate(token_sign_in, "sprayed-name-2", 1, start=10)
+    assert AccountSignInLimit.objects.count() == 1
