@@ -175,6 +175,21 @@ def test_missing_and_wrong_codes_count_towards_the_lockout(clinician_a, settings
     assert_error(obtain("clinician", otp=code_at(device)), 429, "locked_out")  # the right code too
 
 
+def test_wrong_codes_on_the_code_page_count_towards_the_lockout_and_end_the_attempt(client, clinician_a, settings):
+    settings.AXES_FAILURE_LIMIT = 3
+    device = with_device(clinician_a)
+    first = client.post(LOGIN_URL, {"username": "clinician", "password": PASSWORD})
+    verify_url = first["Location"]
+    answers = [client.post(verify_url, {"code": wrong_code(device)}).status_code for _ in range(3)]
+    assert answers == [200, 200, 429]
+    # the pending sign-in is gone: the right code on the same page does not sign in
+    assert client.post(verify_url, {"code": code_at(device)}).status_code == 302
+    assert "_auth_user_id" not in client.session
+    # and the password step is locked for this username here, the token endpoint too
+    assert client.post(LOGIN_URL, {"username": "clinician", "password": PASSWORD}).status_code == 429
+    assert_error(obtain("clinician", otp=code_at(device)), 429, "locked_out")
+
+
 def test_a_recovery_code_works_once_at_the_token_endpoint_and_is_logged(clinician_a):
     with_device(clinician_a)
     codes = recovery_codes_replace(user=clinician_a.user)
