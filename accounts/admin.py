@@ -142,9 +142,12 @@ class SightlineUserAdmin(UserAdmin):
 
         from .two_factor import device_reset_by_staff
 
+        done = 0
         for user in queryset:
             try:
                 device_reset_by_staff(user=user, reset_by=request.user, request=request)
+                done += 1
             except DomainError as exc:
                 messages.error(request, exc.message)
-        messages.success(request, "Second factor reset; where an enrolment code is needed, issue one.")
+        if done:
+            messages.success(request, f"Second factor reset for {done} user(s); issue enrolment codes where needed.")

@@ -28,12 +28,7 @@ from .selectors import (
     membership_list,
     membership_resolve,
 )
-from .services import (
-    access_event_record,
-    invitation_create,
-    membership_change_role,
-    membership_deactivate,
-)
+from .services import access_event_record, invitation_create, membership_change_role, membership_deactivate
 from .two_factor import AMR_OTP, AMR_PASSWORD, confirmed_device, second_factor_verify
 
 TENANT_HEADER = OpenApiParameter(

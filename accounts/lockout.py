@@ -101,7 +101,7 @@ def account_failure_record(*, request, username: str) -> bool:
             subject=_subject(username, user), defaults={"user": user}
         )
         if created:  # names sprayed at the sign-in must not grow the table for ever
-            _stale_rows_delete(now)
+            _stale_rows_delete(now, keep=row.pk)
         if row.locked_until is not None and row.locked_until > now:
             return False  # already paused: refused requests do not extend it
         if row.window_started is None or now - row.window_started > settings.SIGHTLINE_ACCOUNT_FAILURE_WINDOW:
@@ -123,13 +123,13 @@ def account_failure_record(*, request, username: str) -> bool:
     return fired
 
 
-def _stale_rows_delete(now) -> None:
+def _stale_rows_delete(now, *, keep: int) -> None:
     cutoff = now - max(settings.SIGHTLINE_ACCOUNT_FAILURE_WINDOW, settings.SIGHTLINE_ACCOUNT_NOTICE_INTERVAL)
     AccountSignInLimit.objects.filter(
         Q(window_started__isnull=True) | Q(window_started__lt=cutoff),
         Q(locked_until__isnull=True) | Q(locked_until__lt=cutoff),
         Q(notified_at__isnull=True) | Q(notified_at__lt=cutoff),
-    ).delete()
+    ).exclude(pk=keep).delete()
 
 
 def _lock_recorded(*, row: AccountSignInLimit, user, request, notify: bool) -> None:
