@@ -580,3 +580,18 @@ def test_the_hospitals_activity_shows_codes_issued_and_resets(client, admin_a, s
     client.post(f"/hospital/members/{admin_a.pk}/enrolment-code/")
     actions = [event["action"] for event in client.get("/api/v1/activity/").json()["results"]]
     assert "two_factor.reset" in actions and "two_factor.enrolment_code_issue" in actions
+
+
+def test_new_recovery_codes_need_a_verified_session_and_replace_the_old_ones(client, clinician_a):
+    device = with_device(clinician_a)
+    old = recovery_codes_replace(user=clinician_a.user)
+    unverified = type(client)()
+    unverified.force_login(clinician_a.user)
+    refused = unverified.post(SETUP_URL, {"action": "recovery_codes"})
+    assert b"Sign out and in again" in refused.content and b'id="recovery-codes"' not in refused.content
+
+    response = verified_browser(client, clinician_a, device).post(SETUP_URL, {"action": "recovery_codes"})
+    assert b'id="recovery-codes"' in response.content and response["Cache-Control"] == "no-store"
+    assert old[0].encode() not in response.content
+    assert_error(obtain("clinician", otp=old[0]), 401, "otp_invalid")  # the old set no longer works
+    assert AccessEvent.objects.filter(action="auth.recovery_codes_issue", actor=clinician_a.user).count() == 2
