@@ -30,7 +30,7 @@ from accounts.services import (
     user_deactivate,
     user_get_or_create,
 )
-from accounts.two_factor import enrolment_code_issue
+from accounts.two_factor import enrolment_code_issue_by_staff
 from tests.conftest import PASSWORD, member
 
 pytestmark = pytest.mark.django_db
@@ -523,8 +523,7 @@ def test_an_admin_works_without_a_second_factor_when_the_hospital_does_not_requi
 
 
 def test_enrolling_a_second_factor_verifies_the_session_for_admin_pages(client, admin_a, two_factor_hospital):
-    other_admin = member(admin_a.tenant, "other-admin", Role.TENANT_ADMIN)
-    _, enrolment_code = enrolment_code_issue(actor=other_admin, membership=admin_a, request=_verified_request())
+    _, enrolment_code = enrolment_code_issue_by_staff(user=admin_a.user)  # an operator's (manage.py) code
     client.force_login(admin_a.user)
     setup = client.get("/accounts/two-factor/")
     assert setup.status_code == 200 and b"Enrolment code" in setup.content
@@ -541,15 +540,6 @@ def test_enrolling_a_second_factor_verifies_the_session_for_admin_pages(client, 
     assert client.get("/hospital/members/").status_code == 200
     assert client.get(MEMBERS_URL).status_code == 200
     assert AccessEvent.objects.filter(action="auth.two_factor_enrol", actor=admin_a.user).count() == 1
-
-
-def _verified_request():
-    """A stand-in for the issuing admin's request: a session verified with a code."""
-    from django.test import RequestFactory
-
-    request = RequestFactory().post("/")
-    request.user = type("Verified", (), {"is_verified": lambda self: True, "is_authenticated": True})()
-    return request
 
 
 def test_enrolling_with_a_wrong_code_confirms_nothing(client, admin_a, two_factor_hospital):
