@@ -10,12 +10,13 @@ from rest_framework import serializers, status
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.response import Response
 from rest_framework.views import APIView
-from rest_framework_simplejwt.serializers import TokenObtainPairSerializer
+from rest_framework_simplejwt.serializers import TokenObtainPairSerializer, TokenObtainSerializer
 from rest_framework_simplejwt.views import TokenObtainPairView
 
 from config.cursor import OpaqueCursorPagination, identifiers_refused_in_query
 from config.errors import Locked
 
+from .lockout import ACCOUNT_LOCKED_MESSAGE, known_address_record, sign_in_second_factor_failed
 from .models import AccessEvent, Role
 from .selectors import (
     ACCESS_LOG_PAGE,
@@ -28,6 +29,7 @@ from .selectors import (
     membership_resolve,
 )
 from .services import access_event_record, invitation_create, membership_change_role, membership_deactivate
+from .two_factor import AMR_OTP, AMR_PASSWORD, confirmed_device, second_factor_verify
 
 TENANT_HEADER = OpenApiParameter(
     "X-Tenant",
@@ -48,14 +50,49 @@ class TenantApi(APIView):
 
 
 class AuditedTokenObtainPairSerializer(TokenObtainPairSerializer):
+    """Password, then the second factor for a user who has one: a valid, unused authenticator
+    code or an unused recovery code in ``otp``. Tokens carry ``amr`` (RFC 8176): ``["pwd"]`` or
+    ``["pwd", "otp"]``; a refreshed access token keeps it."""
+
+    otp = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=64,
+        write_only=True,
+        help_text="Needed when the account has two-factor sign-in: the six-digit code from the "
+        "authenticator app (each code works once), or one of the recovery codes.",
+    )
+    access = serializers.CharField(read_only=True)
+    refresh = serializers.CharField(read_only=True)
+
     def validate(self, attrs):
-        data = super().validate(attrs)  # a failure raises; django.contrib.auth logs it
+        TokenObtainSerializer.validate(self, attrs)  # the password; a failure raises and is counted
         request = self.context.get("request")
+        amr = [AMR_PASSWORD]
+        if confirmed_device(self.user) is not None:
+            code = attrs.get("otp", "")
+            if not second_factor_verify(user=self.user, code=code, request=request):
+                sign_in_second_factor_failed(request=request, user=self.user)
+                if not code:
+                    raise AuthenticationFailed(
+                        "This account uses two-factor sign-in: send the current code from the "
+                        "authenticator app (or a recovery code) in `otp`.",
+                        code="otp_required",
+                    )
+                raise AuthenticationFailed(
+                    "That one-time code is not valid or has been used. Codes change every 30 seconds "
+                    "and each works once.",
+                    code="otp_invalid",
+                )
+            amr.append(AMR_OTP)
+        refresh = self.get_token(self.user)
+        refresh["amr"] = amr
         access_event_record(action="auth.token", request=request, user=self.user)
+        known_address_record(user=self.user, request=request)
         # simplejwt sends no user_logged_in: tell axes of the success, so it resets the count
         # exactly as a page sign-in does
         AxesProxyHandler.user_logged_in(sender=type(self), request=request, user=self.user)
-        return data
+        return {"refresh": str(refresh), "access": str(refresh.access_token)}
 
 
 class TokenObtainApi(TokenObtainPairView):
@@ -69,6 +106,8 @@ class TokenObtainApi(TokenObtainPairView):
                 raise Locked(
                     "Too many failed sign-in attempts for this username from this address. Try again later."
                 ) from None
+            if getattr(request, "sightline_account_locked", False):  # accounts.lockout
+                raise Locked(ACCOUNT_LOCKED_MESSAGE) from None
             raise
 
 

@@ -106,7 +106,7 @@ def invitation_list(*, actor: Membership, request=None):
     return Invitation.objects.for_tenant(actor.tenant).filter(accepted_at__isnull=True).order_by("-created")
 
 
-ACTIVITY_ACTIONS = ("membership.", "invitation.", "tenant.")
+ACTIVITY_ACTIONS = ("membership.", "invitation.", "tenant.", "two_factor.")
 
 
 def activity_list(*, actor: Membership, request=None):

@@ -7,6 +7,7 @@ from django.dispatch import receiver
 from config.pseudonym import USERNAME, pseudonym_for
 
 from .events import session_ended
+from .lockout import account_failure_record, known_address_record
 from .models import AccessEvent
 from .services import access_event_record
 
@@ -61,3 +62,19 @@ def _locked_out(sender, request=None, username=None, **kwargs):
         user=None,
         username=str(username or "")[:150],
     )
+
+
+# --- the per-account limit across addresses (accounts/lockout.py) ---------------------------
+
+
+@receiver(user_login_failed)
+def _count_against_the_account(sender, credentials, request=None, **kwargs):
+    """Only real guesses count: the password was checked (no lock refused the attempt first)."""
+    if request is not None and getattr(request, "sightline_password_checked", False):
+        account_failure_record(request=request, username=str(credentials.get("username", "")))
+
+
+@receiver(user_logged_in)
+def _remember_the_address(sender, request, user, **kwargs):
+    if request is not None:
+        known_address_record(user=user, request=request)

@@ -47,6 +47,7 @@ MIDDLEWARE = [
     "django_otp.middleware.OTPMiddleware",
     "accounts.middleware.SessionLifetimeMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    "accounts.middleware.StaffTwoFactorMiddleware",  # production: staff need a verified session for /admin/
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "csp.middleware.CSPMiddleware",
     "config.errors.DomainErrorMiddleware",
@@ -117,6 +118,22 @@ AXES_DISABLE_ACCESS_LOG = True  # successes are in Sightline's own access log
 AXES_USERNAME_CALLABLE = "accounts.signals.axes_username"
 AXES_SENSITIVE_PARAMETERS = ["username", "ip_address"]
 # --- end axes username ---
+
+# --- auth (issue 11, items 3, 5, 8): per-account limit and second factor ---------------------
+# Per-account limit across addresses (accounts/lockout.py; axes cannot exempt known addresses
+# from a per-username lock while keeping its per-address lock there): this many failures
+# against one account within the window, from addresses it never signed in from, pause it for
+# the cool-off everywhere except those addresses; the person and the hospital's admins are told.
+AUTHENTICATION_BACKENDS.insert(1, "accounts.lockout.AccountLimitBackend")  # after axes, before the password
+SIGHTLINE_ACCOUNT_FAILURE_LIMIT = env.int("SIGHTLINE_ACCOUNT_FAILURE_LIMIT", default=20)
+SIGHTLINE_ACCOUNT_FAILURE_WINDOW = timedelta(minutes=env.int("SIGHTLINE_ACCOUNT_FAILURE_WINDOW_MINUTES", default=15))
+SIGHTLINE_ACCOUNT_COOLOFF = timedelta(minutes=env.int("SIGHTLINE_ACCOUNT_COOLOFF_MINUTES", default=5))
+SIGHTLINE_ACCOUNT_NOTICE_INTERVAL = timedelta(hours=1)  # at most one e-mail per account per hour
+SIGHTLINE_KNOWN_ADDRESS_DAYS = env.int("SIGHTLINE_KNOWN_ADDRESS_DAYS", default=90)
+# Enrolment codes for a first authenticator (hospital admins where required, platform staff).
+SIGHTLINE_ENROLMENT_CODE_HOURS = env.int("SIGHTLINE_ENROLMENT_CODE_HOURS", default=24)
+SIGHTLINE_STAFF_TWO_FACTOR = False  # production: True (the Django admin needs a verified session)
+# --- end auth ----------------------------------------------------------------------------------
 
 # Sessions end after SIGHTLINE_SESSION_IDLE_MINUTES without a request, and in any case
 # SESSION_COOKIE_AGE after sign-in (accounts.middleware.SessionLifetimeMiddleware).

@@ -39,3 +39,6 @@ STORAGES["staticfiles"] = {  # noqa: F405
 
 # Invitations are e-mailed: EMAIL_URL such as smtp+tls://user:password@mail.example.org:587
 vars().update(env.email_url("EMAIL_URL", default="smtp://localhost:25"))
+
+# Platform staff reach the Django admin only with a session verified by a second factor.
+SIGHTLINE_STAFF_TWO_FACTOR = True

@@ -31,6 +31,7 @@ from accounts.services import (
     user_get_or_create,
 )
 from accounts.signals import username_tried
+from accounts.two_factor import enrolment_code_issue_by_staff
 from tests.conftest import PASSWORD, member
 
 pytestmark = pytest.mark.django_db
@@ -524,16 +525,18 @@ def test_an_admin_works_without_a_second_factor_when_the_hospital_does_not_requi
 
 
 def test_enrolling_a_second_factor_verifies_the_session_for_admin_pages(client, admin_a, two_factor_hospital):
+    _, enrolment_code = enrolment_code_issue_by_staff(user=admin_a.user)  # an operator's (manage.py) code
     client.force_login(admin_a.user)
     setup = client.get("/accounts/two-factor/")
-    assert setup.status_code == 200
+    assert setup.status_code == 200 and b"Enrolment code" in setup.content
     device = TOTPDevice.objects.get(user=admin_a.user)
     assert not device.confirmed
     assert client.get("/accounts/two-factor/").status_code == 200
     assert TOTPDevice.objects.filter(user=admin_a.user).count() == 1  # reloading does not make another
 
-    response = client.post("/accounts/two-factor/", {"code": current_code(device)})
-    assert response.status_code == 302
+    response = client.post("/accounts/two-factor/", {"code": current_code(device), "enrolment_code": enrolment_code})
+    assert response.status_code == 200 and b'id="recovery-codes"' in response.content
+    assert response["Cache-Control"] == "no-store"
     device.refresh_from_db()
     assert device.confirmed
     assert client.get("/hospital/members/").status_code == 200

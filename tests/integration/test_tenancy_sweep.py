@@ -253,6 +253,8 @@ ROUTE_ACTION = {
     "api-member-deactivate": {Action.MEMBERS_MANAGE},
     "member-role": {Action.MEMBERS_MANAGE},
     "member-deactivate": {Action.MEMBERS_MANAGE},
+    "member-enrolment-code": {Action.MEMBERS_MANAGE},
+    "member-two-factor-reset": {Action.MEMBERS_MANAGE},
 }
 
 
