@@ -9,4 +9,5 @@ urlpatterns = [
     path("invitations/", apis.InvitationCreateApi.as_view(), name="api-invitations"),
     path("activity/", apis.ActivityApi.as_view(), name="api-activity"),
     path("access-log/", apis.AccessLogApi.as_view(), name="api-access-log"),
+    path("access-log/search/", apis.AccessLogSearchApi.as_view(), name="api-access-log-search"),
 ]

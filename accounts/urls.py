@@ -10,6 +10,16 @@ urlpatterns = [
     path("hospital/members/invite/", views.member_invite, name="member-invite"),
     path("hospital/members/<int:membership_id>/role/", views.member_role, name="member-role"),
     path("hospital/members/<int:membership_id>/deactivate/", views.member_deactivate, name="member-deactivate"),
+    path(
+        "hospital/members/<int:membership_id>/enrolment-code/",
+        views.member_enrolment_code,
+        name="member-enrolment-code",
+    ),
+    path(
+        "hospital/members/<int:membership_id>/two-factor-reset/",
+        views.member_two_factor_reset,
+        name="member-two-factor-reset",
+    ),
     path("hospital/access-log/", views.access_log_page, name="access-log"),
     path("hospital/access-log.csv", views.access_log_csv, name="access-log-csv"),
     path("hospital/access-log/<int:entry_id>/", views.access_log_entry_page, name="access-log-entry"),

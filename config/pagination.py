@@ -4,30 +4,30 @@ A view that answers a list sets ``pagination_class``; drf-spectacular then docum
 the envelope this class builds (``get_paginated_response_schema``) instead of a bare array, and
 tests/contract/test_schema.py fails any list operation that has none.
 
-- ``NewestFirstPagination``: DRF's cursor pagination over (created, id), ``{"next", "previous",
-  "results"}`` where next/previous are links. Its cursor carries a timestamp, never an identifier.
+- ``NewestFirstPagination``: the platform's opaque cursor pagination (config/cursor.py) over
+  (created, id), ``{"next", "previous", "results"}`` where next/previous are links.
 - ``NextCursorPage``: the keyset pages the selectors build themselves (the worklist, the access
   log), ``{"next_cursor", "results"}``; the view's input serializer declares ``cursor``/``page_size``.
 """
 
 from __future__ import annotations
 
-from django.utils.dateparse import parse_datetime
-from rest_framework.pagination import BasePagination, CursorPagination
+from rest_framework.pagination import BasePagination
 from rest_framework.response import Response
 
+from config.cursor import OpaqueCursorPagination
 from config.errors import Invalid
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 
 
-class NewestFirstPagination(CursorPagination):
+class NewestFirstPagination(OpaqueCursorPagination):
     ordering = ("-created", "-id")
     page_size = PAGE_SIZE
     max_page_size = MAX_PAGE_SIZE
     page_size_query_param = "page_size"
-    # what this class itself can answer, read by config.openapi
+    # what this class itself can answer (a bad page_size or cursor), read by config.openapi
     api_errors = (Invalid,)
 
     def get_page_size(self, request):
@@ -42,18 +42,6 @@ class NewestFirstPagination(CursorPagination):
                 code="bad_page_size",
             )
         return int(raw)
-
-    def decode_cursor(self, request):
-        from rest_framework.exceptions import NotFound
-
-        try:
-            cursor = super().decode_cursor(request)
-        except NotFound:
-            cursor = False
-        # the position is compared with a datetime column: a forged one must not reach the query
-        if cursor is False or (cursor is not None and cursor.position and parse_datetime(cursor.position) is None):
-            raise Invalid("The page cursor is not valid; start from the first page.", code="bad_cursor")
-        return cursor
 
     def get_schema_operation_parameters(self, view):
         parameters = super().get_schema_operation_parameters(view)
