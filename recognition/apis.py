@@ -7,7 +7,9 @@ from django.http import FileResponse, HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 
 from accounts.apis import TENANT_HEADER, TenantApi
 from accounts.permissions import Action
@@ -543,7 +545,23 @@ class BatchJobActionApi(TenantApi):
         return Response(BatchJobOutput(job).data)
 
 
+class _NoFormatOverride:
+    URL_FORMAT_OVERRIDE = None
+
+    def __getattr__(self, name):
+        return getattr(api_settings, name)
+
+
+class OwnFormatParameter(DefaultContentNegotiation):
+    """`?format=` is the view's own parameter: DRF's renderer switch took `?format=csv` for a
+    renderer it does not have and answered 404."""
+
+    settings = _NoFormatOverride()
+
+
 class BatchResultsApi(TenantApi):
+    content_negotiation_class = OwnFormatParameter
+
     @extend_schema(
         parameters=[
             TENANT_HEADER,

@@ -262,9 +262,6 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "config.openapi.ContractAutoSchema",  # every operation documents its errors
     "EXCEPTION_HANDLER": "config.errors.api_exception_handler",
     "DEFAULT_METADATA_CLASS": None,  # OPTIONS answers 405 instead of describing a view
-    # `?format=` is the batch results' own parameter (csv or json), not DRF's renderer override:
-    # with it, `?format=csv` answered 404
-    "URL_FORMAT_OVERRIDE": None,
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 
