@@ -43,6 +43,13 @@ class NewestFirstPagination(OpaqueCursorPagination):
             )
         return int(raw)
 
+    def decode_cursor(self, request):
+        # an empty cursor is the first page, as in the worklist and the access log (a client that
+        # keeps `cursor=<next>` in its query sends `cursor=` first)
+        if request.query_params.get(self.cursor_query_param) == "":
+            return None
+        return super().decode_cursor(request)
+
     def get_schema_operation_parameters(self, view):
         parameters = super().get_schema_operation_parameters(view)
         for parameter in parameters:

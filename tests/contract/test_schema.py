@@ -147,6 +147,11 @@ def test_a_forged_cursor_is_refused_in_words(clinician_a):
     assert response.json()["error"]["code"] == "bad_cursor"
 
 
+def test_an_empty_cursor_is_the_first_page(clinician_a):
+    response = api_client_for(clinician_a).get("/api/v1/images/", {"cursor": ""})  # was a 400
+    assert response.status_code == 200 and response.json()["results"] == []
+
+
 def test_an_empty_prefix_is_not_an_omitted_one(clinician_a, demo_model):
     from django.core.files.uploadedfile import SimpleUploadedFile
 
