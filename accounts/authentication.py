@@ -104,10 +104,7 @@ class ServiceAccountBackend:
             username = kwargs.get(get_user_model().USERNAME_FIELD)
         if username and get_user_model().objects.filter(username=username, service_account__isnull=False).exists():
             raise PermissionDenied("service accounts sign in with API keys only")  # reported as a failed login
-        return None
-
-    def get_user(self, user_id):
-        return None  # never the backend of a session
+        return None  # no get_user: it never authenticates anyone, so no session ever names it
 
 
 @receiver(user_logged_in, dispatch_uid="refuse_service_account_sessions")

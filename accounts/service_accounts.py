@@ -17,7 +17,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
-from django.db.models import Count, Prefetch, Q, QuerySet
+from django.db.models import Count, F, Prefetch, Q, QuerySet
 from django.utils import timezone
 
 from config.errors import Conflict, Gone, Invalid, NotFound
@@ -78,12 +78,12 @@ def _check_rate(rate: int) -> None:
 def service_account_list(*, actor: Membership, request=None) -> QuerySet[ServiceAccount]:
     """The hospital's service accounts, live ones first, each with its keys (newest first)."""
     require(actor, Action.MEMBERS_MANAGE, request=request)
-    keys = ApiKey.objects.order_by("revoked_at", "-created")
+    keys = ApiKey.objects.order_by(F("revoked_at").asc(nulls_first=True), "-created")
     return (
         ServiceAccount.objects.for_tenant(actor.tenant)
         .select_related("membership", "user", "tenant")
         .prefetch_related(Prefetch("keys", queryset=keys))
-        .order_by(Q(revoked_at__isnull=False), "name")
+        .order_by(F("revoked_at").asc(nulls_first=True), "name")
     )
 
 
