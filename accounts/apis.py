@@ -30,7 +30,7 @@ from .selectors import (
 from .service_accounts import (
     API_KEY_RATE_MAX,
     API_KEYS_PER_ACCOUNT,
-    SERVICE_ACCOUNT_ROLES,
+    SERVICE_ACCOUNT_ROLE_CHOICES,
     api_key_create,
     api_key_get,
     api_key_revoke,
@@ -285,7 +285,7 @@ class ServiceAccountOutput(serializers.Serializer):
 
 class ServiceAccountInput(serializers.Serializer):
     name = serializers.CharField(max_length=50, help_text="Lowercase letters, digits and hyphens.")
-    role = serializers.ChoiceField(choices=[(str(role), role.label) for role in SERVICE_ACCOUNT_ROLES])
+    role = serializers.ChoiceField(choices=SERVICE_ACCOUNT_ROLE_CHOICES, help_text="Never hospital admin.")
     description = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
 
 

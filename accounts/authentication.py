@@ -19,6 +19,7 @@ from django.contrib.auth.signals import user_logged_in
 from django.core.cache import cache
 from django.core.exceptions import PermissionDenied
 from django.dispatch import receiver
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.throttling import BaseThrottle
@@ -122,3 +123,19 @@ def refuse_service_account_sessions(sender, request, user, **kwargs):
         request.user = AnonymousUser()
     access_event_record(action="auth.login", outcome=AccessEvent.Outcome.DENIED, request=request, user=user)
     raise PermissionDenied("A service account cannot hold a browser session.")
+
+
+class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
+    """The OpenAPI document names the key as its own bearer scheme beside the JWT."""
+
+    target_class = ApiKeyAuthentication
+    name = "serviceAccountKey"
+
+    def get_security_definition(self, auto_schema):
+        return {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "slk_<prefix>_<secret>",
+            "description": "A hospital service account's API key, created by a hospital admin "
+            "(`Authorization: Bearer slk_...`). Limited per key to a number of requests per minute (429).",
+        }

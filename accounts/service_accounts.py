@@ -31,6 +31,7 @@ from .services import access_event_record, membership_grant, require
 Outcome = AccessEvent.Outcome
 
 SERVICE_ACCOUNT_ROLES = (Role.VIEWER, Role.CLINICIAN, Role.AUDITOR)
+SERVICE_ACCOUNT_ROLE_CHOICES = [(str(role), role.label) for role in SERVICE_ACCOUNT_ROLES]
 _PREFIX_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 _PREFIX_LENGTH = 12  # 60 random bits: finds the key, names it; not part of the secret
 _KEY = re.compile(rf"^{KEY_SCHEME}([a-z2-7]{{{_PREFIX_LENGTH}}})_([A-Za-z0-9_-]{{43}})$")

@@ -46,7 +46,7 @@ from .selectors import (
 )
 from .service_accounts import (
     API_KEY_RATE_MAX,
-    SERVICE_ACCOUNT_ROLES,
+    SERVICE_ACCOUNT_ROLE_CHOICES,
     api_key_create,
     api_key_get,
     api_key_revoke,
@@ -365,7 +365,7 @@ def _service_accounts_render(request, actor, *, new_key=None, raw_key: str = "",
         {
             "actor": actor,
             "accounts": service_account_list(actor=actor, request=request),
-            "roles": [(str(role), role.label) for role in SERVICE_ACCOUNT_ROLES],
+            "roles": SERVICE_ACCOUNT_ROLE_CHOICES,
             "default_rate": settings.SIGHTLINE_API_KEY_RATE_PER_MINUTE,
             "max_rate": API_KEY_RATE_MAX,
             "new_key": new_key,

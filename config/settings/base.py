@@ -333,4 +333,9 @@ CACHES = {
         "KEY_PREFIX": "sightline",
     }
 }
+# two sets of choices for fields named "role": every role (members) and three (service accounts)
+SPECTACULAR_SETTINGS.setdefault("ENUM_NAME_OVERRIDES", {}).update(
+    RoleEnum="accounts.models.Role",
+    ServiceAccountRoleEnum="accounts.service_accounts.SERVICE_ACCOUNT_ROLE_CHOICES",
+)
 # --- end service accounts ---------------------------------------------------------------------
