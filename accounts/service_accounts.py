@@ -17,7 +17,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
-from django.db.models import Count, F, Prefetch, Q, QuerySet
+from django.db.models import F, Prefetch, QuerySet
 from django.utils import timezone
 
 from config.errors import Conflict, Gone, Invalid, NotFound
@@ -206,14 +206,10 @@ def api_key_create(
     _check_rate(rate)
     with transaction.atomic():
         # the account's row lock serialises concurrent creates against the per-account cap
-        account = (
-            ServiceAccount.objects.select_for_update()
-            .annotate(live_keys=Count("keys", filter=Q(keys__revoked_at__isnull=True)))
-            .get(pk=service_account.pk, tenant=actor.tenant)
-        )
+        account = ServiceAccount.objects.select_for_update().get(pk=service_account.pk, tenant=actor.tenant)
         if account.revoked_at is not None:
             raise Gone("This service account has been revoked; create a new one.", code="service_account_revoked")
-        if account.live_keys >= API_KEYS_PER_ACCOUNT:
+        if ApiKey.objects.filter(service_account=account, revoked_at__isnull=True).count() >= API_KEYS_PER_ACCOUNT:
             raise Conflict(
                 f"A service account holds at most {API_KEYS_PER_ACCOUNT} live keys; revoke one first.",
                 code="too_many_keys",
