@@ -221,6 +221,29 @@ def test_the_rate_is_counted_in_a_cache_every_web_process_shares():
     assert cache["LOCATION"].startswith("redis://")
 
 
+def test_a_key_is_refused_in_words_when_its_rate_cannot_be_counted(admin_a, demo_model, settings, free_port):
+    """No shared cache, no limit: the key is refused (503) rather than served without one."""
+    _, _, raw = make_key(admin_a)
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": f"redis://127.0.0.1:{free_port}/0",
+        }
+    }
+    response = key_client(raw).get("/api/v1/images/")
+    assert response.status_code == 503
+    assert_error_shape(response, "rate_limit_unavailable")
+
+
+@pytest.fixture
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:  # bound, then closed: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_a_rate_out_of_range_is_refused(admin_a):
     account = service_account_create(actor=admin_a, name="nightly", role=Role.CLINICIAN)
     admin = api_client_for(admin_a)
