@@ -58,6 +58,18 @@ class Membership(models.Model):
     def __str__(self) -> str:
         return f"{self.user} @ {self.tenant.slug} ({self.role})"
 
+    def clean(self) -> None:
+        """The service-account rule in words for forms (the Django admin); triggers enforce it."""
+        from django.core.exceptions import ValidationError
+
+        account = ServiceAccount.objects.filter(user_id=self.user_id).first() if self.user_id else None
+        if account is None:
+            return
+        if self.role == Role.TENANT_ADMIN:
+            raise ValidationError({"role": "A service account cannot be a hospital admin."})
+        if account.membership_id != self.pk:
+            raise ValidationError("A service account has exactly one membership, in its own hospital.")
+
 
 class Invitation(models.Model):
     """A single-use link that makes its holder a member with ``role``. Only its hash is stored."""

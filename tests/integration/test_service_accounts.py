@@ -368,3 +368,22 @@ def test_the_page_is_for_admins_only(clinician_a):
     browser = APIClient()
     browser.force_login(clinician_a.user)
     assert browser.get("/hospital/service-accounts/").status_code == 403
+
+
+def test_platform_staff_cannot_make_one_an_admin_in_the_django_admin_either(admin_a, hospital_b):
+    from django.contrib.auth import get_user_model
+
+    account, _, _ = make_key(admin_a)
+    staff = get_user_model().objects.create_superuser(username="platform-staff", password=PASSWORD)
+    browser = APIClient()
+    browser.force_login(staff)
+    url = f"/admin/accounts/membership/{account.membership_id}/change/"
+    fields = {"user": account.user_id, "tenant": admin_a.tenant_id, "is_active": "on"}
+    response = browser.post(url, {**fields, "role": "tenant_admin", "created_0": "2026-01-01", "created_1": "00:00"})
+    assert response.status_code == 200 and b"cannot be a hospital admin" in response.content  # the form, in words
+    response = browser.post(
+        "/admin/accounts/membership/add/",
+        {**fields, "tenant": hospital_b.pk, "role": "viewer", "created_0": "2026-01-01", "created_1": "00:00"},
+    )
+    assert response.status_code == 200 and b"exactly one membership" in response.content
+    assert list(Membership.objects.filter(user=account.user).values_list("role", flat=True)) == ["clinician"]
