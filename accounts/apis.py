@@ -14,7 +14,7 @@ from rest_framework.views import APIView
 from rest_framework_simplejwt.serializers import TokenObtainPairSerializer
 from rest_framework_simplejwt.views import TokenObtainPairView
 
-from config.errors import Locked
+from config.errors import Conflict, Gone, Locked
 
 from .models import AccessEvent, Role
 from .selectors import (
@@ -312,10 +312,15 @@ def _no_store(response: Response) -> Response:
 
 
 class ServiceAccountListApi(TenantApi):
+    pagination_class = NewestFirst
+    # for the OpenAPI contract (issue 11): a name already taken
+    api_errors = {"post": (Conflict,)}
+
     @extend_schema(parameters=[TENANT_HEADER], responses=ServiceAccountOutput(many=True))
     def get(self, request):
-        accounts = service_account_list(actor=request.membership, request=request)
-        return Response(ServiceAccountOutput(accounts, many=True).data)
+        paginator = self.pagination_class()
+        page = paginator.paginate_queryset(service_account_list(actor=request.membership, request=request), request)
+        return paginator.get_paginated_response(ServiceAccountOutput(page, many=True).data)
 
     @extend_schema(
         parameters=[TENANT_HEADER],
@@ -354,6 +359,8 @@ class ServiceAccountRevokeApi(TenantApi):
 
 
 class ServiceAccountKeyCreateApi(TenantApi):
+    api_errors = (Conflict, Gone)  # a third live key; a revoked account
+
     @extend_schema(
         parameters=[TENANT_HEADER],
         request=ApiKeyInput,

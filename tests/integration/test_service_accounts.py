@@ -70,6 +70,8 @@ def test_an_admin_creates_a_service_account_and_a_key_shown_once(admin_a):
     # the key is never shown again
     listed = admin.get(f"/api/v1/service-accounts/{account['id']}/").json()
     assert raw not in str(listed) and listed["keys"][0]["key_id"] == created["key_id"]
+    page = admin.get("/api/v1/service-accounts/").json()
+    assert [row["name"] for row in page["results"]] == ["nightly-import"] and raw not in str(page)
 
     # the service account is a user with an unusable password and exactly one membership
     service_account = ServiceAccount.objects.get(pk=account["id"])
