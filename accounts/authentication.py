@@ -83,8 +83,7 @@ class ApiKeyRateThrottle(BaseThrottle):
         from config.errors import Unavailable
 
         try:
-            cache.add(counter, 0, timeout=self.WINDOW_SECONDS * 2)  # outlives its window
-            count = cache.incr(counter)
+            count = self._count(counter)
         except Exception as error:  # the limit cannot be checked: refuse rather than not limit
             raise Unavailable(
                 "The request limit cannot be checked right now; try again shortly.", code="rate_limit_unavailable"
@@ -93,6 +92,15 @@ class ApiKeyRateThrottle(BaseThrottle):
             return True
         self._wait = (window + 1) * self.WINDOW_SECONDS - now
         return False
+
+    def _count(self, counter: str) -> int:
+        """The window's count after this request: two cache round trips once the window has begun."""
+        try:
+            return cache.incr(counter)
+        except ValueError:  # the window's first request (incr refuses a missing key)
+            if cache.add(counter, 1, timeout=self.WINDOW_SECONDS * 2):  # outlives its window
+                return 1
+            return cache.incr(counter)  # another process began it first
 
     def wait(self) -> float:
         return max(1.0, getattr(self, "_wait", self.WINDOW_SECONDS))
