@@ -330,7 +330,7 @@ CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
         "LOCATION": env("SIGHTLINE_CACHE_URL", default=REDIS_URL),
-        "KEY_PREFIX": "sightline",
+        "KEY_PREFIX": env("SIGHTLINE_CACHE_PREFIX", default="sightline"),
     }
 }
 # two sets of choices for fields named "role": every role (members) and three (service accounts)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import requests
+from django.conf import settings
 from django.test import override_settings
 from rest_framework.test import APIClient
 from websockets.exceptions import InvalidStatus
@@ -99,13 +100,7 @@ def test_the_rate_is_shared_by_every_web_process(stack, live_demo):
     admin = member("admin-general", "demo-general", Role.TENANT_ADMIN)
     account = service_account_create(actor=admin, name="nightly", role=Role.CLINICIAN)
     _, raw = api_key_create(actor=admin, service_account=account, rate=5)
-    shared = {
-        "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": stack.redis_url,
-            "KEY_PREFIX": "sightline",
-        }
-    }
+    shared = {"default": {**settings.CACHES["default"], "LOCATION": stack.redis_url}}
     if int(time.time()) % 60 > 50:  # all requests in one window
         time.sleep(61 - int(time.time()) % 60)
     with override_settings(CACHES=shared):
