@@ -88,7 +88,7 @@ admin.site.unregister(User)
 
 @admin.register(User)
 class SightlineUserAdmin(UserAdmin):
-    actions = ["deactivate"]
+    actions = ["deactivate", "issue_enrolment_code", "reset_two_factor"]
 
     def save_model(self, request, obj, form, change):
         with transaction.atomic():
@@ -107,3 +107,47 @@ class SightlineUserAdmin(UserAdmin):
         for user in queryset:
             user_deactivate(user=user, deactivated_by=request.user, request=request)
         messages.success(request, f"{queryset.count()} user(s) deactivated.")
+
+    # --- second factor (accounts/two_factor.py): platform staff issue codes and reset devices ---
+
+    @admin.action(description="Issue a two-factor enrolment code (shown once)", permissions=["change"])
+    def issue_enrolment_code(self, request, queryset):
+        from django.template.response import TemplateResponse
+
+        from config.errors import DomainError
+
+        from .two_factor import enrolment_code_issue_by_staff
+
+        issued = []
+        for user in queryset:
+            try:
+                code, raw = enrolment_code_issue_by_staff(user=user, issued_by=request.user, request=request)
+            except DomainError as exc:
+                messages.error(request, exc.message)
+                continue
+            issued.append({"user": user, "code": raw, "expires_at": code.expires_at})
+        if not issued:
+            return None
+        response = TemplateResponse(
+            request, "admin/accounts/enrolment_codes.html", {**self.admin_site.each_context(request), "issued": issued}
+        )
+        response["Cache-Control"] = "no-store"
+        return response
+
+    @admin.action(
+        description="Reset two-factor sign-in (removes authenticator and recovery codes)", permissions=["change"]
+    )
+    def reset_two_factor(self, request, queryset):
+        from config.errors import DomainError
+
+        from .two_factor import device_reset_by_staff
+
+        done = 0
+        for user in queryset:
+            try:
+                device_reset_by_staff(user=user, reset_by=request.user, request=request)
+                done += 1
+            except DomainError as exc:
+                messages.error(request, exc.message)
+        if done:
+            messages.success(request, f"Second factor reset for {done} user(s); issue enrolment codes where needed.")

@@ -9,6 +9,7 @@ urlpatterns = [
     path("invitations/", apis.InvitationCreateApi.as_view(), name="api-invitations"),
     path("activity/", apis.ActivityApi.as_view(), name="api-activity"),
     path("access-log/", apis.AccessLogApi.as_view(), name="api-access-log"),
+    path("access-log/search/", apis.AccessLogSearchApi.as_view(), name="api-access-log-search"),
     path("service-accounts/", apis.ServiceAccountListApi.as_view(), name="api-service-accounts"),
     path(
         "service-accounts/<int:service_account_id>/",

@@ -8,14 +8,15 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import AuthenticationFailed
-from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
-from rest_framework_simplejwt.serializers import TokenObtainPairSerializer
+from rest_framework_simplejwt.serializers import TokenObtainPairSerializer, TokenObtainSerializer
 from rest_framework_simplejwt.views import TokenObtainPairView
 
+from config.cursor import OpaqueCursorPagination, identifiers_refused_in_query
 from config.errors import Conflict, Gone, Locked
 
+from .lockout import ACCOUNT_LOCKED_MESSAGE, known_address_record, sign_in_second_factor_failed
 from .models import AccessEvent, Role
 from .selectors import (
     ACCESS_LOG_PAGE,
@@ -40,6 +41,7 @@ from .service_accounts import (
     service_account_revoke,
 )
 from .services import access_event_record, invitation_create, membership_change_role, membership_deactivate
+from .two_factor import AMR_OTP, AMR_PASSWORD, confirmed_device, second_factor_verify
 
 TENANT_HEADER = OpenApiParameter(
     "X-Tenant",
@@ -60,14 +62,49 @@ class TenantApi(APIView):
 
 
 class AuditedTokenObtainPairSerializer(TokenObtainPairSerializer):
+    """Password, then the second factor for a user who has one: a valid, unused authenticator
+    code or an unused recovery code in ``otp``. Tokens carry ``amr`` (RFC 8176): ``["pwd"]`` or
+    ``["pwd", "otp"]``; a refreshed access token keeps it."""
+
+    otp = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=64,
+        write_only=True,
+        help_text="Needed when the account has two-factor sign-in: the six-digit code from the "
+        "authenticator app (each code works once), or one of the recovery codes.",
+    )
+    access = serializers.CharField(read_only=True)
+    refresh = serializers.CharField(read_only=True)
+
     def validate(self, attrs):
-        data = super().validate(attrs)  # a failure raises; django.contrib.auth logs it
+        TokenObtainSerializer.validate(self, attrs)  # the password; a failure raises and is counted
         request = self.context.get("request")
+        amr = [AMR_PASSWORD]
+        if confirmed_device(self.user) is not None:
+            code = attrs.get("otp", "")
+            if not second_factor_verify(user=self.user, code=code, request=request):
+                sign_in_second_factor_failed(request=request, user=self.user)
+                if not code:
+                    raise AuthenticationFailed(
+                        "This account uses two-factor sign-in: send the current code from the "
+                        "authenticator app (or a recovery code) in `otp`.",
+                        code="otp_required",
+                    )
+                raise AuthenticationFailed(
+                    "That one-time code is not valid or has been used. Codes change every 30 seconds "
+                    "and each works once.",
+                    code="otp_invalid",
+                )
+            amr.append(AMR_OTP)
+        refresh = self.get_token(self.user)
+        refresh["amr"] = amr
         access_event_record(action="auth.token", request=request, user=self.user)
+        known_address_record(user=self.user, request=request)
         # simplejwt sends no user_logged_in: tell axes of the success, so it resets the count
         # exactly as a page sign-in does
         AxesProxyHandler.user_logged_in(sender=type(self), request=request, user=self.user)
-        return data
+        return {"refresh": str(refresh), "access": str(refresh.access_token)}
 
 
 class TokenObtainApi(TokenObtainPairView):
@@ -81,6 +118,8 @@ class TokenObtainApi(TokenObtainPairView):
                 raise Locked(
                     "Too many failed sign-in attempts for this username from this address. Try again later."
                 ) from None
+            if getattr(request, "sightline_account_locked", False):  # accounts.lockout
+                raise Locked(ACCOUNT_LOCKED_MESSAGE) from None
             raise
 
 
@@ -120,7 +159,7 @@ class EventOutput(serializers.Serializer):
     ip_address = serializers.CharField(allow_null=True)
 
 
-class NewestFirst(CursorPagination):
+class NewestFirst(OpaqueCursorPagination):
     ordering = ("-created", "-id")
     page_size = 100
 
@@ -175,15 +214,6 @@ class ActivityApi(TenantApi):
 
 
 class AccessLogListInput(serializers.Serializer):
-    person = serializers.CharField(
-        max_length=150, required=False, default="", help_text="A username, or the name typed at a failed sign-in."
-    )
-    patient = serializers.CharField(
-        max_length=64,
-        required=False,
-        default="",
-        help_text="A pseudonymous patient id: entries about their studies, images and reviews.",
-    )
     study = serializers.IntegerField(
         min_value=1,
         required=False,
@@ -201,9 +231,28 @@ class AccessLogListInput(serializers.Serializer):
     date_to = serializers.DateField(
         required=False, allow_null=True, default=None, help_text="Inclusive, in the site's time zone."
     )
-    cursor = serializers.CharField(required=False, default="", help_text="`next_cursor` of the previous page.")
+    cursor = serializers.CharField(
+        required=False, allow_blank=True, default="", help_text="`next_cursor` of the previous page (opaque)."
+    )
     page_size = serializers.IntegerField(
         min_value=1, max_value=ACCESS_LOG_PAGE_MAX, required=False, default=ACCESS_LOG_PAGE
+    )
+
+
+class AccessLogSearchInput(AccessLogListInput):
+    """The list's filters and the identifier filters, which only ever travel in a POST body."""
+
+    person = serializers.CharField(
+        max_length=150,
+        required=False,
+        default="",
+        help_text="A username, or the name typed at a failed sign-in (matched through its keyed hash).",
+    )
+    patient = serializers.CharField(
+        max_length=64,
+        required=False,
+        default="",
+        help_text="A patient id, as shown or the hospital's own: entries about their studies, images and reviews.",
     )
 
 
@@ -230,34 +279,54 @@ class AccessLogPageOutput(serializers.Serializer):
     results = AccessLogEntryOutput(many=True)
 
 
+def _access_log_page(request, fields: dict) -> Response:
+    filters = AccessLogFilters(
+        person=fields.get("person", ""),
+        patient=fields.get("patient", ""),
+        study=fields["study"],
+        action=fields["action"],
+        outcome=fields["outcome"],
+        date_from=fields["date_from"],
+        date_to=fields["date_to"],
+    )
+    entries, cursor = access_log_list(
+        actor=request.membership,
+        filters=filters,
+        cursor=fields["cursor"],
+        limit=fields["page_size"],
+        request=request,
+    )
+    return Response({"next_cursor": cursor or None, "results": AccessLogEntryOutput(entries, many=True).data})
+
+
 class AccessLogApi(TenantApi):
     @extend_schema(
         parameters=[TENANT_HEADER, AccessLogListInput],
         responses=AccessLogPageOutput,
         description="The hospital's access log, newest first, for its auditors; reading it is itself logged. "
-        "Pass `next_cursor` back as `cursor` for the next page (null: the last page).",
+        "Pass `next_cursor` back as `cursor` for the next page (null: the last page); cursors are opaque. "
+        "Filtering by person or patient is a POST to /access-log/search/: a GET naming `person` or `patient` "
+        "is refused with 400 `identifier_in_url`, so identifiers stay out of URLs and logs.",
     )
     def get(self, request):
+        identifiers_refused_in_query(request.query_params)
         data = AccessLogListInput(data=request.query_params)
         data.is_valid(raise_exception=True)
-        fields = data.validated_data
-        filters = AccessLogFilters(
-            person=fields["person"],
-            patient=fields["patient"],
-            study=fields["study"],
-            action=fields["action"],
-            outcome=fields["outcome"],
-            date_from=fields["date_from"],
-            date_to=fields["date_to"],
-        )
-        entries, cursor = access_log_list(
-            actor=request.membership,
-            filters=filters,
-            cursor=fields["cursor"],
-            limit=fields["page_size"],
-            request=request,
-        )
-        return Response({"next_cursor": cursor or None, "results": AccessLogEntryOutput(entries, many=True).data})
+        return _access_log_page(request, data.validated_data)
+
+
+class AccessLogSearchApi(TenantApi):
+    @extend_schema(
+        parameters=[TENANT_HEADER],
+        request=AccessLogSearchInput,
+        responses=AccessLogPageOutput,
+        description="The access log filtered by person or patient (and the list's filters), the filters in the "
+        "body. The next page is the same body with `cursor` set to the previous page's `next_cursor`.",
+    )
+    def post(self, request):
+        data = AccessLogSearchInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        return _access_log_page(request, data.validated_data)
 
 
 # --- service accounts (tenant admins) -----------------------------------------------------------

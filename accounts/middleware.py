@@ -83,3 +83,45 @@ class RequestSizeLimitMiddleware:
         if length > settings.SIGHTLINE_MAX_REQUEST_BYTES:
             return JsonResponse(too_large_body(settings.SIGHTLINE_MAX_REQUEST_BYTES), status=413)
         return self.get_response(request)
+
+
+class StaffTwoFactorMiddleware:
+    """Where ``SIGHTLINE_STAFF_TWO_FACTOR`` is on (production), the Django admin answers only a
+    session verified with a second factor (django-otp's, after OTPMiddleware). Staff without
+    one are sent to set it up (with an enrolment code from other staff or ``manage.py
+    two_factor_enrolment_code``), or to sign in again with their code."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        from django.conf import settings
+
+        if settings.SIGHTLINE_STAFF_TWO_FACTOR and self._needs_second_factor(request):
+            from django.contrib import messages
+            from django.contrib.auth import logout
+            from django.contrib.auth.views import redirect_to_login
+            from django.shortcuts import redirect
+
+            from .services import access_event_record
+            from .two_factor import confirmed_device
+
+            user = request.user
+            access_event_record(action="admin.two_factor_required", outcome="denied", request=request, user=user)
+            if confirmed_device(user) is None:
+                messages.error(request, "Platform staff need two-factor sign-in for the admin: set it up here.")
+                return redirect("two-factor")
+            logout(request)  # signed in before the device was set up: sign in again with a code
+            return redirect_to_login(request.get_full_path())
+        return self.get_response(request)
+
+    @staticmethod
+    def _needs_second_factor(request) -> bool:
+        from django.urls import reverse
+
+        user = getattr(request, "user", None)
+        if user is None or not user.is_authenticated or not user.is_staff:
+            return False
+        if not request.path.startswith(reverse("admin:index")) or request.path == reverse("admin:login"):
+            return False
+        return not user.is_verified()

@@ -198,6 +198,78 @@ class AccessEvent(models.Model):
         raise TypeError("the access log is append-only")
 
 
+# --- Second factor and sign-in limits (accounts/two_factor.py, accounts/lockout.py) ---------
+
+
+class TwoFactorEnrolmentCode(models.Model):
+    """A one-time code that lets ``user`` enrol an authenticator where enrolment needs one (an admin
+    of a hospital that requires a second factor, platform staff). Issued by another admin of the
+    hospital or by platform staff; only its hash is stored; it expires and works once."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    tenant = models.ForeignKey(
+        Tenant, null=True, blank=True, on_delete=models.CASCADE, related_name="+", help_text="Empty: platform staff."
+    )
+    code_hash = models.CharField(max_length=64, unique=True)
+    issued_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    used_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"enrolment code {self.pk} for user {self.user_id}"
+
+
+class RecoveryCode(models.Model):
+    """One of the codes shown once at enrolment: single use, in place of an authenticator code."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    code_hash = models.CharField(max_length=64)
+    created = models.DateTimeField(default=timezone.now)
+    used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "code_hash"], name="recoverycode_unique_per_user")]
+
+    def __str__(self) -> str:
+        return f"recovery code {self.pk} for user {self.user_id}"
+
+
+class KnownSignInAddress(models.Model):
+    """An address from which the person completed a sign-in: exempt from the per-account limit."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    ip_address = models.GenericIPAddressField()
+    first_seen = models.DateTimeField(default=timezone.now)
+    last_seen = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "ip_address"], name="knownaddress_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.ip_address} for user {self.user_id}"
+
+
+class AccountSignInLimit(models.Model):
+    """Failed sign-ins against one account from addresses it never signed in from, across all
+    addresses. ``subject`` is ``user-<id>`` for an account, or a keyed hash of a name that is no
+    account, so that a name that does not exist locks exactly like one that does."""
+
+    subject = models.CharField(max_length=80, unique=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    failures = models.PositiveIntegerField(default=0)
+    window_started = models.DateTimeField(null=True, blank=True)
+    locked_until = models.DateTimeField(null=True, blank=True)
+    notified_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"sign-in limit {self.subject}"
+
+
 def _api_key_default_rate() -> int:
     return settings.SIGHTLINE_API_KEY_RATE_PER_MINUTE
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from base64 import urlsafe_b64decode, urlsafe_b64encode
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from typing import TYPE_CHECKING
@@ -11,7 +9,9 @@ from typing import TYPE_CHECKING
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
+from config.cursor import BAD_CURSOR, cursor_decode, cursor_encode
 from config.errors import Forbidden, Invalid, NotFound
+from config.pseudonym import PATIENT, USERNAME, pseudonym_candidates
 
 from .models import AccessEvent, Invitation, Membership, Tenant
 from .permissions import Action
@@ -116,7 +116,7 @@ def invitation_list(*, actor: Membership, request=None):
     return Invitation.objects.for_tenant(actor.tenant).filter(accepted_at__isnull=True).order_by("-created")
 
 
-ACTIVITY_ACTIONS = ("membership.", "invitation.", "tenant.", "service_account.", "api_key.")
+ACTIVITY_ACTIONS = ("membership.", "invitation.", "tenant.", "two_factor.", "service_account.", "api_key.")
 
 
 def activity_list(*, actor: Membership, request=None):
@@ -145,8 +145,9 @@ ACCESS_LOG_TARGETS_MAX = 5000
 
 @dataclass(frozen=True)
 class AccessLogFilters:
-    person: str = ""  # a username; also the name typed at a failed sign-in that matched no user
-    patient: str = ""  # a pseudonymous patient id: entries about their studies, images and reviews
+    # identifiers (person, patient) travel in POST bodies only, never in a URL
+    person: str = ""  # a username; failed sign-ins are matched through the keyed hash of the name typed
+    patient: str = ""  # a patient id (as shown, or the hospital's own): entries about their studies, images, reviews
     study: int | None = None  # entries about the study, its images and their reviews
     action: str = ""  # exact, or a prefix ending in "." such as "auth."
     outcome: str = ""
@@ -154,14 +155,21 @@ class AccessLogFilters:
     date_to: date | None = None
     hospital: str = ""  # a slug; only for platform auditors (a hospital's auditor reads their own)
 
+    IDENTIFIERS = ("person", "patient")
+
     def as_query(self) -> dict[str, str]:
-        """The filters that are set, as query-string values (for next-page and download links)."""
+        """The filters that are set, as form values (the hidden fields of the next-page and
+        download forms, which POST them: identifiers among them never go into a URL)."""
         values = {name: getattr(self, name) for name in self.__dataclass_fields__}
         return {
             name: value.isoformat() if isinstance(value, date) else str(value)
             for name, value in values.items()
             if value not in ("", None)
         }
+
+    @property
+    def names_identifier(self) -> bool:
+        return any(getattr(self, name) for name in self.IDENTIFIERS)
 
 
 def access_log_actor(request) -> Membership | AbstractBaseUser:
@@ -205,6 +213,16 @@ def _target_ids(queryset: QuerySet, kind: str) -> list[str]:
     return [str(pk) for pk in ids]
 
 
+def _patient_pseudonyms(*, tenant_id: int | None, patient: str) -> Q:
+    """The patient as shown (a pseudonym) or as the hospital knows them (a raw patient id, hashed
+    under every key of the pseudonym ring for each hospital in scope: pseudonyms are per hospital)."""
+    tenant_ids = [tenant_id] if tenant_id is not None else list(Tenant.objects.values_list("pk", flat=True))
+    match = Q(patient_pseudonym=patient)
+    for pk in tenant_ids:
+        match |= Q(tenant_id=pk, patient_pseudonym__in=pseudonym_candidates(patient, purpose=PATIENT, scope=pk))
+    return match
+
+
 def _about_targets(*, tenant_id: int | None, patient: str, study: int | None) -> Q:
     """Entries whose target is one of the patient's (or the study's) studies, their images or
     those images' reviews. Targets are logged as (type, id as text), so the ids are listed."""
@@ -212,7 +230,7 @@ def _about_targets(*, tenant_id: int | None, patient: str, study: int | None) ->
 
     studies = Study.objects.all() if tenant_id is None else Study.objects.for_tenant(tenant_id)
     if patient:
-        studies = studies.filter(patient_pseudonym=patient)
+        studies = studies.filter(_patient_pseudonyms(tenant_id=tenant_id, patient=patient))
     if study is not None:
         studies = studies.filter(pk=study)
     study_ids = _target_ids(studies, "studies")
@@ -274,7 +292,10 @@ def _access_log_entries(*, tenant: Tenant | None, filters: AccessLogFilters) -> 
     if tenant is not None:
         entries = entries.filter(tenant=tenant)
     if filters.person:
-        by_label = Q(actor__isnull=True, actor_label=filters.person)
+        # a failed sign-in keeps the keyed hash of the name typed: hash what is asked under every
+        # key of the ring (and the name itself, for entries written before names were hashed)
+        labels = [filters.person, *pseudonym_candidates(filters.person, purpose=USERNAME)]
+        by_label = Q(actor__isnull=True, actor_label__in=labels)
         user_id = get_user_model().objects.filter(username=filters.person).values_list("pk", flat=True).first()
         entries = entries.filter(Q(actor_id=user_id) | by_label if user_id is not None else by_label)
     if filters.action.endswith("."):
@@ -297,19 +318,22 @@ def _access_log_entries(*, tenant: Tenant | None, filters: AccessLogFilters) -> 
     return entries.order_by("-created", "-id"), tenant
 
 
+ACCESS_LOG_CURSOR = "access-log"
+
+
 def _access_log_cursor_encode(entry: AccessEvent) -> str:
-    return urlsafe_b64encode(json.dumps([entry.created.isoformat(), entry.pk]).encode()).decode().rstrip("=")
+    return cursor_encode([entry.created.isoformat(), entry.pk], purpose=ACCESS_LOG_CURSOR)
 
 
 def _access_log_cursor_decode(cursor: str) -> tuple[datetime, int]:
     try:
-        created, pk = json.loads(urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        created, pk = cursor_decode(cursor, purpose=ACCESS_LOG_CURSOR)
         created = datetime.fromisoformat(created)
         if timezone.is_naive(created):
             raise ValueError(cursor)
         return created, int(pk)
     except (ValueError, TypeError):
-        raise Invalid("The page cursor is not valid; start from the first page.", code="bad_cursor") from None
+        raise Invalid(BAD_CURSOR, code="bad_cursor") from None
 
 
 def access_log_list(

@@ -92,6 +92,13 @@ def access_event_record(
 
 
 def _two_factor_verified(request) -> bool:
+    """A browser session verified with a code (django-otp), or an API token whose ``amr`` claim
+    says a second factor was given when it was obtained (kept across refreshes)."""
+    from rest_framework_simplejwt.tokens import Token
+
+    token = getattr(request, "auth", None)
+    if isinstance(token, Token):
+        return "otp" in (token.get("amr") or ())
     user = getattr(request, "user", None)
     return bool(user is not None and getattr(user, "is_verified", lambda: False)())
 

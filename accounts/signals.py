@@ -4,7 +4,10 @@ from axes.signals import user_locked_out
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 from django.dispatch import receiver
 
+from config.pseudonym import USERNAME, pseudonym_for
+
 from .events import session_ended
+from .lockout import account_failure_record, known_address_record
 from .models import AccessEvent
 from .services import access_event_record
 
@@ -21,6 +24,23 @@ def _logged_out(sender, request, user, **kwargs):
     session_ended(getattr(request.session, "session_key", None))
 
 
+def username_tried(value) -> str:
+    """What the platform keeps of a username typed at a failed sign-in: its keyed hash (the
+    pseudonym key, purpose "username"), never the text, which may be a password typed in the
+    wrong field. The auditor's person filter hashes what it is given the same way."""
+    return pseudonym_for(str(value or ""), purpose=USERNAME)
+
+
+def axes_username(request, credentials=None) -> str | None:
+    """AXES_USERNAME_CALLABLE: axes counts, locks and stores attempts under the hash, so its
+    AccessAttempt and AccessFailureLog rows (and log lines) carry no typed username."""
+    if credentials:
+        value = credentials.get("username")
+    else:
+        value = getattr(request, "data", request.POST).get("username") if request is not None else None
+    return username_tried(value) or None
+
+
 @receiver(user_login_failed)
 def _login_failed(sender, credentials, request=None, **kwargs):
     access_event_record(
@@ -28,7 +48,7 @@ def _login_failed(sender, credentials, request=None, **kwargs):
         outcome=AccessEvent.Outcome.FAILED,
         request=request,
         user=None,
-        username=str(credentials.get("username", ""))[:150],
+        username=username_tried(credentials.get("username", "")),
     )
 
 
@@ -42,3 +62,19 @@ def _locked_out(sender, request=None, username=None, **kwargs):
         user=None,
         username=str(username or "")[:150],
     )
+
+
+# --- the per-account limit across addresses (accounts/lockout.py) ---------------------------
+
+
+@receiver(user_login_failed)
+def _count_against_the_account(sender, credentials, request=None, **kwargs):
+    """Only real guesses count: the password was checked (no lock refused the attempt first)."""
+    if request is not None and getattr(request, "sightline_password_checked", False):
+        account_failure_record(request=request, username=str(credentials.get("username", "")))
+
+
+@receiver(user_logged_in)
+def _remember_the_address(sender, request, user, **kwargs):
+    if request is not None:
+        known_address_record(user=user, request=request)

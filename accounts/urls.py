@@ -10,6 +10,16 @@ urlpatterns = [
     path("hospital/members/invite/", views.member_invite, name="member-invite"),
     path("hospital/members/<int:membership_id>/role/", views.member_role, name="member-role"),
     path("hospital/members/<int:membership_id>/deactivate/", views.member_deactivate, name="member-deactivate"),
+    path(
+        "hospital/members/<int:membership_id>/enrolment-code/",
+        views.member_enrolment_code,
+        name="member-enrolment-code",
+    ),
+    path(
+        "hospital/members/<int:membership_id>/two-factor-reset/",
+        views.member_two_factor_reset,
+        name="member-two-factor-reset",
+    ),
     path("hospital/service-accounts/", views.service_accounts_page, name="service-accounts"),
     path("hospital/service-accounts/create/", views.service_account_create_page, name="service-account-create"),
     path(

@@ -27,9 +27,11 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_otp import login as otp_login
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
+from config.cursor import identifiers_refused_in_query
 from config.errors import Conflict, DomainError, Invalid
 from config.spreadsheet import spreadsheet_safe
 
+from .lockout import ACCOUNT_LOCKED_MESSAGE, sign_in_is_locked, sign_in_second_factor_failed
 from .models import AccessEvent, Membership, Role
 from .selectors import (
     AccessLogFilters,
@@ -56,20 +58,38 @@ from .service_accounts import (
     service_account_revoke,
 )
 from .services import (
-    access_event_record,
     invitation_accept,
     invitation_create,
     invitation_for_token,
     membership_change_role,
     membership_deactivate,
 )
+from .two_factor import (
+    confirmed_device,
+    device_enrol,
+    device_reset,
+    enrolment_code_issue,
+    enrolment_code_required,
+    recovery_codes_left,
+    recovery_codes_replace,
+    second_factor_verify,
+    users_with_second_factor,
+)
 
 PENDING_USER = "two_factor_pending_user"
 PENDING_BACKEND = "two_factor_pending_backend"
+PENDING_DEVICE = "two_factor_pending_device"  # the authenticator this session is enrolling
 
 
-def _confirmed_device(user) -> TOTPDevice | None:
-    return TOTPDevice.objects.filter(user=user, confirmed=True).first()
+def _no_store(response):
+    """Pages that show a code once: never kept by the browser or a proxy."""
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+def _locked_page(request):
+    message = ACCOUNT_LOCKED_MESSAGE if getattr(request, "sightline_account_locked", False) else ""
+    return render(request, "registration/locked_out.html", {"message": message}, status=429)
 
 
 class SignInView(auth_views.LoginView):
@@ -77,12 +97,17 @@ class SignInView(auth_views.LoginView):
 
     def form_valid(self, form):
         user = form.get_user()
-        if _confirmed_device(user) is None:
+        if confirmed_device(user) is None:
             return super().form_valid(form)
         self.request.session.cycle_key()
         self.request.session[PENDING_USER] = user.pk
         self.request.session[PENDING_BACKEND] = user.backend
         return redirect(f"{reverse('two-factor-verify')}?{urlencode({'next': self.get_success_url()})}")
+
+    def form_invalid(self, form):
+        if getattr(self.request, "sightline_account_locked", False):  # accounts.lockout
+            return _locked_page(self.request)
+        return super().form_invalid(form)
 
 
 @require_http_methods(["GET", "POST"])
@@ -91,51 +116,95 @@ def two_factor_verify(request):
     if user_id is None:
         return redirect("login")
     user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
-    device = _confirmed_device(user) if user else None
+    device = confirmed_device(user) if user else None
     if device is None:
         return redirect("login")
     error = ""
     if request.method == "POST":
-        if device.verify_token(request.POST.get("code", "").strip()):
+        if sign_in_is_locked(request=request, username=user.get_username()):
+            request.session.flush()
+            return _locked_page(request)
+        factor = second_factor_verify(user=user, code=request.POST.get("code", ""), request=request)
+        if factor is not None:
             backend = request.session.pop(PENDING_BACKEND)
             request.session.pop(PENDING_USER)
             login(request, user, backend=backend)
-            otp_login(request, device)
+            otp_login(request, factor.device)
+            if factor.method == "recovery_code":
+                messages.warning(
+                    request,
+                    f"You signed in with a recovery code; {recovery_codes_left(user)} left. "
+                    "Make new ones under Two-factor sign-in.",
+                )
             target = request.GET.get("next", "")
             safe = url_has_allowed_host_and_scheme(
                 target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
             )
             return redirect(target if safe else "recognition:home")
-        access_event_record(action="auth.two_factor", outcome="failed", request=request, user=user)
-        error = "That code is not valid. Codes change every 30 seconds."
+        sign_in_second_factor_failed(request=request, user=user)
+        if getattr(request, "axes_locked_out", False) or getattr(request, "sightline_account_locked", False):
+            request.session.flush()
+            return _locked_page(request)
+        error = "That code is not valid. Codes change every 30 seconds; a recovery code works once."
     return render(request, "registration/two_factor_verify.html", {"error": error})
 
 
 @login_required
 @require_http_methods(["GET", "POST"])
 def two_factor_setup(request):
-    confirmed = _confirmed_device(request.user)
+    user = request.user
+    confirmed = confirmed_device(user)
     if confirmed is not None:
-        return render(request, "accounts/two_factor.html", {"confirmed": True, "verified": request.user.is_verified()})
-    device, _ = TOTPDevice.objects.get_or_create(user=request.user, confirmed=False, defaults={"name": "Authenticator"})
+        context = {"confirmed": True, "verified": user.is_verified(), "recovery_left": recovery_codes_left(user)}
+        if request.method == "POST" and request.POST.get("action") == "recovery_codes":
+            if not user.is_verified():
+                context["error"] = "Sign out and in again with a code before making new recovery codes."
+            else:
+                context["recovery_codes"] = recovery_codes_replace(user=user, request=request)
+                return _no_store(render(request, "accounts/two_factor.html", context))
+        return render(request, "accounts/two_factor.html", context)
+    # one pending authenticator per session: a secret shown to one session (say, someone else
+    # holding the password) is never the one another session confirms
+    device = TOTPDevice.objects.filter(pk=request.session.get(PENDING_DEVICE), user=user, confirmed=False).first()
+    if device is None:
+        device = TOTPDevice.objects.create(user=user, name="Authenticator", confirmed=False)
+        request.session[PENDING_DEVICE] = device.pk
+    needs_code = enrolment_code_required(user)
     error = ""
     if request.method == "POST":
-        if device.verify_token(request.POST.get("code", "").strip()):
-            device.confirmed = True
-            device.save(update_fields=["confirmed"])
+        try:
+            codes = device_enrol(
+                user=user,
+                device=device,
+                code=request.POST.get("code", ""),
+                enrolment_code=request.POST.get("enrolment_code", ""),
+                request=request,
+            )
+        except DomainError as exc:
+            error = exc.message
+        else:
+            request.session.pop(PENDING_DEVICE, None)
             otp_login(request, device)
-            access_event_record(action="auth.two_factor_enrol", request=request)
-            messages.success(request, "Two-factor sign-in is on. You will be asked for a code when you sign in.")
-            return redirect("two-factor")
-        error = "That code is not valid. Check the time on your phone and try the current code."
+            context = {"confirmed": True, "verified": True, "recovery_codes": codes, "enrolled": True}
+            return _no_store(render(request, "accounts/two_factor.html", context))
     qr = segno.make(device.config_url, error="m").svg_inline(scale=4)
-    return render(request, "accounts/two_factor.html", {"qr": qr, "secret": device.config_url, "error": error})
+    return _no_store(
+        render(
+            request,
+            "accounts/two_factor.html",
+            {"qr": qr, "secret": device.config_url, "error": error, "needs_enrolment_code": needs_code},
+        )
+    )
 
 
-@login_required
-def members_page(request):
-    actor = membership_for_session(request)
-    members = membership_list(actor=actor, request=request)
+def _members_render(request, actor, **extra):
+    members = list(membership_list(actor=actor, request=request))
+    with_device = users_with_second_factor([m.user_id for m in members])
+    for member in members:
+        member.has_second_factor = member.user_id in with_device
+        member.needs_enrolment_code = (
+            not member.has_second_factor and member.role == Role.TENANT_ADMIN and actor.tenant.require_admin_two_factor
+        )
     return render(
         request,
         "accounts/members.html",
@@ -145,8 +214,46 @@ def members_page(request):
             "invitations": invitation_list(actor=actor, request=request),
             "activity": activity_list(actor=actor, request=request)[:20],
             "roles": Role.choices,
+            **extra,
         },
     )
+
+
+@login_required
+def members_page(request):
+    return _members_render(request, membership_for_session(request))
+
+
+@login_required
+@require_POST
+def member_enrolment_code(request, membership_id: int):
+    """Shows the code once, on this response only; the admin hands it to the member."""
+    actor = membership_for_session(request)
+    membership = membership_get(actor=actor, membership_id=membership_id, request=request)
+    try:
+        code, raw = enrolment_code_issue(actor=actor, membership=membership, request=request)
+    except DomainError as exc:
+        messages.error(request, exc.message)
+        return redirect("members")
+    issued = {"member": membership, "code": raw, "expires_at": code.expires_at}
+    return _no_store(_members_render(request, actor, issued=issued))
+
+
+@login_required
+@require_POST
+def member_two_factor_reset(request, membership_id: int):
+    actor = membership_for_session(request)
+    membership = membership_get(actor=actor, membership_id=membership_id, request=request)
+    try:
+        device_reset(actor=actor, membership=membership, request=request)
+        messages.success(
+            request,
+            f"{membership.user.get_username()}'s authenticator and recovery codes are removed. "
+            "Where an enrolment code is needed, issue one so they can set up a new authenticator.",
+        )
+    except DomainError as exc:
+        messages.error(request, exc.message)
+    return redirect("members")
 
 
 @login_required
@@ -258,16 +365,25 @@ def _access_log_filters(data) -> AccessLogFilters:
     )
 
 
+def _access_log_request_data(request):
+    """The filters of a page or CSV request: a POST body (the page's forms), or a query string
+    that names no person or patient (identifiers never go into URLs: refused in words)."""
+    if request.method == "POST":
+        return request.POST
+    identifiers_refused_in_query(request.GET)
+    return request.GET
+
+
 @login_required
-@require_GET
+@require_http_methods(["GET", "POST"])
 def access_log_page(request):
-    """The auditor's view of the log: filters in the query string (a patient filter puts a
-    pseudonymous id there, which is by design non-identifying), newest first, keyset pages."""
+    """The auditor's view of the log, newest first, keyset pages. The filter form, the next page
+    and the CSV download POST the filters, so a person or patient filter never reaches a URL;
+    the cursor is opaque (config.cursor)."""
     actor = access_log_actor(request)
-    filters = _access_log_filters(request.GET)
-    entries, next_cursor = access_log_list(
-        actor=actor, filters=filters, cursor=request.GET.get("cursor", ""), request=request
-    )
+    data = _access_log_request_data(request)
+    filters = _access_log_filters(data)
+    entries, next_cursor = access_log_list(actor=actor, filters=filters, cursor=data.get("cursor", ""), request=request)
     is_platform = not isinstance(actor, Membership)
     query = filters.as_query()
     return render(
@@ -280,8 +396,8 @@ def access_log_page(request):
             "entries": entries,
             "filters": filters,
             "outcomes": AccessEvent.Outcome.values,
-            "next_query": urlencode({**query, "cursor": next_cursor}) if next_cursor else "",
-            "csv_query": urlencode(query),
+            "next_fields": sorted({**query, "cursor": next_cursor}.items()) if next_cursor else [],
+            "csv_fields": sorted(query.items()),
         },
     )
 
@@ -342,12 +458,13 @@ def _streamable(request, lines: Iterator[str]):
 
 
 @login_required
-@require_GET
+@require_http_methods(["GET", "POST"])
 def access_log_csv(request):
-    """The filtered log as CSV, streamed row by row; the export is logged before it starts."""
-    entries = access_log_export(
-        actor=access_log_actor(request), filters=_access_log_filters(request.GET), request=request
-    )
+    """The filtered log as CSV, streamed row by row; the export is logged before it starts. The
+    page's download button POSTs the filters (a person or patient filter never reaches a URL)."""
+    actor = access_log_actor(request)
+    filters = _access_log_filters(_access_log_request_data(request))
+    entries = access_log_export(actor=actor, filters=filters, request=request)
     response = StreamingHttpResponse(
         _streamable(request, access_log_csv_lines(entries)), content_type="text/csv; charset=utf-8"
     )

@@ -45,9 +45,14 @@ def _user_for_token(raw: str):
     authentication = JWTAuthentication()
     try:
         token = authentication.get_validated_token(raw)
-        return authentication.get_user(token), token.get("exp")
+        user = authentication.get_user(token)
     except (InvalidToken, TokenError, AuthenticationFailed):
         return AnonymousUser(), None
+    # the same rule as the API: a token counts as verified by a second factor only when its
+    # ``amr`` claim says one was given (consumers ask ``user.is_verified()`` like pages do)
+    verified = "otp" in (token.get("amr") or ())
+    user.is_verified = lambda: verified
+    return user, token.get("exp")
 
 
 @database_sync_to_async
@@ -57,7 +62,9 @@ def _user_for_key(raw: str):
         key = api_key_authenticate(raw=raw)
     except KeyRefused:
         return AnonymousUser(), None
-    return key.service_account.user, key.pk
+    user = key.service_account.user
+    user.is_verified = lambda: False  # a key is never a second factor (and never an admin's)
+    return user, key.pk
 
 
 def websocket_auth(urlpatterns):

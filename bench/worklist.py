@@ -117,7 +117,7 @@ def run(count: int) -> dict:
     middle = Study.objects.filter(tenant=a).order_by("-created", "-id")[count // 2]
     from recognition.selectors import _cursor_encode
 
-    queries["page at the middle (50%)"] = timed(WorklistFilters(), _cursor_encode(middle.created, middle.pk))
+    queries["page at the middle (50%)"] = timed(WorklistFilters(), _cursor_encode(middle.created, middle.pk, "newest"))
     queries["AI status failed"] = timed(WorklistFilters(ai_status="failed"))
     queries["finding round_opacity, unreviewed"] = timed(WorklistFilters(finding="round_opacity", review="unreviewed"))
     queries["modality MR, signed off"] = timed(WorklistFilters(modality="MR", review="signed_off"))

@@ -6,15 +6,15 @@ from django.http import FileResponse, HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
-from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 
 from accounts.apis import TENANT_HEADER, TenantApi
 from accounts.permissions import Action
 from accounts.services import require
+from config.cursor import OpaqueCursorPagination, identifiers_refused_in_query
 from config.errors import Invalid
 
-from .models import Review, Study
+from .models import Image, Review, Study
 from .selectors import (
     WORKLIST_SORTS,
     WorklistFilters,
@@ -42,7 +42,7 @@ from .services.batches import (
     results_csv,
     results_json,
 )
-from .services.images import StudyFields, image_upload
+from .services.images import StudyFields, images_upload_once
 from .services.reviews import review_save, review_sign_off
 
 
@@ -77,6 +77,11 @@ class ImageBaseOutput(serializers.Serializer):
     height = serializers.IntegerField()
     format = serializers.CharField()
     frame_number = serializers.IntegerField()
+    state = serializers.ChoiceField(
+        choices=Image.State.choices,
+        help_text="received (queued to be rendered; its AI read is queued once rendered), rendered, or failed "
+        "(why, in unprocessable_reason)",
+    )
     unprocessable_reason = serializers.CharField()
     created = serializers.DateTimeField()
 
@@ -88,11 +93,21 @@ class ImageSummaryOutput(ImageBaseOutput):
     top_probability = serializers.FloatField(source="ai_top_probability", allow_null=True)
 
 
-class ImageCreatedOutput(ImageBaseOutput):
-    status = serializers.SerializerMethodField()
+class UploadedImageOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    frame_number = serializers.IntegerField()
+    state = serializers.ChoiceField(choices=Image.State.choices)
 
-    def get_status(self, image) -> str:
+
+class ImageCreatedOutput(ImageBaseOutput):
+    status = serializers.SerializerMethodField(help_text="The AI read's status; null until the image is rendered")
+    images = serializers.SerializerMethodField(help_text="Every image the file became (a DICOM: one per frame)")
+
+    def get_status(self, image) -> str | None:
         return image.inference_requests.order_by("-id").values_list("status", flat=True).first()
+
+    def get_images(self, image) -> list[dict]:
+        return UploadedImageOutput(self.context.get("images", [image]), many=True).data
 
 
 class ImageDetailOutput(ImageSummaryOutput):
@@ -108,7 +123,7 @@ class ImageUploadInput(serializers.Serializer):
     study_date = serializers.DateField(required=False, allow_null=True, default=None)
 
 
-class ImagePagination(CursorPagination):
+class ImagePagination(OpaqueCursorPagination):
     ordering = ("-created", "-id")
     page_size = 50
     max_page_size = 200
@@ -123,16 +138,28 @@ class ImageListCreateApi(TenantApi):
         return paginator.get_paginated_response(ImageSummaryOutput(page, many=True).data)
 
     @extend_schema(
-        parameters=[TENANT_HEADER],
+        parameters=[
+            TENANT_HEADER,
+            OpenApiParameter(
+                "Idempotency-Key",
+                str,
+                OpenApiParameter.HEADER,
+                required=False,
+                description="Retry an upload with the same key and get the same image(s) back (200) instead of a "
+                "second copy; the same key with another file answers 422.",
+            ),
+        ],
         request={"multipart/form-data": ImageUploadInput},
-        responses={201: ImageCreatedOutput},
-        description="Upload one PNG or JPEG. The AI read is queued; watch /ws/events/ or poll the image.",
+        responses={201: ImageCreatedOutput, 202: ImageCreatedOutput, 200: ImageCreatedOutput},
+        description="Upload one PNG, JPEG or DICOM file. 201: rendered, its AI read queued. 202: received and "
+        "queued to be rendered by a worker (a compressed DICOM, or more pixels than one request decodes); each "
+        "image's `state` moves to rendered (then its read is queued) or failed. Watch /ws/events/ or poll.",
     )
     def post(self, request):
         data = ImageUploadInput(data=request.data)
         data.is_valid(raise_exception=True)
         fields = data.validated_data
-        image = image_upload(
+        images, created = images_upload_once(
             membership=request.membership,
             upload=fields["file"],
             study=StudyFields(
@@ -142,9 +169,14 @@ class ImageListCreateApi(TenantApi):
                 description=fields["study_description"],
                 study_date=fields["study_date"],
             ),
+            idempotency_key=request.headers.get("Idempotency-Key", ""),
             request=request,
         )
-        return Response(ImageCreatedOutput(image).data, status=status.HTTP_201_CREATED)
+        answer = status.HTTP_200_OK
+        if created:
+            received = any(image.state == Image.State.RECEIVED for image in images)
+            answer = status.HTTP_202_ACCEPTED if received else status.HTTP_201_CREATED
+        return Response(ImageCreatedOutput(images[0], context={"images": images}).data, status=answer)
 
 
 class ImageDetailApi(TenantApi):
@@ -208,12 +240,18 @@ class StudyListInput(serializers.Serializer):
     date_from = serializers.DateField(required=False, allow_null=True, default=None)
     date_to = serializers.DateField(required=False, allow_null=True, default=None)
     sort = serializers.ChoiceField(choices=list(WORKLIST_SORTS), required=False, default="newest")
-    cursor = serializers.CharField(required=False, default="")
+    cursor = serializers.CharField(
+        required=False, allow_blank=True, default="", help_text="`next_cursor` of the previous page."
+    )
     page_size = serializers.IntegerField(min_value=1, max_value=200, required=False, default=50)
 
 
 class StudySearchInput(StudyListInput):
-    q = serializers.CharField(max_length=64, help_text="A pseudonymous patient id or an accession number, exactly.")
+    q = serializers.CharField(
+        max_length=64,
+        help_text="A patient id (as shown, or the hospital's own, which is hashed the way uploads are) or an "
+        "accession number, exactly. Pass `next_cursor` back as `cursor` with the same body for the next page.",
+    )
 
 
 def _worklist_response(request, fields: dict, q: str = ""):
@@ -243,9 +281,11 @@ class StudyListApi(TenantApi):
         responses=StudySummaryOutput(many=True),
         description="The worklist: the hospital's studies with AI status, top finding and review state. Pass "
         "`next_cursor` back as `cursor` for the next page. Searching by patient or accession is a POST to "
-        "/studies/search/, so that identifiers stay out of URLs and logs.",
+        "/studies/search/, so that identifiers stay out of URLs and logs: a GET naming one (`q`, `patient_id`, "
+        "`accession_number`...) is refused with 400 `identifier_in_url`. Cursors are opaque.",
     )
     def get(self, request):
+        identifiers_refused_in_query(request.query_params)
         data = StudyListInput(data=request.query_params)
         data.is_valid(raise_exception=True)
         return _worklist_response(request, data.validated_data)

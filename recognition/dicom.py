@@ -3,6 +3,18 @@
 Pure functions over bytes: no Django, no storage, no database. pydicom does the parsing; the
 pylibjpeg plugins (and Pillow) decode JPEG, JPEG-LS, JPEG 2000 and RLE pixel data.
 
+Every way a DICOM object enters the platform goes through ``dicom_read`` (or ``parse``, which
+uses it): web uploads, the worker that unpacks archives, and the DIMSE C-STORE SCP and STOW-RS
+receivers. pydicom and pynetdicom inflate a Deflated Explicit VR Little Endian dataset whole,
+without a bound (about 1 MB on the wire becomes 1 GB), so pydicom is never handed deflated bytes:
+``dicom_read`` inflates them itself, counting output bytes while inflating and stopping at
+``max_bytes`` (the upload byte limit), and gives pydicom the inflated dataset as Explicit VR
+Little Endian. A receiver that holds a bare dataset (no Part 10 header, e.g. a C-STORE's
+``event.request.DataSet``) passes its ``transfer_syntax``; it never calls ``event.dataset``.
+
+Every exception a decoder raises on a damaged file (pydicom, numpy, pylibjpeg, Pillow) becomes
+a ``DicomUnreadable`` in words, here, at the decoder: callers never see a bare library error.
+
 Nothing here puts a patient's name or id into an error message, a log line or a repr.
 """
 
@@ -10,16 +22,21 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import SEEK_END, BytesIO
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info
+from pydicom.filewriter import write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
-from pydicom.uid import UID, AllTransferSyntaxes
+from pydicom.uid import UID, AllTransferSyntaxes, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 PREAMBLE_SIZE = 128
 MAGIC = b"DICM"
@@ -31,6 +48,9 @@ TEXT_LIMIT = 64  # the longest value DICOM allows for LO/SH-style identifiers
 BITS_ALLOCATED = (1, 8, 16, 32)
 GRAY = ("MONOCHROME1", "MONOCHROME2")
 COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
+# PS3.5 A.5: the dataset after the file meta is raw deflate (the two JPIP ones carry no pixels)
+DEFLATED_SYNTAXES = (DeflatedExplicitVRLittleEndian, "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.205")
+INFLATE_CHUNK = 64 * 1024  # input fed per step; output per step is bounded by what is left of max_bytes
 
 
 class DicomError(Exception):
@@ -86,8 +106,19 @@ class DicomFile:
     frames: int
     photometric: str
     transfer_syntax_name: str
-    default_window: tuple[float, float]
+    default_window: tuple[float, float] | None
     is_color: bool
+
+    @property
+    def pixels(self) -> int:
+        """Pixels decoding every frame produces (rows x columns x frames)."""
+        return self.rows * self.columns * self.frames
+
+    @property
+    def is_compressed(self) -> bool:
+        """Pixel data in a compressed transfer syntax (JPEG, JPEG-LS, JPEG 2000, RLE...): its
+        decoding costs far more CPU per pixel than copying native pixels."""
+        return UID(str(self.dataset.file_meta.TransferSyntaxUID)).is_compressed
 
 
 def looks_like_dicom(head: bytes) -> bool:
@@ -115,14 +146,106 @@ def decoder_names() -> tuple[str, ...]:
     return tuple(names)
 
 
-def parse(data: bytes, *, max_pixels: int, max_frames: int) -> DicomFile:
-    """Read and validate a DICOM image; raises a DicomError subclass when it cannot be used."""
+def dicom_inflate(data: bytes, *, max_bytes: int) -> tuple[bytes, UID]:
+    """The same Part 10 file, never deflated: a deflated dataset is inflated with a bound (output
+    bytes counted while inflating, ``DicomTooLarge`` past ``max_bytes``) and its file meta says
+    Explicit VR Little Endian. Returns the bytes and the transfer syntax the file was sent in."""
     if not looks_like_dicom(data):
         raise DicomUnreadable("This file is not a DICOM file (the DICM marker is missing).", code="not_dicom")
+    if len(data) > max_bytes:
+        raise _too_many_bytes(max_bytes)
+    stream = BytesIO(data)
+    stream.seek(PREAMBLE_SIZE + len(MAGIC))
     try:
-        ds = pydicom.dcmread(BytesIO(data), defer_size=DEFER_SIZE)
+        meta = _read_file_meta_info(stream)
+        received = UID(str(meta.get("TransferSyntaxUID") or ""))
     except Exception as exc:
         raise DicomUnreadable("This DICOM file is damaged and could not be read.", code="unreadable") from exc
+    if received not in DEFLATED_SYNTAXES:
+        return data, received
+    body = _inflate_bounded(memoryview(data)[stream.tell() :], max_bytes=max_bytes)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = DicomBytesIO()
+    out.write(bytes(PREAMBLE_SIZE) + MAGIC)
+    try:
+        write_file_meta_info(out, meta, enforce_standard=False)
+    except Exception as exc:
+        raise DicomUnreadable("This DICOM file is damaged and could not be read.", code="unreadable") from exc
+    out.write(body)
+    return out.getvalue(), received
+
+
+def dicom_read(source: bytes | BinaryIO, *, max_bytes: int, transfer_syntax: str | None = None) -> Dataset:
+    """THE way into pydicom for a DICOM object from outside: a Part 10 file (bytes or a binary
+    file), or, with ``transfer_syntax``, a bare dataset as a DIMSE C-STORE carries it. At most
+    ``max_bytes`` are read and, for a deflated dataset, inflated (``DicomTooLarge`` past it)."""
+    data = source if isinstance(source, bytes | bytearray | memoryview) else source.read(max_bytes + 1)
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise _too_many_bytes(max_bytes)
+    if transfer_syntax is not None:
+        data = _as_part10(data, UID(str(transfer_syntax)), max_bytes=max_bytes)
+    inflated, _ = dicom_inflate(data, max_bytes=max_bytes)
+    return _dcmread(inflated)
+
+
+def _as_part10(data: bytes, syntax: UID, *, max_bytes: int) -> bytes:
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian if syntax in DEFLATED_SYNTAXES else syntax
+    body = _inflate_bounded(memoryview(data), max_bytes=max_bytes) if syntax in DEFLATED_SYNTAXES else data
+    out = DicomBytesIO()
+    out.write(bytes(PREAMBLE_SIZE) + MAGIC)
+    write_file_meta_info(out, meta, enforce_standard=False)
+    out.write(body)
+    return out.getvalue()
+
+
+def _inflate_bounded(deflated: memoryview, *, max_bytes: int) -> bytes:
+    """Raw deflate (PS3.5 A.5) inflated step by step: no step may produce more than what is left
+    of ``max_bytes`` plus one byte, so a bomb is refused having used about ``max_bytes`` of memory."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    try:
+        for start in range(0, len(deflated), INFLATE_CHUNK):
+            pending = bytes(deflated[start : start + INFLATE_CHUNK])
+            while pending and not inflater.eof:
+                out += inflater.decompress(pending, max_bytes - len(out) + 1)
+                if len(out) > max_bytes:
+                    raise _too_many_bytes(max_bytes, inflated=True)
+                pending = inflater.unconsumed_tail
+            if inflater.eof:
+                break
+        while not inflater.eof and (piece := inflater.decompress(b"", max_bytes - len(out) + 1)):
+            out += piece
+            if len(out) > max_bytes:
+                raise _too_many_bytes(max_bytes, inflated=True)
+    except zlib.error as exc:
+        raise DicomUnreadable("This DICOM file's compressed data is damaged.", code="unreadable") from exc
+    if not inflater.eof:
+        raise DicomUnreadable(TRUNCATED, code="truncated")
+    return bytes(out)
+
+
+def _too_many_bytes(max_bytes: int, *, inflated: bool = False) -> DicomTooLarge:
+    what = "Inflated, this DICOM file is" if inflated else "This DICOM file is"
+    return DicomTooLarge(f"{what} larger than {max_bytes // (1024 * 1024)} MB, the limit.", code="too_many_bytes")
+
+
+def _dcmread(data: bytes) -> Dataset:
+    try:
+        return pydicom.dcmread(BytesIO(data), defer_size=DEFER_SIZE)
+    except Exception as exc:
+        raise DicomUnreadable("This DICOM file is damaged and could not be read.", code="unreadable") from exc
+
+
+def parse(data: bytes, *, max_pixels: int, max_frames: int, max_bytes: int, decode_first: bool = True) -> DicomFile:
+    """Read and validate a DICOM image; raises a DicomError subclass when it cannot be used.
+
+    ``decode_first`` decodes frame 0 now (proving the pixels decode, and giving the default
+    window); without it nothing is decoded, ``default_window`` is None, and the caller decodes
+    each frame later, in a worker, each frame failing alone."""
+    data, received = dicom_inflate(data, max_bytes=max_bytes)
+    ds = _dcmread(data)
 
     pixel_elem = ds.get_item(0x7FE00010, keep_deferred=True)
     if pixel_elem is None:
@@ -139,7 +262,7 @@ def parse(data: bytes, *, max_pixels: int, max_frames: int) -> DicomFile:
         raise DicomUnreadable(TRUNCATED, code="truncated")
 
     try:
-        syntax = _check_syntax(ds)
+        syntax = _check_syntax(ds, received)
     except DicomUnsupportedSyntax as exc:
         exc.header = {**header_fields(ds), "rows": _int(ds, "Rows") or 0, "columns": _int(ds, "Columns") or 0}
         raise
@@ -153,13 +276,9 @@ def parse(data: bytes, *, max_pixels: int, max_frames: int) -> DicomFile:
         raise DicomTooLarge(f"The file has {frames} frames; the limit is {max_frames}.", code="too_many_frames")
 
     is_color = photometric in COLOR
-    first = _decode(ds, 0)  # proves the pixel data decodes now, not later in a worker
-    if is_color:
-        window: tuple[float, float] = (128.0, 256.0)  # the full uint8 range
-    else:
-        values = _to_modality(ds, 0, first)
-        low, high = float(values.min()), float(values.max())
-        window = _file_window(ds, 0) or _lut_window(ds) or ((low + high) / 2.0, max(high - low, 1.0))
+    window = None
+    if decode_first:
+        window = _guarded(lambda: _default_window(ds, 0, _decode(ds, 0), is_color=is_color))
 
     return DicomFile(
         dataset=ds,
@@ -191,25 +310,73 @@ def header_fields(ds: Dataset) -> dict:
     }
 
 
+_T = TypeVar("_T")
+
+
+def _guarded(work: Callable[[], _T]) -> _T:
+    """Run decoding work; any exception but our own (pydicom, numpy, pylibjpeg, Pillow on a
+    damaged file: KeyError, AttributeError, ValueError...) becomes a DicomUnreadable in words."""
+    try:
+        return work()
+    except DicomError:
+        raise
+    except MemoryError as exc:
+        raise DicomTooLarge("Decoding this DICOM image needs more memory than is available.") from exc
+    except Exception as exc:
+        raise DicomUnreadable(
+            "The image data in this DICOM file could not be decoded; the file may be damaged or "
+            "describe its pixels inconsistently.",
+            code="decode_failed",
+        ) from exc
+
+
+def _default_window(ds: Dataset, index: int, arr: np.ndarray, *, is_color: bool) -> tuple[float, float]:
+    if is_color:
+        return (128.0, 256.0)  # the full uint8 range
+    return _window_of(ds, index, _to_modality(ds, index, arr))
+
+
+def _window_of(ds: Dataset, index: int, values: np.ndarray) -> tuple[float, float]:
+    low, high = float(values.min()), float(values.max())
+    return _file_window(ds, index) or _lut_window(ds) or ((low + high) / 2.0, max(high - low, 1.0))
+
+
+def frame_window(dicom: DicomFile, index: int, values: np.ndarray | None = None) -> tuple[float, float]:
+    """The default window for frame `index` (the file's, its VOI LUT's, or the frame's range);
+    ``values``: that frame's modality values when they are decoded already."""
+    if dicom.is_color:
+        return (128.0, 256.0)
+    values = frame_modality(dicom, index) if values is None else values
+    return _guarded(lambda: _window_of(dicom.dataset, index, values))
+
+
 def frame_modality(dicom: DicomFile, index: int) -> np.ndarray:
     """Frame `index` in modality units (e.g. HU) as float32 HxW, or uint8 HxWx3 RGB for colour."""
     if not 0 <= index < dicom.frames:
         raise IndexError(f"frame {index} does not exist; this file has {dicom.frames} frame(s)")
+    return _guarded(lambda: _frame_modality(dicom, index))
+
+
+def _frame_modality(dicom: DicomFile, index: int) -> np.ndarray:
     arr = _decode(dicom.dataset, index)
     if dicom.is_color:
         return _to_rgb8(dicom.dataset, arr)
     return _to_modality(dicom.dataset, index, arr)
 
 
-def frame_display(dicom: DicomFile, index: int) -> np.ndarray:
+def frame_display(dicom: DicomFile, index: int, values: np.ndarray | None = None) -> np.ndarray:
     """Frame `index` as uint8 for viewing and for the model: windowed HxW grayscale or HxWx3 RGB.
 
     Grayscale uses the file's window, else its VOI LUT, else the frame's own min/max; MONOCHROME1
     is inverted so that dense tissue is bright, as in MONOCHROME2.
     """
-    values = frame_modality(dicom, index)
+    values = frame_modality(dicom, index) if values is None else values  # ``values``: that frame's, decoded once
     if dicom.is_color:
         return values
+    return _guarded(lambda: _display(dicom, index, values))
+
+
+def _display(dicom: DicomFile, index: int, values: np.ndarray) -> np.ndarray:
     ds = dicom.dataset
     window = _file_window(ds, index)
     if window is not None:
@@ -225,8 +392,9 @@ def frame_display(dicom: DicomFile, index: int) -> np.ndarray:
     return out
 
 
-def _check_syntax(ds: Dataset) -> UID:
-    uid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+def _check_syntax(ds: Dataset, received: UID) -> UID:
+    """The syntax the file was sent in (a deflated one is inflated already) and whether it decodes."""
+    uid = received if str(received) else None
     if not uid:
         raise DicomUnreadable(
             "This DICOM file does not say how its image is encoded (no Transfer Syntax UID).", code="unreadable"

@@ -84,6 +84,16 @@ class Series(TenantOwned):
 
 
 class Image(TenantOwned):
+    class State(models.TextChoices):
+        """The one state machine of an image's pixels: received → rendered (the PNG for display and
+        the model is stored; only now is its AI read queued) or failed (in words, in
+        ``unprocessable_reason``). The request renders what is cheap; the rest is received, and
+        the worker step (``images_render``) renders it."""
+
+        RECEIVED = "received", "received, not yet rendered"
+        RENDERED = "rendered"
+        FAILED = "failed"
+
     study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="images")
     series = models.ForeignKey(Series, on_delete=models.CASCADE, related_name="images")
     file = models.FileField(
@@ -99,6 +109,13 @@ class Image(TenantOwned):
     unprocessable_reason = models.CharField(
         max_length=300, blank=True, help_text="Kept but not readable here (e.g. a transfer syntax without decoder)."
     )
+    state = models.CharField(max_length=16, choices=State.choices, default=State.RENDERED)
+    read_on_render = models.BooleanField(default=False, help_text="Queue the AI read once rendered.")
+    render_attempts = models.PositiveSmallIntegerField(default=0)
+    render_queued_at = models.DateTimeField(null=True, blank=True, help_text="The latest render wake-up sent.")
+    pixels = models.FileField(
+        max_length=255, blank=True, help_text="Grayscale DICOM: the frame's modality values, little-endian float32."
+    )
     sha256 = models.CharField(max_length=64, help_text="Of the stored (re-encoded) bytes.")
     width = models.PositiveIntegerField()
     height = models.PositiveIntegerField()
@@ -111,6 +128,8 @@ class Image(TenantOwned):
         indexes = [
             models.Index(fields=["tenant", "-created", "-id"], name="image_tenant_created"),
             models.Index(fields=["study", "series", "instance_number", "frame_number", "id"], name="image_in_study"),
+            # reconciliation: received images whose render wake-up is old
+            models.Index(fields=["state", "render_queued_at"], name="image_render_pending"),
         ]
 
     @property
@@ -120,7 +139,26 @@ class Image(TenantOwned):
     @property
     def has_modality_pixels(self) -> bool:
         """Grayscale DICOM: the viewer windows the modality values itself."""
-        return self.is_dicom and not self.unprocessable_reason and self.photometric.startswith("MONOCHROME")
+        return (
+            self.is_dicom
+            and self.state == self.State.RENDERED
+            and not self.unprocessable_reason
+            and self.photometric.startswith("MONOCHROME")
+        )
+
+
+class UploadKey(TenantOwned):
+    """A single upload's ``Idempotency-Key``: a client that retries after a dropped connection
+    gets the image(s) of its first try, never a second copy. One per key and hospital."""
+
+    key = models.CharField(max_length=128)
+    fingerprint = models.CharField(max_length=64, help_text="sha256 of the file and its study fields.")
+    image_ids = models.JSONField(default=list)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["tenant", "key"], name="upload_key_unique_per_hospital")]
 
 
 class AIModel(models.Model):

@@ -6,8 +6,6 @@ one both answer 404, and the attempt is logged.
 
 from __future__ import annotations
 
-import json
-from base64 import urlsafe_b64decode, urlsafe_b64encode
 from dataclasses import dataclass
 from datetime import date, datetime
 
@@ -17,7 +15,9 @@ from django.db.models import OuterRef, Prefetch, Q, QuerySet, Subquery
 from accounts.models import AccessEvent, Membership
 from accounts.permissions import Action
 from accounts.services import access_event_record, require
+from config.cursor import BAD_CURSOR, cursor_decode, cursor_encode
 from config.errors import Conflict, Invalid, NotFound
+from config.pseudonym import PATIENT, pseudonym_candidates
 
 from . import dicom
 from .models import Image, InferenceRequest, Result, Review, Study
@@ -180,7 +180,7 @@ class WorklistFilters:
     review: str = ""  # a Study.ReviewState, or "reviewed" for in review or signed off
     date_from: date | None = None
     date_to: date | None = None
-    q: str = ""  # a pseudonymous patient id or an accession number, exactly
+    q: str = ""  # a patient id (raw or pseudonymous) or an accession number, exactly; POSTed, never in a URL
     sort: str = "newest"
 
 
@@ -194,19 +194,31 @@ WORKLIST_SORTS = {
 WORKLIST_PAGE = 50
 
 
-def _cursor_encode(value, pk: int) -> str:
+def _cursor_purpose(sort: str) -> str:
+    return f"worklist:{sort}"  # a cursor of one sort order is refused by another
+
+
+def _cursor_encode(value, pk: int, sort: str) -> str:
     value = value.isoformat() if isinstance(value, datetime) else value
-    return urlsafe_b64encode(json.dumps([value, pk]).encode()).decode().rstrip("=")
+    return cursor_encode([value, pk], purpose=_cursor_purpose(sort))
 
 
-def _cursor_decode(cursor: str, field: str):
+def _cursor_decode(cursor: str, sort: str):
+    field = WORKLIST_SORTS[sort][0]
     try:
-        value, pk = json.loads(urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        value, pk = cursor_decode(cursor, purpose=_cursor_purpose(sort))
         if field == "created":
             value = datetime.fromisoformat(value)
         return str(value) if field != "created" else value, int(pk)
     except (ValueError, TypeError):
-        raise Invalid("The page cursor is not valid; start from the first page.", code="bad_cursor") from None
+        raise Invalid(BAD_CURSOR, code="bad_cursor") from None
+
+
+def _patient_or_accession(*, tenant, q: str) -> Q:
+    """A search term is a pseudonym as shown, a raw patient id (hashed under every key of the
+    pseudonym ring, so studies made before a rotation are found) or an accession number."""
+    pseudonyms = [q, *pseudonym_candidates(q, purpose=PATIENT, scope=tenant.pk)]
+    return Q(patient_pseudonym__in=pseudonyms) | Q(accession_number=q)
 
 
 def study_worklist(
@@ -233,10 +245,10 @@ def study_worklist(
     if filters.date_to:
         studies = studies.filter(study_date__lte=filters.date_to)
     if filters.q:
-        studies = studies.filter(Q(patient_pseudonym=filters.q) | Q(accession_number=filters.q))
+        studies = studies.filter(_patient_or_accession(tenant=membership.tenant, q=filters.q))
     field, descending = WORKLIST_SORTS[filters.sort]
     if cursor:
-        value, pk = _cursor_decode(cursor, field)
+        value, pk = _cursor_decode(cursor, filters.sort)
         after = "lt" if descending else "gt"
         studies = studies.filter(Q(**{f"{field}__{after}": value}) | Q(**{field: value, f"id__{after}": pk}))
     prefix = "-" if descending else ""
@@ -247,11 +259,13 @@ def study_worklist(
     if len(page) <= limit:
         return page, ""
     page = page[:limit]
-    return page, _cursor_encode(getattr(page[-1], field), page[-1].pk)
+    return page, _cursor_encode(getattr(page[-1], field), page[-1].pk, filters.sort)
 
 
 def image_rendering(image: Image):
     """The stored display rendering (PNG) of an image reached through image_get."""
+    if image.state == Image.State.RECEIVED:
+        raise Conflict("This image is received and still being prepared for display; try again soon.", code="rendering")
     if not image.file:
         raise Conflict(
             f"This image is kept but cannot be displayed: {image.unprocessable_reason}", code="unprocessable"
@@ -261,10 +275,26 @@ def image_rendering(image: Image):
 
 def image_modality_pixels(image: Image) -> bytes:
     """A grayscale DICOM frame's modality values (e.g. Hounsfield units) as little-endian float32,
-    row-major, for the viewer's window/level. The original is parsed again: nothing else is kept."""
+    row-major, for the viewer's window/level: stored when the frame was rendered, so a call reads
+    one frame's values and never parses the original again."""
+    if image.state == Image.State.RECEIVED:
+        raise Conflict("This image is received and still being prepared for display; try again soon.", code="rendering")
     if not image.has_modality_pixels:
         raise NotFound("This image has no modality values; it is shown as stored.", code="no_pixels")
+    if image.pixels:
+        with image.pixels.open("rb") as stored:
+            return stored.read()
+    # rendered before the values were stored: parsed once more, through the bounded reader
     with image.original.open("rb") as stored:
-        data = stored.read()
-    parsed = dicom.parse(data, max_pixels=settings.SIGHTLINE_MAX_IMAGE_PIXELS, max_frames=10**6)
-    return dicom.frame_modality(parsed, image.frame_number).astype("<f4").tobytes()
+        data = stored.read(settings.SIGHTLINE_MAX_UPLOAD_BYTES + 1)
+    try:
+        parsed = dicom.parse(
+            data,
+            max_pixels=settings.SIGHTLINE_MAX_IMAGE_PIXELS,
+            max_frames=10**6,
+            max_bytes=settings.SIGHTLINE_MAX_UPLOAD_BYTES,
+            decode_first=False,
+        )
+        return dicom.frame_modality(parsed, image.frame_number).astype("<f4").tobytes()
+    except dicom.DicomError as exc:
+        raise Conflict(f"This image's values cannot be read: {exc.message}", code="unprocessable") from exc

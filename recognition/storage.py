@@ -7,6 +7,11 @@ def image_key(*, tenant_id: int) -> str:
     return f"tenants/{tenant_id}/images/{uuid.uuid4().hex}.png"
 
 
+def pixels_key(*, tenant_id: int) -> str:
+    """A grayscale DICOM frame's modality values (float32), stored when it is rendered."""
+    return f"tenants/{tenant_id}/pixels/{uuid.uuid4().hex}.f32"
+
+
 def dicom_key(*, tenant_id: int) -> str:
     return f"tenants/{tenant_id}/dicom/{uuid.uuid4().hex}.dcm"
 

@@ -17,10 +17,11 @@ from accounts.models import Tenant
 from accounts.permissions import Action, can
 from accounts.selectors import membership_for_session, membership_resolve, memberships_active
 from accounts.services import require
+from config.cursor import identifiers_refused_in_query
 from config.errors import DomainError, Invalid, NotFound
 
 from .agreement import agreement_csv, agreement_rows, agreement_svg
-from .models import Review, Study
+from .models import Image, Review, Study
 from .selectors import (
     WORKLIST_SORTS,
     WorklistFilters,
@@ -131,7 +132,7 @@ def image_detail_page(request, image_id: int):
             "can_review": can(membership, Action.REVIEW_WRITE) and result is not None,
             "verdicts": Review.Verdict.choices,
             "labels": result.model_version.labels if result else [],
-            "in_progress": image.ai_status in ("queued", "running"),
+            "in_progress": image.ai_status in ("queued", "running") or image.state == Image.State.RECEIVED,
         },
     )
 
@@ -219,8 +220,11 @@ def _worklist_filters(data, q: str = "") -> WorklistFilters:
 @require_http_methods(["GET", "POST"])
 def worklist_page(request):
     """The hospital's studies. Filters travel in the query string; a search by patient or
-    accession is POSTed, so identifiers never appear in URLs or access logs of proxies."""
+    accession is POSTed, its next pages too, so identifiers never appear in URLs or access logs
+    of proxies (a GET that names one is refused in words). Cursors are opaque (config.cursor)."""
     membership = membership_for_session(request)
+    if request.method == "GET":
+        identifiers_refused_in_query(request.GET)
     data = request.POST if request.method == "POST" else request.GET
     q = request.POST.get("q", "").strip() if request.method == "POST" else ""
     filters = _worklist_filters(data, q)
@@ -241,7 +245,9 @@ def worklist_page(request):
             "studies": studies,
             "filters": filters,
             "next_cursor": next_cursor,
-            "next_query": urlencode({**query, "cursor": next_cursor}) if next_cursor else "",
+            "next_query": urlencode({**query, "cursor": next_cursor}) if next_cursor and not q else "",
+            # a search's next page is POSTed with the search in the body, never a link
+            "next_fields": sorted({**query, "q": q, "cursor": next_cursor}.items()) if next_cursor and q else [],
             "is_search": bool(q),
             "ai_statuses": Study.AIStatus.choices,
             "review_states": [*Study.ReviewState.choices, ("reviewed", "reviewed or signed off")],

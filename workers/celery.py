@@ -7,7 +7,9 @@ from celery.signals import worker_process_init, worker_ready
 
 from workers.bootsteps import GpuBackPressure
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+# production by default, like the web process: a worker started bare refuses to start without its
+# secrets (the pseudonym key above all) instead of hashing patients with a development key
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.production")
 
 app = Celery("sightline", include=["workers.tasks"])
 app.config_from_object("django.conf:settings", namespace="CELERY")

@@ -37,3 +37,25 @@ def batch_reconcile() -> int:
     from recognition.services.batches import batch_reconcile as reconcile
 
     return reconcile()
+
+
+# decode: a storage blip reading the original (OSError) retries too; the attempt cap in the
+# service ends an image that keeps failing (or keeps killing its worker)
+@shared_task(
+    name="workers.tasks.image_render",
+    acks_late=True,
+    **{**RETRY_TRANSIENT, "autoretry_for": (*TRANSIENT, OSError)},
+)
+def image_render(image_ids: list[int]) -> int:
+    """Render received images (one original's frames) for display and the model; queue their reads."""
+    from recognition.services.images import images_render
+
+    return images_render(image_ids=image_ids)
+
+
+@shared_task(name="workers.tasks.image_render_reconcile", acks_late=True)
+def image_render_reconcile() -> int:
+    """Periodic (Celery beat): received images whose render wake-up was lost are woken again."""
+    from recognition.services.images import images_render_reconcile
+
+    return images_render_reconcile()

@@ -47,6 +47,7 @@ MIDDLEWARE = [
     "django_otp.middleware.OTPMiddleware",
     "accounts.middleware.SessionLifetimeMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    "accounts.middleware.StaffTwoFactorMiddleware",  # production: staff need a verified session for /admin/
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "csp.middleware.CSPMiddleware",
     "config.errors.DomainErrorMiddleware",
@@ -110,6 +111,29 @@ AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
 AXES_VERBOSE = False
 AXES_DISABLE_ACCESS_LOG = True  # successes are in Sightline's own access log
+# --- axes keeps no username (issue 11 item 13, branch ids) ---
+# axes' AccessAttempt/AccessFailureLog rows and its log lines name the keyed hash of the
+# username tried (config.pseudonym, purpose "username"), never what was typed: a password typed
+# into the username field is not kept. POST data it copies masks the username field too.
+AXES_USERNAME_CALLABLE = "accounts.signals.axes_username"
+AXES_SENSITIVE_PARAMETERS = ["username", "ip_address"]
+# --- end axes username ---
+
+# --- auth (issue 11, items 3, 5, 8): per-account limit and second factor ---------------------
+# Per-account limit across addresses (accounts/lockout.py; axes cannot exempt known addresses
+# from a per-username lock while keeping its per-address lock there): this many failures
+# against one account within the window, from addresses it never signed in from, pause it for
+# the cool-off everywhere except those addresses; the person and the hospital's admins are told.
+AUTHENTICATION_BACKENDS.insert(1, "accounts.lockout.AccountLimitBackend")  # after axes, before the password
+SIGHTLINE_ACCOUNT_FAILURE_LIMIT = env.int("SIGHTLINE_ACCOUNT_FAILURE_LIMIT", default=20)
+SIGHTLINE_ACCOUNT_FAILURE_WINDOW = timedelta(minutes=env.int("SIGHTLINE_ACCOUNT_FAILURE_WINDOW_MINUTES", default=15))
+SIGHTLINE_ACCOUNT_COOLOFF = timedelta(minutes=env.int("SIGHTLINE_ACCOUNT_COOLOFF_MINUTES", default=5))
+SIGHTLINE_ACCOUNT_NOTICE_INTERVAL = timedelta(hours=1)  # at most one e-mail per account per hour
+SIGHTLINE_KNOWN_ADDRESS_DAYS = env.int("SIGHTLINE_KNOWN_ADDRESS_DAYS", default=90)
+# Enrolment codes for a first authenticator (hospital admins where required, platform staff).
+SIGHTLINE_ENROLMENT_CODE_HOURS = env.int("SIGHTLINE_ENROLMENT_CODE_HOURS", default=24)
+SIGHTLINE_STAFF_TWO_FACTOR = False  # production: True (the Django admin needs a verified session)
+# --- end auth ----------------------------------------------------------------------------------
 
 # Sessions end after SIGHTLINE_SESSION_IDLE_MINUTES without a request, and in any case
 # SESSION_COOKIE_AGE after sign-in (accounts.middleware.SessionLifetimeMiddleware).
@@ -205,10 +229,15 @@ CELERY_TASK_ROUTES = {
     "workers.tasks.audit_verify": {"queue": "maintenance"},
     "workers.tasks.batch_expand": {"queue": "maintenance"},
     "workers.tasks.batch_reconcile": {"queue": "maintenance"},
+    "workers.tasks.image_render_reconcile": {"queue": "maintenance"},
 }
 CELERY_BEAT_SCHEDULE = {
     "reconcile-stuck-requests": {
         "task": "workers.tasks.batch_reconcile",
+        "schedule": env.int("SIGHTLINE_RECONCILE_SECONDS", default=60),
+    },
+    "render-received-images": {  # decode: images whose render wake-up was lost (Redis keeps nothing)
+        "task": "workers.tasks.image_render_reconcile",
         "schedule": env.int("SIGHTLINE_RECONCILE_SECONDS", default=60),
     },
     "verify-audit-log": {
@@ -264,6 +293,11 @@ SPECTACULAR_SETTINGS = {
 SIGHTLINE_MAX_UPLOAD_BYTES = env.int("SIGHTLINE_MAX_UPLOAD_BYTES", default=50 * 1024 * 1024)
 SIGHTLINE_MAX_IMAGE_PIXELS = env.int("SIGHTLINE_MAX_IMAGE_PIXELS", default=40_000_000)  # per image or frame
 SIGHTLINE_MAX_DICOM_FRAMES = env.int("SIGHTLINE_MAX_DICOM_FRAMES", default=300)
+# decode: pixels one request may decode, all files and frames together (a 300-slice 512² CT);
+# a DICOM past it, or in a compressed syntax, is received at once and rendered by a worker
+SIGHTLINE_MAX_DECODE_PIXELS_PER_REQUEST = env.int("SIGHTLINE_MAX_DECODE_PIXELS_PER_REQUEST", default=300 * 512 * 512)
+# decode: an image received but not rendered whose wake-up is older than this is woken again
+SIGHTLINE_RENDER_STALL_SECONDS = env.int("SIGHTLINE_RENDER_STALL_SECONDS", default=600)
 # bulk jobs' zip archives: entries, uncompressed bytes (declared and as read), ratio per entry
 SIGHTLINE_ARCHIVE_MAX_ENTRIES = env.int("SIGHTLINE_ARCHIVE_MAX_ENTRIES", default=20_000)
 SIGHTLINE_ARCHIVE_MAX_BYTES = env.int("SIGHTLINE_ARCHIVE_MAX_BYTES", default=8 * 1024**3)
@@ -299,6 +333,20 @@ SIGHTLINE_MODEL_CACHE_MB = env.int("SIGHTLINE_MODEL_CACHE_MB", default=2048)
 SIGHTLINE_MODEL_CACHE_DIR = Path(env("SIGHTLINE_MODEL_CACHE_DIR", default=str(VAR_DIR / "model-cache")))
 SIGHTLINE_MODEL_BUILD_DIR = Path(env("SIGHTLINE_MODEL_BUILD_DIR", default=str(VAR_DIR / "models")))
 SIGHTLINE_DEMO_PASSWORD = env("SIGHTLINE_DEMO_PASSWORD", default="sightline-demo")
+
+# --- keys and rotation (issue 11 items 7 and 10, branch ids) ---
+# Old site secrets still accepted for what they signed (sessions, page cursors, reset links);
+# comma-separated, newest first. Rotate: new DJANGO_SECRET_KEY, old one here, drop it later.
+SECRET_KEY_FALLBACKS = env.list("DJANGO_SECRET_KEY_FALLBACKS", default=[])
+# The pseudonym key ring (config.pseudonym): new pseudonyms under the key, lookups under every
+# key. Production requires the key; test and local settings give a labelled development key.
+SIGHTLINE_PSEUDONYM_KEY = env("SIGHTLINE_PSEUDONYM_KEY", default=None)
+SIGHTLINE_PSEUDONYM_KEY_FALLBACKS = env.list("SIGHTLINE_PSEUDONYM_KEY_FALLBACKS", default=[])
+# site secrets under which pseudonyms of the old 48-bit scheme were made: found, never made
+SIGHTLINE_PSEUDONYM_LEGACY_SECRET_KEYS = env.list("SIGHTLINE_PSEUDONYM_LEGACY_SECRET_KEYS", default=[])
+# every cursor DRF hands out is sealed by the platform's one codec (config.cursor)
+REST_FRAMEWORK["DEFAULT_PAGINATION_CLASS"] = "config.cursor.OpaqueCursorPagination"
+# --- end keys and rotation ---
 
 LOGGING = {
     "version": 1,

@@ -11,6 +11,15 @@ ALLOWED_HOSTS = [host for host in env.list("ALLOWED_HOSTS") if host]
 if not ALLOWED_HOSTS:
     raise ImproperlyConfigured("ALLOWED_HOSTS must name this deployment's hosts")
 
+# issue 11 (ids): every process ingests or looks up patients (web, workers, beat), so each needs
+# the pseudonym key of its own; no default, never the site secret
+SIGHTLINE_PSEUDONYM_KEY = env("SIGHTLINE_PSEUDONYM_KEY")
+for _key in (SIGHTLINE_PSEUDONYM_KEY, *SIGHTLINE_PSEUDONYM_KEY_FALLBACKS):  # noqa: F405
+    if len(_key) < 32:
+        raise ImproperlyConfigured("SIGHTLINE_PSEUDONYM_KEY and its fallbacks need at least 32 random characters")
+    if _key in (SECRET_KEY, *SECRET_KEY_FALLBACKS):  # noqa: F405
+        raise ImproperlyConfigured("SIGHTLINE_PSEUDONYM_KEY must differ from DJANGO_SECRET_KEY and its fallbacks")
+
 # TLS ends at nginx, which sets X-Forwarded-Proto.
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=True)
@@ -30,3 +39,6 @@ STORAGES["staticfiles"] = {  # noqa: F405
 
 # Invitations are e-mailed: EMAIL_URL such as smtp+tls://user:password@mail.example.org:587
 vars().update(env.email_url("EMAIL_URL", default="smtp://localhost:25"))
+
+# Platform staff reach the Django admin only with a session verified by a second factor.
+SIGHTLINE_STAFF_TWO_FACTOR = True

@@ -20,3 +20,6 @@ EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.locmem.E
 # processes, so SQLite's test database is a file, never in memory.
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
+
+# issue 11 (ids): a development pseudonym key, labelled as such; production has no default
+SIGHTLINE_PSEUDONYM_KEY = env("SIGHTLINE_PSEUDONYM_KEY", default="test-only-pseudonym-key-not-a-secret-0123456789")

@@ -5,26 +5,31 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import date
 
 import numpy as np
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
-from django.db import transaction
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+from django.utils import timezone
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
 from accounts.models import Membership
 from accounts.permissions import Action
 from accounts.services import access_event_record, require
-from config.errors import Conflict, TooLarge, Unprocessable, UnsupportedMedia
+from config.errors import Conflict, Invalid, TooLarge, Unavailable, Unprocessable, UnsupportedMedia
+from config.pseudonym import PATIENT, pseudonym_candidates, pseudonym_for
 
-from .. import dicom
-from ..models import Image, Series, Study
-from ..storage import dicom_key, image_key
+from .. import dicom, events
+from ..models import Image, Series, Study, UploadKey
+from ..storage import dicom_key, image_key, pixels_key
 from .inference import inference_request_create, upload_routing
 from .registry import Routing
 from .studies import study_summary_refresh, study_updated_on_commit
@@ -175,18 +180,118 @@ def images_upload(
     """Store one file for the member's hospital and queue its AI read after commit (``read``;
     a bulk job queues its reads when it starts). A DICOM file becomes one image per frame."""
     require(membership, Action.IMAGE_UPLOAD, request=request)
-    tenant = membership.tenant
-    routing = upload_routing(tenant=tenant) if read else None  # 503 before storing anything if no model
+    routing = upload_routing(tenant=membership.tenant) if read else None  # 503 before storing anything
+    return _images_from_bytes(
+        membership=membership,
+        data=_read_upload(upload),
+        fields=study or StudyFields(),
+        request=request,
+        routing=routing,
+    )
+
+
+IDEMPOTENCY_KEY_MAX = 128
+
+
+def images_upload_once(
+    *, membership: Membership, upload, study: StudyFields | None = None, idempotency_key: str = "", request=None
+) -> tuple[list[Image], bool]:
+    """``images_upload`` for a client that may retry: the same ``idempotency_key`` in the same
+    hospital answers the image(s) of the first try (and False: nothing was created); the same key
+    with another file or other study fields is refused in words."""
+    if not idempotency_key:
+        return images_upload(membership=membership, upload=upload, study=study, request=request), True
+    if len(idempotency_key) > IDEMPOTENCY_KEY_MAX or not idempotency_key.isascii() or not idempotency_key.isprintable():
+        raise Invalid(
+            f"The Idempotency-Key must be at most {IDEMPOTENCY_KEY_MAX} printable ASCII characters.",
+            code="bad_idempotency_key",
+        )
+    require(membership, Action.IMAGE_UPLOAD, request=request)
+    tenant, fields = membership.tenant, study or StudyFields()
     data = _read_upload(upload)
+    fingerprint = hashlib.sha256(
+        data + json.dumps([str(getattr(fields, name)) for name in StudyFields.__dataclass_fields__]).encode()
+    ).hexdigest()
+    if (earlier := _upload_replay(membership, idempotency_key, fingerprint, request)) is not None:
+        return earlier, False
+    routing = upload_routing(tenant=tenant)
+
+    def remember(images: list[Image]) -> None:  # in the upload's own transaction: both or neither
+        UploadKey.objects.create(
+            tenant=tenant,
+            key=idempotency_key,
+            fingerprint=fingerprint,
+            image_ids=[image.pk for image in images],
+            created_by=membership.user,
+        )
+
+    try:
+        images = _images_from_bytes(
+            membership=membership, data=data, fields=fields, request=request, routing=routing, on_stored=remember
+        )
+    except IntegrityError:
+        # a concurrent try with the same key won the unique constraint; this one stored nothing
+        earlier = _upload_replay(membership, idempotency_key, fingerprint, request)
+        if earlier is None:
+            raise
+        return earlier, False
+    return images, True
+
+
+def _upload_replay(membership: Membership, key: str, fingerprint: str, request) -> list[Image] | None:
+    earlier = UploadKey.objects.for_tenant(membership.tenant).filter(key=key).first()
+    if earlier is None:
+        return None
+    if not hmac.compare_digest(earlier.fingerprint, fingerprint):
+        raise Unprocessable(
+            "This Idempotency-Key was already used for a different upload (another file or other study "
+            "fields); use a new key for a new upload.",
+            code="idempotency_key_reused",
+        )
+    images = list(Image.objects.for_tenant(membership.tenant).filter(pk__in=earlier.image_ids).order_by("pk"))
+    if not images:
+        raise Conflict(
+            "The images this Idempotency-Key made have since been deleted; use a new key to upload again.",
+            code="idempotency_key_gone",
+        )
+    for image in images:
+        access_event_record(
+            action="image.upload_replayed",
+            request=request,
+            user=membership.user,
+            tenant=membership.tenant,
+            target_type="image",
+            target_id=image.pk,
+        )
+    return images
+
+
+OnStored = Callable[[list[Image]], None] | None
+
+
+def _images_from_bytes(
+    *,
+    membership: Membership,
+    data: bytes,
+    fields: StudyFields,
+    request,
+    routing: Routing | None,
+    on_stored: OnStored = None,
+) -> list[Image]:
+    """``routing``: the AI read to queue (None: no read now, a bulk job's item)."""
+    tenant = membership.tenant
     if dicom.looks_like_dicom(data):
         return _dicom_upload(
-            membership=membership, data=data, fields=study or StudyFields(), request=request, routing=routing
+            membership=membership, data=data, fields=fields, request=request, routing=routing, on_stored=on_stored
         )
+    # PNG/JPEG are still re-encoded here, bounded per file by SIGHTLINE_MAX_IMAGE_PIXELS and per
+    # request by the file count; they do not draw on the DICOM decode budget until a later issue
+    # moves their re-encoding onto the worker step (images_render), where they can wait instead
     validated = _validate_bytes(data)
     stored_name = default_storage.save(image_key(tenant_id=tenant.pk), ContentFile(validated.content))
     try:
         with transaction.atomic():
-            study_row, new_study = _study_for_upload(tenant=tenant, fields=study or StudyFields())
+            study_row, new_study = _study_for_upload(tenant=tenant, fields=fields)
             series, _ = Series.objects.get_or_create(
                 tenant=tenant, study=study_row, number=1, defaults={"modality": study_row.modality}
             )
@@ -202,16 +307,18 @@ def images_upload(
                 byte_size=len(validated.content),
                 uploaded_by=membership.user,
             )
-            if read:
+            if routing:
                 inference_request_create(image=image, model_version=routing.version_for(image.pk))
             if new_study:  # its worklist columns are known without looking: one image, its read queued
                 Study.objects.filter(pk=study_row.pk).update(
-                    image_count=1, ai_status=Study.AIStatus.QUEUED if read else Study.AIStatus.NONE
+                    image_count=1, ai_status=Study.AIStatus.QUEUED if routing else Study.AIStatus.NONE
                 )
                 study_updated_on_commit([study_row])
             else:
                 study_summary_refresh([study_row.pk])
             _record_upload(membership, image, request)
+            if on_stored:
+                on_stored([image])
     except BaseException:
         # no row points at the stored bytes: remove them, so nothing is half-written
         default_storage.delete(stored_name)
@@ -233,15 +340,19 @@ def _record_upload(membership: Membership, image: Image, request) -> None:
 
 def _patient_pseudonym(tenant, patient_id: str) -> str:
     """A DICOM Patient ID is an identifier: the platform keeps a keyed hash of it, the same for
-    the same patient within one hospital, and different between hospitals."""
-    if not patient_id:
-        return ""
-    digest = hmac.new(settings.SECRET_KEY.encode(), f"{tenant.pk}:{patient_id}".encode(), hashlib.sha256)
-    return "P-" + digest.hexdigest()[:12].upper()
+    the same patient within one hospital, and different between hospitals (config.pseudonym)."""
+    return pseudonym_for(patient_id, purpose=PATIENT, scope=tenant.pk)
 
 
 def _dicom_study(tenant, header: dict, fields: StudyFields) -> Study:
     pseudonym = fields.patient_pseudonym or _patient_pseudonym(tenant, header["patient_id"])
+    # the patient's pseudonym under every key of the ring: a study made before a key rotation
+    # is still this patient's
+    known = (
+        {pseudonym}
+        if fields.patient_pseudonym
+        else set(pseudonym_candidates(header["patient_id"], purpose=PATIENT, scope=tenant.pk))
+    )
     study_fields = StudyFields(
         patient_pseudonym=pseudonym,
         accession_number=fields.accession_number or header["accession_number"],
@@ -253,12 +364,20 @@ def _dicom_study(tenant, header: dict, fields: StudyFields) -> Study:
     if uid:
         existing = Study.objects.for_tenant(tenant).filter(study_instance_uid=uid).first()
         if existing is not None:
-            if pseudonym and existing.patient_pseudonym and pseudonym != existing.patient_pseudonym:
+            if pseudonym and existing.patient_pseudonym and existing.patient_pseudonym not in known:
                 raise Conflict(
                     "This study belongs to another patient; check the file's Patient ID.",
                     code="study_patient_mismatch",
                 )
             return existing
+    if pseudonym and study_fields.accession_number:  # the accession's study, made under an older key
+        earlier = (
+            Study.objects.for_tenant(tenant)
+            .filter(accession_number=study_fields.accession_number, patient_pseudonym__in=known)
+            .values_list("patient_pseudonym", flat=True)
+            .first()
+        )
+        study_fields = replace(study_fields, patient_pseudonym=earlier or pseudonym)
     study, _ = _study_for_upload(tenant=tenant, fields=study_fields)
     if uid and not study.study_instance_uid:
         study.study_instance_uid = uid
@@ -286,21 +405,82 @@ def _dicom_series(tenant, study: Study, header: dict) -> Series:
     )
 
 
-def _dicom_upload(
-    *, membership: Membership, data: bytes, fields: StudyFields, request, routing: Routing | None
-) -> list[Image]:
-    """Parse with limits, render every frame for display and the model, keep the original with
-    its preamble zeroed. An encoding no decoder here reads is kept as unprocessable (415)."""
+def dicom_limits() -> dict:
+    """The limits every DICOM way in passes to ``dicom.parse`` / ``dicom.dicom_read``: the upload
+    byte limit bounds inflating a deflated dataset too (the DIMSE and STOW-RS receivers use it)."""
+    return {
+        "max_bytes": settings.SIGHTLINE_MAX_UPLOAD_BYTES,
+        "max_pixels": settings.SIGHTLINE_MAX_IMAGE_PIXELS,
+        "max_frames": settings.SIGHTLINE_MAX_DICOM_FRAMES,
+    }
+
+
+class DecodeBudget:
+    """Pixels one request may still decode, all its files and frames together."""
+
+    def __init__(self, pixels: int) -> None:
+        self.left = pixels
+
+    def take(self, pixels: int) -> bool:
+        if pixels > self.left:
+            return False
+        self.left -= pixels
+        return True
+
+
+def _decode_budget(request) -> DecodeBudget | None:
+    """The request's budget, shared by every file it carries; None outside a request (a worker
+    unpacking an archive is the place for long decodes)."""
+    if request is None:
+        return None
+    budget = getattr(request, "_sightline_decode_budget", None)
+    if budget is None:
+        budget = DecodeBudget(settings.SIGHTLINE_MAX_DECODE_PIXELS_PER_REQUEST)
+        request._sightline_decode_budget = budget
+    return budget
+
+
+@dataclass(frozen=True)
+class RenderedFrame:
+    png: bytes  # for display and the model
+    pixels: bytes | None  # grayscale: modality values as little-endian float32, for the viewer's window/level
+    window: tuple[float, float] | None  # grayscale: this frame's default window
+
+
+def _render_frame(parsed: dicom.DicomFile, index: int) -> RenderedFrame:
+    """Decode one frame once: its PNG and, for grayscale, its modality values. DicomError only."""
+    values = dicom.frame_modality(parsed, index)
+    display = dicom.frame_display(parsed, index, values)
     try:
-        parsed = dicom.parse(
-            data, max_pixels=settings.SIGHTLINE_MAX_IMAGE_PIXELS, max_frames=settings.SIGHTLINE_MAX_DICOM_FRAMES
-        )
-        renders = [_png(dicom.frame_display(parsed, index)) for index in range(parsed.frames)]
+        png = _png(display)
+    except Exception as exc:  # Pillow on an array it cannot encode: the frame's failure, in words
+        raise dicom.DicomUnreadable("This frame could not be converted for display.", code="render_failed") from exc
+    if parsed.is_color:
+        return RenderedFrame(png=png, pixels=None, window=None)
+    window = dicom.frame_window(parsed, index, values)
+    return RenderedFrame(png=png, pixels=values.astype("<f4").tobytes(), window=window)
+
+
+def _dicom_upload(
+    *, membership: Membership, data: bytes, fields: StudyFields, request, routing: Routing | None, on_stored: OnStored
+) -> list[Image]:
+    """Parse with limits (a deflated file is inflated with the upload byte bound), keep the
+    original with its preamble zeroed, and render each frame for display and the model: here,
+    when that is cheap, else in the worker step. An encoding no decoder reads is kept as
+    unprocessable (415)."""
+    try:
+        parsed = dicom.parse(data, **dicom_limits(), decode_first=False)
     except dicom.DicomTooLarge as exc:
         raise TooLarge(exc.message, code=exc.code) from exc
     except dicom.DicomUnsupportedSyntax as exc:
         (image,) = _store_dicom(
-            membership=membership, data=data, header=exc.header, fields=fields, request=request, reason=exc.message
+            membership=membership,
+            data=data,
+            header=exc.header,
+            fields=fields,
+            request=request,
+            reason=exc.message,
+            on_stored=on_stored,
         )
         raise UnsupportedMedia(
             f"{exc.message} The file is kept, marked unprocessable.", code=exc.code, detail={"image": image.pk}
@@ -312,16 +492,52 @@ def _dicom_upload(
         "rows": parsed.rows,
         "columns": parsed.columns,
         "photometric": parsed.photometric,
-        "window": None if parsed.is_color else parsed.default_window,
     }
+    # Which decodes stay in the request: native (uncompressed) pixels within the request's pixel
+    # budget cost about a copy and a PNG encode each, so the answer comes with the images ready.
+    # Compressed syntaxes (JPEG 2000, JPEG-LS, JPEG, RLE) cost 10-100x more CPU per pixel, and a
+    # small file can describe minutes of it: an upload whose read the worker can queue (an
+    # interactive one) never pays that, nor anything past the budget; it is received now and
+    # rendered by the worker step. A bulk job's files sent in a request cannot wait for a worker
+    # (the job queues their reads when it starts), so they are decoded here within the budget and
+    # refused past it; an archive is unpacked by a worker, outside any request's budget.
+    budget = _decode_budget(request)
+    deferrable = routing is not None
+    in_request = budget is None or (not (deferrable and parsed.is_compressed) and budget.take(parsed.pixels))
+    if not in_request and not deferrable:
+        raise TooLarge(
+            f"Decoding this DICOM file ({parsed.pixels:,} pixels) would pass what one request may decode "
+            f"({budget.left:,} pixels left of {settings.SIGHTLINE_MAX_DECODE_PIXELS_PER_REQUEST:,}); add it to "
+            "the job inside a zip archive, which a worker unpacks.",
+            code="too_many_pixels_per_request",
+        )
+    if not in_request:
+        return _store_dicom(
+            membership=membership,
+            data=data,
+            header=header,
+            fields=fields,
+            request=request,
+            received=parsed.frames,
+            routing=routing,
+            on_stored=on_stored,
+        )
+    try:
+        renders = [_render_frame(parsed, index) for index in range(parsed.frames)]
+        window = renders[0].window  # as before the worker step: the first frame's, for every frame
+    except dicom.DicomTooLarge as exc:
+        raise TooLarge(exc.message, code=exc.code) from exc
+    except dicom.DicomError as exc:
+        raise Unprocessable(exc.message, code=exc.code) from exc
     return _store_dicom(
         membership=membership,
         data=data,
-        header=header,
+        header={**header, "window": window},
         fields=fields,
         request=request,
         renders=renders,
         routing=routing,
+        on_stored=on_stored,
     )
 
 
@@ -347,17 +563,28 @@ def _store_dicom(
     header: dict,
     fields: StudyFields,
     request,
-    renders: list[bytes] = (),
+    renders: list[RenderedFrame] = (),
+    received: int = 0,
     reason: str = "",
     routing: Routing | None = None,
+    on_stored: OnStored = None,
 ) -> list[Image]:
+    """Store the original and one image per frame: rendered (``renders``), ``received`` frames
+    for the worker step to render, or one unprocessable image (``reason``)."""
     tenant = membership.tenant
     stored: list[str] = []
     try:
         original = ContentFile(dicom.anonymized_preamble(data))
         stored.append(default_storage.save(dicom_key(tenant_id=tenant.pk), original))
-        names = [default_storage.save(image_key(tenant_id=tenant.pk), ContentFile(png)) for png in renders]
-        stored.extend(names)
+        files = []
+        for render in renders:
+            png = default_storage.save(image_key(tenant_id=tenant.pk), ContentFile(render.png))
+            stored.append(png)
+            pixels = ""
+            if render.pixels is not None:
+                pixels = default_storage.save(pixels_key(tenant_id=tenant.pk), ContentFile(render.pixels))
+                stored.append(pixels)
+            files.append((png, pixels))
         with transaction.atomic():
             study = _dicom_study(tenant, header, fields)
             series = _dicom_series(tenant, study, header)
@@ -380,28 +607,188 @@ def _store_dicom(
             if reason:
                 images = [
                     Image.objects.create(
-                        **common, unprocessable_reason=reason[:300], sha256="", byte_size=len(data), file=""
+                        **common,
+                        unprocessable_reason=reason[:300],
+                        state=Image.State.FAILED,
+                        sha256="",
+                        byte_size=len(data),
+                        file="",
                     )
                 ]
+            elif received:
+                images = Image.objects.bulk_create(
+                    [
+                        Image(
+                            **common,
+                            frame_number=index,
+                            state=Image.State.RECEIVED,
+                            read_on_render=routing is not None,
+                            render_queued_at=timezone.now(),
+                            sha256="",
+                            byte_size=0,
+                            file="",
+                        )
+                        for index in range(received)
+                    ]
+                )
+                ids = [image.pk for image in images]
+                # robust: a broker outage must not undo a committed upload; reconciliation wakes it
+                transaction.on_commit(lambda: _enqueue_render(ids), robust=True)
             else:
                 images = [
                     Image.objects.create(
                         **common,
-                        file=name,
+                        file=png,
+                        pixels=pixels,
                         frame_number=index,
-                        sha256=hashlib.sha256(png).hexdigest(),
-                        byte_size=len(png),
+                        sha256=hashlib.sha256(render.png).hexdigest(),
+                        byte_size=len(render.png),
                     )
-                    for index, (name, png) in enumerate(zip(names, renders, strict=True))
+                    for index, ((png, pixels), render) in enumerate(zip(files, renders, strict=True))
                 ]
                 for image in images if routing else ():
                     inference_request_create(image=image, model_version=routing.version_for(image.pk))
             study_summary_refresh([study.pk])
             for image in images:
                 _record_upload(membership, image, request)
+            if on_stored:
+                on_stored(images)
     except BaseException:
         for name in stored:
             default_storage.delete(name)
         raise
-    logger.info("DICOM stored for tenant %s as %d image(s)", tenant.pk, len(images))
+    logger.info("DICOM stored for tenant %s as %d image(s), %d to render", tenant.pk, len(images), received)
     return images
+
+
+# -- the worker step: render what the request did not --------------------------------------------------------------
+
+
+def _enqueue_render(image_ids: list[int]) -> None:
+    from kombu.exceptions import OperationalError as BrokerError
+
+    from workers.tasks import image_render  # the task module imports this one
+
+    try:
+        image_render.delay(image_ids)
+    except (OSError, BrokerError):
+        # the images stay received in the database: reconciliation wakes them once the broker is back
+        logger.warning("broker unavailable; %d image(s) wait for reconciliation to be rendered", len(image_ids))
+
+
+def images_render(*, image_ids: list[int]) -> int:
+    """Render received images of one original (the worker step; redelivery-safe): each frame is
+    decoded once, stored, moved received → rendered with a conditional UPDATE, and only then is
+    its AI read queued; a frame that fails, fails alone and in words. Returns the images rendered.
+
+    A later issue moves PNG/JPEG re-encoding here too: one state machine (``Image.State``)."""
+    Image.objects.filter(pk__in=image_ids, state=Image.State.RECEIVED).update(render_attempts=F("render_attempts") + 1)
+    images = list(
+        Image.objects.filter(pk__in=image_ids, state=Image.State.RECEIVED)
+        .select_related("tenant")
+        .order_by("original", "frame_number")
+    )
+    if not images:
+        return 0
+    worn = [image for image in images if image.render_attempts > settings.SIGHTLINE_MAX_ATTEMPTS]
+    _render_failed(worn, f"This image could not be prepared for display in {settings.SIGHTLINE_MAX_ATTEMPTS} attempts.")
+    images = [image for image in images if image not in worn]
+    rendered = 0
+    for original in sorted({image.original.name for image in images}):
+        frames = [image for image in images if image.original.name == original]
+        with default_storage.open(original, "rb") as stored:  # OSError: the task retries
+            data = stored.read(settings.SIGHTLINE_MAX_UPLOAD_BYTES + 1)
+        try:
+            parsed = dicom.parse(data, **dicom_limits(), decode_first=False)
+        except dicom.DicomError as exc:
+            _render_failed(frames, exc.message)
+            continue
+        done = sum(_render_one(image, parsed) for image in frames)
+        if done:  # the worklist learns once per original, not once per frame
+            with transaction.atomic():
+                study_summary_refresh({image.study_id for image in frames})
+        rendered += done
+    return rendered
+
+
+def _render_one(image: Image, parsed: dicom.DicomFile) -> int:
+    tenant_id = image.tenant_id
+    try:
+        render = _render_frame(parsed, image.frame_number)
+        window = render.window
+    except (dicom.DicomError, IndexError) as exc:
+        _render_failed([image], getattr(exc, "message", "This frame is missing from the file."))
+        return 0
+    names = [default_storage.save(image_key(tenant_id=tenant_id), ContentFile(render.png))]
+    if render.pixels is not None:
+        names.append(default_storage.save(pixels_key(tenant_id=tenant_id), ContentFile(render.pixels)))
+    try:
+        with transaction.atomic():
+            moved = Image.objects.filter(pk=image.pk, state=Image.State.RECEIVED).update(
+                state=Image.State.RENDERED,
+                file=names[0],
+                pixels=names[1] if len(names) > 1 else "",
+                sha256=hashlib.sha256(render.png).hexdigest(),
+                byte_size=len(render.png),
+                window_center=window[0] if window else None,
+                window_width=window[1] if window else None,
+            )
+            if moved and image.read_on_render:
+                _queue_read(image)
+    except BaseException:
+        for name in names:
+            default_storage.delete(name)
+        raise
+    if not moved:  # another delivery rendered it first: keep its files, not these
+        for name in names:
+            default_storage.delete(name)
+    return moved
+
+
+def _queue_read(image: Image) -> None:
+    try:
+        routing = upload_routing(tenant=image.tenant)
+    except Unavailable:
+        logger.warning("image %s rendered; no production model, so its AI read is not queued", image.pk)
+        return
+    inference_request_create(image=image, model_version=routing.version_for(image.pk))
+
+
+def _render_failed(images: list[Image], message: str) -> None:
+    if not images:
+        return
+    with transaction.atomic():
+        failed = [
+            image
+            for image in images
+            if Image.objects.filter(pk=image.pk, state=Image.State.RECEIVED).update(
+                state=Image.State.FAILED, unprocessable_reason=message[:300]
+            )
+        ]
+        study_summary_refresh({image.study_id for image in failed})
+        # the image's page and live lists learn it at once (the API shows it as the image's state)
+        events.results_ready_on_commit(
+            [
+                events.ResultNotice(
+                    tenant_id=image.tenant_id, image_id=image.pk, status="failed", top_label="", probability=None
+                )
+                for image in failed
+            ]
+        )
+    logger.info("%d image(s) failed to render", len(failed))
+
+
+def images_render_reconcile() -> int:
+    """Wake received images whose render wake-up is older than the stall time (a lost message:
+    Redis keeps nothing): one wake-up per original. The attempt cap in images_render ends them."""
+    before = timezone.now() - timezone.timedelta(seconds=settings.SIGHTLINE_RENDER_STALL_SECONDS)
+    stalled = Image.objects.filter(
+        Q(render_queued_at__lt=before) | Q(render_queued_at__isnull=True), state=Image.State.RECEIVED
+    )
+    by_original: dict[str, list[int]] = {}
+    for image_id, original in stalled.values_list("pk", "original")[:10_000]:
+        by_original.setdefault(original, []).append(image_id)
+    for ids in by_original.values():
+        if Image.objects.filter(pk__in=ids, state=Image.State.RECEIVED).update(render_queued_at=timezone.now()):
+            _enqueue_render(ids)
+    return sum(len(ids) for ids in by_original.values())

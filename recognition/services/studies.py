@@ -23,6 +23,14 @@ def _study_ai_status(statuses: list[str]) -> str:
     return next((status for status in _STATUS_ORDER if status in present), AIStatus.NONE)
 
 
+def _image_ai_status(row: dict) -> str | None:
+    if row["unprocessable_reason"]:
+        return AIStatus.UNPROCESSABLE
+    if row["state"] == Image.State.RECEIVED and row["read_on_render"]:
+        return AIStatus.QUEUED  # decode: received, its read queued once the worker renders it
+    return row["request_status"]
+
+
 def study_summary_refresh(study_ids: Iterable[int]) -> None:
     """Recompute the worklist columns of these studies (inside the caller's transaction) and send
     ``study.updated`` to their hospitals after commit."""
@@ -38,7 +46,16 @@ def study_summary_refresh(study_ids: Iterable[int]) -> None:
             review_signed=Subquery(latest_review.values("signed_off_at")[:1]),
             review_id=Subquery(latest_review.values("id")[:1]),
         )
-        .values("id", "study_id", "unprocessable_reason", "request_status", "review_id", "review_signed")
+        .values(
+            "id",
+            "study_id",
+            "unprocessable_reason",
+            "request_status",
+            "review_id",
+            "review_signed",
+            "state",
+            "read_on_render",
+        )
     )
     by_study: dict[int, list[dict]] = defaultdict(list)
     for image in images:
@@ -57,9 +74,7 @@ def study_summary_refresh(study_ids: Iterable[int]) -> None:
     for study in studies:
         rows = by_study.get(study.pk, [])
         study.image_count = len(rows)
-        study.ai_status = _study_ai_status(
-            [AIStatus.UNPROCESSABLE if row["unprocessable_reason"] else row["request_status"] for row in rows]
-        )
+        study.ai_status = _study_ai_status([_image_ai_status(row) for row in rows])
         study.top_probability, study.top_label = best.get(study.pk, (None, ""))
         reviewed = [row for row in rows if row["review_id"] is not None]
         to_sign = [row for row in rows if row["id"] in reviewable or row["review_id"] is not None]

@@ -62,6 +62,7 @@ ROUTES_WITHOUT_IDS = {
     # act on the caller's own hospital, chosen by session or X-Tenant (swept with A's slug)
     "upload": "own-hospital",
     "api-study-search": "own-hospital",  # a POSTed worklist search
+    "api-access-log-search": "own-hospital",  # a POSTed access-log search (identifiers stay out of URLs)
     "member-invite": "own-hospital",
     "api-invitations": "own-hospital",
     "service-account-create": "own-hospital",
@@ -262,6 +263,8 @@ ROUTE_ACTION = {
     "api-member-deactivate": {Action.MEMBERS_MANAGE},
     "member-role": {Action.MEMBERS_MANAGE},
     "member-deactivate": {Action.MEMBERS_MANAGE},
+    "member-enrolment-code": {Action.MEMBERS_MANAGE},
+    "member-two-factor-reset": {Action.MEMBERS_MANAGE},
     "api-service-account-detail": {Action.MEMBERS_MANAGE},
     "api-service-account-revoke": {Action.MEMBERS_MANAGE},
     "api-service-account-keys": {Action.MEMBERS_MANAGE},

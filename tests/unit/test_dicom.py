@@ -25,7 +25,7 @@ from recognition import dicom
 
 PATIENT_NAME = "Quixotic^Zebedee"
 PATIENT_ID = "PID-7741-SECRET"
-LIMITS = {"max_pixels": 4096 * 4096, "max_frames": 100}
+LIMITS = {"max_pixels": 4096 * 4096, "max_frames": 100, "max_bytes": 64 * 1024 * 1024}
 
 
 def ct_pixels(rows: int = 32, cols: int = 32) -> np.ndarray:
@@ -418,3 +418,23 @@ def test_a_secondary_capture_without_rescale_keeps_stored_values():
 
     np.testing.assert_array_equal(dicom.frame_modality(parsed, 0), np.arange(64, dtype=np.float32).reshape(8, 8))
     assert dicom.frame_display(parsed, 0)[7, 7] == 255
+
+
+def modality_lut_without_descriptor() -> Dataset:
+    ds = ct_dataset()
+    lut = Dataset()
+    lut.ModalityLUTType = "HU"
+    lut.add_new(0x00283006, "US", [0] * 16)  # LUTData, but no LUTDescriptor
+    ds.ModalityLUTSequence = [lut]
+    return ds
+
+
+def test_a_decoder_exception_on_a_damaged_file_is_unreadable_in_words():
+    data = to_bytes(modality_lut_without_descriptor())
+    with pytest.raises(dicom.DicomUnreadable) as caught:
+        parse(data)
+    assert caught.value.code == "decode_failed" and "could not be decoded" in caught.value.message
+    parsed = dicom.parse(data, **LIMITS, decode_first=False)  # the header alone still reads
+    for step in (dicom.frame_modality, dicom.frame_display, dicom.frame_window):
+        with pytest.raises(dicom.DicomUnreadable):
+            step(parsed, 0)

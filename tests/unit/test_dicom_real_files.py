@@ -7,7 +7,7 @@ from pydicom.data import get_testdata_file
 
 from recognition import dicom
 
-LIMITS = {"max_pixels": 4096 * 4096, "max_frames": 100}
+LIMITS = {"max_pixels": 4096 * 4096, "max_frames": 100, "max_bytes": 64 * 1024 * 1024}
 
 
 def real(name: str) -> bytes:

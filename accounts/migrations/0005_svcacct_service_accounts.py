@@ -86,7 +86,7 @@ def drop_triggers(apps, schema_editor):
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('accounts', '0003_audit_hash_chain'),
+        ('accounts', '0004_auth_second_factor_and_account_limit'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
