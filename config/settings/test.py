@@ -4,6 +4,8 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("SIGHTLINE_VAR_DIR", str(Path(__file__).resolve().parents[2] / "var" / "test"))
+# the cache is the machine's Redis: one prefix per test run, inherited by the run's own servers
+os.environ.setdefault("SIGHTLINE_CACHE_PREFIX", f"test-{os.getpid()}")
 
 from .base import *  # noqa: E402, F403
 from .base import DATABASES, VAR_DIR, env  # noqa: E402
