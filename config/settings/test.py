@@ -18,3 +18,6 @@ EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.locmem.E
 # processes, so SQLite's test database is a file, never in memory.
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
+# A test database of its own on a shared PostgreSQL, for checkouts that test at the same time.
+if env("SIGHTLINE_TEST_DB_NAME", default=""):
+    DATABASES["default"]["TEST"] = {**DATABASES["default"].get("TEST", {}), "NAME": env("SIGHTLINE_TEST_DB_NAME")}

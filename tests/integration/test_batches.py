@@ -509,3 +509,63 @@ def test_files_added_while_the_job_starts_are_queued_or_refused_never_left_pendi
         assert refused.code == "job_started" and refused.detail == {"added": added}
         assert f"the first {added} of 4 were added" in refused.message
     assert InferenceRequest.objects.count() == added
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_creates_at_once_with_one_idempotency_key_answer_the_same_job(clinician_a, demo_model, monkeypatch):
+    """The second create's INSERT waits on the first one's unique key and then fails; it answers
+    the job the first one made (200), not a 500."""
+    import threading
+
+    from django.db import connection
+
+    from recognition.services import batches
+
+    if connection.vendor == "sqlite":
+        pytest.skip("SQLite serialises the two creates (one write transaction at a time): they cannot race there")
+    real = batches._record
+    first_inserted = threading.Event()
+    answers = {}
+
+    def record(membership, action, job, request):
+        if action == "batch.create" and not first_inserted.is_set():
+            first_inserted.set()
+            # hold the first job uncommitted until the second create is waiting on its key
+            deadline = time.monotonic() + 30
+            with connection.cursor() as cursor:
+                while time.monotonic() < deadline:
+                    cursor.execute("SELECT pg_stat_clear_snapshot()")  # else the transaction sees one snapshot
+                    cursor.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock'"
+                    )
+                    if cursor.fetchone()[0]:
+                        break
+                    time.sleep(0.05)
+                else:
+                    answers["never_waited"] = True
+        return real(membership, action, job, request)
+
+    monkeypatch.setattr(batches, "_record", record)
+
+    def post(which):
+        if which == "second":
+            first_inserted.wait(30)
+        try:
+            answers[which] = create(api_client_for(clinician_a), key="nightly-2026-12-01")
+        except Exception as exc:  # today's code: the IntegrityError escapes as a 500
+            answers[which] = exc
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=post, args=(which,)) for which in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert "never_waited" not in answers  # the two really raced
+    first, second = answers["first"], answers["second"]
+    assert not isinstance(second, Exception), repr(second)
+    assert (first.status_code, second.status_code) == (201, 200)
+    assert first.json()["id"] == second.json()["id"]
+    assert BatchJob.objects.count() == 1
