@@ -687,6 +687,7 @@ class JobProgress:
     images_per_s: float | None
     eta_s: float | None
     uploads_pending: int
+    refused: tuple[str, ...] = ()  # each refused archive or prefix, and why, in words
 
 
 def batch_job_progress(job: BatchJob) -> JobProgress:
@@ -712,7 +713,13 @@ def batch_job_progress(job: BatchJob) -> JobProgress:
             rate = round(count / elapsed, 2)
             remaining = counts[Item.QUEUED] + counts[Item.RUNNING]
             eta = round(remaining / rate, 1) if state == Job.RUNNING else 0.0
-    return JobProgress(counts, total, finished, state, rate, eta, uploads_pending)
+    refused = tuple(
+        f"{'The archive' if kind == 'zip' else 'The storage prefix ' + source} was refused: {error}"
+        for kind, source, error in job.uploads.filter(status=Upload.REFUSED)
+        .order_by("id")
+        .values_list("kind", "source", "error")
+    )
+    return JobProgress(counts, total, finished, state, rate, eta, uploads_pending, refused)
 
 
 def batch_items_on_outcome(request_ids_by_status: dict[str, list[int]], now) -> None:

@@ -50,6 +50,11 @@ HOSTILE_PREFIXES = [
 ]
 
 
+@pytest.fixture
+def s3_client(request):
+    return request.getfixturevalue("s3_storage")
+
+
 @pytest.fixture(params=["s3", "local"])
 def storage_kind(request):
     if request.param == "s3":
@@ -110,7 +115,7 @@ def test_a_hostile_prefix_is_refused_in_words_and_reads_nothing(
 
 
 def test_keys_listed_under_the_own_prefix_are_checked_again_before_they_are_read_on_s3(
-    s3_storage, clinician_a, clinician_b, demo_model, reads
+    s3_client, clinician_a, clinician_b, demo_model, reads
 ):
     """The hospital can write any key into its own imports; every key the listing names is checked
     again, by the same function, before it is read, so a key the first check would not have let
@@ -128,7 +133,7 @@ def test_keys_listed_under_the_own_prefix_are_checked_again_before_they_are_read
         f"{night}wide\uff0fsecret.png",
         f"{night}with space.png",
     ):
-        s3_storage.put_object(Bucket=BUCKET, Key=key, Body=body)
+        s3_client.put_object(Bucket=BUCKET, Key=key, Body=body)
     client = api_client_for(clinician_a)
     job = create(client).json()
     del reads[:]
@@ -190,6 +195,8 @@ def test_a_missing_or_empty_prefix_is_refused_in_words(storage_kind, where, clin
     expand_all()
     upload = BatchUpload.objects.get()
     assert upload.status == "refused" and upload.error == f"There are no files under {prefix}."
+    refused = client.get(f"/api/v1/batches/{job['id']}/").json()["uploads_refused"]
+    assert refused == [f"The storage prefix {prefix} was refused: There are no files under {prefix}."]
     assert client.post(f"/api/v1/batches/{job['id']}/start/").status_code == 200  # it blocks nothing
 
 
@@ -210,3 +217,31 @@ def test_the_one_check_refuses_every_hostile_form(template):
     key = template.format(a=7, b=8)  # "tenants/7/imports" is no key in the area: the import adds the "/" itself
     with pytest.raises(ForeignStorageKey):
         storage_key_for_tenant(tenant_id=7, key=key, under="imports")
+
+
+class RepeatingListing(FileSystemStorage):
+    """Local files whose listing names every file twice, as a listing whose pages overlap would."""
+
+    def listdir(self, path):
+        folders, files = super().listdir(path)
+        return folders, files + files
+
+
+def test_a_listing_that_names_a_key_twice_ends_the_import_in_words(settings, clinician_a, demo_model):
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "default": {
+            "BACKEND": f"{__name__}.RepeatingListing",
+            "OPTIONS": {"location": str(settings.MEDIA_ROOT)},
+        },
+    }
+    night = f"tenants/{clinician_a.tenant_id}/imports/night/"
+    for name in ("a.png", "b.png"):
+        default_storage.save(f"{night}{name}", ContentFile(png_bytes(seed=1, size=64)))
+    client = api_client_for(clinician_a)
+    job = create(client).json()
+    assert add_prefix(client, job["id"], night).status_code == 202
+    expand_all()
+    upload = BatchUpload.objects.get()
+    assert upload.status == "refused" and "twice" in upload.error and "a.png" in upload.error
+    assert client.post(f"/api/v1/batches/{job['id']}/start/").status_code == 200  # nothing waits for it
