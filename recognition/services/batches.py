@@ -466,7 +466,13 @@ def _claim_expansion(upload: BatchUpload) -> int:
     with transaction.atomic():
         taken = BatchUpload.objects.filter(
             _claimable(), pk=upload.pk, attempts__lt=settings.SIGHTLINE_UPLOAD_MAX_ATTEMPTS
-        ).update(status=Upload.EXPANDING, touched_at=timezone.now(), attempts=F("attempts") + 1, claim=F("claim") + 1)
+        ).update(
+            status=Upload.EXPANDING,
+            touched_at=timezone.now(),
+            attempts=F("attempts") + 1,
+            claim=F("claim") + 1,
+            error="",  # what stops this attempt, if anything, is written when it stops
+        )
         if taken:
             return BatchUpload.objects.filter(pk=upload.pk).values_list("claim", flat=True).get()
     _uploads_give_up(Q(pk=upload.pk))

@@ -2,6 +2,7 @@
 (SeaweedFS) and on local files alike, whatever the prefix or the keys listed under it."""
 
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,11 @@ def other_hospitals_files(b: int) -> list[str]:
     return keys
 
 
+def fresh() -> str:
+    """A folder no earlier test wrote: stored files outlive the rolled-back rows that named them."""
+    return f"night-{uuid.uuid4().hex[:12]}"
+
+
 def add_prefix(client, job_id, prefix):
     return client.post(f"/api/v1/batches/{job_id}/items/", {"prefix": prefix}, format="multipart")
 
@@ -124,7 +130,7 @@ def test_keys_listed_under_the_own_prefix_are_checked_again_before_they_are_read
     cannot be placed here; the refused forms below go through the same check.)"""
     a, b = clinician_a.tenant_id, clinician_b.tenant_id
     placed = other_hospitals_files(b)
-    night = f"tenants/{a}/imports/night/"
+    night = f"tenants/{a}/imports/{fresh()}/"
     body = png_bytes(seed=1, size=64)
     for key in (
         f"{night}ok.png",
@@ -158,7 +164,8 @@ def test_links_under_the_own_prefix_are_never_followed_on_local_files(clinician_
     a, b = clinician_a.tenant_id, clinician_b.tenant_id
     other_hospitals_files(b)
     root = Path(settings.MEDIA_ROOT)
-    night = root / "tenants" / str(a) / "imports" / "night"
+    folder = fresh()
+    night = root / "tenants" / str(a) / "imports" / folder
     night.mkdir(parents=True)
     (night / "ok.png").write_bytes(png_bytes(seed=1, size=64))
     os.symlink(root / "tenants" / str(b) / "images", night / "theirs")
@@ -168,11 +175,11 @@ def test_links_under_the_own_prefix_are_never_followed_on_local_files(clinician_
     client = api_client_for(clinician_a)
     job = create(client).json()
     del reads[:]
-    assert add_prefix(client, job["id"], f"tenants/{a}/imports/night").status_code == 202  # "/" may be left off
+    assert add_prefix(client, job["id"], f"tenants/{a}/imports/{folder}").status_code == 202  # "/" may be left off
     expand_all()
 
     opened = [name for method, name in reads if method != "listdir"]
-    assert opened and all(name == f"tenants/{a}/imports/night/ok.png" for name in opened), opened
+    assert opened and all(name == f"tenants/{a}/imports/{folder}/ok.png" for name in opened), opened
     upload = BatchUpload.objects.get()
     assert upload.status == "complete", upload.error
     statuses = list(BatchItem.objects.order_by("position").values_list("status", "error"))
@@ -185,7 +192,7 @@ def test_links_under_the_own_prefix_are_never_followed_on_local_files(clinician_
 @pytest.mark.parametrize("where", ["missing", "empty"])
 def test_a_missing_or_empty_prefix_is_refused_in_words(storage_kind, where, clinician_a, demo_model):
     a = clinician_a.tenant_id
-    prefix = f"tenants/{a}/imports/{where}/"
+    prefix = f"tenants/{a}/imports/{where}-{fresh()}/"
     if where == "empty":  # S3 has no empty folders: a folder holding only a folder of nothing
         default_storage.save(f"{prefix}.keep", ContentFile(b""))
         default_storage.delete(f"{prefix}.keep")
@@ -235,7 +242,7 @@ def test_a_listing_that_names_a_key_twice_ends_the_import_in_words(settings, cli
             "OPTIONS": {"location": str(settings.MEDIA_ROOT)},
         },
     }
-    night = f"tenants/{clinician_a.tenant_id}/imports/night/"
+    night = f"tenants/{clinician_a.tenant_id}/imports/{fresh()}/"
     for name in ("a.png", "b.png"):
         default_storage.save(f"{night}{name}", ContentFile(png_bytes(seed=1, size=64)))
     client = api_client_for(clinician_a)
