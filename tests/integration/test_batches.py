@@ -569,3 +569,14 @@ def test_two_creates_at_once_with_one_idempotency_key_answer_the_same_job(clinic
     assert (first.status_code, second.status_code) == (201, 200)
     assert first.json()["id"] == second.json()["id"]
     assert BatchJob.objects.count() == 1
+
+
+def test_an_upload_of_a_job_cancelled_before_it_was_unpacked_ends_refused(clinician_a, demo_model):
+    client = api_client_for(clinician_a)
+    job = create(client).json()
+    add_zip(client, job["id"], make_zip([("a.png", png_bytes(seed=1, size=64))]))
+    assert client.post(f"/api/v1/batches/{job['id']}/cancel/").status_code == 200
+    expand_all()
+    upload = BatchUpload.objects.get()
+    assert upload.status == "refused" and "cancelled" in upload.error
+    assert not default_storage.exists(upload.source) and not BatchItem.objects.exists()
