@@ -387,3 +387,8 @@ SPECTACULAR_SETTINGS.setdefault("ENUM_NAME_OVERRIDES", {}).update(
     ServiceAccountRoleEnum="accounts.service_accounts.SERVICE_ACCOUNT_ROLE_CHOICES",
 )
 # --- end service accounts ---------------------------------------------------------------------
+
+# Bulk uploads (issue 11, intake): unpacking an archive or a prefix that stops this many times in a
+# row without making a new item (a worker crash, a storage or database failure) is refused in
+# words and its archive deleted, instead of being unpacked again by reconciliation forever.
+SIGHTLINE_UPLOAD_MAX_ATTEMPTS = env.int("SIGHTLINE_UPLOAD_MAX_ATTEMPTS", default=3)
