@@ -10,4 +10,21 @@ urlpatterns = [
     path("activity/", apis.ActivityApi.as_view(), name="api-activity"),
     path("access-log/", apis.AccessLogApi.as_view(), name="api-access-log"),
     path("access-log/search/", apis.AccessLogSearchApi.as_view(), name="api-access-log-search"),
+    path("service-accounts/", apis.ServiceAccountListApi.as_view(), name="api-service-accounts"),
+    path(
+        "service-accounts/<int:service_account_id>/",
+        apis.ServiceAccountDetailApi.as_view(),
+        name="api-service-account-detail",
+    ),
+    path(
+        "service-accounts/<int:service_account_id>/revoke/",
+        apis.ServiceAccountRevokeApi.as_view(),
+        name="api-service-account-revoke",
+    ),
+    path(
+        "service-accounts/<int:service_account_id>/keys/",
+        apis.ServiceAccountKeyCreateApi.as_view(),
+        name="api-service-account-keys",
+    ),
+    path("service-account-keys/<int:api_key_id>/revoke/", apis.ApiKeyRevokeApi.as_view(), name="api-key-revoke"),
 ]

@@ -14,7 +14,7 @@ from rest_framework_simplejwt.serializers import TokenObtainPairSerializer, Toke
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
 
 from config.cursor import identifiers_refused_in_query
-from config.errors import Forbidden, Invalid, Locked, NotFound
+from config.errors import Conflict, Forbidden, Gone, Invalid, Locked, NotFound
 from config.inputs import ApiInput
 from config.pagination import NewestFirstPagination, NextCursorPage
 
@@ -29,6 +29,18 @@ from .selectors import (
     membership_get,
     membership_list,
     membership_resolve,
+)
+from .service_accounts import (
+    API_KEY_RATE_MAX,
+    API_KEYS_PER_ACCOUNT,
+    SERVICE_ACCOUNT_ROLE_CHOICES,
+    api_key_create,
+    api_key_get,
+    api_key_revoke,
+    service_account_create,
+    service_account_get,
+    service_account_list,
+    service_account_revoke,
 )
 from .services import access_event_record, invitation_create, membership_change_role, membership_deactivate
 from .two_factor import AMR_OTP, AMR_PASSWORD, confirmed_device, second_factor_verify
@@ -337,3 +349,135 @@ class AccessLogSearchApi(TenantApi):
         data = AccessLogSearchInput(data=request.data)
         data.is_valid(raise_exception=True)
         return _access_log_page(request, data.validated_data)
+
+
+# --- service accounts (tenant admins) -----------------------------------------------------------
+
+
+class ServiceAccountKeyOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    key_id = serializers.CharField(source="public_id", help_text="The key's public id, as the access log names it.")
+    rate = serializers.IntegerField(help_text="Requests per minute.")
+    created = serializers.DateTimeField()
+    last_used = serializers.DateTimeField(allow_null=True, help_text="To the minute.")
+    revoked_at = serializers.DateTimeField(allow_null=True)
+
+
+class ServiceAccountOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    username = serializers.CharField(source="user.username")
+    role = serializers.CharField(source="membership.role")
+    description = serializers.CharField()
+    created = serializers.DateTimeField()
+    revoked_at = serializers.DateTimeField(allow_null=True)
+    keys = ServiceAccountKeyOutput(many=True, source="keys.all")
+
+
+class ServiceAccountInput(ApiInput):
+    name = serializers.CharField(max_length=50, help_text="Lowercase letters, digits and hyphens.")
+    role = serializers.ChoiceField(choices=SERVICE_ACCOUNT_ROLE_CHOICES, help_text="Never hospital admin.")
+    description = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
+
+
+class ApiKeyInput(ApiInput):
+    rate = serializers.IntegerField(
+        min_value=1,
+        max_value=API_KEY_RATE_MAX,
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="Requests per minute; the deployment's default when left out.",
+    )
+
+
+class ApiKeyCreatedOutput(ServiceAccountKeyOutput):
+    key = serializers.CharField(
+        help_text="Send as `Authorization: Bearer <key>`. Shown this once; only its hash is kept."
+    )
+
+
+def _no_store(response: Response) -> Response:
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+class ServiceAccountListApi(TenantApi):
+    pagination_class = NewestFirst
+    # for the OpenAPI contract (issue 11): a name already taken
+    api_errors = {"post": (Conflict,)}
+
+    @extend_schema(parameters=[TENANT_HEADER], responses=ServiceAccountOutput(many=True))
+    def get(self, request):
+        paginator = self.pagination_class()
+        page = paginator.paginate_queryset(service_account_list(actor=request.membership, request=request), request)
+        return paginator.get_paginated_response(ServiceAccountOutput(page, many=True).data)
+
+    @extend_schema(
+        parameters=[TENANT_HEADER],
+        request=ServiceAccountInput,
+        responses={201: ServiceAccountOutput},
+        description="A service account of the hospital with one role (never hospital admin). It has no key "
+        "until one is created; it can never sign in with a password or open a page.",
+    )
+    def post(self, request):
+        data = ServiceAccountInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        account = service_account_create(actor=request.membership, request=request, **data.validated_data)
+        account = service_account_get(actor=request.membership, service_account_id=account.pk, request=request)
+        return Response(ServiceAccountOutput(account).data, status=status.HTTP_201_CREATED)
+
+
+class ServiceAccountDetailApi(TenantApi):
+    @extend_schema(parameters=[TENANT_HEADER], responses=ServiceAccountOutput)
+    def get(self, request, service_account_id: int):
+        account = service_account_get(actor=request.membership, service_account_id=service_account_id, request=request)
+        return Response(ServiceAccountOutput(account).data)
+
+
+class ServiceAccountRevokeApi(TenantApi):
+    @extend_schema(
+        parameters=[TENANT_HEADER],
+        request=None,
+        responses=ServiceAccountOutput,
+        description="For good: its membership ends, every key is revoked and its open sockets close.",
+    )
+    def post(self, request, service_account_id: int):
+        account = service_account_get(actor=request.membership, service_account_id=service_account_id, request=request)
+        service_account_revoke(actor=request.membership, service_account=account, request=request)
+        account = service_account_get(actor=request.membership, service_account_id=service_account_id, request=request)
+        return Response(ServiceAccountOutput(account).data)
+
+
+class ServiceAccountKeyCreateApi(TenantApi):
+    api_errors = (Conflict, Gone)  # a third live key; a revoked account
+
+    @extend_schema(
+        parameters=[TENANT_HEADER],
+        request=ApiKeyInput,
+        responses={201: ApiKeyCreatedOutput},
+        description=f"A new API key; the answer is the only time the key is shown. At most "
+        f"{API_KEYS_PER_ACCOUNT} live keys per account (the one in use and its replacement).",
+    )
+    def post(self, request, service_account_id: int):
+        account = service_account_get(actor=request.membership, service_account_id=service_account_id, request=request)
+        data = ApiKeyInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        key, raw = api_key_create(
+            actor=request.membership, service_account=account, rate=data.validated_data["rate"], request=request
+        )
+        body = {**ServiceAccountKeyOutput(key).data, "key": raw}
+        return _no_store(Response(body, status=status.HTTP_201_CREATED))
+
+
+class ApiKeyRevokeApi(TenantApi):
+    @extend_schema(
+        parameters=[TENANT_HEADER],
+        request=None,
+        responses=ServiceAccountKeyOutput,
+        description="Takes effect at once: the key's next request is refused and its open sockets close.",
+    )
+    def post(self, request, api_key_id: int):
+        key = api_key_get(actor=request.membership, api_key_id=api_key_id, request=request)
+        key = api_key_revoke(actor=request.membership, api_key=key, request=request)
+        return Response(ServiceAccountKeyOutput(key).data)

@@ -6,4 +6,6 @@ class AccountsConfig(AppConfig):
     verbose_name = "Hospitals and people"
 
     def ready(self) -> None:
-        from . import signals  # noqa: F401  (login, logout and failed-login auditing)
+        # signals: login, logout and failed-login auditing; authentication first, so that its
+        # receiver refuses a service account's session before the sign-in is logged as a success
+        from . import authentication, signals  # noqa: F401

@@ -70,3 +70,13 @@ def session_ended(session_key: str | None) -> None:
     """Close the sockets of a browser session that signed out or expired."""
     if session_key:
         send_on_commit(session_group(session_key), {"type": "access.revoked", "tenant": None})
+
+
+def api_key_group(api_key_id: int) -> str:
+    """Sockets opened with one service-account API key."""
+    return f"api-key-{api_key_id}"
+
+
+def api_key_revoked_on_commit(*, api_key_id: int) -> None:
+    """Close the sockets a revoked key opened (the account's other keys keep theirs)."""
+    send_on_commit(api_key_group(api_key_id), {"type": "access.revoked", "tenant": None})

@@ -58,6 +58,18 @@ class Membership(models.Model):
     def __str__(self) -> str:
         return f"{self.user} @ {self.tenant.slug} ({self.role})"
 
+    def clean(self) -> None:
+        """The service-account rule in words for forms (the Django admin); triggers enforce it."""
+        from django.core.exceptions import ValidationError
+
+        account = ServiceAccount.objects.filter(user_id=self.user_id).first() if self.user_id else None
+        if account is None:
+            return
+        if self.role == Role.TENANT_ADMIN:
+            raise ValidationError({"role": "A service account cannot be a hospital admin."})
+        if account.membership_id != self.pk:
+            raise ValidationError("A service account has exactly one membership, in its own hospital.")
+
 
 class Invitation(models.Model):
     """A single-use link that makes its holder a member with ``role``. Only its hash is stored."""
@@ -256,3 +268,59 @@ class AccountSignInLimit(models.Model):
 
     def __str__(self) -> str:
         return f"sign-in limit {self.subject}"
+
+
+def _api_key_default_rate() -> int:
+    return settings.SIGHTLINE_API_KEY_RATE_PER_MINUTE
+
+
+class ServiceAccount(models.Model):
+    """A hospital's unattended client (a nightly job, a protocol client): a Django user with an
+    unusable password and exactly one Membership, in this hospital, never as its admin (database
+    triggers hold both). It signs in with API keys only; pages, passwords and sessions refuse it."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="service_accounts")
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="service_account")
+    membership = models.OneToOneField(Membership, on_delete=models.PROTECT, related_name="service_account")
+    name = models.SlugField(max_length=50, help_text="Unique in its hospital; part of the account's username.")
+    description = models.CharField(max_length=200, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created = models.DateTimeField(default=timezone.now)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = TenantQuerySet.as_manager()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["tenant", "name"], name="service_account_name_per_hospital")]
+
+    def __str__(self) -> str:
+        return f"service account {self.name} @ {self.tenant.slug}"
+
+
+class ApiKey(models.Model):
+    """A service account's long-lived credential, ``slk_<prefix>_<secret>``. Only the SHA-256 of
+    the whole key is kept (the secret has 256 bits: no slow hash needed); the prefix finds it and
+    names it in the access log. Revoking it takes effect on the next request and closes its sockets."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="+")
+    service_account = models.ForeignKey(ServiceAccount, on_delete=models.PROTECT, related_name="keys")
+    prefix = models.CharField(max_length=16, unique=True)
+    key_hash = models.CharField(max_length=64, unique=True)
+    rate = models.PositiveIntegerField(default=_api_key_default_rate, help_text="Requests per minute.")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created = models.DateTimeField(default=timezone.now)
+    last_used = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = TenantQuerySet.as_manager()
+
+    class Meta:
+        constraints = [models.CheckConstraint(condition=models.Q(rate__gte=1), name="api_key_rate_positive")]
+
+    def __str__(self) -> str:
+        return f"key slk_{self.prefix} of {self.service_account.name}"
+
+    @property
+    def public_id(self) -> str:
+        """What the access log and the pages call this key (the key's first part: not a secret)."""
+        return f"slk_{self.prefix}"

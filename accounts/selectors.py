@@ -74,8 +74,8 @@ def membership_get(*, actor: Membership, membership_id: int, request=None) -> Me
 
     require(actor, Action.MEMBERS_MANAGE, request=request)
     membership = (
-        Membership.objects.for_tenant(actor.tenant).select_related("user", "tenant").filter(pk=membership_id).first()
-    )
+        _people(Membership.objects.for_tenant(actor.tenant)).select_related("user", "tenant").filter(pk=membership_id)
+    ).first()
     if membership is None:
         from .services import access_event_record
 
@@ -96,7 +96,17 @@ def membership_list(*, actor: Membership, request=None):
     from .services import require
 
     require(actor, Action.MEMBERS_MANAGE, request=request)
-    return Membership.objects.for_tenant(actor.tenant).select_related("user").order_by("-is_active", "user__username")
+    return (
+        _people(Membership.objects.for_tenant(actor.tenant))
+        .select_related("user")
+        .order_by("-is_active", "user__username")
+    )
+
+
+def _people(memberships):
+    """Service accounts' memberships are managed on their own page (accounts.service_accounts),
+    where their roles stay within what a service account may hold."""
+    return memberships.filter(user__service_account__isnull=True)
 
 
 def invitation_list(*, actor: Membership, request=None):
@@ -106,7 +116,7 @@ def invitation_list(*, actor: Membership, request=None):
     return Invitation.objects.for_tenant(actor.tenant).filter(accepted_at__isnull=True).order_by("-created")
 
 
-ACTIVITY_ACTIONS = ("membership.", "invitation.", "tenant.", "two_factor.")
+ACTIVITY_ACTIONS = ("membership.", "invitation.", "tenant.", "two_factor.", "service_account.", "api_key.")
 
 
 def activity_list(*, actor: Membership, request=None):

@@ -47,6 +47,9 @@ def _request_context(request) -> dict:
     jti = token.get("jti") if hasattr(token, "get") else None
     if jti:
         context["token_id"] = str(jti)[:32]
+    key_id = getattr(token, "public_id", None)  # a service account's API key (accounts.models.ApiKey)
+    if key_id:
+        context["key_id"] = key_id
     return context
 
 
@@ -71,6 +74,9 @@ def access_event_record(
     token_id = context.pop("token_id", None)
     if token_id:
         label = f"{label} (token {token_id})"
+    key_id = context.pop("key_id", None)
+    if key_id:
+        label = f"{label} (key {key_id})"
     return chain_append(
         AccessEvent(
             action=action,

@@ -20,6 +20,21 @@ urlpatterns = [
         views.member_two_factor_reset,
         name="member-two-factor-reset",
     ),
+    path("hospital/service-accounts/", views.service_accounts_page, name="service-accounts"),
+    path("hospital/service-accounts/create/", views.service_account_create_page, name="service-account-create"),
+    path(
+        "hospital/service-accounts/<int:service_account_id>/keys/",
+        views.service_account_key_create_page,
+        name="service-account-key-create",
+    ),
+    path(
+        "hospital/service-accounts/<int:service_account_id>/revoke/",
+        views.service_account_revoke_page,
+        name="service-account-revoke",
+    ),
+    path(
+        "hospital/service-account-keys/<int:api_key_id>/revoke/", views.api_key_revoke_page, name="api-key-revoke-page"
+    ),
     path("hospital/access-log/", views.access_log_page, name="access-log"),
     path("hospital/access-log.csv", views.access_log_csv, name="access-log-csv"),
     path("hospital/access-log/<int:entry_id>/", views.access_log_entry_page, name="access-log-entry"),

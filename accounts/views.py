@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 
 import segno
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import get_user_model, login
 from django.contrib.auth import views as auth_views
@@ -44,6 +45,17 @@ from .selectors import (
     membership_for_session,
     membership_get,
     membership_list,
+)
+from .service_accounts import (
+    API_KEY_RATE_MAX,
+    SERVICE_ACCOUNT_ROLE_CHOICES,
+    api_key_create,
+    api_key_get,
+    api_key_revoke,
+    service_account_create,
+    service_account_get,
+    service_account_list,
+    service_account_revoke,
 )
 from .services import (
     invitation_accept,
@@ -458,3 +470,88 @@ def access_log_csv(request):
     )
     response["Content-Disposition"] = f'attachment; filename="access-log-{timezone.now():%Y%m%d-%H%M%S}.csv"'
     return response
+
+
+# --- service accounts (tenant admins) -----------------------------------------------------------
+
+
+def _service_accounts_render(request, actor, *, new_key=None, raw_key: str = "", status: int = 200):
+    response = render(
+        request,
+        "accounts/service_accounts.html",
+        {
+            "actor": actor,
+            "accounts": service_account_list(actor=actor, request=request),
+            "roles": SERVICE_ACCOUNT_ROLE_CHOICES,
+            "default_rate": settings.SIGHTLINE_API_KEY_RATE_PER_MINUTE,
+            "max_rate": API_KEY_RATE_MAX,
+            "new_key": new_key,
+            "raw_key": raw_key,
+        },
+        status=status,
+    )
+    response["Cache-Control"] = "no-store"  # a new key is on this page once; no cache may keep it
+    return response
+
+
+@login_required
+@require_GET
+def service_accounts_page(request):
+    return _service_accounts_render(request, membership_for_session(request))
+
+
+@login_required
+@require_POST
+def service_account_create_page(request):
+    actor = membership_for_session(request)
+    try:
+        account = service_account_create(
+            actor=actor,
+            name=request.POST.get("name", "").strip(),
+            role=request.POST.get("role", ""),
+            description=request.POST.get("description", "").strip(),
+            request=request,
+        )
+        messages.success(request, f"Service account {account.name} created. Give it a key to use it.")
+    except DomainError as exc:
+        messages.error(request, exc.message)
+    return redirect("service-accounts")
+
+
+@login_required
+@require_POST
+def service_account_key_create_page(request, service_account_id: int):
+    """The new key is shown in this response only: no redirect, nothing in the session."""
+    actor = membership_for_session(request)
+    account = service_account_get(actor=actor, service_account_id=service_account_id, request=request)
+    rate = request.POST.get("rate", "").strip()
+    try:
+        if rate and not rate.isdigit():
+            raise Invalid("The rate is a whole number of requests per minute.", code="invalid_rate")
+        key, raw = api_key_create(
+            actor=actor, service_account=account, rate=int(rate) if rate else None, request=request
+        )
+    except DomainError as exc:
+        messages.error(request, exc.message)
+        return redirect("service-accounts")
+    return _service_accounts_render(request, actor, new_key=key, raw_key=raw, status=201)
+
+
+@login_required
+@require_POST
+def service_account_revoke_page(request, service_account_id: int):
+    actor = membership_for_session(request)
+    account = service_account_get(actor=actor, service_account_id=service_account_id, request=request)
+    service_account_revoke(actor=actor, service_account=account, request=request)
+    messages.success(request, f"Service account {account.name} revoked; its keys no longer work.")
+    return redirect("service-accounts")
+
+
+@login_required
+@require_POST
+def api_key_revoke_page(request, api_key_id: int):
+    actor = membership_for_session(request)
+    key = api_key_get(actor=actor, api_key_id=api_key_id, request=request)
+    key = api_key_revoke(actor=actor, api_key=key, request=request)
+    messages.success(request, f"Key {key.public_id} revoked.")
+    return redirect("service-accounts")

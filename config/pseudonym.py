@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
@@ -107,6 +108,20 @@ def pseudonym_candidates(value: str, *, purpose: str, scope: object = "") -> lis
     if purpose == PATIENT:
         candidates += [_legacy(secret, value, scope) for secret in settings.SIGHTLINE_PSEUDONYM_LEGACY_SECRET_KEYS]
     return candidates
+
+
+_SHOWN_PATIENT = re.compile(r"P-(?:(?P<key_id>[0-9A-F]{4})-[0-9A-F]{32}|[0-9A-F]{12})")
+
+
+def patient_pseudonym_of(value: str, *, scope: object) -> str:
+    """What a client names a patient by, as a row keeps it: a pseudonym the platform showed (one
+    of the ring's keys, or the earlier scheme's) stays as it is; anything else is the hospital's
+    own patient id and is hashed, so no identifier a client sends is ever stored."""
+    value = value.strip()
+    shown = _SHOWN_PATIENT.fullmatch(value)
+    if shown and (shown["key_id"] is None or shown["key_id"] in {key.key_id for key in _keys()}):
+        return value
+    return pseudonym_for(value, purpose=PATIENT, scope=scope)
 
 
 def pseudonym_key_check() -> None:

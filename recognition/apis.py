@@ -417,6 +417,7 @@ class BatchJobOutput(serializers.Serializer):
     images_per_s = serializers.SerializerMethodField()
     eta_s = serializers.SerializerMethodField()
     uploads_pending = serializers.SerializerMethodField(help_text="archives still being unpacked")
+    uploads_refused = serializers.SerializerMethodField(help_text="each refused archive or prefix, and why, in words")
     created = serializers.DateTimeField()
     started_at = serializers.DateTimeField(allow_null=True)
 
@@ -442,6 +443,9 @@ class BatchJobOutput(serializers.Serializer):
 
     def get_uploads_pending(self, job) -> int:
         return self._progress(job).uploads_pending
+
+    def get_uploads_refused(self, job) -> list[str]:
+        return list(self._progress(job).refused)
 
 
 IDEMPOTENCY_HEADER = OpenApiParameter(

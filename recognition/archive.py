@@ -249,6 +249,10 @@ def _items(fileobj: BinaryIO, entries: list[_Entry], limits: ArchiveLimits) -> I
             data, error = _read_entry(fileobj, entry, limits, total), ""
         except _EntryFailed as failure:
             data, error = None, str(failure)
+        except (ArchiveRefused, OSError):
+            raise  # the archive as a whole (too large as read), or the file under it: not this entry's
+        except Exception as exc:  # a case this reader did not foresee: this entry fails, the rest go on
+            data, error = None, f"the entry could not be read ({type(exc).__name__})"
         yield ArchiveItem(entry.index, data, error)
 
 

@@ -17,11 +17,12 @@ from asgiref.sync import async_to_sync
 from channels.generic.websocket import JsonWebsocketConsumer
 from django.conf import settings
 
-from accounts.events import session_group, tenant_group, user_group
+from accounts.events import api_key_group, session_group, tenant_group, user_group
 from accounts.middleware import session_expired
 from accounts.models import AccessEvent
 from accounts.permissions import Action, can
 from accounts.selectors import memberships_active
+from accounts.service_accounts import api_key_is_live
 from accounts.services import access_event_record
 
 CLOSE_UNAUTHENTICATED = 4401
@@ -42,10 +43,16 @@ class EventsConsumer(JsonWebsocketConsumer):
         self.own_groups = [user_group(user.pk)]
         if session is not None and session.session_key:
             self.own_groups.append(session_group(session.session_key))
+        api_key_id = self.scope.get("api_key_id")
+        if api_key_id is not None:  # a service account's key: revoking it closes this socket
+            self.own_groups.append(api_key_group(api_key_id))
         self.session_checked = time.monotonic()
         self.accept()
         for group in self.own_groups:
             async_to_sync(self.channel_layer.group_add)(group, self.channel_name)
+        if api_key_id is not None and not api_key_is_live(api_key_id=api_key_id):
+            self.close(code=CLOSE_ACCESS_REVOKED)  # revoked between the handshake and joining its group
+            return
         self.send_json({"type": "hello"})
 
     def disconnect(self, code):

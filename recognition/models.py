@@ -401,6 +401,10 @@ class BatchUpload(TenantOwned):
     # an upload that has shown none for SIGHTLINE_UPLOAD_STALL_SECONDS
     touched_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # unpacking attempts in a row that made no new item; at SIGHTLINE_UPLOAD_MAX_ATTEMPTS it is refused
+    attempts = models.PositiveSmallIntegerField(default=0)
+    # raised by every claim: an expander writes only while the claim it took is still the upload's
+    claim = models.PositiveIntegerField(default=0)
 
     def __str__(self) -> str:
         return f"{self.kind} upload {self.pk} of job {self.job_id}"

@@ -367,3 +367,33 @@ LOGGING = {
         "axes": {"level": "WARNING"},
     },
 }
+
+# --- service accounts (issue 11, item 4) ------------------------------------------------------
+# Hospital service accounts sign in with API keys only (`Authorization: Bearer slk_...`): the
+# key class runs before the JWT class, claims only its own prefix and leaves every other bearer
+# token to simplejwt. Their passwords, sessions and the token endpoint refuse them (the backend).
+REST_FRAMEWORK["DEFAULT_AUTHENTICATION_CLASSES"].insert(0, "accounts.authentication.ApiKeyAuthentication")
+REST_FRAMEWORK["DEFAULT_THROTTLE_CLASSES"] = ["accounts.authentication.ApiKeyRateThrottle"]
+AUTHENTICATION_BACKENDS.insert(1, "accounts.authentication.ServiceAccountBackend")  # after axes' lockout
+# each key's limit, requests per minute, unless its admin gives it another (1 to 6,000)
+SIGHTLINE_API_KEY_RATE_PER_MINUTE = env.int("SIGHTLINE_API_KEY_RATE_PER_MINUTE", default=600)
+# The rate limit counts in the cache, which every web process must share: Redis (REDIS_URL
+# unless SIGHTLINE_CACHE_URL names another). Counters are keyed on the key's random public id.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": env("SIGHTLINE_CACHE_URL", default=REDIS_URL),
+        "KEY_PREFIX": env("SIGHTLINE_CACHE_PREFIX", default="sightline"),
+    }
+}
+# two sets of choices for fields named "role": every role (members) and three (service accounts)
+SPECTACULAR_SETTINGS.setdefault("ENUM_NAME_OVERRIDES", {}).update(
+    RoleEnum="accounts.models.Role",
+    ServiceAccountRoleEnum="accounts.service_accounts.SERVICE_ACCOUNT_ROLE_CHOICES",
+)
+# --- end service accounts ---------------------------------------------------------------------
+
+# Bulk uploads (issue 11, intake): unpacking an archive or a prefix that stops this many times in a
+# row without making a new item (a worker crash, a storage or database failure) is refused in
+# words and its archive deleted, instead of being unpacked again by reconciliation forever.
+SIGHTLINE_UPLOAD_MAX_ATTEMPTS = env.int("SIGHTLINE_UPLOAD_MAX_ATTEMPTS", default=3)

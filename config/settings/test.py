@@ -4,6 +4,8 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("SIGHTLINE_VAR_DIR", str(Path(__file__).resolve().parents[2] / "var" / "test"))
+# the cache is the machine's Redis: one prefix per test run, inherited by the run's own servers
+os.environ.setdefault("SIGHTLINE_CACHE_PREFIX", f"test-{os.getpid()}")
 
 from .base import *  # noqa: E402, F403
 from .base import DATABASES, VAR_DIR, env  # noqa: E402
@@ -21,3 +23,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 
 # issue 11 (ids): a development pseudonym key, labelled as such; production has no default
 SIGHTLINE_PSEUDONYM_KEY = env("SIGHTLINE_PSEUDONYM_KEY", default="test-only-pseudonym-key-not-a-secret-0123456789")
+
+# A test database of its own on a shared PostgreSQL, for checkouts that test at the same time.
+if env("SIGHTLINE_TEST_DB_NAME", default=""):
+    DATABASES["default"]["TEST"] = {**DATABASES["default"].get("TEST", {}), "NAME": env("SIGHTLINE_TEST_DB_NAME")}

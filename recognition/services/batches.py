@@ -10,19 +10,18 @@ hospitals and always after interactive work.
 from __future__ import annotations
 
 import logging
-import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from django.conf import settings
 from django.core.files.base import ContentFile, File
 from django.core.files.storage import default_storage
-from django.db import IntegrityError, transaction
-from django.db.models import Count, Q, QuerySet
+from django.db import IntegrityError, InterfaceError, OperationalError, transaction
+from django.db.models import Count, F, Q, QuerySet
 from django.utils import timezone
 
 from accounts.events import send_many_on_commit, tenant_group
-from accounts.models import Membership
+from accounts.models import AccessEvent, Membership
 from accounts.permissions import Action
 from accounts.services import access_event_record, require
 from config.errors import Conflict, DomainError, Invalid, NotFound
@@ -31,11 +30,25 @@ from config.spreadsheet import spreadsheet_safe
 from ..archive import ArchiveLimits, ArchiveRefused, read_archive
 from ..models import AIModel, BatchItem, BatchJob, BatchUpload, InferenceRequest, ModelAlias, ModelPin, ModelVersion
 from ..selectors import not_found_recorded
-from ..storage import archive_key, import_prefix
+from ..storage import ForeignStorageKey, archive_key, storage_key_for_tenant
 from .images import images_upload
 
 logger = logging.getLogger(__name__)
 Item, Job, Upload = BatchItem.Status, BatchJob.Status, BatchUpload.Status
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """Failures of the platform, not of an entry: the database or the object store briefly away.
+    They end the attempt (the upload is unpacked again, up to the cap), never fail one entry."""
+    errors: tuple[type[BaseException], ...] = (OperationalError, InterfaceError)
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:  # no S3 support installed
+        return errors
+    return (*errors, BotoCoreError)
+
+
+TRANSIENT = _transient_errors()
 
 
 def _job_version(*, tenant, model: str, alias: str, version: str) -> ModelVersion:
@@ -90,13 +103,32 @@ def batch_job_create(
                         "This Idempotency-Key was used for a different job; use a new key.", code="idempotency_mismatch"
                     )
                 return existing, False
-        job = BatchJob.objects.create(
-            tenant=membership.tenant,
-            name=name,
-            model_version=chosen,
-            created_by=membership.user,
-            idempotency_key=idempotency_key,
-        )
+        try:
+            with transaction.atomic():  # a savepoint: a concurrent create with the same key may win
+                job = BatchJob.objects.create(
+                    tenant=membership.tenant,
+                    name=name,
+                    model_version=chosen,
+                    created_by=membership.user,
+                    idempotency_key=idempotency_key,
+                )
+        except IntegrityError:
+            # the unique key: another request with this key committed its job while this one
+            # inserted (PostgreSQL makes the insert wait for it), so that job is the answer
+            existing = (
+                BatchJob.objects.for_tenant(membership.tenant)
+                .filter(created_by=membership.user, idempotency_key=idempotency_key)
+                .first()
+                if idempotency_key
+                else None
+            )
+            if existing is None:
+                raise
+            if (existing.name, existing.model_version_id) != (name, chosen.pk):
+                raise Conflict(
+                    "This Idempotency-Key was used for a different job; use a new key.", code="idempotency_mismatch"
+                ) from None
+            return existing, False
         _record(membership, "batch.create", job, request)
     return job, True
 
@@ -144,27 +176,59 @@ def _next_position(job: BatchJob) -> int:
 
 def batch_items_add_files(*, membership: Membership, job_id: int, files: list, request=None) -> list[BatchItem]:
     """Files sent with the request: each becomes an item (a DICOM file, one per frame); a file
-    that is not a usable image becomes a failed item that says why. The others go on."""
-    items = []
+    that is not a usable image, or that its reader fails on, becomes a failed item that says why.
+    The others go on.
+
+    Each file is added in its own transaction that holds the job's row lock and sees the job still
+    open, so a start that comes meanwhile waits for that file and queues it; the files after it are
+    refused (409, saying how many were added), never left pending in a running job."""
+    items: list[BatchItem] = []
     with transaction.atomic():
-        job = _open_job(membership, job_id, request)
-        position = _next_position(job)
-    for upload in files:
-        try:
-            with transaction.atomic():
-                images = images_upload(membership=membership, upload=upload, request=request, read=False)
-                for image in images:
-                    items.append(BatchItem.objects.create(tenant=job.tenant, job=job, position=position, image=image))
-                    position += 1
-        except DomainError as exc:
-            items.append(
-                BatchItem.objects.create(
-                    tenant=job.tenant, job=job, position=position, status=Item.FAILED, error=exc.message[:500]
-                )
-            )
-            position += 1
+        job = _open_job(membership, job_id, request)  # 404 and 409 before anything is read
+    for index, upload in enumerate(files):
+        with transaction.atomic():
+            try:
+                job = _open_job(membership, job_id, request)
+            except Conflict:
+                if not index:
+                    raise
+                raise Conflict(
+                    f"The job started while these files were being added: the first {index} of {len(files)} "
+                    "were added and are being read; the others were not added.",
+                    code="job_started",
+                    detail={"added": index},
+                ) from None
+            items.extend(_file_items(membership, job, None, _next_position(job), upload, request))
     _notify([job])
     return items
+
+
+def _file_items(membership, job, upload, position, file, request=None) -> list[BatchItem]:
+    """The items one file becomes: its images (a DICOM file's frames follow the first, each with
+    a place of its own), or one failed item that says why. Any error that is not the platform's
+    (see TRANSIENT) is this file's alone: the reader failing on it fails it, not the upload."""
+    try:
+        with transaction.atomic():
+            images = images_upload(membership=membership, upload=file, request=request, read=False)
+    except DomainError as exc:
+        error = exc.message
+    except TRANSIENT:
+        raise
+    except Exception as exc:
+        logger.exception("job %s: the reader failed on an entry at position %s", job.pk, position)
+        error = f"This file could not be read: its reader failed on it ({type(exc).__name__}). The other files go on."
+    else:
+        first = BatchItem.objects.create(tenant=job.tenant, job=job, upload=upload, position=position, image=images[0])
+        items = [first]
+        for image in images[1:]:
+            items.append(
+                BatchItem.objects.create(tenant=job.tenant, job=job, position=_next_position(job), image=image)
+            )
+        return items
+    failed = BatchItem.objects.create(
+        tenant=job.tenant, job=job, upload=upload, position=position, status=Item.FAILED, error=error[:500]
+    )
+    return [failed]
 
 
 def batch_upload_zip(*, membership: Membership, job_id: int, archive, request=None) -> BatchUpload:
@@ -209,16 +273,37 @@ def _abandon_receiving(upload: BatchUpload, reason: str) -> None:
 
 
 def batch_upload_prefix(*, membership: Membership, job_id: int, prefix: str, request=None) -> BatchUpload:
-    """Import every file under a storage prefix the hospital owns (tenants/<id>/imports/…)."""
+    """Import every file under a storage prefix the hospital owns (tenants/<id>/imports/…).
+
+    The prefix must already be a plain key in that area (`storage_key_for_tenant`): nothing is
+    normalised into something acceptable. Anything else is a 400 that lists and reads nothing,
+    and the attempt is in the access log."""
+    refused = None
     with transaction.atomic():
         job = _open_job(membership, job_id, request)
-        own = import_prefix(tenant_id=job.tenant_id)
-        cleaned = posixpath.normpath(prefix.strip().lstrip("/")) + "/"
-        if not cleaned.startswith(own) or ".." in cleaned.split("/"):
-            raise Invalid(f"Import from your hospital's prefix, {own}…", code="foreign_prefix")
-        upload = BatchUpload.objects.create(tenant=job.tenant, job=job, kind="prefix", source=cleaned)
-        _record(membership, "batch.add_prefix", job, request)
-        transaction.on_commit(lambda: _enqueue_expand(upload.pk), robust=True)
+        folder = prefix if prefix.endswith("/") else prefix + "/"  # the one liberty: "…/night" means the folder
+        try:
+            folder = storage_key_for_tenant(tenant_id=job.tenant_id, key=folder, under="imports")
+            if len(folder) > BatchUpload._meta.get_field("source").max_length:
+                raise ForeignStorageKey("The prefix is longer than 255 characters.")
+        except ForeignStorageKey as exc:
+            refused = exc
+        else:
+            upload = BatchUpload.objects.create(tenant=job.tenant, job=job, kind="prefix", source=folder)
+            _record(membership, "batch.add_prefix", job, request)
+            transaction.on_commit(lambda: _enqueue_expand(upload.pk), robust=True)
+    if refused is not None:
+        with transaction.atomic():
+            access_event_record(
+                action="batch.add_prefix",
+                outcome=AccessEvent.Outcome.DENIED,
+                request=request,
+                user=membership.user,
+                tenant=membership.tenant,
+                target_type="batch_job",
+                target_id=job_id,
+            )
+        raise refused
     return upload
 
 
@@ -239,72 +324,215 @@ class _Entry(File):
         self.size = size
 
 
-def _prefix_files(prefix: str) -> Iterator[tuple[int, bytes | None, str]]:
-    """Every file under the prefix, depth first, in name order: (position, bytes, error)."""
+def _shown(name: str) -> str:
+    return ascii(name[:80])  # a listed name as the hospital's storage holds it, control characters escaped
+
+
+def _prefix_files(upload: BatchUpload, skip: set[int]) -> Iterator[tuple[int, bytes | None, str]]:
+    """Every file under the prefix, depth first, in name order: (position, bytes, error); the
+    positions in ``skip`` are not read (an earlier attempt made them).
+
+    Every key the listing names is put to `storage_key_for_tenant` before it is listed further or
+    read, so whatever the first check let through, a listing cannot lead out of the hospital's own
+    imports: a key that fails is a failed entry, in words, and is never read. A missing or empty
+    prefix, a listing that names a key twice, or more files than an archive may hold, refuse the
+    upload in words."""
+
+    def own(key: str) -> str:
+        return storage_key_for_tenant(tenant_id=upload.tenant_id, key=key, under="imports")
+
+    try:
+        prefix = own(upload.source)
+    except ForeignStorageKey as exc:
+        raise ArchiveRefused("foreign_prefix", exc.message) from exc
+    limit, max_bytes = settings.SIGHTLINE_ARCHIVE_MAX_ENTRIES, settings.SIGHTLINE_MAX_UPLOAD_BYTES
+    seen: set[str] = set()
     position = 0
+
+    def entry() -> int:
+        nonlocal position
+        if position >= limit:
+            raise ArchiveRefused("too_many_entries", f"There are more than {limit} files under {prefix}.")
+        position += 1
+        return position
+
+    def once(key: str) -> None:
+        if key in seen:
+            raise ArchiveRefused(
+                "repeated_key", f"The storage listed {_shown(key)} twice, so its listing cannot be trusted."
+            )
+        seen.add(key)
+
     stack = [prefix]
     while stack:
         folder = stack.pop()
-        folders, files = default_storage.listdir(folder)
-        stack.extend(posixpath.join(folder, name) + "/" for name in sorted(folders, reverse=True))
-        for name in sorted(files):
-            position += 1
-            path = posixpath.join(folder, name)
-            if default_storage.size(path) > settings.SIGHTLINE_MAX_UPLOAD_BYTES:
-                yield position, None, "the file is larger than the upload limit"
+        try:
+            folders, files = default_storage.listdir(folder)
+        except FileNotFoundError:
+            folders, files = [], []  # local files: a folder that is not there (the prefix, or one removed since)
+        below = []
+        for name in sorted(folders):
+            key = f"{folder}{name}/"
+            try:
+                below.append(own(key))
+            except ForeignStorageKey as exc:
+                yield entry(), None, f"The folder {_shown(name)} was not read: {exc.message}"
                 continue
-            with default_storage.open(path, "rb") as handle:
-                yield position, handle.read(), ""
+            once(key)
+        stack.extend(reversed(below))
+        for name in sorted(files):
+            at, key = entry(), f"{folder}{name}"
+            try:
+                own(key)
+            except ForeignStorageKey as exc:
+                yield at, None, f"The file {_shown(name)} was not read: {exc.message}"
+                continue
+            once(key)
+            if at in skip:
+                yield at, None, ""
+                continue
+            yield at, *_read_listed(key, max_bytes)
+    if not position:
+        raise ArchiveRefused("empty", f"There are no files under {prefix}.")
+
+
+def _read_listed(key: str, max_bytes: int) -> tuple[bytes | None, str]:
+    try:
+        if default_storage.size(key) > max_bytes:
+            return None, "the file is larger than the upload limit"
+        with default_storage.open(key, "rb") as handle:
+            data = handle.read(max_bytes + 1)  # bounded even if it grew since it was sized
+    except FileNotFoundError:
+        return None, "the file was removed before it could be read"
+    if len(data) > max_bytes:
+        return None, "the file is larger than the upload limit"
+    return data, ""
 
 
 def batch_upload_expand(*, upload_id: int) -> None:
     """Worker task: turn an archive's entries (or a prefix's files) into items. Safe to run
-    again after a crash: entries already made are skipped, the upload completes once."""
+    again after a crash: entries already made are skipped, the upload completes once.
+
+    An expander writes only while the claim it took is still the upload's and the job still open
+    (`_hold`), so one taken for dead that wakes later adds nothing. An attempt that ends in an
+    error is released for the next one; after SIGHTLINE_UPLOAD_MAX_ATTEMPTS in a row without a
+    new item (crashes included: see `_uploads_give_up`) the upload is refused in words."""
     upload = BatchUpload.objects.select_related("job").filter(pk=upload_id).first()
-    if upload is None or not _claim_expansion(upload):
-        return  # finished, refused, still arriving, or being expanded by a live worker
+    if upload is None:
+        return
+    claim = _claim_expansion(upload)
+    if not claim:
+        return  # finished, refused, still arriving, being expanded by a live worker, or given up now
     job = upload.job
     membership = Membership.objects.filter(user=job.created_by, tenant=job.tenant, is_active=True).first()
     if membership is None:
-        _finish_upload(upload, Upload.REFUSED, "the job's owner no longer has access to this hospital")
+        _finish_upload(upload, claim, Upload.REFUSED, "the job's owner no longer has access to this hospital")
         return
     done = set(BatchItem.objects.filter(upload=upload).values_list("position", flat=True))
     entries = 0
     try:
-        for position, data, error in _upload_entries(upload):
+        for position, data, error in _upload_entries(upload, done):
             entries += 1
-            if entries % 25 == 0:  # alive: reconciliation leaves this expansion alone
-                BatchUpload.objects.filter(pk=upload.pk).update(touched_at=timezone.now())
             if position in done:
+                if entries % 25 == 0 and not _hold(upload, claim, made=False):  # alive, and still ours
+                    return _lost(upload, claim)
                 continue
-            try:
-                _add_entry(membership, job, upload, position, data, error)
-            except IntegrityError:  # an expander taken for dead made this entry after all
-                continue
+            if not _add_entry(membership, job, upload, claim, position, data, error):
+                return _lost(upload, claim)
     except ArchiveRefused as exc:
-        _finish_upload(upload, Upload.REFUSED, exc.message, entries)
+        _finish_upload(upload, claim, Upload.REFUSED, exc.message, entries)
         return
-    _finish_upload(upload, Upload.COMPLETE, "", entries)
+    except BaseException as exc:
+        _release(upload, claim, exc)
+        raise
+    _finish_upload(upload, claim, Upload.COMPLETE, "", entries)
 
 
 def _stalled_before():
     return timezone.now() - timezone.timedelta(seconds=settings.SIGHTLINE_UPLOAD_STALL_SECONDS)
 
 
-def _claim_expansion(upload: BatchUpload) -> bool:
-    """Take the upload for expansion: a received one, or one whose expander has shown no sign of
-    life for the stall time (its worker died). One conditional UPDATE, so two never share it."""
+def _claimable() -> Q:
+    """Uploads an expander may take: received ones, and ones whose expander has shown no sign of
+    life for the stall time (its worker died)."""
     stale = Q(status=Upload.EXPANDING) & (Q(touched_at__isnull=True) | Q(touched_at__lt=_stalled_before()))
+    return Q(status=Upload.RECEIVED) | stale
+
+
+def _claim_expansion(upload: BatchUpload) -> int:
+    """Take the upload for expansion with one conditional UPDATE, so two never share it; the
+    claim number it returns (0: not taken) is what the expander's writes are checked against.
+    An upload whose attempts are spent is refused here instead."""
+    with transaction.atomic():
+        taken = BatchUpload.objects.filter(
+            _claimable(), pk=upload.pk, attempts__lt=settings.SIGHTLINE_UPLOAD_MAX_ATTEMPTS
+        ).update(
+            status=Upload.EXPANDING,
+            touched_at=timezone.now(),
+            attempts=F("attempts") + 1,
+            claim=F("claim") + 1,
+            error="",  # what stops this attempt, if anything, is written when it stops
+        )
+        if taken:
+            return BatchUpload.objects.filter(pk=upload.pk).values_list("claim", flat=True).get()
+    _uploads_give_up(Q(pk=upload.pk))
+    return 0
+
+
+def _hold(upload: BatchUpload, claim: int, *, made: bool) -> bool:
+    """In the entry's transaction: the claim is still ours and the job still open (PostgreSQL
+    keeps the row locked until the entry commits, so no claim or start slips in between). An
+    entry made counts as progress: the attempts in a row without one start again."""
+    progress = {"attempts": 1} if made else {}
     return bool(
-        BatchUpload.objects.filter(Q(pk=upload.pk) & (Q(status=Upload.RECEIVED) | stale)).update(
-            status=Upload.EXPANDING, touched_at=timezone.now()
+        BatchUpload.objects.filter(pk=upload.pk, status=Upload.EXPANDING, claim=claim, job__status=Job.OPEN).update(
+            touched_at=timezone.now(), **progress
         )
     )
 
 
-def _upload_entries(upload: BatchUpload) -> Iterator[tuple[int, bytes | None, str]]:
+def _lost(upload: BatchUpload, claim: int) -> None:
+    """The expander may not write any more: if only because the job was cancelled, the upload
+    ends refused; if another expander holds it now, that one finishes it."""
+    closed = BatchUpload.objects.filter(pk=upload.pk, status=Upload.EXPANDING, claim=claim).exclude(
+        job__status=Job.OPEN
+    )
+    if closed.exists():
+        _finish_upload(upload, claim, Upload.REFUSED, "the job was cancelled before this upload was unpacked")
+
+
+def _release(upload: BatchUpload, claim: int, exc: BaseException) -> None:
+    """An attempt that ended in an error: hand the upload back for the next attempt (Celery's retry
+    or reconciliation), keeping why; or, with the attempts spent, refuse it now."""
+    reason = f"the last attempt stopped on an error ({type(exc).__name__})"
+    try:
+        with transaction.atomic():
+            BatchUpload.objects.filter(pk=upload.pk, status=Upload.EXPANDING, claim=claim).update(
+                status=Upload.RECEIVED, touched_at=timezone.now(), error=reason
+            )
+        _uploads_give_up(Q(pk=upload.pk))
+    except Exception:  # the database is away too: reconciliation takes it over after the stall time
+        logger.exception("upload %s: could not hand it back after an error", upload.pk)
+
+
+def _uploads_give_up(condition: Q) -> int:
+    """Uploads waiting for another attempt that have had SIGHTLINE_UPLOAD_MAX_ATTEMPTS in a row
+    without a new item are refused in words and their archives deleted. Returns how many."""
+    cap = settings.SIGHTLINE_UPLOAD_MAX_ATTEMPTS
+    spent = BatchUpload.objects.select_related("job").filter(condition & _claimable(), attempts__gte=cap)
+    refused = 0
+    for upload in spent:
+        why = upload.error or "the worker stopped while unpacking it"
+        message = f"Unpacking stopped {cap} times in a row without progress ({why}); the upload is refused."
+        if upload.kind == "zip":
+            message += " Check the archive and send it again."
+        refused += _finish_upload(upload, upload.claim, Upload.REFUSED, message, status_was=upload.status)
+    return refused
+
+
+def _upload_entries(upload: BatchUpload, skip: set[int]) -> Iterator[tuple[int, bytes | None, str]]:
     if upload.kind == "prefix":
-        yield from _prefix_files(upload.source)
+        yield from _prefix_files(upload, skip)
         return
     limits = ArchiveLimits(
         max_entries=settings.SIGHTLINE_ARCHIVE_MAX_ENTRIES,
@@ -312,39 +540,46 @@ def _upload_entries(upload: BatchUpload) -> Iterator[tuple[int, bytes | None, st
         max_total_bytes=settings.SIGHTLINE_ARCHIVE_MAX_BYTES,
         max_ratio=settings.SIGHTLINE_ARCHIVE_MAX_RATIO,
     )
-    with default_storage.open(upload.source, "rb") as archive:
+    try:  # a key the server made, checked all the same before it is read
+        source = storage_key_for_tenant(tenant_id=upload.tenant_id, key=upload.source, under="archives")
+    except ForeignStorageKey as exc:
+        raise ArchiveRefused("foreign_archive", exc.message) from exc
+    try:
+        archive = default_storage.open(source, "rb")
+    except FileNotFoundError:
+        raise ArchiveRefused("missing", "The stored archive is gone; send it again.") from None
+    with archive:
         for item in read_archive(archive, limits):
             yield item.index + 1, item.data, item.error
 
 
-def _add_entry(membership, job, upload, position, data, error) -> None:
+def _add_entry(membership, job, upload, claim, position, data, error) -> bool:
+    """One entry's items, in one transaction; False (nothing written) when the claim is lost."""
     with transaction.atomic():
+        if not _hold(upload, claim, made=True):
+            return False
         if error:
             BatchItem.objects.create(
                 tenant=job.tenant, job=job, upload=upload, position=position, status=Item.FAILED, error=error[:500]
             )
-            return
-        try:
-            with transaction.atomic():
-                images = images_upload(membership=membership, upload=_Entry(data, len(data)), read=False)
-        except DomainError as exc:
-            BatchItem.objects.create(
-                tenant=job.tenant, job=job, upload=upload, position=position, status=Item.FAILED, error=exc.message
-            )
-            return
-        # a multi-frame DICOM entry: its frames share the entry's position (the first) and follow it
-        BatchItem.objects.create(tenant=job.tenant, job=job, upload=upload, position=position, image=images[0])
-        for image in images[1:]:
-            BatchItem.objects.create(tenant=job.tenant, job=job, upload=None, position=_next_position(job), image=image)
+        else:
+            _file_items(membership, job, upload, position, _Entry(data, len(data)))
+    return True
 
 
-def _finish_upload(upload: BatchUpload, status: str, error: str, entries: int = 0) -> None:
-    BatchUpload.objects.filter(pk=upload.pk).update(
+def _finish_upload(
+    upload: BatchUpload, claim: int, status: str, error: str, entries: int = 0, *, status_was: str = Upload.EXPANDING
+) -> int:
+    """End the upload, if the claim is still the one given; the archive goes (its entries are
+    images now, or failed items). Returns 1 when it was ended here."""
+    ended = BatchUpload.objects.filter(pk=upload.pk, status=status_was, claim=claim).update(
         status=status, error=error[:300], entries=entries, finished_at=timezone.now()
     )
-    if upload.kind == "zip":
-        default_storage.delete(upload.source)  # its entries are images now (or failed items)
-    _notify([upload.job])
+    if ended:
+        if upload.kind == "zip":
+            default_storage.delete(upload.source)
+        _notify([upload.job])
+    return ended
 
 
 def batch_job_start(*, membership: Membership, job_id: int, request=None) -> BatchJob:
@@ -458,6 +693,7 @@ class JobProgress:
     images_per_s: float | None
     eta_s: float | None
     uploads_pending: int
+    refused: tuple[str, ...] = ()  # each refused archive or prefix, and why, in words
 
 
 def batch_job_progress(job: BatchJob) -> JobProgress:
@@ -483,7 +719,13 @@ def batch_job_progress(job: BatchJob) -> JobProgress:
             rate = round(count / elapsed, 2)
             remaining = counts[Item.QUEUED] + counts[Item.RUNNING]
             eta = round(remaining / rate, 1) if state == Job.RUNNING else 0.0
-    return JobProgress(counts, total, finished, state, rate, eta, uploads_pending)
+    refused = tuple(
+        f"{'The archive' if kind == 'zip' else 'The storage prefix ' + source} was refused: {error}"
+        for kind, source, error in job.uploads.filter(status=Upload.REFUSED)
+        .order_by("id")
+        .values_list("kind", "source", "error")
+    )
+    return JobProgress(counts, total, finished, state, rate, eta, uploads_pending, refused)
 
 
 def batch_items_on_outcome(request_ids_by_status: dict[str, list[int]], now) -> None:
@@ -535,22 +777,24 @@ def batch_reconcile() -> int:
 def _reconcile_uploads() -> int:
     """Archives that stopped arriving are removed and refused; received ones whose expansion
     message was lost, and expansions whose worker died, are queued again (expansion resumes
-    where it stopped). Returns how many uploads were touched."""
+    where it stopped), unless their attempts are spent: those are refused in words. Returns how
+    many uploads were touched."""
     stalled = _stalled_before()
     abandoned = list(BatchUpload.objects.select_related("job").filter(status=Upload.RECEIVING, touched_at__lt=stalled))
     for upload in abandoned:
         _abandon_receiving(upload, "the upload did not finish (the server stopped while storing it); send it again")
-    waiting = list(
-        BatchUpload.objects.filter(
-            Q(status=Upload.RECEIVED, touched_at__lt=timezone.now() - timezone.timedelta(seconds=30))
-            | (Q(status=Upload.EXPANDING) & (Q(touched_at__isnull=True) | Q(touched_at__lt=stalled)))
-        ).values_list("pk", flat=True)
+    overdue = Q(status=Upload.RECEIVED, touched_at__lt=timezone.now() - timezone.timedelta(seconds=30)) | (
+        Q(status=Upload.EXPANDING) & (Q(touched_at__isnull=True) | Q(touched_at__lt=stalled))
     )
+    given_up = _uploads_give_up(overdue)
+    waiting = list(BatchUpload.objects.filter(overdue).values_list("pk", flat=True))
     for upload_id in waiting:
         _enqueue_expand(upload_id)
-    if abandoned or waiting:
-        logger.warning("reconciled uploads: %d abandoned, %d queued again", len(abandoned), len(waiting))
-    return len(abandoned) + len(waiting)
+    if abandoned or waiting or given_up:
+        logger.warning(
+            "reconciled uploads: %d abandoned, %d given up, %d queued again", len(abandoned), given_up, len(waiting)
+        )
+    return len(abandoned) + given_up + len(waiting)
 
 
 def batch_results(job: BatchJob) -> Iterator[dict]:

@@ -25,7 +25,7 @@ from accounts.models import Membership
 from accounts.permissions import Action
 from accounts.services import access_event_record, require
 from config.errors import Conflict, Invalid, TooLarge, Unavailable, Unprocessable, UnsupportedMedia
-from config.pseudonym import PATIENT, pseudonym_candidates, pseudonym_for
+from config.pseudonym import PATIENT, patient_pseudonym_of, pseudonym_candidates, pseudonym_for
 
 from .. import dicom, events
 from ..models import Image, Series, Study, UploadKey
@@ -280,6 +280,7 @@ def _images_from_bytes(
 ) -> list[Image]:
     """``routing``: the AI read to queue (None: no read now, a bulk job's item)."""
     tenant = membership.tenant
+    fields = replace(fields, patient_pseudonym=patient_pseudonym_of(fields.patient_pseudonym, scope=tenant.pk))
     if dicom.looks_like_dicom(data):
         return _dicom_upload(
             membership=membership, data=data, fields=fields, request=request, routing=routing, on_stored=on_stored

@@ -4,6 +4,7 @@ tasks are called in-process here; tests/e2e runs them on a real worker)."""
 import csv
 import io
 import json
+import time
 import zipfile
 from datetime import timedelta
 
@@ -310,3 +311,272 @@ def test_the_jobs_page_creates_fills_and_starts_a_job(client, clinician_a, demo_
     BatchItem.objects.create(tenant=job.tenant, job=job, position=99, status="failed", error="not an image")
     response = client.post(f"/jobs/{job.pk}/retry/", follow=True)
     assert "No failed item can be read again" in response.content.decode()
+
+
+def dicom_without_lut_descriptor() -> bytes:
+    """A real file pydicom writes: its ModalityLUTSequence item has LUT data but no LUTDescriptor,
+    so pydicom's modality LUT raises AttributeError while the file is read."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    item = Dataset()
+    item.ModalityLUTType = "HU"
+    item.add_new(0x00283006, "US", [0, 1, 2, 3])  # LUTData
+    ds.ModalityLUTSequence = Sequence([item])
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_an_entry_its_reader_fails_on_fails_alone_in_words_and_the_archive_still_ends(clinician_a, demo_model):
+    client = api_client_for(clinician_a)
+    job = create(client).json()
+    archive = make_zip(
+        [("a.png", png_bytes(seed=1, size=64)), ("bad.dcm", dicom_without_lut_descriptor()), ("c.png", png_bytes())]
+    )
+    assert add_zip(client, job["id"], archive).status_code == 202
+    expand_all()
+    upload = BatchUpload.objects.get()
+    assert upload.status == "complete" and upload.entries == 3
+    assert not default_storage.exists(upload.source)
+    items = list(BatchItem.objects.order_by("position"))
+    assert [item.status for item in items] == ["pending", "failed", "pending"]
+    assert items[1].position == 2 and len(items[1].error) > 20  # in words, whoever reads it
+    started = client.post(f"/api/v1/batches/{job['id']}/start/").json()
+    assert started["counts"]["queued"] == 2 and started["counts"]["failed"] == 1
+
+
+def test_a_file_its_reader_fails_on_is_a_failed_item_not_a_500(clinician_a, demo_model):
+    client = api_client_for(clinician_a)
+    job = create(client).json()
+    files = [SimpleUploadedFile("bad.dcm", dicom_without_lut_descriptor()), SimpleUploadedFile("a.png", png_bytes())]
+    response = client.post(f"/api/v1/batches/{job['id']}/items/", {"files": files}, format="multipart")
+    assert response.status_code == 202 and response.json()["counts"]["failed"] == 1
+    assert response.json()["counts"]["pending"] == 1
+    assert BatchItem.objects.get(status="failed").error
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_upload_whose_worker_crashes_every_time_is_refused_after_the_cap(
+    clinician_a, demo_model, settings, monkeypatch
+):
+    """A real crash: a separate process that dies (os._exit) in the middle of an entry, as an OOM
+    kill would, leaves the upload "expanding"; reconciliation hands it out again until the attempts
+    in a row without progress are spent, then refuses it in words and deletes the archive."""
+    import os
+    import subprocess
+    import sys
+
+    from recognition.services import batches
+    from tests.e2e.conftest import database_url
+
+    settings.SIGHTLINE_UPLOAD_MAX_ATTEMPTS = 2
+    client = api_client_for(clinician_a)
+    job = create(client).json()
+    add_zip(client, job["id"], make_zip([("a.png", png_bytes(seed=1, size=64))]))
+    upload = BatchUpload.objects.get()
+    queued = []
+    monkeypatch.setattr(batches, "_enqueue_expand", queued.append)
+    crash = (
+        "import os, django; django.setup()\n"
+        "from recognition.services import batches\n"
+        "batches.images_upload = lambda **kwargs: os._exit(137)\n"
+        f"batches.batch_upload_expand(upload_id={upload.pk})\n"
+    )
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "DATABASE_URL": database_url()}
+    env.update(SIGHTLINE_VAR_DIR=str(settings.VAR_DIR), SIGHTLINE_UPLOAD_MAX_ATTEMPTS="2")
+    for attempt in (1, 2):
+        died = subprocess.run([sys.executable, "-c", crash], env=env, timeout=300, capture_output=True)
+        assert died.returncode == 137, died.stderr.decode()[-2000:]
+        upload.refresh_from_db()
+        assert (upload.status, upload.attempts) == ("expanding", attempt)
+        BatchUpload.objects.filter(pk=upload.pk).update(touched_at=timezone.now() - timedelta(hours=1))
+        queued.clear()
+        batch_reconcile()
+        assert queued == ([upload.pk] if attempt == 1 else [])  # the second crash spent the attempts
+    upload.refresh_from_db()
+    assert upload.status == "refused" and "2 times in a row" in upload.error and "worker stopped" in upload.error
+    assert not default_storage.exists(upload.source)
+    assert not BatchItem.objects.exists()
+    assert client.post(f"/api/v1/batches/{job['id']}/start/").status_code == 200
+
+
+def test_an_attempt_that_fails_is_handed_back_and_the_cap_ends_it(clinician_a, demo_model, settings, monkeypatch):
+    from recognition.services import batches
+
+    client = api_client_for(clinician_a)
+    job = create(client).json()
+    add_zip(client, job["id"], make_zip([("a.png", png_bytes(seed=1, size=64))]))
+    upload = BatchUpload.objects.get()
+
+    def broken(archive, limits):  # an error no one foresaw, every time
+        raise RuntimeError("a bug in the reader")
+
+    monkeypatch.setattr(batches, "read_archive", broken)
+    for attempt in range(1, settings.SIGHTLINE_UPLOAD_MAX_ATTEMPTS + 1):
+        with pytest.raises(RuntimeError):
+            batch_upload_expand(upload_id=upload.pk)  # the task fails (and is logged); the upload is handed back
+        upload.refresh_from_db()
+        if attempt < settings.SIGHTLINE_UPLOAD_MAX_ATTEMPTS:
+            assert (upload.status, upload.attempts) == ("received", attempt) and "RuntimeError" in upload.error
+    assert upload.status == "refused" and "RuntimeError" in upload.error and "send it again" in upload.error
+    assert not default_storage.exists(upload.source)
+    batch_upload_expand(upload_id=upload.pk)  # a late redelivery changes nothing
+    assert BatchUpload.objects.get().status == "refused"
+
+
+def test_an_expander_taken_for_dead_writes_nothing_after_the_takeover(clinician_a, demo_model, monkeypatch):
+    from django.db.models import F
+
+    from recognition.services import batches
+
+    client = api_client_for(clinician_a)
+    job = create(client).json()
+    add_zip(client, job["id"], make_zip([(f"{i}.png", png_bytes(seed=i, size=64)) for i in range(4)]))
+    upload = BatchUpload.objects.get()
+    real = batches.images_upload
+    calls = []
+
+    def slow_then_overtaken(**kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # meanwhile reconciliation took it for dead and another expander claimed it
+            BatchUpload.objects.filter(pk=upload.pk).update(claim=F("claim") + 1)
+        return real(**kwargs)
+
+    monkeypatch.setattr(batches, "images_upload", slow_then_overtaken)
+    batch_upload_expand(upload_id=upload.pk)
+    # its second entry was written before it knew; from the third on it wrote nothing, nor ended the upload
+    assert sorted(BatchItem.objects.values_list("position", flat=True)) == [1, 2]
+    assert BatchUpload.objects.get().status == "expanding"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_files_added_while_the_job_starts_are_queued_or_refused_never_left_pending(
+    clinician_a, demo_model, monkeypatch
+):
+    import threading
+
+    from django.db import connection
+
+    from config.errors import Conflict
+    from recognition.services import batches
+    from recognition.services.batches import batch_items_add_files, batch_job_start
+
+    job = create(api_client_for(clinician_a)).json()
+    real = batches.images_upload
+    second_file = threading.Event()
+    outcome = {}
+
+    def reading(**kwargs):
+        if kwargs["upload"].name == "1.png":
+            second_file.set()
+            time.sleep(1.0)  # the start comes while this file is being read
+        return real(**kwargs)
+
+    monkeypatch.setattr(batches, "images_upload", reading)
+
+    def add():
+        files = [SimpleUploadedFile(f"{i}.png", png_bytes(seed=i, size=64)) for i in range(4)]
+        try:
+            batch_items_add_files(membership=clinician_a, job_id=job["id"], files=files)
+        except Conflict as exc:
+            outcome["refused"] = exc
+        finally:
+            connection.close()
+
+    def start():
+        second_file.wait(30)
+        try:
+            batch_job_start(membership=clinician_a, job_id=job["id"])
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=add), threading.Thread(target=start)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert BatchJob.objects.get().status == "running"
+    statuses = list(BatchItem.objects.values_list("status", flat=True))
+    # the files added before the start are read, the others refused; none waits for ever
+    assert statuses and set(statuses) == {"queued"}, statuses
+    added = len(statuses)
+    if added < 4:  # the start came between two files (it waited for the one being read)
+        refused = outcome["refused"]
+        assert refused.code == "job_started" and refused.detail == {"added": added}
+        assert f"the first {added} of 4 were added" in refused.message
+    assert InferenceRequest.objects.count() == added
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_creates_at_once_with_one_idempotency_key_answer_the_same_job(clinician_a, demo_model, monkeypatch):
+    """The second create's INSERT waits on the first one's unique key and then fails; it answers
+    the job the first one made (200), not a 500."""
+    import threading
+
+    from django.db import connection
+
+    from recognition.services import batches
+
+    if connection.vendor == "sqlite":
+        pytest.skip("SQLite serialises the two creates (one write transaction at a time): they cannot race there")
+    real = batches._record
+    first_inserted = threading.Event()
+    answers = {}
+
+    def record(membership, action, job, request):
+        if action == "batch.create" and not first_inserted.is_set():
+            first_inserted.set()
+            # hold the first job uncommitted until the second create is waiting on its key
+            deadline = time.monotonic() + 30
+            with connection.cursor() as cursor:
+                while time.monotonic() < deadline:
+                    cursor.execute("SELECT pg_stat_clear_snapshot()")  # else the transaction sees one snapshot
+                    cursor.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock'"
+                    )
+                    if cursor.fetchone()[0]:
+                        break
+                    time.sleep(0.05)
+                else:
+                    answers["never_waited"] = True
+        return real(membership, action, job, request)
+
+    monkeypatch.setattr(batches, "_record", record)
+
+    def post(which):
+        if which == "second":
+            first_inserted.wait(30)
+        try:
+            answers[which] = create(api_client_for(clinician_a), key="nightly-2026-12-01")
+        except Exception as exc:  # today's code: the IntegrityError escapes as a 500
+            answers[which] = exc
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=post, args=(which,)) for which in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert "never_waited" not in answers  # the two really raced
+    first, second = answers["first"], answers["second"]
+    assert not isinstance(second, Exception), repr(second)
+    assert (first.status_code, second.status_code) == (201, 200)
+    assert first.json()["id"] == second.json()["id"]
+    assert BatchJob.objects.count() == 1
+
+
+def test_an_upload_of_a_job_cancelled_before_it_was_unpacked_ends_refused(clinician_a, demo_model):
+    client = api_client_for(clinician_a)
+    job = create(client).json()
+    add_zip(client, job["id"], make_zip([("a.png", png_bytes(seed=1, size=64))]))
+    assert client.post(f"/api/v1/batches/{job['id']}/cancel/").status_code == 200
+    expand_all()
+    upload = BatchUpload.objects.get()
+    assert upload.status == "refused" and "cancelled" in upload.error
+    assert not default_storage.exists(upload.source) and not BatchItem.objects.exists()

@@ -176,3 +176,20 @@ def test_a_session_survives_a_site_secret_rotation_while_the_old_secret_is_a_fal
     settings.SECRET_KEY_FALLBACKS = []
     assert kept.get("/worklist/").status_code == 200
     assert dropped.get("/worklist/").status_code == 302  # never seen under the new key: signed out
+
+
+def test_a_patient_id_a_client_sends_is_stored_hashed_and_a_shown_pseudonym_as_it_was(clinician_a, demo_model):
+    from tests.conftest import png_bytes
+
+    client = api_client_for(clinician_a)
+    first = post_file(client, png_bytes(seed=3, size=64), name="x.png", patient_id="MRN-0042", accession_number="A-1")
+    assert first.status_code == 201, first.json()
+    shown = first.json()["study"]["patient_id"]
+    assert shown == pseudonym_for("MRN-0042", purpose=PATIENT, scope=clinician_a.tenant_id)
+    assert not Study.objects.filter(patient_pseudonym__contains="MRN-0042").exists()
+    # a client that echoes back the pseudonym it was shown names the same patient, not a new one
+    again = post_file(client, png_bytes(seed=4, size=64), name="x.png", patient_id=shown, accession_number="A-1")
+    assert again.status_code == 201, again.json()
+    assert again.json()["study"]["id"] == first.json()["study"]["id"]
+    found = client.post("/api/v1/studies/search/", {"q": "MRN-0042"}, format="json").json()["results"]
+    assert [row["accession_number"] for row in found] == ["A-1"]

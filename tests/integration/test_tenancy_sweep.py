@@ -16,6 +16,7 @@ from rest_framework.test import APIClient
 from accounts.apis import TenantApi
 from accounts.models import AccessEvent, Membership, Role
 from accounts.permissions import ROLE_ACTIONS, Action, can
+from accounts.service_accounts import api_key_create, service_account_create
 from accounts.services import invitation_create, membership_grant, user_get_or_create
 from recognition.services.batches import batch_job_create
 from recognition.services.images import StudyFields, image_upload
@@ -35,6 +36,8 @@ OBJECT_KINDS = {
     "review_id": "review",
     "job_id": "batch_job",
     "entry_id": "access_event",
+    "service_account_id": "service_account",
+    "api_key_id": "api_key",
 }
 
 # Every route without an object id, by name, and why it cannot show hospital A to hospital B.
@@ -54,12 +57,15 @@ ROUTES_WITHOUT_IDS = {
     "api-access-log": "list",
     "access-log": "list",
     "access-log-csv": "list",
+    "service-accounts": "list",
+    "api-service-accounts": "list",  # GET lists; POST creates in the caller's own hospital
     # act on the caller's own hospital, chosen by session or X-Tenant (swept with A's slug)
     "upload": "own-hospital",
     "api-study-search": "own-hospital",  # a POSTed worklist search
     "api-access-log-search": "own-hospital",  # a POSTed access-log search (identifiers stay out of URLs)
     "member-invite": "own-hospital",
     "api-invitations": "own-hospital",
+    "service-account-create": "own-hospital",
     "tenant-switch": "own-hospital",
     # no hospital data at all
     "home": "public",  # a redirect to the role's first page
@@ -80,7 +86,7 @@ ROUTES_WITHOUT_IDS = {
     "invitation-accept": "bearer-link",
 }
 
-MARKERS = ("A-MARKER-PATIENT", "A-MARKER-ACC", "a-marker-admin", "invitee@a-marker.example")
+MARKERS = ("A-MARKER-PATIENT", "A-MARKER-ACC", "a-marker-admin", "invitee@a-marker.example", "a-marker-robot")
 
 
 @dataclass
@@ -136,6 +142,8 @@ def world(hospital_a, hospital_b, demo_model):
     review = review_save(membership=clinician_a, image_id=image.pk, verdict="agree", comment="A-MARKER-PATIENT")
     job, _ = batch_job_create(membership=clinician_a, name="A-MARKER-ACC job")
     invitation_create(actor=admin_a, email="invitee@a-marker.example", role=Role.VIEWER)
+    robot = service_account_create(actor=admin_a, name="a-marker-robot", role=Role.CLINICIAN)
+    robot_key, _ = api_key_create(actor=admin_a, service_account=robot)
     b_members = {
         role: membership_grant(
             tenant=hospital_b, user=user_get_or_create(username=f"b-{role}", password=PASSWORD), role=role
@@ -154,6 +162,8 @@ def world(hospital_a, hospital_b, demo_model):
             "review": review.pk,
             "batch_job": job.pk,
             "access_event": AccessEvent.objects.filter(tenant=hospital_a).latest("id").pk,
+            "service_account": robot.pk,
+            "api_key": robot_key.pk,
         },
     }
 
@@ -255,6 +265,13 @@ ROUTE_ACTION = {
     "member-deactivate": {Action.MEMBERS_MANAGE},
     "member-enrolment-code": {Action.MEMBERS_MANAGE},
     "member-two-factor-reset": {Action.MEMBERS_MANAGE},
+    "api-service-account-detail": {Action.MEMBERS_MANAGE},
+    "api-service-account-revoke": {Action.MEMBERS_MANAGE},
+    "api-service-account-keys": {Action.MEMBERS_MANAGE},
+    "api-key-revoke": {Action.MEMBERS_MANAGE},
+    "service-account-key-create": {Action.MEMBERS_MANAGE},
+    "service-account-revoke": {Action.MEMBERS_MANAGE},
+    "api-key-revoke-page": {Action.MEMBERS_MANAGE},
 }
 
 

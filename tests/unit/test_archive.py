@@ -427,3 +427,28 @@ def test_bytes_actually_read_past_the_total_limit_refuse_the_rest_mid_stream():
     with pytest.raises(ArchiveRefused) as caught:
         next(items)
     assert caught.value.code == "too_large"
+
+
+def test_an_error_the_reader_did_not_foresee_fails_that_entry_alone(monkeypatch):
+    """Whatever goes wrong inside one entry, short of the archive as a whole being too large or
+    the file under it failing, is that entry's failure in words; the entries after it still come."""
+    real = archive._read_entry
+
+    def unforeseen(fileobj, entry, limits, total):
+        if entry.index == 1:
+            raise ValueError("a case nobody thought of")
+        return real(fileobj, entry, limits, total)
+
+    monkeypatch.setattr(archive, "_read_entry", unforeseen)
+    items = read(make_zip([("a.png", png(1)), ("b.png", png(2)), ("c.png", png(3))]))
+    assert [item.data is not None for item in items] == [True, False, True]
+    assert items[1].error == "the entry could not be read (ValueError)"
+
+
+def test_a_failing_file_under_the_archive_still_ends_the_reading(monkeypatch):
+    def unreadable(fileobj, entry, limits, total):
+        raise OSError("the disk under the archive failed")
+
+    monkeypatch.setattr(archive, "_read_entry", unreadable)
+    with pytest.raises(OSError):
+        read(make_zip([("a.png", png(1))]))
