@@ -13,14 +13,28 @@ class ApiInput(serializers.Serializer):
     # (A comment, not a docstring: the OpenAPI document would show it on every input.)
 
     def to_internal_value(self, data):
-        if hasattr(data, "getlist"):
+        is_form = hasattr(data, "getlist")  # a query string or a form: text, not typed values
+        if is_form:
             lists = {
                 name
                 for name, field in self.fields.items()
                 if isinstance(field, serializers.ListField | serializers.MultipleChoiceField)
             }
             data = {key: data.getlist(key) if key in lists else data.get(key) for key in data}
-        elif isinstance(data, dict):
+        if isinstance(data, dict):
+            # DRF trims a value before it counts its length: " " + 200 characters passed a
+            # max_length of 200 that the document states for the value as sent
+            too_long = {
+                name: [f"Ensure this field has no more than {field.max_length} characters."]
+                for name, field in self.fields.items()
+                if isinstance(field, serializers.CharField)
+                and field.max_length is not None
+                and isinstance(data.get(name), str)
+                and len(data[name]) > field.max_length
+            }
+            if too_long:
+                raise serializers.ValidationError(too_long)
+        if isinstance(data, dict) and not is_form:
             # JSON has types: DRF would take 0 for a name or "5" for a page size; the document says
             # string and integer, and so does the server
             wrong = {

@@ -195,3 +195,10 @@ def test_a_json_page_size_must_be_a_number(clinician_a):
     response = api_client_for(clinician_a).post("/api/v1/studies/search/", {"q": "P1", "page_size": "5"}, format="json")
     assert response.status_code == 400
     assert "page_size" in response.json()["error"]["detail"]
+
+
+def test_a_length_limit_counts_the_value_as_sent(clinician_a, demo_model):
+    # DRF trimmed first: one space and 200 characters passed a limit of 200
+    response = api_client_for(clinician_a).post("/api/v1/batches/", {"name": " " + "n" * 200}, format="json")
+    assert response.status_code == 400
+    assert "name" in response.json()["error"]["detail"]
