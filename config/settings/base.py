@@ -36,6 +36,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # first: every answer, those other middleware give on their own included, is no-store
+    # unless its path is named in SIGHTLINE_CACHEABLE_PATH_PREFIXES (config/cache_control.py)
+    "config.cache_control.CacheControlMiddleware",
     "accounts.middleware.RequestSizeLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -149,6 +152,10 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "templates" / "static"]
+# Cache-Control: the only paths a browser or proxy may cache (everything else is no-store):
+# static files, whose names carry their hash in production; the model files a browser screens
+# with are served as static files, under the same prefix
+SIGHTLINE_CACHEABLE_PATH_PREFIXES = env.list("SIGHTLINE_CACHEABLE_PATH_PREFIXES", default=[f"/{STATIC_URL}"])
 MEDIA_ROOT = VAR_DIR / "media"
 # No MEDIA_URL is routed: image bytes are patient data and leave only through views that
 # check access and write the access log.
