@@ -293,6 +293,16 @@ SIGHTLINE_MAX_WAIT_MS = env.float("SIGHTLINE_MAX_WAIT_MS", default=0.0)
 SIGHTLINE_MAX_ATTEMPTS = env.int("SIGHTLINE_MAX_ATTEMPTS", default=3)  # then a request ends failed, never loops
 SIGHTLINE_DECODE_THREADS = env.int("SIGHTLINE_DECODE_THREADS", default=2)
 SIGHTLINE_METRICS_TOKEN = env("SIGHTLINE_METRICS_TOKEN", default="")  # when set, /metrics needs it as a bearer
+# /metrics: batch sizes, latencies and outcomes over the requests finished this recently
+SIGHTLINE_METRICS_WINDOW_SECONDS = env.int("SIGHTLINE_METRICS_WINDOW_SECONDS", default=300)
+# transient errors (storage 5xx or throttling, a dropped connection: workers/transient.py):
+# reading one image is tried again in place this many times, then the request goes back to the
+# queue with a backoff; after SIGHTLINE_TRANSIENT_RETRIES such requeues it fails, in words
+SIGHTLINE_READ_TRIES = env.int("SIGHTLINE_READ_TRIES", default=3)
+SIGHTLINE_TRANSIENT_RETRIES = env.int("SIGHTLINE_TRANSIENT_RETRIES", default=8)
+SIGHTLINE_TRANSIENT_BACKOFF_MAX_SECONDS = env.int("SIGHTLINE_TRANSIENT_BACKOFF_MAX_SECONDS", default=120)
+# model registration: TorchScript packages carry code, not only weights; refused unless allowed
+SIGHTLINE_ALLOW_TORCHSCRIPT = env.bool("SIGHTLINE_ALLOW_TORCHSCRIPT", default=False)
 SIGHTLINE_GRADCAM = env.bool("SIGHTLINE_GRADCAM", default=True)  # heatmaps for models that name a layer
 SIGHTLINE_MAX_BATCHES_PER_TASK = env.int("SIGHTLINE_MAX_BATCHES_PER_TASK", default=16)
 # GPU back-pressure: a worker stops taking tasks while its GPU stays above this (workers.bootsteps)

@@ -11,6 +11,14 @@ ALLOWED_HOSTS = [host for host in env.list("ALLOWED_HOSTS") if host]
 if not ALLOWED_HOSTS:
     raise ImproperlyConfigured("ALLOWED_HOSTS must name this deployment's hosts")
 
+# /metrics: totals across hospitals, for the platform's Prometheus only; never open in production
+SIGHTLINE_METRICS_TOKEN = env("SIGHTLINE_METRICS_TOKEN", default="")
+if len(SIGHTLINE_METRICS_TOKEN) < 32:
+    raise ImproperlyConfigured(
+        "SIGHTLINE_METRICS_TOKEN must be set to a random token of at least 32 characters: "
+        "/metrics answers only a scrape that sends it as a bearer token"
+    )
+
 # TLS ends at nginx, which sets X-Forwarded-Proto.
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=True)

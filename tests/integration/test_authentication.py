@@ -632,6 +632,7 @@ def deploy_check(settings, **overrides) -> subprocess.CompletedProcess:
     unwanted = {"DJANGO_SECRET_KEY", "ALLOWED_HOSTS", "DJANGO_ALLOW_ASYNC_UNSAFE"}
     env = {key: value for key, value in os.environ.items() if key not in unwanted}
     env["DJANGO_SETTINGS_MODULE"] = "config.settings.production"
+    env.setdefault("SIGHTLINE_METRICS_TOKEN", "m" * 40)  # required in production (test_health.py)
     for key, value in overrides.items():
         if value is None:
             env.pop(key, None)
