@@ -1,12 +1,13 @@
 """Thin tasks: ids in, a service does the work."""
 
 from celery import shared_task
-from django.db import InterfaceError, OperationalError
 
-# a database that is briefly unreachable (a restart, a failover, a refused connection) must not
-# strand the requests this wake-up was for: the task tries again, backing off
-TRANSIENT = (OperationalError, InterfaceError)
-RETRY_TRANSIENT = {"autoretry_for": TRANSIENT, "retry_backoff": 1, "retry_backoff_max": 30, "max_retries": 8}
+from workers.transient import TransientRetryTask
+
+# a database, storage or broker that is briefly unreachable (a restart, a failover, throttling)
+# must not strand the work this task was for: it tries again, backing off; the errors that count
+# as transient are named once, in workers/transient.py
+RETRY_TRANSIENT = {"base": TransientRetryTask, "retry_backoff_max": 30, "max_retries": 8}
 
 
 @shared_task(name="workers.tasks.infer", acks_late=True, **RETRY_TRANSIENT)
@@ -37,3 +38,17 @@ def batch_reconcile() -> int:
     from recognition.services.batches import batch_reconcile as reconcile
 
     return reconcile()
+
+
+@shared_task(name="workers.tasks.model_validate", acks_late=True, bind=True, **RETRY_TRANSIENT)
+def model_validate(self, version_id: int) -> str:
+    """Registration's checks, off the web process; the version ends ready or refused."""
+    from recognition.services.registry import model_version_give_up, model_version_validate
+    from workers.transient import is_transient, transient_reason
+
+    try:
+        return model_version_validate(version_id=version_id).status
+    except Exception as exc:
+        if is_transient(exc) and self.request.retries >= self.max_retries:
+            model_version_give_up(version_id=version_id, reason=f"{transient_reason(exc)}, on every attempt")
+        raise

@@ -212,6 +212,7 @@ CELERY_TASK_ROUTES = {
     "workers.tasks.audit_verify": {"queue": "maintenance"},
     "workers.tasks.batch_expand": {"queue": "maintenance"},
     "workers.tasks.batch_reconcile": {"queue": "maintenance"},
+    "workers.tasks.model_validate": {"queue": "maintenance"},  # loads the package once, on CPU
 }
 CELERY_BEAT_SCHEDULE = {
     "reconcile-stuck-requests": {
