@@ -73,7 +73,8 @@ def _enqueue(
 
     queue = "interactive" if priority == InferenceRequest.Priority.INTERACTIVE else "bulk"
     try:
-        infer.apply_async(args=[request_id], queue=queue, countdown=countdown)
+        options = {"countdown": countdown} if countdown else {}
+        infer.apply_async(args=[request_id], queue=queue, **options)
     except Exception as exc:
         if not is_transient(exc):
             raise
