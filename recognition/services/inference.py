@@ -339,39 +339,47 @@ def _run_batches(version: ModelVersion, handler, first: list[int], claimed: set[
     return done
 
 
+WAKE_MARGIN_SECONDS = 0.25  # the wake-up lands just after the backoff ends, never just before
+
+
 def _requeue_transient(ids: list[int], *, reason: str) -> None:
     """Requests a transient error stopped: back to queued, no failure recorded, their claim not
     counted as an attempt; ``transient_retries`` counts the requeue and ``retry_after`` holds the
-    backoff. One that has used up SIGHTLINE_TRANSIENT_RETRIES fails, saying what kept failing."""
+    backoff, one for the requests sent back together, with one wake-up after it. One that has
+    used up SIGHTLINE_TRANSIENT_RETRIES fails, saying what kept failing."""
     cap = settings.SIGHTLINE_TRANSIENT_RETRIES
-    now = timezone.now()
-    wake: list[tuple[int, int, float]] = []
     with transaction.atomic():
         rows = list(
             InferenceRequest.objects.select_for_update()
             .filter(id__in=ids, status=Status.RUNNING, claimed_by=_worker_id())
+            .order_by("priority", "id")
             .values_list("id", "transient_retries", "priority")
         )
         exhausted = [request_id for request_id, retries, _ in rows if retries + 1 >= cap]
         if exhausted:
             _store_outcomes(_rows(exhausted), [ItemResult(error=f"{reason}, after {cap} tries")] * len(exhausted))
-        for request_id, retries, priority in rows:
-            if request_id in exhausted:
-                continue
-            delay = backoff_seconds(retries, cap=settings.SIGHTLINE_TRANSIENT_BACKOFF_MAX_SECONDS)
-            InferenceRequest.objects.filter(id=request_id, status=Status.RUNNING).update(
-                status=Status.QUEUED,
-                claimed_by="",
-                started_at=None,
-                attempts=F("attempts") - 1,
-                transient_retries=F("transient_retries") + 1,
-                retry_after=now + timezone.timedelta(seconds=delay),
-            )
-            wake.append((request_id, priority, delay))
-        for request_id, priority, delay in wake:  # a wake-up once the backoff is over
-            transaction.on_commit(lambda r=request_id, p=priority, d=delay: _enqueue(r, p, countdown=d), robust=True)
-    if wake:
-        logger.warning("%d request(s) back to the queue after a transient error: %s", len(wake), reason)
+        waiting = [
+            (request_id, retries, priority) for request_id, retries, priority in rows if request_id not in exhausted
+        ]
+        if not waiting:
+            return
+        delay = backoff_seconds(
+            max(retries for _, retries, _ in waiting), cap=settings.SIGHTLINE_TRANSIENT_BACKOFF_MAX_SECONDS
+        )
+        InferenceRequest.objects.filter(id__in=[row[0] for row in waiting], status=Status.RUNNING).update(
+            status=Status.QUEUED,
+            claimed_by="",
+            started_at=None,
+            attempts=F("attempts") - 1,
+            transient_retries=F("transient_retries") + 1,
+            retry_after=timezone.now() + timezone.timedelta(seconds=delay),
+        )
+        first_id, _, priority = waiting[0]
+        countdown = delay + WAKE_MARGIN_SECONDS
+        transaction.on_commit(lambda: _enqueue(first_id, priority, countdown=countdown), robust=True)
+    logger.warning(
+        "%d request(s) back to the queue for %.1f s after a transient error: %s", len(waiting), delay, reason
+    )
 
 
 def _heatmaps(handler, requests, batch, errors, probabilities) -> dict[int, str]:

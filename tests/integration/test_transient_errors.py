@@ -97,8 +97,11 @@ def test_a_storage_blip_while_loading_the_model_requeues_the_batch_then_it_succe
         assert request.transient_retries == 1 and request.attempts == 0
         assert request.retry_after > timezone.now()
     assert not Result.objects.exists()
-    assert sorted(request_id for request_id, _, _ in wake_ups) == sorted([ours.pk, theirs.pk])
-    assert all(countdown and countdown > 0 for _, _, countdown in wake_ups)
+    assert [(request_id, queue) for request_id, queue, _ in wake_ups] == [(ours.pk, "interactive")]  # one wake-up
+    ((_, _, countdown),) = wake_ups
+    retry_after = InferenceRequest.objects.get(pk=theirs.pk).retry_after
+    assert retry_after == InferenceRequest.objects.get(pk=ours.pk).retry_after  # one backoff for the batch
+    assert timezone.now() + timezone.timedelta(seconds=countdown) > retry_after  # it lands after the backoff
 
     assert inference_run(request_id=ours.pk) == 0  # too early: the backoff holds them back
     assert InferenceRequest.objects.filter(status="queued").count() == 2
