@@ -64,6 +64,10 @@ def model_version_submit(
             )
         if existing.status == ModelVersion.Status.REFUSED:
             _validate_again(existing, registered_by=registered_by, alias=alias, enqueue=enqueue)
+        elif existing.status == ModelVersion.Status.VALIDATING and enqueue:
+            # its first message may have been lost (a broker outage): ask again; the checks
+            # decide once, whichever task runs them first
+            transaction.on_commit(lambda: _enqueue_validation(existing.pk), robust=True)
         return existing, False
 
     # named by the whole package's checksum: the same bytes are stored once, however often

@@ -350,3 +350,24 @@ def test_a_storage_blip_during_the_checks_is_retried_and_the_version_becomes_rea
     monkeypatch.setattr(default_storage, "open", once_unreachable)
     assert model_validate.apply(args=[version.pk]).get() == "ready"
     assert len(calls) == 2
+
+
+def test_registering_a_package_still_validating_asks_a_worker_again(
+    demo_package, monkeypatch, django_capture_on_commit_callbacks
+):
+    """Its first message may have been lost with a broker outage: the version must not stay
+    validating for good."""
+    from recognition.services.registry import model_version_submit
+    from workers.tasks import model_validate
+
+    sent = []
+    monkeypatch.setattr(model_validate, "delay", lambda *args: sent.append(args))
+    with django_capture_on_commit_callbacks(execute=True):
+        version, created = model_version_submit(package_path=demo_package)
+    with django_capture_on_commit_callbacks(execute=True):
+        again, created_again = model_version_submit(package_path=demo_package)
+    assert (created, created_again, again) == (True, False, version)
+    assert sent == [(version.pk,), (version.pk,)]
+    assert model_validate.apply(args=[version.pk]).get() == "ready"
+    assert model_validate.apply(args=[version.pk]).get() == "ready"  # the second message changes nothing
+    assert AccessEvent.objects.filter(action="model.ready").count() == 1
