@@ -3,7 +3,7 @@ an entry of the log, written in the transaction that reads the page."""
 
 import pytest
 from django.contrib.admin.templatetags import admin_list
-from django.contrib.auth.models import Group
+from django.contrib.auth.models import Group, Permission
 from django.db import connection
 
 from accounts.models import AccessEvent
@@ -18,7 +18,11 @@ def staff(username: str, *, auditor: bool):
     user.is_staff = True
     user.save(update_fields=["is_staff"])
     if auditor:
-        user.groups.add(Group.objects.get(name="Platform auditors"))
+        # the migration makes the group; a transactional test before this one may have flushed it
+        group, _ = Group.objects.get_or_create(name="Platform auditors")
+        permission = Permission.objects.get(codename="audit_all_hospitals", content_type__app_label="accounts")
+        group.permissions.add(permission)
+        user.groups.add(group)
     return user
 
 

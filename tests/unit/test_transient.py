@@ -100,13 +100,13 @@ def test_a_task_retries_a_transient_error_and_raises_any_other_at_once():
             raise {"db": OperationalError("gone"), "bug": ValueError("bug")}[error]
         return "done"
 
-    assert flaky.apply(args=[2, "db"]).get() == "done"
+    assert flaky.apply(args=[2, "db"]).get(disable_sync_subtasks=False) == "done"
     assert calls == [0, 1, 2]
     calls.clear()
     with pytest.raises(ValueError):
-        flaky.apply(args=[1, "bug"]).get()
+        flaky.apply(args=[1, "bug"]).get(disable_sync_subtasks=False)
     assert calls == [0]
     calls.clear()
     with pytest.raises(OperationalError):  # past max_retries: the error itself
-        flaky.apply(args=[10, "db"]).get()
+        flaky.apply(args=[10, "db"]).get(disable_sync_subtasks=False)
     assert calls == [0, 1, 2, 3]
