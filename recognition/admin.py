@@ -13,7 +13,7 @@ from django.urls import path
 from config.errors import DomainError
 
 from .models import AIModel, ModelAlias, ModelPin, ModelVersion, TrafficSplit
-from .services.registry import model_alias_move, model_pin_set, model_version_register, traffic_split_set
+from .services.registry import model_alias_move, model_pin_set, model_version_submit, traffic_split_set
 
 
 class RegisterPackageForm(forms.Form):
@@ -39,11 +39,12 @@ class AIModelAdmin(admin.ModelAdmin):
 
 @admin.register(ModelVersion)
 class ModelVersionAdmin(admin.ModelAdmin):
-    list_display = ("model", "version", "weights_sha256", "registered_by", "created")
+    list_display = ("model", "version", "status", "refusal_reason", "weights_sha256", "registered_by", "created")
+    list_filter = ("status",)
     change_list_template = "admin/recognition/modelversion/change_list.html"
 
     def has_add_permission(self, request):
-        return False  # through "Register a package", which loads and checks it first
+        return False  # through "Register a package": stored, then checked by a worker
 
     def has_change_permission(self, request, obj=None):
         return False
@@ -68,14 +69,21 @@ class ModelVersionAdmin(admin.ModelAdmin):
                     for chunk in form.cleaned_data["package"].chunks():
                         target.write(chunk)
                 try:
-                    version, created = model_version_register(
+                    # stored and recorded as validating; a worker loads and checks it, never this process
+                    version, created = model_version_submit(
                         package_path=package, registered_by=request.user, alias=form.cleaned_data["alias"] or None
                     )
                 except DomainError as exc:
                     form.add_error("package", exc.message)
                 else:
-                    state = "Registered" if created else "Already registered:"
-                    messages.success(request, f"{state} {version}.")
+                    if version.status == ModelVersion.Status.VALIDATING:
+                        messages.success(
+                            request,
+                            f"Stored {version}: a worker is checking it now. Its status below turns to ready, "
+                            "or to refused with the reason.",
+                        )
+                    else:
+                        messages.success(request, f"Already registered: {version} ({version.status}).")
                     return redirect("admin:recognition_modelversion_changelist")
         context = {**self.admin_site.each_context(request), "form": form, "title": "Register a model package"}
         return render(request, "admin/recognition/modelversion/register.html", context)
@@ -83,6 +91,11 @@ class ModelVersionAdmin(admin.ModelAdmin):
 
 class RegistryChangeAdmin(admin.ModelAdmin):
     """Saves and deletes go through a registry service (validation and the access log)."""
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        if db_field.name == "version":  # only a version that passed its checks is offered
+            kwargs["queryset"] = ModelVersion.objects.filter(status=ModelVersion.Status.READY).select_related("model")
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
     def delete_queryset(self, request, queryset):
         for obj in queryset:

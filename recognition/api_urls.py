@@ -20,4 +20,5 @@ urlpatterns = [
     path("batches/<int:job_id>/results/", apis.BatchResultsApi.as_view(), name="api-batch-results"),
     path("studies/search/", apis.StudySearchApi.as_view(), name="api-study-search"),
     path("studies/<int:study_id>/", apis.StudyDetailApi.as_view(), name="api-study-detail"),
+    path("model-versions/", apis.ModelVersionListApi.as_view(), name="api-model-versions"),
 ]

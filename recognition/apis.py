@@ -48,6 +48,7 @@ from .services.batches import (
     results_json,
 )
 from .services.images import IDEMPOTENCY_KEY_MAX, StudyFields, images_upload_once
+from .services.registry import model_version_list
 from .services.reviews import review_save, review_sign_off
 
 
@@ -587,3 +588,30 @@ class BatchResultsApi(TenantApi):
             response = StreamingHttpResponse(results_csv(job), content_type="text/csv")
             response["Content-Disposition"] = f'attachment; filename="job-{job.pk}.csv"'
         return response
+
+
+class ModelVersionOutput(serializers.Serializer):
+    id = serializers.IntegerField()
+    model = serializers.CharField(source="model.name")
+    version = serializers.CharField()
+    demo = serializers.BooleanField(source="model.is_demo")
+    status = serializers.ChoiceField(
+        choices=["validating", "ready", "refused"],
+        help_text="validating: stored, a worker is running the registration checks; ready: it passed them "
+        "and can read images; refused: it did not (refusal_reason says why)",
+    )
+    refusal_reason = serializers.CharField(help_text="why the registration checks refused it; empty otherwise")
+    labels = serializers.ListField(child=serializers.CharField())
+    weights_sha256 = serializers.CharField()
+    created = serializers.DateTimeField()
+    validated_at = serializers.DateTimeField(allow_null=True)
+
+
+class ModelVersionListApi(TenantApi):
+    pagination_class = NewestFirstPagination  # every list answers a page (the OpenAPI contract)
+
+    @extend_schema(parameters=[TENANT_HEADER], responses=ModelVersionOutput(many=True))
+    def get(self, request):
+        paginator = self.pagination_class()
+        page = paginator.paginate_queryset(model_version_list(), request)
+        return paginator.get_paginated_response(ModelVersionOutput(page, many=True).data)

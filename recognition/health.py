@@ -9,18 +9,20 @@ import os
 import socket
 import threading
 import time
+from datetime import timedelta
 
 import redis
 from django.conf import settings
 from django.db import connection
 from django.db.models import Count, Q, Sum
 from django.http import HttpResponse, JsonResponse
+from django.utils import timezone
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily
 
 from config.errors import error_body
 
-from .models import InferenceRequest, Result
+from .models import InferenceRequest
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,8 @@ HEARTBEAT_TTL = 45  # three missed beats and the worker counts as gone
 QUEUES = ("interactive", "bulk")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 LATENCY_BUCKETS_MS = (10, 25, 50, 100, 250, 500, 1000, 2500, 10000)
+Status = InferenceRequest.Status
+WAITING_STATES = (Status.QUEUED, Status.RUNNING)
 
 
 def _redis() -> redis.Redis:
@@ -92,7 +96,13 @@ def readiness() -> tuple[bool, dict]:
 
 class SightlineCollector:
     """Computed at scrape time from Redis and the database, so every web replica reports the
-    same numbers and workers need no metrics server of their own."""
+    same numbers and workers need no metrics server of their own.
+
+    A scrape costs three indexed queries, however large the tables grow: counts of the states
+    work waits in (queued, running: a range of the ``status`` index), and aggregates over the
+    requests finished in the last ``SIGHTLINE_METRICS_WINDOW_SECONDS`` (a range of the
+    ``finished_at`` index). Nothing scans the history: the windowed figures are gauges (a gauge
+    histogram for batch sizes and latencies), which Prometheus keeps over time itself."""
 
     def collect(self):
         depth = GaugeMetricFamily("sightline_queue_depth", "Messages waiting in a broker queue", labels=["queue"])
@@ -104,48 +114,70 @@ class SightlineCollector:
             pass
         yield depth
 
-        states = GaugeMetricFamily("sightline_inference_requests", "Inference requests by state", labels=["status"])
-        for status, count in InferenceRequest.objects.values_list("status").annotate(n=Count("id")):
-            states.add_metric([status], count)
-        yield states
-
-        finished = InferenceRequest.objects.filter(finished_at__isnull=False)
-        yield self._histogram(
-            "sightline_batch_size", "Requests per forward pass", finished, "batch_size", BATCH_BUCKETS
+        states = GaugeMetricFamily(
+            "sightline_inference_requests", "Inference requests waiting or running now", labels=["status"]
         )
-        yield self._histogram(
-            "sightline_inference_latency_ms",
-            "Claim to stored result, per request (ms)",
-            finished,
-            "inference_ms",
-            LATENCY_BUCKETS_MS,
-        )
-        yield self._histogram(
-            "sightline_queue_wait_ms", "Queued to claimed, per request (ms)", finished, "wait_ms", LATENCY_BUCKETS_MS
-        )
-
-        results = CounterMetricFamily(
-            "sightline_results", "Results stored, by model version", labels=["model", "version"]
-        )
-        for model, version, count in (
-            Result.objects.values_list("model_version__model__name", "model_version__version")
+        counts = dict(
+            InferenceRequest.objects.filter(status__in=WAITING_STATES)
+            .values_list("status")
             .annotate(n=Count("id"))
             .order_by()
-        ):
-            results.add_metric([model, version], count)
-        yield results
-
-    @staticmethod
-    def _histogram(name, documentation, queryset, field, buckets):
-        aggregates = {f"le_{b}": Count("id", filter=Q(**{f"{field}__lte": b})) for b in buckets}
-        row = queryset.filter(**{f"{field}__isnull": False}).aggregate(total=Count("id"), sum=Sum(field), **aggregates)
-        family = HistogramMetricFamily(name, documentation)
-        family.add_metric(
-            [],
-            [(str(b), row[f"le_{b}"]) for b in buckets] + [("+Inf", row["total"])],
-            sum_value=row["sum"] or 0,
         )
-        return family
+        for status in WAITING_STATES:
+            states.add_metric([status], counts.get(status, 0))
+        yield states
+
+        window = settings.SIGHTLINE_METRICS_WINDOW_SECONDS
+        recent = InferenceRequest.objects.filter(finished_at__gte=timezone.now() - timedelta(seconds=window))
+        histograms = {
+            "batch_size": BATCH_BUCKETS,
+            "inference_ms": LATENCY_BUCKETS_MS,
+            "wait_ms": LATENCY_BUCKETS_MS,
+        }
+        aggregates = {
+            f"status_{status}": Count("id", filter=Q(status=status)) for status in (Status.DONE, Status.FAILED)
+        }
+        for field, buckets in histograms.items():
+            aggregates[f"{field}_total"] = Count(field)
+            aggregates[f"{field}_sum"] = Sum(field)
+            aggregates.update({f"{field}_le_{b}": Count("id", filter=Q(**{f"{field}__lte": b})) for b in buckets})
+        row = recent.aggregate(**aggregates)
+
+        finished = GaugeMetricFamily(
+            "sightline_inference_finished",
+            f"Inference requests finished in the last {window} s, by outcome",
+            labels=["status"],
+        )
+        for status in (Status.DONE, Status.FAILED):
+            finished.add_metric([status], row[f"status_{status}"])
+        yield finished
+        for name, field, documentation in (
+            ("sightline_batch_size", "batch_size", "Requests per forward pass"),
+            ("sightline_inference_latency_ms", "inference_ms", "Claim to stored result, per request (ms)"),
+            ("sightline_queue_wait_ms", "wait_ms", "Queued to claimed, per request (ms)"),
+        ):
+            family = GaugeHistogramMetricFamily(name, f"{documentation}, requests finished in the last {window} s")
+            family.add_metric(
+                [],
+                [(str(b), row[f"{field}_le_{b}"]) for b in histograms[field]] + [("+Inf", row[f"{field}_total"])],
+                gsum_value=row[f"{field}_sum"] or 0,
+            )
+            yield family
+
+        results = GaugeMetricFamily(
+            "sightline_results_recent",
+            f"Results stored in the last {window} s, by model version",
+            labels=["model", "version"],
+        )
+        for model, version, count in (
+            # the outcome is counted, not filtered on: the window's index is the only one to read
+            recent.values_list("model_version__model__name", "model_version__version")
+            .annotate(n=Count("id", filter=Q(status=Status.DONE)))
+            .order_by()
+        ):
+            if count:
+                results.add_metric([model, version], count)
+        yield results
 
 
 def live(request):

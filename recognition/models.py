@@ -174,7 +174,16 @@ class AIModel(models.Model):
 
 
 class ModelVersion(models.Model):
-    """An immutable model package; its weights' sha256 is checked every time it loads."""
+    """An immutable model package; its weights' sha256 is checked every time it loads.
+
+    Registration stores the bytes and creates the row ``validating``; a worker task runs the
+    registration checks and makes it ``ready`` or ``refused`` (with the reason in words). Only
+    a ready version can be given an alias, a split or a pin, or be loaded for inference."""
+
+    class Status(models.TextChoices):
+        VALIDATING = "validating"
+        READY = "ready"
+        REFUSED = "refused"
 
     model = models.ForeignKey(AIModel, on_delete=models.PROTECT, related_name="versions")
     version = models.CharField(max_length=50)
@@ -186,9 +195,21 @@ class ModelVersion(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
     created = models.DateTimeField(default=timezone.now)
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.VALIDATING)
+    refusal_reason = models.TextField(blank=True, help_text="Why the registration checks refused it, in words.")
+    validated_at = models.DateTimeField(null=True, blank=True)
+    requested_alias = models.CharField(
+        max_length=20, blank=True, help_text="The alias to point at this version once it is ready."
+    )
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["model", "version"], name="model_version_unique")]
+        constraints = [
+            models.UniqueConstraint(fields=["model", "version"], name="model_version_unique"),
+            models.CheckConstraint(
+                condition=~models.Q(status="refused") | ~models.Q(refusal_reason=""),
+                name="model_version_refused_says_why",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.model.name} {self.version}"
@@ -278,12 +299,18 @@ class InferenceRequest(TenantOwned):
     created = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # a transient error (a storage or network blip) sent it back to the queue this many times;
+    # it is not claimed again before retry_after (backoff), and fails at SIGHTLINE_TRANSIENT_RETRIES
+    transient_retries = models.PositiveIntegerField(default=0)
+    retry_after = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         indexes = [
             # the worker's claim: queued requests of one model version, oldest first
             models.Index(fields=["model_version", "status", "priority", "id"], name="inference_claim"),
             models.Index(fields=["status", "claimed_by"], name="inference_running"),
+            # /metrics reads the requests finished in its window, never the whole history
+            models.Index(fields=["finished_at"], name="inference_finished"),
         ]
 
 

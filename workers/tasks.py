@@ -1,12 +1,13 @@
 """Thin tasks: ids in, a service does the work."""
 
 from celery import shared_task
-from django.db import InterfaceError, OperationalError
 
-# a database that is briefly unreachable (a restart, a failover, a refused connection) must not
-# strand the requests this wake-up was for: the task tries again, backing off
-TRANSIENT = (OperationalError, InterfaceError)
-RETRY_TRANSIENT = {"autoretry_for": TRANSIENT, "retry_backoff": 1, "retry_backoff_max": 30, "max_retries": 8}
+from workers.transient import TransientRetryTask
+
+# a database, storage or broker that is briefly unreachable (a restart, a failover, throttling)
+# must not strand the work this task was for: it tries again, backing off; the errors that count
+# as transient are named once, in workers/transient.py
+RETRY_TRANSIENT = {"base": TransientRetryTask, "retry_backoff_max": 30, "max_retries": 8}
 
 
 @shared_task(name="workers.tasks.infer", acks_late=True, **RETRY_TRANSIENT)
@@ -39,13 +40,9 @@ def batch_reconcile() -> int:
     return reconcile()
 
 
-# decode: a storage blip reading the original (OSError) retries too; the attempt cap in the
-# service ends an image that keeps failing (or keeps killing its worker)
-@shared_task(
-    name="workers.tasks.image_render",
-    acks_late=True,
-    **{**RETRY_TRANSIENT, "autoretry_for": (*TRANSIENT, OSError)},
-)
+# a storage blip reading the original retries (workers/transient.py names it); the attempt cap
+# in the service ends an image that keeps failing (or keeps killing its worker)
+@shared_task(name="workers.tasks.image_render", acks_late=True, **RETRY_TRANSIENT)
 def image_render(image_ids: list[int]) -> int:
     """Render received images (one original's frames) for display and the model; queue their reads."""
     from recognition.services.images import images_render
@@ -59,3 +56,17 @@ def image_render_reconcile() -> int:
     from recognition.services.images import images_render_reconcile
 
     return images_render_reconcile()
+
+
+@shared_task(name="workers.tasks.model_validate", acks_late=True, bind=True, **RETRY_TRANSIENT)
+def model_validate(self, version_id: int) -> str:
+    """Registration's checks, off the web process; the version ends ready or refused."""
+    from recognition.services.registry import model_version_give_up, model_version_validate
+    from workers.transient import is_transient, transient_reason
+
+    try:
+        return model_version_validate(version_id=version_id).status
+    except Exception as exc:
+        if is_transient(exc) and self.request.retries >= self.max_retries:
+            model_version_give_up(version_id=version_id, reason=f"{transient_reason(exc)}, on every attempt")
+        raise

@@ -36,6 +36,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # first: every answer, those other middleware give on their own included, is no-store
+    # unless its path is named in SIGHTLINE_CACHEABLE_PATH_PREFIXES (config/cache_control.py)
+    "config.cache_control.CacheControlMiddleware",
     "accounts.middleware.RequestSizeLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -173,6 +176,10 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "templates" / "static"]
+# Cache-Control: the only paths a browser or proxy may cache (everything else is no-store):
+# static files, whose names carry their hash in production; the model files a browser screens
+# with are served as static files, under the same prefix
+SIGHTLINE_CACHEABLE_PATH_PREFIXES = env.list("SIGHTLINE_CACHEABLE_PATH_PREFIXES", default=[f"/{STATIC_URL}"])
 MEDIA_ROOT = VAR_DIR / "media"
 # No MEDIA_URL is routed: image bytes are patient data and leave only through views that
 # check access and write the access log.
@@ -230,6 +237,7 @@ CELERY_TASK_ROUTES = {
     "workers.tasks.batch_expand": {"queue": "maintenance"},
     "workers.tasks.batch_reconcile": {"queue": "maintenance"},
     "workers.tasks.image_render_reconcile": {"queue": "maintenance"},
+    "workers.tasks.model_validate": {"queue": "maintenance"},  # loads the package once, on CPU
 }
 CELERY_BEAT_SCHEDULE = {
     "reconcile-stuck-requests": {
@@ -325,6 +333,16 @@ SIGHTLINE_MAX_WAIT_MS = env.float("SIGHTLINE_MAX_WAIT_MS", default=0.0)
 SIGHTLINE_MAX_ATTEMPTS = env.int("SIGHTLINE_MAX_ATTEMPTS", default=3)  # then a request ends failed, never loops
 SIGHTLINE_DECODE_THREADS = env.int("SIGHTLINE_DECODE_THREADS", default=2)
 SIGHTLINE_METRICS_TOKEN = env("SIGHTLINE_METRICS_TOKEN", default="")  # when set, /metrics needs it as a bearer
+# /metrics: batch sizes, latencies and outcomes over the requests finished this recently
+SIGHTLINE_METRICS_WINDOW_SECONDS = env.int("SIGHTLINE_METRICS_WINDOW_SECONDS", default=300)
+# transient errors (storage 5xx or throttling, a dropped connection: workers/transient.py):
+# reading one image is tried again in place this many times, then the request goes back to the
+# queue with a backoff; after SIGHTLINE_TRANSIENT_RETRIES such requeues it fails, in words
+SIGHTLINE_READ_TRIES = env.int("SIGHTLINE_READ_TRIES", default=3)
+SIGHTLINE_TRANSIENT_RETRIES = env.int("SIGHTLINE_TRANSIENT_RETRIES", default=8)
+SIGHTLINE_TRANSIENT_BACKOFF_MAX_SECONDS = env.int("SIGHTLINE_TRANSIENT_BACKOFF_MAX_SECONDS", default=120)
+# model registration: TorchScript packages carry code, not only weights; refused unless allowed
+SIGHTLINE_ALLOW_TORCHSCRIPT = env.bool("SIGHTLINE_ALLOW_TORCHSCRIPT", default=False)
 SIGHTLINE_GRADCAM = env.bool("SIGHTLINE_GRADCAM", default=True)  # heatmaps for models that name a layer
 SIGHTLINE_MAX_BATCHES_PER_TASK = env.int("SIGHTLINE_MAX_BATCHES_PER_TASK", default=16)
 # GPU back-pressure: a worker stops taking tasks while its GPU stays above this (workers.bootsteps)

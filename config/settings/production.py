@@ -20,6 +20,14 @@ for _key in (SIGHTLINE_PSEUDONYM_KEY, *SIGHTLINE_PSEUDONYM_KEY_FALLBACKS):  # no
     if _key in (SECRET_KEY, *SECRET_KEY_FALLBACKS):  # noqa: F405
         raise ImproperlyConfigured("SIGHTLINE_PSEUDONYM_KEY must differ from DJANGO_SECRET_KEY and its fallbacks")
 
+# /metrics: totals across hospitals, for the platform's Prometheus only; never open in production
+SIGHTLINE_METRICS_TOKEN = env("SIGHTLINE_METRICS_TOKEN", default="")
+if len(SIGHTLINE_METRICS_TOKEN) < 32:
+    raise ImproperlyConfigured(
+        "SIGHTLINE_METRICS_TOKEN must be set to a random token of at least 32 characters: "
+        "/metrics answers only a scrape that sends it as a bearer token"
+    )
+
 # TLS ends at nginx, which sets X-Forwarded-Proto.
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=True)

@@ -60,6 +60,9 @@ def _job_version(*, tenant, model: str, alias: str, version: str) -> ModelVersio
         found = ModelVersion.objects.filter(model=family, version=version).first()
         if found is None:
             raise NotFound(f"{name} has no version {version!r}.", code="unknown_version")
+        from .registry import model_version_require_ready  # registry imports this module's neighbours
+
+        model_version_require_ready(version=found)  # 409 for a version still validating or refused
         return found
     if not alias:  # the hospital's pin wins over the production alias, as for single uploads
         pin = ModelPin.objects.for_tenant(tenant).filter(model=family).select_related("version").first()

@@ -7,20 +7,21 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import transaction
-from django.db.models import Case, F, IntegerField, Value, When, Window
+from django.db.models import Case, F, IntegerField, Q, Value, When, Window
 from django.db.models.functions import RowNumber
 from django.utils import timezone
-from kombu.exceptions import OperationalError
 
 from config.errors import Unavailable
 from workers.engine.batching import collect_batch
 from workers.engine.package import PackageError
 from workers.engine.results import ItemResult
+from workers.transient import backoff_seconds, is_transient, transient_reason
 
 from .. import events
 from ..models import Image, InferenceRequest, ModelAlias, ModelVersion, Result
@@ -65,13 +66,18 @@ def inference_request_create(
     return request
 
 
-def _enqueue(request_id: int, priority: int = InferenceRequest.Priority.INTERACTIVE) -> None:
+def _enqueue(
+    request_id: int, priority: int = InferenceRequest.Priority.INTERACTIVE, countdown: float | None = None
+) -> None:
     from workers.tasks import infer  # the task module imports this one
 
     queue = "interactive" if priority == InferenceRequest.Priority.INTERACTIVE else "bulk"
     try:
-        infer.apply_async(args=[request_id], queue=queue)
-    except (OSError, OperationalError):  # ConnectionError is an OSError
+        options = {"countdown": countdown} if countdown else {}
+        infer.apply_async(args=[request_id], queue=queue, **options)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
         # the request stays queued in the database: a worker's start-up, or beat's reconciliation
         # within a minute, wakes it once the broker is back
         logger.warning("broker unavailable; request %s stays queued until it is woken up", request_id)
@@ -90,6 +96,8 @@ def _claim(*, model_version_id: int, limit: int, first_id: int | None = None) ->
         InferenceRequest.objects.filter(
             model_version_id=model_version_id, status=Status.QUEUED, attempts__lt=settings.SIGHTLINE_MAX_ATTEMPTS
         )
+        # a request sent back by a transient error waits out its backoff
+        .filter(Q(retry_after__isnull=True) | Q(retry_after__lte=timezone.now()))
         .annotate(turn=Window(RowNumber(), partition_by=[F("priority"), F("tenant_id")], order_by=F("id").asc()))
         .order_by(
             Case(When(id=first_id, then=Value(0)), default=Value(1), output_field=IntegerField()),
@@ -184,23 +192,48 @@ def _batch_limits(version: ModelVersion) -> tuple[int, float]:
     )
 
 
-def _prepare(handler, names: list[str]):
-    """Storage read and decode for one batch: runs in the decode pool beside the forward pass."""
-    import torch  # the worker's: the web process imports this module and never loads torch
+READ_RETRY_PAUSE_SECONDS = 0.05  # then 0.1, 0.2…: a blip of a fraction of a second is waited out in place
+TRANSIENT_PLACEHOLDER = "a transient error; sent back to the queue"
 
-    tensors, errors = [], []
-    for name in names:
+
+def _read_stored(name: str) -> bytes:
+    """One image's bytes; a transient error is tried again here, SIGHTLINE_READ_TRIES in all."""
+    tries = max(1, settings.SIGHTLINE_READ_TRIES)
+    for attempt in range(tries):
         try:
             with default_storage.open(name, "rb") as stored:
-                data = stored.read()
-        except OSError:
-            errors.append("the stored image could not be read")
+                return stored.read()
+        except Exception as exc:
+            if attempt + 1 >= tries or not is_transient(exc):
+                raise
+            logger.info("reading %s failed (%s); trying again", name, transient_reason(exc))
+            time.sleep(READ_RETRY_PAUSE_SECONDS * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _prepare(handler, names: list[str]):
+    """Storage read and decode for one batch: runs in the decode pool beside the forward pass.
+    Returns (tensor, one error per name, {position: reason} of reads that kept failing with a
+    transient error: those requests go back to the queue instead of failing)."""
+    import torch  # the worker's: the web process imports this module and never loads torch
+
+    tensors, errors, transient = [], [], {}
+    for position, name in enumerate(names):
+        try:
+            data = _read_stored(name)
+        except Exception as exc:
+            if is_transient(exc):
+                transient[position] = transient_reason(exc)
+                errors.append(TRANSIENT_PLACEHOLDER)
+            else:  # gone, or refused for good: this image fails alone, the batch runs
+                logger.warning("stored image %s could not be read: %r", name, exc)
+                errors.append("the stored image could not be read")
             continue
         batch, (error,) = handler.preprocess([data])
         errors.append(error)
         if batch is not None:
             tensors.append(batch[0])
-    return (torch.stack(tensors) if tensors else None), errors
+    return (torch.stack(tensors) if tensors else None), errors, transient
 
 
 _decode_pool: ThreadPoolExecutor | None = None
@@ -239,10 +272,25 @@ def inference_run(*, request_id: int) -> int:
         logger.error("model version %s refused: %s", version.pk, exc)
         _store_outcomes(_rows(first), [ItemResult(error=f"the model could not be loaded: {exc}")] * len(first))
         return len(first)
-    except Exception:
+    except Exception as exc:
+        if is_transient(exc):  # a storage blip while fetching the package: the whole batch waits and retries
+            logger.warning("model version %s not loaded (%s); its batch goes back to the queue", version.pk, exc)
+            _requeue_transient(first, reason=f"the model could not be loaded: {transient_reason(exc)}")
+            return 0
         _store_outcomes(_rows(first), [ItemResult(error="the worker failed to load the model")] * len(first))
         raise
 
+    claimed: set[int] = set(first)  # claimed by this task and not stored yet
+    try:
+        return _run_batches(version, handler, first, claimed, max_batch)
+    except Exception as exc:
+        if is_transient(exc) and claimed:  # the database or storage went away mid-batch
+            with suppress(Exception):  # best effort: the database may still be away
+                _requeue_transient(sorted(claimed), reason=transient_reason(exc))
+        raise
+
+
+def _run_batches(version: ModelVersion, handler, first: list[int], claimed: set[int], max_batch: int) -> int:
     done, batches = 0, 0
     current = (first, _pool().submit(_prepare, handler, _file_names(first)))
     while current is not None:
@@ -251,22 +299,26 @@ def inference_run(*, request_id: int) -> int:
         if requests[0].priority == InferenceRequest.Priority.BULK and _interactive_waiting(version.pk):
             # a clinician's read arrived while this bulk batch waited its turn: it goes first
             _release(ids)
+            claimed.difference_update(ids)
             ids = _claim(model_version_id=version.pk, limit=max_batch)
             if not ids:
                 break
+            claimed.update(ids)
             prepared, requests = _pool().submit(_prepare, handler, _file_names(ids)), _rows(ids)
         batches += 1
         current = None
         if batches < settings.SIGHTLINE_MAX_BATCHES_PER_TASK:
             more = _claim(model_version_id=version.pk, limit=max_batch)
             if more:
+                claimed.update(more)
                 current = (more, _pool().submit(_prepare, handler, _file_names(more)))
         else:  # yield the worker to other versions' tasks; a new task picks up what is left
             _wake_next(version.pk)
         started = time.perf_counter()
         heatmaps: dict[int, str] = {}
+        transient: dict[int, str] = {}
         try:
-            batch, errors = prepared.result()
+            batch, errors, transient = prepared.result()
             probabilities = handler.infer(batch) if batch is not None else None
             outcomes = handler.postprocess(probabilities, errors)
         except Exception as exc:  # e.g. out of GPU memory: the batch fails in words, never stays running
@@ -276,9 +328,58 @@ def inference_run(*, request_id: int) -> int:
             if probabilities is not None and handler.manifest.gradcam_layer and settings.SIGHTLINE_GRADCAM:
                 heatmaps = _heatmaps(handler, requests, batch, errors, probabilities)
         logger.info("batch of %d on %s in %.1f ms", len(ids), handler.device, (time.perf_counter() - started) * 1000)
+        if transient:  # reads that kept failing with a blip: back to the queue, not failed
+            for position, reason in transient.items():
+                _requeue_transient([ids[position]], reason=f"the stored image could not be read: {reason}")
+            kept = [position for position in range(len(ids)) if position not in transient]
+            requests, outcomes = [requests[p] for p in kept], [outcomes[p] for p in kept]
         _store_outcomes(requests, outcomes, heatmaps)
-        done += len(ids)
+        claimed.difference_update(ids)
+        done += len(requests)
     return done
+
+
+WAKE_MARGIN_SECONDS = 0.25  # the wake-up lands just after the backoff ends, never just before
+
+
+def _requeue_transient(ids: list[int], *, reason: str) -> None:
+    """Requests a transient error stopped: back to queued, no failure recorded, their claim not
+    counted as an attempt; ``transient_retries`` counts the requeue and ``retry_after`` holds the
+    backoff, one for the requests sent back together, with one wake-up after it. One that has
+    used up SIGHTLINE_TRANSIENT_RETRIES fails, saying what kept failing."""
+    cap = settings.SIGHTLINE_TRANSIENT_RETRIES
+    with transaction.atomic():
+        rows = list(
+            InferenceRequest.objects.select_for_update()
+            .filter(id__in=ids, status=Status.RUNNING, claimed_by=_worker_id())
+            .order_by("priority", "id")
+            .values_list("id", "transient_retries", "priority")
+        )
+        exhausted = [request_id for request_id, retries, _ in rows if retries + 1 >= cap]
+        if exhausted:
+            _store_outcomes(_rows(exhausted), [ItemResult(error=f"{reason}, after {cap} tries")] * len(exhausted))
+        waiting = [
+            (request_id, retries, priority) for request_id, retries, priority in rows if request_id not in exhausted
+        ]
+        if not waiting:
+            return
+        delay = backoff_seconds(
+            max(retries for _, retries, _ in waiting), cap=settings.SIGHTLINE_TRANSIENT_BACKOFF_MAX_SECONDS
+        )
+        InferenceRequest.objects.filter(id__in=[row[0] for row in waiting], status=Status.RUNNING).update(
+            status=Status.QUEUED,
+            claimed_by="",
+            started_at=None,
+            attempts=F("attempts") - 1,
+            transient_retries=F("transient_retries") + 1,
+            retry_after=timezone.now() + timezone.timedelta(seconds=delay),
+        )
+        first_id, _, priority = waiting[0]
+        countdown = delay + WAKE_MARGIN_SECONDS
+        transaction.on_commit(lambda: _enqueue(first_id, priority, countdown=countdown), robust=True)
+    logger.warning(
+        "%d request(s) back to the queue for %.1f s after a transient error: %s", len(waiting), delay, reason
+    )
 
 
 def _heatmaps(handler, requests, batch, errors, probabilities) -> dict[int, str]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,12 +15,14 @@ from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import default_storage
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from accounts.services import access_event_record
-from config.errors import Invalid
+from config.errors import Conflict, Invalid
 from workers.engine.cache import HandlerCache
-from workers.engine.package import PackageError, read_manifest
+from workers.engine.package import TORCHSCRIPT_REFUSED, PackageError, read_manifest
+from workers.transient import is_transient
 
 if TYPE_CHECKING:
     from workers.engine.handler import Handler
@@ -26,38 +30,47 @@ if TYPE_CHECKING:
 from ..models import AIModel, ModelAlias, ModelPin, ModelVersion, TrafficSplit
 from ..storage import model_package_key
 
+logger = logging.getLogger(__name__)
 _handlers = HandlerCache(budget_bytes=settings.SIGHTLINE_MODEL_CACHE_MB * 1024 * 1024)
 
 
-def model_version_register(
-    *, package_path: Path, registered_by=None, alias: str | None = ModelAlias.Name.PRODUCTION
+def model_version_submit(
+    *, package_path: Path, registered_by=None, alias: str | None = None, enqueue: bool = True
 ) -> tuple[ModelVersion, bool]:
-    """Register a package after loading it and running a dummy batch. Returns (version, created).
+    """Store a package and create its version ``validating``; a worker runs the registration
+    checks (``model_version_validate``, after commit) and makes it ready or refused. Nothing
+    here loads the model: this runs in the web process. Returns (version, created).
 
-    Registering the same bytes again changes nothing; different bytes under an existing
-    version number are refused, since versions are immutable.
+    Registering the same bytes again changes nothing (a refused version is checked again, for
+    a setting may have changed); other bytes under an existing version number are refused,
+    since versions are immutable. ``alias`` moves to the version once it is ready.
     """
-    import torch  # registration loads the model once; only then is torch needed in this process
-
-    from workers.engine.handler import Handler
-
+    if alias and alias not in ModelAlias.Name.values:
+        raise Invalid(f"{alias!r} is not an alias; use one of {', '.join(ModelAlias.Name.values)}.", code="bad_alias")
     try:
         manifest = read_manifest(package_path)
-        Handler.initialize(package_path, manifest.weights_sha256, device=torch.device("cpu"))
     except PackageError as exc:
         raise Invalid(f"The model package was refused: {exc}", code="model_refused") from exc
+    package_sha256 = _file_sha256(package_path)
 
     existing = ModelVersion.objects.filter(model__name=manifest.name, version=manifest.version).first()
     if existing is not None:
-        if existing.weights_sha256 != manifest.weights_sha256:
+        if existing.weights_sha256 != manifest.weights_sha256 or (
+            existing.package_sha256 and existing.package_sha256 != package_sha256
+        ):
             raise Invalid(
-                f"{manifest.name} {manifest.version} is already registered with other weights; "
+                f"{manifest.name} {manifest.version} is already registered with other contents; "
                 "versions are immutable, register a new version number.",
                 code="version_exists",
             )
+        if existing.status == ModelVersion.Status.REFUSED:
+            _validate_again(existing, registered_by=registered_by, alias=alias, enqueue=enqueue)
+        elif existing.status == ModelVersion.Status.VALIDATING and enqueue:
+            # its first message may have been lost (a broker outage): ask again; the checks
+            # decide once, whichever task runs them first
+            transaction.on_commit(lambda: _enqueue_validation(existing.pk), robust=True)
         return existing, False
 
-    package_sha256 = _file_sha256(package_path)
     # named by the whole package's checksum: the same bytes are stored once, however often
     # a registration is retried or rolled back
     stored_name = model_package_key(name=manifest.name, version=manifest.version, sha256=package_sha256)
@@ -78,17 +91,182 @@ def model_version_register(
                 weights_sha256=manifest.weights_sha256,
                 package_sha256=package_sha256,
                 registered_by=registered_by,
+                status=ModelVersion.Status.VALIDATING,
+                requested_alias=alias or "",
             )
             access_event_record(
                 action="model.register", user=registered_by, target_type="model_version", target_id=version.pk
             )
-            if alias:
-                model_alias_move(model=model, alias=alias, version=version, moved_by=registered_by)
+            if enqueue:
+                transaction.on_commit(lambda: _enqueue_validation(version.pk), robust=True)
     except BaseException:
         if stored_here:
             default_storage.delete(stored_name)
         raise
     return version, True
+
+
+def _validate_again(version: ModelVersion, *, registered_by, alias: str | None, enqueue: bool) -> None:
+    with transaction.atomic():
+        updated = ModelVersion.objects.filter(pk=version.pk, status=ModelVersion.Status.REFUSED).update(
+            status=ModelVersion.Status.VALIDATING, refusal_reason="", validated_at=None, requested_alias=alias or ""
+        )
+        if updated:
+            access_event_record(
+                action="model.revalidate", user=registered_by, target_type="model_version", target_id=version.pk
+            )
+            if enqueue:
+                transaction.on_commit(lambda: _enqueue_validation(version.pk), robust=True)
+    version.refresh_from_db()
+
+
+def _enqueue_validation(version_id: int) -> None:
+    from workers.tasks import model_validate  # the task module imports this one
+    from workers.transient import is_transient
+
+    try:
+        model_validate.delay(version_id)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        # the version stays validating; registering the same package again, or
+        # `register_model --validate-here`, runs the checks
+        logger.warning("broker unavailable; model version %s waits for its checks", version_id)
+
+
+def model_version_register(
+    *, package_path: Path, registered_by=None, alias: str | None = ModelAlias.Name.PRODUCTION
+) -> tuple[ModelVersion, bool]:
+    """Submit and validate in this process, for shell tools and tests (never the web process):
+    the synchronous path of the same service. Returns (version, created); a refused package
+    raises ``Invalid`` with the reason, and its version stays recorded as refused."""
+    version, created = model_version_submit(
+        package_path=package_path, registered_by=registered_by, alias=alias, enqueue=False
+    )
+    if version.status == ModelVersion.Status.VALIDATING:
+        version = model_version_validate(version_id=version.pk)
+    if version.status == ModelVersion.Status.REFUSED:
+        raise Invalid(f"The model package was refused: {version.refusal_reason}", code="model_refused")
+    return version, created
+
+
+# --- registration checks -------------------------------------------------------------------------
+
+
+class Refused(Exception):
+    """A registration check says no; the message is the reason, in words."""
+
+
+@dataclass
+class Candidate:
+    """What the registration checks look at: the version row, its package as a local file
+    (fetched from storage and checked against the registered checksum), and the model loaded
+    on the CPU by the check that loads it, for the checks after it."""
+
+    version: ModelVersion
+    package: Path | None = None
+    handler: Handler | None = None
+
+
+def check_framework_allowed(candidate: Candidate) -> None:
+    if candidate.version.manifest.get("framework") == "torchscript" and not settings.SIGHTLINE_ALLOW_TORCHSCRIPT:
+        raise Refused(TORCHSCRIPT_REFUSED)
+
+
+def check_stored_package(candidate: Candidate) -> None:
+    """The stored bytes are the ones registered (the whole package's sha256)."""
+    candidate.package = _local_package(candidate.version)
+
+
+def check_loads_and_answers(candidate: Candidate) -> None:
+    """The weights match their checksum, fit the architecture, the manifest is the registered
+    one, and a dummy batch answers one output per label."""
+    import torch  # the worker's; the web process never gets here
+
+    from workers.engine.handler import Handler
+
+    candidate.handler = Handler.initialize(
+        candidate.package,
+        candidate.version.weights_sha256,
+        device=torch.device("cpu"),
+        expected_manifest=candidate.version.manifest,
+        allow_torchscript=settings.SIGHTLINE_ALLOW_TORCHSCRIPT,
+    )
+
+
+# In order; each raises Refused or PackageError to refuse, a transient error to be tried again.
+# Later checks (agreement across backends, derived-version measurements, screening models)
+# are appended here and find the loaded model on ``candidate.handler``.
+REGISTRATION_CHECKS: list[Callable[[Candidate], None]] = [
+    check_framework_allowed,
+    check_stored_package,
+    check_loads_and_answers,
+]
+
+
+def model_version_validate(*, version_id: int) -> ModelVersion:
+    """Run the registration checks on a validating version: ready (and its requested alias
+    moved) or refused with the reason. A version already decided is returned as it is, so a
+    redelivered task changes nothing. Transient errors (storage away) are raised, for the task
+    to try again; any other error refuses the version, in words."""
+    version = ModelVersion.objects.select_related("model", "registered_by").get(pk=version_id)
+    if version.status != ModelVersion.Status.VALIDATING:
+        return version
+    candidate = Candidate(version=version)
+    for check in REGISTRATION_CHECKS:
+        try:
+            check(candidate)
+        except (Refused, PackageError) as exc:
+            return _decide(version, refusal=str(exc))
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            logger.exception("registration check %s failed on %s", check.__name__, version)
+            return _decide(version, refusal=f"the check {check.__name__} failed unexpectedly ({type(exc).__name__})")
+    return _decide(version, refusal="")
+
+
+def model_version_give_up(*, version_id: int, reason: str) -> ModelVersion:
+    """The checks could not run (storage away on every attempt): refused, saying so."""
+    version = ModelVersion.objects.select_related("model", "registered_by").get(pk=version_id)
+    if version.status != ModelVersion.Status.VALIDATING:
+        return version
+    return _decide(version, refusal=f"the registration checks could not run: {reason}")
+
+
+def _decide(version: ModelVersion, *, refusal: str) -> ModelVersion:
+    status = ModelVersion.Status.REFUSED if refusal else ModelVersion.Status.READY
+    with transaction.atomic():
+        updated = ModelVersion.objects.filter(pk=version.pk, status=ModelVersion.Status.VALIDATING).update(
+            status=status, refusal_reason=refusal[:2000], validated_at=timezone.now()
+        )
+        if updated:
+            access_event_record(
+                action="model.ready" if status == ModelVersion.Status.READY else "model.refused",
+                user=version.registered_by,
+                target_type="model_version",
+                target_id=version.pk,
+            )
+            version.refresh_from_db()
+            if status == ModelVersion.Status.READY and version.requested_alias:
+                model_alias_move(
+                    model=version.model, alias=version.requested_alias, version=version, moved_by=version.registered_by
+                )
+    if updated:
+        logger.info("model version %s is %s%s", version, status, f": {refusal}" if refusal else "")
+    version.refresh_from_db()
+    return version
+
+
+def model_version_require_ready(*, version: ModelVersion | None) -> None:
+    """Aliases, splits and pins point only at versions that passed the registration checks."""
+    if version is not None and version.status != ModelVersion.Status.READY:
+        reason = f" ({version.refusal_reason})" if version.refusal_reason else ""
+        raise Conflict(
+            f"{version} is {version.status}{reason}: only a version that passed the registration checks "
+            "can be given an alias, a split or a pin.",
+            code="model_not_ready",
+        )
 
 
 def _version_of(model: AIModel, version: ModelVersion) -> None:
@@ -100,6 +278,7 @@ def model_alias_move(*, model: AIModel, alias: str, version: ModelVersion, moved
     if alias not in ModelAlias.Name.values:
         raise Invalid(f"{alias!r} is not an alias; use one of {', '.join(ModelAlias.Name.values)}.", code="bad_alias")
     _version_of(model, version)
+    model_version_require_ready(version=version)
     with transaction.atomic():
         row, _ = ModelAlias.objects.update_or_create(
             model=model, name=alias, defaults={"version": version, "updated": timezone.now()}
@@ -124,6 +303,7 @@ def traffic_split_set(
             if not 1 <= percent <= 99:
                 raise Invalid("A split sends 1-99% of images to the other version.", code="bad_percent")
             _version_of(model, version)
+            model_version_require_ready(version=version)
             split, _ = TrafficSplit.objects.update_or_create(
                 tenant=tenant,
                 model=model,
@@ -148,6 +328,7 @@ def model_pin_set(*, tenant, model: AIModel, version: ModelVersion | None, chang
             pin = None
         else:
             _version_of(model, version)
+            model_version_require_ready(version=version)
             pin, _ = ModelPin.objects.update_or_create(
                 tenant=tenant,
                 model=model,
@@ -162,6 +343,13 @@ def model_pin_set(*, tenant, model: AIModel, version: ModelVersion | None, chang
             target_id=model.pk,
         )
     return pin
+
+
+def model_version_list() -> QuerySet[ModelVersion]:
+    """Every registered version, newest first, with its status (platform-wide, not tenant data).
+    Kept beside the registry's writes: the registry is one small area with no selectors module
+    of its own."""
+    return ModelVersion.objects.select_related("model").order_by("-created", "-id")
 
 
 def split_bucket(image_id: int) -> int:
@@ -237,6 +425,8 @@ def model_handler(version: ModelVersion) -> Handler:
     """The loaded model for a version; the checksum recorded at registration is enforced."""
     from workers.engine.handler import Handler, choose_device
 
+    if version.status != ModelVersion.Status.READY:
+        raise PackageError(f"{version} is {version.status}, not ready: it did not pass the registration checks")
     device = choose_device(settings.SIGHTLINE_INFERENCE_DEVICE)
     return _handlers.get(
         f"{version.package_sha256 or version.pk}:{version.weights_sha256}:{device}",
@@ -246,6 +436,7 @@ def model_handler(version: ModelVersion) -> Handler:
             device=device,
             expected_manifest=version.manifest,
             compile_for=_compile_batch_sizes(version),
+            allow_torchscript=settings.SIGHTLINE_ALLOW_TORCHSCRIPT,
         ),
     )
 

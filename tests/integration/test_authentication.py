@@ -638,6 +638,7 @@ def deploy_check(settings, **overrides) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key not in unwanted}
     env["DJANGO_SETTINGS_MODULE"] = "config.settings.production"
     env["SIGHTLINE_PSEUDONYM_KEY"] = "a-pseudonym-key-of-its-own-" + SECRET[::-1]  # issue 11 (ids): required too
+    env.setdefault("SIGHTLINE_METRICS_TOKEN", "m" * 40)  # required in production (test_health.py)
     for key, value in overrides.items():
         if value is None:
             env.pop(key, None)

@@ -1,7 +1,13 @@
 """Liveness, readiness and metrics."""
 
-import pytest
+from datetime import timedelta
 
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from recognition.models import InferenceRequest
 from recognition.services.images import image_upload
 from recognition.services.inference import inference_run
 from tests.conftest import png_bytes, upload_file
@@ -33,17 +39,115 @@ def test_readiness_without_a_model_says_so(client, settings):
 def test_metrics_report_requests_batches_latency_and_results(client, settings, clinician_a, demo_model):
     settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"  # queue depth is simply absent then
     images = [image_upload(membership=clinician_a, upload=upload_file(png_bytes(seed=i))) for i in range(3)]
+    image_upload(membership=clinician_a, upload=upload_file(png_bytes(seed=9)))  # still queued
     inference_run(request_id=images[0].inference_requests.get().pk)
     text = client.get("/metrics").content.decode()
-    assert 'sightline_inference_requests{status="done"} 3.0' in text
+    assert 'sightline_inference_requests{status="queued"} 0.0' in text  # the fourth joined the batch
+    assert 'sightline_inference_requests{status="running"} 0.0' in text
+    assert 'sightline_inference_finished{status="done"} 4.0' in text
     assert 'sightline_batch_size_bucket{le="2"} 0.0' in text
-    assert 'sightline_batch_size_bucket{le="4"} 3.0' in text
-    assert "sightline_inference_latency_ms_count 3.0" in text
-    assert 'sightline_results_total{model="sightline-demo",version="1.0.0"} 3.0' in text
+    assert 'sightline_batch_size_bucket{le="4"} 4.0' in text
+    assert "sightline_inference_latency_ms_gcount 4.0" in text
+    assert 'sightline_results_recent{model="sightline-demo",version="1.0.0"} 4.0' in text
     assert "PSEUDO" not in text and "tenant" not in text  # totals only, nothing per hospital or patient
+
+
+def test_metrics_leave_out_what_finished_before_their_window(client, settings, clinician_a, demo_model):
+    settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"
+    image = image_upload(membership=clinician_a, upload=upload_file(png_bytes()))
+    inference_run(request_id=image.inference_requests.get().pk)
+    InferenceRequest.objects.update(finished_at=timezone.now() - timedelta(seconds=301))
+    text = client.get("/metrics").content.decode()
+    assert 'sightline_inference_finished{status="done"} 0.0' in text
+    assert "sightline_results_recent{" not in text
+
+
+def _plans(captured) -> list[str]:
+    """The database's plan for each query a scrape ran, as text."""
+    plans = []
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SET enable_seqscan = off")  # tiny test tables: ask whether an index serves it
+        for query in captured:
+            sql = query["sql"]
+            prefix = "EXPLAIN QUERY PLAN " if connection.vendor == "sqlite" else "EXPLAIN "
+            cursor.execute(prefix + sql)
+            plans.append(" | ".join(str(row[-1]) for row in cursor.fetchall()))
+        if connection.vendor == "postgresql":
+            cursor.execute("RESET enable_seqscan")
+    return plans
+
+
+def test_a_scrape_costs_three_indexed_queries_however_much_history_there_is(
+    client, settings, clinician_a, demo_model, django_assert_num_queries
+):
+    settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"
+    image = image_upload(membership=clinician_a, upload=upload_file(png_bytes()))
+    inference_run(request_id=image.inference_requests.get().pk)
+    done = InferenceRequest.objects.get()
+    old = timezone.now() - timedelta(days=30)
+    InferenceRequest.objects.bulk_create(
+        [
+            InferenceRequest(
+                tenant=done.tenant,
+                image=done.image,
+                model_version=done.model_version,
+                status=InferenceRequest.Status.DONE,
+                batch_size=1,
+                inference_ms=10,
+                wait_ms=5,
+                created=old,
+                started_at=old,
+                finished_at=old,
+            )
+            for _ in range(500)
+        ]
+    )
+    with CaptureQueriesContext(connection) as captured, django_assert_num_queries(3):
+        text = client.get("/metrics").content.decode()
+    assert 'sightline_inference_finished{status="done"} 1.0' in text  # the month-old ones are not read
+    queries = captured.captured_queries
+    for query, plan in zip(queries, _plans(queries), strict=True):
+        reads = [step for step in plan.split(" | ") if "recognition_inferencerequest" in step]
+        assert reads, plan
+        # SQLite: SEARCH is an index range, SCAN reads every row; PostgreSQL: no sequential scan
+        assert not any(step.startswith("SCAN") or "Seq Scan" in step for step in reads), plan
+        if "finished_at" in query["sql"]:  # the windowed aggregates read the window's index only
+            assert "inference_finished" in plan and "inference_running" not in plan, plan
 
 
 def test_metrics_can_require_a_token(client, settings):
     settings.SIGHTLINE_METRICS_TOKEN = "s3cret-token"
     assert client.get("/metrics").status_code == 403
     assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret-token").status_code == 200
+
+
+def test_production_settings_refuse_to_start_without_a_metrics_token(settings):
+    import os
+    import subprocess
+    import sys
+
+    def start(**extra):
+        env = {key: value for key, value in os.environ.items() if key != "SIGHTLINE_METRICS_TOKEN"}
+        env.update(
+            DJANGO_SETTINGS_MODULE="config.settings.production",
+            DJANGO_SECRET_KEY="q8Zr3LmV0xT7cWn2pK5sJ9hB4dF6gY1aE0uI8oP3tR7yQ2wS5vX9zN4mC6bH1jL0kD",
+            ALLOWED_HOSTS="sightline.example.org",
+            SIGHTLINE_PSEUDONYM_KEY="a-pseudonym-key-of-its-own-not-the-site-secret-0123456789",
+            **extra,
+        )
+        code = (
+            "import django; django.setup(); from django.conf import settings; print(settings.SIGHTLINE_METRICS_TOKEN)"
+        )
+        return subprocess.run(
+            [sys.executable, "-c", code], cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, timeout=120
+        )
+
+    for missing in ({}, {"SIGHTLINE_METRICS_TOKEN": ""}, {"SIGHTLINE_METRICS_TOKEN": "short"}):
+        result = start(**missing)
+        assert result.returncode != 0
+        assert "ImproperlyConfigured: SIGHTLINE_METRICS_TOKEN must be set" in result.stderr
+    token = "m" * 40
+    result = start(SIGHTLINE_METRICS_TOKEN=token)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == token

@@ -119,15 +119,20 @@ def test_a_tampered_model_package_is_refused_and_every_request_says_so(clinician
     registry._handlers.clear()
     settings.SIGHTLINE_MODEL_CACHE_DIR = tmp_path
     with demo_model.package.open("rb") as source:
-        data = bytearray(source.read())
+        original = source.read()
+    data = bytearray(original)
     data[-200] ^= 0xFF  # flip a byte inside the stored weights
     with default_storage.open(demo_model.package.name, "wb") as target:
         target.write(bytes(data))
-    assert inference_run(request_id=request.pk) == 1
-    request.refresh_from_db()
-    assert request.status == "failed"
-    assert "the model could not be loaded" in request.error
-    registry._handlers.clear()
+    try:
+        assert inference_run(request_id=request.pk) == 1
+        request.refresh_from_db()
+        assert request.status == "failed"
+        assert "the model could not be loaded" in request.error
+    finally:  # the stored package outlives the test: later ones fetch it from storage
+        with default_storage.open(demo_model.package.name, "wb") as target:
+            target.write(original)
+        registry._handlers.clear()
 
 
 def test_the_result_is_unique_per_image_and_model_version(clinician_a, demo_model):

@@ -119,7 +119,8 @@ def test_a_development_key_is_labelled_and_the_ring_refuses_a_short_key(settings
 def production_process(code: str, **environment) -> subprocess.CompletedProcess:
     """Python started the way a bare worker is: the project's default settings, its environment."""
     unwanted = {"DJANGO_SETTINGS_MODULE", "DJANGO_SECRET_KEY", "SIGHTLINE_PSEUDONYM_KEY", "ALLOWED_HOSTS"}
-    env = {key: value for key, value in os.environ.items() if key not in unwanted} | environment
+    env = {key: value for key, value in os.environ.items() if key not in unwanted}
+    env = env | {"SIGHTLINE_METRICS_TOKEN": "m" * 40} | environment  # production needs its metrics token too
     from django.conf import settings
 
     return subprocess.run(

@@ -12,7 +12,7 @@ from accounts.models import AccessEvent
 from recognition.models import InferenceRequest, ModelAlias, ModelPin, ModelVersion, TrafficSplit
 from recognition.services.images import image_upload
 from recognition.services.registry import split_bucket
-from tests.conftest import PASSWORD, png_bytes, upload_file
+from tests.conftest import PASSWORD, api_client_for, png_bytes, upload_file
 from workers.engine.package import MANIFEST_NAME
 
 pytestmark = pytest.mark.django_db
@@ -39,16 +39,18 @@ def run(*args) -> str:
 
 @pytest.fixture
 def two_versions(demo_model, demo_package, tmp_path):
-    run("register_model", str(variant(demo_package, tmp_path, version="1.1.0")))
+    run("register_model", str(variant(demo_package, tmp_path, version="1.1.0")), "--validate-here")
     return demo_model, ModelVersion.objects.get(version="1.1.0")
 
 
 def test_register_model_loads_checks_and_registers_once(demo_package, tmp_path):
-    assert "Registered sightline-demo 1.0.0" in run("register_model", str(demo_package), "--alias", "production")
-    assert "Already registered" in run("register_model", str(demo_package))
-    assert ModelVersion.objects.count() == 1
+    out = run("register_model", str(demo_package), "--alias", "production", "--validate-here")
+    assert "Registered sightline-demo 1.0.0 (ready)" in out
+    assert "Already registered: sightline-demo 1.0.0 (ready)" in run("register_model", str(demo_package))
+    assert ModelVersion.objects.get().status == "ready"
     assert ModelAlias.objects.get(name="production").version.version == "1.0.0"
     assert AccessEvent.objects.filter(action="model.register").count() == 1
+    assert AccessEvent.objects.filter(action="model.ready").count() == 1
 
 
 def test_a_package_is_stored_once_under_its_checksum_even_after_a_rolled_back_registration(demo_package):
@@ -73,15 +75,27 @@ def test_a_package_is_stored_once_under_its_checksum_even_after_a_rolled_back_re
 
 def test_a_package_whose_outputs_do_not_match_its_labels_is_refused(demo_package, tmp_path):
     wrong = variant(demo_package, tmp_path, version="9.0.0", labels=["a", "b", "c"])
-    with pytest.raises(CommandError, match="refused"):
-        run("register_model", str(wrong))
-    assert not ModelVersion.objects.exists()
+    with pytest.raises(CommandError, match="Refused sightline-demo 9.0.0: weights do not fit resnet18"):
+        run("register_model", str(wrong), "--alias", "production", "--validate-here")
+    version = ModelVersion.objects.get()  # the refusal is on record, and says why
+    assert version.status == "refused" and "size mismatch for fc.weight" in version.refusal_reason
+    assert not ModelAlias.objects.exists()  # the alias asked for never moved to it
+
+
+def test_a_checksum_mismatch_refuses_the_model(demo_package, tmp_path):
+    forged = variant(demo_package, tmp_path, version="9.1.0", weights_sha256="0" * 64)
+    with pytest.raises(CommandError, match="checksum mismatch"):
+        run("register_model", str(forged), "--validate-here")
+    assert ModelVersion.objects.get().status == "refused"
 
 
 def test_versions_are_immutable(demo_model, demo_package, tmp_path):
     other = variant(demo_package, tmp_path, version="1.0.0", weights_sha256="0" * 64)
-    with pytest.raises(CommandError):
-        run("register_model", str(other))  # a forged checksum is refused before anything else
+    with pytest.raises(CommandError, match="already registered with other contents"):
+        run("register_model", str(other))  # refused before anything is stored
+    relabelled = variant(demo_package, tmp_path, version="1.0.0", description="same weights, other manifest")
+    with pytest.raises(CommandError, match="already registered with other contents"):
+        run("register_model", str(relabelled))
     assert ModelVersion.objects.get().weights_sha256 == demo_model.weights_sha256
 
 
@@ -127,18 +141,46 @@ def test_a_split_outside_1_to_99_is_refused(two_versions, hospital_a):
         run("model", "split", "sightline-demo", "--hospital", "demo-general", "--version", "1.1.0", "--percent", "100")
 
 
-def test_staff_register_a_package_on_the_admin_page(client, demo_package, django_user_model):
+def test_staff_register_a_package_on_the_admin_page_and_a_worker_checks_it(
+    client, demo_package, django_user_model, monkeypatch, django_capture_on_commit_callbacks
+):
+    from workers.engine.handler import Handler
+    from workers.tasks import model_validate
+
     staff = django_user_model.objects.create_superuser("platform", password=PASSWORD)
     client.force_login(staff)
     assert client.get("/admin/recognition/modelversion/register/").status_code == 200
-    with demo_package.open("rb") as package:
+    real_initialize = Handler.initialize
+
+    def not_in_the_web_process(*args, **kwargs):
+        raise AssertionError("the web process loaded the model")
+
+    monkeypatch.setattr(Handler, "initialize", not_in_the_web_process)
+    sent = []
+    monkeypatch.setattr(model_validate, "delay", lambda *args: sent.append(args))
+    with demo_package.open("rb") as package, django_capture_on_commit_callbacks(execute=True):
         response = client.post(
             "/admin/recognition/modelversion/register/", {"package": package, "alias": "production"}, follow=True
         )
-    assert b"Registered sightline-demo 1.0.0" in response.content
+    assert b"Stored sightline-demo 1.0.0: a worker is checking it now" in response.content
     version = ModelVersion.objects.get()
-    assert version.registered_by == staff
+    assert (version.status, version.registered_by) == ("validating", staff)
+    assert b'<td class="field-status">Validating</td>' in client.get("/admin/recognition/modelversion/").content
+    assert not ModelAlias.objects.exists()  # not before it is ready
+    assert sent == [(version.pk,)]  # the task message carries the id only
+
+    monkeypatch.setattr(Handler, "initialize", real_initialize)
+    assert model_validate.apply(args=[version.pk]).get() == "ready"  # the worker's task, in this process
+    version.refresh_from_db()
+    assert version.status == "ready" and version.validated_at is not None
+    assert ModelAlias.objects.get(name="production").version == version
+    page = client.get("/admin/recognition/modelversion/").content
+    row = page.split(b"<tbody>")[1].split(b"</tbody>")[0]
+    assert b'<td class="field-status">Ready</td>' in row and b"Validating" not in row
     assert AccessEvent.objects.filter(action="model.register", actor=staff).count() == 1
+    assert AccessEvent.objects.filter(action="model.ready", actor=staff).count() == 1
+    assert model_validate.apply(args=[version.pk]).get() == "ready"  # a redelivery changes nothing
+    assert AccessEvent.objects.filter(action="model.ready").count() == 1
 
 
 def test_a_bad_package_on_the_admin_page_says_why(client, django_user_model, tmp_path):
@@ -169,3 +211,163 @@ def test_staff_split_a_hospital_in_the_admin_and_it_is_recorded(client, two_vers
     split = TrafficSplit.objects.get()
     assert (split.percent, split.version, split.updated_by) == (10, newer, staff)
     assert AccessEvent.objects.filter(action="model.split_change", actor=staff).count() == 1
+
+
+def test_a_refused_version_shows_why_on_the_admin_page_and_in_the_api(
+    client, demo_package, tmp_path, django_user_model, clinician_a
+):
+    wrong = variant(demo_package, tmp_path, version="9.0.0", labels=["a", "b", "c"])
+    with pytest.raises(CommandError):
+        run("register_model", str(wrong), "--validate-here")
+    client.force_login(django_user_model.objects.create_superuser("platform", password=PASSWORD))
+    page = client.get("/admin/recognition/modelversion/").content
+    assert b'<td class="field-status">Refused</td>' in page and b"weights do not fit resnet18" in page
+    (listed,) = api_client_for(clinician_a).get("/api/v1/model-versions/").json()["results"]
+    assert (listed["version"], listed["status"]) == ("9.0.0", "refused")
+    assert "weights do not fit resnet18" in listed["refusal_reason"]
+
+
+def test_the_api_lists_versions_with_their_status(clinician_a, demo_model, demo_package, tmp_path):
+    from recognition.services.registry import model_version_submit
+
+    model_version_submit(package_path=variant(demo_package, tmp_path, version="1.2.0"), enqueue=False)
+    response = api_client_for(clinician_a).get("/api/v1/model-versions/")
+    assert response.status_code == 200
+    assert [(row["version"], row["status"], row["refusal_reason"]) for row in response.json()["results"]] == [
+        ("1.2.0", "validating", ""),
+        ("1.0.0", "ready", ""),
+    ]
+
+
+@pytest.fixture
+def validating(demo_model, demo_package, tmp_path):
+    """A second version, stored, whose checks have not run yet."""
+    from recognition.services.registry import model_version_submit
+
+    version, _ = model_version_submit(package_path=variant(demo_package, tmp_path, version="2.0.0"), enqueue=False)
+    return version
+
+
+def test_only_a_ready_version_gets_an_alias_a_split_or_a_pin(validating, hospital_a):
+    from config.errors import Conflict
+    from recognition.services.registry import model_alias_move, model_pin_set, traffic_split_set
+
+    model = validating.model
+    for change in (
+        lambda: model_alias_move(model=model, alias="canary", version=validating),
+        lambda: traffic_split_set(tenant=hospital_a, model=model, version=validating, percent=10),
+        lambda: model_pin_set(tenant=hospital_a, model=model, version=validating),
+    ):
+        with pytest.raises(Conflict, match="sightline-demo 2.0.0 is validating: only a version that passed"):
+            change()
+    assert not ModelPin.objects.exists() and not TrafficSplit.objects.exists()
+    assert ModelAlias.objects.filter(name="canary").count() == 0
+    with pytest.raises(CommandError, match="is validating"):
+        run("model", "alias", "sightline-demo", "canary", "2.0.0")
+
+
+def test_a_job_for_a_version_that_is_not_ready_is_409_in_words(clinician_a, validating):
+    response = api_client_for(clinician_a).post(
+        "/api/v1/batches/", {"name": "nightly", "version": "2.0.0"}, format="json"
+    )
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "model_not_ready"
+    assert "is validating" in response.json()["error"]["message"]
+
+
+def test_the_admin_offers_only_ready_versions_for_an_alias(client, validating, django_user_model):
+    client.force_login(django_user_model.objects.create_superuser("platform", password=PASSWORD))
+    form = client.get("/admin/recognition/modelalias/add/").content.decode()
+    assert "sightline-demo 1.0.0" in form and "sightline-demo 2.0.0" not in form
+
+
+def test_a_worker_never_loads_a_version_that_is_not_ready(validating):
+    from recognition.services.registry import model_handler
+    from workers.engine.package import PackageError
+
+    with pytest.raises(PackageError, match="validating, not ready"):
+        model_handler(validating)
+
+
+def test_torchscript_is_refused_in_words_unless_the_setting_allows_it(tmp_path, settings):
+    from tests.unit.test_engine import _tiny_torchscript_package
+
+    package = tmp_path / "tiny.zip"
+    _tiny_torchscript_package(package)
+    with pytest.raises(CommandError, match="TorchScript packages carry code as well as weights"):
+        run("register_model", str(package), "--validate-here")
+    assert ModelVersion.objects.get().status == "refused"
+    settings.SIGHTLINE_ALLOW_TORCHSCRIPT = True
+    assert "Registered tiny 1 (ready)" in run("register_model", str(package), "--validate-here")  # checked again
+    assert ModelVersion.objects.get().status == "ready"
+    assert AccessEvent.objects.filter(action="model.revalidate").count() == 1
+
+
+def test_checks_that_cannot_reach_the_storage_retry_then_refuse_in_words(demo_package, tmp_path, settings, monkeypatch):
+    from django.core.files.storage import default_storage
+
+    from recognition.services.registry import model_version_submit
+    from workers.tasks import model_validate
+
+    settings.SIGHTLINE_MODEL_CACHE_DIR = tmp_path / "cache"
+    version, _ = model_version_submit(package_path=demo_package, enqueue=False)
+    opened = []
+
+    def unreachable(name, mode="rb"):
+        opened.append(name)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(default_storage, "open", unreachable)
+    with pytest.raises(ConnectionRefusedError):
+        model_validate.apply(args=[version.pk]).get()  # eager: the retries run at once
+    assert len(opened) == model_validate.max_retries + 1
+    version.refresh_from_db()
+    assert version.status == "refused"
+    assert version.refusal_reason == (
+        "the registration checks could not run: the storage could not be read "
+        "(ConnectionRefusedError: Connection refused), on every attempt"
+    )
+
+
+def test_a_storage_blip_during_the_checks_is_retried_and_the_version_becomes_ready(
+    demo_package, tmp_path, settings, monkeypatch
+):
+    from django.core.files.storage import default_storage
+
+    from recognition.services.registry import model_version_submit
+    from workers.tasks import model_validate
+
+    settings.SIGHTLINE_MODEL_CACHE_DIR = tmp_path / "cache"
+    version, _ = model_version_submit(package_path=demo_package, enqueue=False)
+    real_open, calls = default_storage.open, []
+
+    def once_unreachable(name, mode="rb"):
+        calls.append(name)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+        return real_open(name, mode)
+
+    monkeypatch.setattr(default_storage, "open", once_unreachable)
+    assert model_validate.apply(args=[version.pk]).get() == "ready"
+    assert len(calls) == 2
+
+
+def test_registering_a_package_still_validating_asks_a_worker_again(
+    demo_package, monkeypatch, django_capture_on_commit_callbacks
+):
+    """Its first message may have been lost with a broker outage: the version must not stay
+    validating for good."""
+    from recognition.services.registry import model_version_submit
+    from workers.tasks import model_validate
+
+    sent = []
+    monkeypatch.setattr(model_validate, "delay", lambda *args: sent.append(args))
+    with django_capture_on_commit_callbacks(execute=True):
+        version, created = model_version_submit(package_path=demo_package)
+    with django_capture_on_commit_callbacks(execute=True):
+        again, created_again = model_version_submit(package_path=demo_package)
+    assert (created, created_again, again) == (True, False, version)
+    assert sent == [(version.pk,), (version.pk,)]
+    assert model_validate.apply(args=[version.pk]).get() == "ready"
+    assert model_validate.apply(args=[version.pk]).get() == "ready"  # the second message changes nothing
+    assert AccessEvent.objects.filter(action="model.ready").count() == 1

@@ -512,6 +512,7 @@ def test_production_settings_turn_the_staff_rule_on(settings):
         DJANGO_SECRET_KEY="q8Zr3LmV0xT7cWn2pK5sJ9hB4dF6gY1aE0uI8oP3tR7yQ2wS5vX9zN4mC6bH1jL0kD",
         ALLOWED_HOSTS="sightline.example.org",
         SIGHTLINE_PSEUDONYM_KEY="a-pseudonym-key-of-its-own-not-the-site-secret-0123456789",
+        SIGHTLINE_METRICS_TOKEN="m" * 40,
     )
     result = subprocess.run(
         [sys.executable, "-c", f"import django; django.setup()\n{PRODUCTION_PROBE}"],

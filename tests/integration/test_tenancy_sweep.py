@@ -81,6 +81,7 @@ ROUTES_WITHOUT_IDS = {
     "token-refresh": "public",
     "schema": "public",
     "api-docs": "public",
+    "api-model-versions": "platform",  # the model registry: platform-wide versions and their status
     # special case: the token in the link is the credential itself (single use, expiring,
     # only its hash stored); holding it is what entitles someone to join.
     "invitation-accept": "bearer-link",

@@ -49,6 +49,7 @@ def test_a_declared_length_over_the_limit_is_refused_before_the_app_runs():
     sent = call(BodySizeLimit(inner, limit=100), [b"x" * 10], headers=[(b"content-length", b"101")])
     assert not inner.called
     assert sent[0]["status"] == 413
+    assert (b"cache-control", b"no-store") in sent[0]["headers"]  # like every other answer
     assert json.loads(sent[1]["body"])["error"]["code"] == "too_large"
 
 

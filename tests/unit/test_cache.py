@@ -60,3 +60,17 @@ def test_a_failed_load_leaves_the_cache_as_it_was():
     with pytest.raises(RuntimeError):
         cache.get("b", broken)
     assert cache.keys() == ["a"]
+
+
+def test_an_eviction_on_a_gpu_host_gives_the_memory_back_without_raising(monkeypatch):
+    """The CUDA branch: torch is only imported for type checking at module level, so the
+    eviction path must import it itself (it raised NameError on the first eviction)."""
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    cache = cache_of(150)
+    cache.get("a", lambda: FakeHandler("a", 100))
+    assert emptied == []  # nothing evicted, nothing to give back
+    cache.get("b", lambda: FakeHandler("b", 100))
+    assert cache.keys() == ["b"]
+    assert emptied == [True]

@@ -176,12 +176,24 @@ def _tiny_torchscript_package(path, *, task="multi-label", thresholds=(0.5, 0.9,
 def test_a_multi_label_torchscript_package_reports_each_finding_against_its_threshold(tmp_path):
     package = tmp_path / "tiny.zip"
     manifest = _tiny_torchscript_package(package)
-    handler = Handler.initialize(package, manifest["weights_sha256"], device=torch.device("cpu"))
+    handler = Handler.initialize(
+        package, manifest["weights_sha256"], device=torch.device("cpu"), allow_torchscript=True
+    )
     (result,) = handler.predict([png_bytes(size=64)])
     assert result.probabilities["effusion"] == pytest.approx(0.8808, abs=1e-3)  # sigmoid, not softmax
     assert result.probabilities["nodule"] == pytest.approx(0.7311, abs=1e-3)
     assert result.top_label == "effusion"
     assert result.positive_labels == ("effusion",)  # nodule is under its 0.9 threshold
+
+
+def test_a_torchscript_package_is_refused_in_words_unless_allowed(tmp_path, monkeypatch):
+    package = tmp_path / "tiny.zip"
+    manifest = _tiny_torchscript_package(package)
+    loaded = []
+    monkeypatch.setattr(torch.jit, "load", lambda *args, **kwargs: loaded.append(args))
+    with pytest.raises(PackageError, match="TorchScript packages carry code as well as weights"):
+        Handler.initialize(package, manifest["weights_sha256"], device=torch.device("cpu"))
+    assert loaded == []  # refused before TorchScript's loader ever reads the archive
 
 
 def test_thresholds_must_fit_the_labels(tmp_path):

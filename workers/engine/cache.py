@@ -46,8 +46,8 @@ class HandlerCache:
             while len(self._handlers) > 1 and self.held_bytes() > self.budget_bytes:
                 self._handlers.popitem(last=False)
                 evicted = True
-            if evicted and _cuda_available():
-                torch.cuda.empty_cache()  # give the evicted weights back to the device
+            if evicted:
+                _release_device_memory()
             return handler
 
     def held_bytes(self) -> int:
@@ -62,7 +62,10 @@ class HandlerCache:
             self._handlers.clear()
 
 
-def _cuda_available() -> bool:
+def _release_device_memory() -> None:
+    """Give the evicted weights back to the GPU. torch is imported here, not at module level:
+    the web process imports this module (through the registry) and must not load torch."""
     import torch
 
-    return torch.cuda.is_available()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

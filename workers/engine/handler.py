@@ -78,11 +78,13 @@ class Handler:
         device: torch.device | None = None,
         expected_manifest: dict | None = None,
         compile_for: tuple[int, ...] = (),
+        allow_torchscript: bool = False,
     ) -> Handler:
         """Load, check and warm up. ``expected_manifest`` is what the registry recorded: labels,
         normalisation and sizes that changed since registration refuse the model too.
-        ``compile_for``: batch sizes to compile the forward pass for (``torch.compile``)."""
-        manifest, weights = read_weights(package_path, expected_sha256)
+        ``compile_for``: batch sizes to compile the forward pass for (``torch.compile``).
+        ``allow_torchscript``: TorchScript packages (code, not only weights) load only when set."""
+        manifest, weights = read_weights(package_path, expected_sha256, allow_torchscript=allow_torchscript)
         if expected_manifest is not None and manifest != Manifest.from_dict(expected_manifest):
             raise PackageError(
                 f"the manifest of {manifest.name} {manifest.version} differs from the registered one; "

@@ -146,10 +146,20 @@ def read_manifest(path: Path) -> Manifest:
         raise PackageError("manifest.json is not valid JSON") from exc
 
 
-def read_weights(path: Path, expected_sha256: str) -> tuple[Manifest, dict | torch.jit.ScriptModule]:
-    """Manifest and weights (a state_dict, or a TorchScript module), after both checksums agree
-    with ``expected_sha256``."""
+TORCHSCRIPT_REFUSED = (
+    "TorchScript packages carry code as well as weights, and this platform accepts them only when "
+    "SIGHTLINE_ALLOW_TORCHSCRIPT is on; package the model as a torchvision architecture and a state_dict"
+)
+
+
+def read_weights(
+    path: Path, expected_sha256: str, *, allow_torchscript: bool = False
+) -> tuple[Manifest, dict | torch.jit.ScriptModule]:
+    """Manifest and weights (a state_dict, or a TorchScript module when ``allow_torchscript``),
+    after both checksums agree with ``expected_sha256``."""
     manifest = read_manifest(path)
+    if manifest.framework == "torchscript" and not allow_torchscript:
+        raise PackageError(TORCHSCRIPT_REFUSED)
     try:
         with zipfile.ZipFile(path) as archive:
             weights = _read_member(archive, WEIGHTS_NAME, MAX_WEIGHTS_BYTES)

@@ -68,7 +68,8 @@ class Command(BaseCommand):
             self.stdout.write(f"{model.name}{' (demo)' if model.is_demo else ''}")
             for version in ModelVersion.objects.filter(model=model).order_by("created"):
                 tag = f"  <- {aliases[version.pk]}" if version.pk in aliases else ""
-                self.stdout.write(f"  {version.version}  sha256 {version.weights_sha256[:12]}…{tag}")
+                state = version.status if not version.refusal_reason else f"{version.status}: {version.refusal_reason}"
+                self.stdout.write(f"  {version.version}  sha256 {version.weights_sha256[:12]}…  {state}{tag}")
             for split in TrafficSplit.objects.filter(model=model).select_related("tenant", "version"):
                 self.stdout.write(f"  split: {split.tenant.slug} sends {split.percent}% to {split.version.version}")
             for pin in ModelPin.objects.filter(model=model).select_related("tenant", "version"):

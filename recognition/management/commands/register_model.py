@@ -1,10 +1,23 @@
+"""Register a model package: stored, then checked by a worker; this command waits and prints
+the outcome (ready, or refused and why).
+
+``--validate-here`` runs the same checks in this process instead of a worker's. It is for a
+deployment with no worker running yet (the first model of a fresh install, CI); this is a
+platform operator's shell, never the web process, so loading the model here costs nothing a
+hospital's request waits for. Without it, the command needs a worker consuming the
+``maintenance`` queue, like the admin page's registration.
+"""
+
+import time
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
 from config.errors import DomainError
-from recognition.models import ModelAlias
-from recognition.services.registry import model_version_register
+from recognition.models import ModelAlias, ModelVersion
+from recognition.services.registry import model_version_submit, model_version_validate
+
+POLL_SECONDS = 0.5
 
 
 class Command(BaseCommand):
@@ -13,14 +26,45 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("package", type=Path)
         parser.add_argument(
-            "--alias", choices=[*ModelAlias.Name.values, "none"], default="none", help="move this alias to it"
+            "--alias",
+            choices=[*ModelAlias.Name.values, "none"],
+            default="none",
+            help="move this alias to it once it is ready",
         )
+        parser.add_argument(
+            "--validate-here",
+            action="store_true",
+            help="run the registration checks in this process instead of a worker (no worker running yet)",
+        )
+        parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a worker's verdict")
 
-    def handle(self, *args, package: Path, alias: str, **options):
+    def handle(self, *args, package: Path, alias: str, validate_here: bool, timeout: float, **options):
         if not package.is_file():
             raise CommandError(f"{package} is not a file")
         try:
-            version, created = model_version_register(package_path=package, alias=None if alias == "none" else alias)
+            version, created = model_version_submit(
+                package_path=package, alias=None if alias == "none" else alias, enqueue=not validate_here
+            )
         except DomainError as exc:
             raise CommandError(exc.message) from exc
-        self.stdout.write(self.style.SUCCESS(f"{'Registered' if created else 'Already registered:'} {version}"))
+        if not created and version.status == ModelVersion.Status.READY:
+            self.stdout.write(self.style.SUCCESS(f"Already registered: {version} (ready)"))
+            return
+        self.stdout.write(f"Stored {version}; checking it{' here' if validate_here else ' on a worker'}…")
+        version = model_version_validate(version_id=version.pk) if validate_here else self._wait(version, timeout)
+        if version.status == ModelVersion.Status.REFUSED:
+            raise CommandError(f"Refused {version}: {version.refusal_reason}")
+        self.stdout.write(self.style.SUCCESS(f"Registered {version} (ready)"))
+
+    def _wait(self, version: ModelVersion, timeout: float) -> ModelVersion:
+        deadline = time.monotonic() + timeout
+        while version.status == ModelVersion.Status.VALIDATING:
+            if time.monotonic() > deadline:
+                raise CommandError(
+                    f"{version} is still validating after {timeout:.0f} s: is a worker consuming the maintenance "
+                    "queue? Its status shows on the admin page and in `manage.py model list`; or run this "
+                    "again with --validate-here."
+                )
+            time.sleep(POLL_SECONDS)
+            version.refresh_from_db()
+        return version
