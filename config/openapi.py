@@ -107,7 +107,9 @@ def _carries_a_file(serializer) -> bool:
 # DRF's CharField refuses NUL characters, and a value blank once trimmed unless the field allows
 # blanks: the request schema says so, so such strings are not "valid" there either
 TEXT_PATTERN = r"^[^\x00]*$"
-NON_BLANK_PATTERN = r"^[^\x00]*[^\x00\s][^\x00]*$"
+# what str.strip() removes, spelled out: regex engines disagree on what \s covers
+_WHITESPACE = r"\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NON_BLANK_PATTERN = rf"^[^\x00]*[^\x00{_WHITESPACE}][^\x00]*$"
 
 
 class ContractAutoSchema(AutoSchema):

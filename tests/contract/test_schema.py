@@ -202,3 +202,22 @@ def test_a_length_limit_counts_the_value_as_sent(clinician_a, demo_model):
     response = api_client_for(clinician_a).post("/api/v1/batches/", {"name": " " + "n" * 200}, format="json")
     assert response.status_code == 400
     assert "name" in response.json()["error"]["detail"]
+
+
+def test_the_documented_string_patterns_are_what_drf_refuses():
+    import re
+
+    from rest_framework import serializers
+
+    from config.openapi import NON_BLANK_PATTERN, TEXT_PATTERN
+
+    field = serializers.CharField()
+    for code in range(0x3001):  # every whitespace str.strip() removes is below U+3001
+        value = chr(code) * 2
+        try:
+            field.run_validation(value)
+            accepted = True
+        except serializers.ValidationError:
+            accepted = False
+        assert accepted == bool(re.search(NON_BLANK_PATTERN, value)), hex(code)  # was \s: engines disagree
+    assert not re.search(TEXT_PATTERN, "a\x00b") and re.search(TEXT_PATTERN, "")
