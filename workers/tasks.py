@@ -70,3 +70,11 @@ def model_validate(self, version_id: int) -> str:
         if is_transient(exc) and self.request.retries >= self.max_retries:
             model_version_give_up(version_id=version_id, reason=f"{transient_reason(exc)}, on every attempt")
         raise
+
+
+@shared_task(name="workers.tasks.model_validate_reconcile", acks_late=True)
+def model_validate_reconcile() -> int:
+    """Periodic (Celery beat): model versions whose validation message was lost are sent again."""
+    from recognition.services.registry import model_version_reconcile
+
+    return model_version_reconcile()

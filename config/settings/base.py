@@ -238,6 +238,7 @@ CELERY_TASK_ROUTES = {
     "workers.tasks.batch_reconcile": {"queue": "maintenance"},
     "workers.tasks.image_render_reconcile": {"queue": "maintenance"},
     "workers.tasks.model_validate": {"queue": "maintenance"},  # loads the package once, on CPU
+    "workers.tasks.model_validate_reconcile": {"queue": "maintenance"},
 }
 CELERY_BEAT_SCHEDULE = {
     "reconcile-stuck-requests": {
@@ -246,6 +247,10 @@ CELERY_BEAT_SCHEDULE = {
     },
     "render-received-images": {  # decode: images whose render wake-up was lost (Redis keeps nothing)
         "task": "workers.tasks.image_render_reconcile",
+        "schedule": env.int("SIGHTLINE_RECONCILE_SECONDS", default=60),
+    },
+    "validate-stalled-model-versions": {  # a registration whose check message was lost
+        "task": "workers.tasks.model_validate_reconcile",
         "schedule": env.int("SIGHTLINE_RECONCILE_SECONDS", default=60),
     },
     "verify-audit-log": {
@@ -311,6 +316,8 @@ SIGHTLINE_MAX_DICOM_FRAMES = env.int("SIGHTLINE_MAX_DICOM_FRAMES", default=300)
 SIGHTLINE_MAX_DECODE_PIXELS_PER_REQUEST = env.int("SIGHTLINE_MAX_DECODE_PIXELS_PER_REQUEST", default=300 * 512 * 512)
 # decode: an image received but not rendered whose wake-up is older than this is woken again
 SIGHTLINE_RENDER_STALL_SECONDS = env.int("SIGHTLINE_RENDER_STALL_SECONDS", default=600)
+# a version still validating this long lost its check task and is sent again (checks take ~10 s)
+SIGHTLINE_MODEL_VALIDATION_STALL_SECONDS = env.int("SIGHTLINE_MODEL_VALIDATION_STALL_SECONDS", default=300)
 # bulk jobs' zip archives: entries, uncompressed bytes (declared and as read), ratio per entry
 SIGHTLINE_ARCHIVE_MAX_ENTRIES = env.int("SIGHTLINE_ARCHIVE_MAX_ENTRIES", default=20_000)
 SIGHTLINE_ARCHIVE_MAX_BYTES = env.int("SIGHTLINE_ARCHIVE_MAX_BYTES", default=8 * 1024**3)

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -224,6 +225,21 @@ def model_version_validate(*, version_id: int) -> ModelVersion:
             logger.exception("registration check %s failed on %s", check.__name__, version)
             return _decide(version, refusal=f"the check {check.__name__} failed unexpectedly ({type(exc).__name__})")
     return _decide(version, refusal="")
+
+
+def model_version_reconcile() -> int:
+    """Periodic (Celery beat): a version still validating after
+    ``SIGHTLINE_MODEL_VALIDATION_STALL_SECONDS`` lost its task (Redis keeps nothing, a worker
+    died mid-check): send it again. The checks decide once, whichever task runs them first."""
+    before = timezone.now() - timedelta(seconds=settings.SIGHTLINE_MODEL_VALIDATION_STALL_SECONDS)
+    stalled = list(
+        ModelVersion.objects.filter(status=ModelVersion.Status.VALIDATING, created__lt=before).values_list(
+            "pk", flat=True
+        )
+    )
+    for version_id in stalled:
+        _enqueue_validation(version_id)
+    return len(stalled)
 
 
 def model_version_give_up(*, version_id: int, reason: str) -> ModelVersion:

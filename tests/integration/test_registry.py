@@ -371,3 +371,24 @@ def test_registering_a_package_still_validating_asks_a_worker_again(
     assert model_validate.apply(args=[version.pk]).get() == "ready"
     assert model_validate.apply(args=[version.pk]).get() == "ready"  # the second message changes nothing
     assert AccessEvent.objects.filter(action="model.ready").count() == 1
+
+
+def test_beat_sends_a_version_whose_check_message_was_lost_again(demo_package, monkeypatch, settings):
+    """Redis keeps nothing: a validating version no task will ever check is found and checked."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from recognition.services.registry import model_version_submit
+    from workers.tasks import model_validate, model_validate_reconcile
+
+    sent = []
+    monkeypatch.setattr(model_validate, "delay", lambda *args: sent.append(args))
+    version, _ = model_version_submit(package_path=demo_package, enqueue=False)  # its message never went
+    assert model_validate_reconcile.apply().get(disable_sync_subtasks=False) == 0  # not stalled yet
+    stalled = timezone.now() - timedelta(seconds=settings.SIGHTLINE_MODEL_VALIDATION_STALL_SECONDS + 1)
+    ModelVersion.objects.filter(pk=version.pk).update(created=stalled)
+    assert model_validate_reconcile.apply().get(disable_sync_subtasks=False) == 1
+    assert sent == [(version.pk,)]
+    assert model_validate.apply(args=[version.pk]).get(disable_sync_subtasks=False) == "ready"
+    assert model_validate_reconcile.apply().get(disable_sync_subtasks=False) == 0  # decided: nothing to send
