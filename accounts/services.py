@@ -63,9 +63,13 @@ def access_event_record(
     tenant: Tenant | None = None,
     target_type: str = "",
     target_id: object = "",
+    key_id: str = "",
 ) -> AccessEvent:
-    """Append one entry. Call it inside the action's transaction: if it fails, the action fails."""
+    """Append one entry. Call it inside the action's transaction: if it fails, the action fails.
+    ``key_id``: the service-account key acting where there is no request (a WebSocket)."""
     context = _request_context(request)
+    if key_id:
+        context.setdefault("key_id", key_id)
     if user is None and request is not None:
         user = getattr(request, "user", None)
     if user is not None and not user.is_authenticated:

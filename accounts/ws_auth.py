@@ -57,14 +57,14 @@ def _user_for_token(raw: str):
 
 @database_sync_to_async
 def _user_for_key(raw: str):
-    """(the service account's user, the key's id) for a live key; (anonymous, None) otherwise."""
+    """(the service account's user, the key) for a live key; (anonymous, None) otherwise."""
     try:
         key = api_key_authenticate(raw=raw)
     except KeyRefused:
         return AnonymousUser(), None
     user = key.service_account.user
     user.is_verified = lambda: False  # a key is never a second factor (and never an admin's)
-    return user, key.pk
+    return user, key
 
 
 def websocket_auth(urlpatterns):
@@ -74,8 +74,12 @@ def websocket_auth(urlpatterns):
     async def application(scope, receive, send):
         key = _header_key(scope)
         if key is not None:
-            user, key_id = await _user_for_key(key)
-            return await token_router(dict(scope, user=user, api_key_id=key_id), receive, send)
+            user, api_key = await _user_for_key(key)
+            # the key's id for revocation, its public id for the access-log entries the socket writes
+            ids = {"api_key_id": None}
+            if api_key is not None:
+                ids = {"api_key_id": api_key.pk, "api_key_public_id": api_key.public_id}
+            return await token_router(dict(scope, user=user, **ids), receive, send)
         token = _query_token(scope)
         if token is None:
             return await session_app(scope, receive, send)

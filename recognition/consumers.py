@@ -95,6 +95,7 @@ class EventsConsumer(JsonWebsocketConsumer):
                 tenant=membership.tenant if membership else None,
                 target_type="tenant",
                 target_id=slug,
+                key_id=self.scope.get("api_key_public_id", ""),
             )
             if membership is None:  # not a member: indistinguishable from no such hospital
                 self.send_json({"type": "error", "code": "not_found", "message": "No such hospital."})

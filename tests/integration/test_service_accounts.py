@@ -390,3 +390,37 @@ def test_platform_staff_cannot_make_one_an_admin_in_the_django_admin_either(admi
     )
     assert response.status_code == 200 and b"exactly one membership" in response.content
     assert list(Membership.objects.filter(user=account.user).values_list("role", flat=True)) == ["clinician"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_entry_a_keys_websocket_writes_names_the_key_too(hospital_a, hospital_b, settings):
+    """The real ASGI application in this process (in-memory channel layer): a refused
+    subscription has no request to read the key from, and still names it."""
+    import json
+
+    from asgiref.sync import async_to_sync
+    from asgiref.testing import ApplicationCommunicator
+
+    from config.asgi import application
+
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    account, key, raw = make_key(member(hospital_a, "admin-ws", Role.TENANT_ADMIN), name="socket")
+
+    async def subscribe_to_another_hospital():
+        headers = [(b"authorization", f"Bearer {raw}".encode()), (b"host", b"testserver")]
+        socket = ApplicationCommunicator(
+            application, {"type": "websocket", "path": "/ws/events/", "query_string": b"", "headers": headers}
+        )
+        await socket.send_input({"type": "websocket.connect"})
+        assert (await socket.receive_output(5))["type"] == "websocket.accept"
+        assert json.loads((await socket.receive_output(5))["text"]) == {"type": "hello"}
+        await socket.send_input(
+            {"type": "websocket.receive", "text": json.dumps({"type": "subscribe", "tenant": hospital_b.slug})}
+        )
+        assert json.loads((await socket.receive_output(5))["text"])["code"] == "not_found"
+        await socket.send_input({"type": "websocket.disconnect", "code": 1000})
+        await socket.wait(5)
+
+    async_to_sync(subscribe_to_another_hospital)()
+    (entry,) = AccessEvent.objects.filter(actor=account.user, action="events.subscribe", outcome="denied")
+    assert entry.actor_label == f"{account.user.username} (key {key.public_id})"
