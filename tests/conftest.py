@@ -7,6 +7,7 @@ Three people, as the isolation tests need them: a clinician and a viewer of hosp
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,31 @@ from accounts.services import membership_grant, user_get_or_create
 from workers.engine import synthetic, training
 
 PASSWORD = "correct-horse-battery-staple"
+
+# What production settings need to start, for the tests that start them in a subprocess.
+PRODUCTION_SECRET = "q8Zr3LmV0xT7cWn2pK5sJ9hB4dF6gY1aE0uI8oP3tR7yQ2wS5vX9zN4mC6bH1jL0kD"
+PRODUCTION_ENVIRONMENT = {
+    "DJANGO_SETTINGS_MODULE": "config.settings.production",
+    "DJANGO_SECRET_KEY": PRODUCTION_SECRET,
+    "ALLOWED_HOSTS": "sightline.example.org",
+    "SIGHTLINE_PSEUDONYM_KEY": "a-pseudonym-key-of-its-own-not-the-site-secret-0123456789",
+    "SIGHTLINE_METRICS_TOKEN": "m" * 40,
+}
+
+
+def production_env(**overrides: str | None) -> dict[str, str]:
+    """This process's environment with what production settings need; an override of None
+    removes that variable (for the tests of a refusal to start)."""
+    env = {key: value for key, value in os.environ.items() if key != "DJANGO_ALLOW_ASYNC_UNSAFE"}
+    env.update(PRODUCTION_ENVIRONMENT)
+    for key, value in overrides.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
 PACKAGE_CACHE = Path(settings.BASE_DIR) / "var" / "test-cache" / f"{training.DEMO_NAME}-{training.DEMO_VERSION}.zip"
 
 

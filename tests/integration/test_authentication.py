@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from accounts.services import (
 )
 from accounts.signals import username_tried
 from accounts.two_factor import enrolment_code_issue_by_staff
-from tests.conftest import PASSWORD, member
+from tests.conftest import PASSWORD, PRODUCTION_SECRET, member, production_env
 
 pytestmark = pytest.mark.django_db
 
@@ -630,20 +629,11 @@ def test_the_code_page_only_redirects_within_the_site(client, admin_with_device)
 
 # --- 8. Production settings ----------------------------------------------------------------
 
-SECRET = "q8Zr3LmV0xT7cWn2pK5sJ9hB4dF6gY1aE0uI8oP3tR7yQ2wS5vX9zN4mC6bH1jL0kD"
+SECRET = PRODUCTION_SECRET
 
 
 def deploy_check(settings, **overrides) -> subprocess.CompletedProcess:
-    unwanted = {"DJANGO_SECRET_KEY", "ALLOWED_HOSTS", "DJANGO_ALLOW_ASYNC_UNSAFE"}
-    env = {key: value for key, value in os.environ.items() if key not in unwanted}
-    env["DJANGO_SETTINGS_MODULE"] = "config.settings.production"
-    env["SIGHTLINE_PSEUDONYM_KEY"] = "a-pseudonym-key-of-its-own-" + SECRET[::-1]  # issue 11 (ids): required too
-    env.setdefault("SIGHTLINE_METRICS_TOKEN", "m" * 40)  # required in production (test_health.py)
-    for key, value in overrides.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
+    env = production_env(**{"DJANGO_SECRET_KEY": None, "ALLOWED_HOSTS": None, **overrides})
     return subprocess.run(
         [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
         cwd=settings.BASE_DIR,

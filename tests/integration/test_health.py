@@ -123,19 +123,13 @@ def test_metrics_can_require_a_token(client, settings):
 
 
 def test_production_settings_refuse_to_start_without_a_metrics_token(settings):
-    import os
     import subprocess
     import sys
 
+    from tests.conftest import production_env
+
     def start(**extra):
-        env = {key: value for key, value in os.environ.items() if key != "SIGHTLINE_METRICS_TOKEN"}
-        env.update(
-            DJANGO_SETTINGS_MODULE="config.settings.production",
-            DJANGO_SECRET_KEY="q8Zr3LmV0xT7cWn2pK5sJ9hB4dF6gY1aE0uI8oP3tR7yQ2wS5vX9zN4mC6bH1jL0kD",
-            ALLOWED_HOSTS="sightline.example.org",
-            SIGHTLINE_PSEUDONYM_KEY="a-pseudonym-key-of-its-own-not-the-site-secret-0123456789",
-            **extra,
-        )
+        env = production_env(**{"SIGHTLINE_METRICS_TOKEN": None, **extra})
         code = (
             "import django; django.setup(); from django.conf import settings; print(settings.SIGHTLINE_METRICS_TOKEN)"
         )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ from pydicom.uid import generate_uid
 
 from config.pseudonym import PATIENT, key_id_of, pseudonym_candidates, pseudonym_for
 from recognition.models import Image, Study
-from tests.conftest import api_client_for
+from tests.conftest import PRODUCTION_SECRET, api_client_for, production_env
 from tests.integration.test_workspace import post_file
 from tests.unit.test_dicom import PATIENT_ID, ct_dataset, to_bytes
 
@@ -118,9 +117,8 @@ def test_a_development_key_is_labelled_and_the_ring_refuses_a_short_key(settings
 
 def production_process(code: str, **environment) -> subprocess.CompletedProcess:
     """Python started the way a bare worker is: the project's default settings, its environment."""
-    unwanted = {"DJANGO_SETTINGS_MODULE", "DJANGO_SECRET_KEY", "SIGHTLINE_PSEUDONYM_KEY", "ALLOWED_HOSTS"}
-    env = {key: value for key, value in os.environ.items() if key not in unwanted}
-    env = env | {"SIGHTLINE_METRICS_TOKEN": "m" * 40} | environment  # production needs its metrics token too
+    unset = dict.fromkeys(("DJANGO_SETTINGS_MODULE", "DJANGO_SECRET_KEY", "SIGHTLINE_PSEUDONYM_KEY", "ALLOWED_HOSTS"))
+    env = production_env(**{**unset, **environment})
     from django.conf import settings
 
     return subprocess.run(
@@ -128,7 +126,7 @@ def production_process(code: str, **environment) -> subprocess.CompletedProcess:
     )
 
 
-SECRET = "q8Zr3LmV0xT7cWn2pK5sJ9hB4dF6gY1aE0uI8oP3tR7yQ2wS5vX9zN4mC6bH1jL0kD"
+SECRET = PRODUCTION_SECRET
 WORKER = (
     "import workers.celery, django; django.setup(); from django.conf import settings; print(settings.SETTINGS_MODULE)"
 )

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import subprocess
 import sys
 import time
@@ -506,14 +505,9 @@ print("needs-second-factor" if answer else "let-through")
 
 
 def test_production_settings_turn_the_staff_rule_on(settings):
-    env = {key: value for key, value in os.environ.items() if key != "DJANGO_ALLOW_ASYNC_UNSAFE"}
-    env.update(
-        DJANGO_SETTINGS_MODULE="config.settings.production",
-        DJANGO_SECRET_KEY="q8Zr3LmV0xT7cWn2pK5sJ9hB4dF6gY1aE0uI8oP3tR7yQ2wS5vX9zN4mC6bH1jL0kD",
-        ALLOWED_HOSTS="sightline.example.org",
-        SIGHTLINE_PSEUDONYM_KEY="a-pseudonym-key-of-its-own-not-the-site-secret-0123456789",
-        SIGHTLINE_METRICS_TOKEN="m" * 40,
-    )
+    from tests.conftest import production_env
+
+    env = production_env()
     result = subprocess.run(
         [sys.executable, "-c", f"import django; django.setup()\n{PRODUCTION_PROBE}"],
         cwd=settings.BASE_DIR,
