@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from core.model_package import read_manifest  # noqa: E402
 from workers.engine import synthetic  # noqa: E402
 from workers.engine.backpressure import nvml_sampler  # noqa: E402
 from workers.engine.cache import HandlerCache  # noqa: E402
 from workers.engine.gradcam import heatmaps_for  # noqa: E402
 from workers.engine.handler import Handler, build_model  # noqa: E402
-from workers.engine.package import read_manifest  # noqa: E402
 
 RESULTS: dict = {"checks": {}, "throughput": []}
 

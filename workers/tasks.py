@@ -6,7 +6,7 @@ from workers.transient import TransientRetryTask
 
 # a database, storage or broker that is briefly unreachable (a restart, a failover, throttling)
 # must not strand the work this task was for: it tries again, backing off; the errors that count
-# as transient are named once, in workers/transient.py
+# as transient are named once, in core/transient.py
 RETRY_TRANSIENT = {"base": TransientRetryTask, "retry_backoff_max": 30, "max_retries": 8}
 
 
@@ -40,7 +40,7 @@ def batch_reconcile() -> int:
     return reconcile()
 
 
-# a storage blip reading the original retries (workers/transient.py names it); the attempt cap
+# a storage blip reading the original retries (core/transient.py names it); the attempt cap
 # in the service ends an image that keeps failing (or keeps killing its worker)
 @shared_task(name="workers.tasks.image_render", acks_late=True, **RETRY_TRANSIENT)
 def image_render(image_ids: list[int]) -> int:
@@ -61,8 +61,8 @@ def image_render_reconcile() -> int:
 @shared_task(name="workers.tasks.model_validate", acks_late=True, bind=True, **RETRY_TRANSIENT)
 def model_validate(self, version_id: int) -> str:
     """Registration's checks, off the web process; the version ends ready or refused."""
+    from core.transient import is_transient, transient_reason
     from recognition.services.registry import model_version_give_up, model_version_validate
-    from workers.transient import is_transient, transient_reason
 
     try:
         return model_version_validate(version_id=version_id).status

@@ -33,6 +33,7 @@ INSTALLED_APPS = [
     "django_otp.plugins.otp_totp",
     "accounts",
     "recognition",
+    "workers",
 ]
 
 MIDDLEWARE = [
@@ -342,7 +343,7 @@ SIGHTLINE_DECODE_THREADS = env.int("SIGHTLINE_DECODE_THREADS", default=2)
 SIGHTLINE_METRICS_TOKEN = env("SIGHTLINE_METRICS_TOKEN", default="")  # when set, /metrics needs it as a bearer
 # /metrics: batch sizes, latencies and outcomes over the requests finished this recently
 SIGHTLINE_METRICS_WINDOW_SECONDS = env.int("SIGHTLINE_METRICS_WINDOW_SECONDS", default=300)
-# transient errors (storage 5xx or throttling, a dropped connection: workers/transient.py):
+# transient errors (storage 5xx or throttling, a dropped connection: core/transient.py):
 # reading one image is tried again in place this many times, then the request goes back to the
 # queue with a backoff; after SIGHTLINE_TRANSIENT_RETRIES such requeues it fails, in words
 SIGHTLINE_READ_TRIES = env.int("SIGHTLINE_READ_TRIES", default=3)

@@ -18,10 +18,10 @@ from django.db.models.functions import RowNumber
 from django.utils import timezone
 
 from config.errors import Unavailable
+from core.model_package import PackageError
+from core.transient import backoff_seconds, is_transient, transient_reason
 from workers.engine.batching import collect_batch
-from workers.engine.package import PackageError
 from workers.engine.results import ItemResult
-from workers.transient import backoff_seconds, is_transient, transient_reason
 
 from .. import events
 from ..models import Image, InferenceRequest, ModelAlias, ModelVersion, Result

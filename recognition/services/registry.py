@@ -21,9 +21,9 @@ from django.utils import timezone
 
 from accounts.services import access_event_record
 from config.errors import Conflict, Invalid
+from core.model_package import TORCHSCRIPT_REFUSED, PackageError, read_manifest
+from core.transient import is_transient
 from workers.engine.cache import HandlerCache
-from workers.engine.package import TORCHSCRIPT_REFUSED, PackageError, read_manifest
-from workers.transient import is_transient
 
 if TYPE_CHECKING:
     from workers.engine.handler import Handler
@@ -122,8 +122,8 @@ def _validate_again(version: ModelVersion, *, registered_by, alias: str | None, 
 
 
 def _enqueue_validation(version_id: int) -> None:
+    from core.transient import is_transient
     from workers.tasks import model_validate  # the task module imports this one
-    from workers.transient import is_transient
 
     try:
         model_validate.delay(version_id)

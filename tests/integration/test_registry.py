@@ -9,11 +9,11 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from accounts.models import AccessEvent
+from core.model_package import MANIFEST_NAME
 from recognition.models import InferenceRequest, ModelAlias, ModelPin, ModelVersion, TrafficSplit
 from recognition.services.images import image_upload
 from recognition.services.registry import split_bucket
 from tests.conftest import PASSWORD, api_client_for, png_bytes, upload_file
-from workers.engine.package import MANIFEST_NAME
 
 pytestmark = pytest.mark.django_db
 
@@ -282,8 +282,8 @@ def test_the_admin_offers_only_ready_versions_for_an_alias(client, validating, d
 
 
 def test_a_worker_never_loads_a_version_that_is_not_ready(validating):
+    from core.model_package import PackageError
     from recognition.services.registry import model_handler
-    from workers.engine.package import PackageError
 
     with pytest.raises(PackageError, match="validating, not ready"):
         model_handler(validating)

@@ -186,7 +186,7 @@ def test_an_image_the_storage_refuses_for_good_fails_alone_without_retries(clini
 
 
 def test_a_database_blip_mid_batch_sends_the_claimed_requests_back(clinician_a, demo_model, monkeypatch):
-    """The task retries on the database error (workers/transient.py); the rows it had claimed do
+    """The task retries on the database error (core/transient.py); the rows it had claimed do
     not wait for the time limit's reconciliation."""
     from django.db import OperationalError
 

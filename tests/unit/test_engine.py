@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from core.model_package import MANIFEST_NAME, WEIGHTS_NAME, PackageError, read_manifest, sha256_bytes
 from tests.conftest import jpeg_bytes, png_bytes
 from workers.engine import synthetic
 from workers.engine.handler import Handler
-from workers.engine.package import MANIFEST_NAME, WEIGHTS_NAME, PackageError, read_manifest, sha256_bytes
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,7 @@ def test_thresholds_must_fit_the_labels(tmp_path):
 
 def tiny_handler() -> Handler:
     """A small CNN behind the real Handler: compiling it takes seconds, not a minute."""
-    from workers.engine.package import Manifest
+    from core.model_package import Manifest
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(

@@ -10,11 +10,11 @@ import torch
 import torchvision
 from PIL import Image
 
+from core.model_package import read_manifest
 from tests.conftest import png_bytes
 from workers.engine import synthetic
 from workers.engine.gradcam import _normalise, gradcam, heatmaps_for, render_overlay_png
 from workers.engine.handler import Handler
-from workers.engine.package import read_manifest
 
 LAYER = "layer4"  # the resnet convention: the last convolutional stage (2x2 at the demo's 64 px)
 FINE_LAYER = "layer3"  # one stage earlier: 4x4 at 64 px

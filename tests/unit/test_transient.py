@@ -9,8 +9,9 @@ from celery import Celery
 from django.db import IntegrityError, InterfaceError, OperationalError
 from kombu.exceptions import OperationalError as BrokerError
 
-from workers.engine.package import PackageError
-from workers.transient import TransientRetryTask, backoff_seconds, is_transient, transient_reason
+from core.model_package import PackageError
+from core.transient import backoff_seconds, is_transient, transient_reason
+from workers.transient import TransientRetryTask
 
 
 def client_error(code: str, status: int) -> ClientError:

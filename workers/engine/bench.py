@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.model_package import read_manifest
+
 from . import synthetic
 from .handler import Handler, configure_cpu_threads
-from .package import read_manifest
 
 
 def measure(handler: Handler, items: list[bytes], seconds: float) -> dict:

@@ -17,7 +17,9 @@ import torch
 import torchvision
 from PIL import Image, UnidentifiedImageError
 
-from .package import Manifest, PackageError, read_weights
+from core.model_package import Manifest, PackageError
+
+from .package import read_weights
 from .results import ItemResult
 
 logger = logging.getLogger(__name__)

@@ -14,9 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.model_package import Manifest
+
 from . import synthetic
 from .handler import build_model, configure_cpu_threads
-from .package import Manifest, write_package
+from .package import write_package
 
 DEMO_NAME = "sightline-demo"
 DEMO_VERSION = "1.0.0"
