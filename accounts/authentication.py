@@ -24,13 +24,12 @@ from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.throttling import BaseThrottle
 
-from .models import AccessEvent, ApiKey
+from .models import KEY_SCHEME, AccessEvent, ApiKey
 
 # DRF imports this module while config.errors (which imports DRF) is still loading: the
 # modules that import config.errors are imported where they are used.
 
 BEARER = "Bearer"
-KEY_SCHEME = "slk_"  # every API key starts with it; nothing else may
 
 
 def api_key_from_header(value: bytes) -> str | None:

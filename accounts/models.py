@@ -297,6 +297,9 @@ class ServiceAccount(models.Model):
         return f"service account {self.name} @ {self.tenant.slug}"
 
 
+KEY_SCHEME = "slk_"  # every API key starts with it; nothing else may
+
+
 class ApiKey(models.Model):
     """A service account's long-lived credential, ``slk_<prefix>_<secret>``. Only the SHA-256 of
     the whole key is kept (the secret has 256 bits: no slow hash needed); the prefix finds it and

@@ -22,9 +22,8 @@ from django.utils import timezone
 
 from config.errors import Conflict, Gone, Invalid, NotFound
 
-from .authentication import KEY_SCHEME
 from .events import access_revoked_on_commit, api_key_revoked_on_commit
-from .models import AccessEvent, ApiKey, Membership, Role, ServiceAccount
+from .models import KEY_SCHEME, AccessEvent, ApiKey, Membership, Role, ServiceAccount
 from .permissions import Action
 from .services import access_event_record, membership_grant, require
 

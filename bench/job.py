@@ -141,9 +141,9 @@ def run(args, workdir: Path, processes: Processes) -> dict:
     from accounts.models import Role
     from accounts.services import membership_grant, tenant_create, user_get_or_create
     from recognition.services.images import image_validate
-    from recognition.services.registry import model_version_register
     from workers.engine import synthetic
     from workers.engine.handler import Handler, configure_cpu_threads
+    from workers.registration import model_version_register
 
     configure_cpu_threads()
     call_command("migrate", verbosity=0, interactive=False)

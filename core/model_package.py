@@ -128,3 +128,12 @@ TORCHSCRIPT_REFUSED = (
     "TorchScript packages carry code as well as weights, and this platform accepts them only when "
     "SIGHTLINE_ALLOW_TORCHSCRIPT is on; package the model as a torchvision architecture and a state_dict"
 )
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a whole file (a package), read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -92,7 +92,7 @@ def demo_package() -> Path:
 
 @pytest.fixture
 def demo_model(db, demo_package):
-    from recognition.services.registry import model_version_register
+    from workers.registration import model_version_register
 
     version, _ = model_version_register(package_path=demo_package)
     return version

@@ -23,8 +23,8 @@ def _warm_up(**_kwargs):
     import numpy as np
     import torch
 
-    from recognition.services.inference import inference_warm_up
     from workers.engine.handler import configure_cpu_threads
+    from workers.runner import inference_warm_up
 
     # forked children share the parent's RNG state; none of ours needs it, but keep them apart
     seed = os.getpid()
@@ -38,7 +38,7 @@ def _warm_up(**_kwargs):
 
         logging.getLogger(__name__).exception("warm-up failed")
     from recognition.health import start_heartbeat
-    from recognition.services.registry import loaded_models
+    from workers.model_cache import loaded_models
 
     start_heartbeat(loaded_models)
 
@@ -49,9 +49,9 @@ def _recover(**_kwargs):
     queue (or fail after their last attempt), and every version with waiting work gets a wake-up."""
     from django.db import connections
 
-    from recognition.services.inference import inference_reclaim_orphans, inference_requeue_waiting
+    from workers.queue_policy import reclaim_orphans, requeue_waiting
 
-    inference_reclaim_orphans()
-    inference_requeue_waiting()
+    reclaim_orphans()
+    requeue_waiting()
     # the main process holds no database connection a pool process forked later could inherit
     connections.close_all()

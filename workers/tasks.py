@@ -12,7 +12,7 @@ RETRY_TRANSIENT = {"base": TransientRetryTask, "retry_backoff_max": 30, "max_ret
 
 @shared_task(name="workers.tasks.infer", acks_late=True, **RETRY_TRANSIENT)
 def infer(request_id: int) -> int:
-    from recognition.services.inference import inference_run
+    from workers.runner import inference_run
 
     return inference_run(request_id=request_id)
 
@@ -34,10 +34,12 @@ def batch_expand(upload_id: int) -> None:
 
 @shared_task(name="workers.tasks.batch_reconcile", acks_late=True)
 def batch_reconcile() -> int:
-    """Periodic (Celery beat): requests stuck running past their time limit are requeued."""
-    from recognition.services.batches import batch_reconcile as reconcile
+    """Periodic (Celery beat): requests stuck running past their time limit are requeued, queued
+    ones whose wake-up was lost are woken, and stalled archive uploads are resumed or refused."""
+    from recognition.services.batches import batch_uploads_reconcile
+    from workers.queue_policy import requests_reconcile_stuck
 
-    return reconcile()
+    return requests_reconcile_stuck() + batch_uploads_reconcile()
 
 
 # a storage blip reading the original retries (core/transient.py names it); the attempt cap
@@ -62,7 +64,7 @@ def image_render_reconcile() -> int:
 def model_validate(self, version_id: int) -> str:
     """Registration's checks, off the web process; the version ends ready or refused."""
     from core.transient import is_transient, transient_reason
-    from recognition.services.registry import model_version_give_up, model_version_validate
+    from workers.registration import model_version_give_up, model_version_validate
 
     try:
         return model_version_validate(version_id=version_id).status
@@ -75,6 +77,6 @@ def model_validate(self, version_id: int) -> str:
 @shared_task(name="workers.tasks.model_validate_reconcile", acks_late=True)
 def model_validate_reconcile() -> int:
     """Periodic (Celery beat): model versions whose validation message was lost are sent again."""
-    from recognition.services.registry import model_version_reconcile
+    from workers.registration import model_version_reconcile
 
     return model_version_reconcile()

@@ -334,6 +334,10 @@ SIGHTLINE_MAX_REQUEST_BYTES = env.int("SIGHTLINE_MAX_REQUEST_BYTES", default=512
 # Inference.
 SIGHTLINE_DEFAULT_MODEL = env("SIGHTLINE_DEFAULT_MODEL", default="sightline-demo")
 SIGHTLINE_INFERENCE_DEVICE = env("SIGHTLINE_INFERENCE_DEVICE", default="auto")
+# the lane this worker process serves (workers/queue_policy.py): "interactive" takes clinicians'
+# reads first and bulk ones only when none waits, "bulk" takes bulk ones only, "all" is one
+# worker for both (tests, a single small node)
+SIGHTLINE_WORKER_LANE = env("SIGHTLINE_WORKER_LANE", default="all")
 SIGHTLINE_MAX_BATCH_SIZE = env.int("SIGHTLINE_MAX_BATCH_SIZE", default=16)
 # 0: a batch is what accumulated while the previous forward pass ran, so a lone request never
 # waits for company; a version's manifest may set its own max_batch_size and max_wait_ms

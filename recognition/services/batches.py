@@ -28,10 +28,12 @@ from config.errors import Conflict, DomainError, Invalid, NotFound
 from config.spreadsheet import spreadsheet_safe
 
 from ..archive import ArchiveLimits, ArchiveRefused, read_archive
+from ..enqueue import task_send
 from ..models import AIModel, BatchItem, BatchJob, BatchUpload, InferenceRequest, ModelAlias, ModelPin, ModelVersion
 from ..selectors import not_found_recorded
 from ..storage import ForeignStorageKey, archive_key, storage_key_for_tenant
 from .images import images_upload
+from .inference import inference_enqueue
 
 logger = logging.getLogger(__name__)
 Item, Job, Upload = BatchItem.Status, BatchJob.Status, BatchUpload.Status
@@ -311,14 +313,8 @@ def batch_upload_prefix(*, membership: Membership, job_id: int, prefix: str, req
 
 
 def _enqueue_expand(upload_id: int) -> None:
-    from kombu.exceptions import OperationalError
-
-    from workers.tasks import batch_expand
-
-    try:
-        batch_expand.apply_async(args=[upload_id], queue="maintenance")
-    except OperationalError:  # the broker is down: reconciliation enqueues it again
-        logger.warning("broker unavailable: upload %s waits for reconciliation", upload_id)
+    # the broker down: the upload stays received and reconciliation enqueues it again
+    task_send("workers.tasks.batch_expand", args=[upload_id], queue="maintenance")
 
 
 class _Entry(File):
@@ -627,10 +623,8 @@ def _queue(job: BatchJob, items) -> None:
 
 
 def _wake(request_ids: list[int]) -> None:
-    from recognition.services.inference import _enqueue
-
     for request_id in request_ids:
-        _enqueue(request_id, InferenceRequest.Priority.BULK)
+        inference_enqueue(request_id, InferenceRequest.Priority.BULK)
 
 
 def batch_job_cancel(*, membership: Membership, job_id: int, request=None) -> BatchJob:
@@ -751,33 +745,7 @@ def _notify(jobs: list[BatchJob]) -> None:
     send_many_on_commit([(tenant_group(job.tenant_id), {"type": "job.progress", "job": job.pk}) for job in jobs])
 
 
-def batch_reconcile() -> int:
-    """Periodic: requests of any host left running past the time limit go back to the queue,
-    or fail once their attempts are used up; returns how many were touched."""
-    limit = timezone.now() - timezone.timedelta(seconds=settings.SIGHTLINE_REQUEST_TIME_LIMIT_SECONDS)
-    stuck = InferenceRequest.objects.filter(status=InferenceRequest.Status.RUNNING, started_at__lt=limit)
-    from workers.engine.results import ItemResult
-
-    from .inference import _store_outcomes, _wake_next, inference_requeue_waiting
-
-    with transaction.atomic():
-        exhausted = list(stuck.filter(attempts__gte=settings.SIGHTLINE_MAX_ATTEMPTS).select_related("image"))
-        _store_outcomes(
-            exhausted, [ItemResult(error="stopped: it ran past the time limit on every attempt")] * len(exhausted)
-        )
-        versions = set(stuck.values_list("model_version_id", flat=True))
-        requeued = stuck.update(status=InferenceRequest.Status.QUEUED, claimed_by="", started_at=None)
-        for version_id in versions:
-            _wake_next(version_id)
-    if requeued or exhausted:
-        logger.warning("reconciled %d stuck requests (%d given up)", requeued, len(exhausted))
-    # queued work whose broker message was lost (Redis restarted without persistence) gets a
-    # wake-up; for a version a worker is already draining, the extra task finds nothing to do
-    inference_requeue_waiting()
-    return requeued + len(exhausted) + _reconcile_uploads()
-
-
-def _reconcile_uploads() -> int:
+def batch_uploads_reconcile() -> int:
     """Archives that stopped arriving are removed and refused; received ones whose expansion
     message was lost, and expansions whose worker died, are queued again (expansion resumes
     where it stopped), unless their attempts are spent: those are refused in words. Returns how

@@ -28,6 +28,7 @@ from config.errors import Conflict, Invalid, TooLarge, Unavailable, Unprocessabl
 from config.pseudonym import PATIENT, patient_pseudonym_of, pseudonym_candidates, pseudonym_for
 
 from .. import dicom, events
+from ..enqueue import task_send
 from ..models import Image, Series, Study, UploadKey
 from ..storage import dicom_key, image_key, pixels_key
 from .inference import inference_request_create, upload_routing
@@ -666,15 +667,8 @@ def _store_dicom(
 
 
 def _enqueue_render(image_ids: list[int]) -> None:
-    from kombu.exceptions import OperationalError as BrokerError
-
-    from workers.tasks import image_render  # the task module imports this one
-
-    try:
-        image_render.delay(image_ids)
-    except (OSError, BrokerError):
-        # the images stay received in the database: reconciliation wakes them once the broker is back
-        logger.warning("broker unavailable; %d image(s) wait for reconciliation to be rendered", len(image_ids))
+    # the broker down: the images stay received in the database; reconciliation wakes them
+    task_send("workers.tasks.image_render", args=[image_ids])
 
 
 def images_render(*, image_ids: list[int]) -> int:

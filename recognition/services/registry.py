@@ -1,16 +1,12 @@
-"""The model registry: register immutable versions, move aliases, load for inference."""
+"""The model registry, web side: submit immutable versions (a worker runs their checks, in
+``workers/registration.py``), move aliases, split and pin hospitals, route an upload."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.core.files import File
@@ -21,18 +17,13 @@ from django.utils import timezone
 
 from accounts.services import access_event_record
 from config.errors import Conflict, Invalid
-from core.model_package import TORCHSCRIPT_REFUSED, PackageError, read_manifest
-from core.transient import is_transient
-from workers.engine.cache import HandlerCache
+from core.model_package import PackageError, file_sha256, read_manifest
 
-if TYPE_CHECKING:
-    from workers.engine.handler import Handler
-
+from ..enqueue import task_send
 from ..models import AIModel, ModelAlias, ModelPin, ModelVersion, TrafficSplit
 from ..storage import model_package_key
 
 logger = logging.getLogger(__name__)
-_handlers = HandlerCache(budget_bytes=settings.SIGHTLINE_MODEL_CACHE_MB * 1024 * 1024)
 
 
 def model_version_submit(
@@ -52,7 +43,7 @@ def model_version_submit(
         manifest = read_manifest(package_path)
     except PackageError as exc:
         raise Invalid(f"The model package was refused: {exc}", code="model_refused") from exc
-    package_sha256 = _file_sha256(package_path)
+    package_sha256 = file_sha256(package_path)
 
     existing = ModelVersion.objects.filter(model__name=manifest.name, version=manifest.version).first()
     if existing is not None:
@@ -69,7 +60,7 @@ def model_version_submit(
         elif existing.status == ModelVersion.Status.VALIDATING and enqueue:
             # its first message may have been lost (a broker outage): ask again; the checks
             # decide once, whichever task runs them first
-            transaction.on_commit(lambda: _enqueue_validation(existing.pk), robust=True)
+            transaction.on_commit(lambda: model_validation_enqueue(existing.pk), robust=True)
         return existing, False
 
     # named by the whole package's checksum: the same bytes are stored once, however often
@@ -99,7 +90,7 @@ def model_version_submit(
                 action="model.register", user=registered_by, target_type="model_version", target_id=version.pk
             )
             if enqueue:
-                transaction.on_commit(lambda: _enqueue_validation(version.pk), robust=True)
+                transaction.on_commit(lambda: model_validation_enqueue(version.pk), robust=True)
     except BaseException:
         if stored_here:
             default_storage.delete(stored_name)
@@ -117,161 +108,24 @@ def _validate_again(version: ModelVersion, *, registered_by, alias: str | None, 
                 action="model.revalidate", user=registered_by, target_type="model_version", target_id=version.pk
             )
             if enqueue:
-                transaction.on_commit(lambda: _enqueue_validation(version.pk), robust=True)
+                transaction.on_commit(lambda: model_validation_enqueue(version.pk), robust=True)
     version.refresh_from_db()
 
 
-def _enqueue_validation(version_id: int) -> None:
-    from core.transient import is_transient
-    from workers.tasks import model_validate  # the task module imports this one
-
-    try:
-        model_validate.delay(version_id)
-    except Exception as exc:
-        if not is_transient(exc):
-            raise
-        # the version stays validating; registering the same package again, or
-        # `register_model --validate-here`, runs the checks
-        logger.warning("broker unavailable; model version %s waits for its checks", version_id)
+def model_validation_enqueue(version_id: int) -> None:
+    """Ask a worker for the registration checks. With the broker away the version stays
+    validating; beat's reconciliation (``workers.tasks.model_validate_reconcile``) asks again."""
+    task_send("workers.tasks.model_validate", args=[version_id])
 
 
-def model_version_register(
-    *, package_path: Path, registered_by=None, alias: str | None = ModelAlias.Name.PRODUCTION
-) -> tuple[ModelVersion, bool]:
-    """Submit and validate in this process, for shell tools and tests (never the web process):
-    the synchronous path of the same service. Returns (version, created); a refused package
-    raises ``Invalid`` with the reason, and its version stays recorded as refused."""
-    version, created = model_version_submit(
-        package_path=package_path, registered_by=registered_by, alias=alias, enqueue=False
+def default_production_version() -> ModelVersion | None:
+    """The version the production alias of the platform's default model points at."""
+    alias = (
+        ModelAlias.objects.select_related("version__model")
+        .filter(model__name=settings.SIGHTLINE_DEFAULT_MODEL, name=ModelAlias.Name.PRODUCTION)
+        .first()
     )
-    if version.status == ModelVersion.Status.VALIDATING:
-        version = model_version_validate(version_id=version.pk)
-    if version.status == ModelVersion.Status.REFUSED:
-        raise Invalid(f"The model package was refused: {version.refusal_reason}", code="model_refused")
-    return version, created
-
-
-# --- registration checks -------------------------------------------------------------------------
-
-
-class Refused(Exception):
-    """A registration check says no; the message is the reason, in words."""
-
-
-@dataclass
-class Candidate:
-    """What the registration checks look at: the version row, its package as a local file
-    (fetched from storage and checked against the registered checksum), and the model loaded
-    on the CPU by the check that loads it, for the checks after it."""
-
-    version: ModelVersion
-    package: Path | None = None
-    handler: Handler | None = None
-
-
-def check_framework_allowed(candidate: Candidate) -> None:
-    if candidate.version.manifest.get("framework") == "torchscript" and not settings.SIGHTLINE_ALLOW_TORCHSCRIPT:
-        raise Refused(TORCHSCRIPT_REFUSED)
-
-
-def check_stored_package(candidate: Candidate) -> None:
-    """The stored bytes are the ones registered (the whole package's sha256)."""
-    candidate.package = _local_package(candidate.version)
-
-
-def check_loads_and_answers(candidate: Candidate) -> None:
-    """The weights match their checksum, fit the architecture, the manifest is the registered
-    one, and a dummy batch answers one output per label."""
-    import torch  # the worker's; the web process never gets here
-
-    from workers.engine.handler import Handler
-
-    candidate.handler = Handler.initialize(
-        candidate.package,
-        candidate.version.weights_sha256,
-        device=torch.device("cpu"),
-        expected_manifest=candidate.version.manifest,
-        allow_torchscript=settings.SIGHTLINE_ALLOW_TORCHSCRIPT,
-    )
-
-
-# In order; each raises Refused or PackageError to refuse, a transient error to be tried again.
-# Later checks (agreement across backends, derived-version measurements, screening models)
-# are appended here and find the loaded model on ``candidate.handler``.
-REGISTRATION_CHECKS: list[Callable[[Candidate], None]] = [
-    check_framework_allowed,
-    check_stored_package,
-    check_loads_and_answers,
-]
-
-
-def model_version_validate(*, version_id: int) -> ModelVersion:
-    """Run the registration checks on a validating version: ready (and its requested alias
-    moved) or refused with the reason. A version already decided is returned as it is, so a
-    redelivered task changes nothing. Transient errors (storage away) are raised, for the task
-    to try again; any other error refuses the version, in words."""
-    version = ModelVersion.objects.select_related("model", "registered_by").get(pk=version_id)
-    if version.status != ModelVersion.Status.VALIDATING:
-        return version
-    candidate = Candidate(version=version)
-    for check in REGISTRATION_CHECKS:
-        try:
-            check(candidate)
-        except (Refused, PackageError) as exc:
-            return _decide(version, refusal=str(exc))
-        except Exception as exc:
-            if is_transient(exc):
-                raise
-            logger.exception("registration check %s failed on %s", check.__name__, version)
-            return _decide(version, refusal=f"the check {check.__name__} failed unexpectedly ({type(exc).__name__})")
-    return _decide(version, refusal="")
-
-
-def model_version_reconcile() -> int:
-    """Periodic (Celery beat): a version still validating after
-    ``SIGHTLINE_MODEL_VALIDATION_STALL_SECONDS`` lost its task (Redis keeps nothing, a worker
-    died mid-check): send it again. The checks decide once, whichever task runs them first."""
-    before = timezone.now() - timedelta(seconds=settings.SIGHTLINE_MODEL_VALIDATION_STALL_SECONDS)
-    stalled = list(
-        ModelVersion.objects.filter(status=ModelVersion.Status.VALIDATING, created__lt=before).values_list(
-            "pk", flat=True
-        )
-    )
-    for version_id in stalled:
-        _enqueue_validation(version_id)
-    return len(stalled)
-
-
-def model_version_give_up(*, version_id: int, reason: str) -> ModelVersion:
-    """The checks could not run (storage away on every attempt): refused, saying so."""
-    version = ModelVersion.objects.select_related("model", "registered_by").get(pk=version_id)
-    if version.status != ModelVersion.Status.VALIDATING:
-        return version
-    return _decide(version, refusal=f"the registration checks could not run: {reason}")
-
-
-def _decide(version: ModelVersion, *, refusal: str) -> ModelVersion:
-    status = ModelVersion.Status.REFUSED if refusal else ModelVersion.Status.READY
-    with transaction.atomic():
-        updated = ModelVersion.objects.filter(pk=version.pk, status=ModelVersion.Status.VALIDATING).update(
-            status=status, refusal_reason=refusal[:2000], validated_at=timezone.now()
-        )
-        if updated:
-            access_event_record(
-                action="model.ready" if status == ModelVersion.Status.READY else "model.refused",
-                user=version.registered_by,
-                target_type="model_version",
-                target_id=version.pk,
-            )
-            version.refresh_from_db()
-            if status == ModelVersion.Status.READY and version.requested_alias:
-                model_alias_move(
-                    model=version.model, alias=version.requested_alias, version=version, moved_by=version.registered_by
-                )
-    if updated:
-        logger.info("model version %s is %s%s", version, status, f": {refusal}" if refusal else "")
-    version.refresh_from_db()
-    return version
+    return alias.version if alias else None
 
 
 def model_version_require_ready(*, version: ModelVersion | None) -> None:
@@ -399,67 +253,3 @@ def model_routing(*, tenant, model_name: str) -> Routing:
         .first()
     )
     return Routing(pin.version if pin else None, split, alias.version if alias else None)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _local_package(version: ModelVersion) -> Path:
-    """The package as a local file, copied once from storage (which may be S3) and named by the
-    checksum of the whole package, so a cached copy can only be the registered bytes."""
-    cache_dir = Path(settings.SIGHTLINE_MODEL_CACHE_DIR)
-    path = cache_dir / f"{version.package_sha256 or f'v{version.pk}-{version.weights_sha256}'}.zip"
-    if not path.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with (
-            version.package.open("rb") as source,
-            tempfile.NamedTemporaryFile(dir=cache_dir, delete=False, suffix=".part") as target,
-        ):
-            shutil.copyfileobj(source, target)
-        copied = Path(target.name)
-        if version.package_sha256 and _file_sha256(copied) != version.package_sha256:
-            copied.unlink()
-            raise PackageError(f"the stored package of {version} differs from the one registered; the model is refused")
-        copied.replace(path)
-    return path
-
-
-def _compile_batch_sizes(version: ModelVersion) -> tuple[int, ...]:
-    """With SIGHTLINE_TORCH_COMPILE: a lone request, a pair and a full batch are compiled at load."""
-    if not settings.SIGHTLINE_TORCH_COMPILE:
-        return ()
-    largest = version.manifest.get("max_batch_size") or settings.SIGHTLINE_MAX_BATCH_SIZE
-    return tuple(sorted({1, min(2, largest), largest}))
-
-
-def model_handler(version: ModelVersion) -> Handler:
-    """The loaded model for a version; the checksum recorded at registration is enforced."""
-    from workers.engine.handler import Handler, choose_device
-
-    if version.status != ModelVersion.Status.READY:
-        raise PackageError(f"{version} is {version.status}, not ready: it did not pass the registration checks")
-    device = choose_device(settings.SIGHTLINE_INFERENCE_DEVICE)
-    return _handlers.get(
-        f"{version.package_sha256 or version.pk}:{version.weights_sha256}:{device}",
-        lambda: Handler.initialize(
-            _local_package(version),
-            version.weights_sha256,
-            device=device,
-            expected_manifest=version.manifest,
-            compile_for=_compile_batch_sizes(version),
-            allow_torchscript=settings.SIGHTLINE_ALLOW_TORCHSCRIPT,
-        ),
-    )
-
-
-def loaded_models() -> tuple[list[str], str]:
-    """(weights checksums of the models this process holds, its device), for the heartbeat."""
-    from workers.engine.handler import choose_device
-
-    weights = [key.split(":")[1] for key in _handlers.keys()]  # noqa: SIM118  (a method, not a dict)
-    return weights, str(choose_device(settings.SIGHTLINE_INFERENCE_DEVICE))

@@ -193,8 +193,8 @@ def live_demo(transactional_db, demo_package):
     """Two hospitals with their people and the demo model, committed for the other processes."""
     from accounts.models import Role, Tenant
     from accounts.services import membership_grant, user_get_or_create
-    from recognition.services.registry import model_version_register
     from tests.conftest import PASSWORD
+    from workers.registration import model_version_register
 
     model_version_register(package_path=demo_package)
     general = Tenant.objects.create(name="Demo General", slug="demo-general")

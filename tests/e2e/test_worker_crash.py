@@ -49,7 +49,7 @@ def test_a_killed_worker_loses_and_doubles_nothing(live_demo, demo_package, tmp_
 
     clinician = Membership.objects.get(user__username="clinician")
     # the requests wait in the database; the worker's start-up finds them (no messages needed)
-    with mock.patch("recognition.services.inference._enqueue"):
+    with mock.patch("recognition.services.inference.inference_enqueue"):
         for number in range(IMAGES):
             image_upload(membership=clinician, upload=upload_file(png_bytes(size=384, seed=number)))
     assert InferenceRequest.objects.filter(status="queued").count() == IMAGES

@@ -90,14 +90,14 @@ def test_the_task_message_carries_only_the_request_id(clinician_a, demo_model, d
     client = api_client_for(clinician_a)
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         image_id = upload(client, png_bytes(), patient_id="PSEUDO-9").json()["id"]
-    with mock.patch("workers.tasks.infer.apply_async") as apply_async:
+    with mock.patch("recognition.enqueue.current_app") as app:
         callbacks[0]()
     request_id = InferenceRequest.objects.get(image_id=image_id).pk
-    apply_async.assert_called_once_with(args=[request_id], queue="interactive")
+    app.send_task.assert_called_once_with("workers.tasks.infer", args=[request_id], queue="interactive")
 
 
 def test_status_shows_the_result_once_there_is_one(clinician_a, demo_model):
-    from recognition.services.inference import inference_run
+    from workers.runner import inference_run
 
     client = api_client_for(clinician_a)
     image_id = upload(client, png_bytes(opacity=True, seed=4)).json()["id"]
@@ -281,12 +281,13 @@ def test_a_broker_outage_keeps_the_committed_upload(clinician_a, demo_model):
     from unittest import mock
 
     with (
-        mock.patch("workers.tasks.infer.apply_async", side_effect=ConnectionError("broker down")),
-        mock.patch("recognition.services.inference.logger") as logger,
+        mock.patch("recognition.enqueue.current_app") as app,
+        mock.patch("recognition.enqueue.logger") as logger,
     ):
+        app.send_task.side_effect = ConnectionError("broker down")
         response = upload(api_client_for(clinician_a), png_bytes())
     assert response.status_code == 201
-    assert "stays queued" in logger.warning.call_args.args[0]  # one line, not a traceback
+    assert "broker unavailable" in logger.warning.call_args.args[0]  # one line, not a traceback
     image = Image.objects.get(pk=response.json()["id"])
     assert default_storage.exists(image.file.name)
     assert InferenceRequest.objects.get(image=image).status == "queued"

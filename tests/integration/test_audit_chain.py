@@ -14,8 +14,8 @@ from accounts.models import AccessEvent, AuditChain, Role
 from accounts.services import access_event_record, membership_change_role, membership_grant, user_get_or_create
 from accounts.signals import username_tried
 from recognition.models import InferenceRequest
-from recognition.services.inference import inference_run
 from tests.conftest import PASSWORD, api_client_for, png_bytes, upload_file
+from workers.runner import inference_run
 
 pytestmark = pytest.mark.django_db
 TABLE = AccessEvent._meta.db_table

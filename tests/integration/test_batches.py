@@ -16,9 +16,10 @@ from django.utils import timezone
 
 from accounts.models import AccessEvent
 from recognition.models import BatchItem, BatchJob, BatchUpload, InferenceRequest, Result
-from recognition.services.batches import batch_reconcile, batch_upload_expand
-from recognition.services.inference import inference_run
+from recognition.services.batches import batch_upload_expand
 from tests.conftest import api_client_for, png_bytes
+from workers import tasks
+from workers.runner import inference_run
 
 pytestmark = pytest.mark.django_db
 
@@ -218,7 +219,7 @@ def test_reconciliation_cleans_up_an_archive_that_never_arrived_and_requeues_los
     queued = []
     monkeypatch.setattr(batches, "_enqueue_expand", queued.append)
 
-    assert batch_reconcile() == 3
+    assert tasks.batch_reconcile.apply().get() == 3
     assert sorted(queued) == sorted([lost.pk, dead.pk])
     partial.refresh_from_db()
     assert partial.status == "refused" and "did not finish" in partial.error
@@ -264,7 +265,7 @@ def test_requests_stuck_running_are_requeued_until_their_attempts_run_out(clinic
     InferenceRequest.objects.filter(pk=b.pk).update(
         status="running", started_at=long_ago, attempts=settings.SIGHTLINE_MAX_ATTEMPTS, claimed_by="h:2"
     )
-    assert batch_reconcile() == 2
+    assert tasks.batch_reconcile.apply().get() == 2
     a.refresh_from_db(), b.refresh_from_db()
     assert a.status == "queued" and b.status == "failed" and "time limit" in b.error
     assert BatchItem.objects.get(request=b).status == "failed"
@@ -395,7 +396,7 @@ def test_an_upload_whose_worker_crashes_every_time_is_refused_after_the_cap(
         assert (upload.status, upload.attempts) == ("expanding", attempt)
         BatchUpload.objects.filter(pk=upload.pk).update(touched_at=timezone.now() - timedelta(hours=1))
         queued.clear()
-        batch_reconcile()
+        tasks.batch_reconcile.apply().get()
         assert queued == ([upload.pk] if attempt == 1 else [])  # the second crash spent the attempts
     upload.refresh_from_db()
     assert upload.status == "refused" and "2 times in a row" in upload.error and "worker stopped" in upload.error

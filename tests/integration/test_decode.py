@@ -15,14 +15,14 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from recognition import dicom
 from recognition.models import BatchItem, Image, InferenceRequest, Study, UploadKey
-from recognition.services import inference
+from recognition.services import images, inference
 from recognition.services.images import images_render_reconcile
-from recognition.services.inference import inference_run
 from tests.conftest import api_client_for, png_bytes
 from tests.integration.test_batches import add_zip, create, expand_all
 from tests.unit.test_dicom import ct_dataset, ct_pixels, make_dataset, to_bytes
 from tests.unit.test_dicom_bomb import deflated_bomb
 from workers import tasks
+from workers.runner import inference_run
 
 pytestmark = pytest.mark.django_db
 
@@ -51,8 +51,10 @@ class RenderWorker:
 @pytest.fixture
 def render_worker(monkeypatch, django_capture_on_commit_callbacks):
     worker = RenderWorker(django_capture_on_commit_callbacks)
-    monkeypatch.setattr(tasks.image_render, "delay", worker.sent.append)
-    monkeypatch.setattr(inference, "_enqueue", lambda *args: None)  # reads stay queued in the database
+    monkeypatch.setattr(images, "task_send", lambda name, args, **options: worker.sent.append(args[0]))
+    monkeypatch.setattr(
+        inference, "inference_enqueue", lambda *args, **kwargs: None
+    )  # reads stay queued in the database
     return worker
 
 

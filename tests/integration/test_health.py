@@ -9,9 +9,9 @@ from django.utils import timezone
 
 from recognition.models import InferenceRequest
 from recognition.services.images import image_upload
-from recognition.services.inference import inference_run
 from tests.conftest import png_bytes, upload_file
 from tests.e2e.conftest import free_port
+from workers.runner import inference_run
 
 pytestmark = pytest.mark.django_db
 

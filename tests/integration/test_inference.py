@@ -5,8 +5,8 @@ from django.core.files.storage import default_storage
 
 from recognition.models import InferenceRequest, Result
 from recognition.services.images import image_upload
-from recognition.services.inference import inference_run
 from tests.conftest import png_bytes, upload_file
+from workers.runner import inference_run
 
 pytestmark = pytest.mark.django_db
 
@@ -41,15 +41,15 @@ def test_interactive_requests_go_first_and_bulk_work_is_shared_round_robin(
     clinician_a, clinician_b, demo_model, settings
 ):
     from recognition.models import InferenceRequest as IR
-    from recognition.services.inference import _claim
+    from workers.queue_policy import claim
 
     a_bulk = queue_images(clinician_a, 4)
     b_bulk = queue_images(clinician_b, 2)
     IR.objects.filter(pk__in=[r.pk for r in a_bulk + b_bulk]).update(priority=IR.Priority.BULK)
     interactive = queue_images(clinician_b, 1)[0]
     # a person waiting comes before any bulk work, in a batch of its own (not filled up with bulk)
-    assert _claim(model_version_id=demo_model.pk, limit=7, first_id=a_bulk[0].pk) == [interactive.pk]
-    order = _claim(model_version_id=demo_model.pk, limit=7)
+    assert claim(model_version_id=demo_model.pk, limit=7, first_id=a_bulk[0].pk) == [interactive.pk]
+    order = claim(model_version_id=demo_model.pk, limit=7)
     tenants = [IR.objects.get(pk=i).tenant_id for i in order]
     a, b = clinician_a.tenant_id, clinician_b.tenant_id
     assert tenants == [a, b, a, b, a, a]  # hospital A's bigger job does not starve B
@@ -60,12 +60,12 @@ def test_a_clinicians_request_overtakes_a_bulk_batch_already_claimed_ahead(
 ):
     """While bulk batch 1 runs, batch 2 is claimed and decoded ahead; a clinician's upload
     arriving meanwhile runs before batch 2, whose requests go back to the queue uncounted."""
-    from recognition.services import registry
+    from workers.model_cache import model_handler
 
     settings.SIGHTLINE_MAX_BATCH_SIZE = 2
     bulk = queue_images(clinician_a, 4)
     InferenceRequest.objects.filter(pk__in=[r.pk for r in bulk]).update(priority=InferenceRequest.Priority.BULK)
-    handler = registry.model_handler(demo_model)
+    handler = model_handler(demo_model)
     forward, order = handler.infer, []
 
     def infer_and_meanwhile_a_clinician_uploads(batch):
@@ -113,10 +113,10 @@ def test_a_missing_stored_image_fails_alone(clinician_a, demo_model):
 
 
 def test_a_tampered_model_package_is_refused_and_every_request_says_so(clinician_a, demo_model, settings, tmp_path):
-    from recognition.services import registry
+    from workers.model_cache import model_cache_clear
 
     (request,) = queue_images(clinician_a, 1)
-    registry._handlers.clear()
+    model_cache_clear()
     settings.SIGHTLINE_MODEL_CACHE_DIR = tmp_path
     with demo_model.package.open("rb") as source:
         original = source.read()
@@ -132,7 +132,7 @@ def test_a_tampered_model_package_is_refused_and_every_request_says_so(clinician
     finally:  # the stored package outlives the test: later ones fetch it from storage
         with default_storage.open(demo_model.package.name, "wb") as target:
             target.write(original)
-        registry._handlers.clear()
+        model_cache_clear()
 
 
 def test_the_result_is_unique_per_image_and_model_version(clinician_a, demo_model):
@@ -156,10 +156,10 @@ def test_the_result_is_unique_per_image_and_model_version(clinician_a, demo_mode
 def test_a_forward_pass_that_raises_fails_its_requests_instead_of_leaving_them_running(
     clinician_a, demo_model, monkeypatch
 ):
-    from recognition.services import registry
+    from workers.model_cache import model_handler
 
     requests = queue_images(clinician_a, 2)
-    handler = registry.model_handler(demo_model)
+    handler = model_handler(demo_model)
 
     def out_of_memory(items):
         raise RuntimeError("CUDA out of memory")

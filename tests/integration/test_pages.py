@@ -60,7 +60,7 @@ def test_another_hospitals_image_page_and_file_are_404(signed_in, clinician_a, c
 
 
 def test_the_image_page_shows_the_image_and_its_result(signed_in, clinician_a, demo_model):
-    from recognition.services.inference import inference_run
+    from workers.runner import inference_run
 
     image = image_upload(membership=clinician_a, upload=upload_file(png_bytes(opacity=True, seed=8)))
     inference_run(request_id=image.inference_requests.get().pk)
@@ -182,7 +182,7 @@ def test_an_invitation_to_a_malformed_address_is_refused(hospital_a):
 
 
 def test_the_heatmap_is_served_to_the_hospital_and_logged(signed_in, clinician_a, clinician_b, demo_model):
-    from recognition.services.inference import inference_run
+    from workers.runner import inference_run
 
     image = image_upload(membership=clinician_a, upload=upload_file(png_bytes(opacity=True, seed=9)))
     inference_run(request_id=image.inference_requests.get().pk)

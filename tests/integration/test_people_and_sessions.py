@@ -24,8 +24,8 @@ from accounts.services import membership_grant, user_get_or_create
 from accounts.signals import username_tried
 from recognition.models import BatchJob, Image, InferenceRequest, Review
 from recognition.services.images import image_upload
-from recognition.services.inference import inference_run
 from tests.conftest import PASSWORD, api_client_for, member, png_bytes, upload_file
+from workers.runner import inference_run
 
 pytestmark = pytest.mark.django_db
 

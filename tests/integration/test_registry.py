@@ -11,6 +11,7 @@ from django.core.management import CommandError, call_command
 from accounts.models import AccessEvent
 from core.model_package import MANIFEST_NAME
 from recognition.models import InferenceRequest, ModelAlias, ModelPin, ModelVersion, TrafficSplit
+from recognition.services import registry
 from recognition.services.images import image_upload
 from recognition.services.registry import split_bucket
 from tests.conftest import PASSWORD, api_client_for, png_bytes, upload_file
@@ -57,7 +58,7 @@ def test_a_package_is_stored_once_under_its_checksum_even_after_a_rolled_back_re
     from django.core.files.storage import default_storage
     from django.db import transaction
 
-    from recognition.services.registry import model_version_register
+    from workers.registration import model_version_register
 
     class RolledBack(Exception):
         pass
@@ -157,7 +158,7 @@ def test_staff_register_a_package_on_the_admin_page_and_a_worker_checks_it(
 
     monkeypatch.setattr(Handler, "initialize", not_in_the_web_process)
     sent = []
-    monkeypatch.setattr(model_validate, "delay", lambda *args: sent.append(args))
+    monkeypatch.setattr(registry, "task_send", lambda name, args, **options: sent.append(tuple(args)))
     with demo_package.open("rb") as package, django_capture_on_commit_callbacks(execute=True):
         response = client.post(
             "/admin/recognition/modelversion/register/", {"package": package, "alias": "production"}, follow=True
@@ -283,7 +284,7 @@ def test_the_admin_offers_only_ready_versions_for_an_alias(client, validating, d
 
 def test_a_worker_never_loads_a_version_that_is_not_ready(validating):
     from core.model_package import PackageError
-    from recognition.services.registry import model_handler
+    from workers.model_cache import model_handler
 
     with pytest.raises(PackageError, match="validating, not ready"):
         model_handler(validating)
@@ -361,7 +362,7 @@ def test_registering_a_package_still_validating_asks_a_worker_again(
     from workers.tasks import model_validate
 
     sent = []
-    monkeypatch.setattr(model_validate, "delay", lambda *args: sent.append(args))
+    monkeypatch.setattr(registry, "task_send", lambda name, args, **options: sent.append(tuple(args)))
     with django_capture_on_commit_callbacks(execute=True):
         version, created = model_version_submit(package_path=demo_package)
     with django_capture_on_commit_callbacks(execute=True):
@@ -383,7 +384,7 @@ def test_beat_sends_a_version_whose_check_message_was_lost_again(demo_package, m
     from workers.tasks import model_validate, model_validate_reconcile
 
     sent = []
-    monkeypatch.setattr(model_validate, "delay", lambda *args: sent.append(args))
+    monkeypatch.setattr(registry, "task_send", lambda name, args, **options: sent.append(tuple(args)))
     version, _ = model_version_submit(package_path=demo_package, enqueue=False)  # its message never went
     assert model_validate_reconcile.apply().get(disable_sync_subtasks=False) == 0  # not stalled yet
     stalled = timezone.now() - timedelta(seconds=settings.SIGHTLINE_MODEL_VALIDATION_STALL_SECONDS + 1)

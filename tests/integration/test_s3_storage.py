@@ -12,9 +12,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from recognition.models import InferenceRequest
 from recognition.services.images import image_upload
-from recognition.services.inference import inference_run
 from tests.conftest import api_client_for, png_bytes, upload_file
 from tests.e2e.conftest import free_port
+from workers.runner import inference_run
 
 pytestmark = pytest.mark.django_db
 BUCKET = "sightline-test"
@@ -86,10 +86,11 @@ def s3_storage(settings, s3_endpoint, tmp_path):
 
 
 def test_images_and_models_live_in_s3_and_the_worker_reads_them_back(s3_storage, settings, clinician_a, demo_package):
-    from recognition.services import registry
+    from workers.model_cache import model_cache_clear
+    from workers.registration import model_version_register
 
-    version, _ = registry.model_version_register(package_path=demo_package)
-    registry._handlers.clear()  # load from S3, not from an earlier test's handler
+    version, _ = model_version_register(package_path=demo_package)
+    model_cache_clear()  # load from S3, not from an earlier test's handler
     keys = {o["Key"] for o in s3_storage.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
     assert version.package.name in keys
 
@@ -104,7 +105,7 @@ def test_images_and_models_live_in_s3_and_the_worker_reads_them_back(s3_storage,
     assert request.status == "done", request.error
     assert request.result.top_label == "round_opacity"
     assert (settings.SIGHTLINE_MODEL_CACHE_DIR / f"{version.package_sha256}.zip").is_file()  # copied from S3
-    registry._handlers.clear()
+    model_cache_clear()
 
     download = api_client_for(clinician_a).get(f"/api/v1/images/{image.pk}/file/")
     assert download.status_code == 200

@@ -20,9 +20,9 @@ from accounts.service_accounts import api_key_create, service_account_create
 from accounts.services import invitation_create, membership_grant, user_get_or_create
 from recognition.services.batches import batch_job_create
 from recognition.services.images import StudyFields, image_upload
-from recognition.services.inference import inference_run
 from recognition.services.reviews import review_save
 from tests.conftest import PASSWORD, png_bytes, upload_file
+from workers.runner import inference_run
 
 pytestmark = pytest.mark.django_db
 

@@ -14,10 +14,10 @@ from django.core.files.storage import default_storage
 from django.utils import timezone
 
 from recognition.models import InferenceRequest, Result
-from recognition.services import registry
 from recognition.services.images import image_upload
-from recognition.services.inference import inference_run
 from tests.conftest import png_bytes, upload_file
+from workers.model_cache import model_cache_clear
+from workers.runner import inference_run
 
 pytestmark = pytest.mark.django_db
 
@@ -61,7 +61,8 @@ def wake_ups(monkeypatch):
     """The delayed wake-up tasks a requeue sends (to the broker, after commit)."""
     sent = []
     monkeypatch.setattr(
-        "workers.tasks.infer.apply_async", lambda args, queue, countdown=None: sent.append((args[0], queue, countdown))
+        "recognition.services.inference.task_send",
+        lambda name, args, queue, countdown=None: sent.append((args[0], queue, countdown)),
     )
     return sent
 
@@ -69,10 +70,10 @@ def wake_ups(monkeypatch):
 @pytest.fixture
 def cold_worker(settings, tmp_path):
     """A worker process that has not loaded the model yet: the package comes from storage."""
-    registry._handlers.clear()
+    model_cache_clear()
     settings.SIGHTLINE_MODEL_CACHE_DIR = tmp_path / "model-cache"
     yield
-    registry._handlers.clear()
+    model_cache_clear()
 
 
 def queued(membership, count=1, seed=0):
@@ -190,10 +191,10 @@ def test_a_database_blip_mid_batch_sends_the_claimed_requests_back(clinician_a, 
     not wait for the time limit's reconciliation."""
     from django.db import OperationalError
 
-    from recognition.services import inference
+    from workers import runner
 
     requests = queued(clinician_a, 2)
-    real_store, calls = inference._store_outcomes, []
+    real_store, calls = runner.outcomes_store, []
 
     def store_once_unreachable(*args, **kwargs):
         calls.append(1)
@@ -201,11 +202,11 @@ def test_a_database_blip_mid_batch_sends_the_claimed_requests_back(clinician_a, 
             raise OperationalError("server closed the connection unexpectedly")
         return real_store(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "_store_outcomes", store_once_unreachable)
+    monkeypatch.setattr(runner, "outcomes_store", store_once_unreachable)
     with pytest.raises(OperationalError):
         inference_run(request_id=requests[0].pk)
     assert set(InferenceRequest.objects.values_list("status", "transient_retries", "attempts")) == {("queued", 1, 0)}
     backoff_over()
-    with mock.patch("workers.tasks.infer.apply_async"):
+    with mock.patch("recognition.services.inference.task_send"):
         assert inference_run(request_id=requests[0].pk) == 2
     assert set(InferenceRequest.objects.values_list("status", flat=True)) == {"done"}

@@ -9,12 +9,13 @@ from botocore.config import Config
 from django.utils import timezone
 
 from recognition.models import InferenceRequest, Result
-from recognition.services import registry
 from recognition.services.images import image_upload
-from recognition.services.inference import inference_run
 from tests.conftest import png_bytes, upload_file
 from tests.e2e.conftest import free_port
 from tests.integration.test_s3_storage import s3_endpoint, s3_storage  # noqa: F401  (fixtures)
+from workers.model_cache import model_cache_clear
+from workers.registration import model_version_register
+from workers.runner import inference_run
 
 pytestmark = pytest.mark.django_db
 
@@ -43,12 +44,12 @@ def test_s3_unreachable_while_loading_the_model_and_reading_images_requeues_then
     demo_package,
 ):
     endpoint, _ = s3_endpoint
-    registry.model_version_register(package_path=demo_package)
+    model_version_register(package_path=demo_package)
     ours = InferenceRequest.objects.get(image=image_upload(membership=clinician_a, upload=upload_file(png_bytes())))
     theirs = InferenceRequest.objects.get(
         image=image_upload(membership=clinician_b, upload=upload_file(png_bytes(seed=4)))
     )
-    registry._handlers.clear()  # a worker that has not loaded the model: the package comes from S3
+    model_cache_clear()  # a worker that has not loaded the model: the package comes from S3
 
     s3_reachable(settings, False, endpoint)
     assert inference_run(request_id=ours.pk) == 0
@@ -71,4 +72,4 @@ def test_s3_unreachable_while_loading_the_model_and_reading_images_requeues_then
     assert inference_run(request_id=third.pk) == 1
     third.refresh_from_db()
     assert third.status == "done" and theirs.tenant_id != third.tenant_id
-    registry._handlers.clear()
+    model_cache_clear()

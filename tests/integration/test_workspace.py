@@ -9,9 +9,9 @@ from pydicom.uid import MPEG2MPML
 
 from accounts.models import AccessEvent
 from recognition.models import Image, InferenceRequest, Review, Study
-from recognition.services.inference import inference_run
 from tests.conftest import PASSWORD, api_client_for, png_bytes
 from tests.unit.test_dicom import PATIENT_ID, PATIENT_NAME, ct_dataset, make_dataset, to_bytes
+from workers.runner import inference_run
 
 pytestmark = pytest.mark.django_db
 

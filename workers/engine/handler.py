@@ -50,6 +50,18 @@ def build_model(architecture: str, num_classes: int) -> torch.nn.Module:
         raise PackageError(f"unknown torchvision architecture {architecture!r}") from exc
 
 
+def open_image(data: bytes) -> Image.Image:
+    """Open (not yet decode) an image, refusing one larger than the engine's pixel cap."""
+    image = Image.open(io.BytesIO(data))
+    if image.width * image.height > MAX_DECODE_PIXELS:
+        image.close()
+        raise ValueError(f"image of {image.width}x{image.height} pixels is too large")
+    return image
+
+
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit and float images: stretch the stored range onto 8 bits.
@@ -140,11 +152,13 @@ class Handler:
 
     def decode(self, data: bytes) -> torch.Tensor:
         """Bytes → uint8 tensor (3, H, W) at the model's input size."""
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_DECODE_PIXELS:
-                raise ValueError(f"image of {image.width}x{image.height} pixels is too large")
+        with open_image(data) as image:
             image.draft("RGB", self._size)  # JPEG: decode at reduced scale when possible
-            rgb = _to_rgb(image).resize(self._size, Image.Resampling.BILINEAR)
+            return self.from_image(image)
+
+    def from_image(self, image: Image.Image) -> torch.Tensor:
+        """A decoded image → uint8 tensor (3, H, W) at the model's input size."""
+        rgb = _to_rgb(image).resize(self._size, Image.Resampling.BILINEAR)
         return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
 
     def preprocess(self, items: list[bytes]) -> tuple[torch.Tensor | None, list[str]]:
@@ -153,7 +167,7 @@ class Handler:
             try:
                 tensors.append(self.decode(data))
                 errors.append("")
-            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            except DECODE_ERRORS as exc:
                 errors.append(f"the image could not be decoded: {exc}")
         batch = torch.stack(tensors) if tensors else None
         return batch, errors

@@ -5,8 +5,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from config.errors import DomainError
 from recognition.models import ModelVersion
-from recognition.services.registry import model_version_register
 from workers.engine import training
+from workers.registration import model_version_register
 
 
 class Command(BaseCommand):

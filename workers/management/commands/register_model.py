@@ -15,7 +15,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from config.errors import DomainError
 from recognition.models import ModelAlias, ModelVersion
-from recognition.services.registry import model_version_submit, model_version_validate
+from recognition.services.registry import model_version_submit
+from workers.registration import model_version_validate
 
 POLL_SECONDS = 0.5
 

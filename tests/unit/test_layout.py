@@ -1,0 +1,148 @@
+"""The house's layout, read from the source: who may import whom.
+
+Every import counts, those inside functions too: a function-level import only hides a cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("accounts", "config", "core", "recognition", "workers")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def project_modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            if "migrations" not in path.parts:
+                found[module_name(path)] = path
+    return found
+
+
+MODULES = project_modules()
+
+
+def resolve(module: str, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    base = module.split(".")
+    is_package = MODULES[module].name == "__init__.py"
+    base = base[: len(base) - node.level + (1 if is_package else 0)]
+    return ".".join([*base, node.module] if node.module else base)
+
+
+def imports(module: str) -> list[tuple[str, str | None]]:
+    """(module imported, name imported from it or None) for every import in the module."""
+    tree = ast.parse(MODULES[module].read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, None) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            target = resolve(module, node)
+            for alias in node.names:
+                if f"{target}.{alias.name}" in MODULES:  # a submodule, not a name
+                    found.append((f"{target}.{alias.name}", None))
+                else:
+                    found.append((target, alias.name))
+    return found
+
+
+def owner(target: str) -> str | None:
+    """The project module an import lands in (a name inside a module counts for the module)."""
+    while target and target not in MODULES:
+        target = target.rpartition(".")[0]
+    return target or None
+
+
+def graph() -> dict[str, set[str]]:
+    edges = defaultdict(set)
+    for module in MODULES:
+        for target, _ in imports(module):
+            landed = owner(target)
+            if landed and landed != module and MODULES[landed].name != "__init__.py":
+                edges[module].add(landed)
+    return edges
+
+
+def test_there_is_no_import_cycle():
+    edges = graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for module in sorted(MODULES):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "\n".join(" → ".join(cycle) for cycle in cycles)
+
+
+def test_no_private_name_is_imported_across_modules():
+    crossings = [
+        f"{module} imports {name} from {target}"
+        for module in MODULES
+        for target, name in imports(module)
+        if name and name.startswith("_") and not name.startswith("__") and owner(target)
+    ]
+    assert not crossings, "\n".join(crossings)
+
+
+def test_recognition_reaches_workers_only_by_task_name():
+    reaching = [
+        f"{module} imports {target}"
+        for module in MODULES
+        if module.startswith("recognition")
+        for target, _ in imports(module)
+        if target == "workers" or target.startswith("workers.")
+    ]
+    assert not reaching, "\n".join(reaching)
+
+
+def test_the_engine_is_free_of_django_and_of_the_apps():
+    forbidden = ("django", "rest_framework", "celery", "channels", "accounts", "recognition", "config", "workers.")
+    reaching = [
+        f"{module} imports {target}"
+        for module in MODULES
+        if module.startswith("workers.engine")
+        for target, _ in imports(module)
+        if any(target == name.rstrip(".") or target.startswith(name.rstrip(".") + ".") for name in forbidden)
+        and not target.startswith("workers.engine")
+    ]
+    assert not reaching, "\n".join(reaching)
+
+
+def test_core_sits_below_every_app():
+    reaching = [
+        f"{module} imports {target}"
+        for module in MODULES
+        if module.startswith("core")
+        for target, _ in imports(module)
+        if target.split(".")[0] in ("accounts", "recognition", "workers")
+    ]
+    assert not reaching, "\n".join(reaching)
+
+
+def test_the_check_sees_the_imports_it_judges():
+    """The walker finds a function-level import and resolves relative ones (so the tests above
+    cannot pass by reading nothing)."""
+    assert ("workers.runner", "inference_run") in imports("workers.tasks")  # inside a task function
+    assert "recognition.models" in graph()["recognition.services.images"]  # from ..models import
+    assert len(MODULES) > 50

@@ -1,0 +1,84 @@
+"""Storing a batch's outcomes: one transaction per batch, whatever its size."""
+
+from __future__ import annotations
+
+from django.db import transaction
+from django.utils import timezone
+
+from recognition import events
+from recognition.models import Image, InferenceRequest, Result
+from recognition.services.batches import batch_items_on_outcome
+from recognition.services.studies import study_summary_refresh
+from workers.engine.results import ItemResult
+
+Status = InferenceRequest.Status
+OUTCOME_FIELDS = ["status", "error", "finished_at", "batch_size", "claimed_by", "wait_ms", "inference_ms"]
+
+
+def outcomes_store(requests: list[InferenceRequest], outcomes: list[ItemResult], *, on_stored=None) -> None:
+    """One UPDATE for the requests, one INSERT for the results, one refresh of the studies, and
+    the notifications sent together after commit: the number of statements does not grow with
+    the batch. A request that is no longer running (it was reclaimed and finished elsewhere
+    meanwhile) keeps the outcome it has. ``on_stored(finished)`` runs inside the transaction
+    (the display copies of images rendered in the same pass)."""
+    now = timezone.now()
+    with transaction.atomic():
+        running = set(
+            InferenceRequest.objects.select_for_update()
+            .filter(id__in=[request.pk for request in requests], status=Status.RUNNING)
+            .values_list("id", flat=True)
+        )
+        finished, results, notices = [], [], []
+        for request, outcome in zip(requests, outcomes, strict=True):
+            if request.pk not in running:
+                continue
+            started = request.started_at or now
+            request.status = Status.DONE if outcome.ok else Status.FAILED
+            request.error = outcome.error[:500]
+            request.finished_at = now
+            request.batch_size = len(requests)
+            request.claimed_by = ""
+            request.wait_ms = max(0, int((started - request.created).total_seconds() * 1000))
+            request.inference_ms = max(0, int((now - started).total_seconds() * 1000))
+            finished.append(request)
+            if outcome.ok:
+                results.append(
+                    Result(
+                        tenant_id=request.tenant_id,
+                        image_id=request.image_id,
+                        model_version_id=request.model_version_id,
+                        request=request,
+                        probabilities=outcome.probabilities,
+                        top_label=outcome.top_label,
+                        top_probability=outcome.top_probability,
+                        positive_labels=list(outcome.positive_labels),
+                    )
+                )
+            notices.append(
+                events.ResultNotice(
+                    tenant_id=request.tenant_id,
+                    image_id=request.image_id,
+                    status=request.status,
+                    top_label=outcome.top_label,
+                    probability=outcome.top_probability if outcome.ok else None,
+                )
+            )
+        if on_stored is not None:
+            on_stored(finished)
+        InferenceRequest.objects.bulk_update(finished, OUTCOME_FIELDS)
+        # unique per (image, version): a result made by an earlier delivery stands
+        Result.objects.bulk_create(results, ignore_conflicts=True)
+        study_summary_refresh(
+            Image.objects.filter(id__in=[request.image_id for request in finished]).values_list("study_id", flat=True)
+        )
+        bulk = [request for request in finished if request.priority == InferenceRequest.Priority.BULK]
+        if bulk:  # only bulk requests belong to jobs
+            batch_items_on_outcome(
+                {status: [r.pk for r in bulk if r.status == status] for status in (Status.DONE, Status.FAILED)}, now
+            )
+        events.results_ready_on_commit(notices)
+
+
+def outcomes_fail(requests: list[InferenceRequest], error: str) -> None:
+    """The same failure, in words, for every request given."""
+    outcomes_store(requests, [ItemResult(error=error)] * len(requests))

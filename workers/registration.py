@@ -1,0 +1,162 @@
+"""Registration's checks, on a worker: the package fetched and checked against its checksum,
+loaded on the CPU, asked for an answer; the version ends ready (its requested alias moved) or
+refused with the reason. The web process only submits (``recognition.services.registry``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from accounts.services import access_event_record
+from config.errors import Invalid
+from core.model_package import TORCHSCRIPT_REFUSED, PackageError
+from core.transient import is_transient
+from recognition.models import ModelAlias, ModelVersion
+from recognition.services.registry import model_alias_move, model_validation_enqueue, model_version_submit
+from workers.engine.handler import Handler
+from workers.model_cache import local_package
+
+logger = logging.getLogger(__name__)
+
+
+def model_version_register(
+    *, package_path: Path, registered_by=None, alias: str | None = ModelAlias.Name.PRODUCTION
+) -> tuple[ModelVersion, bool]:
+    """Submit and validate in this process, for shell tools and tests (never the web process):
+    the synchronous path of the same service. Returns (version, created); a refused package
+    raises ``Invalid`` with the reason, and its version stays recorded as refused."""
+    version, created = model_version_submit(
+        package_path=package_path, registered_by=registered_by, alias=alias, enqueue=False
+    )
+    if version.status == ModelVersion.Status.VALIDATING:
+        version = model_version_validate(version_id=version.pk)
+    if version.status == ModelVersion.Status.REFUSED:
+        raise Invalid(f"The model package was refused: {version.refusal_reason}", code="model_refused")
+    return version, created
+
+
+# --- registration checks -------------------------------------------------------------------------
+
+
+class Refused(Exception):
+    """A registration check says no; the message is the reason, in words."""
+
+
+@dataclass
+class Candidate:
+    """What the registration checks look at: the version row, its package as a local file
+    (fetched from storage and checked against the registered checksum), and the model loaded
+    on the CPU by the check that loads it, for the checks after it."""
+
+    version: ModelVersion
+    package: Path | None = None
+    handler: Handler | None = None
+
+
+def check_framework_allowed(candidate: Candidate) -> None:
+    if candidate.version.manifest.get("framework") == "torchscript" and not settings.SIGHTLINE_ALLOW_TORCHSCRIPT:
+        raise Refused(TORCHSCRIPT_REFUSED)
+
+
+def check_stored_package(candidate: Candidate) -> None:
+    """The stored bytes are the ones registered (the whole package's sha256)."""
+    candidate.package = local_package(candidate.version)
+
+
+def check_loads_and_answers(candidate: Candidate) -> None:
+    """The weights match their checksum, fit the architecture, the manifest is the registered
+    one, and a dummy batch answers one output per label."""
+    candidate.handler = Handler.initialize(
+        candidate.package,
+        candidate.version.weights_sha256,
+        device=torch.device("cpu"),
+        expected_manifest=candidate.version.manifest,
+        allow_torchscript=settings.SIGHTLINE_ALLOW_TORCHSCRIPT,
+    )
+
+
+# In order; each raises Refused or PackageError to refuse, a transient error to be tried again.
+# Later checks (agreement across backends, derived-version measurements, screening models)
+# are appended here and find the loaded model on ``candidate.handler``.
+REGISTRATION_CHECKS: list[Callable[[Candidate], None]] = [
+    check_framework_allowed,
+    check_stored_package,
+    check_loads_and_answers,
+]
+
+
+def model_version_validate(*, version_id: int) -> ModelVersion:
+    """Run the registration checks on a validating version: ready (and its requested alias
+    moved) or refused with the reason. A version already decided is returned as it is, so a
+    redelivered task changes nothing. Transient errors (storage away) are raised, for the task
+    to try again; any other error refuses the version, in words."""
+    version = ModelVersion.objects.select_related("model", "registered_by").get(pk=version_id)
+    if version.status != ModelVersion.Status.VALIDATING:
+        return version
+    candidate = Candidate(version=version)
+    for check in REGISTRATION_CHECKS:
+        try:
+            check(candidate)
+        except (Refused, PackageError) as exc:
+            return _decide(version, refusal=str(exc))
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            logger.exception("registration check %s failed on %s", check.__name__, version)
+            return _decide(version, refusal=f"the check {check.__name__} failed unexpectedly ({type(exc).__name__})")
+    return _decide(version, refusal="")
+
+
+def model_version_reconcile() -> int:
+    """Periodic (Celery beat): a version still validating after
+    ``SIGHTLINE_MODEL_VALIDATION_STALL_SECONDS`` lost its task (Redis keeps nothing, a worker
+    died mid-check): send it again. The checks decide once, whichever task runs them first."""
+    before = timezone.now() - timedelta(seconds=settings.SIGHTLINE_MODEL_VALIDATION_STALL_SECONDS)
+    stalled = list(
+        ModelVersion.objects.filter(status=ModelVersion.Status.VALIDATING, created__lt=before).values_list(
+            "pk", flat=True
+        )
+    )
+    for version_id in stalled:
+        model_validation_enqueue(version_id)
+    return len(stalled)
+
+
+def model_version_give_up(*, version_id: int, reason: str) -> ModelVersion:
+    """The checks could not run (storage away on every attempt): refused, saying so."""
+    version = ModelVersion.objects.select_related("model", "registered_by").get(pk=version_id)
+    if version.status != ModelVersion.Status.VALIDATING:
+        return version
+    return _decide(version, refusal=f"the registration checks could not run: {reason}")
+
+
+def _decide(version: ModelVersion, *, refusal: str) -> ModelVersion:
+    status = ModelVersion.Status.REFUSED if refusal else ModelVersion.Status.READY
+    with transaction.atomic():
+        updated = ModelVersion.objects.filter(pk=version.pk, status=ModelVersion.Status.VALIDATING).update(
+            status=status, refusal_reason=refusal[:2000], validated_at=timezone.now()
+        )
+        if updated:
+            access_event_record(
+                action="model.ready" if status == ModelVersion.Status.READY else "model.refused",
+                user=version.registered_by,
+                target_type="model_version",
+                target_id=version.pk,
+            )
+            version.refresh_from_db()
+            if status == ModelVersion.Status.READY and version.requested_alias:
+                model_alias_move(
+                    model=version.model, alias=version.requested_alias, version=version, moved_by=version.registered_by
+                )
+    if updated:
+        logger.info("model version %s is %s%s", version, status, f": {refusal}" if refusal else "")
+    version.refresh_from_db()
+    return version

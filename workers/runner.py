@@ -1,0 +1,182 @@
+"""The worker's runtime for AI reads: claim → decode → batch → forward → store → notify.
+
+``inference_run`` is what the task ``workers.tasks.infer`` runs. It claims what waits for one
+model version (``workers.queue_policy`` says in which order), hands the engine's pipeline
+(``workers.engine.pipeline``) the reads of the next batch while the current one runs its
+forward pass, and stores each batch's outcomes in one transaction (``workers.outcomes``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
+
+from django.conf import settings
+from django.core.files.storage import default_storage
+
+from core.model_package import PackageError
+from core.transient import is_transient, transient_reason
+from recognition.models import InferenceRequest, ModelVersion
+from recognition.services.registry import default_production_version
+from workers import queue_policy
+from workers.engine.batching import collect_batch
+from workers.engine.pipeline import BatchPipeline, Item, Prepared
+from workers.engine.results import ItemResult
+from workers.model_cache import model_handler
+from workers.outcomes import outcomes_fail, outcomes_store
+
+logger = logging.getLogger(__name__)
+Status = InferenceRequest.Status
+
+READ_RETRY_PAUSE_SECONDS = 0.05  # then 0.1, 0.2…: a blip of a fraction of a second is waited out in place
+
+
+def read_stored(name: str) -> bytes:
+    """One image's bytes; a transient error is tried again here, SIGHTLINE_READ_TRIES in all."""
+    tries = max(1, settings.SIGHTLINE_READ_TRIES)
+    for attempt in range(tries):
+        try:
+            with default_storage.open(name, "rb") as stored:
+                return stored.read()
+        except Exception as exc:
+            if attempt + 1 >= tries or not is_transient(exc):
+                raise
+            logger.info("reading %s failed (%s); trying again", name, transient_reason(exc))
+            time.sleep(READ_RETRY_PAUSE_SECONDS * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+_decode_pool: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _decode_pool
+    if _decode_pool is None:  # created in the worker process, after the fork
+        _decode_pool = ThreadPoolExecutor(max_workers=settings.SIGHTLINE_DECODE_THREADS, thread_name_prefix="decode")
+    return _decode_pool
+
+
+class Batch:
+    """Claimed requests and the pipeline's future preparing them."""
+
+    def __init__(self, pipeline: BatchPipeline, ids: list[int]):
+        self.ids = ids
+        self.requests = queue_policy.requests_of(ids)
+        self.prepared: Future[Prepared] = pipeline.prepare([self._item(request) for request in self.requests])
+
+    @staticmethod
+    def _item(request: InferenceRequest) -> Item:
+        name = request.image.file.name
+        return Item(read=lambda: read_stored(name))
+
+
+def inference_run(*, request_id: int) -> int:
+    """Run the request, and whatever else waits for the same model version, batch after batch.
+
+    The first batch takes what is waiting now (a lone request does not wait for company unless
+    the version sets max_wait_ms); while a batch runs its forward pass, the next one is claimed
+    and decoded in the pool. Redelivered or already-batched requests find nothing and return 0.
+    """
+    queue_policy.reclaim_now_and_then()
+    row = InferenceRequest.objects.filter(id=request_id).values("model_version_id", "status").first()
+    if row is None or row["status"] != Status.QUEUED:
+        return 0
+    version = ModelVersion.objects.select_related("model").get(pk=row["model_version_id"])
+    max_batch, max_wait = queue_policy.batch_limits(version)
+    first = collect_batch(
+        lambda n: queue_policy.claim(model_version_id=version.pk, limit=n, first_id=request_id),
+        max_batch_size=max_batch,
+        max_wait_ms=max_wait,
+    )
+    if not first:
+        return 0
+    try:
+        handler = model_handler(version)
+    except PackageError as exc:
+        logger.error("model version %s refused: %s", version.pk, exc)
+        outcomes_fail(queue_policy.requests_of(first), f"the model could not be loaded: {exc}")
+        return len(first)
+    except Exception as exc:
+        if is_transient(exc):  # a storage blip while fetching the package: the whole batch waits and retries
+            logger.warning("model version %s not loaded (%s); its batch goes back to the queue", version.pk, exc)
+            queue_policy.requeue_transient(first, reason=f"the model could not be loaded: {transient_reason(exc)}")
+            return 0
+        outcomes_fail(queue_policy.requests_of(first), "the worker failed to load the model")
+        raise
+
+    claimed: set[int] = set(first)  # claimed by this task and not stored yet
+    try:
+        return _run_batches(version, BatchPipeline(handler, _pool()), first, claimed, max_batch)
+    except Exception as exc:
+        if is_transient(exc) and claimed:  # the database or storage went away mid-batch
+            with suppress(Exception):  # best effort: the database may still be away
+                queue_policy.requeue_transient(sorted(claimed), reason=transient_reason(exc))
+        raise
+
+
+def _run_batches(
+    version: ModelVersion, pipeline: BatchPipeline, first: list[int], claimed: set[int], limit: int
+) -> int:
+    done, batches = 0, 0
+    current: Batch | None = Batch(pipeline, first)
+    while current is not None:
+        batch = current
+        if queue_policy.yields_to_interactive(version.pk, batch.requests[0].priority):
+            # a clinician's read arrived while this bulk batch waited its turn: it goes first
+            queue_policy.release(batch.ids)
+            claimed.difference_update(batch.ids)
+            ids = queue_policy.claim(model_version_id=version.pk, limit=limit)
+            if not ids:
+                break
+            claimed.update(ids)
+            batch = Batch(pipeline, ids)
+        batches += 1
+        current = None
+        if batches < settings.SIGHTLINE_MAX_BATCHES_PER_TASK:
+            more = queue_policy.claim(model_version_id=version.pk, limit=limit)
+            if more:
+                claimed.update(more)
+                current = Batch(pipeline, more)
+        else:  # yield the worker to other versions' tasks; a new task picks up what is left
+            queue_policy.wake_next(version.pk)
+        done += _finish(batch, pipeline)
+        claimed.difference_update(batch.ids)
+    return done
+
+
+def _finish(batch: Batch, pipeline: BatchPipeline) -> int:
+    """Forward pass and outcomes of one prepared batch; returns the requests stored."""
+    started = time.perf_counter()
+    transient: dict[int, str] = {}
+    try:
+        prepared = batch.prepared.result()
+        for position, exc in prepared.read_failures.items():
+            if is_transient(exc):
+                transient[position] = transient_reason(exc)
+            else:  # gone, or refused for good: this image fails alone, the batch runs
+                logger.warning("stored image of request %s could not be read: %r", batch.ids[position], exc)
+        outcomes = pipeline.run(prepared)
+    except Exception as exc:  # e.g. out of GPU memory: the batch fails in words, never stays running
+        logger.exception("forward pass failed for a batch of %d", len(batch.ids))
+        outcomes = [ItemResult(error=f"inference failed: {type(exc).__name__}")] * len(batch.ids)
+    logger.info(
+        "batch of %d on %s in %.1f ms", len(batch.ids), pipeline.handler.device, (time.perf_counter() - started) * 1000
+    )
+    requests = batch.requests
+    if transient:  # reads that kept failing with a blip: back to the queue, not failed
+        for position, reason in transient.items():
+            reason = f"the stored image could not be read: {reason}"
+            queue_policy.requeue_transient([batch.ids[position]], reason=reason)
+        kept = [position for position in range(len(batch.ids)) if position not in transient]
+        requests, outcomes = [requests[p] for p in kept], [outcomes[p] for p in kept]
+    outcomes_store(requests, outcomes)
+    return len(requests)
+
+
+def inference_warm_up() -> None:
+    """Load the default production model in this worker process, if one is registered."""
+    version = default_production_version()
+    if version is not None:
+        model_handler(version)
