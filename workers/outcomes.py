@@ -6,7 +6,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from recognition import events
-from recognition.models import Image, InferenceRequest, Result
+from recognition.models import InferenceRequest, Result
 from recognition.services.batches import batch_items_on_outcome
 from recognition.services.studies import study_summary_refresh
 from workers.engine.results import ItemResult
@@ -68,9 +68,7 @@ def outcomes_store(requests: list[InferenceRequest], outcomes: list[ItemResult],
         InferenceRequest.objects.bulk_update(finished, OUTCOME_FIELDS)
         # unique per (image, version): a result made by an earlier delivery stands
         Result.objects.bulk_create(results, ignore_conflicts=True)
-        study_summary_refresh(
-            Image.objects.filter(id__in=[request.image_id for request in finished]).values_list("study_id", flat=True)
-        )
+        study_summary_refresh({request.image.study_id for request in finished})  # the image came with the row
         bulk = [request for request in finished if request.priority == InferenceRequest.Priority.BULK]
         if bulk:  # only bulk requests belong to jobs
             batch_items_on_outcome(

@@ -210,7 +210,7 @@ def reclaim_orphans() -> set[int]:
     ids = [request_id for request_id, _, _ in orphans]
     running = InferenceRequest.objects.filter(id__in=ids, status=Status.RUNNING)
     with transaction.atomic():
-        exhausted = list(running.filter(attempts__gte=settings.SIGHTLINE_MAX_ATTEMPTS))
+        exhausted = list(running.filter(attempts__gte=settings.SIGHTLINE_MAX_ATTEMPTS).select_related("image"))
         outcomes_fail(exhausted, f"stopped after {settings.SIGHTLINE_MAX_ATTEMPTS} attempts: the worker kept failing")
         reset = running.update(status=Status.QUEUED, claimed_by="", started_at=None)
     logger.warning("reclaimed %d orphaned requests (%d given up)", reset, len(exhausted))

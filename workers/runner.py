@@ -80,10 +80,10 @@ def inference_run(*, request_id: int) -> int:
     and decoded in the pool. Redelivered or already-batched requests find nothing and return 0.
     """
     queue_policy.reclaim_now_and_then()
-    row = InferenceRequest.objects.filter(id=request_id).values("model_version_id", "status").first()
-    if row is None or row["status"] != Status.QUEUED:
+    row = InferenceRequest.objects.select_related("model_version__model").filter(id=request_id).first()
+    if row is None or row.status != Status.QUEUED:
         return 0
-    version = ModelVersion.objects.select_related("model").get(pk=row["model_version_id"])
+    version = row.model_version
     max_batch, max_wait = queue_policy.batch_limits(version)
     first = collect_batch(
         lambda n: queue_policy.claim(model_version_id=version.pk, limit=n, first_id=request_id),

@@ -1,0 +1,71 @@
+"""The worker's runtime: what a batch costs in statements, and what each lane takes."""
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from recognition.models import InferenceRequest
+from recognition.services.images import image_upload
+from tests.conftest import png_bytes, upload_file
+from workers.queue_policy import claim
+from workers.runner import inference_run
+
+pytestmark = pytest.mark.django_db
+
+Priority = InferenceRequest.Priority
+
+
+def queued(memberships, count, seed=0):
+    """``count`` queued reads, spread over the memberships' hospitals (one study per image)."""
+    images = [
+        image_upload(membership=memberships[i % len(memberships)], upload=upload_file(png_bytes(seed=seed + i)))
+        for i in range(count)
+    ]
+    return [InferenceRequest.objects.get(image=image) for image in images]
+
+
+def statements_for_one_batch(memberships, size, seed):
+    requests = queued(memberships, size, seed=seed)
+    with CaptureQueriesContext(connection) as captured:
+        assert inference_run(request_id=requests[0].pk) == size
+    assert set(
+        InferenceRequest.objects.filter(pk__in=[r.pk for r in requests]).values_list("batch_size", flat=True)
+    ) == {size}
+    return len(captured)
+
+
+def test_a_batch_costs_the_same_statements_whatever_its_size(clinician_a, clinician_b, demo_model, settings):
+    """Outcomes, results, studies, job items and notifications are written in bulk: one read of
+    8 images (in 8 studies of 2 hospitals) runs as many statements as a read of one."""
+    settings.SIGHTLINE_MAX_BATCH_SIZE = 8
+    statements_for_one_batch([clinician_a], 1, seed=0)  # the model is loaded, the reclaim has run
+    one = statements_for_one_batch([clinician_a], 1, seed=10)
+    eight = statements_for_one_batch([clinician_a, clinician_b], 8, seed=20)
+    assert one == eight, f"a batch of 1 ran {one} statements, a batch of 8 ran {eight}"
+    # the request with its version; the claim (3, and a savepoint's 2); the rows; the next claim;
+    # the store (7, and a savepoint's 2)
+    assert one <= 17
+
+
+def test_the_bulk_lane_takes_only_bulk_work(clinician_a, demo_model, settings):
+    interactive = queued([clinician_a], 2)
+    bulk = queued([clinician_a], 2, seed=5)
+    InferenceRequest.objects.filter(pk__in=[r.pk for r in bulk]).update(priority=Priority.BULK)
+    settings.SIGHTLINE_WORKER_LANE = "bulk"
+    # even woken by an interactive request's message, it claims bulk work only
+    assert claim(model_version_id=demo_model.pk, limit=8, first_id=interactive[0].pk) == [r.pk for r in bulk]
+
+
+def test_the_interactive_lane_falls_back_to_bulk_work_only_when_no_clinician_waits(clinician_a, demo_model, settings):
+    interactive = queued([clinician_a], 2)
+    bulk = queued([clinician_a], 2, seed=5)
+    InferenceRequest.objects.filter(pk__in=[r.pk for r in bulk]).update(priority=Priority.BULK)
+    settings.SIGHTLINE_WORKER_LANE = "interactive"
+    assert claim(model_version_id=demo_model.pk, limit=8, first_id=bulk[0].pk) == [r.pk for r in interactive]
+    assert claim(model_version_id=demo_model.pk, limit=8) == [r.pk for r in bulk]
+
+
+def test_an_unknown_lane_is_refused_in_words(clinician_a, demo_model, settings):
+    settings.SIGHTLINE_WORKER_LANE = "fast"
+    with pytest.raises(ValueError, match="SIGHTLINE_WORKER_LANE is 'fast'"):
+        claim(model_version_id=demo_model.pk, limit=1)
