@@ -290,13 +290,15 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 — one script, re
     report.data["mode"] = "smoke" if smoke else "full"
     report.data["environment"] = environment(device)
     print("gpu_check:", json.dumps(report.data["environment"]), flush=True)
-    sha = read_manifest(args.package).weights_sha256
+    missing = None if args.package.is_file() else f"no model package at {args.package} (the device tool must carry it)"
+    sha = read_manifest(args.package).weights_sha256 if missing is None else ""
     state: dict = {}
 
     # ---- the demo model: device against the CPU --------------------------------------------
     demo_items = jpeg_pool(16, 96 if smoke else 256, seed=5)
 
     def engine_agrees() -> str:
+        assert not missing, missing
         cpu = Handler.initialize(args.package, sha, device=torch.device("cpu"))
         on_device = cpu if not cuda else Handler.initialize(args.package, sha, device=device)
         state["demo_cpu"], state["demo_device"] = cpu, on_device
@@ -309,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 — one script, re
     report.check("engine on the device agrees with the CPU", engine_agrees)
 
     def decode_agrees() -> str:
+        assert not missing, missing
         handler: Handler = state["demo_device"]
         manifest = handler.manifest
         pipe = DevicePipeline(
@@ -344,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 — one script, re
 
     # ---- the model cache on the device ---------------------------------------------------
     def cache_releases() -> str:
+        assert not missing, missing
         import gc
         import weakref
 
@@ -384,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 — one script, re
 
     # ---- Grad-CAM on the device ------------------------------------------------------------
     def gradcam_agrees() -> str:
+        assert not missing, missing
         cpu, on_device = state["demo_cpu"], state["demo_device"]
         layer = on_device.manifest.gradcam_layer or "layer3"
         items = demo_items[:4]
