@@ -237,16 +237,22 @@ def agreement(
     """Each backend's largest probability difference against eager PyTorch on ``probe``: a pure
     check (the handler keeps running what it ran). ``backends`` default: the manifest's list, or
     every backend but compile (seconds to a minute to build). One that cannot be built here is
-    left out (see ``verify`` for required ones)."""
+    left out (see ``verify`` for required ones); one that fails while running counts as inf."""
     probe = probe_batch(handler) if probe is None else probe
     names = backends or handler.manifest.runtime.backends or tuple(b for b in RUNTIME_BACKENDS if b != "compile")
     reference = handler.torch_infer(handler.model, probe)
     result = {}
     for name in names:
         try:
-            result[name] = max_abs_diff(build(handler, name), reference, probe)
+            runner = build(handler, name)
         except BackendUnavailable as exc:
             logger.info("backend %s not checked for %s: %s", name, handler.manifest.name, exc)
+            continue
+        try:
+            result[name] = max_abs_diff(runner, reference, probe)
+        except Exception:  # a graph that loads but cannot run this input
+            logger.exception("backend %s fails on the probe batch for %s", name, handler.manifest.name)
+            result[name] = math.inf
     return result
 
 
@@ -261,6 +267,11 @@ def verify(handler: Handler, probe: torch.Tensor | None = None) -> dict[str, flo
     for name in required:
         if name not in diffs:
             raise PackageError(f"the manifest requires the {name} backend, which cannot run this model")
+        if diffs[name] == math.inf:
+            raise PackageError(
+                f"the {name} backend fails on a probe batch, or answers NaN or the wrong shape; "
+                "the manifest requires it, so the model is refused"
+            )
         if diffs[name] > atol:
             raise PackageError(
                 f"the {name} backend answers up to {diffs[name]:.2g} away from eager PyTorch "
@@ -334,7 +345,9 @@ def select(handler: Handler, requested: str = "auto", compile_for: tuple[int, ..
         try:
             runner = build(handler, name)
             diff = max_abs_diff(runner, reference, probe)
-        except BackendUnavailable as exc:
+        except PackageError:  # a shipped model.onnx that is not the one the manifest names
+            raise
+        except Exception as exc:  # not installed, export failed, or the graph cannot run this input
             if name in required and handler.device.type == "cpu":
                 raise PackageError(
                     f"the manifest requires the {name} backend, which cannot run this model: {exc}"

@@ -76,7 +76,7 @@ class Handler:
         self._std = torch.tensor(manifest.std, device=device).view(1, 3, 1, 1)
         # what infer runs, as one (name, runner) pair so that a switch is a single assignment
         self._active: tuple[str, backends.Runner] = ("eager", backends.eager_runner(self))
-        self.backend_report: dict = {"requested": "eager", "device": device.type, "candidates": {}}
+        self.backend_report: dict = {"backend": "eager", "requested": "eager", "device": device.type, "candidates": {}}
         self.compile_thread: threading.Thread | None = None
 
     @property
