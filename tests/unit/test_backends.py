@@ -147,6 +147,26 @@ def test_a_shipped_onnx_graph_is_checked_against_the_weights(tmp_path, tiny):
         Handler.initialize(swapped, manifest["weights_sha256"], device=CPU, backend="onnx")
 
 
+def test_choosing_in_the_background_serves_eager_meanwhile(tmp_path, tiny):
+    _, _, good = tiny
+    shipped = tmp_path / "shipped.zip"
+    manifest = tiny_package(shipped, onnx_bytes=good)
+    handler = Handler.initialize(shipped, manifest["weights_sha256"], device=CPU, backend="auto", background=True)
+    assert handler.selection_thread is not None
+    batch = backends.probe_batch(handler, 2)
+    eager = handler.torch_infer(handler.model, batch)
+    assert (handler.infer(batch) - eager).abs().max().item() <= backends.AGREEMENT_ATOL  # whichever runs
+    assert handler.wait_for_backend(timeout=120) in ("eager", "onnx")
+    assert set(handler.backend_report["candidates"]) == {"eager", "onnx"}
+    assert (handler.infer(batch) - eager).abs().max().item() <= backends.AGREEMENT_ATOL
+
+    wrong = tmp_path / "wrong.zip"  # required and disagreeing: found in the background, eager stays
+    manifest = tiny_package(wrong, onnx_bytes=perturbed(good), runtime={"backends": ["onnx", "eager"]})
+    handler = Handler.initialize(wrong, manifest["weights_sha256"], device=CPU, backend="auto", background=True)
+    assert handler.wait_for_backend(timeout=120) == "eager"
+    assert "the manifest requires it" in handler.backend_report["error"]
+
+
 def test_a_manifest_listing_only_eager_never_runs_onnx(tmp_path):
     path = tmp_path / "eager.zip"
     manifest = tiny_package(path, runtime={"backends": ["eager"]})

@@ -434,6 +434,27 @@ def compile_and_switch(handler: Handler, batch_sizes: tuple[int, ...], only_if_f
     return True
 
 
+def select_or_keep_eager(handler: Handler, requested: str, compile_for: tuple[int, ...]) -> None:
+    """``select`` for a background thread: whatever goes wrong, the eager model keeps serving."""
+    try:
+        select(handler, requested, compile_for)
+    except Exception as exc:
+        logger.exception("choosing a backend failed; %s %s runs eager", handler.manifest.name, handler.manifest.version)
+        handler.use("eager", eager_runner(handler))
+        handler.backend_report["error"] = str(exc)
+
+
+def start_background_select(handler: Handler, requested: str, compile_for: tuple[int, ...] = ()) -> threading.Thread:
+    thread = threading.Thread(
+        target=select_or_keep_eager,
+        args=(handler, requested, compile_for),
+        name=f"backend-{handler.manifest.name}-{handler.manifest.version}",
+        daemon=True,
+    )
+    thread.start()
+    return thread
+
+
 def start_background_compile(
     handler: Handler, batch_sizes: tuple[int, ...], only_if_faster: bool = False
 ) -> threading.Thread:

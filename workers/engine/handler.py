@@ -78,6 +78,7 @@ class Handler:
         self._active: tuple[str, backends.Runner] = ("eager", backends.eager_runner(self))
         self.backend_report: dict = {"backend": "eager", "requested": "eager", "device": device.type, "candidates": {}}
         self.compile_thread: threading.Thread | None = None
+        self.selection_thread: threading.Thread | None = None
 
     @property
     def backend(self) -> str:
@@ -107,6 +108,7 @@ class Handler:
         compile_for: tuple[int, ...] = (),
         allow_torchscript: bool = False,
         backend: str = "eager",
+        background: bool = False,
     ) -> Handler:
         """Load, check and warm up. ``expected_manifest`` is what the registry recorded: labels,
         normalisation and sizes that changed since registration refuse the model too.
@@ -114,7 +116,10 @@ class Handler:
         ``backend="eager"`` now, before returning, as before; otherwise in the background.
         ``allow_torchscript``: TorchScript packages (code, not only weights) load only when set.
         ``backend``: eager, compile (eager now, compiled in a background thread, switched to once
-        it agrees), onnx, or auto (the fastest that agrees; see ``backends.select``)."""
+        it agrees), onnx, or auto (the fastest that agrees; see ``backends.select``).
+        ``background``: return as soon as the eager model answers, and choose the backend in a
+        thread (``selection_thread``); a disagreement found there keeps eager, logged, rather
+        than refusing a model its registration checks already passed."""
         manifest, weights = read_weights(package_path, expected_sha256, allow_torchscript=allow_torchscript)
         if expected_manifest is not None and manifest != Manifest.from_dict(expected_manifest):
             raise PackageError(
@@ -142,8 +147,19 @@ class Handler:
                 return handler
             else:
                 return handler
-        backends.select(handler, backend, compile_for)
+        if background:
+            handler.selection_thread = backends.start_background_select(handler, backend, compile_for)
+        else:
+            backends.select(handler, backend, compile_for)
         return handler
+
+    def wait_for_backend(self, timeout: float | None = None) -> str:
+        """Wait for background selection and compiling to finish (tests, the bench); the backend."""
+        if self.selection_thread is not None:
+            self.selection_thread.join(timeout)
+        if self.compile_thread is not None:  # read after selection: it may have started it
+            self.compile_thread.join(timeout)
+        return self.backend
 
     def compile(self, batch_sizes: tuple[int, ...]) -> None:
         """``torch.compile`` with frozen weights, one graph with a dynamic batch dimension,
