@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--backends", help="compare backends (forward only) instead: eager-nchw,eager,compile,onnx")
     parser.add_argument("--architectures", default="resnet18,resnet50")
     parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--backend", default="eager", help="with a package: eager, compile, onnx or auto")
     parser.add_argument("--batch-sizes", default="1,8,16,32")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--image-size", type=int, default=512)
@@ -144,7 +145,8 @@ def main() -> None:
 
     threads = configure_cpu_threads()
     manifest = read_manifest(args.package)
-    handler = Handler.initialize(args.package, manifest.weights_sha256)
+    handler = Handler.initialize(args.package, manifest.weights_sha256, backend=args.backend)
+    handler.wait_for_backend()
     rng = np.random.default_rng(0)
     pool = [synthetic.render_png(rng, args.image_size, i % 2 == 1) for i in range(64)]
     rows = [measure(handler, pool[:size], args.seconds) for size in (int(v) for v in args.batch_sizes.split(","))]
@@ -154,10 +156,12 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": threads,
         "machine": platform.machine(),
+        "backend": handler.backend,
+        "backend_report": handler.backend_report,
         "input": f"{args.image_size}x{args.image_size} PNG",
         "rows": rows,
     }
-    print(f"{report['model']} on {report['device']}, {threads} threads, inputs {report['input']}")
+    print(f"{report['model']} on {report['device']} ({handler.backend}), {threads} threads, inputs {report['input']}")
     print(f"{'batch':>5}  {'img/s (decode+forward)':>22}  {'img/s (forward only)':>20}  {'ms/batch':>8}")
     for row in rows:
         print(
