@@ -2,19 +2,57 @@
 
 Shared by the web process (registration reads the manifest) and the engine (which loads the
 weights, in ``workers/engine/package.py``); standard library only, so neither drags the other in.
+
+Manifest fields beyond the model itself (all optional; a manifest without them loads as before,
+and ``to_dict`` leaves them out while they hold their defaults, so older manifests round-trip
+byte for byte):
+
+``framework``
+    What ``weights.pt`` is: ``torchvision`` (a state_dict for a stock architecture) or
+    ``torchscript``. These weights are the reference: every faster way of running them is
+    checked against their eager PyTorch outputs.
+``runtime``
+    How the engine may run the model (``workers/engine/backends.py``)::
+
+        "runtime": {"backends": ["onnx", "compile", "eager"], "atol": 0.001, "onnx_sha256": "…"}
+
+    ``backends``: the forward passes the package author vouches for, from ``RUNTIME_BACKENDS``:
+    ``eager`` (PyTorch), ``compile`` (``torch.compile``, frozen weights), ``onnx`` (onnxruntime on
+    the CPU). Listed backends are *required*: each must agree with eager PyTorch at registration
+    or the version is refused; the worker picks among them only. Without the field every backend
+    is a candidate and none is required: one that disagrees is simply not used.
+    ``atol``: the largest difference in any probability allowed against eager PyTorch (default:
+    the engine's ``AGREEMENT_ATOL``, 1e-3 on the CPU).
+    ``onnx_sha256``: the package also carries ``model.onnx`` (input ``pixels``: uint8 N×3×H×W;
+    output ``probabilities``: N×labels, normalisation and softmax/sigmoid inside the graph), this
+    is its checksum; without it the engine exports the graph from the weights at load.
+``derived_from``, ``transform`` (reserved for derived versions, e.g. quantised)
+    ``derived_from``: ``{"version": "1.0.0", "weights_sha256": "…"}``, the version of the same model
+    this one was made from; ``transform``: how, a short lowercase name such as ``int8-dynamic``.
+    Both or neither.
+``targets``
+    Where the version may run: ``server`` (the workers; the default) and/or ``browser``
+    (screening models run in the reader's browser), from ``TARGETS``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "weights.pt"
+ONNX_NAME = "model.onnx"
 FRAMEWORKS = ("torchvision", "torchscript")
+RUNTIME_BACKENDS = ("eager", "compile", "onnx")
+TARGETS = ("server", "browser")
+MAX_ATOL = 0.05  # looser than this is not "the same model" any more
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_TRANSFORM = re.compile(r"[a-z0-9][a-z0-9.+-]{0,63}")
 TASKS = ("single-label", "multi-label")
 MAX_MANIFEST_BYTES = 64 * 1024
 MAX_WEIGHTS_BYTES = 1024 * 1024 * 1024
@@ -22,6 +60,61 @@ MAX_WEIGHTS_BYTES = 1024 * 1024 * 1024
 
 class PackageError(ValueError):
     """The package is malformed, or its weights are not the ones that were registered."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The manifest's ``runtime`` block; the defaults mean "no block"."""
+
+    backends: tuple[str, ...] = ()  # required backends; () = all candidates, none required
+    atol: float | None = None  # None: the engine's default tolerance
+    onnx_sha256: str = ""  # "" = no model.onnx in the package
+
+    @classmethod
+    def from_dict(cls, data: object) -> Runtime:
+        if not isinstance(data, dict):
+            raise PackageError('runtime must be an object such as {"backends": ["onnx", "eager"]}')
+        unknown = sorted(set(data) - {"backends", "atol", "onnx_sha256"})
+        if unknown:
+            raise PackageError(f"runtime has unknown fields {unknown}; known: backends, atol, onnx_sha256")
+        backends = data.get("backends", [])
+        if not isinstance(backends, list) or not all(isinstance(b, str) for b in backends):
+            raise PackageError("runtime.backends must be a list of backend names")
+        bad = [b for b in backends if b not in RUNTIME_BACKENDS]
+        if bad:
+            raise PackageError(f"runtime.backends names {bad}, not among {list(RUNTIME_BACKENDS)}")
+        if len(set(backends)) != len(backends):
+            raise PackageError("runtime.backends names a backend twice")
+        atol = data.get("atol")
+        if atol is not None:
+            if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not 0 < atol <= MAX_ATOL:
+                raise PackageError(f"runtime.atol must be a number above 0 and at most {MAX_ATOL}")
+            atol = float(atol)
+        onnx_sha256 = data.get("onnx_sha256", "")
+        if not isinstance(onnx_sha256, str) or (onnx_sha256 and not _SHA256.fullmatch(onnx_sha256.lower())):
+            raise PackageError(f"runtime.onnx_sha256 must be the 64 hex digits of {ONNX_NAME}'s sha256")
+        return cls(backends=tuple(backends), atol=atol, onnx_sha256=onnx_sha256.lower())
+
+    def to_dict(self) -> dict:
+        data: dict = {}
+        if self.backends:
+            data["backends"] = list(self.backends)
+        if self.atol is not None:
+            data["atol"] = self.atol
+        if self.onnx_sha256:
+            data["onnx_sha256"] = self.onnx_sha256
+        return data
+
+
+def _derived_from(data: object) -> dict:
+    if data in (None, {}):
+        return {}
+    if not isinstance(data, dict) or set(data) != {"version", "weights_sha256"}:
+        raise PackageError('derived_from must be {"version": …, "weights_sha256": …}, the version it was made from')
+    version, sha = data["version"], data["weights_sha256"]
+    if not isinstance(version, str) or not version or not isinstance(sha, str) or not _SHA256.fullmatch(sha.lower()):
+        raise PackageError("derived_from needs the parent's version and the 64 hex digits of its weights' sha256")
+    return {"version": version, "weights_sha256": sha.lower()}
 
 
 @dataclass(frozen=True)
@@ -43,6 +136,10 @@ class Manifest:
     gradcam_layer: str = ""  # a CNN layer to explain with Grad-CAM, e.g. "layer4"
     max_batch_size: int | None = None  # batching limits for this version; None: the worker's default
     max_wait_ms: float | None = None
+    runtime: Runtime = field(default_factory=Runtime)
+    derived_from: dict = field(default_factory=dict)  # {} or {"version": …, "weights_sha256": …}
+    transform: str = ""  # with derived_from: how this version was made from it
+    targets: tuple[str, ...] = ("server",)
 
     @classmethod
     def from_dict(cls, data: dict) -> Manifest:
@@ -65,7 +162,13 @@ class Manifest:
                 gradcam_layer=str(data.get("gradcam_layer", "")),
                 max_batch_size=int(data["max_batch_size"]) if data.get("max_batch_size") else None,
                 max_wait_ms=float(data["max_wait_ms"]) if data.get("max_wait_ms") is not None else None,
+                runtime=Runtime.from_dict(data.get("runtime", {})),
+                derived_from=_derived_from(data.get("derived_from")),
+                transform=str(data.get("transform", "")),
+                targets=tuple(str(v) for v in data.get("targets", ("server",))),
             )
+        except PackageError:
+            raise
         except (KeyError, TypeError, ValueError) as exc:
             raise PackageError(f"manifest.json is incomplete or malformed: {exc}") from exc
         if manifest.framework not in FRAMEWORKS:
@@ -82,12 +185,29 @@ class Manifest:
             raise PackageError("thresholds need one value between 0 and 1 per label")
         if manifest.max_batch_size is not None and not 1 <= manifest.max_batch_size <= 1024:
             raise PackageError("max_batch_size must be 1-1024")
+        if bool(manifest.derived_from) != bool(manifest.transform):
+            raise PackageError("derived_from and transform go together: a derived version names both")
+        if manifest.transform and not _TRANSFORM.fullmatch(manifest.transform):
+            raise PackageError("transform must be a short lowercase name such as int8-dynamic")
+        if not manifest.targets or len(set(manifest.targets)) != len(manifest.targets):
+            raise PackageError(f"targets must name each of {list(TARGETS)} at most once, and at least one")
+        if any(t not in TARGETS for t in manifest.targets):
+            raise PackageError(f"targets {list(manifest.targets)} are not among {list(TARGETS)}")
         return manifest
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["mean"], data["std"], data["labels"] = list(self.mean), list(self.std), list(self.labels)
         data["thresholds"] = list(self.thresholds)
+        # the fields added for backends and derived versions appear only when set, so that a
+        # manifest written before them round-trips unchanged
+        del data["runtime"], data["derived_from"], data["transform"], data["targets"]
+        if runtime := self.runtime.to_dict():
+            data["runtime"] = runtime
+        if self.derived_from:
+            data["derived_from"], data["transform"] = dict(self.derived_from), self.transform
+        if self.targets != ("server",):
+            data["targets"] = list(self.targets)
         return data
 
 

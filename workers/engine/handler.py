@@ -2,7 +2,8 @@
 
 Shaped like a TorchServe handler: ``predict(list[bytes])`` returns exactly one
 ``ItemResult`` per input, in input order. An input that cannot be decoded gets an error
-of its own and the rest of the batch runs.
+of its own and the rest of the batch runs. The forward pass runs on one of the backends in
+``backends.py`` (eager PyTorch, torch.compile, onnxruntime), chosen at load.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from core.model_package import Manifest, PackageError
 
+from . import backends
 from .package import read_weights
 from .results import ItemResult
 
@@ -77,12 +80,35 @@ class Handler:
         self.manifest = manifest
         self.device = device
         self.model = model  # eager: Grad-CAM's hooks and the cache's memory count use it
-        self._forward: torch.nn.Module = model  # what infer runs: the model, or its compiled form
+        self.package_path: Path | None = None
         self.compiled = False
         size = manifest.input_size
         self._size = (size, size)
         self._mean = torch.tensor(manifest.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(manifest.std, device=device).view(1, 3, 1, 1)
+        # what infer runs, as one (name, runner) pair so that a switch is a single assignment
+        self._active: tuple[str, backends.Runner] = ("eager", backends.eager_runner(self))
+        self.backend_report: dict = {"backend": "eager", "requested": "eager", "device": device.type, "candidates": {}}
+        self.compile_thread: threading.Thread | None = None
+        self.selection_thread: threading.Thread | None = None
+
+    @property
+    def backend(self) -> str:
+        """The backend ``infer`` runs now: eager, compile or onnx."""
+        return self._active[0]
+
+    @property
+    def active_runner(self) -> backends.Runner:
+        return self._active[1]
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        return self._size
+
+    def use(self, name: str, runner: backends.Runner) -> None:
+        """Switch what ``infer`` runs, atomically: a call in flight finishes on the old one."""
+        self._active = (name, runner)
+        self.backend_report["backend"] = name
 
     @classmethod
     def initialize(
@@ -93,11 +119,19 @@ class Handler:
         expected_manifest: dict | None = None,
         compile_for: tuple[int, ...] = (),
         allow_torchscript: bool = False,
+        backend: str = "eager",
+        background: bool = False,
     ) -> Handler:
         """Load, check and warm up. ``expected_manifest`` is what the registry recorded: labels,
         normalisation and sizes that changed since registration refuse the model too.
-        ``compile_for``: batch sizes to compile the forward pass for (``torch.compile``).
-        ``allow_torchscript``: TorchScript packages (code, not only weights) load only when set."""
+        ``compile_for``: batch sizes to compile the forward pass for (``torch.compile``); with
+        ``backend="eager"`` now, before returning, as before; otherwise in the background.
+        ``allow_torchscript``: TorchScript packages (code, not only weights) load only when set.
+        ``backend``: eager, compile (eager now, compiled in a background thread, switched to once
+        it agrees), onnx, or auto (the fastest that agrees; see ``backends.select``).
+        ``background``: return as soon as the eager model answers, and choose the backend in a
+        thread (``selection_thread``); a disagreement found there keeps eager, logged, rather
+        than refusing a model its registration checks already passed."""
         manifest, weights = read_weights(package_path, expected_sha256, allow_torchscript=allow_torchscript)
         if expected_manifest is not None and manifest != Manifest.from_dict(expected_manifest):
             raise PackageError(
@@ -115,32 +149,41 @@ class Handler:
         device = device or choose_device()
         model = model.eval().to(device, memory_format=torch.channels_last)
         handler = cls(manifest, model, device)
+        handler.package_path = Path(package_path)
         handler._warm_up()
-        if compile_for:
-            handler.compile(compile_for)
+        if backend == "eager":
+            if manifest.runtime.backends and "eager" not in manifest.runtime.backends:
+                backend = "auto"  # the manifest vouches for other backends only
+            elif compile_for:
+                handler.compile(compile_for)
+                return handler
+            else:
+                return handler
+        if background:
+            handler.selection_thread = backends.start_background_select(handler, backend, compile_for)
+        else:
+            backends.select(handler, backend, compile_for)
         return handler
+
+    def wait_for_backend(self, timeout: float | None = None) -> str:
+        """Wait for background selection and compiling to finish (tests, the bench); the backend."""
+        if self.selection_thread is not None:
+            self.selection_thread.join(timeout)
+        if self.compile_thread is not None:  # read after selection: it may have started it
+            self.compile_thread.join(timeout)
+        return self.backend
 
     def compile(self, batch_sizes: tuple[int, ...]) -> None:
         """``torch.compile`` with frozen weights, one graph with a dynamic batch dimension,
         compiled now (seconds per shape) for the sizes given rather than on a request's time.
-        Outputs are checked against the eager model; a mismatch keeps the eager model."""
-        import torch._inductor.config as inductor_config
+        Outputs are checked against the eager model; a mismatch keeps what ran before."""
+        backends.compile_and_switch(self, batch_sizes)
 
-        inductor_config.freezing = True
-        compiled = torch.compile(self.model, dynamic=True)
-        probe = torch.randint(0, 255, (max(batch_sizes), 3, *self._size), dtype=torch.uint8)
-        expected = self.infer(probe)
-        self._forward = compiled
-        try:
-            for size in sorted(set(batch_sizes)):
-                got = self.infer(probe[:size])
-                if not torch.allclose(got, expected[:size], atol=1e-3 if self.device.type == "cpu" else 2e-2):
-                    raise RuntimeError(f"compiled outputs differ at batch {size}")
-        except Exception:
-            logger.exception("torch.compile failed; %s %s runs eager", self.manifest.name, self.manifest.version)
-            self._forward = self.model
-            return
-        self.compiled = True
+    def compile_in_background(self, batch_sizes: tuple[int, ...], only_if_faster: bool = False) -> threading.Thread:
+        """``compile`` in a daemon thread: the handler serves with its current backend meanwhile
+        and switches once the compiled forward agrees (and, ``only_if_faster``, beats it)."""
+        self.compile_thread = backends.start_background_compile(self, batch_sizes, only_if_faster)
+        return self.compile_thread
 
     def _warm_up(self) -> None:
         dummy = torch.zeros((1, 3, *self._size), dtype=torch.uint8)
@@ -173,12 +216,16 @@ class Handler:
         return batch, errors
 
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) → probabilities (N, labels) on the CPU."""
+        """uint8 (N, 3, H, W) → probabilities (N, labels) on the CPU, on ``self.backend``."""
+        return self._active[1](batch)
+
+    def torch_infer(self, forward: torch.nn.Module | backends.Runner, batch: torch.Tensor) -> torch.Tensor:
+        """``infer`` through a PyTorch module: the eager model, or its compiled form."""
         with torch.inference_mode():
             x = batch.to(self.device, non_blocking=True).float().div_(255.0)
             x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
-                logits = self._forward(x)
+                logits = forward(x)
             if self.manifest.task == "multi-label":  # independent findings, one sigmoid each
                 return torch.sigmoid(logits.float()).cpu()
             return torch.softmax(logits.float(), dim=1).cpu()
