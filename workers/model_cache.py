@@ -59,6 +59,8 @@ def model_handler(version: ModelVersion) -> Handler:
             expected_manifest=version.manifest,
             compile_for=_compile_batch_sizes(version),
             allow_torchscript=settings.SIGHTLINE_ALLOW_TORCHSCRIPT,
+            backend=settings.SIGHTLINE_INFERENCE_BACKEND,
+            background=True,  # eager serves while the backends are measured; the worker is ready at once
         ),
     )
 

@@ -21,6 +21,7 @@ from core.model_package import TORCHSCRIPT_REFUSED, PackageError
 from core.transient import is_transient
 from recognition.models import ModelAlias, ModelVersion
 from recognition.services.registry import model_alias_move, model_validation_enqueue, model_version_submit
+from workers.engine import backends
 from workers.engine.handler import Handler
 from workers.model_cache import local_package
 
@@ -59,6 +60,7 @@ class Candidate:
     version: ModelVersion
     package: Path | None = None
     handler: Handler | None = None
+    agreement: dict | None = None  # backend → max abs difference from eager PyTorch
 
 
 def check_framework_allowed(candidate: Candidate) -> None:
@@ -83,6 +85,14 @@ def check_loads_and_answers(candidate: Candidate) -> None:
     )
 
 
+def check_backends_agree(candidate: Candidate) -> None:
+    """The backends the manifest requires agree with eager PyTorch within the stated tolerance,
+    and a shipped ``model.onnx`` with the weights; an optional backend that disagrees is only
+    never used (workers pick among those that agree when they load the model)."""
+    candidate.agreement = backends.verify(candidate.handler)  # PackageError refuses, in words
+    logger.info("%s: backends agree with eager PyTorch: %s", candidate.version, candidate.agreement)
+
+
 # In order; each raises Refused or PackageError to refuse, a transient error to be tried again.
 # Later checks (agreement across backends, derived-version measurements, screening models)
 # are appended here and find the loaded model on ``candidate.handler``.
@@ -90,6 +100,7 @@ REGISTRATION_CHECKS: list[Callable[[Candidate], None]] = [
     check_framework_allowed,
     check_stored_package,
     check_loads_and_answers,
+    check_backends_agree,
 ]
 
 

@@ -364,6 +364,11 @@ SIGHTLINE_GPU_SAMPLE_SECONDS = env.float("SIGHTLINE_GPU_SAMPLE_SECONDS", default
 # torch.compile (frozen, dynamic batch) when a worker loads a model: faster forward passes for
 # 15–40 s more per model at load; see README's benchmark before switching it on
 SIGHTLINE_TORCH_COMPILE = env.bool("SIGHTLINE_TORCH_COMPILE", default=False)
+# the forward pass's backend (workers/engine/backends.py): "auto" measures eager PyTorch and
+# ONNX Runtime on the CPU when a worker loads a model (eager serves meanwhile) and keeps the
+# fastest that agrees with eager within AGREEMENT_ATOL; on CUDA it stays with PyTorch. Measured
+# (make bench, 2 cores): onnx ×1.3–1.45 over eager channels_last for resnet18 at batch 1 and 8
+SIGHTLINE_INFERENCE_BACKEND = env("SIGHTLINE_INFERENCE_BACKEND", default="auto")
 SIGHTLINE_MODEL_CACHE_MB = env.int("SIGHTLINE_MODEL_CACHE_MB", default=2048)
 SIGHTLINE_MODEL_CACHE_DIR = Path(env("SIGHTLINE_MODEL_CACHE_DIR", default=str(VAR_DIR / "model-cache")))
 SIGHTLINE_MODEL_BUILD_DIR = Path(env("SIGHTLINE_MODEL_BUILD_DIR", default=str(VAR_DIR / "models")))

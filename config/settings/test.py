@@ -21,6 +21,10 @@ EMAIL_BACKEND = env("EMAIL_BACKEND", default="django.core.mail.backends.locmem.E
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
 
+# eager unless a test asks: "auto" exports an ONNX graph per model load (seconds), which the
+# engine's own tests (tests/unit/test_backends.py) and tests/integration/test_backend_choice.py cover
+SIGHTLINE_INFERENCE_BACKEND = env("SIGHTLINE_INFERENCE_BACKEND", default="eager")
+
 # issue 11 (ids): a development pseudonym key, labelled as such; production has no default
 SIGHTLINE_PSEUDONYM_KEY = env("SIGHTLINE_PSEUDONYM_KEY", default="test-only-pseudonym-key-not-a-secret-0123456789")
 
