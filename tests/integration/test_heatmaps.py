@@ -220,3 +220,19 @@ def test_the_viewer_page_asks_for_it_and_the_page_endpoint_answers_like_the_api(
     assert AccessEvent.objects.filter(action="image.heatmap", target_id=str(image.pk)).count() == 2
     client.force_login(clinician_b.user)
     assert client.get(f"/images/{image.pk}/heatmap/").status_code == 404
+
+
+def test_a_blip_is_raised_for_the_task_to_retry_and_leaves_the_heatmap_computing(clinician_a, demo_model, monkeypatch):
+    import workers.heatmaps as worker
+
+    read_image(clinician_a)
+    result = Result.objects.get()
+
+    def storage_away(version):
+        raise ConnectionResetError("the storage went away")
+
+    monkeypatch.setattr(worker, "model_handler", storage_away)
+    with pytest.raises(ConnectionResetError):  # TransientRetryTask retries it with a backoff
+        heatmap_compute(result_id=result.pk)
+    result.refresh_from_db()
+    assert result.heatmap == "" and result.heatmap_error == ""  # not given up: a retry or a re-request makes it
