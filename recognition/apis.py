@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.http import FileResponse, HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.response import Response
@@ -24,7 +24,6 @@ from .selectors import (
     WORKLIST_SORTS,
     WorklistFilters,
     image_get,
-    image_heatmap_get,
     image_list,
     image_modality_pixels,
     image_rendering,
@@ -47,6 +46,12 @@ from .services.batches import (
     results_csv,
     results_json,
 )
+from .services.heatmaps import (
+    HEATMAP_RETRY_AFTER_SECONDS,
+    HeatmapStatus,
+    heatmap_request,
+    result_heatmap_status,
+)
 from .services.images import IDEMPOTENCY_KEY_MAX, StudyFields, images_upload_once
 from .services.registry import model_version_list
 from .services.reviews import review_save, review_sign_off
@@ -60,11 +65,19 @@ class ResultOutput(serializers.Serializer):
     top_probability = serializers.FloatField()
     probabilities = serializers.DictField(child=serializers.FloatField())
     positive_labels = serializers.ListField(child=serializers.CharField())
-    has_heatmap = serializers.SerializerMethodField()
+    has_heatmap = serializers.SerializerMethodField(help_text="its Grad-CAM overlay is made and stored")
+    heatmap_status = serializers.SerializerMethodField(
+        help_text="none: not asked for yet (GET …/heatmap/ asks); computing: a worker makes it (heatmap.ready on "
+        "/ws/events/ when done); ready; unavailable: the model has no Grad-CAM layer, or it could not be made"
+    )
     created = serializers.DateTimeField()
 
     def get_has_heatmap(self, result) -> bool:
         return bool(result.heatmap)
+
+    @extend_schema_field(serializers.ChoiceField(choices=HeatmapStatus.choices))
+    def get_heatmap_status(self, result) -> str:
+        return result_heatmap_status(result)
 
 
 class StudyOutput(serializers.Serializer):
@@ -216,15 +229,30 @@ class ImagePixelsApi(TenantApi):
         return response
 
 
+class HeatmapComputingOutput(serializers.Serializer):
+    status = serializers.ChoiceField(choices=[HeatmapStatus.COMPUTING])
+    retry_after = serializers.IntegerField(help_text="seconds to wait before asking again (also `Retry-After`)")
+
+
 class ImageHeatmapApi(TenantApi):
     @extend_schema(
         parameters=[TENANT_HEADER],
-        responses={(200, "image/png"): OpenApiTypes.BINARY},
-        description="The Grad-CAM overlay (transparent PNG at the image's size) of the newest result that has one.",
+        responses={(200, "image/png"): OpenApiTypes.BINARY, (202, "application/json"): HeatmapComputingOutput},
+        description="The Grad-CAM overlay (transparent PNG at the image's size) of the newest result whose model has "
+        "a Grad-CAM layer. Made on request, never by the read: the first GET asks a worker for it and answers 202 "
+        '`{"status": "computing"}` with `Retry-After`; `heatmap.ready` arrives on /ws/events/ when it is '
+        "stored, and GET answers the PNG from then on. 404 for an image without such a result, or whose heatmap "
+        "could not be made (`error.message` says why).",
     )
     def get(self, request, image_id: int):
-        result = image_heatmap_get(membership=request.membership, image_id=image_id, request=request)
-        response = FileResponse(result.heatmap.open("rb"), content_type="image/png")
+        state = heatmap_request(membership=request.membership, image_id=image_id, request=request)
+        if state.status != HeatmapStatus.READY:
+            body = {"status": HeatmapStatus.COMPUTING, "retry_after": HEATMAP_RETRY_AFTER_SECONDS}
+            response = Response(HeatmapComputingOutput(body).data, status=status.HTTP_202_ACCEPTED)
+            response["Retry-After"] = str(HEATMAP_RETRY_AFTER_SECONDS)
+            response["Cache-Control"] = "private, no-store"
+            return response
+        response = FileResponse(state.result.heatmap.open("rb"), content_type="image/png")
         response["Cache-Control"] = "private, no-store"
         return response
 

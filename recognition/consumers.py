@@ -2,10 +2,10 @@
 
 Protocol (JSON): the server greets with ``{"type": "hello"}``; the client sends
 ``{"type": "subscribe", "tenant": "<slug>"}`` and gets ``subscribed`` or an ``error``; then
-``result.ready`` (an image's AI read ended) and ``study.updated`` (a worklist row changed) messages
-arrive for that hospital. Every subscription is authorised with
-the same table as the API; losing access closes the hospital's feed, and the socket when no
-feed is left.
+``result.ready`` (an image's AI read ended), ``heatmap.ready`` (a heatmap asked for is made, or
+cannot be) and ``study.updated`` (a worklist row changed) messages arrive for that hospital.
+Every subscription is authorised with the same table as the API; losing access closes the
+hospital's feed, and the socket when no feed is left.
 """
 
 from __future__ import annotations
@@ -124,6 +124,13 @@ class EventsConsumer(JsonWebsocketConsumer):
             self.close(code=CLOSE_UNAUTHENTICATED)
             return
         self.send_json({key: event[key] for key in ("type", "image", "status", "top_label", "probability")})
+
+    def heatmap_ready(self, event):
+        """A heatmap someone asked for is made; the viewer showing "computing…" fetches it."""
+        if not self._still_signed_in():
+            self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        self.send_json({key: event[key] for key in ("type", "image", "result", "status")})
 
     def study_updated(self, event):
         """A study's worklist columns changed; the page fetches the row it shows."""

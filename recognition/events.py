@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from accounts.events import send_many_on_commit, tenant_group
+from accounts.events import send_many_on_commit, send_on_commit, tenant_group
 
 
 @dataclass(frozen=True)
@@ -32,4 +32,13 @@ def results_ready_on_commit(notices: list[ResultNotice]) -> None:
             )
             for notice in notices
         ]
+    )
+
+
+def heatmap_ready_on_commit(*, tenant_id: int, image_id: int, result_id: int, status: str = "ready") -> None:
+    """``heatmap.ready``: a heatmap asked for is made (``status`` "ready") or cannot be
+    (``"unavailable"``); the viewer fetches it again. The hospital's feed only."""
+    send_on_commit(
+        tenant_group(tenant_id),
+        {"type": "heatmap.ready", "image": image_id, "result": result_id, "status": status},
     )

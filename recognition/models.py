@@ -323,6 +323,11 @@ class Result(TenantOwned):
     top_probability = models.FloatField()
     positive_labels = models.JSONField(default=list, help_text="Multi-label models: labels above their threshold.")
     heatmap = models.FileField(max_length=255, blank=True, help_text="Grad-CAM overlay (PNG), when the model has one.")
+    # Grad-CAM is made on request (recognition/services/heatmaps.py), never on the read path: when
+    # it was last asked of a worker (a request older than SIGHTLINE_HEATMAP_STALL_SECONDS is sent
+    # again: its message may be lost), and why it cannot be made, in words, once a worker gave up
+    heatmap_requested_at = models.DateTimeField(null=True, blank=True)
+    heatmap_error = models.CharField(max_length=300, blank=True)
     created = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -44,15 +44,6 @@ def image_list(*, membership: Membership, request=None) -> QuerySet:
     )
 
 
-def image_heatmap_get(*, membership: Membership, image_id: int, request=None) -> Result:
-    """The newest result with a Grad-CAM overlay for one image of the member's hospital."""
-    image = image_get(membership=membership, image_id=image_id, request=request, action="image.heatmap")
-    result = next((r for r in image.results.all() if r.heatmap), None)
-    if result is None:
-        raise NotFound("This image has no heatmap.")
-    return result
-
-
 def image_get(*, membership: Membership, image_id: int, request=None, action: str = "image.view") -> Image:
     """One image of the member's hospital, its access logged as ``action``."""
     require(membership, Action.IMAGE_VIEW, request=request)

@@ -7,7 +7,7 @@ from urllib.parse import urlencode
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import FileResponse, HttpResponse, StreamingHttpResponse
+from django.http import FileResponse, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.safestring import mark_safe
@@ -26,7 +26,6 @@ from .selectors import (
     WORKLIST_SORTS,
     WorklistFilters,
     image_get,
-    image_heatmap_get,
     image_list,
     image_modality_pixels,
     image_neighbours,
@@ -47,6 +46,13 @@ from .services.batches import (
     batch_results_open,
     batch_upload_zip,
     results_csv,
+)
+from .services.heatmaps import (
+    HEATMAP_RETRY_AFTER_SECONDS,
+    HeatmapStatus,
+    heatmap_request,
+    image_heatmap_result,
+    result_heatmap_status,
 )
 from .services.images import image_upload
 from .services.reviews import review_save, review_sign_off
@@ -108,14 +114,20 @@ def image_detail_page(request, image_id: int):
     image = image_get(membership=membership, image_id=image_id, request=request)
     previous_id, next_id, position, count = image_neighbours(image)
     result = next(iter(image.results.all()), None)
+    explained = image_heatmap_result(image)
+    # the viewer asks for the heatmap itself when it opens (GET …/heatmap/), and shows "computing…"
+    heatmap_status = result_heatmap_status(explained) if explained else HeatmapStatus.UNAVAILABLE
     reviews = review_history(image=image)
     latest = reviews[0] if reviews else None
     draft = latest if latest is not None and not latest.is_signed and latest.author_id == request.user.pk else None
+    in_progress = image.ai_status in ("queued", "running") or image.state == Image.State.RECEIVED
     live_config = {
         "tenant": membership.tenant.slug,
-        "reloadOnImage": image.pk,
         "apiImage": reverse("api-image-detail", args=[image.pk]),
+        "heatmapImage": image.pk,  # heatmap.ready for it ends the viewer's "computing…"
     }
+    if in_progress:
+        live_config["reloadOnImage"] = image.pk  # the read's result.ready reloads the page
     return render(
         request,
         "recognition/image_detail.html",
@@ -133,7 +145,9 @@ def image_detail_page(request, image_id: int):
             "can_review": can(membership, Action.REVIEW_WRITE) and result is not None,
             "verdicts": Review.Verdict.choices,
             "labels": result.model_version.labels if result else [],
-            "in_progress": image.ai_status in ("queued", "running") or image.state == Image.State.RECEIVED,
+            "in_progress": in_progress,
+            "heatmap_status": heatmap_status,
+            "heatmap_wanted": heatmap_status in (HeatmapStatus.NONE, HeatmapStatus.COMPUTING),
         },
     )
 
@@ -278,9 +292,17 @@ def image_file(request, image_id: int):
 
 @login_required
 def image_heatmap(request, image_id: int):
+    """The viewer asks for the heatmap: the PNG, or 202 while a worker makes it (see the API)."""
     membership = membership_for_session(request)
-    result = image_heatmap_get(membership=membership, image_id=image_id, request=request)
-    response = FileResponse(result.heatmap.open("rb"), content_type="image/png")
+    state = heatmap_request(membership=membership, image_id=image_id, request=request)
+    if state.status != HeatmapStatus.READY:
+        response = JsonResponse(
+            {"status": HeatmapStatus.COMPUTING, "retry_after": HEATMAP_RETRY_AFTER_SECONDS}, status=202
+        )
+        response["Retry-After"] = str(HEATMAP_RETRY_AFTER_SECONDS)
+        response["Cache-Control"] = "private, no-store"
+        return response
+    response = FileResponse(state.result.heatmap.open("rb"), content_type="image/png")
     response["Cache-Control"] = "private, no-store"
     return response
 

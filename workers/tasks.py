@@ -60,6 +60,14 @@ def image_render_reconcile() -> int:
     return images_render_reconcile()
 
 
+@shared_task(name="workers.tasks.heatmap_compute", acks_late=True, **RETRY_TRANSIENT)
+def heatmap_compute(result_id: int) -> str:
+    """One result's Grad-CAM heatmap, asked for by a viewer or an export (never by a read)."""
+    from workers.heatmaps import heatmap_compute as compute
+
+    return compute(result_id=result_id)
+
+
 @shared_task(name="workers.tasks.model_validate", acks_late=True, bind=True, **RETRY_TRANSIENT)
 def model_validate(self, version_id: int) -> str:
     """Registration's checks, off the web process; the version ends ready or refused."""

@@ -355,7 +355,9 @@ SIGHTLINE_TRANSIENT_RETRIES = env.int("SIGHTLINE_TRANSIENT_RETRIES", default=8)
 SIGHTLINE_TRANSIENT_BACKOFF_MAX_SECONDS = env.int("SIGHTLINE_TRANSIENT_BACKOFF_MAX_SECONDS", default=120)
 # model registration: TorchScript packages carry code, not only weights; refused unless allowed
 SIGHTLINE_ALLOW_TORCHSCRIPT = env.bool("SIGHTLINE_ALLOW_TORCHSCRIPT", default=False)
-SIGHTLINE_GRADCAM = env.bool("SIGHTLINE_GRADCAM", default=True)  # heatmaps for models that name a layer
+# Grad-CAM on request (viewer, export): a request not answered this long (its message lost, its
+# worker gone) is sent again by the next one who asks; one pass is ~5 ms, the rest is the queue
+SIGHTLINE_HEATMAP_STALL_SECONDS = env.int("SIGHTLINE_HEATMAP_STALL_SECONDS", default=60)
 SIGHTLINE_MAX_BATCHES_PER_TASK = env.int("SIGHTLINE_MAX_BATCHES_PER_TASK", default=16)
 # GPU back-pressure: a worker stops taking tasks while its GPU stays above this (workers.bootsteps)
 SIGHTLINE_GPU_BUSY_PERCENT = env.float("SIGHTLINE_GPU_BUSY_PERCENT", default=85.0)

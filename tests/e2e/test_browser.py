@@ -109,3 +109,61 @@ def test_pages_run_under_the_content_security_policy_without_violations(stack, l
     page.goto(f"{stack.base_url}/api/v1/docs/")
     expect(page.locator("#swagger-ui .title").first).to_contain_text("Sightline API")
     assert violations == []
+
+
+# every state the viewer's heatmap goes through, and whether "computing…" was on screen in it
+RECORD_HEATMAP_STATES = """
+window.__heatmapStates = [];
+new MutationObserver(function (changes) {
+  changes.forEach(function (change) {
+    var note = change.target.querySelector(".heatmap-state");
+    window.__heatmapStates.push(change.target.dataset.heatmap + (note && !note.hidden ? ":shown" : ":hidden"));
+  });
+}).observe(document, {subtree: true, attributes: true, attributeFilter: ["data-heatmap"]});
+"""
+
+
+def test_the_viewer_shows_computing_until_the_heatmap_arrives_over_the_websocket(stack, live_demo, browser_context):
+    import json
+
+    import requests
+
+    from tests.e2e.test_api_live import token
+
+    headers = {"Authorization": f"Bearer {token(stack, 'clinician', live_demo['password'])}"}
+    response = requests.post(
+        f"{stack.base_url}/api/v1/images/",
+        headers=headers,
+        files={"file": ("scan.png", png_bytes(opacity=True, seed=71), "image/png")},
+        timeout=30,
+    )
+    image_id = response.json()["id"]
+    deadline = time.monotonic() + 60
+    while requests.get(f"{stack.base_url}/api/v1/images/{image_id}/", headers=headers, timeout=10).json()[
+        "status"
+    ] not in ("done", "failed"):
+        assert time.monotonic() < deadline, "the read did not finish"
+        time.sleep(0.2)
+
+    page = browser_context.new_page()
+    frames: list[str] = []
+    page.on("websocket", lambda socket: socket.on("framereceived", lambda frame: frames.append(frame)))
+    page.add_init_script(RECORD_HEATMAP_STATES)
+    page.goto(f"{stack.base_url}/accounts/login/")
+    page.fill("#id_username", "clinician")
+    page.fill("#id_password", live_demo["password"])
+    page.click("button[type=submit]")
+    expect(page.locator("h1")).to_contain_text("Worklist")
+    page.goto(f"{stack.base_url}/images/{image_id}/")
+    expect(page.locator("figure#viewer")).to_have_attribute("data-ready", "1")
+    toggle = page.locator("#heatmap-toggle")
+    expect(toggle).to_be_visible()  # the overlay arrived and its controls with it
+    expect(page.locator("#heatmap-state")).to_be_hidden()
+    states = page.evaluate("window.__heatmapStates")
+    assert "computing:shown" in states, states  # the read made none: the viewer asked, and said so
+    assert states[-1] == "ready:hidden", states
+    pushed = [json.loads(frame) for frame in frames if isinstance(frame, str)]
+    assert any(m.get("type") == "heatmap.ready" and m.get("image") == image_id for m in pushed), pushed
+    plain = canvas_painting(page)
+    page.check("#heatmap-toggle")
+    assert canvas_painting(page) != plain  # the Grad-CAM overlay over the image

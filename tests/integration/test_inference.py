@@ -171,22 +171,4 @@ def test_a_forward_pass_that_raises_fails_its_requests_instead_of_leaving_them_r
         assert request.error == "inference failed: RuntimeError"
 
 
-def test_each_result_gets_a_heatmap_overlay_at_the_images_size(clinician_a, demo_model, settings):
-    import io
-
-    from PIL import Image as PILImage
-
-    (request,) = queue_images(clinician_a, 1)
-    inference_run(request_id=request.pk)
-    result = Result.objects.get()
-    assert result.heatmap.name.startswith(f"tenants/{clinician_a.tenant_id}/heatmaps/")
-    with result.heatmap.open("rb") as stored:
-        overlay = PILImage.open(io.BytesIO(stored.read()))
-        assert overlay.convert("RGBA").size == (request.image.width, request.image.height)
-
-
-def test_heatmaps_can_be_switched_off(clinician_a, demo_model, settings):
-    settings.SIGHTLINE_GRADCAM = False
-    (request,) = queue_images(clinician_a, 1)
-    inference_run(request_id=request.pk)
-    assert Result.objects.get().heatmap == ""
+# Grad-CAM is made on request, never by a read: tests/integration/test_heatmaps.py

@@ -182,14 +182,18 @@ def test_an_invitation_to_a_malformed_address_is_refused(hospital_a):
 
 
 def test_the_heatmap_is_served_to_the_hospital_and_logged(signed_in, clinician_a, clinician_b, demo_model):
+    from recognition.models import Result
+    from workers.heatmaps import heatmap_compute
     from workers.runner import inference_run
 
     image = image_upload(membership=clinician_a, upload=upload_file(png_bytes(opacity=True, seed=9)))
     inference_run(request_id=image.inference_requests.get().pk)
     client = signed_in(clinician_a)
     page = client.get(f"/images/{image.pk}/")
-    assert b'id="heatmap-toggle"' in page.content
+    assert b'id="heatmap-toggle"' in page.content and b"data-heatmap-url" in page.content
+    assert client.get(f"/images/{image.pk}/heatmap/").status_code == 202  # asked for: a worker makes it
+    heatmap_compute(result_id=Result.objects.get().pk)
     heatmap = client.get(f"/images/{image.pk}/heatmap/")
     assert heatmap.status_code == 200 and heatmap["Content-Type"] == "image/png"
-    assert AccessEvent.objects.filter(action="image.heatmap", target_id=str(image.pk)).count() == 1
+    assert AccessEvent.objects.filter(action="image.heatmap", target_id=str(image.pk)).count() == 2
     assert signed_in(clinician_b).get(f"/images/{image.pk}/heatmap/").status_code == 404

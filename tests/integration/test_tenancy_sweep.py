@@ -418,6 +418,7 @@ def test_hospital_b_hears_nothing_of_hospital_a_on_any_websocket_route(hospital_
     }
     layer = get_channel_layer()
     ready = {"type": "result.ready", "image": 1, "status": "done", "top_label": "A-MARKER", "probability": 0.9}
+    heatmap = {"type": "heatmap.ready", "image": 1, "result": 1, "status": "ready"}
     covered = 0
 
     class Socket(ApplicationCommunicator):  # the ASGI WebSocket protocol, spoken directly
@@ -444,12 +445,15 @@ def test_hospital_b_hears_nothing_of_hospital_a_on_any_websocket_route(hospital_
                 "message": "No such hospital.",
             }
         await layer.group_send(tenant_group(hospital_a.pk), ready)
+        await layer.group_send(tenant_group(hospital_a.pk), heatmap)
         assert await socket.receive_nothing(timeout=0.3)
         if can(member, Action.EVENTS_SUBSCRIBE):  # the socket works: its own hospital is heard
             await socket.send_json_to({"type": "subscribe", "tenant": hospital_b.slug})
             assert await socket.receive_json_from() == {"type": "subscribed", "tenant": hospital_b.slug}
             await layer.group_send(tenant_group(hospital_b.pk), {**ready, "top_label": "B"})
             assert (await socket.receive_json_from())["top_label"] == "B"
+            await layer.group_send(tenant_group(hospital_b.pk), {**heatmap, "image": 2})
+            assert await socket.receive_json_from() == {**heatmap, "image": 2}
             await layer.group_send(tenant_group(hospital_a.pk), ready)
             assert await socket.receive_nothing(timeout=0.3)
         await socket.send_input({"type": "websocket.disconnect", "code": 1000})

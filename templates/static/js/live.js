@@ -90,9 +90,24 @@
     api(cfg.apiImage.replace("/0/", "/" + message.image + "/")).then(upsert).catch(function () {});
   }
 
+  // the viewer asked for this image's heatmap: it fetches it again (the database is the truth)
+  function heatmapNudge() {
+    document.querySelectorAll("figure.viewer").forEach(function (fig) {
+      fig.dispatchEvent(new CustomEvent("sightline:heatmap-ready"));
+    });
+  }
+
+  function onHeatmap(message) {
+    if (cfg.heatmapImage && message.image === cfg.heatmapImage) heatmapNudge();
+  }
+
   window.SightlineFeed(cfg.tenant, {
     // whatever finished between the page's render (or the last connection) and now
-    onSubscribed: resync,
-    "result.ready": onResult
+    onSubscribed: function () {
+      resync();
+      if (cfg.heatmapImage) heatmapNudge();
+    },
+    "result.ready": onResult,
+    "heatmap.ready": onHeatmap
   });
 })();

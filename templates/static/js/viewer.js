@@ -4,12 +4,18 @@
 // Mouse: wheel zooms about the cursor, left-drag pans, right-drag or shift+left-drag sets window/level
 // (right = wider, down = higher centre). Keys on the focused canvas: + / - zoom, arrows move, 0 resets.
 // Hooks for tests: canvas.dataset.window = "C/W", canvas.dataset.zoom (1 = fit), figure.dataset.ready = "1"
-// after the first frame is painted ("error" if nothing could be loaded).
+// after the first frame is painted ("error" if nothing could be loaded), figure.dataset.heatmap = the
+// heatmap's state (loading, computing, ready, none).
+// The heatmap is made on request: GET data-heatmap-url answers the PNG, or 202 while a worker makes it;
+// the viewer then shows "computing…" (.heatmap-state) until the page's feed dispatches
+// "sightline:heatmap-ready" on the figure (heatmap.ready on the WebSocket), or its slow fallback poll.
 (function () {
   "use strict";
   // Window presets in Hounsfield units: [centre, width].
   var PRESETS = {lung: [-600, 1500], bone: [400, 1800], soft: [40, 400], brain: [40, 80]};
   var MIN_ZOOM = 0.1, MAX_ZOOM = 20;
+  // the push (heatmap.ready) normally ends "computing…"; this poll only covers a lost one
+  var HEAT_POLL_FIRST_MS = 15000, HEAT_POLL_MAX_MS = 60000;
 
   function clamp(v, lo, hi) { return v < lo ? lo : v > hi ? hi : v; }
   function num(v) { return String(Math.round(v * 100) / 100); }
@@ -46,6 +52,7 @@
     var presetButtons = fig.querySelectorAll("[data-preset]");
     var toggle = fig.querySelector("#heatmap-toggle");
     var opacity = fig.querySelector("#heatmap-opacity");
+    var heatNote = fig.querySelector(".heatmap-state");
     var W = Number(d.width) || 0, H = Number(d.height) || 0;
     var off = document.createElement("canvas"), offCtx = off.getContext("2d"), offData = null;
     var pixels = null, source = null, heat = null;
@@ -186,9 +193,56 @@
       step = range / 512;
       minWidth = Math.min(1, range / 100);
       heat = heatmap;
-      if (!heat) [toggle, opacity].forEach(function (el) { if (el) el.closest("label").hidden = true; });
+      showHeatControls();
       reset();
     }
+
+    // --- the heatmap, asked for when the viewer opens ---
+    var heatPoll = 0, heatNudged = false, heatDelay = HEAT_POLL_FIRST_MS;
+
+    function setHeatState(state) {
+      fig.dataset.heatmap = state;
+      if (heatNote) heatNote.hidden = state !== "computing";
+      showHeatControls();
+    }
+
+    function showHeatControls() {
+      [toggle, opacity].forEach(function (el) { if (el) el.closest("label").hidden = !heat; });
+    }
+
+    // → an ImageBitmap (no blob: URL, which the site's img-src does not allow), or null while computing
+    function fetchHeatmap() {
+      setHeatState("loading");
+      return fetch(d.heatmapUrl, {credentials: "same-origin"}).then(function (response) {
+        if (response.status === 202) return null;
+        if (!response.ok) throw new Error(d.heatmapUrl + ": HTTP " + response.status);
+        return response.blob().then(function (blob) { return window.createImageBitmap(blob); });
+      }).then(function (bitmap) {
+        if (bitmap) {
+          heat = bitmap;
+          window.clearTimeout(heatPoll);
+          setHeatState("ready");
+          request();
+        } else {
+          setHeatState("computing");
+          if (heatNudged) { heatNudged = false; fetchHeatmap(); return null; } // it became ready meanwhile
+          // a lost push, or a request the server sends again after its stall time: ask again, slowly
+          window.clearTimeout(heatPoll);
+          heatPoll = window.setTimeout(fetchHeatmap, heatDelay);
+          heatDelay = Math.min(heatDelay * 2, HEAT_POLL_MAX_MS);
+        }
+        return bitmap;
+      }).catch(function (error) {
+        setHeatState("none");
+        warn(error);
+        return null;
+      });
+    }
+
+    fig.addEventListener("sightline:heatmap-ready", function () {
+      if (fig.dataset.heatmap === "computing") fetchHeatmap();
+      else if (fig.dataset.heatmap === "loading") heatNudged = true;
+    });
 
     canvas.addEventListener("wheel", function (e) {
       if (!offData) return;
@@ -256,7 +310,7 @@
     Promise.all([
       d.imageUrl ? loadImage(d.imageUrl).catch(warn) : null,
       d.pixelsUrl ? loadPixels(d.pixelsUrl, W * H).catch(warn) : null,
-      d.heatmapUrl ? loadImage(d.heatmapUrl).catch(warn) : null,
+      d.heatmapUrl ? fetchHeatmap() : null,
     ]).then(function (loaded) { setup(loaded[0], loaded[1], loaded[2]); });
   }
 
