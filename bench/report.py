@@ -302,6 +302,7 @@ def stands_rows(section: dict) -> list[tuple[str, ...]]:
                 f"{fmt(phase.get('mean_batch_per_image'), 1)} / {fmt(batch)}",
                 fmt(raw and raw.get("images_per_s")) + star(is_noisy(raw)),
                 fmt(value, 2),
+                f"{fmt(phase.get('lost'))} / {fmt(phase.get('shed_429'))}",
             )
         )
     return rows
@@ -420,6 +421,7 @@ def report_lines(report: dict) -> list[str]:
                 "worker batch mean / median",
                 "raw img/s at that batch",
                 "ratio",
+                "lost / 429s retried",
             ),
             stands_rows(section),
         )

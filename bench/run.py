@@ -66,6 +66,7 @@ from bench.report import QUIET_CORES, batch_median  # noqa: E402
 
 STARTUP_SECONDS = 180
 RESULT_TIMEOUT_SECONDS = 120
+MAX_RETRY_AFTER_SECONDS = 5.0
 IMAGE_SIZE = 224  # the issue's "224² JPEG"
 JPEG_QUALITY = 90
 TENANT_SLUG = "bench-hospital"
@@ -318,6 +319,8 @@ class Api:
         response.raise_for_status()
         self.token = response.json()["access"]
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self.shed = 0  # uploads answered 429 and sent again
 
     def _session(self):
         import requests
@@ -329,13 +332,21 @@ class Api:
         return session
 
     def upload(self, data: bytes, name: str) -> tuple[int, float, float]:
-        """(image id, wall time the POST started, wall time its answer arrived)."""
+        """(image id, wall time the first POST started, wall time its answer arrived). A 429 (the
+        interactive backlog is full) is retried after its Retry-After, as a client would: the wait
+        counts in the latency, and in ``shed``."""
         started = time.time()
-        response = self._session().post(
-            f"{self.base_url}/api/v1/images/",
-            files={"file": (name, data, content_type(name))},
-            timeout=RESULT_TIMEOUT_SECONDS,
-        )
+        while True:
+            response = self._session().post(
+                f"{self.base_url}/api/v1/images/",
+                files={"file": (name, data, content_type(name))},
+                timeout=RESULT_TIMEOUT_SECONDS,
+            )
+            if response.status_code != 429:
+                break
+            with self._lock:
+                self.shed += 1
+            time.sleep(min(float(response.headers.get("Retry-After") or 1), MAX_RETRY_AFTER_SECONDS))
         answered = time.time()
         if response.status_code != 201:
             raise RuntimeError(f"upload answered {response.status_code}: {response.text[:500]}")
@@ -520,7 +531,7 @@ class Bench:
 
     def warm_up(self) -> None:
         """The first requests load code paths, the model and the batch shapes: not measured."""
-        for i in range(3):
+        for i in range(2 if self.args.quick else 3):
             self.round_trip(i, timeout=STARTUP_SECONDS)
         burst = 8 if self.args.quick else 16
         with ThreadPoolExecutor(burst) as executor:
@@ -688,9 +699,11 @@ class Bench:
             "trials": trials,
         }
 
-    def measure_rates(self, section: dict, package: Path, version, batches: set[int], *, again: set[int]) -> None:
-        """Raw and engine rates at ``batches`` (those already measured only when in ``again``, their
-        earlier trials pooled with the new ones)."""
+    def measure_rates(
+        self, section: dict, package: Path, version, batches: dict[str, set[int]], *, again: set[int]
+    ) -> None:
+        """Raw and engine rates at ``batches[kind]`` (those already measured only when in ``again``,
+        their earlier trials pooled with the new ones)."""
         import gc
 
         from bench.raw import RawPipeline
@@ -700,7 +713,7 @@ class Bench:
             ("engine", lambda: platform_handler(version).predict),
         )
         for kind, make in pipelines:
-            todo = sorted(b for b in batches if str(b) not in section[kind] or b in again)
+            todo = sorted(b for b in batches[kind] if str(b) not in section[kind] or b in again)
             if not todo:
                 continue
             predict = make()
@@ -740,6 +753,7 @@ class Bench:
 
         result: dict = {"concurrency": concurrency, "samples_wanted": samples, "cap_seconds": cap}
         result["settle"] = self.settle()
+        shed_before = self.api.shed
         deadline = time.monotonic() + cap + result["settle"]["waited_s"] + 0.5
         with self.measured(result), ThreadPoolExecutor(concurrency) as executor:
             for future in [executor.submit(client, k) for k in range(concurrency)]:
@@ -748,6 +762,7 @@ class Bench:
         latencies = [(r["t_ws"] - r["t0"]) * 1000 for r in done]
         result.update(summary(latencies))
         result["lost"] = len(records) - len(done)
+        result["shed_429"] = self.api.shed - shed_before
         result["errors"] = errors[:5]
         result["capped"] = len(records) + len(errors) < samples
         if done:
@@ -936,7 +951,9 @@ class Bench:
             "engine": {},
             "full": {},
         }
-        self.measure_rates(section, package, version, set(RAW_BATCHES), again=set())
+        if not self.args.quick:  # the full run measures before and after the stack, and pools the trials
+            before = set(RAW_BATCHES)
+            self.measure_rates(section, package, version, {"raw": before, "engine": before}, again=set())
         self.source_ids = []
         self.start_stack(plan)
         try:
@@ -962,8 +979,10 @@ class Bench:
         bulk = reporting.bulk_run(section) or {}
         ran = {reporting.worker_batch(p) for p in section["full"].values()} | {bulk.get("median_batch")}
         ran = {b for b in ran if b}
-        again = set() if self.args.quick else set(RAW_BATCHES)  # the full run pools trials before and after
-        self.measure_rates(section, package, version, ran | set(RAW_BATCHES), again=again)
+        # --quick: the engine only where a ratio or a CPU figure reads it (the worker's batch sizes)
+        engine = ran | ({1} if self.args.quick else set(RAW_BATCHES))
+        again = set() if self.args.quick else set(RAW_BATCHES)
+        self.measure_rates(section, package, version, {"raw": ran | set(RAW_BATCHES), "engine": engine}, again=again)
         return section
 
 
@@ -1176,7 +1195,15 @@ def main() -> int:
     )
     parser.add_argument("--settle-budget", type=float, default=60.0, help="most seconds of settling in the whole run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (database, logs)")
+    parser.add_argument(
+        "--print", type=Path, metavar="JSON", help="print the tables of an earlier run's JSON, run nothing"
+    )
     args = parser.parse_args()
+    if args.print:
+        report = json.loads(args.print.read_text())
+        report["goal_checks"] = reporting.goal_checks(report)  # today's goals against that run's figures
+        reporting.print_report(report)
+        return 0
     if args.settle is None:
         args.settle = 0.0 if args.quick else 10.0
 
