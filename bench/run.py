@@ -430,6 +430,14 @@ def platform_handler(version):
     return model_handler(version)
 
 
+def register(package: Path):
+    """Submit and validate a model package in this process; its version."""
+    try:
+        from workers.registration import model_version_register
+    except ImportError:  # before the runtime moved into workers/
+        return model_version_register(package_path=package)[0]
+
+
 def wake(request_id: int, queue: str = "bulk") -> None:
     """One task by its stable name: the worker claims this request, then keeps batching what waits."""
     from workers.celery import app
@@ -1110,7 +1118,6 @@ def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> dict:
 
     from accounts.models import Role
     from accounts.services import membership_grant, tenant_create, user_get_or_create
-    from recognition.services.registry import model_version_register
     from workers.engine.handler import configure_cpu_threads
 
     threads = configure_cpu_threads(int(os.environ.get("SIGHTLINE_TORCH_THREADS", "0")) or None)
@@ -1136,7 +1143,7 @@ def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> dict:
     )
     bench.say(f"set-up in {workdir} (redis :{redis_port}, web :{web_port}); building model packages")
     packages = build_packages(bench, keys)
-    versions = {key: model_version_register(package_path=packages[key])[0] for key in keys}
+    versions = {key: register(packages[key]) for key in keys}
 
     report: dict = {
         "meta": {
