@@ -435,7 +435,8 @@ def register(package: Path):
     try:
         from workers.registration import model_version_register
     except ImportError:  # before the runtime moved into workers/
-        return model_version_register(package_path=package)[0]
+        from recognition.services.registry import model_version_register
+    return model_version_register(package_path=package)[0]
 
 
 def wake(request_id: int, queue: str = "bulk") -> None:
