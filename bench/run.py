@@ -1082,7 +1082,7 @@ def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> dict:
     limits = (
         Limits(trial_seconds=0.3, rate_trials=2, interactive_cap=4.0, throughput_cap=20.0)
         if args.quick
-        else Limits(trial_seconds=0.6, rate_trials=5, interactive_cap=30.0, throughput_cap=240.0)
+        else Limits(trial_seconds=0.6, rate_trials=5, interactive_cap=30.0, throughput_cap=180.0)
     )
     all_plans = plans_for(args.quick)
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
