@@ -417,25 +417,23 @@ class Events:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The platform seams: the few names of the platform the bench calls, in one place. The worker's runtime
-# is moving from recognition/services/ to workers/ (issue 12); only these functions change with it.
+# The platform seams: the few names of the platform the bench calls, in one place.
 
 
 def platform_handler(version):
-    """The engine as the worker loads it (its model cache, its default backend and compile settings)."""
-    try:
-        from workers.model_cache import model_handler
-    except ImportError:  # before the runtime moved into workers/
-        from recognition.services.registry import model_handler
-    return model_handler(version)
+    """The engine as the worker loads it (its model cache, its default backend and compile
+    settings), once its backend is chosen: the worker serves eager while it chooses."""
+    from workers.model_cache import model_handler
+
+    handler = model_handler(version)
+    handler.wait_for_backend(timeout=STARTUP_SECONDS)
+    return handler
 
 
 def register(package: Path):
     """Submit and validate a model package in this process; its version."""
-    try:
-        from workers.registration import model_version_register
-    except ImportError:  # before the runtime moved into workers/
-        from recognition.services.registry import model_version_register
+    from workers.registration import model_version_register
+
     return model_version_register(package_path=package)[0]
 
 
