@@ -48,6 +48,7 @@ from .services.batches import (
     batch_upload_zip,
     results_csv,
 )
+from .services.admission import interactive_admission
 from .services.images import image_upload
 from .services.reviews import review_save, review_sign_off
 
@@ -291,6 +292,7 @@ def upload_page(request):
     membership = membership_for_session(request)
     if request.method == "POST":
         files = request.FILES.getlist("files")
+        interactive_admission()  # 429 page while too many reads wait: before anything is stored
         if not files:
             messages.error(request, "Choose at least one image to upload.")
         stored = 0

@@ -17,11 +17,26 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.steps["consumer"].add(GpuBackPressure)
 
 
+def lane_torch_threads(lane: str, threads: int = 0, cores: int | None = None) -> int:
+    """Intra-op threads for a worker of ``lane``: ``threads`` if set, else its share of the cores.
+
+    The interactive lane (and ``all``) gets every core: a person waits on each forward pass, and
+    when none does it takes bulk work with the same cores. The bulk lane runs at a lower CPU
+    priority (``nice``, in the Procfile) with half the cores, at least one: beside a busy
+    interactive lane on two cores that is one runnable bulk thread, not two, so the interactive
+    pass, whose threads all wait for its slowest, keeps one core to itself and wins the other."""
+    if threads:
+        return threads
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(1, cores // 2) if lane == "bulk" else cores
+
+
 @worker_process_init.connect
 def _warm_up(**_kwargs):
     """Each pool process loads the production model before it takes work (≈3.5 s otherwise)."""
     import numpy as np
     import torch
+    from django.conf import settings
 
     from recognition.services.inference import inference_warm_up
     from workers.engine.handler import configure_cpu_threads
@@ -30,7 +45,7 @@ def _warm_up(**_kwargs):
     seed = os.getpid()
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-    configure_cpu_threads(int(os.environ.get("SIGHTLINE_TORCH_THREADS", "0")) or None)
+    configure_cpu_threads(lane_torch_threads(settings.SIGHTLINE_WORKER_LANE, settings.SIGHTLINE_TORCH_THREADS))
     try:
         inference_warm_up()
     except Exception:  # the first task will try again and record the error per request

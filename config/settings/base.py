@@ -231,7 +231,10 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "interactive"
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+# a worker consumes its -Q queues in the order given (kombu's Redis transport: BRPOP over the keys
+# in that order, never rotated), so "-Q interactive,bulk" takes bulk messages only when no
+# interactive one waits; the default, round_robin, would alternate between them
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600, "queue_order_strategy": "priority"}
 # housekeeping runs on its own queue, so it never holds up an inference worker that skips it
 CELERY_TASK_ROUTES = {
     "workers.tasks.audit_verify": {"queue": "maintenance"},
@@ -340,6 +343,21 @@ SIGHTLINE_MAX_BATCH_SIZE = env.int("SIGHTLINE_MAX_BATCH_SIZE", default=16)
 SIGHTLINE_MAX_WAIT_MS = env.float("SIGHTLINE_MAX_WAIT_MS", default=0.0)
 SIGHTLINE_MAX_ATTEMPTS = env.int("SIGHTLINE_MAX_ATTEMPTS", default=3)  # then a request ends failed, never loops
 SIGHTLINE_DECODE_THREADS = env.int("SIGHTLINE_DECODE_THREADS", default=2)
+# Two lanes (README, "Processes"): the work a worker process takes. interactive: interactive reads,
+# and bulk ones only when none waits; bulk: bulk reads (and housekeeping) only; all: everything,
+# for a single worker (tests, the smallest installs). The Procfile sets it per process.
+SIGHTLINE_WORKER_LANE = env("SIGHTLINE_WORKER_LANE", default="all")
+if SIGHTLINE_WORKER_LANE not in ("all", "interactive", "bulk"):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(f"SIGHTLINE_WORKER_LANE must be all, interactive or bulk, not {SIGHTLINE_WORKER_LANE!r}")
+# intra-op threads of a worker process; 0: its lane's share of the cores it may run on (an
+# interactive or all lane: every core; the bulk lane: half of them, at least one)
+SIGHTLINE_TORCH_THREADS = env.int("SIGHTLINE_TORCH_THREADS", default=0)
+# Uploads that want a read answer 429 (Retry-After) while this many interactive reads already
+# wait, instead of joining a wait with no end; 0: never refuse. Bulk jobs are not counted.
+SIGHTLINE_INTERACTIVE_QUEUE_MAX = env.int("SIGHTLINE_INTERACTIVE_QUEUE_MAX", default=200)
+SIGHTLINE_INTERACTIVE_RETRY_AFTER_SECONDS = env.int("SIGHTLINE_INTERACTIVE_RETRY_AFTER_SECONDS", default=5)
 SIGHTLINE_METRICS_TOKEN = env("SIGHTLINE_METRICS_TOKEN", default="")  # when set, /metrics needs it as a bearer
 # /metrics: batch sizes, latencies and outcomes over the requests finished this recently
 SIGHTLINE_METRICS_WINDOW_SECONDS = env.int("SIGHTLINE_METRICS_WINDOW_SECONDS", default=300)
