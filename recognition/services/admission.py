@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from django.conf import settings
+from django.db.models import Count, OuterRef, Subquery, Sum
 
 from config.errors import Busy
 
@@ -18,18 +19,26 @@ class InteractiveBacklog(Busy):
     code = "interactive_backlog"
 
 
-def interactive_backlog_at_most(bound: int) -> int:
-    """The queued interactive reads, counted up to ``bound`` (the database is the truth: a broker
-    list holds wake-ups, not reads, and loses them with a restart).
+def interactive_backlog() -> int:
+    """The queued interactive reads (the database is the truth: a broker list holds wake-ups, not
+    reads, and loses them with a restart).
 
-    One query that reads at most ``bound`` entries of the claim index (version, status,
-    priority, id), one range per model version, whatever a bulk job has queued beside them."""
-    waiting = InferenceRequest.objects.filter(
-        model_version_id__in=ModelVersion.objects.values("id"),  # the index's first column
-        status=InferenceRequest.Status.QUEUED,
-        priority=InferenceRequest.Priority.INTERACTIVE,
+    One query: per model version, a range of the claim index (version, status, priority, id)
+    that holds only that version's queued interactive reads, never the bulk ones beside them;
+    since uploads stop at the bound, what it reads stays about the bound's size."""
+    per_version = (
+        InferenceRequest.objects.filter(
+            model_version=OuterRef("pk"),
+            status=InferenceRequest.Status.QUEUED,
+            priority=InferenceRequest.Priority.INTERACTIVE,
+        )
+        .order_by()
+        .values("model_version")
+        .annotate(n=Count("id"))
+        .values("n")
     )
-    return waiting.order_by()[:bound].count()
+    total = ModelVersion.objects.annotate(n=Subquery(per_version)).aggregate(total=Sum("n"))["total"]
+    return total or 0
 
 
 def interactive_admission() -> None:
@@ -37,7 +46,7 @@ def interactive_admission() -> None:
     already wait (0: no bound). Called by the upload views before anything is read or stored;
     an upload let in may take the backlog past the bound by its own files."""
     bound = settings.SIGHTLINE_INTERACTIVE_QUEUE_MAX
-    if bound <= 0 or interactive_backlog_at_most(bound) < bound:
+    if bound <= 0 or interactive_backlog() < bound:
         return
     retry_after = settings.SIGHTLINE_INTERACTIVE_RETRY_AFTER_SECONDS
     # no access-log entry: nothing was stored or shown; the queue depth is in /metrics
