@@ -101,11 +101,12 @@ class SightlineCollector:
     same numbers and workers need no metrics server of their own.
 
     A scrape costs three indexed queries, however large the tables grow: counts of the states
-    work waits in, by lane (queued, running: a range of the ``status`` index), aggregates per lane
-    over the requests finished in the last ``SIGHTLINE_METRICS_WINDOW_SECONDS`` (a range of the
-    ``finished_at`` index), and results per model version over the same range. A request's lane
-    is its priority (interactive read or bulk job), whichever worker ran it. Nothing scans the history: the windowed figures are gauges (a gauge
-    histogram for batch sizes and latencies), which Prometheus keeps over time itself."""
+    work waits in, by lane (queued, running: a range of the ``status`` index); aggregates per
+    lane over the requests finished in the last ``SIGHTLINE_METRICS_WINDOW_SECONDS`` (a range of
+    the ``finished_at`` index); results per model version over the same range. A request's lane
+    is its priority (interactive read or bulk job), whichever worker ran it. Nothing scans the
+    history: the windowed figures are gauges (a gauge histogram for batch sizes and latencies),
+    which Prometheus keeps over time itself."""
 
     def collect(self):
         depth = GaugeMetricFamily("sightline_queue_depth", "Messages waiting in a broker queue", labels=["queue"])

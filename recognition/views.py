@@ -35,6 +35,7 @@ from .selectors import (
     study_get,
     study_worklist,
 )
+from .services.admission import interactive_admission
 from .services.batches import (
     batch_items_add_files,
     batch_job_cancel,
@@ -48,7 +49,6 @@ from .services.batches import (
     batch_upload_zip,
     results_csv,
 )
-from .services.admission import interactive_admission
 from .services.images import image_upload
 from .services.reviews import review_save, review_sign_off
 

@@ -371,8 +371,12 @@ SIGHTLINE_TRANSIENT_BACKOFF_MAX_SECONDS = env.int("SIGHTLINE_TRANSIENT_BACKOFF_M
 SIGHTLINE_ALLOW_TORCHSCRIPT = env.bool("SIGHTLINE_ALLOW_TORCHSCRIPT", default=False)
 SIGHTLINE_GRADCAM = env.bool("SIGHTLINE_GRADCAM", default=True)  # heatmaps for models that name a layer
 SIGHTLINE_MAX_BATCHES_PER_TASK = env.int("SIGHTLINE_MAX_BATCHES_PER_TASK", default=16)
-# GPU back-pressure: a worker stops taking tasks while its GPU stays above this (workers.bootsteps)
-SIGHTLINE_GPU_BUSY_PERCENT = env.float("SIGHTLINE_GPU_BUSY_PERCENT", default=85.0)
+# GPU back-pressure: a worker stops taking tasks while its GPU stays above this (workers.bootsteps).
+# The interactive lane never pauses (100: utilisation never exceeds it): the GPU it shares is busy
+# mostly with the bulk lane beside it, which pauses instead; a person's read does not wait for that.
+SIGHTLINE_GPU_BUSY_PERCENT = env.float(
+    "SIGHTLINE_GPU_BUSY_PERCENT", default=100.0 if SIGHTLINE_WORKER_LANE == "interactive" else 85.0
+)
 SIGHTLINE_GPU_SAMPLE_SECONDS = env.float("SIGHTLINE_GPU_SAMPLE_SECONDS", default=1.0)
 # loaded models a worker process keeps (weights and buffers), least recently used evicted first
 # torch.compile (frozen, dynamic batch) when a worker loads a model: faster forward passes for
