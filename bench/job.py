@@ -177,7 +177,7 @@ def run(args, workdir: Path, processes: Processes) -> dict:
     web = processes.start("web", web_server_argv(bin_dir=BIN, port=web_port), child_env)
     wait_for_port(web_port, web, processes.log("web"))
     worker_argv = [str(BIN / "celery"), "-A", "workers.celery", "worker", "-P", "prefork", "-c", "1", "-Q"]
-    worker_argv += ["interactive,bulk,maintenance", "-n", f"job{os.getpid()}@%h", "--without-gossip", "-l", "info"]
+    worker_argv += ["interactive,maintenance,bulk", "-n", f"job{os.getpid()}@%h", "--without-gossip", "-l", "info"]
     worker = processes.start("worker", worker_argv, child_env)
     wait_for_line(" ready.", worker, processes.log("worker"))
 

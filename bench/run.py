@@ -26,7 +26,7 @@ Per model (torchvision resnet18 and resnet50 with random weights at 224 px, and 
   process (workers.tasks.infer), each under CaptureQueriesContext.
 
 The stack runs two worker processes, as `make run` does: worker-interactive (SIGHTLINE_WORKER_LANE=
-interactive, -Q interactive,bulk,maintenance) and worker-bulk (SIGHTLINE_WORKER_LANE=bulk, -Q bulk, under
+interactive, -Q interactive,bulk) and worker-bulk (SIGHTLINE_WORKER_LANE=bulk, -Q maintenance,bulk, under
 nice -n 10); their CPU is summed. Everything runs in a temporary folder with a private redis-server;
 every process started here is stopped on exit, Ctrl-C included.
 """
@@ -501,7 +501,7 @@ class Bench:
 
     def start_workers(self, plan: Plan) -> None:
         """The two lanes of `make run`: started together, then waited for (their start-ups overlap)."""
-        lanes = (("interactive", "interactive,bulk,maintenance", []), ("bulk", "bulk", ["nice", "-n", "10"]))
+        lanes = (("interactive", "interactive,bulk", []), ("bulk", "maintenance,bulk", ["nice", "-n", "10"]))
         self._worker_names = []
         for lane, queues, prefix in lanes:
             env = {**self.child_env, "SIGHTLINE_DEFAULT_MODEL": plan.name, "SIGHTLINE_WORKER_LANE": lane}
@@ -1163,7 +1163,7 @@ def run(args: argparse.Namespace, workdir: Path, processes: Processes) -> dict:
             "SIGHTLINE_MAX_WAIT_MS": settings.SIGHTLINE_MAX_WAIT_MS,
             "SIGHTLINE_INFERENCE_DEVICE": settings.SIGHTLINE_INFERENCE_DEVICE,
             "torch_threads": threads,
-            "workers": "worker-interactive (-Q interactive,bulk,maintenance) and worker-bulk (-Q bulk, nice 10), "
+            "workers": "worker-interactive (-Q interactive,bulk) and worker-bulk (-Q maintenance,bulk, nice 10), "
             "celery -P prefork -c 1 each",
             "web": "uvicorn (one process), config.settings.local with DJANGO_DEBUG=false",
             "database": "SQLite (WAL) in a temporary folder",

@@ -17,6 +17,7 @@ from rest_framework.views import exception_handler
 class DomainError(Exception):
     status = 400
     code = "invalid"
+    headers: dict[str, str] = {}  # sent with the answer, API or page (e.g. Retry-After)
 
     def __init__(self, message: str, *, detail: object = None, code: str | None = None):
         super().__init__(message)
@@ -52,6 +53,18 @@ class Locked(DomainError):
     status, code = 429, "locked_out"
 
 
+class Busy(DomainError):
+    """Refused for now, nothing stored: try again after ``retry_after`` seconds (the header, as
+    DRF's throttles send it)."""
+
+    status, code = 429, "busy"
+
+    def __init__(self, message: str, *, retry_after: int, detail: object = None, code: str | None = None):
+        super().__init__(message, detail=detail, code=code)
+        self.retry_after = retry_after
+        self.headers = {"Retry-After": str(retry_after)}
+
+
 class TooLarge(DomainError):
     status, code = 413, "too_large"
 
@@ -74,7 +87,7 @@ def error_body(code: str, message: str, detail: object = None) -> dict:
 
 def api_exception_handler(exc, context):
     if isinstance(exc, DomainError):
-        return Response(error_body(exc.code, exc.message, exc.detail), status=exc.status)
+        return Response(error_body(exc.code, exc.message, exc.detail), status=exc.status, headers=exc.headers)
     if isinstance(exc, Http404):
         exc = drf_exceptions.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):
@@ -110,12 +123,15 @@ class DomainErrorMiddleware:
 
     def process_exception(self, request, exception):
         if isinstance(exception, DomainError):
-            return render(
+            response = render(
                 request,
                 "error.html",
                 {"status": exception.status, "message": exception.message},
                 status=exception.status,
             )
+            for name, value in exception.headers.items():
+                response[name] = value
+            return response
         return None
 
 

@@ -31,6 +31,7 @@ from .selectors import (
     study_get,
     study_worklist,
 )
+from .services.admission import InteractiveBacklog, interactive_admission
 from .services.batches import (
     batch_items_add_files,
     batch_job_cancel,
@@ -146,7 +147,7 @@ class ImageListCreateApi(TenantApi):
     pagination_class = NewestFirstPagination
     # a content-checked upload: 413/415/422 come with its file; 409 a study's fields that disagree,
     # 422 an Idempotency-Key reused for another file, 503 when no model is registered to read it
-    api_errors = {"post": (Conflict, Unprocessable, Unavailable)}
+    api_errors = {"post": (Conflict, Unprocessable, Unavailable, InteractiveBacklog)}
 
     @extend_schema(parameters=[TENANT_HEADER], responses=ImageSummaryOutput(many=True))
     def get(self, request):
@@ -176,6 +177,7 @@ class ImageListCreateApi(TenantApi):
     def post(self, request):
         data = ImageUploadInput(data=request.data)
         data.is_valid(raise_exception=True)
+        interactive_admission()  # 429 while too many reads wait: before anything is stored
         fields = data.validated_data
         images, created = images_upload_once(
             membership=request.membership,

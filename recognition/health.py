@@ -29,7 +29,9 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_PREFIX = "sightline:worker:"
 HEARTBEAT_SECONDS = 15
 HEARTBEAT_TTL = 45  # three missed beats and the worker counts as gone
-QUEUES = ("interactive", "bulk")
+QUEUES = ("interactive", "bulk", "maintenance")
+Priority = InferenceRequest.Priority
+LANES = {Priority.INTERACTIVE: "interactive", Priority.BULK: "bulk"}  # a request's lane, by its priority
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 LATENCY_BUCKETS_MS = (10, 25, 50, 100, 250, 500, 1000, 2500, 10000)
 Status = InferenceRequest.Status
@@ -99,10 +101,12 @@ class SightlineCollector:
     same numbers and workers need no metrics server of their own.
 
     A scrape costs three indexed queries, however large the tables grow: counts of the states
-    work waits in (queued, running: a range of the ``status`` index), and aggregates over the
-    requests finished in the last ``SIGHTLINE_METRICS_WINDOW_SECONDS`` (a range of the
-    ``finished_at`` index). Nothing scans the history: the windowed figures are gauges (a gauge
-    histogram for batch sizes and latencies), which Prometheus keeps over time itself."""
+    work waits in, by lane (queued, running: a range of the ``status`` index); aggregates per
+    lane over the requests finished in the last ``SIGHTLINE_METRICS_WINDOW_SECONDS`` (a range of
+    the ``finished_at`` index); results per model version over the same range. A request's lane
+    is its priority (interactive read or bulk job), whichever worker ran it. Nothing scans the
+    history: the windowed figures are gauges (a gauge histogram for batch sizes and latencies),
+    which Prometheus keeps over time itself."""
 
     def collect(self):
         depth = GaugeMetricFamily("sightline_queue_depth", "Messages waiting in a broker queue", labels=["queue"])
@@ -114,18 +118,33 @@ class SightlineCollector:
             pass
         yield depth
 
+        counts = {
+            (status, priority): n
+            for status, priority, n in InferenceRequest.objects.filter(status__in=WAITING_STATES)
+            .values_list("status", "priority")
+            .annotate(n=Count("id"))
+            .order_by()
+        }
         states = GaugeMetricFamily(
             "sightline_inference_requests", "Inference requests waiting or running now", labels=["status"]
         )
-        counts = dict(
-            InferenceRequest.objects.filter(status__in=WAITING_STATES)
-            .values_list("status")
-            .annotate(n=Count("id"))
-            .order_by()
-        )
         for status in WAITING_STATES:
-            states.add_metric([status], counts.get(status, 0))
+            states.add_metric([status], sum(n for (s, _), n in counts.items() if s == status))
         yield states
+        lanes = GaugeMetricFamily(
+            "sightline_lane_requests",
+            "Inference requests waiting or running now, by lane (interactive reads, bulk jobs)",
+            labels=["lane", "status"],
+        )
+        for priority, lane in LANES.items():
+            for status in WAITING_STATES:
+                lanes.add_metric([lane, status], counts.get((status, priority), 0))
+        yield lanes
+        yield GaugeMetricFamily(
+            "sightline_interactive_queue_max",
+            "Queued interactive reads at which uploads answer 429 (0: no bound)",
+            value=settings.SIGHTLINE_INTERACTIVE_QUEUE_MAX,
+        )
 
         window = settings.SIGHTLINE_METRICS_WINDOW_SECONDS
         recent = InferenceRequest.objects.filter(finished_at__gte=timezone.now() - timedelta(seconds=window))
@@ -141,7 +160,9 @@ class SightlineCollector:
             aggregates[f"{field}_total"] = Count(field)
             aggregates[f"{field}_sum"] = Sum(field)
             aggregates.update({f"{field}_le_{b}": Count("id", filter=Q(**{f"{field}__lte": b})) for b in buckets})
-        row = recent.aggregate(**aggregates)
+        # one row per lane, from the same range of the window's index
+        by_lane = {row["priority"]: row for row in recent.values("priority").annotate(**aggregates).order_by()}
+        empty = dict.fromkeys(aggregates, 0)
 
         finished = GaugeMetricFamily(
             "sightline_inference_finished",
@@ -149,19 +170,23 @@ class SightlineCollector:
             labels=["status"],
         )
         for status in (Status.DONE, Status.FAILED):
-            finished.add_metric([status], row[f"status_{status}"])
+            finished.add_metric([status], sum(row[f"status_{status}"] for row in by_lane.values()))
         yield finished
         for name, field, documentation in (
             ("sightline_batch_size", "batch_size", "Requests per forward pass"),
             ("sightline_inference_latency_ms", "inference_ms", "Claim to stored result, per request (ms)"),
             ("sightline_queue_wait_ms", "wait_ms", "Queued to claimed, per request (ms)"),
         ):
-            family = GaugeHistogramMetricFamily(name, f"{documentation}, requests finished in the last {window} s")
-            family.add_metric(
-                [],
-                [(str(b), row[f"{field}_le_{b}"]) for b in histograms[field]] + [("+Inf", row[f"{field}_total"])],
-                gsum_value=row[f"{field}_sum"] or 0,
+            family = GaugeHistogramMetricFamily(
+                name, f"{documentation}, by lane, requests finished in the last {window} s", labels=["lane"]
             )
+            for priority, lane in LANES.items():
+                row = by_lane.get(priority, empty)
+                family.add_metric(
+                    [lane],
+                    [(str(b), row[f"{field}_le_{b}"]) for b in histograms[field]] + [("+Inf", row[f"{field}_total"])],
+                    gsum_value=row[f"{field}_sum"] or 0,
+                )
             yield family
 
         results = GaugeMetricFamily(

@@ -34,6 +34,7 @@ from .selectors import (
     study_get,
     study_worklist,
 )
+from .services.admission import interactive_admission
 from .services.batches import (
     batch_items_add_files,
     batch_job_cancel,
@@ -313,6 +314,7 @@ def upload_page(request):
     membership = membership_for_session(request)
     if request.method == "POST":
         files = request.FILES.getlist("files")
+        interactive_admission()  # 429 page while too many reads wait: before anything is stored
         if not files:
             messages.error(request, "Choose at least one image to upload.")
         stored = 0

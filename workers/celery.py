@@ -10,6 +10,11 @@ from workers.bootsteps import GpuBackPressure
 # production by default, like the web process: a worker started bare refuses to start without its
 # secrets (the pseudonym key above all) instead of hashing patients with a development key
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.production")
+# before torch loads OpenMP: threads that finish a parallel region sleep instead of spinning. With
+# two lane workers (and the web) sharing cores, spinning threads steal the core another process's
+# forward pass waits for: measured on 2 cores under load, eager resnet18 ran 4.0 img/s passive
+# against 0.9 spinning at batch 1 (workers/engine/bench.py --backends)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = Celery("sightline", include=["workers.tasks"])
 app.config_from_object("django.conf:settings", namespace="CELERY")
@@ -17,11 +22,26 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.steps["consumer"].add(GpuBackPressure)
 
 
+def lane_torch_threads(lane: str, threads: int = 0, cores: int | None = None) -> int:
+    """Intra-op threads for a worker of ``lane``: ``threads`` if set, else its share of the cores.
+
+    The interactive lane (and ``all``) gets every core: a person waits on each forward pass, and
+    when none does it takes bulk work with the same cores. The bulk lane runs at a lower CPU
+    priority (``nice``, in the Procfile) with half the cores, at least one: beside a busy
+    interactive lane on two cores that is one runnable bulk thread, not two, so the interactive
+    pass, whose threads all wait for its slowest, keeps one core to itself and wins the other."""
+    if threads:
+        return threads
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(1, cores // 2) if lane == "bulk" else cores
+
+
 @worker_process_init.connect
 def _warm_up(**_kwargs):
     """Each pool process loads the production model before it takes work (≈3.5 s otherwise)."""
     import numpy as np
     import torch
+    from django.conf import settings
 
     from workers.engine.handler import configure_cpu_threads
     from workers.runner import inference_warm_up
@@ -30,7 +50,7 @@ def _warm_up(**_kwargs):
     seed = os.getpid()
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-    configure_cpu_threads(int(os.environ.get("SIGHTLINE_TORCH_THREADS", "0")) or None)
+    configure_cpu_threads(lane_torch_threads(settings.SIGHTLINE_WORKER_LANE, settings.SIGHTLINE_TORCH_THREADS))
     try:
         inference_warm_up()
     except Exception:  # the first task will try again and record the error per request

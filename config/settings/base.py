@@ -231,7 +231,10 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "interactive"
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+# a worker consumes its -Q queues in the order given (kombu's Redis transport: BRPOP over the keys
+# in that order, never rotated), so "-Q interactive,bulk" takes bulk messages only when no
+# interactive one waits; the default, round_robin, would alternate between them
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600, "queue_order_strategy": "priority"}
 # housekeeping runs on its own queue, so it never holds up an inference worker that skips it
 CELERY_TASK_ROUTES = {
     "workers.tasks.audit_verify": {"queue": "maintenance"},
@@ -334,16 +337,27 @@ SIGHTLINE_MAX_REQUEST_BYTES = env.int("SIGHTLINE_MAX_REQUEST_BYTES", default=512
 # Inference.
 SIGHTLINE_DEFAULT_MODEL = env("SIGHTLINE_DEFAULT_MODEL", default="sightline-demo")
 SIGHTLINE_INFERENCE_DEVICE = env("SIGHTLINE_INFERENCE_DEVICE", default="auto")
-# the lane this worker process serves (workers/queue_policy.py): "interactive" takes clinicians'
-# reads first and bulk ones only when none waits, "bulk" takes bulk ones only, "all" is one
-# worker for both (tests, a single small node)
-SIGHTLINE_WORKER_LANE = env("SIGHTLINE_WORKER_LANE", default="all")
 SIGHTLINE_MAX_BATCH_SIZE = env.int("SIGHTLINE_MAX_BATCH_SIZE", default=16)
 # 0: a batch is what accumulated while the previous forward pass ran, so a lone request never
 # waits for company; a version's manifest may set its own max_batch_size and max_wait_ms
 SIGHTLINE_MAX_WAIT_MS = env.float("SIGHTLINE_MAX_WAIT_MS", default=0.0)
 SIGHTLINE_MAX_ATTEMPTS = env.int("SIGHTLINE_MAX_ATTEMPTS", default=3)  # then a request ends failed, never loops
 SIGHTLINE_DECODE_THREADS = env.int("SIGHTLINE_DECODE_THREADS", default=2)
+# Two lanes (README, "Processes"): the work a worker process takes. interactive: interactive reads,
+# and bulk ones only when none waits; bulk: bulk reads (and housekeeping) only; all: everything,
+# for a single worker (tests, the smallest installs). The Procfile sets it per process.
+SIGHTLINE_WORKER_LANE = env("SIGHTLINE_WORKER_LANE", default="all")
+if SIGHTLINE_WORKER_LANE not in ("all", "interactive", "bulk"):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(f"SIGHTLINE_WORKER_LANE must be all, interactive or bulk, not {SIGHTLINE_WORKER_LANE!r}")
+# intra-op threads of a worker process; 0: its lane's share of the cores it may run on (an
+# interactive or all lane: every core; the bulk lane: half of them, at least one)
+SIGHTLINE_TORCH_THREADS = env.int("SIGHTLINE_TORCH_THREADS", default=0)
+# Uploads that want a read answer 429 (Retry-After) while this many interactive reads already
+# wait, instead of joining a wait with no end; 0: never refuse. Bulk jobs are not counted.
+SIGHTLINE_INTERACTIVE_QUEUE_MAX = env.int("SIGHTLINE_INTERACTIVE_QUEUE_MAX", default=200)
+SIGHTLINE_INTERACTIVE_RETRY_AFTER_SECONDS = env.int("SIGHTLINE_INTERACTIVE_RETRY_AFTER_SECONDS", default=5)
 SIGHTLINE_METRICS_TOKEN = env("SIGHTLINE_METRICS_TOKEN", default="")  # when set, /metrics needs it as a bearer
 # /metrics: batch sizes, latencies and outcomes over the requests finished this recently
 SIGHTLINE_METRICS_WINDOW_SECONDS = env.int("SIGHTLINE_METRICS_WINDOW_SECONDS", default=300)
@@ -359,8 +373,12 @@ SIGHTLINE_ALLOW_TORCHSCRIPT = env.bool("SIGHTLINE_ALLOW_TORCHSCRIPT", default=Fa
 # worker gone) is sent again by the next one who asks; one pass is ~5 ms, the rest is the queue
 SIGHTLINE_HEATMAP_STALL_SECONDS = env.int("SIGHTLINE_HEATMAP_STALL_SECONDS", default=60)
 SIGHTLINE_MAX_BATCHES_PER_TASK = env.int("SIGHTLINE_MAX_BATCHES_PER_TASK", default=16)
-# GPU back-pressure: a worker stops taking tasks while its GPU stays above this (workers.bootsteps)
-SIGHTLINE_GPU_BUSY_PERCENT = env.float("SIGHTLINE_GPU_BUSY_PERCENT", default=85.0)
+# GPU back-pressure: a worker stops taking tasks while its GPU stays above this (workers.bootsteps).
+# The interactive lane never pauses (100: utilisation never exceeds it): the GPU it shares is busy
+# mostly with the bulk lane beside it, which pauses instead; a person's read does not wait for that.
+SIGHTLINE_GPU_BUSY_PERCENT = env.float(
+    "SIGHTLINE_GPU_BUSY_PERCENT", default=100.0 if SIGHTLINE_WORKER_LANE == "interactive" else 85.0
+)
 SIGHTLINE_GPU_SAMPLE_SECONDS = env.float("SIGHTLINE_GPU_SAMPLE_SECONDS", default=1.0)
 # loaded models a worker process keeps (weights and buffers), least recently used evicted first
 # torch.compile (frozen, dynamic batch) when a worker loads a model: faster forward passes for

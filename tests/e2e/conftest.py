@@ -81,7 +81,7 @@ class Stack:
     logs: Path
 
 
-def worker_argv(name: str, queues: str = "interactive,bulk,maintenance") -> list[str]:
+def worker_argv(name: str, queues: str = "interactive,maintenance,bulk") -> list[str]:
     """A real Celery worker with one pool process, as deployments run one per GPU."""
     return [
         str(VENV_BIN / "celery"), "-A", "workers.celery", "worker", "-P", "prefork", "-c", "1",

@@ -1,4 +1,4 @@
-"""`make run` as a person runs it: the demo comes up (web, worker, beat and a Redis of its own),
+"""`make run` as a person runs it: the demo comes up (web, the two lane workers, beat and a Redis of its own),
 the page is served, a worker serves the production model, and Ctrl-C leaves nothing running."""
 
 from __future__ import annotations
@@ -52,6 +52,14 @@ def command_line(pid: int) -> str:
     return " ".join([Path(argv[0].decode()).name, *(part.decode() for part in argv[1:] if part)])
 
 
+LANES = ("interactive", "bulk")
+
+
+def niceness(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[16])
+
+
 def listening(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
@@ -101,9 +109,19 @@ def test_make_run_serves_the_demo_and_ctrl_c_stops_everything(demo_package, tmp_
             assert line in output
         assert f"Password for all: {settings.SIGHTLINE_DEMO_PASSWORD}" in output
         started |= descendants(make.pid)
-        commands = " ".join(command_line(pid) for pid in started if alive(pid))
+        running = {pid: command_line(pid) for pid in started if alive(pid)}
+        commands = " ".join(running.values())
         for process in ("redis-server", "uvicorn", "celery -A workers.celery worker", "celery -A workers.celery beat"):
             assert process in commands, (process, commands)
+        assert "Processes: redis web worker-interactive worker-bulk beat" in output
+        # the two lanes: the bulk worker's processes at a lower CPU priority than the interactive one's
+        workers = {
+            pid: line
+            for pid, line in running.items()
+            if "celery -A workers.celery worker" in line and line.split()[0] not in ("sh", "nice", "env")
+        }  # the celery processes, not the shell honcho starts them with
+        lanes = {lane: {niceness(pid) for pid, line in workers.items() if f"-n {lane}@" in line} for lane in LANES}
+        assert lanes == {"interactive": {niceness(make.pid)}, "bulk": {min(19, niceness(make.pid) + 10)}}, workers
 
         os.killpg(make.pid, signal.SIGINT)  # Ctrl-C
         make.wait(timeout=60)

@@ -45,9 +45,10 @@ def test_metrics_report_requests_batches_latency_and_results(client, settings, c
     assert 'sightline_inference_requests{status="queued"} 0.0' in text  # the fourth joined the batch
     assert 'sightline_inference_requests{status="running"} 0.0' in text
     assert 'sightline_inference_finished{status="done"} 4.0' in text
-    assert 'sightline_batch_size_bucket{le="2"} 0.0' in text
-    assert 'sightline_batch_size_bucket{le="4"} 4.0' in text
-    assert "sightline_inference_latency_ms_gcount 4.0" in text
+    assert 'sightline_batch_size_bucket{lane="interactive",le="2"} 0.0' in text
+    assert 'sightline_batch_size_bucket{lane="interactive",le="4"} 4.0' in text
+    assert 'sightline_inference_latency_ms_gcount{lane="interactive"} 4.0' in text
+    assert 'sightline_inference_latency_ms_gcount{lane="bulk"} 0.0' in text
     assert 'sightline_results_recent{model="sightline-demo",version="1.0.0"} 4.0' in text
     assert "PSEUDO" not in text and "tenant" not in text  # totals only, nothing per hospital or patient
 
