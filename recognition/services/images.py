@@ -781,8 +781,13 @@ def _uploads_render(images: list[Image]) -> int:
     for image in images:
         if image.pk in reading:
             continue
-        with default_storage.open(image.original.name, "rb") as stored:  # OSError: the task retries
-            data = stored.read(settings.SIGHTLINE_MAX_UPLOAD_BYTES + 1)
+        try:
+            with default_storage.open(image.original.name, "rb") as stored:  # OSError: the task retries
+                data = stored.read(settings.SIGHTLINE_MAX_UPLOAD_BYTES + 1)
+        except FileNotFoundError:  # a read that started meanwhile rendered it and deleted the original
+            if Image.objects.filter(pk=image.pk, state=Image.State.RECEIVED).exists():
+                _render_failed([image], "The uploaded file is missing from storage.")
+            continue
         try:
             with _opened(data, full=True) as decoded:
                 copy = display_copy(decoded, image.format)

@@ -204,3 +204,11 @@ def test_the_jpeg_check_decodes_at_reduced_scale(monkeypatch):
     checked = image_services.image_check(data)
     assert (checked.width, checked.height) == (640, 640)  # the size the file declares
     assert seen == [(80, 80)]
+
+
+def test_an_upload_whose_original_is_gone_fails_in_words(clinician_a, demo_model):
+    image = image_upload(membership=clinician_a, upload=upload_file(png_bytes(), "a.png"), read=False)
+    default_storage.delete(image.original.name)
+    assert images_render(image_ids=[image.pk]) == 0
+    image.refresh_from_db()
+    assert image.state == "failed" and image.unprocessable_reason == "The uploaded file is missing from storage."

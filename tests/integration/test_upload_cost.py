@@ -6,7 +6,6 @@ import asyncio
 import pytest
 from django.db import connection
 from django.db.backends.signals import connection_created
-from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 from rest_framework_simplejwt.tokens import RefreshToken
 
