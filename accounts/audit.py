@@ -63,8 +63,10 @@ def _locked_head(key: str) -> AuditChain:
 
 def chain_append(event: AccessEvent) -> AccessEvent:
     """Give the event its place in its chain and insert it, in the caller's transaction (or in a
-    transaction of its own): the entry and the action commit together or not at all."""
-    with transaction.atomic():
+    transaction of its own): the entry and the action commit together or not at all. No
+    savepoint inside the action's transaction (two statements fewer per entry): an append that
+    fails fails the action with it."""
+    with transaction.atomic(savepoint=False):
         event.chain = chain_key(event.tenant_id)
         head = _locked_head(event.chain)
         event.sequence, event.previous_hash = head.sequence + 1, head.head_hash

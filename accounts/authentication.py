@@ -3,6 +3,8 @@
 - ``ApiKeyAuthentication`` (DRF): ``Authorization: Bearer slk_<prefix>_<secret>``. It runs before
   simplejwt's class and claims only credentials with the ``slk_`` prefix, so a JWT is never tried
   as a key and a key never reaches the JWT parser.
+- ``MembershipJWTAuthentication`` (DRF): simplejwt's access tokens, with the user and the
+  hospital memberships the request acts under read in one query (``TenantApi`` takes them).
 - ``ApiKeyRateThrottle`` (DRF): each key's requests per minute, counted in the shared cache.
 - ``ServiceAccountBackend`` (django.contrib.auth): password sign-in (the sign-in page, the token
   endpoint, the admin's) refuses a service account's username even if someone gave it a password.
@@ -19,12 +21,17 @@ from django.contrib.auth.signals import user_logged_in
 from django.core.cache import cache
 from django.core.exceptions import PermissionDenied
 from django.dispatch import receiver
+from drf_spectacular.contrib.rest_framework_simplejwt import SimpleJWTScheme
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.throttling import BaseThrottle
+from rest_framework_simplejwt.authentication import JWTAuthentication
+from rest_framework_simplejwt.exceptions import InvalidToken
+from rest_framework_simplejwt.settings import api_settings as jwt_settings
+from rest_framework_simplejwt.utils import get_md5_hash_password
 
-from .models import KEY_SCHEME, AccessEvent, ApiKey
+from .models import KEY_SCHEME, AccessEvent, ApiKey, Membership
 
 # DRF imports this module while config.errors (which imports DRF) is still loading: the
 # modules that import config.errors are imported where they are used.
@@ -61,6 +68,53 @@ class ApiKeyAuthentication(BaseAuthentication):
 
     def authenticate_header(self, request) -> str:
         return f'{BEARER} realm="api"'  # the same challenge simplejwt gives: keys and tokens share it
+
+
+class MembershipJWTAuthentication(JWTAuthentication):
+    """simplejwt's checks (an active user, a token not revoked by a password change), with one
+    query where simplejwt's user and the membership lookup took two: the user's active
+    memberships in active hospitals (the one ``X-Tenant`` names, or the first two), each with its
+    user and tenant. Every request reads them afresh: deactivating a person, a membership or a
+    hospital takes effect on the next request, on every web process (nothing is cached).
+    ``accounts.selectors.membership_resolve`` uses what was read; a user with no membership is
+    read alone."""
+
+    def authenticate(self, request):
+        self._tenant_slug = request.headers.get("X-Tenant") or ""
+        self._memberships: list[Membership] = []
+        authenticated = super().authenticate(request)
+        if authenticated is not None:
+            from .selectors import ACTIVE_MEMBERSHIPS
+
+            setattr(request._request, ACTIVE_MEMBERSHIPS, (self._tenant_slug, self._memberships))
+        return authenticated
+
+    def get_user(self, validated_token):
+        try:
+            user_id = validated_token[jwt_settings.USER_ID_CLAIM]
+        except KeyError as exc:
+            raise InvalidToken("Token contained no recognizable user identification") from exc
+        from .selectors import memberships_active
+
+        memberships = memberships_active(user=user_id)
+        if self._tenant_slug:
+            memberships = memberships.filter(tenant__slug=self._tenant_slug)
+        self._memberships = list(memberships[:2])
+        if self._memberships:
+            user = self._memberships[0].user
+            for membership in self._memberships[1:]:
+                membership.user = user  # one user object for the request
+        else:
+            user = self.user_model.objects.filter(**{jwt_settings.USER_ID_FIELD: user_id}).first()
+            if user is None:
+                raise exceptions.AuthenticationFailed("User not found", code="user_not_found")
+        if jwt_settings.CHECK_USER_IS_ACTIVE and not user.is_active:
+            raise exceptions.AuthenticationFailed("User is inactive", code="user_inactive")
+        if jwt_settings.CHECK_REVOKE_TOKEN and validated_token.get(
+            jwt_settings.REVOKE_TOKEN_CLAIM
+        ) != get_md5_hash_password(user.password):
+            raise exceptions.AuthenticationFailed("The user's password has been changed.", code="password_changed")
+        return user
 
 
 class ApiKeyRateThrottle(BaseThrottle):
@@ -131,6 +185,12 @@ def refuse_service_account_sessions(sender, request, user, **kwargs):
         request.user = AnonymousUser()
     access_event_record(action="auth.login", outcome=AccessEvent.Outcome.DENIED, request=request, user=user)
     raise PermissionDenied("A service account cannot hold a browser session.")
+
+
+class MembershipJWTAuthenticationScheme(SimpleJWTScheme):
+    """The OpenAPI document describes the subclass as simplejwt's own bearer scheme."""
+
+    target_class = MembershipJWTAuthentication
 
 
 class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):

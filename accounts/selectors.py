@@ -28,14 +28,25 @@ def memberships_active(*, user):
     )
 
 
+# Set on the request by accounts.authentication.MembershipJWTAuthentication: (the X-Tenant it
+# was read for, or "", and the user's active memberships it read with the user: up to two).
+ACTIVE_MEMBERSHIPS = "_sightline_active_memberships"
+
+
 def membership_resolve(*, user, tenant_slug: str | None, request=None) -> Membership:
     """The membership a request acts under: the named hospital, or the only one.
 
     A hospital the user does not belong to answers 404 like one that does not exist.
     """
-    memberships = memberships_active(user=user)
-    if tenant_slug:
-        membership = memberships.filter(tenant__slug=tenant_slug).first()
+    slug = tenant_slug or ""
+    read = getattr(request, ACTIVE_MEMBERSHIPS, None)
+    if read is not None and read[0] == slug:
+        candidates = read[1]  # read in this request's authentication query, not again
+    else:
+        memberships = memberships_active(user=user)
+        candidates = list((memberships.filter(tenant__slug=slug) if slug else memberships)[:2])
+    if slug:
+        membership = candidates[0] if candidates else None
         if membership is None:
             from .services import access_event_record
 
@@ -45,21 +56,20 @@ def membership_resolve(*, user, tenant_slug: str | None, request=None) -> Member
                 request=request,
                 user=user,
                 target_type="tenant",
-                target_id=tenant_slug[:64],
+                target_id=slug[:64],
             )
             raise NotFound("No such hospital.")
         _touch(membership)
         return membership
-    first_two = list(memberships[:2])
-    if not first_two:
+    if not candidates:
         raise Forbidden("You are not a member of any hospital.")
-    if len(first_two) > 1:
+    if len(candidates) > 1:
         raise Invalid(
             "You belong to several hospitals: name one with the X-Tenant header.",
             code="tenant_required",
         )
-    _touch(first_two[0])
-    return first_two[0]
+    _touch(candidates[0])
+    return candidates[0]
 
 
 def _touch(membership: Membership) -> None:

@@ -2,10 +2,10 @@
 
 import os
 
-from django.core.asgi import get_asgi_application
+from config.asgi_threads import pooled_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.production")
-django_asgi_app = get_asgi_application()  # before importing anything that touches models
+django_asgi_app = pooled_asgi_application()  # before importing anything that touches models
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 

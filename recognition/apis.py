@@ -19,6 +19,7 @@ from config.errors import Conflict, Invalid, Unavailable, Unprocessable
 from config.inputs import ApiInput
 from config.pagination import NewestFirstPagination, NextCursorPage
 
+from .display import display_content_type
 from .models import Image, Review, Study
 from .selectors import (
     WORKLIST_SORTS,
@@ -99,8 +100,9 @@ class ImageBaseOutput(serializers.Serializer):
     frame_number = serializers.IntegerField()
     state = serializers.ChoiceField(
         choices=Image.State.choices,
-        help_text="received (queued to be rendered; its AI read is queued once rendered), rendered, or failed "
-        "(why, in unprocessable_reason)",
+        help_text="received (being prepared for display by a worker: a PNG/JPEG's AI read is queued with it and "
+        "renders it; a DICOM frame's read is queued once it is rendered), rendered, or failed (why, in "
+        "unprocessable_reason). A received image has no display file yet (the file endpoint answers 409).",
     )
     unprocessable_reason = serializers.CharField()
     created = serializers.DateTimeField()
@@ -124,6 +126,8 @@ class ImageCreatedOutput(ImageBaseOutput):
     images = serializers.SerializerMethodField(help_text="Every image the file became (a DICOM: one per frame)")
 
     def get_status(self, image) -> str | None:
+        if hasattr(image, "ai_status"):  # set by the upload that queued it (or a selector's annotation)
+            return image.ai_status
         return image.inference_requests.order_by("-id").values_list("status", flat=True).first()
 
     def get_images(self, image) -> list[dict]:
@@ -170,9 +174,11 @@ class ImageListCreateApi(TenantApi):
         ],
         request={"multipart/form-data": ImageUploadInput},
         responses={201: ImageCreatedOutput, 202: ImageCreatedOutput, 200: ImageCreatedOutput},
-        description="Upload one PNG, JPEG or DICOM file. 201: rendered, its AI read queued. 202: received and "
-        "queued to be rendered by a worker (a compressed DICOM, or more pixels than one request decodes); each "
-        "image's `state` moves to rendered (then its read is queued) or failed. Watch /ws/events/ or poll.",
+        description="Upload one PNG, JPEG or DICOM file. 201: its AI read is queued; a PNG/JPEG is `received` "
+        "(checked, stored as sent; the worker that reads it also makes its display copy, and `state` moves to "
+        "rendered), a DICOM rendered here is `rendered`. 202: received and queued to be rendered by a worker (a "
+        "compressed DICOM, or more pixels than one request decodes); each image's `state` moves to rendered "
+        "(then its read is queued) or failed. Watch /ws/events/ or poll.",
     )
     def post(self, request):
         data = ImageUploadInput(data=request.data)
@@ -194,8 +200,9 @@ class ImageListCreateApi(TenantApi):
         )
         answer = status.HTTP_200_OK
         if created:
-            received = any(image.state == Image.State.RECEIVED for image in images)
-            answer = status.HTTP_202_ACCEPTED if received else status.HTTP_201_CREATED
+            # 202 while a read still waits for a render; a PNG/JPEG's read is queued at once (201)
+            waiting = any(image.state == Image.State.RECEIVED and image.read_on_render for image in images)
+            answer = status.HTTP_202_ACCEPTED if waiting else status.HTTP_201_CREATED
         return Response(ImageCreatedOutput(images[0], context={"images": images}).data, status=answer)
 
 
@@ -209,10 +216,15 @@ class ImageDetailApi(TenantApi):
 class ImageFileApi(TenantApi):
     api_errors = (Conflict,)  # kept, but it cannot be displayed
 
-    @extend_schema(parameters=[TENANT_HEADER], responses={(200, "image/png"): OpenApiTypes.BINARY})
+    @extend_schema(
+        parameters=[TENANT_HEADER],
+        responses={(200, "image/png"): OpenApiTypes.BINARY, (200, "image/jpeg"): OpenApiTypes.BINARY},
+        description="The image's display copy, free of the upload's metadata: PNG, or JPEG for a JPEG upload. "
+        "409 while it is received and still being prepared.",
+    )
     def get(self, request, image_id: int):
         image = image_get(membership=request.membership, image_id=image_id, request=request, action="image.download")
-        response = FileResponse(image_rendering(image), content_type="image/png")
+        response = FileResponse(image_rendering(image), content_type=display_content_type(image))
         response["Cache-Control"] = "private, no-store"
         return response
 

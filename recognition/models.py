@@ -134,7 +134,7 @@ class Image(TenantOwned):
 
     @property
     def is_dicom(self) -> bool:
-        return bool(self.original)
+        return self.format == "DICOM"  # a PNG/JPEG upload has an original too, until it is rendered
 
     @property
     def has_modality_pixels(self) -> bool:

@@ -268,6 +268,8 @@ def image_modality_pixels(image: Image) -> bytes:
     """A grayscale DICOM frame's modality values (e.g. Hounsfield units) as little-endian float32,
     row-major, for the viewer's window/level: stored when the frame was rendered, so a call reads
     one frame's values and never parses the original again."""
+    if not image.is_dicom:  # a PNG/JPEG has none, received or rendered
+        raise NotFound("This image has no modality values; it is shown as stored.", code="no_pixels")
     if image.state == Image.State.RECEIVED:
         raise Conflict("This image is received and still being prepared for display; try again soon.", code="rendering")
     if not image.has_modality_pixels:

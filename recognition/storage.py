@@ -13,8 +13,15 @@ from django.core.files.storage import FileSystemStorage, default_storage
 from config.errors import Invalid
 
 
-def image_key(*, tenant_id: int) -> str:
-    return f"tenants/{tenant_id}/images/{uuid.uuid4().hex}.png"
+def image_key(*, tenant_id: int, extension: str = "png") -> str:
+    """An image's display copy: the only stored form of it a browser is sent."""
+    return f"tenants/{tenant_id}/images/{uuid.uuid4().hex}.{extension}"
+
+
+def original_key(*, tenant_id: int, extension: str) -> str:
+    """A PNG/JPEG upload as it came, metadata and all: read by the worker, never served, and
+    deleted once the display copy exists."""
+    return f"tenants/{tenant_id}/originals/{uuid.uuid4().hex}.{extension}"
 
 
 def pixels_key(*, tenant_id: int) -> str:

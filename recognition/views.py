@@ -21,6 +21,7 @@ from config.cursor import identifiers_refused_in_query
 from config.errors import DomainError, Invalid, NotFound
 
 from .agreement import agreement_csv, agreement_rows, agreement_svg
+from .display import display_content_type
 from .models import Image, Review, Study
 from .selectors import (
     WORKLIST_SORTS,
@@ -286,7 +287,7 @@ def worklist_row(request, study_id: int):
 def image_file(request, image_id: int):
     membership = membership_for_session(request)
     image = image_get(membership=membership, image_id=image_id, request=request, action="image.download")
-    response = FileResponse(image_rendering(image), content_type="image/png")
+    response = FileResponse(image_rendering(image), content_type=display_content_type(image))
     response["Cache-Control"] = "private, no-store"
     return response
 

@@ -148,3 +148,21 @@ def jpeg_bytes(size: int = 128) -> bytes:
 
 def upload_file(data: bytes, name: str = "scan.png") -> SimpleUploadedFile:
     return SimpleUploadedFile(name, data, content_type="application/octet-stream")
+
+
+def render_received(image) -> None:
+    """What the worker does with a received PNG/JPEG upload as it reads it (workers/runner.py):
+    decode the original, store the display copy, move it to rendered; for the tests that need
+    the copy and not the read."""
+    from django.db import transaction
+    from PIL import Image
+
+    from recognition.display import display_copy
+    from recognition.services.images import image_display_store, image_rendered
+
+    with image.original.open("rb") as stored, Image.open(stored) as decoded:
+        decoded.load()
+        copy = display_copy(decoded, image.format)
+    name = image_display_store(image=image, copy=copy)
+    with transaction.atomic():
+        assert image_rendered(image=image, copy=copy, stored_name=name)

@@ -91,9 +91,14 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "timeout": 30,
     }
-else:
-    DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
-    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# Persistent connections, SQLite's too (opening one costs its pragmas each time): the web process
+# keeps its request threads (config/asgi_threads.py), so a thread's connection serves the next
+# request; a health check before reuse replaces one that went away.
+DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=60)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# Request threads the web process keeps (and with them a database connection each); more
+# concurrent requests than this each get a thread of their own for the request, as Django's do.
+SIGHTLINE_WEB_THREADS = env.int("SIGHTLINE_WEB_THREADS", default=16)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -265,7 +270,7 @@ CELERY_BEAT_SCHEDULE = {
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework_simplejwt.authentication.JWTAuthentication",
+        "accounts.authentication.MembershipJWTAuthentication",  # simplejwt's, user and memberships in one query
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],

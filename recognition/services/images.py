@@ -1,4 +1,13 @@
-"""Uploads: check by content, re-encode, store, record, and queue the AI read."""
+"""Uploads: check by content, store as received, record, and queue the AI read; and the
+worker step that renders what the request did not (``images_render``).
+
+A PNG or JPEG upload is decoded in the request only as far as refusing a damaged or truncated
+file needs (422), never re-encoded there: its bytes are stored as they came as the image's
+``original`` and the image is recorded ``received``. The worker makes the sanitised display
+copy (``recognition.display``) from the decode the model needs anyway, in the read's own pass
+(or ``images_render`` when no read is waiting), and the original is deleted once the copy
+exists. A browser is only ever sent the display copy, never an original.
+"""
 
 from __future__ import annotations
 
@@ -28,23 +37,35 @@ from config.errors import Conflict, Invalid, TooLarge, Unavailable, Unprocessabl
 from config.pseudonym import PATIENT, patient_pseudonym_of, pseudonym_candidates, pseudonym_for
 
 from .. import dicom, events
+from ..display import DisplayCopy, display_copy
 from ..enqueue import task_send
-from ..models import Image, Series, Study, UploadKey
-from ..storage import dicom_key, image_key, pixels_key
+from ..models import Image, InferenceRequest, Series, Study, UploadKey
+from ..storage import dicom_key, image_key, original_key, pixels_key
 from .inference import inference_request_create, upload_routing
 from .registry import Routing
 from .studies import study_summary_refresh, study_updated_on_commit
 
 logger = logging.getLogger(__name__)
 
-ACCEPTED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG"}
-# Modes stored as they are; everything else becomes RGB (or L when it has no colour).
-_KEPT_MODES = {"L", "RGB", "I;16", "I;16B", "I;16L"}
+ACCEPTED_FORMATS = {"PNG": "png", "JPEG": "jpg"}  # format → the original's file suffix
+# A JPEG is checked at 1/8 scale: libjpeg still reads every entropy-coded segment (so a
+# truncated or damaged stream fails as it does at full size) but skips most of the inverse DCT
+# and colour conversion: measured 0.95 ms against 1.62 for a 512² JPEG (0.24 and 0.26 at 224²).
+JPEG_CHECK_SCALE = 8
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    """What the request learns from a PNG/JPEG upload it has checked."""
+
+    format: str
+    width: int
+    height: int
 
 
 @dataclass(frozen=True)
 class ValidatedImage:
-    content: bytes  # re-encoded PNG, free of metadata
+    content: bytes  # the display copy, free of metadata
     width: int
     height: int
     original_format: str
@@ -64,8 +85,19 @@ def _read_upload(upload) -> bytes:
 
 
 def image_validate(upload) -> ValidatedImage:
-    """Read the file's content (never its name or Content-Type) and re-encode it as PNG."""
-    return _validate_bytes(_read_upload(upload))
+    """Decode a PNG/JPEG upload in full (refused in words, as an upload is) and make its display
+    copy: what the worker does with an upload, in one call (the benchmarks and tests use it)."""
+    data = _read_upload(upload)
+    with _opened(data, full=True) as image:
+        checked = CheckedImage(image.format, *image.size)
+        copy = display_copy(image, checked.format)
+    return ValidatedImage(
+        content=copy.content,
+        width=checked.width,
+        height=checked.height,
+        original_format=checked.format,
+        sha256=copy.sha256,
+    )
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -75,58 +107,66 @@ def _png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _validate_bytes(data: bytes) -> ValidatedImage:
-    try:
-        with PILImage.open(io.BytesIO(data)) as image:
+class _opened:
+    """``with _opened(data, full=...) as image``: the upload opened and decoded, with every
+    refusal in words: not an image or not PNG/JPEG (415), too many pixels (413), damaged or
+    truncated (422). ``full=False``: a JPEG is decoded at reduced scale, enough to check it."""
+
+    def __init__(self, data: bytes, *, full: bool) -> None:
+        self.data, self.full, self.image = data, full, None
+        self.size = (0, 0)  # as the file declares it (a drafted JPEG reports its reduced size)
+
+    def __enter__(self) -> PILImage.Image:
+        try:
+            self.image = PILImage.open(io.BytesIO(self.data))
+            image = self.image
             if image.format not in ACCEPTED_FORMATS:
                 raise UnsupportedMedia(
                     f"{image.format} images are not accepted; send PNG, JPEG or DICOM.",
                     code="unsupported_format",
                 )
-            width, height = image.size
+            width, height = self.size = image.size
             if width * height > settings.SIGHTLINE_MAX_IMAGE_PIXELS:
                 raise TooLarge(
                     f"The image has {width}x{height} pixels; the limit is "
                     f"{settings.SIGHTLINE_MAX_IMAGE_PIXELS:,} pixels.",
                     code="too_many_pixels",
                 )
-            original_format = image.format
+            if image.format == "JPEG" and not self.full:
+                scale = JPEG_CHECK_SCALE
+                image.draft(image.mode, (max(1, width // scale), max(1, height // scale)))
             image.load()  # a truncated or damaged file fails here, before anything is stored
-            clean = _normalise_mode(image)
-            clean.info = {}  # no text chunks, EXIF or ICC profile in the stored copy
-            buffer = io.BytesIO()
-            # measured (make bench): level 6 spent 13 ms of a 512² upload, level 1 about 9, same pixels
-            clean.save(buffer, format="PNG", compress_level=1)
-    except UnidentifiedImageError as exc:
-        raise UnsupportedMedia(
-            "The file is not an image this service can read; send PNG, JPEG or DICOM.",
-            code="not_an_image",
-        ) from exc
-    except PILImage.DecompressionBombError as exc:
-        raise TooLarge("The image has too many pixels.", code="too_many_pixels") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise Unprocessable("The image is damaged or truncated and cannot be read.", code="damaged_image") from exc
-    content = buffer.getvalue()
-    return ValidatedImage(
-        content=content,
-        width=width,
-        height=height,
-        original_format=original_format,
-        sha256=hashlib.sha256(content).hexdigest(),
-    )
+            return image
+        except UnidentifiedImageError as exc:
+            self.close()
+            raise UnsupportedMedia(
+                "The file is not an image this service can read; send PNG, JPEG or DICOM.",
+                code="not_an_image",
+            ) from exc
+        except PILImage.DecompressionBombError as exc:
+            self.close()
+            raise TooLarge("The image has too many pixels.", code="too_many_pixels") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            self.close()
+            raise Unprocessable("The image is damaged or truncated and cannot be read.", code="damaged_image") from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.image is not None:
+            self.image.close()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _normalise_mode(image: PILImage.Image) -> PILImage.Image:
-    if image.mode in _KEPT_MODES:
-        return image
-    if image.mode in ("1", "LA", "La"):
-        return image.convert("L")
-    if image.mode == "I":  # 16-bit PNGs open as 32-bit grey: store them back as 16 bits
-        pixels = np.asarray(image)
-        if pixels.min() >= 0 and pixels.max() < 65536:
-            return PILImage.fromarray(pixels.astype(np.uint16))
-        return image.convert("L")
-    return image.convert("RGB")
+def image_check(data: bytes) -> CheckedImage:
+    """The request's check of a PNG/JPEG upload: decoded as far as refusing damage needs (a PNG
+    in full, a JPEG at reduced scale), never re-encoded. Raises the refusals ``_opened`` names."""
+    opened = _opened(data, full=False)
+    with opened as image:
+        return CheckedImage(image.format, *opened.size)
 
 
 @dataclass(frozen=True)
@@ -138,8 +178,10 @@ class StudyFields:
     study_date: date | None = None
 
 
-def _study_for_upload(*, tenant, fields: StudyFields) -> tuple[Study, bool]:
-    """The study an upload belongs to, and whether it was made now."""
+def _study_for_upload(*, tenant, fields: StudyFields, summary: dict | None = None) -> tuple[Study, bool]:
+    """The study an upload belongs to, and whether it was made now (with ``summary``'s worklist
+    columns, when the caller knows them: one statement instead of an INSERT and an UPDATE)."""
+    summary = summary or {}
     if fields.accession_number:
         study, created = Study.objects.for_tenant(tenant).get_or_create(
             tenant=tenant,
@@ -149,6 +191,7 @@ def _study_for_upload(*, tenant, fields: StudyFields) -> tuple[Study, bool]:
                 "modality": fields.modality,
                 "description": fields.description,
                 "study_date": fields.study_date,
+                **summary,
             },
         )
         # an accession number names one patient's study: never file an image under another patient
@@ -164,6 +207,7 @@ def _study_for_upload(*, tenant, fields: StudyFields) -> tuple[Study, bool]:
         modality=fields.modality,
         description=fields.description,
         study_date=fields.study_date,
+        **summary,
     )
     return study, True
 
@@ -286,35 +330,43 @@ def _images_from_bytes(
         return _dicom_upload(
             membership=membership, data=data, fields=fields, request=request, routing=routing, on_stored=on_stored
         )
-    # PNG/JPEG are still re-encoded here, bounded per file by SIGHTLINE_MAX_IMAGE_PIXELS and per
-    # request by the file count; they do not draw on the DICOM decode budget until a later issue
-    # moves their re-encoding onto the worker step (images_render), where they can wait instead
-    validated = _validate_bytes(data)
-    stored_name = default_storage.save(image_key(tenant_id=tenant.pk), ContentFile(validated.content))
+    checked = image_check(data)
+    # stored as it came (metadata and all) for the worker, which makes the display copy
+    extension = ACCEPTED_FORMATS[checked.format]
+    stored_name = default_storage.save(original_key(tenant_id=tenant.pk, extension=extension), ContentFile(data))
     try:
         with transaction.atomic():
-            study_row, new_study = _study_for_upload(tenant=tenant, fields=fields)
-            series, _ = Series.objects.get_or_create(
-                tenant=tenant, study=study_row, number=1, defaults={"modality": study_row.modality}
-            )
+            # a new study's worklist columns are known without looking: one image, its read queued
+            summary = {"image_count": 1, "ai_status": Study.AIStatus.QUEUED if routing else Study.AIStatus.NONE}
+            study_row, new_study = _study_for_upload(tenant=tenant, fields=fields, summary=summary)
+            if new_study:  # its first series cannot exist yet
+                series = Series.objects.create(tenant=tenant, study=study_row, number=1, modality=study_row.modality)
+            else:
+                series, _ = Series.objects.get_or_create(
+                    tenant=tenant, study=study_row, number=1, defaults={"modality": study_row.modality}
+                )
             image = Image.objects.create(
                 tenant=tenant,
                 study=study_row,
                 series=series,
-                file=stored_name,
-                sha256=validated.sha256,
-                width=validated.width,
-                height=validated.height,
-                format=validated.original_format,
-                byte_size=len(validated.content),
+                file="",
+                original=stored_name,
+                state=Image.State.RECEIVED,
+                render_queued_at=timezone.now(),  # reconciliation's clock, should nothing render it
+                sha256="",
+                width=checked.width,
+                height=checked.height,
+                format=checked.format,
+                byte_size=len(data),
                 uploaded_by=membership.user,
             )
-            if routing:
+            if routing:  # the read renders it, in the same pass as the forward (workers/runner.py)
                 inference_request_create(image=image, model_version=routing.version_for(image.pk))
-            if new_study:  # its worklist columns are known without looking: one image, its read queued
-                Study.objects.filter(pk=study_row.pk).update(
-                    image_count=1, ai_status=Study.AIStatus.QUEUED if routing else Study.AIStatus.NONE
-                )
+                image.ai_status = InferenceRequest.Status.QUEUED  # what the answer shows, without asking again
+            else:  # no read yet (a bulk job's item): the worker step renders it for display
+                ids = [image.pk]
+                transaction.on_commit(lambda: _enqueue_render(ids), robust=True)
+            if new_study:
                 study_updated_on_commit([study_row])
             else:
                 study_summary_refresh([study_row.pk])
@@ -325,7 +377,7 @@ def _images_from_bytes(
         # no row points at the stored bytes: remove them, so nothing is half-written
         default_storage.delete(stored_name)
         raise
-    logger.info("image %s stored for tenant %s", image.pk, tenant.pk)
+    logger.info("image %s received for tenant %s", image.pk, tenant.pk)
     return [image]
 
 
@@ -672,11 +724,13 @@ def _enqueue_render(image_ids: list[int]) -> None:
 
 
 def images_render(*, image_ids: list[int]) -> int:
-    """Render received images of one original (the worker step; redelivery-safe): each frame is
-    decoded once, stored, moved received → rendered with a conditional UPDATE, and only then is
-    its AI read queued; a frame that fails, fails alone and in words. Returns the images rendered.
+    """Render received images (the worker step; redelivery-safe): a DICOM original's frames are
+    each decoded once, stored, moved received → rendered with a conditional UPDATE, and only then
+    is its AI read queued; a PNG/JPEG upload gets its display copy and loses its original. A
+    frame or file that fails, fails alone and in words. Returns the images rendered.
 
-    A later issue moves PNG/JPEG re-encoding here too: one state machine (``Image.State``)."""
+    A PNG/JPEG whose read is queued or running is left to that read: the runner decodes it for
+    the model and makes the display copy from that same decode (``image_rendered``)."""
     Image.objects.filter(pk__in=image_ids, state=Image.State.RECEIVED).update(render_attempts=F("render_attempts") + 1)
     images = list(
         Image.objects.filter(pk__in=image_ids, state=Image.State.RECEIVED)
@@ -688,7 +742,9 @@ def images_render(*, image_ids: list[int]) -> int:
     worn = [image for image in images if image.render_attempts > settings.SIGHTLINE_MAX_ATTEMPTS]
     _render_failed(worn, f"This image could not be prepared for display in {settings.SIGHTLINE_MAX_ATTEMPTS} attempts.")
     images = [image for image in images if image not in worn]
-    rendered = 0
+    uploads = [image for image in images if image.format != "DICOM"]
+    rendered = _uploads_render(uploads)
+    images = [image for image in images if image.format == "DICOM"]
     for original in sorted({image.original.name for image in images}):
         frames = [image for image in images if image.original.name == original]
         with default_storage.open(original, "rb") as stored:  # OSError: the task retries
@@ -704,6 +760,104 @@ def images_render(*, image_ids: list[int]) -> int:
                 study_summary_refresh({image.study_id for image in frames})
         rendered += done
     return rendered
+
+
+def _uploads_render(images: list[Image]) -> int:
+    """PNG/JPEG received images no read is waiting for: decode, display copy, rendered."""
+    if not images:
+        return 0
+    reading = set(
+        InferenceRequest.objects.filter(
+            image__in=images, status__in=(InferenceRequest.Status.QUEUED, InferenceRequest.Status.RUNNING)
+        ).values_list("image_id", flat=True)
+    )
+    rendered = 0
+    for image in images:
+        if image.pk in reading:
+            continue
+        try:
+            with default_storage.open(image.original.name, "rb") as stored:  # OSError: the task retries
+                data = stored.read(settings.SIGHTLINE_MAX_UPLOAD_BYTES + 1)
+        except FileNotFoundError:  # a read that started meanwhile rendered it and deleted the original
+            if Image.objects.filter(pk=image.pk, state=Image.State.RECEIVED).exists():
+                _render_failed([image], "The uploaded file is missing from storage.")
+            continue
+        try:
+            with _opened(data, full=True) as decoded:
+                copy = display_copy(decoded, image.format)
+        except (Unprocessable, UnsupportedMedia, TooLarge) as exc:  # checked at upload: a changed limit, a bug
+            _render_failed([image], exc.message)
+            continue
+        except Exception as exc:  # Pillow on pixels it cannot encode: this image's failure, in words
+            logger.warning("image %s: its display copy could not be made: %r", image.pk, exc)
+            _render_failed([image], "This image could not be converted for display.")
+            continue
+        name = image_display_store(image=image, copy=copy)
+        try:
+            with transaction.atomic():
+                moved = image_rendered(image=image, copy=copy, stored_name=name)
+                if moved:
+                    study_summary_refresh({image.study_id})
+                    if image.read_on_render:
+                        _queue_read(image)
+        except BaseException:
+            default_storage.delete(name)
+            raise
+        rendered += moved
+    return rendered
+
+
+def image_display_store(*, image: Image, copy: DisplayCopy) -> str:
+    """Store an image's display copy; the stored name, for ``image_rendered``."""
+    return default_storage.save(
+        image_key(tenant_id=image.tenant_id, extension=copy.extension), ContentFile(copy.content)
+    )
+
+
+def image_rendered(*, image: Image, copy: DisplayCopy, stored_name: str) -> bool:
+    """Call inside the transaction that stores the outcome (the runner's, after its forward
+    pass; or images_render's): move the PNG/JPEG image received → rendered with its display copy
+    (``stored_name``, from ``image_display_store``) in one conditional UPDATE that also forgets
+    the original's name. True when it moved: the original is deleted after commit (nothing needs
+    it once the copy exists). False when another pass rendered it first: that one's copy stands,
+    and this one is deleted now."""
+    moved = Image.objects.filter(pk=image.pk, state=Image.State.RECEIVED).update(
+        state=Image.State.RENDERED,
+        file=stored_name,
+        original="" if image.format != "DICOM" else F("original"),
+        sha256=copy.sha256,
+        byte_size=len(copy.content),
+    )
+    if not moved:
+        default_storage.delete(stored_name)
+        return False
+    image_original_discard_on_commit(image)
+    image.state, image.file, image.sha256, image.byte_size = (
+        Image.State.RENDERED,
+        stored_name,
+        copy.sha256,
+        len(copy.content),
+    )
+    if image.format != "DICOM":
+        image.original = ""
+    return True
+
+
+def image_original_discard_on_commit(image: Image) -> None:
+    """After commit, delete a PNG/JPEG upload's stored original (``image.original`` as it is
+    now); a DICOM original is kept (its other frames, the viewer's values and exports read it
+    again). A storage error leaves the file behind, logged; it never undoes the render."""
+    if image.format == "DICOM" or not image.original:
+        return
+    name, image_id = image.original.name, image.pk
+
+    def discard() -> None:
+        try:
+            default_storage.delete(name)
+        except Exception:
+            logger.warning("image %s: its original could not be deleted; it stays in storage", image_id, exc_info=True)
+
+    transaction.on_commit(discard, robust=True)
 
 
 def _render_one(image: Image, parsed: dicom.DicomFile) -> int:

@@ -8,7 +8,7 @@ from accounts.models import AccessEvent, Role
 from accounts.services import membership_grant
 from accounts.signals import username_tried
 from recognition.models import Image, InferenceRequest, Study
-from tests.conftest import PASSWORD, api_client_for, png_bytes
+from tests.conftest import PASSWORD, api_client_for, png_bytes, render_received
 
 pytestmark = pytest.mark.django_db
 
@@ -74,11 +74,12 @@ def test_upload_stores_the_image_and_queues_one_read_after_commit(
     body = response.json()
     assert body["status"] == "queued"
     assert body["study"]["accession_number"] == "ACC-1"
+    assert body["state"] == "received"  # stored as sent; the worker that reads it makes the display copy
     image = Image.objects.get(pk=body["id"])
     assert image.tenant == clinician_a.tenant
     assert image.uploaded_by == clinician_a.user
-    assert image.file.name.startswith(f"tenants/{clinician_a.tenant_id}/images/")
-    assert "scan" not in image.file.name  # the server names objects, not the client
+    assert image.original.name.startswith(f"tenants/{clinician_a.tenant_id}/originals/") and not image.file
+    assert "scan" not in image.original.name  # the server names objects, not the client
     assert InferenceRequest.objects.get(image=image).model_version == demo_model
     assert len(callbacks) == 2  # the enqueue and the worklist's study.updated wait for the commit
     assert AccessEvent.objects.filter(action="image.upload", target_id=str(image.pk)).count() == 1
@@ -126,6 +127,7 @@ def test_another_hospitals_image_is_404_like_a_missing_one(clinician_a, clinicia
 def test_viewing_and_downloading_are_logged(clinician_a, demo_model):
     client = api_client_for(clinician_a)
     image_id = upload(client, png_bytes()).json()["id"]
+    render_received(Image.objects.get(pk=image_id))
     assert client.get(f"/api/v1/images/{image_id}/").status_code == 200
     download = client.get(f"/api/v1/images/{image_id}/file/")
     assert download.status_code == 200 and download["Content-Type"] == "image/png"
@@ -182,7 +184,7 @@ def test_too_many_bytes_is_413(clinician_a, demo_model, settings):
     assert response.status_code == 413
 
 
-def test_uploads_are_reencoded_without_metadata(clinician_a, demo_model):
+def test_uploads_are_served_only_as_a_copy_without_metadata(clinician_a, demo_model):
     import io
 
     from PIL import Image as PILImage
@@ -192,8 +194,11 @@ def test_uploads_are_reencoded_without_metadata(clinician_a, demo_model):
     info.add_text("PatientName", "DOE^JANE")
     source = io.BytesIO()
     PILImage.open(io.BytesIO(png_bytes())).save(source, "PNG", pnginfo=info)
-    image_id = upload(api_client_for(clinician_a), source.getvalue()).json()["id"]
-    stored = Image.objects.get(pk=image_id).file.open("rb").read()
+    client = api_client_for(clinician_a)
+    image_id = upload(client, source.getvalue()).json()["id"]
+    assert client.get(f"/api/v1/images/{image_id}/file/").status_code == 409  # received: the original never is
+    render_received(Image.objects.get(pk=image_id))
+    stored = b"".join(client.get(f"/api/v1/images/{image_id}/file/").streaming_content)
     assert b"DOE^JANE" not in stored
     assert PILImage.open(io.BytesIO(stored)).format == "PNG"
 
@@ -272,6 +277,7 @@ def test_a_request_larger_than_the_cap_is_413_before_parsing(clinician_a, demo_m
 def test_the_api_download_is_not_cached(clinician_a, demo_model):
     client = api_client_for(clinician_a)
     image_id = upload(client, png_bytes()).json()["id"]
+    render_received(Image.objects.get(pk=image_id))
     assert client.get(f"/api/v1/images/{image_id}/file/")["Cache-Control"] == "private, no-store"
 
 
@@ -289,5 +295,5 @@ def test_a_broker_outage_keeps_the_committed_upload(clinician_a, demo_model):
     assert response.status_code == 201
     assert "broker unavailable" in logger.warning.call_args.args[0]  # one line, not a traceback
     image = Image.objects.get(pk=response.json()["id"])
-    assert default_storage.exists(image.file.name)
+    assert default_storage.exists(image.original.name)
     assert InferenceRequest.objects.get(image=image).status == "queued"

@@ -94,10 +94,11 @@ def test_images_and_models_live_in_s3_and_the_worker_reads_them_back(s3_storage,
     keys = {o["Key"] for o in s3_storage.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
     assert version.package.name in keys
 
-    image = image_upload(membership=clinician_a, upload=upload_file(png_bytes(opacity=True, seed=77)))
-    stored = s3_storage.get_object(Bucket=BUCKET, Key=image.file.name)["Body"].read()
-    assert image.file.name.startswith(f"tenants/{clinician_a.tenant_id}/images/")
-    assert stored.startswith(b"\x89PNG")
+    data = png_bytes(opacity=True, seed=77)
+    image = image_upload(membership=clinician_a, upload=upload_file(data))
+    stored = s3_storage.get_object(Bucket=BUCKET, Key=image.original.name)["Body"].read()
+    assert image.original.name.startswith(f"tenants/{clinician_a.tenant_id}/originals/")
+    assert stored == data  # as sent: the worker that reads it makes the display copy
 
     request = InferenceRequest.objects.get(image=image)
     assert inference_run(request_id=request.pk) == 1
