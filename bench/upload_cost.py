@@ -112,7 +112,7 @@ def main() -> None:
 
         from accounts.models import Role
         from accounts.services import membership_grant, tenant_create, user_get_or_create
-        from recognition.services.registry import model_version_register
+        from workers.registration import model_version_register
 
         call_command("migrate", verbosity=0, interactive=False)
         tenant = tenant_create(name="Cost Hospital", slug=TENANT)

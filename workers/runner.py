@@ -18,7 +18,9 @@ from django.core.files.storage import default_storage
 
 from core.model_package import PackageError
 from core.transient import is_transient, transient_reason
-from recognition.models import InferenceRequest, ModelVersion
+from recognition.display import display_copy
+from recognition.models import Image, InferenceRequest, ModelVersion
+from recognition.services.images import image_display_store, images_render_failed, images_rendered
 from recognition.services.registry import default_production_version
 from workers import queue_policy
 from workers.engine.batching import collect_batch
@@ -64,12 +66,32 @@ class Batch:
     def __init__(self, pipeline: BatchPipeline, ids: list[int]):
         self.ids = ids
         self.requests = queue_policy.requests_of(ids)
-        self.prepared: Future[Prepared] = pipeline.prepare([self._item(request) for request in self.requests])
+        self.prepared: Future[Prepared] = pipeline.prepare([_item(request.image) for request in self.requests])
 
-    @staticmethod
-    def _item(request: InferenceRequest) -> Item:
-        name = request.image.file.name
+
+def _awaits_render(image: Image) -> bool:
+    """A PNG/JPEG upload stored as sent: its read makes its display copy."""
+    return image.state == Image.State.RECEIVED and image.format != "DICOM" and bool(image.original)
+
+
+def _item(image: Image) -> Item:
+    if not _awaits_render(image):
+        name = image.file.name
         return Item(read=lambda: read_stored(name))
+    original_format = image.format
+    return Item(read=lambda: _read_original(image), on_decoded=lambda decoded: display_copy(decoded, original_format))
+
+
+def _read_original(image: Image) -> bytes:
+    """The upload as sent; if another delivery of this read rendered it meanwhile (and deleted
+    the original), its display copy."""
+    try:
+        return read_stored(image.original.name)
+    except FileNotFoundError:
+        image.refresh_from_db(fields=["state", "file", "original"])
+        if image.state != Image.State.RENDERED:
+            raise
+        return read_stored(image.file.name)
 
 
 def inference_run(*, request_id: int) -> int:
@@ -147,9 +169,11 @@ def _run_batches(
 
 
 def _finish(batch: Batch, pipeline: BatchPipeline) -> int:
-    """Forward pass and outcomes of one prepared batch; returns the requests stored."""
+    """Forward pass and outcomes of one prepared batch, with the display copies of the images
+    it rendered on the way; returns the requests stored."""
     started = time.perf_counter()
     transient: dict[int, str] = {}
+    prepared = None
     try:
         prepared = batch.prepared.result()
         for position, exc in prepared.read_failures.items():
@@ -169,10 +193,49 @@ def _finish(batch: Batch, pipeline: BatchPipeline) -> int:
         for position, reason in transient.items():
             reason = f"the stored image could not be read: {reason}"
             queue_policy.requeue_transient([batch.ids[position]], reason=reason)
-        kept = [position for position in range(len(batch.ids)) if position not in transient]
-        requests, outcomes = [requests[p] for p in kept], [outcomes[p] for p in kept]
-    outcomes_store(requests, outcomes)
-    return len(requests)
+    kept = [position for position in range(len(batch.ids)) if position not in transient]
+    rendered, unrenderable = _display_copies(batch, prepared, outcomes, kept)
+    try:
+        outcomes_store(
+            [requests[p] for p in kept],
+            [outcomes[p] for p in kept],
+            on_stored=lambda finished: _render_outcomes(rendered, unrenderable),
+        )
+    except BaseException:
+        for _, _, name in rendered:  # no row points at them
+            with suppress(Exception):
+                default_storage.delete(name)
+        raise
+    return len(kept)
+
+
+def _display_copies(batch: Batch, prepared: Prepared | None, outcomes, kept: list[int]):
+    """Store the display copies the pipeline made; (rendered, [(image, reason)] that cannot be)."""
+    rendered, unrenderable = [], []
+    for position in kept:
+        image = batch.requests[position].image
+        if not _awaits_render(image):
+            continue
+        copy = prepared.decoded.get(position) if prepared is not None else None
+        if copy is not None:
+            rendered.append((image, copy, image_display_store(image=image, copy=copy)))
+        elif prepared is not None and position in prepared.decoded_failures:
+            logger.warning(
+                "image %s: its display copy could not be made: %r", image.pk, prepared.decoded_failures[position]
+            )
+            unrenderable.append((image, "This image could not be converted for display."))
+        elif prepared is not None and outcomes[position].error and position not in prepared.read_failures:
+            unrenderable.append((image, "The image is damaged and cannot be read."))
+        # a read that failed for good, or a batch that failed as a whole: it stays received, and
+        # images_render_reconcile renders it (or says why not) after SIGHTLINE_RENDER_STALL_SECONDS
+    return rendered, unrenderable
+
+
+def _render_outcomes(rendered, unrenderable) -> None:
+    """Inside the outcome transaction: the rendered images move to rendered, the others fail."""
+    images_rendered(rendered)
+    for image, reason in unrenderable:
+        images_render_failed([image], reason)
 
 
 def inference_warm_up() -> None:

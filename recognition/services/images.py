@@ -740,7 +740,9 @@ def images_render(*, image_ids: list[int]) -> int:
     if not images:
         return 0
     worn = [image for image in images if image.render_attempts > settings.SIGHTLINE_MAX_ATTEMPTS]
-    _render_failed(worn, f"This image could not be prepared for display in {settings.SIGHTLINE_MAX_ATTEMPTS} attempts.")
+    images_render_failed(
+        worn, f"This image could not be prepared for display in {settings.SIGHTLINE_MAX_ATTEMPTS} attempts."
+    )
     images = [image for image in images if image not in worn]
     uploads = [image for image in images if image.format != "DICOM"]
     rendered = _uploads_render(uploads)
@@ -752,7 +754,7 @@ def images_render(*, image_ids: list[int]) -> int:
         try:
             parsed = dicom.parse(data, **dicom_limits(), decode_first=False)
         except dicom.DicomError as exc:
-            _render_failed(frames, exc.message)
+            images_render_failed(frames, exc.message)
             continue
         done = sum(_render_one(image, parsed) for image in frames)
         if done:  # the worklist learns once per original, not once per frame
@@ -780,17 +782,17 @@ def _uploads_render(images: list[Image]) -> int:
                 data = stored.read(settings.SIGHTLINE_MAX_UPLOAD_BYTES + 1)
         except FileNotFoundError:  # a read that started meanwhile rendered it and deleted the original
             if Image.objects.filter(pk=image.pk, state=Image.State.RECEIVED).exists():
-                _render_failed([image], "The uploaded file is missing from storage.")
+                images_render_failed([image], "The uploaded file is missing from storage.")
             continue
         try:
             with _opened(data, full=True) as decoded:
                 copy = display_copy(decoded, image.format)
         except (Unprocessable, UnsupportedMedia, TooLarge) as exc:  # checked at upload: a changed limit, a bug
-            _render_failed([image], exc.message)
+            images_render_failed([image], exc.message)
             continue
         except Exception as exc:  # Pillow on pixels it cannot encode: this image's failure, in words
             logger.warning("image %s: its display copy could not be made: %r", image.pk, exc)
-            _render_failed([image], "This image could not be converted for display.")
+            images_render_failed([image], "This image could not be converted for display.")
             continue
         name = image_display_store(image=image, copy=copy)
         try:
@@ -815,32 +817,40 @@ def image_display_store(*, image: Image, copy: DisplayCopy) -> str:
 
 
 def image_rendered(*, image: Image, copy: DisplayCopy, stored_name: str) -> bool:
+    """``images_rendered`` for one image: True when it moved."""
+    return image.pk in images_rendered([(image, copy, stored_name)])
+
+
+def images_rendered(rendered: list[tuple[Image, DisplayCopy, str]]) -> set[int]:
     """Call inside the transaction that stores the outcome (the runner's, after its forward
-    pass; or images_render's): move the PNG/JPEG image received → rendered with its display copy
-    (``stored_name``, from ``image_display_store``) in one conditional UPDATE that also forgets
-    the original's name. True when it moved: the original is deleted after commit (nothing needs
-    it once the copy exists). False when another pass rendered it first: that one's copy stands,
-    and this one is deleted now."""
-    moved = Image.objects.filter(pk=image.pk, state=Image.State.RECEIVED).update(
-        state=Image.State.RENDERED,
-        file=stored_name,
-        original="" if image.format != "DICOM" else F("original"),
-        sha256=copy.sha256,
-        byte_size=len(copy.content),
+    pass; or images_render's): move the PNG/JPEG images received → rendered with their display
+    copies (stored names from ``image_display_store``), forgetting the originals' names, in two
+    statements whatever their number (the rows still received, locked; one UPDATE). Returns the
+    ids that moved: their originals are deleted after commit (nothing needs one once its copy
+    exists). An image another pass rendered first keeps that pass's copy; this one's is deleted."""
+    if not rendered:
+        return set()
+    ids = [image.pk for image, _, _ in rendered]
+    still = set(
+        Image.objects.select_for_update().filter(pk__in=ids, state=Image.State.RECEIVED).values_list("pk", flat=True)
     )
-    if not moved:
-        default_storage.delete(stored_name)
-        return False
-    image_original_discard_on_commit(image)
-    image.state, image.file, image.sha256, image.byte_size = (
-        Image.State.RENDERED,
-        stored_name,
-        copy.sha256,
-        len(copy.content),
-    )
-    if image.format != "DICOM":
-        image.original = ""
-    return True
+    moved = []
+    for image, copy, stored_name in rendered:
+        if image.pk not in still:
+            default_storage.delete(stored_name)
+            continue
+        image_original_discard_on_commit(image)  # the name as it is now, before it is forgotten
+        image.state, image.file, image.sha256, image.byte_size = (
+            Image.State.RENDERED,
+            stored_name,
+            copy.sha256,
+            len(copy.content),
+        )
+        if image.format != "DICOM":
+            image.original = ""
+        moved.append(image)
+    Image.objects.bulk_update(moved, ["state", "file", "original", "sha256", "byte_size"])
+    return {image.pk for image in moved}
 
 
 def image_original_discard_on_commit(image: Image) -> None:
@@ -866,7 +876,7 @@ def _render_one(image: Image, parsed: dicom.DicomFile) -> int:
         render = _render_frame(parsed, image.frame_number)
         window = render.window
     except (dicom.DicomError, IndexError) as exc:
-        _render_failed([image], getattr(exc, "message", "This frame is missing from the file."))
+        images_render_failed([image], getattr(exc, "message", "This frame is missing from the file."))
         return 0
     names = [default_storage.save(image_key(tenant_id=tenant_id), ContentFile(render.png))]
     if render.pixels is not None:
@@ -903,7 +913,7 @@ def _queue_read(image: Image) -> None:
     inference_request_create(image=image, model_version=routing.version_for(image.pk))
 
 
-def _render_failed(images: list[Image], message: str) -> None:
+def images_render_failed(images: list[Image], message: str) -> None:
     if not images:
         return
     with transaction.atomic():

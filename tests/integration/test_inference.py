@@ -94,7 +94,7 @@ def test_a_request_already_run_in_another_batch_is_a_no_op(clinician_a, demo_mod
 
 def test_an_unreadable_stored_image_fails_alone(clinician_a, demo_model):
     good, broken, other = queue_images(clinician_a, 3)
-    with default_storage.open(broken.image.file.name, "wb") as handle:
+    with default_storage.open(broken.image.original.name, "wb") as handle:  # the upload, as stored
         handle.write(b"garbage where a PNG was")
     assert inference_run(request_id=good.pk) == 3
     outcome = {r.pk: r for r in InferenceRequest.objects.all()}
@@ -102,11 +102,16 @@ def test_an_unreadable_stored_image_fails_alone(clinician_a, demo_model):
     assert outcome[broken.pk].status == "failed"
     assert "could not be decoded" in outcome[broken.pk].error
     assert not Result.objects.filter(request=broken).exists()
+    broken.image.refresh_from_db()  # the read that decodes an upload renders it, or fails it in words
+    assert broken.image.state == "failed" and "damaged" in broken.image.unprocessable_reason
+    for request in (good, other):
+        request.image.refresh_from_db()
+        assert request.image.state == "rendered"
 
 
 def test_a_missing_stored_image_fails_alone(clinician_a, demo_model):
     good, missing = queue_images(clinician_a, 2)
-    default_storage.delete(missing.image.file.name)
+    default_storage.delete(missing.image.original.name)
     inference_run(request_id=good.pk)
     assert InferenceRequest.objects.get(pk=good.pk).status == "done"
     assert InferenceRequest.objects.get(pk=missing.pk).error == "the stored image could not be read"

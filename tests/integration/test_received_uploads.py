@@ -118,7 +118,7 @@ def test_images_render_renders_an_upload_without_a_read_and_leaves_one_with_a_re
 
 def test_an_upload_without_a_read_queues_its_render_after_commit(clinician_a, demo_model, monkeypatch):
     sent = []
-    monkeypatch.setattr(tasks.image_render, "delay", sent.append)
+    monkeypatch.setattr(image_services, "task_send", lambda name, args, **options: sent.append(args[0]))
     image = image_upload(membership=clinician_a, upload=upload_file(jpeg_bytes(), "a.jpg"), read=False)
     assert sent == [[image.pk]]
     tasks.image_render.apply(args=[sent.pop()], throw=True)
@@ -129,7 +129,7 @@ def test_reconciliation_renders_a_received_upload_whose_read_is_over(clinician_a
     """A read that ended without rendering (its model failed to load, say) leaves the image
     received; once the stall time passes, reconciliation renders it for display."""
     sent = []
-    monkeypatch.setattr(tasks.image_render, "delay", sent.append)
+    monkeypatch.setattr(image_services, "task_send", lambda name, args, **options: sent.append(args[0]))
     settings.SIGHTLINE_RENDER_STALL_SECONDS = 0
     image = image_upload(membership=clinician_a, upload=upload_file(jpeg_bytes(), "a.jpg"))
     InferenceRequest.objects.filter(image=image).update(status="failed")
@@ -144,7 +144,7 @@ def test_a_bulk_jobs_files_become_received_images_rendered_by_the_worker_step(cl
     from tests.integration.test_batches import create
 
     sent = []
-    monkeypatch.setattr(tasks.image_render, "delay", sent.append)
+    monkeypatch.setattr(image_services, "task_send", lambda name, args, **options: sent.append(args[0]))
     client = api_client_for(clinician_a)
     job = create(client).json()
     files = [upload_file(png_bytes(seed=3), "a.png"), upload_file(jpeg_bytes(), "b.jpg")]

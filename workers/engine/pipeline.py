@@ -8,8 +8,10 @@ the current batch runs its forward pass.
 An item whose bytes cannot be read or decoded gets an error of its own and the rest of the
 batch runs; a read's exception is kept (``Prepared.read_failures``) for the caller to judge
 (a transient storage error sends the request back to the queue rather than failing it). An
-item with ``keep_image`` is decoded once at full resolution and that decode is kept
-(``Prepared.images``) for the caller's display copy, so nothing is decoded twice.
+item with ``on_decoded`` is decoded once at full resolution, and the hook is called with that
+decode in the pool's thread (the caller's display copy: encoded while the previous batch runs
+its forward pass, from the pixels the model reads, so nothing is decoded twice); what it returns
+is kept in ``Prepared.decoded``, what it raises in ``Prepared.decoded_failures``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
@@ -30,7 +33,7 @@ READ_FAILED = "the stored image could not be read"
 @dataclass(frozen=True)
 class Item:
     read: Callable[[], bytes]
-    keep_image: bool = False
+    on_decoded: Callable[[Image.Image], Any] | None = None
 
 
 @dataclass
@@ -38,7 +41,8 @@ class Prepared:
     batch: torch.Tensor | None  # uint8 (N, 3, H, W) of the decodable items, in order
     errors: list[str]  # one per item: "" when it decoded
     read_failures: dict[int, BaseException] = field(default_factory=dict)  # position → the read's error
-    images: dict[int, Image.Image] = field(default_factory=dict)  # position → the kept full decode
+    decoded: dict[int, Any] = field(default_factory=dict)  # position → what on_decoded returned
+    decoded_failures: dict[int, Exception] = field(default_factory=dict)  # position → what it raised
 
 
 class BatchPipeline:
@@ -59,11 +63,14 @@ class BatchPipeline:
                 prepared.errors.append(READ_FAILED)
                 continue
             try:
-                if item.keep_image:
-                    image = open_image(data)
-                    image.load()  # the one full decode: the display copy and the model share it
-                    prepared.images[position] = image
-                    tensors.append(self.handler.from_image(image))
+                if item.on_decoded is not None:
+                    with open_image(data) as image:
+                        image.load()  # the one full decode: the display copy and the model share it
+                        tensors.append(self.handler.from_image(image))
+                        try:
+                            prepared.decoded[position] = item.on_decoded(image)
+                        except Exception as exc:  # the caller's step fails alone; the read goes on
+                            prepared.decoded_failures[position] = exc
                 else:
                     tensors.append(self.handler.decode(data))
             except DECODE_ERRORS as exc:
