@@ -12,7 +12,7 @@ from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import default_storage
 from django.db import transaction
-from django.db.models import QuerySet
+from django.db.models import OuterRef, QuerySet, Subquery
 from django.utils import timezone
 
 from accounts.services import access_event_record
@@ -245,11 +245,37 @@ class Routing:
 
 
 def model_routing(*, tenant, model_name: str) -> Routing:
-    pin = ModelPin.objects.for_tenant(tenant).select_related("version").filter(model__name=model_name).first()
-    split = TrafficSplit.objects.for_tenant(tenant).select_related("version").filter(model__name=model_name).first()
+    """The hospital's routing for one model, read once per upload: one statement in the common
+    case (the production alias, with the hospital's pin and split looked up in the same query),
+    a second only when a pin or a split exists (measured: the three look-ups were a quarter of
+    an upload's web CPU)."""
+    pinned = ModelPin.objects.for_tenant(tenant).filter(model=OuterRef("model")).values("version_id")[:1]
+    split = TrafficSplit.objects.for_tenant(tenant).filter(model=OuterRef("model"))
     alias = (
         ModelAlias.objects.select_related("version__model")
         .filter(model__name=model_name, name=ModelAlias.Name.PRODUCTION)
+        .annotate(
+            pin_id=Subquery(pinned),
+            split_version_id=Subquery(split.values("version_id")[:1]),
+            split_percent=Subquery(split.values("percent")[:1]),
+        )
         .first()
     )
-    return Routing(pin.version if pin else None, split, alias.version if alias else None)
+    if alias is None:  # no production alias yet: a pin or a split may still route the hospital
+        pin = ModelPin.objects.for_tenant(tenant).select_related("version").filter(model__name=model_name).first()
+        split_row = (
+            TrafficSplit.objects.for_tenant(tenant).select_related("version").filter(model__name=model_name).first()
+        )
+        return Routing(pin.version if pin else None, split_row, None)
+    if alias.pin_id is None and alias.split_version_id is None:
+        return Routing(None, None, alias.version)
+    others = ModelVersion.objects.select_related("model").in_bulk([alias.pin_id, alias.split_version_id])
+    split_row = None
+    if alias.split_version_id is not None:
+        split_row = TrafficSplit(
+            tenant=tenant,
+            model=alias.version.model,
+            version=others[alias.split_version_id],
+            percent=alias.split_percent,
+        )
+    return Routing(others.get(alias.pin_id), split_row, alias.version)
