@@ -15,10 +15,10 @@ from recognition.apis import ImageListCreateApi
 from recognition.models import Image, InferenceRequest
 from recognition.services.admission import interactive_backlog
 from recognition.services.images import image_upload
-from recognition.services.inference import inference_run
 from tests.conftest import api_client_for, png_bytes, upload_file
 from tests.e2e.conftest import free_port
 from tests.integration.test_health import _plans
+from workers.runner import inference_run
 
 pytestmark = pytest.mark.django_db
 Priority, Status = InferenceRequest.Priority, InferenceRequest.Status
