@@ -85,7 +85,9 @@ def s3_storage(settings, s3_endpoint, tmp_path):
     return client
 
 
-def test_images_and_models_live_in_s3_and_the_worker_reads_them_back(s3_storage, settings, clinician_a, demo_package):
+def test_images_and_models_live_in_s3_and_the_worker_reads_them_back(
+    s3_storage, settings, clinician_a, demo_package, django_capture_on_commit_callbacks
+):
     from workers.model_cache import model_cache_clear
     from workers.registration import model_version_register
 
@@ -101,13 +103,18 @@ def test_images_and_models_live_in_s3_and_the_worker_reads_them_back(s3_storage,
     assert stored == data  # as sent: the worker that reads it makes the display copy
 
     request = InferenceRequest.objects.get(image=image)
-    assert inference_run(request_id=request.pk) == 1
+    with django_capture_on_commit_callbacks(execute=True):  # the original is deleted after commit
+        assert inference_run(request_id=request.pk) == 1
     request.refresh_from_db()
     assert request.status == "done", request.error
     assert request.result.top_label == "round_opacity"
     assert (settings.SIGHTLINE_MODEL_CACHE_DIR / f"{version.package_sha256}.zip").is_file()  # copied from S3
     model_cache_clear()
 
+    image.refresh_from_db()  # rendered by its read: the display copy in S3, the original gone
+    copy = s3_storage.get_object(Bucket=BUCKET, Key=image.file.name)["Body"].read()
+    keys = {o["Key"] for o in s3_storage.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
+    assert image.file.name in keys and not image.original and not any("/originals/" in key for key in keys)
     download = api_client_for(clinician_a).get(f"/api/v1/images/{image.pk}/file/")
     assert download.status_code == 200
-    assert b"".join(download.streaming_content) == stored
+    assert b"".join(download.streaming_content) == copy

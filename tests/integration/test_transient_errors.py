@@ -116,10 +116,10 @@ def test_a_storage_blip_while_loading_the_model_requeues_the_batch_then_it_succe
 
 def test_a_blip_reading_one_image_is_tried_again_in_place(clinician_a, demo_model, blips):
     first, second = queued(clinician_a, 2)
-    blips.fail(second.image.file.name, OSError(errno.EIO, "Input/output error"))
+    blips.fail(second.image.original.name, OSError(errno.EIO, "Input/output error"))
     assert inference_run(request_id=first.pk) == 2
     assert set(InferenceRequest.objects.values_list("status", "transient_retries")) == {("done", 0)}
-    assert blips.opened.count(second.image.file.name) == 2
+    assert blips.opened.count(second.image.original.name) == 2
 
 
 def test_an_image_whose_reads_keep_failing_goes_back_to_the_queue_alone_then_succeeds(
@@ -127,13 +127,13 @@ def test_an_image_whose_reads_keep_failing_goes_back_to_the_queue_alone_then_suc
 ):
     (ours,) = queued(clinician_a)
     (theirs,) = queued(clinician_b, seed=3)
-    blips.fail(theirs.image.file.name, EndpointConnectionError(endpoint_url="https://s3.example.org"), times=3)
+    blips.fail(theirs.image.original.name, EndpointConnectionError(endpoint_url="https://s3.example.org"), times=3)
     assert inference_run(request_id=ours.pk) == 1
     ours.refresh_from_db()
     theirs.refresh_from_db()
     assert ours.status == "done"  # the other hospital's blip did not touch this read
     assert (theirs.status, theirs.error, theirs.transient_retries) == ("queued", "", 1)
-    assert blips.opened.count(theirs.image.file.name) == settings.SIGHTLINE_READ_TRIES
+    assert blips.opened.count(theirs.image.original.name) == settings.SIGHTLINE_READ_TRIES
 
     backoff_over()
     assert inference_run(request_id=theirs.pk) == 1
@@ -144,7 +144,7 @@ def test_an_image_whose_reads_keep_failing_goes_back_to_the_queue_alone_then_suc
 def test_only_the_attempt_cap_turns_blips_into_a_failure_in_words(clinician_a, demo_model, blips, settings):
     settings.SIGHTLINE_TRANSIENT_RETRIES = 3
     (request,) = queued(clinician_a)
-    blips.fail(request.image.file.name, SLOW_DOWN, times=100)
+    blips.fail(request.image.original.name, SLOW_DOWN, times=100)
     for tries in (1, 2):
         assert inference_run(request_id=request.pk) == 0
         request.refresh_from_db()
@@ -179,7 +179,7 @@ def test_an_image_the_storage_refuses_for_good_fails_alone_without_retries(clini
         {"Error": {"Code": "NoSuchKey", "Message": "not there"}, "ResponseMetadata": {"HTTPStatusCode": 404}},
         "GetObject",
     )
-    blips.fail(gone.image.file.name, no_such_key)
+    blips.fail(gone.image.original.name, no_such_key)
     assert inference_run(request_id=good.pk) == 2
     gone.refresh_from_db()
     assert (gone.status, gone.error, gone.transient_retries) == ("failed", "the stored image could not be read", 0)

@@ -33,6 +33,7 @@ import math
 import threading
 import time
 import warnings
+import weakref
 import zipfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -92,9 +93,15 @@ def probe_batch(handler: Handler, size: int = PROBE_BATCH, seed: int = 0) -> tor
 # --- building each backend -----------------------------------------------------------------------
 
 
+def _torch_runner(handler: Handler, forward) -> Runner:
+    """``handler.torch_infer(forward, batch)``, holding the handler weakly: the handler holds its
+    runner, and a cycle would keep an evicted model (and its GPU memory) until the next collection."""
+    handler_ref = weakref.ref(handler)
+    return lambda batch: handler_ref().torch_infer(forward, batch)
+
+
 def eager_runner(handler: Handler) -> Runner:
-    model = handler.model
-    return lambda batch: handler.torch_infer(model, batch)
+    return _torch_runner(handler, handler.model)
 
 
 def compile_runner(handler: Handler) -> Runner:
@@ -104,7 +111,7 @@ def compile_runner(handler: Handler) -> Runner:
 
     inductor_config.freezing = True
     compiled = torch.compile(handler.model, dynamic=True)
-    return lambda batch: handler.torch_infer(compiled, batch)
+    return _torch_runner(handler, compiled)
 
 
 class ProbabilityModel(torch.nn.Module):

@@ -65,7 +65,10 @@ class HandlerCache:
 def _release_device_memory() -> None:
     """Give the evicted weights back to the GPU. torch is imported here, not at module level:
     the web process imports this module (through the registry) and must not load torch."""
+    import gc
+
     import torch
 
+    gc.collect()  # whatever still points at an evicted model in a cycle lets go of it first
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
