@@ -93,6 +93,14 @@ def probe_batch(handler: Handler, size: int = PROBE_BATCH, seed: int = 0) -> tor
 # --- building each backend -----------------------------------------------------------------------
 
 
+# torch.compile's tracing (FX, for frozen weights) patches ``torch.nn.Module.__call__`` for the
+# whole process while it runs: a forward pass in another thread during it fails ("module is not
+# installed as a submodule", seen in CI). Compiling holds this lock, and every PyTorch forward
+# pass takes it (uncontended otherwise: well under a microsecond), so requests served while a
+# model compiles in the background wait for that shape's compile instead of failing.
+GRAPH_LOCK = threading.RLock()
+
+
 def _torch_runner(handler: Handler, forward) -> Runner:
     """``handler.torch_infer(forward, batch)``, holding the handler weakly: the handler holds its
     runner, and a cycle would keep an evicted model (and its GPU memory) until the next collection."""
@@ -405,7 +413,8 @@ def compile_and_switch(handler: Handler, batch_sizes: tuple[int, ...], only_if_f
         reference = handler.torch_infer(handler.model, probe)
         diff = 0.0
         for size in sorted(set(batch_sizes)):
-            got = runner(probe[:size])
+            with GRAPH_LOCK:  # the first call of a shape compiles it
+                got = runner(probe[:size])
             diff = max(diff, (got - reference[:size]).abs().max().item())
         if not math.isfinite(diff):
             diff = math.inf

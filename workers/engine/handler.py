@@ -224,7 +224,10 @@ class Handler:
         with torch.inference_mode():
             x = batch.to(self.device, non_blocking=True).float().div_(255.0)
             x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+            with (
+                backends.GRAPH_LOCK,  # never while torch.compile traces (backends.GRAPH_LOCK)
+                torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"),
+            ):
                 logits = forward(x)
             if self.manifest.task == "multi-label":  # independent findings, one sigmoid each
                 return torch.sigmoid(logits.float()).cpu()
