@@ -460,25 +460,19 @@ def select_or_keep_eager(handler: Handler, requested: str, compile_for: tuple[in
         handler.backend_report["error"] = str(exc)
 
 
-def start_background_select(handler: Handler, requested: str, compile_for: tuple[int, ...] = ()) -> threading.Thread:
-    thread = threading.Thread(
-        target=select_or_keep_eager,
-        args=(handler, requested, compile_for),
-        name=f"backend-{handler.manifest.name}-{handler.manifest.version}",
-        daemon=True,
-    )
+def _in_background(kind: str, handler: Handler, target, *args) -> threading.Thread:
+    """``target(handler, *args)`` in a daemon thread named after the model."""
+    name = f"{kind}-{handler.manifest.name}-{handler.manifest.version}"
+    thread = threading.Thread(target=target, args=(handler, *args), name=name, daemon=True)
     thread.start()
     return thread
+
+
+def start_background_select(handler: Handler, requested: str, compile_for: tuple[int, ...] = ()) -> threading.Thread:
+    return _in_background("backend", handler, select_or_keep_eager, requested, compile_for)
 
 
 def start_background_compile(
     handler: Handler, batch_sizes: tuple[int, ...], only_if_faster: bool = False
 ) -> threading.Thread:
-    thread = threading.Thread(
-        target=compile_and_switch,
-        args=(handler, batch_sizes, only_if_faster),
-        name=f"compile-{handler.manifest.name}-{handler.manifest.version}",
-        daemon=True,
-    )
-    thread.start()
-    return thread
+    return _in_background("compile", handler, compile_and_switch, batch_sizes, only_if_faster)
