@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from core.model_package import MANIFEST_NAME, ONNX_NAME, WEIGHTS_NAME, Manifest, PackageError, Runtime, read_manifest
 from core.model_package import sha256_bytes as sha256
 from tests.conftest import png_bytes
+from tests.unit.test_engine import tiny_handler
 from workers.engine import backends
 from workers.engine.handler import Handler, build_model
 
@@ -178,25 +179,7 @@ def test_a_manifest_listing_only_eager_never_runs_onnx(tmp_path):
 def test_compiling_in_the_background_switches_without_changing_answers():
     """One small torch.compile (a few seconds): answers while compiling come from eager, after
     the switch from the compiled graph, the same within the tolerance."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(8, 2),
-    ).eval()
-    manifest = Manifest(
-        name="tiny",
-        version="1",
-        architecture="custom",
-        input_size=16,
-        mean=(0.5,) * 3,
-        std=(0.25,) * 3,
-        labels=("a", "b"),
-        weights_sha256="0" * 64,
-    )
-    handler = Handler(manifest, model.to(memory_format=torch.channels_last), CPU)
+    handler = tiny_handler()  # the engine tests' small CNN: compiling it takes seconds
     batch = torch.randint(0, 255, (3, 3, 16, 16), dtype=torch.uint8)
     eager = handler.infer(batch)
     thread = handler.compile_in_background((1, 3))
