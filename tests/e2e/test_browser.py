@@ -127,6 +127,7 @@ def test_the_viewer_shows_computing_until_the_heatmap_arrives_over_the_websocket
     import json
 
     import requests
+    from celery import Celery
 
     from tests.e2e.test_api_live import token
 
@@ -145,22 +146,31 @@ def test_the_viewer_shows_computing_until_the_heatmap_arrives_over_the_websocket
         assert time.monotonic() < deadline, "the read did not finish"
         time.sleep(0.2)
 
-    page = browser_context.new_page()
-    frames: list[str] = []
-    page.on("websocket", lambda socket: socket.on("framereceived", lambda frame: frames.append(frame)))
-    page.add_init_script(RECORD_HEATMAP_STATES)
-    # straight to the image: the worklist's viewer pane would ask for this newest image's heatmap
-    # first, and the worker could make it before this page asks (seen once in CI)
-    page.goto(f"{stack.base_url}/accounts/login/?next=/images/{image_id}/")
-    page.fill("#id_username", "clinician")
-    page.fill("#id_password", live_demo["password"])
-    page.click("button[type=submit]")
-    expect(page.locator("figure#viewer")).to_have_attribute("data-ready", "1")
+    # the worker stops taking interactive work (Celery's own remote control), so the heatmap the
+    # viewer asks for waits in the queue until the test has seen "computing…", however fast the
+    # worker would have been
+    control = Celery("viewer-test", broker=stack.redis_url).control
+    assert control.cancel_consumer("interactive", reply=True, timeout=10), "the stack's worker did not answer"
+    try:
+        page = browser_context.new_page()
+        frames: list[str] = []
+        page.on("websocket", lambda socket: socket.on("framereceived", lambda frame: frames.append(frame)))
+        page.add_init_script(RECORD_HEATMAP_STATES)
+        page.goto(f"{stack.base_url}/accounts/login/?next=/images/{image_id}/")
+        page.fill("#id_username", "clinician")
+        page.fill("#id_password", live_demo["password"])
+        page.click("button[type=submit]")
+        expect(page.locator("figure#viewer")).to_have_attribute("data-ready", "1")
+        expect(page.locator("figure#viewer")).to_have_attribute("data-heatmap", "computing")
+        expect(page.locator("#heatmap-state")).to_be_visible()  # the read made none: the viewer asked, and says so
+        expect(page.locator("#heatmap-toggle")).to_be_hidden()
+    finally:
+        assert control.add_consumer("interactive", reply=True, timeout=10), "the stack's worker did not answer"
     toggle = page.locator("#heatmap-toggle")
     expect(toggle).to_be_visible()  # the overlay arrived and its controls with it
     expect(page.locator("#heatmap-state")).to_be_hidden()
     states = page.evaluate("window.__heatmapStates")
-    assert "computing:shown" in states, states  # the read made none: the viewer asked, and said so
+    assert "computing:shown" in states, states
     assert states[-1] == "ready:hidden", states
     pushed = [json.loads(frame) for frame in frames if isinstance(frame, str)]
     assert any(m.get("type") == "heatmap.ready" and m.get("image") == image_id for m in pushed), pushed
