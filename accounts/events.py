@@ -2,14 +2,44 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import os
+import threading
+from collections.abc import Awaitable, Callable
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
 logger = logging.getLogger(__name__)
+
+# the longest a send from a background loop may take before the caller goes on (Redis away: the
+# page's re-fetch recovers the notification; the worker must not hang on it)
+SEND_TIMEOUT_SECONDS = 10
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_pid = 0  # a forked child inherits the loop but not its thread: it makes its own
+
+
+def use_background_loop() -> None:
+    """For a process with no event loop of its own (a Celery pool process): sends run on one
+    long-lived loop in a daemon thread, so the channel layer keeps its Redis connection. Without
+    it each send is ``async_to_sync`` on a new loop, which opens and closes a connection (measured
+    1.45 core-ms a send against 0.15 on a kept loop). The web process never calls this: its sends
+    go to the server's own loop. Call it after any fork."""
+    global _loop, _loop_pid
+    if _loop is None or _loop.is_closed() or _loop_pid != os.getpid():
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, name="channel-layer", daemon=True).start()
+        _loop, _loop_pid = loop, os.getpid()
+
+
+def _run(send: Callable[[], Awaitable[None]]) -> None:
+    if _loop is None or _loop_pid != os.getpid():
+        async_to_sync(send)()
+    else:
+        asyncio.run_coroutine_threadsafe(send(), _loop).result(timeout=SEND_TIMEOUT_SECONDS)
 
 
 def tenant_group(tenant_id: int) -> str:
@@ -26,8 +56,11 @@ def session_group(session_key: str) -> str:
 
 
 def send(group: str, message: dict) -> None:
+    async def send_one():
+        await get_channel_layer().group_send(group, message)
+
     try:
-        async_to_sync(get_channel_layer().group_send)(group, message)
+        _run(send_one)
     except Exception:  # a lost notification is recovered by the page's re-fetch
         logger.warning("could not notify %s", group, exc_info=True)
 
@@ -48,7 +81,10 @@ def send_many(messages: list[tuple[str, dict]]) -> None:
                 logger.warning("could not notify %s", group, exc_info=True)
 
     if messages:
-        async_to_sync(send_all)()
+        try:
+            _run(send_all)
+        except Exception:  # the loop's own timeout: the sends that went out are out
+            logger.warning("could not notify %d groups in time", len(messages), exc_info=True)
 
 
 def send_many_on_commit(messages: list[tuple[str, dict]]) -> None:

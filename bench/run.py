@@ -513,6 +513,10 @@ class Bench:
             self._worker_names.append(name)
         for name in self._worker_names:
             wait_for_line(" ready.", self.processes.running[name], self.processes.log(name))
+        # each worker chooses its backend in a background thread (ONNX export, timing; compile
+        # where asked) while eager serves: measure what runs afterwards, not that start-up work
+        for name in self._worker_names:
+            wait_for_line("backends settled:", self.processes.running[name], self.processes.log(name))
 
     def start_stack(self, plan: Plan) -> None:
         self.say(f"{plan.key}: starting uvicorn and two worker lanes (SIGHTLINE_DEFAULT_MODEL={plan.name})")

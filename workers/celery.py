@@ -57,8 +57,11 @@ def _warm_up(**_kwargs):
         import logging
 
         logging.getLogger(__name__).exception("warm-up failed")
+    from accounts.events import use_background_loop
     from recognition.health import start_heartbeat
     from workers.model_cache import loaded_models
+
+    use_background_loop()  # this process's pushes keep one Redis connection
 
     start_heartbeat(loaded_models)
 

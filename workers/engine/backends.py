@@ -454,10 +454,15 @@ def select_or_keep_eager(handler: Handler, requested: str, compile_for: tuple[in
     """``select`` for a background thread: whatever goes wrong, the eager model keeps serving."""
     try:
         select(handler, requested, compile_for)
+        if handler.compile_thread is not None:
+            handler.compile_thread.join()
     except Exception as exc:
         logger.exception("choosing a backend failed; %s %s runs eager", handler.manifest.name, handler.manifest.version)
         handler.use("eager", eager_runner(handler))
         handler.backend_report["error"] = str(exc)
+    # the background work is over (operators and the benchmark read this line: from here on the
+    # worker's CPU goes to requests only)
+    logger.info("backends settled: %s %s runs %s", handler.manifest.name, handler.manifest.version, handler.backend)
 
 
 def _in_background(kind: str, handler: Handler, target, *args) -> threading.Thread:
