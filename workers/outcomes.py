@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.db import transaction
 from django.utils import timezone
 
+from core.bulk import rows_update
 from recognition import events
 from recognition.models import InferenceRequest, Result
 from recognition.services.batches import batch_items_on_outcome
@@ -65,7 +66,7 @@ def outcomes_store(requests: list[InferenceRequest], outcomes: list[ItemResult],
             )
         if on_stored is not None:
             on_stored(finished)
-        InferenceRequest.objects.bulk_update(finished, OUTCOME_FIELDS)
+        rows_update(finished, OUTCOME_FIELDS)
         # unique per (image, version): a result made by an earlier delivery stands
         Result.objects.bulk_create(results, ignore_conflicts=True)
         study_summary_refresh({request.image.study_id for request in finished})  # the image came with the row

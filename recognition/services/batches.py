@@ -26,6 +26,7 @@ from accounts.permissions import Action
 from accounts.services import access_event_record, require
 from config.errors import Conflict, DomainError, Invalid, NotFound
 from config.spreadsheet import spreadsheet_safe
+from core.bulk import rows_update
 
 from ..archive import ArchiveLimits, ArchiveRefused, read_archive
 from ..enqueue import task_send
@@ -617,7 +618,7 @@ def _queue(job: BatchJob, items) -> None:
             BatchItem(pk=item_id, request_id=r.pk, status=Item.QUEUED)
             for (item_id, _), r in zip(part, requests, strict=True)
         ]
-        BatchItem.objects.bulk_update(rows, ["request_id", "status"])
+        rows_update(rows, ["request_id", "status"])
         first_ids = [r.pk for r in requests[::chunk]]
         transaction.on_commit(lambda ids=first_ids: _wake(ids), robust=True)
 

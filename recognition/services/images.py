@@ -35,6 +35,7 @@ from accounts.permissions import Action
 from accounts.services import access_event_record, require
 from config.errors import Conflict, Invalid, TooLarge, Unavailable, Unprocessable, UnsupportedMedia
 from config.pseudonym import PATIENT, patient_pseudonym_of, pseudonym_candidates, pseudonym_for
+from core.bulk import rows_update
 
 from .. import dicom, events
 from ..display import DisplayCopy, display_copy
@@ -849,7 +850,7 @@ def images_rendered(rendered: list[tuple[Image, DisplayCopy, str]]) -> set[int]:
         if image.format != "DICOM":
             image.original = ""
         moved.append(image)
-    Image.objects.bulk_update(moved, ["state", "file", "original", "sha256", "byte_size"])
+    rows_update(moved, ["state", "file", "original", "sha256", "byte_size"])
     return {image.pk for image in moved}
 
 

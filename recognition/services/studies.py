@@ -10,6 +10,7 @@ from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
 from accounts.events import send_many_on_commit, tenant_group
+from core.bulk import rows_update
 
 from ..models import Image, InferenceRequest, Result, Review, Study
 
@@ -85,9 +86,7 @@ def study_summary_refresh(study_ids: Iterable[int]) -> None:
         else:
             study.review_state = ReviewState.UNREVIEWED
         study.updated = now
-    Study.objects.bulk_update(
-        studies, ["image_count", "ai_status", "top_label", "top_probability", "review_state", "updated"]
-    )
+    rows_update(studies, ["image_count", "ai_status", "top_label", "top_probability", "review_state", "updated"])
     study_updated_on_commit(studies)
 
 
