@@ -50,6 +50,23 @@ def production_env(**overrides: str | None) -> dict[str, str]:
 PACKAGE_CACHE = Path(settings.BASE_DIR) / "var" / "test-cache" / f"{training.DEMO_NAME}-{training.DEMO_VERSION}.zip"
 
 
+@pytest.fixture(autouse=True)
+def _no_wake_markers():
+    """Wake-up markers (recognition.services.inference) live in the shared cache, keyed by model
+    version id, which the next test's rolled-back database gives out again: each test starts
+    with none, as a fresh deployment would."""
+    import redis
+    from django.core.cache import cache
+
+    try:
+        client = redis.Redis.from_url(settings.CACHES["default"]["LOCATION"], socket_connect_timeout=1)
+        stale = list(client.scan_iter(match=cache.make_key("sightline:wake:*"), count=1000))
+        if stale:
+            client.delete(*stale)
+    except redis.exceptions.ConnectionError:  # no Redis for this test: nothing was marked in it
+        pass
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _fresh_media_root():
     """Stored files outlive the rolled-back rows that named them: start each run with none, so

@@ -118,7 +118,8 @@ def wake_next(version_id: int) -> None:
         .first()
     )
     if waiting is not None:
-        transaction.on_commit(lambda: inference_enqueue(*waiting), robust=True)
+        request_id, priority = waiting
+        transaction.on_commit(lambda: inference_enqueue(request_id, priority, model_version_id=version_id), robust=True)
 
 
 def requeue_waiting() -> int:

@@ -21,6 +21,7 @@ from core.transient import is_transient, transient_reason
 from recognition.display import display_copy
 from recognition.models import Image, InferenceRequest, ModelVersion
 from recognition.services.images import image_display_store, images_render_failed, images_rendered
+from recognition.services.inference import inference_wake_taken
 from recognition.services.registry import default_production_version
 from workers import queue_policy
 from workers.engine.batching import collect_batch
@@ -103,7 +104,11 @@ def inference_run(*, request_id: int) -> int:
     """
     queue_policy.reclaim_now_and_then()
     row = InferenceRequest.objects.select_related("model_version__model").filter(id=request_id).first()
-    if row is None or row.status != Status.QUEUED:
+    if row is None:
+        return 0
+    # first, whatever this request's state: uploads from now on send a wake-up of their own
+    inference_wake_taken(model_version_id=row.model_version_id, priority=row.priority)
+    if row.status != Status.QUEUED:
         return 0
     version = row.model_version
     max_batch, max_wait = queue_policy.batch_limits(version)
