@@ -5,20 +5,16 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterator
 from datetime import UTC, date
-from itertools import islice
 from urllib.parse import urlencode
 
 import segno
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import get_user_model, login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import UserCreationForm
-from django.core.handlers.asgi import ASGIRequest
 from django.db import transaction
-from django.http import StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
@@ -30,6 +26,7 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 from config.cursor import identifiers_refused_in_query
 from config.errors import Conflict, DomainError, Invalid
 from config.spreadsheet import spreadsheet_safe
+from core.streaming import streaming_response
 
 from .lockout import ACCOUNT_LOCKED_MESSAGE, sign_in_is_locked, sign_in_second_factor_failed
 from .models import AccessEvent, Membership, Role
@@ -323,7 +320,7 @@ def invitation_accept_page(request, token: str):
     return render(request, "accounts/invitation.html", {"invitation": invitation, "form": form})
 
 
-CSV_CHUNK_ROWS = 2000  # the queryset's fetch size too: one database round trip per chunk
+CSV_CHUNK_ROWS = 2000  # the queryset's fetch size: one database round trip per 2,000 rows
 CSV_COLUMNS = (
     "id",
     "time_utc",
@@ -440,23 +437,6 @@ def access_log_csv_lines(entries) -> Iterator[str]:
         yield writer.writerow([spreadsheet_safe(value) for value in row])
 
 
-def _streamable(request, lines: Iterator[str]):
-    """The site is served by Daphne (ASGI), where Django reads a synchronous iterator whole into
-    memory before sending it; there the rows go out through an async iterator instead, a chunk
-    at a time, each read on the request's own (thread-sensitive) database connection."""
-    if not isinstance(request, ASGIRequest):
-        return lines
-
-    def next_chunk() -> str:
-        return "".join(islice(lines, CSV_CHUNK_ROWS))
-
-    async def chunks():
-        while chunk := await sync_to_async(next_chunk)():
-            yield chunk
-
-    return chunks()
-
-
 @login_required
 @require_http_methods(["GET", "POST"])
 def access_log_csv(request):
@@ -465,11 +445,12 @@ def access_log_csv(request):
     actor = access_log_actor(request)
     filters = _access_log_filters(_access_log_request_data(request))
     entries = access_log_export(actor=actor, filters=filters, request=request)
-    response = StreamingHttpResponse(
-        _streamable(request, access_log_csv_lines(entries)), content_type="text/csv; charset=utf-8"
+    return streaming_response(
+        request,
+        access_log_csv_lines(entries),
+        content_type="text/csv; charset=utf-8",
+        filename=f"access-log-{timezone.now():%Y%m%d-%H%M%S}.csv",
     )
-    response["Content-Disposition"] = f'attachment; filename="access-log-{timezone.now():%Y%m%d-%H%M%S}.csv"'
-    return response
 
 
 # --- service accounts (tenant admins) -----------------------------------------------------------

@@ -118,7 +118,7 @@ def agreement_rows(*, tenant: Tenant | None = None) -> list[AgreementRow]:
 
 
 def agreement_csv(rows: Iterable[AgreementRow]) -> Iterator[str]:
-    """The rows as CSV lines (header first), one at a time, for a StreamingHttpResponse."""
+    """The rows as CSV lines (header first), one at a time, for core.streaming.streaming_response."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
 

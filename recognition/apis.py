@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.http import FileResponse, HttpResponse, StreamingHttpResponse
+from django.http import FileResponse, HttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
@@ -18,6 +18,7 @@ from config.cursor import identifiers_refused_in_query
 from config.errors import Conflict, Invalid, Unavailable, Unprocessable
 from config.inputs import ApiInput
 from config.pagination import NewestFirstPagination, NextCursorPage
+from core.streaming import streaming_response
 
 from .display import display_content_type
 from .models import Image, Review, Study
@@ -625,11 +626,8 @@ class BatchResultsApi(TenantApi):
             raise Invalid("format is csv or json.", code="bad_format")
         job = batch_results_open(membership=request.membership, job_id=job_id, request=request)
         if result_format == "json":
-            response = StreamingHttpResponse(results_json(job), content_type="application/json")
-        else:
-            response = StreamingHttpResponse(results_csv(job), content_type="text/csv")
-            response["Content-Disposition"] = f'attachment; filename="job-{job.pk}.csv"'
-        return response
+            return streaming_response(request, results_json(job), content_type="application/json")
+        return streaming_response(request, results_csv(job), content_type="text/csv", filename=f"job-{job.pk}.csv")
 
 
 class ModelVersionOutput(serializers.Serializer):

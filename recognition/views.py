@@ -7,7 +7,7 @@ from urllib.parse import urlencode
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import FileResponse, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import FileResponse, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.safestring import mark_safe
@@ -19,6 +19,7 @@ from accounts.selectors import membership_for_session, membership_resolve, membe
 from accounts.services import require
 from config.cursor import identifiers_refused_in_query
 from config.errors import DomainError, Invalid, NotFound
+from core.streaming import streaming_response
 
 from .agreement import agreement_csv, agreement_rows, agreement_svg
 from .display import display_content_type
@@ -375,9 +376,12 @@ def agreement_page(request):
 @login_required
 def agreement_csv_view(request):
     tenant, slug = _agreement_scope(request)
-    response = StreamingHttpResponse(agreement_csv(agreement_rows(tenant=tenant)), content_type="text/csv")
-    response["Content-Disposition"] = f'attachment; filename="agreement-{slug or "all"}.csv"'
-    return response
+    return streaming_response(
+        request,
+        agreement_csv(agreement_rows(tenant=tenant)),
+        content_type="text/csv",
+        filename=f"agreement-{slug or 'all'}.csv",
+    )
 
 
 @login_required
@@ -445,6 +449,4 @@ def job_action(request, job_id: int, action: str):
 def job_results(request, job_id: int):
     membership = membership_for_session(request)
     job = batch_results_open(membership=membership, job_id=job_id, request=request)
-    response = StreamingHttpResponse(results_csv(job), content_type="text/csv")
-    response["Content-Disposition"] = f'attachment; filename="job-{job.pk}.csv"'
-    return response
+    return streaming_response(request, results_csv(job), content_type="text/csv", filename=f"job-{job.pk}.csv")

@@ -771,7 +771,11 @@ def batch_uploads_reconcile() -> int:
 
 def batch_results(job: BatchJob) -> Iterator[dict]:
     """One row per item, in order, with the finding or the error in words."""
-    items = BatchItem.objects.filter(job=job).select_related("request__result", "request__model_version").order_by("id")
+    items = (
+        BatchItem.objects.filter(job=job)
+        .select_related("request__result", "request__model_version__model")  # the version's name, in one query
+        .order_by("id")
+    )
     for item in items.iterator(chunk_size=1000):
         request = item.request
         result = getattr(request, "result", None) if request else None
