@@ -8,7 +8,7 @@ REDIS_URL ?= redis://127.0.0.1:6379/0
 SIGHTLINE_DEMO_PASSWORD ?= sightline-demo
 export REDIS_URL SIGHTLINE_DEMO_PASSWORD
 
-.PHONY: run test test-gpu contract lint format bench browser-deps clean
+.PHONY: run test test-gpu typecheck contract lint format bench browser-deps clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,8 @@ browser-deps:
 test: export DJANGO_SETTINGS_MODULE = config.settings.test
 test: $(VENV)/.dev browser-deps
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	@$(MAKE) --no-print-directory typecheck
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/python -m pytest -m "not browser and not gpu and not contract"
 	# Playwright gets a process of its own: async tests after it in one process fail.
@@ -64,6 +66,12 @@ test: $(VENV)/.dev browser-deps
 test-gpu: export DJANGO_SETTINGS_MODULE = config.settings.test
 test-gpu: $(VENV)/.dev
 	$(BIN)/python -m pytest -m gpu
+
+# mypy over the engine and the services (pyproject.toml's [tool.mypy] names them); torch is not read,
+# and .mypy_cache keeps a run after the first to a few seconds
+typecheck: export DJANGO_SETTINGS_MODULE = config.settings.test
+typecheck: $(VENV)/.dev
+	$(BIN)/mypy
 
 # The OpenAPI contract: schemathesis (all checks, all phases) against a live server, a few minutes.
 contract: export DJANGO_SETTINGS_MODULE = config.settings.test

@@ -146,7 +146,9 @@ def service_account_create(
             if User.objects.filter(username=username).exists():
                 raise taken
             user = User.objects.create_user(username=username, password=None)  # unusable password
-            membership = membership_grant(tenant=tenant, user=user, role=role, granted_by=actor.user, request=request)
+            membership = membership_grant(
+                tenant=tenant, user=user, role=Role(role), granted_by=actor.user, request=request
+            )
             account = ServiceAccount.objects.create(
                 tenant=tenant,
                 user=user,

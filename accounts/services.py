@@ -6,6 +6,7 @@ import hashlib
 import ipaddress
 import secrets
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -43,7 +44,7 @@ def _request_context(request) -> dict:
         "user_agent": meta.get("HTTP_USER_AGENT", "")[:256],
         "request_id": getattr(request, "request_id", "")[:64],
     }
-    token = getattr(request, "auth", None)
+    token: Any = getattr(request, "auth", None)  # a JWT, an API key or None: whichever authenticator let it in
     jti = token.get("jti") if hasattr(token, "get") else None
     if jti:
         context["token_id"] = str(jti)[:32]
@@ -241,8 +242,9 @@ def invitation_accept(*, raw_token: str, user, request=None) -> Membership:
                 f"You are already a member of {invitation.tenant.name}; ask an admin to change your role.",
                 code="already_a_member",
             )
+        role = Role(invitation.role)
         membership = membership_grant(
-            tenant=invitation.tenant, user=user, role=invitation.role, granted_by=invitation.invited_by, request=request
+            tenant=invitation.tenant, user=user, role=role, granted_by=invitation.invited_by, request=request
         )
         access_event_record(
             action="invitation.accept",

@@ -28,7 +28,7 @@ import stat
 import struct
 import zlib
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import IO
 
 _END = struct.Struct("<4s4H2LH")  # end of central directory record, 22 bytes
 _END64 = struct.Struct("<4sQ2H2L4Q")  # zip64 end of central directory record, 56 bytes
@@ -97,7 +97,7 @@ class _EntryFailed(Exception):
     pass
 
 
-def read_archive(fileobj: BinaryIO, limits: ArchiveLimits = ArchiveLimits()) -> Iterator[ArchiveItem]:
+def read_archive(fileobj: IO[bytes], limits: ArchiveLimits = ArchiveLimits()) -> Iterator[ArchiveItem]:
     """Check the archive as a whole now, then return an iterator of its items (files only).
 
     Raises `ArchiveRefused` at once with code ``not_a_zip``, ``too_many_entries``, ``too_large``
@@ -116,7 +116,7 @@ def _amount(n: float) -> str:
     return f"{int(n)} bytes"
 
 
-def _directory_extent(fileobj: BinaryIO) -> tuple[int, int, int, int]:
+def _directory_extent(fileobj: IO[bytes]) -> tuple[int, int, int, int]:
     """From the end records: declared entry count, the central directory's real start and size, and
     how far the whole archive sits from where it says it is (data prepended, as in self-extractors)."""
     file_size = fileobj.seek(0, io.SEEK_END)
@@ -148,7 +148,7 @@ def _damaged_directory() -> ArchiveRefused:
     return ArchiveRefused("not_a_zip", "The zip archive's central directory is damaged.")
 
 
-def _read_directory(fileobj: BinaryIO, limits: ArchiveLimits) -> tuple[list[_Entry], int]:
+def _read_directory(fileobj: IO[bytes], limits: ArchiveLimits) -> tuple[list[_Entry], int]:
     count, start, size, shift = _directory_extent(fileobj)
     too_many = ArchiveRefused("too_many_entries", f"The archive has more than {limits.max_entries:,} entries.")
     if count > limits.max_entries or size > limits.max_entries * _DIRECTORY_BYTES_PER_ENTRY:
@@ -194,7 +194,7 @@ def _zip64_values(extra: bytes, uncompressed: int, compressed: int, offset: int)
     return values[0], values[1], values[2]
 
 
-def _checked_entries(fileobj: BinaryIO, limits: ArchiveLimits) -> list[_Entry]:
+def _checked_entries(fileobj: IO[bytes], limits: ArchiveLimits) -> list[_Entry]:
     entries, directory_start = _read_directory(fileobj, limits)
     if sum(entry.size for entry in entries) > limits.max_total_bytes:
         raise ArchiveRefused("too_large", f"The archive declares more than {_amount(limits.max_total_bytes)} in all.")
@@ -240,7 +240,7 @@ class _Total:
             raise ArchiveRefused("too_large", message)
 
 
-def _items(fileobj: BinaryIO, entries: list[_Entry], limits: ArchiveLimits) -> Iterator[ArchiveItem]:
+def _items(fileobj: IO[bytes], entries: list[_Entry], limits: ArchiveLimits) -> Iterator[ArchiveItem]:
     total = _Total(limits.max_total_bytes)
     for entry in entries:
         if entry.name.endswith(b"/"):
@@ -256,7 +256,7 @@ def _items(fileobj: BinaryIO, entries: list[_Entry], limits: ArchiveLimits) -> I
         yield ArchiveItem(entry.index, data, error)
 
 
-def _read_entry(fileobj: BinaryIO, entry: _Entry, limits: ArchiveLimits, total: _Total) -> bytes:
+def _read_entry(fileobj: IO[bytes], entry: _Entry, limits: ArchiveLimits, total: _Total) -> bytes:
     by_size = f"the entry decompresses to more than {_amount(limits.max_entry_bytes)}"
     by_ratio = f"the entry decompresses to more than {limits.max_ratio:g} times its compressed size"
     ratio_ceiling = limits.max_ratio * max(entry.compressed, 1)
@@ -290,7 +290,7 @@ def _read_entry(fileobj: BinaryIO, entry: _Entry, limits: ArchiveLimits, total: 
     return data
 
 
-def _decompressed(fileobj: BinaryIO, entry: _Entry) -> Iterator[bytes]:
+def _decompressed(fileobj: IO[bytes], entry: _Entry) -> Iterator[bytes]:
     """The entry's bytes in chunks of at most _CHUNK, however much they expand."""
     fileobj.seek(entry.data_offset)
     left, pending = entry.compressed, b""

@@ -552,7 +552,10 @@ def _int(ds: Dataset, keyword: str) -> int | None:
 
 def _date(ds: Dataset, keyword: str) -> dt.date | None:
     raw = _text(ds, keyword).replace(".", "")  # "YYYY.MM.DD" is the old ACR-NEMA form
+    digits = raw[:8]
+    if len(digits) < 8 or not (digits.isascii() and digits.isdigit()):
+        return None
     try:
-        return dt.datetime.strptime(raw[:8], "%Y%m%d").date() if len(raw) >= 8 else None
+        return dt.date.fromisoformat(digits)  # a DA is a calendar date: no datetime, so no time zone to lose
     except ValueError:
         return None

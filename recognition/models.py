@@ -422,9 +422,13 @@ class BatchUpload(TenantOwned):
         COMPLETE = "complete"
         REFUSED = "refused"
 
+    SOURCE_MAX_LENGTH = 255
+
     job = models.ForeignKey(BatchJob, on_delete=models.CASCADE, related_name="uploads")
     kind = models.CharField(max_length=16, choices=[("zip", "zip archive"), ("prefix", "storage prefix")])
-    source = models.CharField(max_length=255, help_text="The stored archive's key, or the storage prefix.")
+    source = models.CharField(
+        max_length=SOURCE_MAX_LENGTH, help_text="The stored archive's key, or the storage prefix."
+    )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RECEIVED)
     error = models.CharField(max_length=300, blank=True)
     entries = models.PositiveIntegerField(default=0)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
 
 from django.conf import settings
 from django.core.files.base import ContentFile, File
@@ -290,8 +292,8 @@ def batch_upload_prefix(*, membership: Membership, job_id: int, prefix: str, req
         folder = prefix if prefix.endswith("/") else prefix + "/"  # the one liberty: "…/night" means the folder
         try:
             folder = storage_key_for_tenant(tenant_id=job.tenant_id, key=folder, under="imports")
-            if len(folder) > BatchUpload._meta.get_field("source").max_length:
-                raise ForeignStorageKey("The prefix is longer than 255 characters.")
+            if len(folder) > BatchUpload.SOURCE_MAX_LENGTH:
+                raise ForeignStorageKey(f"The prefix is longer than {BatchUpload.SOURCE_MAX_LENGTH} characters.")
         except ForeignStorageKey as exc:
             refused = exc
         else:
@@ -449,7 +451,7 @@ def batch_upload_expand(*, upload_id: int) -> None:
 
 
 def _stalled_before():
-    return timezone.now() - timezone.timedelta(seconds=settings.SIGHTLINE_UPLOAD_STALL_SECONDS)
+    return timezone.now() - timedelta(seconds=settings.SIGHTLINE_UPLOAD_STALL_SECONDS)
 
 
 def _claimable() -> Q:
@@ -620,7 +622,7 @@ def _queue(job: BatchJob, items) -> None:
         ]
         rows_update(rows, ["request_id", "status"])
         first_ids = [r.pk for r in requests[::chunk]]
-        transaction.on_commit(lambda ids=first_ids: _wake(ids), robust=True)
+        transaction.on_commit(partial(_wake, first_ids), robust=True)
 
 
 def _wake(request_ids: list[int]) -> None:
@@ -755,7 +757,7 @@ def batch_uploads_reconcile() -> int:
     abandoned = list(BatchUpload.objects.select_related("job").filter(status=Upload.RECEIVING, touched_at__lt=stalled))
     for upload in abandoned:
         _abandon_receiving(upload, "the upload did not finish (the server stopped while storing it); send it again")
-    overdue = Q(status=Upload.RECEIVED, touched_at__lt=timezone.now() - timezone.timedelta(seconds=30)) | (
+    overdue = Q(status=Upload.RECEIVED, touched_at__lt=timezone.now() - timedelta(seconds=30)) | (
         Q(status=Upload.EXPANDING) & (Q(touched_at__isnull=True) | Q(touched_at__lt=stalled))
     )
     given_up = _uploads_give_up(overdue)

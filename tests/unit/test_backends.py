@@ -1,6 +1,7 @@
 """The engine's backends: each agrees with eager PyTorch, auto keeps one that does, a backend
 that disagrees is refused or not used, and the manifest's runtime fields round-trip."""
 
+import gc
 import io
 import json
 import zipfile
@@ -266,3 +267,14 @@ def test_probe_batch_is_fixed(demo):
     assert torch.equal(backends.probe_batch(demo), backends.probe_batch(demo))
     assert backends.probe_batch(demo).dtype == torch.uint8
     assert np.unique(backends.probe_batch(demo)[1].numpy()).size > 16  # a gradient, not a flat image
+
+
+def test_a_runner_that_outlives_its_handler_says_the_model_was_evicted():
+    handler = tiny_handler()
+    runner = backends.eager_runner(handler)
+    batch = torch.randint(0, 255, (1, 3, 16, 16), dtype=torch.uint8)
+    assert runner(batch).shape == (1, 2)
+    del handler  # the runner holds it weakly: an evicted model's memory is not kept by its runner
+    gc.collect()
+    with pytest.raises(RuntimeError, match="evicted"):
+        runner(batch)

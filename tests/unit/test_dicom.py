@@ -365,6 +365,8 @@ def test_bad_dates_and_numbers_become_none():
     parsed = parse(ct_dataset(StudyDate="20231301", SeriesNumber="", InstanceNumber=None))
     assert (parsed.study_date, parsed.series_number, parsed.instance_number) == (None, None, None)
     assert parse(ct_dataset(StudyDate="2023.05.17")).study_date == dt.date(2023, 5, 17)
+    assert parse(ct_dataset(StudyDate="2023W201")).study_date is None  # an ISO week date is no DA
+    assert parse(ct_dataset(StudyDate="2023-5-1")).study_date is None
 
 
 def test_long_values_are_cut_to_64_characters():

@@ -105,7 +105,14 @@ def _torch_runner(handler: Handler, forward) -> Runner:
     """``handler.torch_infer(forward, batch)``, holding the handler weakly: the handler holds its
     runner, and a cycle would keep an evicted model (and its GPU memory) until the next collection."""
     handler_ref = weakref.ref(handler)
-    return lambda batch: handler_ref().torch_infer(forward, batch)
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        live = handler_ref()
+        if live is None:  # only a caller that outlived the handler's eviction gets here
+            raise RuntimeError("the model this runner served has been evicted")
+        return live.torch_infer(forward, batch)
+
+    return run
 
 
 def eager_runner(handler: Handler) -> Runner:
@@ -370,7 +377,7 @@ def select(handler: Handler, requested: str = "auto", compile_for: tuple[int, ..
             candidates[name] = {"status": f"unavailable: {exc}"}
             logger.warning("backend %s unavailable for %s %s: %s", name, manifest.name, manifest.version, exc)
             continue
-        entry = {"max_abs_diff": diff, "build_seconds": round(time.perf_counter() - started, 2)}
+        entry: dict[str, float | str] = {"max_abs_diff": diff, "build_seconds": round(time.perf_counter() - started, 2)}
         candidates[name] = entry
         if diff > atol:
             entry["status"] = f"disagrees (allowed {atol:g})"
@@ -384,8 +391,8 @@ def select(handler: Handler, requested: str = "auto", compile_for: tuple[int, ..
             )
             continue
         entry["status"] = "agrees"
-        entry["ms_per_batch"] = time_runner(runner, probe)
-        timings[name] = (entry["ms_per_batch"], runner)
+        entry["ms_per_batch"] = ms_per_batch = time_runner(runner, probe)
+        timings[name] = (ms_per_batch, runner)
     if not timings:  # nothing asked for could run: the reference still can
         runner = eager_runner(handler)
         timings["eager"] = (time_runner(runner, probe), runner)

@@ -68,6 +68,7 @@ class BackPressurePolicy:
         if utilisation is None:
             return Decision.KEEP
         if self.paused:
+            assert self.resume_below is not None  # __post_init__ put the default in
             if utilisation < self.resume_below:
                 self.paused = False
                 return Decision.RESUME

@@ -58,6 +58,17 @@ def images_per_second(runner: backends.Runner, batch: torch.Tensor, seconds: flo
     return round(batches * len(batch) / (time.perf_counter() - started), 1)
 
 
+def _eager_nchw(model: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor) -> backends.Runner:
+    """The plain model in the default memory layout: the baseline the backends are measured against."""
+
+    def runner(batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            x = (batch.float().div_(255.0) - mean) / std
+            return torch.softmax(model(x), dim=1)
+
+    return runner
+
+
 def backend_rows(architecture: str, names: list[str], sizes: list[int], input_size: int, seconds: float) -> dict:
     """Forward-only images/s of each backend on a random-weight torchvision model."""
     torch.manual_seed(0)
@@ -82,14 +93,7 @@ def backend_rows(architecture: str, names: list[str], sizes: list[int], input_si
     result: dict = {"model": f"{architecture} (random weights, {input_size} px)", "rows": {}, "build_seconds": {}}
     for name in names:
         started = time.perf_counter()
-        if name == "eager-nchw":
-
-            def runner(batch, model=model):
-                with torch.inference_mode():
-                    x = (batch.float().div_(255.0) - mean) / std
-                    return torch.softmax(model(x), dim=1)
-        else:
-            runner = backends.build(handler, name)
+        runner = _eager_nchw(model, mean, std) if name == "eager-nchw" else backends.build(handler, name)
         if name == "compile":  # the first call of each shape compiles: time the first on its own
             runner(probe[:1])
             result["build_seconds"]["compile_first_shape"] = round(time.perf_counter() - started, 1)
