@@ -56,7 +56,8 @@ def batch_limits(version: ModelVersion) -> tuple[int, float]:
 def claim(*, model_version_id: int, limit: int, first_id: int | None = None) -> list[int]:
     """Move up to ``limit`` queued requests of one version to running, in the order they should
     run (see the module's docstring). A batch never mixes priorities: interactive requests do not
-    wait for bulk ones to fill it."""
+    wait for bulk ones to fill it; bulk work claimed by the interactive lane comes in batches of
+    SIGHTLINE_INTERACTIVE_LANE_BULK_BATCH at most."""
     waiting = InferenceRequest.objects.filter(
         model_version_id=model_version_id, status=Status.QUEUED, attempts__lt=settings.SIGHTLINE_MAX_ATTEMPTS
     )
@@ -78,6 +79,10 @@ def claim(*, model_version_id: int, limit: int, first_id: int | None = None) -> 
         return []
     batch_priority = min(priority for _, priority in ranked_rows)
     candidates = [request_id for request_id, priority in ranked_rows if priority == batch_priority]
+    if batch_priority == Priority.BULK and worker_lane() == "interactive":
+        # beside a bulk lane, the one that serves clinicians takes bulk work in small bites (see
+        # the setting); a single worker for everything ("all") takes it in full batches
+        candidates = candidates[: max(1, settings.SIGHTLINE_INTERACTIVE_LANE_BULK_BATCH)]
     with transaction.atomic():
         # window functions cannot be locked FOR UPDATE: lock the chosen rows in a second step;
         # another worker may have taken some of them meanwhile, which only makes this batch smaller

@@ -16,9 +16,9 @@ import hmac
 import io
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import date
+from datetime import date, timedelta
 
 import numpy as np
 from django.conf import settings
@@ -26,6 +26,7 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q
+from django.db.models.fields.files import FieldFile
 from django.utils import timezone
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
@@ -40,7 +41,7 @@ from core.bulk import rows_update
 from .. import dicom, events
 from ..display import DisplayCopy, display_copy
 from ..enqueue import task_send
-from ..models import Image, InferenceRequest, Series, Study, UploadKey
+from ..models import Image, InferenceRequest, ModelVersion, Series, Study, UploadKey
 from ..storage import dicom_key, image_key, original_key, pixels_key
 from .inference import inference_request_create, upload_routing
 from .registry import Routing
@@ -89,8 +90,9 @@ def image_validate(upload) -> ValidatedImage:
     """Decode a PNG/JPEG upload in full (refused in words, as an upload is) and make its display
     copy: what the worker does with an upload, in one call (the benchmarks and tests use it)."""
     data = _read_upload(upload)
-    with _opened(data, full=True) as image:
-        checked = CheckedImage(image.format, *image.size)
+    opened = _opened(data, full=True)
+    with opened as image:
+        checked = CheckedImage(opened.format, *image.size)
         copy = display_copy(image, checked.format)
     return ValidatedImage(
         content=copy.content,
@@ -114,18 +116,20 @@ class _opened:
     truncated (422). ``full=False``: a JPEG is decoded at reduced scale, enough to check it."""
 
     def __init__(self, data: bytes, *, full: bool) -> None:
-        self.data, self.full, self.image = data, full, None
+        self.data, self.full = data, full
+        self.image: PILImage.Image | None = None
+        self.format = ""  # one of ACCEPTED_FORMATS once opened
         self.size = (0, 0)  # as the file declares it (a drafted JPEG reports its reduced size)
 
     def __enter__(self) -> PILImage.Image:
         try:
-            self.image = PILImage.open(io.BytesIO(self.data))
-            image = self.image
+            image = self.image = PILImage.open(io.BytesIO(self.data))
             if image.format not in ACCEPTED_FORMATS:
                 raise UnsupportedMedia(
                     f"{image.format} images are not accepted; send PNG, JPEG or DICOM.",
                     code="unsupported_format",
                 )
+            self.format = image.format
             width, height = self.size = image.size
             if width * height > settings.SIGHTLINE_MAX_IMAGE_PIXELS:
                 raise TooLarge(
@@ -166,8 +170,8 @@ def image_check(data: bytes) -> CheckedImage:
     """The request's check of a PNG/JPEG upload: decoded as far as refusing damage needs (a PNG
     in full, a JPEG at reduced scale), never re-encoded. Raises the refusals ``_opened`` names."""
     opened = _opened(data, full=False)
-    with opened as image:
-        return CheckedImage(image.format, *opened.size)
+    with opened:
+        return CheckedImage(opened.format, *opened.size)
 
 
 @dataclass(frozen=True)
@@ -362,8 +366,9 @@ def _images_from_bytes(
                 uploaded_by=membership.user,
             )
             if routing:  # the read renders it, in the same pass as the forward (workers/runner.py)
-                inference_request_create(image=image, model_version=routing.version_for(image.pk))
-                image.ai_status = InferenceRequest.Status.QUEUED  # what the answer shows, without asking again
+                inference_request_create(image=image, model_version=_read_version(routing, image))
+                # what the answer shows, without asking again (the list queries annotate it)
+                image.ai_status = InferenceRequest.Status.QUEUED  # type: ignore[attr-defined]
             else:  # no read yet (a bulk job's item): the worker step renders it for display
                 ids = [image.pk]
                 transaction.on_commit(lambda: _enqueue_render(ids), robust=True)
@@ -559,7 +564,7 @@ def _dicom_upload(
     budget = _decode_budget(request)
     deferrable = routing is not None
     in_request = budget is None or (not (deferrable and parsed.is_compressed) and budget.take(parsed.pixels))
-    if not in_request and not deferrable:
+    if budget is not None and not in_request and not deferrable:  # not in_request: there is a budget
         raise TooLarge(
             f"Decoding this DICOM file ({parsed.pixels:,} pixels) would pass what one request may decode "
             f"({budget.left:,} pixels left of {settings.SIGHTLINE_MAX_DECODE_PIXELS_PER_REQUEST:,}); add it to "
@@ -618,7 +623,7 @@ def _store_dicom(
     header: dict,
     fields: StudyFields,
     request,
-    renders: list[RenderedFrame] = (),
+    renders: Sequence[RenderedFrame] = (),
     received: int = 0,
     reason: str = "",
     routing: Routing | None = None,
@@ -701,8 +706,9 @@ def _store_dicom(
                     )
                     for index, ((png, pixels), render) in enumerate(zip(files, renders, strict=True))
                 ]
-                for image in images if routing else ():
-                    inference_request_create(image=image, model_version=routing.version_for(image.pk))
+                if routing is not None:
+                    for image in images:
+                        inference_request_create(image=image, model_version=_read_version(routing, image))
             study_summary_refresh([study.pk])
             for image in images:
                 _record_upload(membership, image, request)
@@ -748,7 +754,7 @@ def images_render(*, image_ids: list[int]) -> int:
     uploads = [image for image in images if image.format != "DICOM"]
     rendered = _uploads_render(uploads)
     images = [image for image in images if image.format == "DICOM"]
-    for original in sorted({image.original.name for image in images}):
+    for original in sorted({_stored_name(image.original) for image in images}):
         frames = [image for image in images if image.original.name == original]
         with default_storage.open(original, "rb") as stored:  # OSError: the task retries
             data = stored.read(settings.SIGHTLINE_MAX_UPLOAD_BYTES + 1)
@@ -779,7 +785,7 @@ def _uploads_render(images: list[Image]) -> int:
         if image.pk in reading:
             continue
         try:
-            with default_storage.open(image.original.name, "rb") as stored:  # OSError: the task retries
+            with default_storage.open(_stored_name(image.original), "rb") as stored:  # OSError: the task retries
                 data = stored.read(settings.SIGHTLINE_MAX_UPLOAD_BYTES + 1)
         except FileNotFoundError:  # a read that started meanwhile rendered it and deleted the original
             if Image.objects.filter(pk=image.pk, state=Image.State.RECEIVED).exists():
@@ -860,7 +866,7 @@ def image_original_discard_on_commit(image: Image) -> None:
     again). A storage error leaves the file behind, logged; it never undoes the render."""
     if image.format == "DICOM" or not image.original:
         return
-    name, image_id = image.original.name, image.pk
+    name, image_id = _stored_name(image.original), image.pk
 
     def discard() -> None:
         try:
@@ -911,7 +917,23 @@ def _queue_read(image: Image) -> None:
     except Unavailable:
         logger.warning("image %s rendered; no production model, so its AI read is not queued", image.pk)
         return
-    inference_request_create(image=image, model_version=routing.version_for(image.pk))
+    inference_request_create(image=image, model_version=_read_version(routing, image))
+
+
+def _read_version(routing: Routing, image: Image) -> ModelVersion:
+    """The version that reads this image; the routing came from upload_routing, which refuses a
+    hospital without a production model, so there is always one."""
+    version = routing.version_for(image.pk)
+    if version is None:
+        raise Unavailable("No production model is registered yet, so images cannot be read.", code="no_model")
+    return version
+
+
+def _stored_name(file: FieldFile) -> str:
+    """The storage key of a file these callers only reach when it is stored."""
+    if not file.name:
+        raise FileNotFoundError("the image has no stored original")
+    return file.name
 
 
 def images_render_failed(images: list[Image], message: str) -> None:
@@ -941,7 +963,7 @@ def images_render_failed(images: list[Image], message: str) -> None:
 def images_render_reconcile() -> int:
     """Wake received images whose render wake-up is older than the stall time (a lost message:
     Redis keeps nothing): one wake-up per original. The attempt cap in images_render ends them."""
-    before = timezone.now() - timezone.timedelta(seconds=settings.SIGHTLINE_RENDER_STALL_SECONDS)
+    before = timezone.now() - timedelta(seconds=settings.SIGHTLINE_RENDER_STALL_SECONDS)
     stalled = Image.objects.filter(
         Q(render_queued_at__lt=before) | Q(render_queued_at__isnull=True), state=Image.State.RECEIVED
     )

@@ -4,7 +4,8 @@ from its images, requests, results and reviews, and tells the hospital's open pa
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from django.db.models import OuterRef, Subquery
 from django.utils import timezone
@@ -18,13 +19,13 @@ AIStatus, ReviewState = Study.AIStatus, Study.ReviewState
 _STATUS_ORDER = [AIStatus.RUNNING, AIStatus.QUEUED, AIStatus.FAILED, AIStatus.DONE, AIStatus.UNPROCESSABLE]
 
 
-def _study_ai_status(statuses: list[str]) -> str:
+def _study_ai_status(statuses: list[str | None]) -> str:  # None: an image with no read
     """Work in progress first, then a failure, then done; unprocessable only when nothing else."""
     present = set(statuses)
     return next((status for status in _STATUS_ORDER if status in present), AIStatus.NONE)
 
 
-def _image_ai_status(row: dict) -> str | None:
+def _image_ai_status(row: Mapping[str, Any]) -> str | None:
     if row["unprocessable_reason"]:
         return AIStatus.UNPROCESSABLE
     if row["state"] == Image.State.RECEIVED and row["read_on_render"]:
@@ -58,7 +59,7 @@ def study_summary_refresh(study_ids: Iterable[int]) -> None:
             "read_on_render",
         )
     )
-    by_study: dict[int, list[dict]] = defaultdict(list)
+    by_study: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
     for image in images:
         by_study[image["study_id"]].append(image)
     best: dict[int, tuple[float, str]] = {}

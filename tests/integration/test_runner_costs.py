@@ -70,3 +70,18 @@ def test_an_unknown_lane_is_refused_in_words(clinician_a, demo_model, settings):
     settings.SIGHTLINE_WORKER_LANE = "fast"
     with pytest.raises(ValueError, match="SIGHTLINE_WORKER_LANE is 'fast'"):
         claim(model_version_id=demo_model.pk, limit=1)
+
+
+def test_the_interactive_lane_takes_bulk_work_in_small_batches_and_the_others_in_full(
+    clinician_a, demo_model, settings
+):
+    bulk = queued([clinician_a], 6, seed=40)
+    InferenceRequest.objects.filter(pk__in=[r.pk for r in bulk]).update(priority=Priority.BULK)
+    settings.SIGHTLINE_INTERACTIVE_LANE_BULK_BATCH = 2
+    settings.SIGHTLINE_WORKER_LANE = "interactive"
+    assert claim(model_version_id=demo_model.pk, limit=8) == [r.pk for r in bulk[:2]]
+    settings.SIGHTLINE_WORKER_LANE = "all"
+    assert claim(model_version_id=demo_model.pk, limit=8) == [r.pk for r in bulk[2:]]
+    interactive = queued([clinician_a], 3, seed=50)
+    settings.SIGHTLINE_WORKER_LANE = "interactive"  # a clinician's reads are never capped
+    assert claim(model_version_id=demo_model.pk, limit=8) == [r.pk for r in interactive]

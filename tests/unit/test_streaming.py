@@ -19,6 +19,10 @@ from rest_framework.request import Request
 
 from core.streaming import CHUNK_BYTES, ChunkedStream, Part, multipart_response, streaming_response
 
+# a response's close() sends request_finished, whose close_old_connections looks at the database
+# connection a test before this one may have left open in this thread
+pytestmark = pytest.mark.django_db
+
 PIECE = "x" * 1000 + "\n"
 PIECES = 2_000  # about 2 MB: 30 chunks
 
