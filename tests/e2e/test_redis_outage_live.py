@@ -1,7 +1,7 @@
 """A Redis outage on the real stack (web, worker, beat, Redis, each a process of its own): while
 Redis is really stopped an upload is still accepted (the database keeps the read that waits);
-once Redis is back the read is done and a WebSocket client gets ``result.ready`` without
-asking again. The web process drops its sockets when Redis goes (their groups lived in Redis,
+once Redis is back the read is done, a WebSocket client gets ``result.ready`` and the open
+image list shows it without a reload (the browser test, run with ``-m browser``). The web process drops its sockets when Redis goes (their groups lived in Redis,
 which keeps nothing), so the client does what the pages' feed.js does: reconnect with a backoff
 and subscribe again.
 
@@ -170,3 +170,36 @@ def test_an_upload_while_redis_is_down_is_accepted_and_its_result_reaches_a_webs
     detail = requests.get(f"{drill.base_url}/api/v1/images/{image_id}/", headers=headers, timeout=10).json()
     assert detail["status"] == "done"
     assert Image.objects.get(pk=image_id).inference_requests.get().status == "done"
+
+
+@pytest.mark.browser
+def test_the_open_image_list_shows_a_read_finished_after_the_outage_without_a_reload(drill, browser_context):
+    from playwright.sync_api import expect
+
+    from tests.e2e.test_browser import sign_in
+
+    drill.start(beat=False)
+    page = browser_context.new_page()
+    sign_in(page, drill, "clinician", PASSWORD)
+    live = page.locator("#live")
+    expect(live).to_have_attribute("data-state", "live", timeout=30_000)
+    page.evaluate("window.__sameDocument = true")
+
+    drill.redis_stop()
+    expect(live).to_have_attribute("data-state", "offline", timeout=30_000)  # the page says it is offline
+    response = requests.post(
+        f"{drill.base_url}/api/v1/images/",
+        files={"file": ("outage.png", png_bytes(seed=43), "image/png")},
+        headers=bearer(drill),
+        timeout=60,
+    )
+    assert response.status_code == 201, response.text
+    image_id = response.json()["id"]
+
+    drill.redis_start()
+    expect(live).to_have_attribute("data-state", "live", timeout=60_000)  # reconnected on its own
+    status = page.locator(f'#images tbody tr[data-image="{image_id}"] [data-role=status]')
+    expect(status).to_have_text("queued", timeout=30_000)  # caught up from the API on reconnecting
+    drill.beat_start()  # the reconciliation sends the read; its result.ready reaches the page
+    expect(status).to_have_text("done", timeout=90_000)
+    assert page.evaluate("window.__sameDocument") is True  # no reload happened
