@@ -1,9 +1,11 @@
 """A Redis outage on the real stack (web, worker, beat, Redis, each a process of its own): while
 Redis is really stopped an upload is still accepted (the database keeps the read that waits);
 once Redis is back the read is done, a WebSocket client gets ``result.ready`` and the open
-image list shows it without a reload (the browser test, run with ``-m browser``). The web process drops its sockets when Redis goes (their groups lived in Redis,
-which keeps nothing), so the client does what the pages' feed.js does: reconnect with a backoff
-and subscribe again.
+image list shows it without a reload (the browser test, ``-m browser``).
+
+The web process drops its sockets when Redis goes (their groups lived in Redis, which keeps
+nothing), so the client does what the pages' feed.js does: reconnect with a backoff and
+subscribe again.
 
 ``RedisDrill`` is the stack and its Redis switch, for later drills (a deployment, a restart)."""
 
