@@ -3,9 +3,9 @@ Redis is really stopped an upload is still accepted (the database keeps the read
 once Redis is back the read is done, a WebSocket client gets ``result.ready`` and the open
 image list shows it without a reload (the browser test, ``-m browser``).
 
-The web process drops its sockets when Redis goes (their groups lived in Redis, which keeps
-nothing), so the client does what the pages' feed.js does: reconnect with a backoff and
-subscribe again.
+The web process closes its sockets with 1012 ("try again") when Redis goes (their groups lived
+in Redis, which keeps nothing), so the client does what the pages' feed.js does: reconnect with
+a backoff and subscribe again.
 
 ``RedisDrill`` (tests/e2e/drills.py) is the stack and its Redis switch, for later drills."""
 
@@ -48,8 +48,11 @@ def test_an_upload_while_redis_is_down_is_accepted_and_its_result_reaches_a_webs
     access = headers["Authorization"].split()[1]
     with subscribed_socket(drill, access, "demo-general") as socket:
         drill.redis_stop()
-        with pytest.raises(ConnectionClosed):  # its groups went with Redis: the web process drops it
+        with pytest.raises(ConnectionClosed) as closed:  # its groups went with Redis: it can hear nothing more
             socket.recv(timeout=30)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012  # "try again", in a close frame
+    assert "events socket closed for the client to reconnect" in drill.log("web")
+    assert "Exception in ASGI application" not in drill.log("web")
     started = time.monotonic()
     response = requests.post(
         f"{drill.base_url}/api/v1/images/",
