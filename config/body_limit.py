@@ -3,7 +3,8 @@
 Django reads a whole request body (to a temporary file) before any middleware runs, and a
 chunked request has no Content-Length to check. This wrapper answers 413 for a declared length
 over the cap at once, and for a body that grows past it while arriving: Django is told the
-client went away (so it stops, writes nothing) and the client gets the 413.
+client went away (so it stops, writes nothing) and the client gets the 413. A chunked body that
+ends within the cap is given the Content-Length it turned out to have.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class BodySizeLimit:
                 if received > limit:
                     exceeded = True
                     return {"type": "http.disconnect"}  # Django abandons the request
+                if not message.get("more_body") and not declared and received:
+                    # a chunked body, complete: Django builds the request from the scope only after
+                    # reading the body, and its parsers (and DRF's) read nothing without a length
+                    scope["headers"] = [*scope.get("headers", []), (b"content-length", str(received).encode())]
             return message
 
         async def watched_send(message):

@@ -10,7 +10,9 @@ hospital's feed, and the socket when no feed is left.
 
 from __future__ import annotations
 
+import logging
 import time
+from contextlib import suppress
 from importlib import import_module
 
 from asgiref.sync import async_to_sync
@@ -24,14 +26,31 @@ from accounts.permissions import Action, can
 from accounts.selectors import memberships_active
 from accounts.service_accounts import api_key_is_live
 from accounts.services import access_event_record
+from core.transient import is_transient
+
+logger = logging.getLogger(__name__)
 
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_ACCESS_REVOKED = 4403
+CLOSE_TRY_AGAIN = 1012  # RFC 6455's "service restart": the client reconnects and subscribes again
 # how often a long-lived socket re-reads its browser session (idle and absolute limits)
 SESSION_RECHECK_SECONDS = 60
 
 
 class EventsConsumer(JsonWebsocketConsumer):
+    async def __call__(self, scope, receive, send):
+        """Redis (the channel layer) gone away ends the socket with a close frame saying "try
+        again", not a traceback and a dropped connection: the socket's groups lived in Redis, so
+        it could hear nothing more; the client reconnects and subscribes again (feed.js does)."""
+        try:
+            await super().__call__(scope, receive, send)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            logger.warning("events socket closed for the client to reconnect: %s: %s", type(exc).__name__, exc)
+            with suppress(Exception):  # the client may be gone already
+                await send({"type": "websocket.close", "code": CLOSE_TRY_AGAIN})
+
     def connect(self):
         user = self.scope.get("user")
         session = self.scope.get("session")

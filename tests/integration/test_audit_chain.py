@@ -342,3 +342,198 @@ def test_concurrent_writer_processes_leave_a_chain_that_verifies(hospital_a):
     sequences = sorted(AccessEvent.objects.filter(chain=key).values_list("sequence", flat=True))
     assert sequences == list(range(1, writers * each + 1))
     assert chain_verify(key).ok
+
+
+def job_entries(mark: int, job_id: int) -> list[tuple[str, str, str]]:
+    return [
+        (e.action, e.outcome, e.actor_label)
+        for e in entries_after(mark)
+        if e.target_type == "batch_job" and e.target_id == str(job_id)
+    ]
+
+
+def test_each_bulk_job_change_is_one_entry_in_the_hospitals_chain(clinician_a, demo_model):
+    from django.core.files.base import ContentFile
+    from django.core.files.storage import default_storage
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from recognition.models import BatchItem, BatchJob
+    from tests.integration.test_batches import expand_all, make_zip
+
+    client = api_client_for(clinician_a)
+    mark = last_id()
+    job_id = client.post("/api/v1/batches/", {"name": "night films"}, format="json").json()["id"]
+    assert job_entries(mark, job_id) == [("batch.create", "success", "clinician")]
+
+    mark = last_id()
+    archive = SimpleUploadedFile("night.zip", make_zip([("a.png", png_bytes(seed=1, size=64))]))
+    assert client.post(f"/api/v1/batches/{job_id}/items/", {"archive": archive}, format="multipart").status_code == 202
+    assert job_entries(mark, job_id) == [("batch.add_archive", "success", "clinician")]
+
+    own = f"tenants/{clinician_a.tenant_id}/imports/night/"
+    default_storage.save(f"{own}b.png", ContentFile(png_bytes(seed=2, size=64)))
+    mark = last_id()
+    assert client.post(f"/api/v1/batches/{job_id}/items/", {"prefix": own}, format="multipart").status_code == 202
+    foreign = f"tenants/{clinician_a.tenant_id + 1}/imports/"
+    assert client.post(f"/api/v1/batches/{job_id}/items/", {"prefix": foreign}, format="multipart").status_code == 400
+    assert job_entries(mark, job_id) == [
+        ("batch.add_prefix", "success", "clinician"),
+        ("batch.add_prefix", "denied", "clinician"),  # the refused import is on record too
+    ]
+    expand_all()
+
+    for step in ("start", "cancel"):
+        mark = last_id()
+        assert client.post(f"/api/v1/batches/{job_id}/{step}/").status_code == 200, step
+        assert job_entries(mark, job_id) == [(f"batch.{step}", "success", "clinician")]
+
+    # a retry needs a started job with a failed item
+    second = client.post("/api/v1/batches/", {"name": "second"}, format="json").json()["id"]
+    files = {"files": [SimpleUploadedFile("x.png", png_bytes(seed=3, size=64))]}
+    client.post(f"/api/v1/batches/{second}/items/", files, format="multipart")
+    client.post(f"/api/v1/batches/{second}/start/")
+    item = BatchItem.objects.get(job_id=second)
+    InferenceRequest.objects.filter(pk=item.request_id).update(status="failed", error="boom")
+    BatchItem.objects.filter(pk=item.pk).update(status="failed")
+    mark = last_id()
+    assert client.post(f"/api/v1/batches/{second}/retry/").status_code == 200
+    assert job_entries(mark, second) == [("batch.retry", "success", "clinician")]
+
+    entries = AccessEvent.objects.filter(target_type="batch_job", target_id__in=[str(job_id), str(second)])
+    assert set(entries.values_list("chain", flat=True)) == {chain_key(clinician_a.tenant_id)}
+    assert chain_verify(chain_key(clinician_a.tenant_id)).ok
+    assert BatchJob.objects.count() == 2
+
+
+def test_pin_changes_are_recorded_with_who_made_them(client, demo_model, hospital_a, django_user_model):
+    from recognition.models import ModelPin
+
+    staff = django_user_model.objects.create_superuser("platform", password=PASSWORD)
+    client.force_login(staff)
+    mark = last_id()
+    response = client.post(
+        "/admin/recognition/modelpin/add/",
+        {"tenant": hospital_a.pk, "model": demo_model.model_id, "version": demo_model.pk},
+    )
+    assert response.status_code == 302
+    pin = ModelPin.objects.get()
+    response = client.post(f"/admin/recognition/modelpin/{pin.pk}/delete/", {"post": "yes"})
+    assert response.status_code == 302 and not ModelPin.objects.exists()
+    call_command("model", "pin", "sightline-demo", "--hospital", hospital_a.slug, "--version", "1.0.0")
+    pins = [
+        (e.action, e.actor_label, e.tenant_id, e.target_type, e.target_id)
+        for e in entries_after(mark)
+        if e.action == "model.pin_change"
+    ]
+    changed = (hospital_a.pk, "model", str(demo_model.model_id))
+    assert pins == [
+        ("model.pin_change", "platform", *changed),  # pinned on the admin page
+        ("model.pin_change", "platform", *changed),  # removed there
+        ("model.pin_change", "", *changed),  # pinned from the command line (no person)
+    ]
+    assert chain_verify(chain_key(hospital_a.pk)).ok
+
+
+def _unrecorded_actions():
+    """(name, the action, what it would change): each must fail, and change nothing, when its
+    access-log entry cannot be written."""
+    from recognition.models import BatchJob, Image, ModelPin, Review
+    from recognition.services.registry import model_pin_set
+
+    def role(world):
+        world["viewer"].refresh_from_db()
+        return world["viewer"].role
+
+    return [
+        (
+            "upload",
+            lambda w: api_client_for(w["clinician"]).post(
+                "/api/v1/images/", {"file": upload_file(png_bytes(seed=7))}, format="multipart"
+            ),
+            lambda w: Image.objects.count(),
+        ),
+        (
+            "review",
+            lambda w: api_client_for(w["clinician"]).post(
+                f"/api/v1/images/{w['image'].pk}/reviews/", {"verdict": "agree"}, format="json"
+            ),
+            lambda w: Review.objects.count(),
+        ),
+        (
+            "bulk job",
+            lambda w: api_client_for(w["clinician"]).post("/api/v1/batches/", {"name": "night"}, format="json"),
+            lambda w: BatchJob.objects.count(),
+        ),
+        (
+            "role change",
+            lambda w: membership_change_role(actor=w["admin"], membership=w["viewer"], role=Role.AUDITOR),
+            role,
+        ),
+        (
+            "pin",
+            lambda w: model_pin_set(tenant=w["admin"].tenant, model=w["model"].model, version=w["model"]),
+            lambda w: ModelPin.objects.count(),
+        ),
+    ]
+
+
+UNRECORDED = _unrecorded_actions()
+
+
+@pytest.mark.parametrize(("name", "act", "state"), UNRECORDED, ids=[case[0] for case in UNRECORDED])
+def test_an_action_whose_access_log_entry_cannot_be_written_fails_and_changes_nothing(
+    world, demo_model, monkeypatch, name, act, state
+):
+    import accounts.services
+
+    world = {**world, "model": demo_model}
+    before, mark = state(world), last_id()
+
+    def refused(event):
+        raise DatabaseError("the access log refused the entry")
+
+    monkeypatch.setattr(accounts.services, "chain_append", refused)
+    with pytest.raises(DatabaseError, match="the access log refused the entry"):
+        act(world)
+    monkeypatch.undo()
+    assert state(world) == before
+    assert entries_after(mark) == []
+
+
+def test_prune_audit_log_prunes_each_hospital_to_its_retention_and_keeps_the_rest(
+    clinician_a, clinician_b, monkeypatch, capsys
+):
+    """The command as cron runs it: hospital A keeps 30 days, hospital B keeps everything."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    a, b = clinician_a.tenant, clinician_b.tenant
+    a.audit_retention_days = 30
+    a.save()
+    real_now = timezone.now
+    with monkeypatch.context() as past:  # entries written 40 days ago, in both chains
+        past.setattr(timezone, "now", lambda: real_now() - timedelta(days=40))
+        for membership in (clinician_a, clinician_b) * 3:
+            access_event_record(action="test.old", user=membership.user, tenant=membership.tenant)
+    recent = access_event_record(action="test.recent", user=clinician_a.user, tenant=a)
+    b_before = list(AccessEvent.objects.filter(chain=chain_key(b.pk)).values_list("pk", flat=True))
+
+    call_command("prune_audit_log")
+    out = capsys.readouterr().out
+    first_kept = recent.sequence
+    assert out.splitlines() == [
+        f"{a.slug}: pruned {first_kept - 1} entries older than 30 days; the chain starts at entry {first_kept}"
+    ]
+    a_left = AccessEvent.objects.filter(chain=chain_key(a.pk)).order_by("sequence")
+    assert list(a_left.values_list("action", flat=True)) == ["test.recent", "audit.prune"]
+    assert a_left.last().target_id == f"1-{recent.sequence - 1}"
+    assert list(AccessEvent.objects.filter(chain=chain_key(b.pk)).values_list("pk", flat=True)) == b_before
+    assert all(report.ok for report in chains_verify())
+
+    call_command("prune_audit_log", "--tenant", b.slug)
+    assert capsys.readouterr().out == f"{b.slug}: no retention set, nothing pruned\n"
+    call_command("prune_audit_log")  # nothing is 30 days old any more
+    assert f"{a.slug}: pruned 0 entries" in capsys.readouterr().out
+    with pytest.raises(CommandError, match="No hospital with the slug 'nowhere'"):
+        call_command("prune_audit_log", "--tenant", "nowhere")

@@ -277,3 +277,47 @@ def test_a_key_that_is_not_printable_ascii_is_a_400(clinician_a, demo_model):
     )
     assert response.status_code == 400 and response.json()["error"]["code"] == "bad_idempotency_key"
     assert not Image.objects.exists()
+
+
+# -- the syntaxes the README names, on files pydicom ships, through the upload path ------------------------------
+
+SHIPPED_SYNTAXES = [
+    ("JPGExtended.dcm", "JPEG Extended (Process 2 and 4)"),  # 12-bit lossy JPEG
+    ("JPEGLSNearLossless_08.dcm", "JPEG-LS Lossy (Near-Lossless) Image Compression"),
+    ("JPEGLSNearLossless_16.dcm", "JPEG-LS Lossy (Near-Lossless) Image Compression"),
+    ("SC_rgb_jpeg_gdcm.dcm", "JPEG Lossless, Non-Hierarchical, First-Order Prediction"),  # RGB
+]
+
+
+@pytest.mark.parametrize(("name", "syntax"), SHIPPED_SYNTAXES, ids=[name for name, _ in SHIPPED_SYNTAXES])
+def test_a_shipped_file_in_each_named_syntax_is_uploaded_rendered_and_shown_as_pydicom_decodes_it(
+    clinician_a, demo_model, render_worker, name, syntax
+):
+    from PIL import Image as PillowImage
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import apply_modality_lut
+
+    path = get_testdata_file(name, download=False)
+    reference = dcmread(path)
+    assert reference.file_meta.TransferSyntaxUID.name.startswith(syntax)
+    expected = reference.pixel_array  # pydicom's own decoders: the platform must show the same pixels
+    client = api_client_for(clinician_a)
+    with open(path, "rb") as handle:
+        response = render_worker.post(client, handle.read(), name=name)
+    assert response.status_code == 202, response.json()
+    assert response.json()["state"] == "received"  # compressed: decoded by the worker, not the request
+    render_worker.run()
+
+    image = Image.objects.get()
+    assert image.state == "rendered"
+    assert (image.width, image.height) == (reference.Columns, reference.Rows)
+    assert InferenceRequest.objects.filter(image=image).count() == 1  # and it is read by the model
+    shown = np.asarray(PillowImage.open(io.BytesIO(b"".join(client.get(f"/api/v1/images/{image.pk}/file/")))))
+    if reference.PhotometricInterpretation == "RGB":
+        np.testing.assert_array_equal(shown, expected)  # lossless colour: the very pixels
+        assert client.get(f"/api/v1/images/{image.pk}/pixels/").status_code == 404  # no modality values
+        return
+    assert shown.shape == expected.shape
+    values = np.frombuffer(client.get(f"/api/v1/images/{image.pk}/pixels/").content, "<f4").reshape(expected.shape)
+    np.testing.assert_array_equal(values, apply_modality_lut(expected, reference).astype(np.float32))

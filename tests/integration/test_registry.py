@@ -90,14 +90,75 @@ def test_a_checksum_mismatch_refuses_the_model(demo_package, tmp_path):
     assert ModelVersion.objects.get().status == "refused"
 
 
+def retrained(demo_package: Path, tmp_path: Path, *, version: str) -> Path:
+    """The demo package with other weights (every float tensor nudged) and their true checksum:
+    a package the checksum accepts, so only "versions are immutable" can refuse it."""
+    import torch
+
+    from core.model_package import WEIGHTS_NAME, sha256_bytes
+
+    with zipfile.ZipFile(demo_package) as source:
+        manifest = json.loads(source.read(MANIFEST_NAME))
+        members = {name: source.read(name) for name in source.namelist() if name not in (MANIFEST_NAME, WEIGHTS_NAME)}
+        state = torch.load(io.BytesIO(source.read(WEIGHTS_NAME)), map_location="cpu", weights_only=True)
+    nudged = {name: tensor + 1e-3 if tensor.is_floating_point() else tensor for name, tensor in state.items()}
+    buffer = io.BytesIO()
+    torch.save(nudged, buffer)
+    weights = buffer.getvalue()
+    manifest = {**manifest, "version": version, "weights_sha256": sha256_bytes(weights)}
+    target = tmp_path / f"retrained-{version}.zip"
+    with zipfile.ZipFile(target, "w") as archive:
+        archive.writestr(MANIFEST_NAME, json.dumps(manifest))
+        archive.writestr(WEIGHTS_NAME, weights)
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return target
+
+
 def test_versions_are_immutable(demo_model, demo_package, tmp_path):
-    other = variant(demo_package, tmp_path, version="1.0.0", weights_sha256="0" * 64)
+    from django.core.files.storage import default_storage
+
+    from recognition.services.registry import model_version_submit
+
+    # other weights with their true checksum: the checksum passes, immutability refuses
+    other = retrained(demo_package, tmp_path, version="1.0.0")
+    stored_before = default_storage.listdir(str(Path(demo_model.package.name).parent))[1]
     with pytest.raises(CommandError, match="already registered with other contents"):
-        run("register_model", str(other))  # refused before anything is stored
+        run("register_model", str(other), "--validate-here")
+    assert default_storage.listdir(str(Path(demo_model.package.name).parent))[1] == stored_before  # nothing stored
     relabelled = variant(demo_package, tmp_path, version="1.0.0", description="same weights, other manifest")
     with pytest.raises(CommandError, match="already registered with other contents"):
         run("register_model", str(relabelled))
     assert ModelVersion.objects.get().weights_sha256 == demo_model.weights_sha256
+    assert AccessEvent.objects.filter(action="model.register").count() == 1
+    # the same weights under a new number are a package the registry takes: what refused it was the number
+    version, created = model_version_submit(package_path=retrained(demo_package, tmp_path, version="1.0.1"))
+    assert created and version.status == "validating"
+
+
+@pytest.mark.parametrize("tampering", ["other weights", "other manifest"])
+def test_a_tampered_cached_package_is_never_loaded(demo_model, demo_package, tmp_path, settings, tampering):
+    """The worker's local copy of a package is named by its checksum; bytes changed on that
+    disk afterwards (other weights with a matching manifest, or the same weights relabelled)
+    are refused when the model loads, never served."""
+    from core.model_package import PackageError
+    from workers.model_cache import local_package, model_cache_clear, model_handler
+
+    settings.SIGHTLINE_MODEL_CACHE_DIR = tmp_path / "cache"
+    model_cache_clear()
+    cached = local_package(demo_model)
+    assert cached.parent == tmp_path / "cache"
+    if tampering == "other weights":
+        forged, refusal = retrained(demo_package, tmp_path, version="1.0.0"), "checksum mismatch"
+    else:
+        forged = variant(demo_package, tmp_path, version="1.0.0", description="relabelled on the worker's disk")
+        refusal = "differs from the registered one"
+    cached.write_bytes(forged.read_bytes())
+    try:
+        with pytest.raises(PackageError, match=refusal):
+            model_handler(demo_model)
+    finally:
+        model_cache_clear()
 
 
 def test_moving_an_alias_is_recorded(two_versions):

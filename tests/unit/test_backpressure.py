@@ -384,3 +384,14 @@ def test_a_real_worker_runs_the_step_after_the_task_consumer_and_before_the_even
     worker = app.WorkController(pool_cls="solo", without_mingle=True, without_gossip=True, without_heartbeat=True)
     order = [type(step).__name__ for step in worker.consumer.steps]
     assert order.index("Tasks") < order.index("GpuBackPressure") < order.index("Evloop")
+
+
+def test_the_workers_own_celery_app_runs_the_step_after_the_task_consumer():
+    """The app ``celery -A workers.celery worker`` starts, not one built here: without its
+    registration in workers/celery.py no worker would ever pause."""
+    from workers.celery import app
+
+    assert GpuBackPressure in app.steps["consumer"]
+    worker = app.WorkController(pool_cls="solo", without_mingle=True, without_gossip=True, without_heartbeat=True)
+    order = [type(step).__name__ for step in worker.consumer.steps]
+    assert order.index("Tasks") < order.index("GpuBackPressure") < order.index("Evloop")

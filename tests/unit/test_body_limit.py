@@ -8,12 +8,14 @@ from config.body_limit import BodySizeLimit
 
 
 class Reader:
-    """An application that reads the body the way Django's ASGIHandler does."""
+    """An application that reads the body the way Django's ASGIHandler does (and the headers
+    after it, as Django builds the request from the scope once the body is read)."""
 
     def __init__(self):
         self.called = False
         self.body = b""
         self.aborted = False
+        self.headers = None
 
     async def __call__(self, scope, receive, send):
         self.called = True
@@ -25,6 +27,7 @@ class Reader:
             self.body += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        self.headers = dict(scope["headers"])
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
@@ -76,3 +79,21 @@ def test_websockets_pass_through():
 
     asyncio.run(BodySizeLimit(app, limit=1)({"type": "websocket"}, None, None))
     assert seen == ["websocket"]
+
+
+def test_a_chunked_body_within_the_limit_is_given_its_length():
+    """Django's and DRF's parsers read no body without a Content-Length; uvicorn passes a
+    chunked one with none."""
+    inner = Reader()
+    sent = call(BodySizeLimit(inner, limit=100), [b"x" * 30, b"y" * 30, b""])
+    assert inner.body == b"x" * 30 + b"y" * 30 and sent[0]["status"] == 200
+    assert inner.headers[b"content-length"] == b"60"
+
+
+def test_a_declared_length_and_an_empty_body_are_left_as_they_came():
+    inner = Reader()
+    call(BodySizeLimit(inner, limit=100), [b"x" * 50], headers=[(b"content-length", b"50")])
+    assert list(inner.headers.items()) == [(b"content-length", b"50")]
+    inner = Reader()
+    call(BodySizeLimit(inner, limit=100), [b""])
+    assert inner.headers == {}
