@@ -8,8 +8,6 @@ urlpatterns = [
     path("members/<int:membership_id>/deactivate/", apis.MemberDeactivateApi.as_view(), name="api-member-deactivate"),
     path("invitations/", apis.InvitationCreateApi.as_view(), name="api-invitations"),
     path("activity/", apis.ActivityApi.as_view(), name="api-activity"),
-    path("access-log/", apis.AccessLogApi.as_view(), name="api-access-log"),
-    path("access-log/search/", apis.AccessLogSearchApi.as_view(), name="api-access-log-search"),
     path("service-accounts/", apis.ServiceAccountListApi.as_view(), name="api-service-accounts"),
     path(
         "service-accounts/<int:service_account_id>/",

@@ -35,8 +35,5 @@ urlpatterns = [
     path(
         "hospital/service-account-keys/<int:api_key_id>/revoke/", views.api_key_revoke_page, name="api-key-revoke-page"
     ),
-    path("hospital/access-log/", views.access_log_page, name="access-log"),
-    path("hospital/access-log.csv", views.access_log_csv, name="access-log-csv"),
-    path("hospital/access-log/<int:entry_id>/", views.access_log_entry_page, name="access-log-entry"),
     path("invitations/<str:token>/", views.invitation_accept_page, name="invitation-accept"),
 ]

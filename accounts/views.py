@@ -1,10 +1,8 @@
-"""Pages for people: sign-in with an optional second factor, members, invitations, access log."""
+"""Pages for people: sign-in with an optional second factor, members, invitations, service
+accounts (the access log's pages are the audit app's: audit/views.py)."""
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Iterator
-from datetime import UTC, date
 from urllib.parse import urlencode
 
 import segno
@@ -17,32 +15,16 @@ from django.contrib.auth.forms import UserCreationForm
 from django.db import transaction
 from django.shortcuts import redirect, render
 from django.urls import reverse
-from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_otp import login as otp_login
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
-from config.cursor import identifiers_refused_in_query
 from config.errors import Conflict, DomainError, Invalid
-from config.spreadsheet import spreadsheet_safe
-from core.streaming import streaming_response
 
 from .lockout import ACCOUNT_LOCKED_MESSAGE, sign_in_is_locked, sign_in_second_factor_failed
-from .models import AccessEvent, Membership, Role
-from .selectors import (
-    AccessLogFilters,
-    access_log_actor,
-    access_log_entry_get,
-    access_log_export,
-    access_log_hospitals,
-    access_log_list,
-    activity_list,
-    invitation_list,
-    membership_for_session,
-    membership_get,
-    membership_list,
-)
+from .models import Role
+from .selectors import activity_list, invitation_list, membership_for_session, membership_get, membership_list
 from .service_accounts import (
     API_KEY_RATE_MAX,
     SERVICE_ACCOUNT_ROLE_CHOICES,
@@ -318,139 +300,6 @@ def invitation_accept_page(request, token: str):
             messages.success(request, f"Welcome to {invitation.tenant.name}.")
             return redirect("recognition:home")
     return render(request, "accounts/invitation.html", {"invitation": invitation, "form": form})
-
-
-CSV_CHUNK_ROWS = 2000  # the queryset's fetch size: one database round trip per 2,000 rows
-CSV_COLUMNS = (
-    "id",
-    "time_utc",
-    "hospital",
-    "person",
-    "action",
-    "target_type",
-    "target_id",
-    "outcome",
-    "ip_address",
-    "user_agent",
-    "request_id",
-    "chain",
-    "sequence",
-    "previous_hash",
-    "entry_hash",
-)
-
-
-def _access_log_filters(data) -> AccessLogFilters:
-    def day(name: str) -> date | None:
-        try:
-            return date.fromisoformat(data[name]) if data.get(name) else None
-        except ValueError:
-            raise Invalid(f"{name.replace('_', ' ').capitalize()} is not a date (YYYY-MM-DD).") from None
-
-    study = data.get("study", "").strip()
-    if study and not study.isdigit():
-        raise Invalid("Study is a study id (a number).")
-    return AccessLogFilters(
-        person=data.get("person", "").strip(),
-        patient=data.get("patient", "").strip(),
-        study=int(study) if study else None,
-        action=data.get("action", "").strip(),
-        outcome=data.get("outcome", ""),
-        date_from=day("date_from"),
-        date_to=day("date_to"),
-        hospital=data.get("hospital", ""),
-    )
-
-
-def _access_log_request_data(request):
-    """The filters of a page or CSV request: a POST body (the page's forms), or a query string
-    that names no person or patient (identifiers never go into URLs: refused in words)."""
-    if request.method == "POST":
-        return request.POST
-    identifiers_refused_in_query(request.GET)
-    return request.GET
-
-
-@login_required
-@require_http_methods(["GET", "POST"])
-def access_log_page(request):
-    """The auditor's view of the log, newest first, keyset pages. The filter form, the next page
-    and the CSV download POST the filters, so a person or patient filter never reaches a URL;
-    the cursor is opaque (config.cursor)."""
-    actor = access_log_actor(request)
-    data = _access_log_request_data(request)
-    filters = _access_log_filters(data)
-    entries, next_cursor = access_log_list(actor=actor, filters=filters, cursor=data.get("cursor", ""), request=request)
-    is_platform = not isinstance(actor, Membership)
-    query = filters.as_query()
-    return render(
-        request,
-        "accounts/access_log.html",
-        {
-            "actor": actor,
-            "is_platform": is_platform,
-            "hospitals": access_log_hospitals() if is_platform else [],
-            "entries": entries,
-            "filters": filters,
-            "outcomes": AccessEvent.Outcome.values,
-            "next_fields": sorted({**query, "cursor": next_cursor}.items()) if next_cursor else [],
-            "csv_fields": sorted(query.items()),
-        },
-    )
-
-
-@login_required
-@require_GET
-def access_log_entry_page(request, entry_id: int):
-    entry = access_log_entry_get(actor=access_log_actor(request), entry_id=entry_id, request=request)
-    return render(request, "accounts/access_log_entry.html", {"entry": entry})
-
-
-class _Echo:
-    """csv.writer writes into this and gets the line back, so each row can be yielded."""
-
-    def write(self, value: str) -> str:
-        return value
-
-
-def access_log_csv_lines(entries) -> Iterator[str]:
-    writer = csv.writer(_Echo())
-    yield writer.writerow(CSV_COLUMNS)
-    for entry in entries.iterator(chunk_size=CSV_CHUNK_ROWS):
-        row = (
-            entry.pk,
-            entry.created.astimezone(UTC).isoformat(timespec="microseconds"),
-            entry.tenant.slug if entry.tenant else "",
-            entry.actor_label,
-            entry.action,
-            entry.target_type,
-            entry.target_id,
-            entry.outcome,
-            entry.ip_address,
-            entry.user_agent,
-            entry.request_id,
-            entry.chain,
-            entry.sequence,
-            entry.previous_hash,
-            entry.entry_hash,
-        )
-        yield writer.writerow([spreadsheet_safe(value) for value in row])
-
-
-@login_required
-@require_http_methods(["GET", "POST"])
-def access_log_csv(request):
-    """The filtered log as CSV, streamed row by row; the export is logged before it starts. The
-    page's download button POSTs the filters (a person or patient filter never reaches a URL)."""
-    actor = access_log_actor(request)
-    filters = _access_log_filters(_access_log_request_data(request))
-    entries = access_log_export(actor=actor, filters=filters, request=request)
-    return streaming_response(
-        request,
-        access_log_csv_lines(entries),
-        content_type="text/csv; charset=utf-8",
-        filename=f"access-log-{timezone.now():%Y%m%d-%H%M%S}.csv",
-    )
 
 
 # --- service accounts (tenant admins) -----------------------------------------------------------

@@ -14,6 +14,7 @@ api_v1 = [
     # the split view serves its start-up script as a file: no inline script for the CSP to allow
     path("docs/", SpectacularSwaggerSplitView.as_view(url_name="schema"), name="api-docs"),
     path("", include("accounts.api_urls")),
+    path("", include("audit.api_urls")),
     path("", include("recognition.api_urls")),
 ]
 
@@ -27,6 +28,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
     path("", include("accounts.urls")),
+    path("", include("audit.urls")),
     path("", include("recognition.urls")),
 ]
 

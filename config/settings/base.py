@@ -34,6 +34,7 @@ INSTALLED_APPS = [
     "accounts",
     "recognition",
     "workers",
+    "audit",
 ]
 
 MIDDLEWARE = [

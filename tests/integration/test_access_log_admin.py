@@ -73,7 +73,7 @@ def test_when_the_audit_entry_cannot_be_written_the_page_is_not_shown(client, en
     def broken(**kwargs):
         raise RuntimeError("the access log is unavailable")
 
-    monkeypatch.setattr("accounts.admin.access_event_record", broken)
+    monkeypatch.setattr("audit.admin.access_event_record", broken)
     client.raise_request_exception = False
     response = client.get(CHANGELIST)
     assert response.status_code == 500 and b"image.view" not in response.content

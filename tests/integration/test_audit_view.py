@@ -22,7 +22,7 @@ from django.urls import reverse
 from accounts.models import AccessEvent, Role
 from accounts.services import access_event_record, membership_grant, user_get_or_create
 from accounts.signals import username_tried
-from accounts.views import CSV_COLUMNS
+from audit.exports import CSV_COLUMNS
 from recognition.models import Image, Review, Series, Study
 from tests.conftest import PASSWORD, api_client_for
 

@@ -249,7 +249,7 @@ def test_the_access_log_page_pages_and_exports_a_patient_filter_without_a_url_na
 ):
     expected, _ = about_patient(hospital_a, clinician_a.user, 5)  # the filter names the clinician too
     client.force_login(auditor_a.user)
-    with page_size(monkeypatch, "accounts.selectors.access_log_list", 2):
+    with page_size(monkeypatch, "audit.selectors.access_log_list", 2):
         response = client.post(ACCESS_LOG, {"patient": PATIENT, "person": "clinician"})
         seen = []
         while True:

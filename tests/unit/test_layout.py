@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("accounts", "config", "core", "recognition", "workers")
+PACKAGES = ("accounts", "audit", "config", "core", "recognition", "workers")
 
 
 def module_name(path: Path) -> str:
@@ -151,10 +151,41 @@ def test_core_sits_below_every_app():
     assert not reaching, "\n".join(reaching)
 
 
+def reaching(below: str, above: tuple[str, ...]) -> list[str]:
+    """Every import in ``below``'s modules that lands in one of the ``above`` packages."""
+    return [
+        f"{module} imports {target}"
+        for module in MODULES
+        if module == below or module.startswith(below + ".")
+        for target, _ in imports(module)
+        if target.split(".")[0] in above
+    ]
+
+
+def test_accounts_never_imports_recognition():
+    """People and hospitals sit below the clinical records: what reads both (the access log's
+    patient and study filters) is the audit app's, above the two."""
+    found = reaching("accounts", ("recognition",))
+    assert not found, "\n".join(found)
+
+
+def test_the_audit_app_sits_above_every_app():
+    """audit/ reads the log accounts writes and recognition's records; nothing imports it (the
+    URL includes and INSTALLED_APPS name it as text)."""
+    found = [
+        line
+        for below in ("accounts", "config", "core", "recognition", "workers")
+        for line in reaching(below, ("audit",))
+    ]
+    assert not found, "\n".join(found)
+
+
 def test_the_check_sees_the_imports_it_judges():
     """The walker finds a function-level import and resolves relative ones (so the tests above
     cannot pass by reading nothing)."""
     assert ("workers.runner", "inference_run") in imports("workers.tasks")  # inside a task function
     assert "recognition.models" in graph()["recognition.services.images"]  # from ..models import
     assert "workers.engine.handler" not in graph()["workers.engine.backends"]  # for annotations only
+    assert "recognition.models" in graph()["audit.lookups"]  # what the accounts test refuses, seen
+    assert reaching("audit", ("recognition",))
     assert len(MODULES) > 50
