@@ -224,7 +224,7 @@ def build(count: int) -> dict:
 def time_pages(world: dict) -> dict:
     from django.contrib.auth.models import Permission
 
-    from accounts.selectors import AccessLogFilters, access_log_list
+    from audit.selectors import AccessLogFilters, access_log_list
 
     membership = world["membership"]
 
@@ -268,7 +268,7 @@ def time_pages(world: dict) -> dict:
 
 
 def _nth_cursor(membership, filters, pages: int) -> str:
-    from accounts.selectors import access_log_list
+    from audit.selectors import access_log_list
 
     cursor = ""
     for _ in range(pages):
