@@ -50,6 +50,24 @@ def production_env(**overrides: str | None) -> dict[str, str]:
 PACKAGE_CACHE = Path(settings.BASE_DIR) / "var" / "test-cache" / f"{training.DEMO_NAME}-{training.DEMO_VERSION}.zip"
 
 
+# CI runs the suite twice (.ci/run): heavy tests that prove the same on either database run in
+# one pass only. Unset (a developer's `make test`), everything runs.
+CI_PASS_LEAVES_OUT = {"sqlite": "heavy_drill", "postgres": "heavy_any_db"}
+
+
+def pytest_collection_modifyitems(config, items):
+    ci_pass = os.environ.get("SIGHTLINE_CI_PASS", "")
+    if ci_pass and ci_pass not in CI_PASS_LEAVES_OUT:
+        raise pytest.UsageError(f"SIGHTLINE_CI_PASS is {ci_pass!r}; use sqlite or postgres")
+    marker = CI_PASS_LEAVES_OUT.get(ci_pass)
+    if marker is None:
+        return
+    left_out = [item for item in items if item.get_closest_marker(marker)]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not item.get_closest_marker(marker)]
+
+
 @pytest.fixture(autouse=True)
 def _no_wake_markers():
     """Wake-up markers (recognition.services.inference) live in the shared cache, keyed by model

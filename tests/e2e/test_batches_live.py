@@ -157,6 +157,7 @@ def _start_beat(processes, env, tmp_path) -> None:
     processes.start("beat", [celery, "-A", "workers.celery", "beat", "-l", "info", "-s", str(tmp_path / "beat")], env)
 
 
+@pytest.mark.heavy_drill  # CI runs this drill in its PostgreSQL pass (row locking)
 def test_a_worker_killed_mid_job_loses_and_doubles_nothing(live_demo, tmp_path):
     job, count = _started_job(120), 120
     processes, redis_port, env = _private_stack(tmp_path)
@@ -175,6 +176,7 @@ def test_a_worker_killed_mid_job_loses_and_doubles_nothing(live_demo, tmp_path):
     _assert_exactly_once(job, count)
 
 
+@pytest.mark.heavy_drill  # CI runs this drill in its PostgreSQL pass (row locking)
 def test_redis_restarted_mid_job_loses_and_doubles_nothing(live_demo, tmp_path):
     """Redis keeps nothing on disk here: the restart loses every message. The database still knows
     what waits; beat's reconciliation (every 2 s here) wakes it once the broker is back."""

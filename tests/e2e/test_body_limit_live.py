@@ -18,7 +18,8 @@ from config.webserver import web_server_argv
 from tests.conftest import png_bytes
 from tests.e2e.conftest import VENV_BIN, Processes, database_url, free_port, wait_for_port
 
-pytestmark = pytest.mark.e2e
+# the body cap is enforced before any database is reached: CI runs this in one pass
+pytestmark = [pytest.mark.e2e, pytest.mark.heavy_any_db]
 
 LIMIT = 1024 * 1024  # the web process's SIGHTLINE_MAX_REQUEST_BYTES here: 1 MiB
 CHUNK = 64 * 1024

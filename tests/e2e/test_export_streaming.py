@@ -25,7 +25,8 @@ from recognition.services.batches import batch_job_create
 from tests.e2e.conftest import VENV_BIN, Processes, database_url, free_port, wait_for_port
 from tests.e2e.test_batches_live import bearer
 
-pytestmark = pytest.mark.e2e
+# peak memory of the streaming path, whatever the database: CI runs this in one pass
+pytestmark = [pytest.mark.e2e, pytest.mark.heavy_any_db]
 
 SMALL_JOB, BIG_JOB = 1_000, 100_000
 PEAK_GROWTH_LIMIT = 50 * 2**20

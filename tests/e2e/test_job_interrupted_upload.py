@@ -26,7 +26,8 @@ from tests.conftest import png_bytes
 from tests.e2e.conftest import VENV_BIN, free_port, wait_for_line, wait_for_port, worker_argv
 from tests.e2e.test_batches_live import _private_stack, _start_redis, bearer, wait_until, zip_of
 
-pytestmark = pytest.mark.e2e
+# a private stack; what it proves rests on row locking: CI runs this drill in its PostgreSQL pass
+pytestmark = [pytest.mark.e2e, pytest.mark.heavy_drill]
 
 BIG_ZIP_MB = 40
 BOUNDARY = "sightline-interrupted-upload-7f3a"

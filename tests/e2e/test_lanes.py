@@ -29,7 +29,8 @@ from tests.e2e.conftest import (
 )
 from workers.celery import lane_torch_threads
 
-pytestmark = pytest.mark.e2e
+# the broker's order between lanes (probe tasks, no database): CI runs this in one pass
+pytestmark = [pytest.mark.e2e, pytest.mark.heavy_any_db]
 
 
 def procfile() -> dict[str, str]:

@@ -18,7 +18,8 @@ from django.conf import settings
 from tests.conftest import PACKAGE_CACHE
 from tests.e2e.conftest import free_port
 
-pytestmark = pytest.mark.e2e
+# `make run` always starts on its own SQLite: CI runs this in one pass
+pytestmark = [pytest.mark.e2e, pytest.mark.heavy_any_db]
 
 
 def descendants(pid: int) -> set[int]:

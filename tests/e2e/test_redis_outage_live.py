@@ -22,7 +22,9 @@ from recognition.models import Image, InferenceRequest
 from tests.conftest import PASSWORD, png_bytes
 from tests.e2e.drills import RedisDrill, subscribed_socket
 
-pytestmark = pytest.mark.e2e
+# a private stack with Redis killed, the same on either database (its browser half runs with the
+# browser suite, in CI's SQLite pass): CI runs it in one pass
+pytestmark = [pytest.mark.e2e, pytest.mark.heavy_any_db]
 
 
 @pytest.fixture
