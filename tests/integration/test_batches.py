@@ -217,7 +217,7 @@ def test_reconciliation_cleans_up_an_archive_that_never_arrived_and_requeues_los
         touched_at=timezone.now(), source="z",
     )  # fmt: skip
     queued = []
-    monkeypatch.setattr(intake, "_enqueue_expand", queued.append)
+    monkeypatch.setattr(intake, "batch_upload_expand_enqueue", queued.append)
 
     assert tasks.batch_reconcile.apply().get() == 3
     assert sorted(queued) == sorted([lost.pk, dead.pk])
@@ -380,7 +380,7 @@ def test_an_upload_whose_worker_crashes_every_time_is_refused_after_the_cap(
     add_zip(client, job["id"], make_zip([("a.png", png_bytes(seed=1, size=64))]))
     upload = BatchUpload.objects.get()
     queued = []
-    monkeypatch.setattr(intake, "_enqueue_expand", queued.append)
+    monkeypatch.setattr(intake, "batch_upload_expand_enqueue", queued.append)
     crash = (
         "import os, django; django.setup()\n"
         "from recognition.services.jobs import expansion, intake\n"
@@ -523,7 +523,7 @@ def test_two_creates_at_once_with_one_idempotency_key_answer_the_same_job(clinic
 
     if connection.vendor == "sqlite":
         pytest.skip("SQLite serialises the two creates (one write transaction at a time): they cannot race there")
-    real = lifecycle._record
+    real = lifecycle.batch_job_record
     first_inserted = threading.Event()
     answers = {}
 
@@ -546,7 +546,7 @@ def test_two_creates_at_once_with_one_idempotency_key_answer_the_same_job(clinic
                     answers["never_waited"] = True
         return real(membership, action, job, request)
 
-    monkeypatch.setattr(lifecycle, "_record", record)
+    monkeypatch.setattr(lifecycle, "batch_job_record", record)
 
     def post(which):
         if which == "second":

@@ -23,7 +23,7 @@ from ...models import BatchItem, BatchJob, BatchUpload
 from ...storage import ForeignStorageKey, storage_key_for_tenant
 from . import intake
 from .bookkeeping import batch_jobs_notify
-from .intake import _abandon_receiving, _file_items
+from .intake import batch_file_items, batch_upload_abandon
 
 logger = logging.getLogger(__name__)
 Item, Job, Upload = BatchItem.Status, BatchJob.Status, BatchUpload.Status
@@ -274,7 +274,7 @@ def _add_entry(membership, job, upload, claim, position, data, error) -> bool:
                 tenant=job.tenant, job=job, upload=upload, position=position, status=Item.FAILED, error=error[:500]
             )
         else:
-            _file_items(membership, job, upload, position, _Entry(data, len(data)))
+            batch_file_items(membership, job, upload, position, _Entry(data, len(data)))
     return True
 
 
@@ -301,14 +301,14 @@ def batch_uploads_reconcile() -> int:
     stalled = _stalled_before()
     abandoned = list(BatchUpload.objects.select_related("job").filter(status=Upload.RECEIVING, touched_at__lt=stalled))
     for upload in abandoned:
-        _abandon_receiving(upload, "the upload did not finish (the server stopped while storing it); send it again")
+        batch_upload_abandon(upload, "the upload did not finish (the server stopped while storing it); send it again")
     overdue = Q(status=Upload.RECEIVED, touched_at__lt=timezone.now() - timedelta(seconds=30)) | (
         Q(status=Upload.EXPANDING) & (Q(touched_at__isnull=True) | Q(touched_at__lt=stalled))
     )
     given_up = _uploads_give_up(overdue)
     waiting = list(BatchUpload.objects.filter(overdue).values_list("pk", flat=True))
     for upload_id in waiting:
-        intake._enqueue_expand(upload_id)  # through the module: tests replace it there
+        intake.batch_upload_expand_enqueue(upload_id)  # through the module: tests replace it there
     if abandoned or waiting or given_up:
         logger.warning(
             "reconciled uploads: %d abandoned, %d given up, %d queued again", len(abandoned), given_up, len(waiting)

@@ -21,7 +21,7 @@ from ...models import BatchItem, BatchJob, BatchUpload
 from ...storage import ForeignStorageKey, archive_key, storage_key_for_tenant
 from ..images import images_upload
 from .bookkeeping import batch_jobs_notify
-from .lifecycle import _open_job, _record
+from .lifecycle import batch_job_open_for_items, batch_job_record
 
 logger = logging.getLogger(__name__)
 Item, Upload = BatchItem.Status, BatchUpload.Status
@@ -56,11 +56,11 @@ def batch_items_add_files(*, membership: Membership, job_id: int, files: list, r
     refused (409, saying how many were added), never left pending in a running job."""
     items: list[BatchItem] = []
     with transaction.atomic():
-        job = _open_job(membership, job_id, request)  # 404 and 409 before anything is read
+        job = batch_job_open_for_items(membership, job_id, request)  # 404 and 409 before anything is read
     for index, upload in enumerate(files):
         with transaction.atomic():
             try:
-                job = _open_job(membership, job_id, request)
+                job = batch_job_open_for_items(membership, job_id, request)
             except Conflict:
                 if not index:
                     raise
@@ -70,12 +70,12 @@ def batch_items_add_files(*, membership: Membership, job_id: int, files: list, r
                     code="job_started",
                     detail={"added": index},
                 ) from None
-            items.extend(_file_items(membership, job, None, _next_position(job), upload, request))
+            items.extend(batch_file_items(membership, job, None, _next_position(job), upload, request))
     batch_jobs_notify([job])
     return items
 
 
-def _file_items(membership, job, upload, position, file, request=None) -> list[BatchItem]:
+def batch_file_items(membership, job, upload, position, file, request=None) -> list[BatchItem]:
     """The items one file becomes: its images (a DICOM file's frames follow the first, each with
     a place of its own), or one failed item that says why. Any error that is not the platform's
     (see TRANSIENT) is this file's alone: the reader failing on it fails it, not the upload."""
@@ -111,7 +111,7 @@ def batch_upload_zip(*, membership: Membership, job_id: int, archive, request=No
     the process dies while storing, reconciliation finds the row still "receiving", deletes
     whatever reached storage and refuses the upload in words. No orphan file, no silent loss."""
     with transaction.atomic():
-        job = _open_job(membership, job_id, request)
+        job = batch_job_open_for_items(membership, job_id, request)
         upload = BatchUpload.objects.create(
             tenant=job.tenant,
             job=job,
@@ -126,16 +126,16 @@ def batch_upload_zip(*, membership: Membership, job_id: int, archive, request=No
             BatchUpload.objects.filter(pk=upload.pk).update(source=stored)
         with transaction.atomic():
             BatchUpload.objects.filter(pk=upload.pk).update(status=Upload.RECEIVED, touched_at=timezone.now())
-            _record(membership, "batch.add_archive", job, request)
-            transaction.on_commit(lambda: _enqueue_expand(upload.pk), robust=True)
+            batch_job_record(membership, "batch.add_archive", job, request)
+            transaction.on_commit(lambda: batch_upload_expand_enqueue(upload.pk), robust=True)
     except BaseException:
-        _abandon_receiving(upload, "the archive could not be stored; send it again")
+        batch_upload_abandon(upload, "the archive could not be stored; send it again")
         raise
     upload.refresh_from_db()
     return upload
 
 
-def _abandon_receiving(upload: BatchUpload, reason: str) -> None:
+def batch_upload_abandon(upload: BatchUpload, reason: str) -> None:
     """An archive that never finished arriving: what reached storage goes, the upload is refused."""
     default_storage.delete(upload.source)
     BatchUpload.objects.filter(pk=upload.pk, status=Upload.RECEIVING).update(
@@ -152,7 +152,7 @@ def batch_upload_prefix(*, membership: Membership, job_id: int, prefix: str, req
     and the attempt is in the access log."""
     refused = None
     with transaction.atomic():
-        job = _open_job(membership, job_id, request)
+        job = batch_job_open_for_items(membership, job_id, request)
         folder = prefix if prefix.endswith("/") else prefix + "/"  # the one liberty: "…/night" means the folder
         try:
             folder = storage_key_for_tenant(tenant_id=job.tenant_id, key=folder, under="imports")
@@ -162,8 +162,8 @@ def batch_upload_prefix(*, membership: Membership, job_id: int, prefix: str, req
             refused = exc
         else:
             upload = BatchUpload.objects.create(tenant=job.tenant, job=job, kind="prefix", source=folder)
-            _record(membership, "batch.add_prefix", job, request)
-            transaction.on_commit(lambda: _enqueue_expand(upload.pk), robust=True)
+            batch_job_record(membership, "batch.add_prefix", job, request)
+            transaction.on_commit(lambda: batch_upload_expand_enqueue(upload.pk), robust=True)
     if refused is not None:
         with transaction.atomic():
             access_event_record(
@@ -179,6 +179,6 @@ def batch_upload_prefix(*, membership: Membership, job_id: int, prefix: str, req
     return upload
 
 
-def _enqueue_expand(upload_id: int) -> None:
+def batch_upload_expand_enqueue(upload_id: int) -> None:
     # the broker down: the upload stays received and reconciliation enqueues it again
     task_send("workers.tasks.batch_expand", args=[upload_id], queue="maintenance")

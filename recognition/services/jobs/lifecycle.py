@@ -85,11 +85,12 @@ def batch_job_create(
                     "This Idempotency-Key was used for a different job; use a new key.", code="idempotency_mismatch"
                 ) from None
             return existing, False
-        _record(membership, "batch.create", job, request)
+        batch_job_record(membership, "batch.create", job, request)
     return job, True
 
 
-def _record(membership: Membership, action: str, job: BatchJob, request) -> None:
+def batch_job_record(membership: Membership, action: str, job: BatchJob, request) -> None:
+    """The member's action on the job, in the access log (in the caller's transaction)."""
     access_event_record(
         action=action,
         request=request,
@@ -100,7 +101,8 @@ def _record(membership: Membership, action: str, job: BatchJob, request) -> None
     )
 
 
-def _open_job(membership: Membership, job_id: int, request) -> BatchJob:
+def batch_job_open_for_items(membership: Membership, job_id: int, request) -> BatchJob:
+    """The job, its row locked, that items may still be added to (409 once it has started)."""
     require(membership, Action.BATCH_SUBMIT, request=request)
     job = batch_job_get(membership=membership, job_id=job_id, request=request, for_update=True)
     if job.status != Job.OPEN:
@@ -111,14 +113,14 @@ def _open_job(membership: Membership, job_id: int, request) -> BatchJob:
 def batch_job_start(*, membership: Membership, job_id: int, request=None) -> BatchJob:
     """Queue every pending item at bulk priority, in chunks the worker batches."""
     with transaction.atomic():
-        job = _open_job(membership, job_id, request)
+        job = batch_job_open_for_items(membership, job_id, request)
         if job_uploads_pending(job).exists():
             raise Conflict("An archive is still being unpacked; start the job when it is done.", code="expanding")
         job.status, job.started_at = Job.RUNNING, timezone.now()
         job.resumed_at = job.started_at
         job.save(update_fields=["status", "started_at", "resumed_at"])
         _queue(job, BatchItem.objects.filter(job=job, status=Item.PENDING, image__isnull=False))
-        _record(membership, "batch.start", job, request)
+        batch_job_record(membership, "batch.start", job, request)
         batch_jobs_notify([job])
     return job
 
@@ -173,7 +175,7 @@ def batch_job_cancel(*, membership: Membership, job_id: int, request=None) -> Ba
         )
         job.status, job.cancelled_at = Job.CANCELLED, timezone.now()
         job.save(update_fields=["status", "cancelled_at"])
-        _record(membership, "batch.cancel", job, request)
+        batch_job_record(membership, "batch.cancel", job, request)
         batch_jobs_notify([job])
     return job
 
@@ -198,7 +200,7 @@ def batch_job_retry(*, membership: Membership, job_id: int, request=None) -> int
             job.resumed_at = timezone.now()
             job.save(update_fields=["resumed_at"])
         _queue(job, failed)
-        _record(membership, "batch.retry", job, request)
+        batch_job_record(membership, "batch.retry", job, request)
         batch_jobs_notify([job])
     return count
 
@@ -206,5 +208,5 @@ def batch_job_retry(*, membership: Membership, job_id: int, request=None) -> int
 def batch_results_open(*, membership: Membership, job_id: int, request=None) -> BatchJob:
     """The job whose results are being downloaded; the download is recorded before it streams."""
     job = batch_job_get(membership=membership, job_id=job_id, request=request)
-    _record(membership, "batch.results", job, request)
+    batch_job_record(membership, "batch.results", job, request)
     return job
