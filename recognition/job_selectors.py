@@ -23,7 +23,7 @@ from .models import BatchItem, BatchJob, BatchUpload
 from .selectors import not_found_recorded
 
 Item, Job, Upload = BatchItem.Status, BatchJob.Status, BatchUpload.Status
-UNFINISHED_UPLOADS = Q(status__in=[Upload.COMPLETE, Upload.REFUSED])  # excluded: these block nothing
+FINISHED_UPLOADS = Q(status__in=[Upload.COMPLETE, Upload.REFUSED])  # these block nothing
 
 
 def batch_job_get(*, membership: Membership, job_id: int, request=None, for_update: bool = False) -> BatchJob:
@@ -56,7 +56,7 @@ def batch_job_list(*, membership: Membership, request=None) -> QuerySet[BatchJob
 
 def job_uploads_pending(job: BatchJob) -> QuerySet[BatchUpload]:
     """Archives still arriving or being unpacked: until they are done the job cannot start."""
-    return job.uploads.exclude(UNFINISHED_UPLOADS)
+    return job.uploads.exclude(FINISHED_UPLOADS)
 
 
 def _count(queryset: QuerySet) -> Coalesce:
@@ -76,7 +76,7 @@ def _with_progress(jobs: QuerySet[BatchJob]) -> QuerySet[BatchJob]:
     return jobs.annotate(
         progress_since=Coalesce(F("resumed_at"), F("started_at")),
         **{f"items_{status}": _count(items.filter(status=status)) for status in Item.values},
-        uploads_pending_n=_count(uploads.exclude(UNFINISHED_UPLOADS)),
+        uploads_pending_n=_count(uploads.exclude(FINISHED_UPLOADS)),
         uploads_refused_n=_count(uploads.filter(status=Upload.REFUSED)),
         read_n=_count(read),
         read_last=Subquery(last_read),

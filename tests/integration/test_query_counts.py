@@ -23,6 +23,8 @@ pytestmark = pytest.mark.django_db
 # words for the page (1, only when a job on it has one). Before: up to five queries per job.
 JOB_LIST_API = 3
 JOB_LIST_PAGE = JOB_LIST_API + 5
+# One job: the member, the job, its progress annotated, the refused uploads' words (only when it has one).
+JOB_DETAIL_API = 4
 # The member (1), the page of studies with their state (1), the access-log entry: the chain's
 # head, the entry, the new head (3).
 WORKLIST_API = 5
@@ -58,6 +60,11 @@ def test_the_job_list_costs_the_same_for_3_or_12_jobs(client, clinician_a, demo_
         assert listed.status_code == 200 and len(listed.json()["results"]) == 3 + count
         with django_assert_num_queries(JOB_LIST_PAGE):
             assert client.get("/jobs/").status_code == 200
+    first = BatchUpload.objects.filter(status="refused").earliest("id").job_id
+    with django_assert_num_queries(JOB_DETAIL_API):
+        assert api.get(f"/api/v1/batches/{first}/").json()["uploads_refused"] == [
+            "The storage prefix x/ was refused: no files"
+        ]
     refused = [job["uploads_refused"] for job in listed.json()["results"]]
     assert refused.count(["The storage prefix x/ was refused: no files"]) == 4  # jobs 0, 3, 6, 9
     started = [job for job in listed.json()["results"] if job["status"] == "running"]
