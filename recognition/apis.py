@@ -21,6 +21,7 @@ from config.pagination import NewestFirstPagination, NextCursorPage
 from core.streaming import streaming_response
 
 from .display import display_content_type
+from .job_selectors import batch_job_get, batch_job_list, batch_job_progress, batch_jobs_progress
 from .models import Image, Review, Study
 from .selectors import (
     WORKLIST_SORTS,
@@ -34,13 +35,17 @@ from .selectors import (
     study_worklist,
 )
 from .services.admission import InteractiveBacklog, interactive_admission
-from .services.batches import (
+from .services.heatmaps import (
+    HEATMAP_RETRY_AFTER_SECONDS,
+    HeatmapStatus,
+    heatmap_request,
+    result_heatmap_status,
+)
+from .services.images import IDEMPOTENCY_KEY_MAX, StudyFields, images_upload_once
+from .services.jobs import (
     batch_items_add_files,
     batch_job_cancel,
     batch_job_create,
-    batch_job_get,
-    batch_job_list,
-    batch_job_progress,
     batch_job_retry,
     batch_job_start,
     batch_results_open,
@@ -49,13 +54,6 @@ from .services.batches import (
     results_csv,
     results_json,
 )
-from .services.heatmaps import (
-    HEATMAP_RETRY_AFTER_SECONDS,
-    HeatmapStatus,
-    heatmap_request,
-    result_heatmap_status,
-)
-from .services.images import IDEMPOTENCY_KEY_MAX, StudyFields, images_upload_once
 from .services.registry import model_version_list
 from .services.reviews import review_save, review_sign_off
 
@@ -509,6 +507,7 @@ class BatchJobListCreateApi(TenantApi):
     def get(self, request):
         paginator = self.pagination_class()
         page = paginator.paginate_queryset(batch_job_list(membership=request.membership, request=request), request)
+        batch_jobs_progress(page)  # the page's progress: annotated on the list, the refused uploads' words in one query
         return paginator.get_paginated_response(BatchJobOutput(page, many=True).data)
 
     @extend_schema(

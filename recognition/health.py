@@ -83,9 +83,9 @@ def readiness() -> tuple[bool, dict]:
         checks["broker"] = {"ok": True}
     except Exception as exc:
         checks["broker"] = {"ok": False, "error": type(exc).__name__}
-    from .services.registry import default_production_version
+    from .services.registry import version_for
 
-    production = default_production_version() if checks["database"]["ok"] else None
+    production = version_for() if checks["database"]["ok"] else None
     if production is None:
         checks["worker"] = {"ok": False, "error": "no production model is registered"}
     elif not checks["broker"]["ok"]:

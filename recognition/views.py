@@ -23,6 +23,7 @@ from core.streaming import streaming_response
 
 from .agreement import agreement_csv, agreement_rows, agreement_svg
 from .display import display_content_type
+from .job_selectors import batch_job_get, batch_job_list, batch_jobs_progress
 from .models import Image, Review, Study
 from .selectors import (
     WORKLIST_SORTS,
@@ -37,19 +38,6 @@ from .selectors import (
     study_worklist,
 )
 from .services.admission import interactive_admission
-from .services.batches import (
-    batch_items_add_files,
-    batch_job_cancel,
-    batch_job_create,
-    batch_job_get,
-    batch_job_list,
-    batch_job_progress,
-    batch_job_retry,
-    batch_job_start,
-    batch_results_open,
-    batch_upload_zip,
-    results_csv,
-)
 from .services.heatmaps import (
     HEATMAP_RETRY_AFTER_SECONDS,
     HeatmapStatus,
@@ -58,6 +46,16 @@ from .services.heatmaps import (
     result_heatmap_status,
 )
 from .services.images import image_upload
+from .services.jobs import (
+    batch_items_add_files,
+    batch_job_cancel,
+    batch_job_create,
+    batch_job_retry,
+    batch_job_start,
+    batch_results_open,
+    batch_upload_zip,
+    results_csv,
+)
 from .services.reviews import review_save, review_sign_off
 
 PAGE_SIZE = 100
@@ -399,13 +397,13 @@ def jobs_page(request):
         else:
             messages.success(request, f"Job “{job.name}” created: add files or a zip, then start it.")
         return redirect("recognition:jobs")
-    jobs = batch_job_list(membership=membership, request=request)[:JOBS_PAGE]
+    jobs = list(batch_job_list(membership=membership, request=request)[:JOBS_PAGE])
     return render(
         request,
         "recognition/jobs.html",
         {
             "membership": membership,
-            "jobs": [(job, batch_job_progress(job)) for job in jobs],
+            "jobs": list(zip(jobs, batch_jobs_progress(jobs), strict=True)),
             "can_submit": can(membership, Action.BATCH_SUBMIT),
             "live_config": {"tenant": membership.tenant.slug, "apiJob": reverse("api-batch-detail", args=[0])},
         },

@@ -8,7 +8,7 @@ from django.utils import timezone
 from core.bulk import rows_update
 from recognition import events
 from recognition.models import InferenceRequest, Result
-from recognition.services.batches import batch_items_on_outcome
+from recognition.services.jobs import batch_items_on_outcome
 from recognition.services.studies import study_summary_refresh
 from workers.engine.results import ItemResult
 

@@ -27,7 +27,7 @@ def audit_verify() -> bool:
 
 @shared_task(name="workers.tasks.batch_expand", acks_late=True, **RETRY_TRANSIENT)
 def batch_expand(upload_id: int) -> None:
-    from recognition.services.batches import batch_upload_expand
+    from recognition.services.jobs import batch_upload_expand
 
     batch_upload_expand(upload_id=upload_id)
 
@@ -36,7 +36,7 @@ def batch_expand(upload_id: int) -> None:
 def batch_reconcile() -> int:
     """Periodic (Celery beat): requests stuck running past their time limit are requeued, queued
     ones whose wake-up was lost are woken, and stalled archive uploads are resumed or refused."""
-    from recognition.services.batches import batch_uploads_reconcile
+    from recognition.services.jobs import batch_uploads_reconcile
     from workers.queue_policy import requests_reconcile_stuck
 
     return requests_reconcile_stuck() + batch_uploads_reconcile()

@@ -16,7 +16,7 @@ from django.db.models import OuterRef, QuerySet, Subquery
 from django.utils import timezone
 
 from accounts.services import access_event_record
-from config.errors import Conflict, Invalid
+from config.errors import Conflict, Invalid, NotFound
 from core.model_package import PackageError, file_sha256, read_manifest
 
 from ..enqueue import task_send
@@ -119,13 +119,9 @@ def model_validation_enqueue(version_id: int) -> None:
 
 
 def default_production_version() -> ModelVersion | None:
-    """The version the production alias of the platform's default model points at."""
-    alias = (
-        ModelAlias.objects.select_related("version__model")
-        .filter(model__name=settings.SIGHTLINE_DEFAULT_MODEL, name=ModelAlias.Name.PRODUCTION)
-        .first()
-    )
-    return alias.version if alias else None
+    """The version the production alias of the platform's default model points at (``version_for``
+    with no hospital; kept as a name for the worker's warm-up)."""
+    return version_for()
 
 
 def model_version_require_ready(*, version: ModelVersion | None) -> None:
@@ -279,3 +275,61 @@ def model_routing(*, tenant, model_name: str) -> Routing:
             percent=alias.split_percent,
         )
     return Routing(others.get(alias.pin_id), split_row, alias.version)
+
+
+def version_for(
+    *,
+    tenant=None,
+    model_name: str = "",
+    image_id: int | None = None,
+    alias: str = "",
+    version: str = "",
+    routing: Routing | None = None,
+    required: bool = False,
+) -> ModelVersion | None:
+    """The one answer to "which model version" (of ``model_name``, the platform's default model
+    when empty):
+
+    - ``version`` named: that version, which must have passed the registration checks (409);
+    - ``alias`` named: the version the alias points at, whatever the hospital's pin;
+    - otherwise the hospital's routing (``routing`` when the caller read it once for an upload,
+      else ``model_routing``'s one query): its pin, else its split (when there is an image to
+      place), else the production alias; with no hospital, the production alias alone.
+
+    None when nothing answers, or, with ``required``, a 404 that says what is missing (no such
+    model, version or alias); a named version or alias that is missing is always a 404.
+    """
+    name = model_name or settings.SIGHTLINE_DEFAULT_MODEL
+    if version:
+        found = ModelVersion.objects.select_related("model").filter(model__name=name, version=version).first()
+        if found is None:
+            _require_model(name)
+            raise NotFound(f"{name} has no version {version!r}.", code="unknown_version")
+        model_version_require_ready(version=found)  # 409 for a version still validating or refused
+        return found
+    if alias:
+        row = ModelAlias.objects.select_related("version__model").filter(model__name=name, name=alias).first()
+        if row is None:
+            _require_model(name)
+            raise NotFound(f"{name} has no {alias} alias.", code="unknown_alias")
+        return row.version
+    if routing is None:
+        if tenant is not None:
+            routing = model_routing(tenant=tenant, model_name=name)
+        else:
+            production = (
+                ModelAlias.objects.select_related("version__model")
+                .filter(model__name=name, name=ModelAlias.Name.PRODUCTION)
+                .first()
+            )
+            routing = Routing(None, None, production.version if production else None)
+    chosen = routing.version_for(image_id)
+    if chosen is None and required:
+        _require_model(name)
+        raise NotFound(f"{name} has no production alias.", code="unknown_alias")
+    return chosen
+
+
+def _require_model(name: str) -> None:
+    if not AIModel.objects.filter(name=name).exists():
+        raise NotFound(f"There is no model called {name!r}.", code="unknown_model")

@@ -129,13 +129,13 @@ def _started_job(count: int) -> BatchJob:
     """A started job whose requests wait in the database (no broker messages: the worker's start-up
     and the reconciliation find them)."""
     from accounts.models import Membership
-    from recognition.services.batches import batch_items_add_files, batch_job_create, batch_job_start
+    from recognition.services.jobs import batch_items_add_files, batch_job_create, batch_job_start
 
     clinician = Membership.objects.get(user__username="clinician")
     job, _ = batch_job_create(membership=clinician, name="fault drill")
     files = [upload_file(png_bytes(size=256, seed=n), name=f"{n}.png") for n in range(count)]
     batch_items_add_files(membership=clinician, job_id=job.pk, files=files)
-    with mock.patch("recognition.services.batches._wake"):
+    with mock.patch("recognition.services.jobs.lifecycle._wake"):
         batch_job_start(membership=clinician, job_id=job.pk)
     return job
 

@@ -21,7 +21,7 @@ from django.conf import settings
 from accounts.models import Membership
 from config.webserver import web_server_argv
 from recognition.models import BatchItem
-from recognition.services.batches import batch_job_create
+from recognition.services.jobs import batch_job_create
 from tests.e2e.conftest import VENV_BIN, Processes, database_url, free_port, wait_for_port
 from tests.e2e.test_batches_live import bearer
 

@@ -13,7 +13,7 @@ from django.db.models import Q
 
 from accounts.models import Membership
 from recognition.models import BatchItem, InferenceRequest, Result
-from recognition.services.batches import batch_items_add_files, batch_job_create
+from recognition.services.jobs import batch_items_add_files, batch_job_create
 from tests.conftest import png_bytes, upload_file
 from tests.e2e.test_batches_live import _assert_exactly_once, bearer, wait_until
 

@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from accounts.models import AccessEvent
 from recognition.models import BatchItem, BatchJob, BatchUpload, InferenceRequest, Result
-from recognition.services.batches import batch_upload_expand
+from recognition.services.jobs import batch_upload_expand
 from tests.conftest import api_client_for, png_bytes
 from workers import tasks
 from workers.runner import inference_run
@@ -192,7 +192,7 @@ def test_an_expansion_that_died_half_way_finishes_without_doubles(clinician_a, d
 def test_reconciliation_cleans_up_an_archive_that_never_arrived_and_requeues_lost_expansions(
     clinician_a, demo_model, monkeypatch
 ):
-    from recognition.services import batches
+    from recognition.services.jobs import intake
 
     client = api_client_for(clinician_a)
     job = create(client).json()
@@ -217,7 +217,7 @@ def test_reconciliation_cleans_up_an_archive_that_never_arrived_and_requeues_los
         touched_at=timezone.now(), source="z",
     )  # fmt: skip
     queued = []
-    monkeypatch.setattr(batches, "_enqueue_expand", queued.append)
+    monkeypatch.setattr(intake, "batch_upload_expand_enqueue", queued.append)
 
     assert tasks.batch_reconcile.apply().get() == 3
     assert sorted(queued) == sorted([lost.pk, dead.pk])
@@ -371,7 +371,7 @@ def test_an_upload_whose_worker_crashes_every_time_is_refused_after_the_cap(
     import subprocess
     import sys
 
-    from recognition.services import batches
+    from recognition.services.jobs import intake
     from tests.e2e.conftest import database_url
 
     settings.SIGHTLINE_UPLOAD_MAX_ATTEMPTS = 2
@@ -380,12 +380,12 @@ def test_an_upload_whose_worker_crashes_every_time_is_refused_after_the_cap(
     add_zip(client, job["id"], make_zip([("a.png", png_bytes(seed=1, size=64))]))
     upload = BatchUpload.objects.get()
     queued = []
-    monkeypatch.setattr(batches, "_enqueue_expand", queued.append)
+    monkeypatch.setattr(intake, "batch_upload_expand_enqueue", queued.append)
     crash = (
         "import os, django; django.setup()\n"
-        "from recognition.services import batches\n"
-        "batches.images_upload = lambda **kwargs: os._exit(137)\n"
-        f"batches.batch_upload_expand(upload_id={upload.pk})\n"
+        "from recognition.services.jobs import expansion, intake\n"
+        "intake.images_upload = lambda **kwargs: os._exit(137)\n"
+        f"expansion.batch_upload_expand(upload_id={upload.pk})\n"
     )
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "DATABASE_URL": database_url()}
     env.update(SIGHTLINE_VAR_DIR=str(settings.VAR_DIR), SIGHTLINE_UPLOAD_MAX_ATTEMPTS="2")
@@ -406,7 +406,7 @@ def test_an_upload_whose_worker_crashes_every_time_is_refused_after_the_cap(
 
 
 def test_an_attempt_that_fails_is_handed_back_and_the_cap_ends_it(clinician_a, demo_model, settings, monkeypatch):
-    from recognition.services import batches
+    from recognition.services.jobs import expansion
 
     client = api_client_for(clinician_a)
     job = create(client).json()
@@ -416,7 +416,7 @@ def test_an_attempt_that_fails_is_handed_back_and_the_cap_ends_it(clinician_a, d
     def broken(archive, limits):  # an error no one foresaw, every time
         raise RuntimeError("a bug in the reader")
 
-    monkeypatch.setattr(batches, "read_archive", broken)
+    monkeypatch.setattr(expansion, "read_archive", broken)
     for attempt in range(1, settings.SIGHTLINE_UPLOAD_MAX_ATTEMPTS + 1):
         with pytest.raises(RuntimeError):
             batch_upload_expand(upload_id=upload.pk)  # the task fails (and is logged); the upload is handed back
@@ -432,13 +432,13 @@ def test_an_attempt_that_fails_is_handed_back_and_the_cap_ends_it(clinician_a, d
 def test_an_expander_taken_for_dead_writes_nothing_after_the_takeover(clinician_a, demo_model, monkeypatch):
     from django.db.models import F
 
-    from recognition.services import batches
+    from recognition.services.jobs import intake
 
     client = api_client_for(clinician_a)
     job = create(client).json()
     add_zip(client, job["id"], make_zip([(f"{i}.png", png_bytes(seed=i, size=64)) for i in range(4)]))
     upload = BatchUpload.objects.get()
-    real = batches.images_upload
+    real = intake.images_upload
     calls = []
 
     def slow_then_overtaken(**kwargs):
@@ -447,7 +447,7 @@ def test_an_expander_taken_for_dead_writes_nothing_after_the_takeover(clinician_
             BatchUpload.objects.filter(pk=upload.pk).update(claim=F("claim") + 1)
         return real(**kwargs)
 
-    monkeypatch.setattr(batches, "images_upload", slow_then_overtaken)
+    monkeypatch.setattr(intake, "images_upload", slow_then_overtaken)
     batch_upload_expand(upload_id=upload.pk)
     # its second entry was written before it knew; from the third on it wrote nothing, nor ended the upload
     assert sorted(BatchItem.objects.values_list("position", flat=True)) == [1, 2]
@@ -463,11 +463,10 @@ def test_files_added_while_the_job_starts_are_queued_or_refused_never_left_pendi
     from django.db import connection
 
     from config.errors import Conflict
-    from recognition.services import batches
-    from recognition.services.batches import batch_items_add_files, batch_job_start
+    from recognition.services.jobs import batch_items_add_files, batch_job_start, intake
 
     job = create(api_client_for(clinician_a)).json()
-    real = batches.images_upload
+    real = intake.images_upload
     second_file = threading.Event()
     outcome = {}
 
@@ -477,7 +476,7 @@ def test_files_added_while_the_job_starts_are_queued_or_refused_never_left_pendi
             time.sleep(1.0)  # the start comes while this file is being read
         return real(**kwargs)
 
-    monkeypatch.setattr(batches, "images_upload", reading)
+    monkeypatch.setattr(intake, "images_upload", reading)
 
     def add():
         files = [SimpleUploadedFile(f"{i}.png", png_bytes(seed=i, size=64)) for i in range(4)]
@@ -520,11 +519,11 @@ def test_two_creates_at_once_with_one_idempotency_key_answer_the_same_job(clinic
 
     from django.db import connection
 
-    from recognition.services import batches
+    from recognition.services.jobs import lifecycle
 
     if connection.vendor == "sqlite":
         pytest.skip("SQLite serialises the two creates (one write transaction at a time): they cannot race there")
-    real = batches._record
+    real = lifecycle.batch_job_record
     first_inserted = threading.Event()
     answers = {}
 
@@ -547,7 +546,7 @@ def test_two_creates_at_once_with_one_idempotency_key_answer_the_same_job(clinic
                     answers["never_waited"] = True
         return real(membership, action, job, request)
 
-    monkeypatch.setattr(batches, "_record", record)
+    monkeypatch.setattr(lifecycle, "batch_job_record", record)
 
     def post(which):
         if which == "second":

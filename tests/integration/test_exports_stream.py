@@ -15,7 +15,7 @@ from django.test import AsyncClient
 from accounts.models import AccessEvent, Role
 from accounts.services import membership_grant, user_get_or_create
 from recognition.models import BatchItem
-from recognition.services.batches import batch_job_create
+from recognition.services.jobs import batch_job_create
 from tests.conftest import PASSWORD
 
 pytestmark = pytest.mark.django_db

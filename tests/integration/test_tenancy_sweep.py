@@ -18,8 +18,8 @@ from accounts.models import AccessEvent, Membership, Role
 from accounts.permissions import ROLE_ACTIONS, Action, can
 from accounts.service_accounts import api_key_create, service_account_create
 from accounts.services import invitation_create, membership_grant, user_get_or_create
-from recognition.services.batches import batch_job_create
 from recognition.services.images import StudyFields, image_upload
+from recognition.services.jobs import batch_job_create
 from recognition.services.reviews import review_save
 from tests.conftest import PASSWORD, png_bytes, upload_file
 from workers.runner import inference_run

@@ -19,7 +19,7 @@ def walk(patterns):
         walk(getattr(pattern, "url_patterns", []))
 
 walk(get_resolver().url_patterns)
-import recognition.services.batches, recognition.services.images, recognition.services.inference
+import recognition.services.jobs, recognition.services.images, recognition.services.inference
 import recognition.services.registry, recognition.health, recognition.routing, recognition.admin
 call_command("check")
 print(sorted(name for name in ("torch", "torchvision") if name in sys.modules))
