@@ -100,7 +100,9 @@ def inference_run(*, request_id: int) -> int:
 
     The first batch takes what is waiting now (a lone request does not wait for company unless
     the version sets max_wait_ms); while a batch runs its forward pass, the next one is claimed
-    and decoded in the pool. Redelivered or already-batched requests find nothing and return 0.
+    and decoded in the pool. A message is a wake-up for its version: when its own request was
+    done meanwhile (redelivered, or batched by another task), it still takes what waits, for an
+    upload that found this wake-up on its way sent none (inference_enqueue); 0 when nothing does.
     """
     queue_policy.reclaim_now_and_then()
     row = InferenceRequest.objects.select_related("model_version__model").filter(id=request_id).first()
@@ -108,12 +110,11 @@ def inference_run(*, request_id: int) -> int:
         return 0
     # first, whatever this request's state: uploads from now on send a wake-up of their own
     inference_wake_taken(model_version_id=row.model_version_id, priority=row.priority)
-    if row.status != Status.QUEUED:
-        return 0
+    first_id = request_id if row.status == Status.QUEUED else None
     version = row.model_version
     max_batch, max_wait = queue_policy.batch_limits(version)
     first = collect_batch(
-        lambda n: queue_policy.claim(model_version_id=version.pk, limit=n, first_id=request_id),
+        lambda n: queue_policy.claim(model_version_id=version.pk, limit=n, first_id=first_id),
         max_batch_size=max_batch,
         max_wait_ms=max_wait,
     )

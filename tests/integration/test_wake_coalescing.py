@@ -49,15 +49,22 @@ def test_uploads_behind_a_pending_wake_up_send_none_until_a_worker_takes_it(
     assert sent[-1] == (third.pk, "interactive", None)  # the worker took the first: a new one goes
 
 
-def test_a_redelivered_wake_up_for_finished_work_still_clears_its_marker(
+def test_a_wake_up_whose_own_request_was_done_meanwhile_takes_what_waits_and_clears_its_marker(
     clinician_a, demo_model, sent, django_capture_on_commit_callbacks
 ):
+    """The stall this prevents: a task already running took the first request (between two bulk
+    batches, say) but not its wake-up; a second upload found that wake-up on its way and sent
+    none; when the wake-up's task finally runs, its own request is done, and it must not stop
+    there, or the second waits until the marker expires."""
     first = upload(clinician_a, 4, django_capture_on_commit_callbacks)
-    inference_run(request_id=first.pk)
-    upload(clinician_a, 5, django_capture_on_commit_callbacks)  # a new marker, a new message
-    assert inference_run(request_id=first.pk) == 0  # that message's task: its request was done
-    sixth = upload(clinician_a, 6, django_capture_on_commit_callbacks)
-    assert sent[-1][0] == sixth.pk and len(sent) == 3
+    second = upload(clinician_a, 5, django_capture_on_commit_callbacks)  # coalesced: no message
+    assert [request_id for request_id, _, _ in sent] == [first.pk]
+    InferenceRequest.objects.filter(pk=first.pk).update(status=InferenceRequest.Status.DONE)  # served elsewhere
+    assert inference_run(request_id=first.pk) == 1  # the wake-up's task serves the second
+    assert InferenceRequest.objects.get(pk=second.pk).status == "done"
+    assert inference_run(request_id=first.pk) == 0  # redelivered again: nothing waits now
+    third = upload(clinician_a, 6, django_capture_on_commit_callbacks)
+    assert sent[-1][0] == third.pk and len(sent) == 2  # the marker was cleared
 
 
 def test_lanes_and_versions_have_markers_of_their_own_and_delayed_wake_ups_never_coalesce(demo_model, sent):
