@@ -22,7 +22,7 @@ from recognition.display import display_copy
 from recognition.models import Image, InferenceRequest, ModelVersion
 from recognition.services.images import image_display_store, images_render_failed, images_rendered
 from recognition.services.inference import inference_wake_taken
-from recognition.services.registry import default_production_version
+from recognition.services.registry import version_for
 from workers import queue_policy
 from workers.engine.batching import collect_batch
 from workers.engine.pipeline import BatchPipeline, Item, Prepared
@@ -246,6 +246,6 @@ def _render_outcomes(rendered, unrenderable) -> None:
 
 def inference_warm_up() -> None:
     """Load the default production model in this worker process, if one is registered."""
-    version = default_production_version()
+    version = version_for()
     if version is not None:
         model_handler(version)

@@ -44,7 +44,7 @@ from ..enqueue import task_send
 from ..models import Image, InferenceRequest, ModelVersion, Series, Study, UploadKey
 from ..storage import dicom_key, image_key, original_key, pixels_key
 from .inference import inference_request_create, upload_routing
-from .registry import Routing
+from .registry import Routing, version_for
 from .studies import study_summary_refresh, study_updated_on_commit
 
 logger = logging.getLogger(__name__)
@@ -923,7 +923,7 @@ def _queue_read(image: Image) -> None:
 def _read_version(routing: Routing, image: Image) -> ModelVersion:
     """The version that reads this image; the routing came from upload_routing, which refuses a
     hospital without a production model, so there is always one."""
-    version = routing.version_for(image.pk)
+    version = version_for(routing=routing, image_id=image.pk)
     if version is None:
         raise Unavailable("No production model is registered yet, so images cannot be read.", code="no_model")
     return version

@@ -13,7 +13,7 @@ from config.errors import Unavailable
 
 from ..enqueue import task_send
 from ..models import Image, InferenceRequest, ModelVersion
-from .registry import Routing, model_routing
+from .registry import Routing, model_routing, version_for
 
 logger = logging.getLogger(__name__)
 INFER_TASK = "workers.tasks.infer"
@@ -26,7 +26,7 @@ WAKE_PENDING_SECONDS = 10
 def upload_routing(*, tenant) -> Routing:
     """The hospital's routing for uploads, or 503 (before anything is stored) without a model."""
     routing = model_routing(tenant=tenant, model_name=settings.SIGHTLINE_DEFAULT_MODEL)
-    if routing.version_for(None) is None:
+    if version_for(routing=routing) is None:
         raise Unavailable(
             "No production model is registered yet, so images cannot be read. "
             "Platform staff register one with `manage.py build_demo_model` or `register_model`.",

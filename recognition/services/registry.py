@@ -118,12 +118,6 @@ def model_validation_enqueue(version_id: int) -> None:
     task_send("workers.tasks.model_validate", args=[version_id])
 
 
-def default_production_version() -> ModelVersion | None:
-    """The version the production alias of the platform's default model points at (``version_for``
-    with no hospital; kept as a name for the worker's warm-up)."""
-    return version_for()
-
-
 def model_version_require_ready(*, version: ModelVersion | None) -> None:
     """Aliases, splits and pins point only at versions that passed the registration checks."""
     if version is not None and version.status != ModelVersion.Status.READY:
