@@ -100,7 +100,7 @@ class SightlineUserAdmin(UserAdmin):
     def issue_enrolment_code(self, request, queryset):
         from django.template.response import TemplateResponse
 
-        from config.errors import DomainError
+        from core.errors import DomainError
 
         from .two_factor import enrolment_code_issue_by_staff
 
@@ -124,7 +124,7 @@ class SightlineUserAdmin(UserAdmin):
         description="Reset two-factor sign-in (removes authenticator and recovery codes)", permissions=["change"]
     )
     def reset_two_factor(self, request, queryset):
-        from config.errors import DomainError
+        from core.errors import DomainError
 
         from .two_factor import device_reset_by_staff
 

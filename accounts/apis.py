@@ -13,9 +13,9 @@ from rest_framework.views import APIView
 from rest_framework_simplejwt.serializers import TokenObtainPairSerializer, TokenObtainSerializer
 from rest_framework_simplejwt.views import TokenObtainPairView, TokenRefreshView
 
-from config.errors import Conflict, Forbidden, Gone, Invalid, Locked, NotFound
-from config.inputs import ApiInput
-from config.pagination import NewestFirstPagination
+from core.errors import Conflict, Forbidden, Gone, Invalid, Locked, NotFound
+from core.inputs import ApiInput
+from core.pagination import NewestFirstPagination
 
 from .lockout import ACCOUNT_LOCKED_MESSAGE, known_address_record, sign_in_second_factor_failed
 from .models import Role

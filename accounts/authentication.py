@@ -33,8 +33,8 @@ from rest_framework_simplejwt.utils import get_md5_hash_password
 
 from .models import KEY_SCHEME, AccessEvent, ApiKey, Membership
 
-# DRF imports this module while config.errors (which imports DRF) is still loading: the
-# modules that import config.errors are imported where they are used.
+# DRF imports this module while core.errors (which imports DRF) is still loading: the
+# modules that import core.errors are imported where they are used.
 
 BEARER = "Bearer"
 
@@ -133,7 +133,7 @@ class ApiKeyRateThrottle(BaseThrottle):
         now = time.time()
         window = int(now // self.WINDOW_SECONDS)
         counter = f"api-key-rate:{key.prefix}:{window}"  # the prefix is random per key: no reuse
-        from config.errors import Unavailable
+        from core.errors import Unavailable
 
         try:
             count = self._count(counter)

@@ -1,24 +1,6 @@
-import re
 import time
-import uuid
 
 from django.contrib.auth.models import AnonymousUser
-
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
-class RequestIdMiddleware:
-    """Every request carries an id, taken from the proxy's X-Request-ID when well-formed."""
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-
-    def __call__(self, request):
-        incoming = request.headers.get("X-Request-ID", "")
-        request.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-        response = self.get_response(request)
-        response["X-Request-ID"] = request.request_id
-        return response
 
 
 def session_expired(session, now: float | None = None) -> bool:
@@ -56,32 +38,6 @@ class SessionLifetimeMiddleware:
                 session.setdefault("started", now)
                 if now - session.get("seen", 0) > self.SEEN_RESOLUTION_SECONDS:
                     session["seen"] = now
-        return self.get_response(request)
-
-
-class RequestSizeLimitMiddleware:
-    """Refuse a request body larger than any legitimate upload before anything parses it.
-
-    Django parses multipart bodies (CSRF checks read POST) before views run, and streams file
-    parts to disk without a limit of its own; the proxy should enforce the same cap. Under the
-    ASGI server, config.body_limit refuses earlier still, chunked bodies included.
-    """
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-
-    def __call__(self, request):
-        from django.conf import settings
-        from django.http import JsonResponse
-
-        from config.body_limit import too_large_body
-
-        try:
-            length = int(request.META.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            length = 0
-        if length > settings.SIGHTLINE_MAX_REQUEST_BYTES:
-            return JsonResponse(too_large_body(settings.SIGHTLINE_MAX_REQUEST_BYTES), status=413)
         return self.get_response(request)
 
 

@@ -5,7 +5,7 @@ recognition, and looks up patients and studies, which this app never imports."""
 
 from __future__ import annotations
 
-from config.errors import Forbidden, Invalid, NotFound
+from core.errors import Forbidden, Invalid, NotFound
 
 from .models import AccessEvent, Invitation, Membership
 from .permissions import Action

@@ -20,7 +20,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Prefetch, QuerySet
 from django.utils import timezone
 
-from config.errors import Conflict, Gone, Invalid, NotFound
+from core.errors import Conflict, Gone, Invalid, NotFound
 
 from .events import access_revoked_on_commit, api_key_revoked_on_commit
 from .models import KEY_SCHEME, AccessEvent, ApiKey, Membership, Role, ServiceAccount

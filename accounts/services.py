@@ -17,7 +17,7 @@ from django.db import transaction
 from django.urls import reverse
 from django.utils import timezone
 
-from config.errors import Conflict, Forbidden, Gone, Invalid
+from core.errors import Conflict, Forbidden, Gone, Invalid
 
 from .audit import chain_append
 from .events import access_revoked_on_commit

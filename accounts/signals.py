@@ -4,7 +4,7 @@ from axes.signals import user_locked_out
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 from django.dispatch import receiver
 
-from config.pseudonym import USERNAME, pseudonym_for
+from core.pseudonym import USERNAME, pseudonym_for
 
 from .events import session_ended
 from .lockout import account_failure_record, known_address_record

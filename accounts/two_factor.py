@@ -21,7 +21,7 @@ from django.db import transaction
 from django.utils import timezone
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
-from config.errors import Forbidden, Invalid
+from core.errors import Forbidden, Invalid
 
 from .models import AccessEvent, Membership, RecoveryCode, Role, Tenant, TwoFactorEnrolmentCode
 from .permissions import Action

@@ -20,7 +20,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_otp import login as otp_login
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
-from config.errors import Conflict, DomainError, Invalid
+from core.errors import Conflict, DomainError, Invalid
 
 from .lockout import ACCOUNT_LOCKED_MESSAGE, sign_in_is_locked, sign_in_second_factor_failed
 from .models import Role

@@ -7,7 +7,7 @@ from django.http import Http404
 
 from accounts.models import AccessEvent
 from accounts.services import access_event_record
-from config.errors import NotFound
+from core.errors import NotFound
 
 from .selectors import PLATFORM_AUDIT_PERMISSION, access_log_entry_get
 

@@ -9,9 +9,9 @@ from rest_framework.response import Response
 
 from accounts.apis import TENANT_HEADER, TenantApi
 from accounts.models import AccessEvent
-from config.cursor import identifiers_refused_in_query
-from config.inputs import ApiInput
-from config.pagination import NextCursorPage
+from core.cursor import identifiers_refused_in_query
+from core.inputs import ApiInput
+from core.pagination import NextCursorPage
 
 from .selectors import ACCESS_LOG_PAGE, ACCESS_LOG_PAGE_MAX, AccessLogFilters, access_log_list
 

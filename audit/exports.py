@@ -8,7 +8,7 @@ from datetime import UTC
 
 from django.db.models import QuerySet
 
-from config.spreadsheet import spreadsheet_safe
+from core.spreadsheet import Echo, spreadsheet_safe
 
 CSV_CHUNK_ROWS = 2000  # the queryset's fetch size: one database round trip per 2,000 rows
 CSV_COLUMNS = (
@@ -30,15 +30,8 @@ CSV_COLUMNS = (
 )
 
 
-class _Echo:
-    """csv.writer writes into this and gets the line back, so each row can be yielded."""
-
-    def write(self, value: str) -> str:
-        return value
-
-
 def access_log_csv_lines(entries: QuerySet) -> Iterator[str]:
-    writer = csv.writer(_Echo())
+    writer = csv.writer(Echo())
     yield writer.writerow(CSV_COLUMNS)
     for entry in entries.iterator(chunk_size=CSV_CHUNK_ROWS):
         row = (

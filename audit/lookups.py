@@ -11,8 +11,8 @@ from django.contrib.auth import get_user_model
 from django.db.models import Q, QuerySet
 
 from accounts.models import Tenant
-from config.errors import Invalid
-from config.pseudonym import PATIENT, USERNAME, pseudonym_candidates
+from core.errors import Invalid
+from core.pseudonym import PATIENT, USERNAME, pseudonym_candidates
 from recognition.models import Image, Review, Study
 
 # A patient's or study's targets go into the query as id lists, one per kind. Three lists of

@@ -17,8 +17,8 @@ from accounts.models import AccessEvent, Membership, Tenant
 from accounts.permissions import Action
 from accounts.selectors import membership_for_session
 from accounts.services import access_event_record, require
-from config.cursor import BAD_CURSOR, cursor_decode, cursor_encode
-from config.errors import Forbidden, Invalid, NotFound
+from core.cursor import BAD_CURSOR, cursor_decode, cursor_encode
+from core.errors import Forbidden, Invalid, NotFound
 
 from .lookups import about_targets, person_match
 

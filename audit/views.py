@@ -10,8 +10,8 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods
 
 from accounts.models import AccessEvent, Membership
-from config.cursor import identifiers_refused_in_query
-from config.errors import Invalid
+from core.cursor import identifiers_refused_in_query
+from core.errors import Invalid
 from core.streaming import streaming_response
 
 from .exports import access_log_csv_lines
@@ -61,7 +61,7 @@ def _access_log_request_data(request):
 def access_log_page(request):
     """The auditor's view of the log, newest first, keyset pages. The filter form, the next page
     and the CSV download POST the filters, so a person or patient filter never reaches a URL;
-    the cursor is opaque (config.cursor)."""
+    the cursor is opaque (core.cursor)."""
     actor = access_log_actor(request)
     data = _access_log_request_data(request)
     filters = _access_log_filters(data)

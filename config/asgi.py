@@ -10,7 +10,7 @@ django_asgi_app = pooled_asgi_application()  # before importing anything that to
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
 from accounts.ws_auth import websocket_auth  # noqa: E402
-from config.body_limit import BodySizeLimit  # noqa: E402
+from core.body_limit import BodySizeLimit  # noqa: E402
 from recognition.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(

@@ -1,7 +1,7 @@
 """The OpenAPI document as a contract: what each operation can answer, derived, not hand-listed.
 
 ``ContractAutoSchema`` (REST_FRAMEWORK's DEFAULT_SCHEMA_CLASS) adds to every operation the error
-answers it can really give, each with the one error shape (``ErrorResponse``, config/errors.py):
+answers it can really give, each with the one error shape (``ErrorResponse``, core/errors.py):
 
 - 401 and 403 where the view needs an authenticated user; 404 where the path names an object;
   400, 413 and 415 where it takes a body (the request-size cap answers 413 before any view runs);
@@ -12,7 +12,7 @@ answers it can really give, each with the one error shape (``ErrorResponse``, co
   answer), on its authentication, permission and throttle classes, and on its paginator.
   ``api_errors`` may also map a method ("post") to its own tuple.
 
-A view that answers a list sets ``pagination_class`` (config/pagination.py), so its 200 is
+A view that answers a list sets ``pagination_class`` (core/pagination.py), so its 200 is
 documented as the page envelope. Only /api/v1/ is in the document: endpoints that speak another
 protocol's own format live elsewhere and are tested with that protocol's clients.
 tests/contract/test_schema.py holds every operation to these rules.
@@ -27,7 +27,7 @@ from rest_framework import exceptions as drf_exceptions
 from rest_framework import serializers
 from rest_framework.permissions import AllowAny
 
-from config.errors import DomainError
+from core.errors import DomainError
 
 API_PREFIX = "/api/v1/"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})

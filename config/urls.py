@@ -34,7 +34,7 @@ urlpatterns = [
 
 # Django's own error answers (no route matched, a request refused before any view): the API's in
 # the one error shape, the pages' as pages
-handler400 = "config.errors.bad_request"
-handler403 = "config.errors.permission_denied"
-handler404 = "config.errors.page_not_found"
-handler500 = "config.errors.server_error"
+handler400 = "core.errors.bad_request"
+handler403 = "core.errors.permission_denied"
+handler404 = "core.errors.page_not_found"
+handler500 = "core.errors.server_error"

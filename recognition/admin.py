@@ -10,7 +10,7 @@ from django.core.exceptions import PermissionDenied
 from django.shortcuts import redirect, render
 from django.urls import path
 
-from config.errors import DomainError
+from core.errors import DomainError
 
 from .models import AIModel, ModelAlias, ModelPin, ModelVersion, TrafficSplit
 from .services.registry import model_alias_move, model_pin_set, model_version_submit, traffic_split_set

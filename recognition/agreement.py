@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from django.db.models import Count, Exists, OuterRef, Q
 
 from accounts.models import Tenant
-from config.spreadsheet import spreadsheet_safe
+from core.spreadsheet import spreadsheet_safe
 
 from .models import Review
 

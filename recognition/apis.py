@@ -14,10 +14,10 @@ from rest_framework.settings import api_settings
 from accounts.apis import TENANT_HEADER, TenantApi
 from accounts.permissions import Action
 from accounts.services import require
-from config.cursor import identifiers_refused_in_query
-from config.errors import Conflict, Invalid, Unavailable, Unprocessable
-from config.inputs import ApiInput
-from config.pagination import NewestFirstPagination, NextCursorPage
+from core.cursor import identifiers_refused_in_query
+from core.errors import Conflict, Invalid, Unavailable, Unprocessable
+from core.inputs import ApiInput
+from core.pagination import NewestFirstPagination, NextCursorPage
 from core.streaming import streaming_response
 
 from .display import display_content_type

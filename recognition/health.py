@@ -20,7 +20,7 @@ from django.utils import timezone
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily
 
-from config.errors import error_body
+from core.errors import error_body
 
 from .models import InferenceRequest
 

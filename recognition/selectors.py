@@ -15,9 +15,9 @@ from django.db.models import OuterRef, Prefetch, Q, QuerySet, Subquery
 from accounts.models import AccessEvent, Membership
 from accounts.permissions import Action
 from accounts.services import access_event_record, require
-from config.cursor import BAD_CURSOR, cursor_decode, cursor_encode
-from config.errors import Conflict, Invalid, NotFound
-from config.pseudonym import PATIENT, pseudonym_candidates
+from core.cursor import BAD_CURSOR, cursor_decode, cursor_encode
+from core.errors import Conflict, Invalid, NotFound
+from core.pseudonym import PATIENT, pseudonym_candidates
 
 from . import dicom
 from .models import Image, InferenceRequest, Result, Review, Study

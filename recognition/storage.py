@@ -10,7 +10,7 @@ import uuid
 
 from django.core.files.storage import FileSystemStorage, default_storage
 
-from config.errors import Invalid
+from core.errors import Invalid
 
 
 def image_key(*, tenant_id: int, extension: str = "png") -> str:

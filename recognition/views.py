@@ -17,8 +17,8 @@ from accounts.models import Tenant
 from accounts.permissions import Action, can
 from accounts.selectors import membership_for_session, membership_resolve, memberships_active
 from accounts.services import require
-from config.cursor import identifiers_refused_in_query
-from config.errors import DomainError, Invalid, NotFound
+from core.cursor import identifiers_refused_in_query
+from core.errors import DomainError, Invalid, NotFound
 from core.streaming import streaming_response
 
 from .agreement import agreement_csv, agreement_rows, agreement_svg
@@ -237,7 +237,7 @@ def _worklist_filters(data, q: str = "") -> WorklistFilters:
 def worklist_page(request):
     """The hospital's studies. Filters travel in the query string; a search by patient or
     accession is POSTed, its next pages too, so identifiers never appear in URLs or access logs
-    of proxies (a GET that names one is refused in words). Cursors are opaque (config.cursor)."""
+    of proxies (a GET that names one is refused in words). Cursors are opaque (core.cursor)."""
     membership = membership_for_session(request)
     if request.method == "GET":
         identifiers_refused_in_query(request.GET)

@@ -16,7 +16,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from accounts.services import access_event_record
-from config.errors import Invalid
+from core.errors import Invalid
 from core.model_package import TORCHSCRIPT_REFUSED, PackageError
 from core.transient import is_transient
 from recognition.models import ModelAlias, ModelVersion

@@ -39,12 +39,12 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     # first: every answer, those other middleware give on their own included, is no-store
-    # unless its path is named in SIGHTLINE_CACHEABLE_PATH_PREFIXES (config/cache_control.py)
-    "config.cache_control.CacheControlMiddleware",
-    "accounts.middleware.RequestSizeLimitMiddleware",
+    # unless its path is named in SIGHTLINE_CACHEABLE_PATH_PREFIXES (core/cache_control.py)
+    "core.cache_control.CacheControlMiddleware",
+    "core.body_limit.RequestSizeLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
-    "accounts.middleware.RequestIdMiddleware",
+    "core.request_id.RequestIdMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -55,7 +55,7 @@ MIDDLEWARE = [
     "accounts.middleware.StaffTwoFactorMiddleware",  # production: staff need a verified session for /admin/
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "csp.middleware.CSPMiddleware",
-    "config.errors.DomainErrorMiddleware",
+    "core.errors.DomainErrorMiddleware",
     # last: turns a lockout flagged during authentication into the lockout page
     "axes.middleware.AxesMiddleware",
 ]
@@ -123,7 +123,7 @@ AXES_VERBOSE = False
 AXES_DISABLE_ACCESS_LOG = True  # successes are in Sightline's own access log
 # --- axes keeps no username (issue 11 item 13, branch ids) ---
 # axes' AccessAttempt/AccessFailureLog rows and its log lines name the keyed hash of the
-# username tried (config.pseudonym, purpose "username"), never what was typed: a password typed
+# username tried (core.pseudonym, purpose "username"), never what was typed: a password typed
 # into the username field is not kept. POST data it copies masks the username field too.
 AXES_USERNAME_CALLABLE = "accounts.signals.axes_username"
 AXES_SENSITIVE_PARAMETERS = ["username", "ip_address"]
@@ -283,7 +283,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.CursorPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "config.openapi.ContractAutoSchema",  # every operation documents its errors
-    "EXCEPTION_HANDLER": "config.errors.api_exception_handler",
+    "EXCEPTION_HANDLER": "core.errors.api_exception_handler",
     "DEFAULT_METADATA_CLASS": None,  # OPTIONS answers 405 instead of describing a view
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
@@ -409,21 +409,21 @@ SIGHTLINE_DEMO_PASSWORD = env("SIGHTLINE_DEMO_PASSWORD", default="sightline-demo
 # Old site secrets still accepted for what they signed (sessions, page cursors, reset links);
 # comma-separated, newest first. Rotate: new DJANGO_SECRET_KEY, old one here, drop it later.
 SECRET_KEY_FALLBACKS = env.list("DJANGO_SECRET_KEY_FALLBACKS", default=[])
-# The pseudonym key ring (config.pseudonym): new pseudonyms under the key, lookups under every
+# The pseudonym key ring (core.pseudonym): new pseudonyms under the key, lookups under every
 # key. Production requires the key; test and local settings give a labelled development key.
 SIGHTLINE_PSEUDONYM_KEY = env("SIGHTLINE_PSEUDONYM_KEY", default=None)
 SIGHTLINE_PSEUDONYM_KEY_FALLBACKS = env.list("SIGHTLINE_PSEUDONYM_KEY_FALLBACKS", default=[])
 # site secrets under which pseudonyms of the old 48-bit scheme were made: found, never made
 SIGHTLINE_PSEUDONYM_LEGACY_SECRET_KEYS = env.list("SIGHTLINE_PSEUDONYM_LEGACY_SECRET_KEYS", default=[])
-# every cursor DRF hands out is sealed by the platform's one codec (config.cursor)
-REST_FRAMEWORK["DEFAULT_PAGINATION_CLASS"] = "config.cursor.OpaqueCursorPagination"
+# every cursor DRF hands out is sealed by the platform's one codec (core.cursor)
+REST_FRAMEWORK["DEFAULT_PAGINATION_CLASS"] = "core.cursor.OpaqueCursorPagination"
 # --- end keys and rotation ---
 
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "filters": {"redact_query": {"()": "config.log_filters.RedactQueryStrings"}},
+    "filters": {"redact_query": {"()": "core.log_filters.RedactQueryStrings"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
     "loggers": {

@@ -8,7 +8,7 @@ import logging
 from django.conf import settings
 from django.db import connection
 
-from config.errors import Busy
+from core.errors import Busy
 
 from ..models import InferenceRequest
 

@@ -21,7 +21,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from accounts.models import Membership
-from config.errors import NotFound
+from core.errors import NotFound
 from core.transient import is_transient
 
 from ..models import Image, Result

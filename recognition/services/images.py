@@ -34,9 +34,9 @@ from PIL import UnidentifiedImageError
 from accounts.models import Membership
 from accounts.permissions import Action
 from accounts.services import access_event_record, require
-from config.errors import Conflict, Invalid, TooLarge, Unavailable, Unprocessable, UnsupportedMedia
-from config.pseudonym import PATIENT, patient_pseudonym_of, pseudonym_candidates, pseudonym_for
 from core.bulk import rows_update
+from core.errors import Conflict, Invalid, TooLarge, Unavailable, Unprocessable, UnsupportedMedia
+from core.pseudonym import PATIENT, patient_pseudonym_of, pseudonym_candidates, pseudonym_for
 
 from .. import dicom, events
 from ..display import DisplayCopy, display_copy
@@ -400,7 +400,7 @@ def _record_upload(membership: Membership, image: Image, request) -> None:
 
 def _patient_pseudonym(tenant, patient_id: str) -> str:
     """A DICOM Patient ID is an identifier: the platform keeps a keyed hash of it, the same for
-    the same patient within one hospital, and different between hospitals (config.pseudonym)."""
+    the same patient within one hospital, and different between hospitals (core.pseudonym)."""
     return pseudonym_for(patient_id, purpose=PATIENT, scope=tenant.pk)
 
 

@@ -9,7 +9,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
 
-from config.errors import Unavailable
+from core.errors import Unavailable
 
 from ..enqueue import task_send
 from ..models import Image, InferenceRequest, ModelVersion

@@ -16,7 +16,7 @@ from django.db.models import OuterRef, QuerySet, Subquery
 from django.utils import timezone
 
 from accounts.services import access_event_record
-from config.errors import Conflict, Invalid, NotFound
+from core.errors import Conflict, Invalid, NotFound
 from core.model_package import PackageError, file_sha256, read_manifest
 
 from ..enqueue import task_send

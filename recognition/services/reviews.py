@@ -9,7 +9,7 @@ from django.utils import timezone
 from accounts.models import Membership
 from accounts.permissions import Action
 from accounts.services import access_event_record, require
-from config.errors import Conflict, Invalid
+from core.errors import Conflict, Invalid
 
 from ..models import Review
 from ..selectors import image_get, review_get

@@ -3,7 +3,7 @@ backend disagrees with its weights, and a worker on ``auto`` serves with what it
 
 import pytest
 
-from config.errors import Invalid
+from core.errors import Invalid
 from recognition.models import InferenceRequest, ModelVersion, Result
 from recognition.services.images import image_upload
 from tests.conftest import png_bytes, upload_file

@@ -462,7 +462,7 @@ def test_files_added_while_the_job_starts_are_queued_or_refused_never_left_pendi
 
     from django.db import connection
 
-    from config.errors import Conflict
+    from core.errors import Conflict
     from recognition.services.jobs import batch_items_add_files, batch_job_start, intake
 
     job = create(api_client_for(clinician_a)).json()

@@ -5,7 +5,7 @@ import pytest
 from django.http import HttpResponse
 from django.test import RequestFactory, override_settings
 
-from config.cache_control import CacheControlMiddleware
+from core.cache_control import CacheControlMiddleware
 from tests.conftest import api_client_for
 
 pytestmark = pytest.mark.django_db

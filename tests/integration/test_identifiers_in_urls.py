@@ -1,6 +1,6 @@
 """No patient or person identifier in a URL, a Location, a link or a cursor.
 
-Cursors come from one codec (config.cursor): encrypted, so the bytes of a cursor taken after a
+Cursors come from one codec (core.cursor): encrypted, so the bytes of a cursor taken after a
 row sorted by patient or accession do not hold the value; anything tampered is a 400 in words.
 Identifier filters (the worklist's patient/accession search, the access log's person and patient
 filters) travel in POST bodies, their next pages and CSV export too; a GET naming one is a 400.
@@ -20,8 +20,8 @@ import pytest
 from django.urls import reverse
 
 from accounts.models import AccessEvent
-from config.cursor import cursor_decode, cursor_encode
-from config.errors import Invalid
+from core.cursor import cursor_decode, cursor_encode
+from core.errors import Invalid
 from tests.conftest import api_client_for, png_bytes
 from tests.integration.test_audit_view import auditor_a, log, patient_record  # noqa: F401 (fixture)
 from tests.integration.test_workspace import post_file

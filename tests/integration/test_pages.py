@@ -172,7 +172,7 @@ def test_an_invitation_for_someone_already_a_member_changes_nothing(client, clin
 def test_an_invitation_to_a_malformed_address_is_refused(hospital_a):
     from accounts.models import Role
     from accounts.services import invitation_create, membership_grant, user_get_or_create
-    from config.errors import Invalid
+    from core.errors import Invalid
 
     admin = membership_grant(
         tenant=hospital_a, user=user_get_or_create(username="admin-a", password=PASSWORD), role=Role.TENANT_ADMIN

@@ -15,7 +15,7 @@ import sys
 import pytest
 from pydicom.uid import generate_uid
 
-from config.pseudonym import PATIENT, key_id_of, pseudonym_candidates, pseudonym_for
+from core.pseudonym import PATIENT, key_id_of, pseudonym_candidates, pseudonym_for
 from recognition.models import Image, Study
 from tests.conftest import PRODUCTION_SECRET, api_client_for, production_env
 from tests.integration.test_workspace import post_file

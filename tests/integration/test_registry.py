@@ -311,7 +311,7 @@ def validating(demo_model, demo_package, tmp_path):
 
 
 def test_only_a_ready_version_gets_an_alias_a_split_or_a_pin(validating, hospital_a):
-    from config.errors import Conflict
+    from core.errors import Conflict
     from recognition.services.registry import model_alias_move, model_pin_set, traffic_split_set
 
     model = validating.model

@@ -13,7 +13,7 @@ from accounts.models import AccessEvent, ApiKey, Membership, Role, ServiceAccoun
 from accounts.service_accounts import api_key_create, service_account_create
 from accounts.services import membership_grant
 from accounts.signals import username_tried
-from config.errors import Invalid
+from core.errors import Invalid
 from tests.conftest import PASSWORD, api_client_for, member, png_bytes, upload_file
 
 pytestmark = pytest.mark.django_db

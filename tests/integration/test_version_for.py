@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from config.errors import Conflict, NotFound
+from core.errors import Conflict, NotFound
 from recognition.models import ModelAlias, ModelPin, ModelVersion, TrafficSplit
 from recognition.services.registry import model_routing, split_bucket, version_for
 from tests.integration.test_registry import run, variant

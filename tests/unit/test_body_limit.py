@@ -4,7 +4,7 @@ application behind it is told the client left (so it stores nothing)."""
 import asyncio
 import json
 
-from config.body_limit import BodySizeLimit
+from core.body_limit import BodySizeLimit
 
 
 class Reader:

@@ -141,14 +141,52 @@ def test_the_engine_is_free_of_django_and_of_the_apps():
 
 
 def test_core_sits_below_every_app():
+    """The shared kernel imports no app and nothing of config/ (settings only through
+    django.conf, which is Django's, not ours)."""
     reaching = [
         f"{module} imports {target}"
         for module in MODULES
         if module.startswith("core")
         for target, _ in imports(module)
-        if target.split(".")[0] in ("accounts", "recognition", "workers")
+        if target.split(".")[0] in ("accounts", "audit", "config", "recognition", "workers")
     ]
     assert not reaching, "\n".join(reaching)
+
+
+# config/ is wiring: what Django, the ASGI server and drf-spectacular are pointed at by name
+# (settings, urls, asgi/wsgi and the server's thread pool, the command that starts it, the
+# OpenAPI schema class and hook). Anything the apps share goes to core/ instead.
+CONFIG_WIRING = {
+    "config",
+    "config.asgi",
+    "config.asgi_threads",
+    "config.openapi",
+    "config.urls",
+    "config.webserver",
+    "config.wsgi",
+}
+
+
+def test_config_holds_wiring_only():
+    extra = sorted(
+        module
+        for module in MODULES
+        if (module == "config" or module.startswith("config."))
+        and module not in CONFIG_WIRING
+        and not module.startswith("config.settings")
+    )
+    assert not extra, f"not wiring, belongs in core/: {extra}"
+
+
+def test_no_app_imports_config():
+    """The apps reach the settings through django.conf and the shared kernel in core/; config/
+    names them (INSTALLED_APPS, urls), never the other way round."""
+    found = [
+        line
+        for below in ("accounts", "audit", "core", "recognition", "workers")
+        for line in reaching(below, ("config",))
+    ]
+    assert not found, "\n".join(found)
 
 
 def reaching(below: str, above: tuple[str, ...]) -> list[str]:
@@ -188,4 +226,6 @@ def test_the_check_sees_the_imports_it_judges():
     assert "workers.engine.handler" not in graph()["workers.engine.backends"]  # for annotations only
     assert "recognition.models" in graph()["audit.lookups"]  # what the accounts test refuses, seen
     assert reaching("audit", ("recognition",))
+    assert "core.errors" in graph()["recognition.services.images"]  # the kernel, seen from an app
+    assert "config.asgi_threads" in graph()["config.asgi"]  # what test_no_app_imports_config refuses, seen
     assert len(MODULES) > 50

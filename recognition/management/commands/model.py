@@ -11,7 +11,7 @@ manage.py model pin sightline-demo --hospital demo-general --clear
 from django.core.management.base import BaseCommand, CommandError
 
 from accounts.models import Tenant
-from config.errors import DomainError
+from core.errors import DomainError
 from recognition.models import AIModel, ModelAlias, ModelPin, ModelVersion, TrafficSplit
 from recognition.services.registry import model_alias_move, model_pin_set, traffic_split_set
 

@@ -8,7 +8,7 @@ import io
 import json
 from collections.abc import Iterator
 
-from config.spreadsheet import spreadsheet_safe
+from core.spreadsheet import spreadsheet_safe
 
 from ...job_selectors import batch_results
 from ...models import BatchJob

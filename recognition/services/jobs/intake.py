@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from accounts.models import AccessEvent, Membership
 from accounts.services import access_event_record
-from config.errors import Conflict, DomainError
+from core.errors import Conflict, DomainError
 
 from ...enqueue import task_send
 from ...models import BatchItem, BatchJob, BatchUpload

@@ -13,8 +13,8 @@ from django.utils import timezone
 from accounts.models import Membership
 from accounts.permissions import Action
 from accounts.services import access_event_record, require
-from config.errors import Conflict, Invalid
 from core.bulk import rows_update
+from core.errors import Conflict, Invalid
 
 from ...job_selectors import batch_job_get, job_uploads_pending
 from ...models import BatchItem, BatchJob, InferenceRequest

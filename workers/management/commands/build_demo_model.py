@@ -3,7 +3,7 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from config.errors import DomainError
+from core.errors import DomainError
 from recognition.models import ModelVersion
 from workers.engine import training
 from workers.registration import model_version_register

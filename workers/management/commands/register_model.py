@@ -13,7 +13,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from config.errors import DomainError
+from core.errors import DomainError
 from recognition.models import ModelAlias, ModelVersion
 from recognition.services.registry import model_version_submit
 from workers.registration import model_version_validate

@@ -74,13 +74,37 @@ class BodySizeLimit:
             await _refuse(send, limit)
 
 
+class RequestSizeLimitMiddleware:
+    """Refuse a request body larger than any legitimate upload before anything parses it.
+
+    Django parses multipart bodies (CSRF checks read POST) before views run, and streams file
+    parts to disk without a limit of its own; the proxy should enforce the same cap. Under the
+    ASGI server, BodySizeLimit (above) refuses earlier still, chunked bodies included.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        from django.conf import settings
+        from django.http import JsonResponse
+
+        try:
+            length = int(request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        if length > settings.SIGHTLINE_MAX_REQUEST_BYTES:
+            return JsonResponse(too_large_body(settings.SIGHTLINE_MAX_REQUEST_BYTES), status=413)
+        return self.get_response(request)
+
+
 async def _refuse(send, limit: int) -> None:
     body = json.dumps(too_large_body(limit)).encode()
     await send(
         {
             "type": "http.response.start",
             "status": 413,
-            # answered before Django's middleware: no-store here too (config/cache_control.py)
+            # answered before Django's middleware: no-store here too (core/cache_control.py)
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),

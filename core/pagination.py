@@ -4,7 +4,7 @@ A view that answers a list sets ``pagination_class``; drf-spectacular then docum
 the envelope this class builds (``get_paginated_response_schema``) instead of a bare array, and
 tests/contract/test_schema.py fails any list operation that has none.
 
-- ``NewestFirstPagination``: the platform's opaque cursor pagination (config/cursor.py) over
+- ``NewestFirstPagination``: the platform's opaque cursor pagination (core/cursor.py) over
   (created, id), ``{"next", "previous", "results"}`` where next/previous are links.
 - ``NextCursorPage``: the keyset pages the selectors build themselves (the worklist, the access
   log), ``{"next_cursor", "results"}``; the view's input serializer declares ``cursor``/``page_size``.
@@ -15,8 +15,8 @@ from __future__ import annotations
 from rest_framework.pagination import BasePagination
 from rest_framework.response import Response
 
-from config.cursor import OpaqueCursorPagination
-from config.errors import Invalid
+from core.cursor import OpaqueCursorPagination
+from core.errors import Invalid
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
