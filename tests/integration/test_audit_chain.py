@@ -2,6 +2,7 @@
 concurrent writers, pruning."""
 
 import threading
+import uuid
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -370,7 +371,8 @@ def test_each_bulk_job_change_is_one_entry_in_the_hospitals_chain(clinician_a, d
     assert client.post(f"/api/v1/batches/{job_id}/items/", {"archive": archive}, format="multipart").status_code == 202
     assert job_entries(mark, job_id) == [("batch.add_archive", "success", "clinician")]
 
-    own = f"tenants/{clinician_a.tenant_id}/imports/night/"
+    # a folder of its own: stored files outlive the rolled-back rows, and other tests import too
+    own = f"tenants/{clinician_a.tenant_id}/imports/audit-{uuid.uuid4().hex}/"
     default_storage.save(f"{own}b.png", ContentFile(png_bytes(seed=2, size=64)))
     mark = last_id()
     assert client.post(f"/api/v1/batches/{job_id}/items/", {"prefix": own}, format="multipart").status_code == 202

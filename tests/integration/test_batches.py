@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import time
+import uuid
 import zipfile
 from datetime import timedelta
 
@@ -158,7 +159,8 @@ def test_cancel_stops_waiting_items_and_retry_requeues_failed_ones(clinician_a, 
 def test_an_import_reads_only_the_hospitals_own_prefix(clinician_a, demo_model):
     client = api_client_for(clinician_a)
     job = create(client).json()
-    own = f"tenants/{clinician_a.tenant_id}/imports/night/"
+    # a folder of its own: stored files outlive the rolled-back rows, and other tests import too
+    own = f"tenants/{clinician_a.tenant_id}/imports/night-{uuid.uuid4().hex}/"
     for i in range(3):
         default_storage.save(f"{own}{i}.png", ContentFile(png_bytes(seed=i, size=64)))
     for prefix in (f"tenants/{clinician_a.tenant_id + 1}/imports/", "tenants/", f"{own}../../images/"):
