@@ -45,7 +45,7 @@ def member_action_record(
     )
 
 
-def not_found_recorded(
+def _not_found_recorded(
     *, membership: Membership, request, action: str, target_type: str, target_id, message: str
 ) -> NotFound:
     """Another hospital's object looks exactly like a missing one, and the attempt is logged:
@@ -76,10 +76,10 @@ def tenant_object_get(
     related rows selected) in the member's hospital; otherwise a logged 404 (``action`` denied,
     on ``target_type`` ``pk``). The caller checks the member's role first (``require``) and logs
     the success where the read is one to log."""
-    scoped = queryset.filter(tenant=membership.tenant)
+    scoped = queryset.filter(tenant=membership.tenant)  # TenantQuerySet.for_tenant, on any queryset (annotated too)
     found = (scoped.select_for_update() if for_update else scoped).filter(pk=pk).first()
     if found is None:
-        raise not_found_recorded(
+        raise _not_found_recorded(
             membership=membership,
             request=request,
             action=action,
