@@ -1,4 +1,12 @@
-"""Channels groups and on-commit sends, shared by every app that notifies browsers."""
+"""Channels groups, on-commit sends and every push message, shared by every app that notifies
+browsers.
+
+The messages are defined here and nowhere else: ``PUSHED`` names each one a socket forwards to
+its browser and the fields it carries (the consumer, recognition/consumers.py, forwards them all
+through one method), and each ``*_on_commit`` below builds one. ``access.revoked`` is the one
+message a socket acts on itself (it re-checks its feeds or closes) and never forwards. They carry
+ids and small summaries; the database is the truth.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,8 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
@@ -40,6 +49,23 @@ def _run(send: Callable[[], Awaitable[None]]) -> None:
         async_to_sync(send)()
     else:
         asyncio.run_coroutine_threadsafe(send(), _loop).result(timeout=SEND_TIMEOUT_SECONDS)
+
+
+# the messages a socket forwards to its browser, each with the fields it carries besides "type"
+PUSHED: dict[str, tuple[str, ...]] = {
+    "result.ready": ("image", "status", "top_label", "probability"),  # an image's AI read ended
+    "heatmap.ready": ("image", "result", "status"),  # a heatmap asked for is made, or cannot be
+    "study.updated": ("study",),  # a worklist row changed
+    "job.progress": ("job",),  # a bulk job's counts changed
+}
+ACCESS_REVOKED = "access.revoked"
+
+
+def pushed(kind: str, **fields) -> dict:
+    """One forwarded message, its fields exactly those ``PUSHED`` names for it."""
+    if set(fields) != set(PUSHED[kind]):
+        raise TypeError(f"{kind} carries {PUSHED[kind]}, not {tuple(fields)}")
+    return {"type": kind, **fields}
 
 
 def tenant_group(tenant_id: int) -> str:
@@ -94,18 +120,18 @@ def send_many_on_commit(messages: list[tuple[str, dict]]) -> None:
 
 def access_revoked_on_commit(*, user_id: int, tenant_id: int | None) -> None:
     """Close the user's sockets for one hospital (``tenant_id``) or for all (None)."""
-    send_on_commit(user_group(user_id), {"type": "access.revoked", "tenant": tenant_id})
+    send_on_commit(user_group(user_id), {"type": ACCESS_REVOKED, "tenant": tenant_id})
 
 
 def hospital_access_changed_on_commit(*, tenant_id: int) -> None:
     """Every socket subscribed to the hospital re-checks its access (e.g. the hospital was closed)."""
-    send_on_commit(tenant_group(tenant_id), {"type": "access.revoked", "tenant": tenant_id})
+    send_on_commit(tenant_group(tenant_id), {"type": ACCESS_REVOKED, "tenant": tenant_id})
 
 
 def session_ended(session_key: str | None) -> None:
     """Close the sockets of a browser session that signed out or expired."""
     if session_key:
-        send_on_commit(session_group(session_key), {"type": "access.revoked", "tenant": None})
+        send_on_commit(session_group(session_key), {"type": ACCESS_REVOKED, "tenant": None})
 
 
 def api_key_group(api_key_id: int) -> str:
@@ -115,4 +141,53 @@ def api_key_group(api_key_id: int) -> str:
 
 def api_key_revoked_on_commit(*, api_key_id: int) -> None:
     """Close the sockets a revoked key opened (the account's other keys keep theirs)."""
-    send_on_commit(api_key_group(api_key_id), {"type": "access.revoked", "tenant": None})
+    send_on_commit(api_key_group(api_key_id), {"type": ACCESS_REVOKED, "tenant": None})
+
+
+# --- the hospital's feed ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResultNotice:
+    tenant_id: int
+    image_id: int
+    status: str
+    top_label: str
+    probability: float | None
+
+
+def results_ready_on_commit(notices: list[ResultNotice]) -> None:
+    """One ``result.ready`` message per image, all sent from one callback after commit."""
+    send_many_on_commit(
+        [
+            (
+                tenant_group(notice.tenant_id),
+                pushed(
+                    "result.ready",
+                    image=notice.image_id,
+                    status=notice.status,
+                    top_label=notice.top_label,
+                    probability=notice.probability,
+                ),
+            )
+            for notice in notices
+        ]
+    )
+
+
+def heatmap_ready_on_commit(*, tenant_id: int, image_id: int, result_id: int, status: str = "ready") -> None:
+    """``heatmap.ready``: a heatmap asked for is made (``status`` "ready") or cannot be
+    (``"unavailable"``); the viewer fetches it again. The hospital's feed only."""
+    send_on_commit(tenant_group(tenant_id), pushed("heatmap.ready", image=image_id, result=result_id, status=status))
+
+
+def studies_updated_on_commit(studies: Iterable[tuple[int, int]]) -> None:
+    """``study.updated`` for each (tenant id, study id): the open worklists re-render the row."""
+    send_many_on_commit(
+        [(tenant_group(tenant_id), pushed("study.updated", study=study_id)) for tenant_id, study_id in studies]
+    )
+
+
+def jobs_progress_on_commit(jobs: Iterable[tuple[int, int]]) -> None:
+    """``job.progress`` for each (tenant id, job id): the jobs page fetches the job."""
+    send_many_on_commit([(tenant_group(tenant_id), pushed("job.progress", job=job_id)) for tenant_id, job_id in jobs])

@@ -71,26 +71,19 @@ def _touch(membership: Membership) -> None:
 
 def membership_get(*, actor: Membership, membership_id: int, request=None) -> Membership:
     """A member of the actor's hospital; another hospital's member is 404 like a missing one."""
+    from .access import tenant_object_get
     from .services import require
 
     require(actor, Action.MEMBERS_MANAGE, request=request)
-    membership = (
-        _people(Membership.objects.for_tenant(actor.tenant)).select_related("user", "tenant").filter(pk=membership_id)
-    ).first()
-    if membership is None:
-        from .services import access_event_record
-
-        access_event_record(
-            action="membership.view",
-            outcome=AccessEvent.Outcome.DENIED,
-            request=request,
-            user=actor.user,
-            tenant=actor.tenant,
-            target_type="membership",
-            target_id=membership_id,
-        )
-        raise NotFound("No such member.")
-    return membership
+    return tenant_object_get(
+        _people(Membership.objects.select_related("user", "tenant")),
+        membership=actor,
+        pk=membership_id,
+        request=request,
+        action="membership.view",
+        target_type="membership",
+        message="No such member.",
+    )
 
 
 def membership_list(*, actor: Membership, request=None):

@@ -20,8 +20,9 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Prefetch, QuerySet
 from django.utils import timezone
 
-from core.errors import Conflict, Gone, Invalid, NotFound
+from core.errors import Conflict, Gone, Invalid
 
+from .access import member_action_record, tenant_object_get
 from .events import access_revoked_on_commit, api_key_revoked_on_commit
 from .models import KEY_SCHEME, AccessEvent, ApiKey, Membership, Role, ServiceAccount
 from .permissions import Action
@@ -87,39 +88,30 @@ def service_account_list(*, actor: Membership, request=None) -> QuerySet[Service
     )
 
 
-def _denied(*, actor: Membership, request, target_type: str, target_id) -> None:
-    access_event_record(
-        action=f"{target_type}.view",
-        outcome=Outcome.DENIED,
-        request=request,
-        user=actor.user,
-        tenant=actor.tenant,
-        target_type=target_type,
-        target_id=target_id,
-    )
-
-
 def service_account_get(*, actor: Membership, service_account_id: int, request=None) -> ServiceAccount:
     """One of the actor's hospital's service accounts; another hospital's is 404 like a missing one."""
-    account = service_account_list(actor=actor, request=request).filter(pk=service_account_id).first()
-    if account is None:
-        _denied(actor=actor, request=request, target_type="service_account", target_id=service_account_id)
-        raise NotFound("No such service account.")
-    return account
+    return tenant_object_get(
+        service_account_list(actor=actor, request=request),
+        membership=actor,
+        pk=service_account_id,
+        request=request,
+        action="service_account.view",
+        target_type="service_account",
+        message="No such service account.",
+    )
 
 
 def api_key_get(*, actor: Membership, api_key_id: int, request=None) -> ApiKey:
     require(actor, Action.MEMBERS_MANAGE, request=request)
-    key = (
-        ApiKey.objects.for_tenant(actor.tenant)
-        .select_related("service_account", "service_account__user")
-        .filter(pk=api_key_id)
-        .first()
+    return tenant_object_get(
+        ApiKey.objects.select_related("service_account", "service_account__user"),
+        membership=actor,
+        pk=api_key_id,
+        request=request,
+        action="api_key.view",
+        target_type="api_key",
+        message="No such key.",
     )
-    if key is None:
-        _denied(actor=actor, request=request, target_type="api_key", target_id=api_key_id)
-        raise NotFound("No such key.")
-    return key
 
 
 # --- writes ------------------------------------------------------------------------------------
@@ -180,11 +172,10 @@ def service_account_revoke(*, actor: Membership, service_account: ServiceAccount
         ServiceAccount.objects.filter(pk=service_account.pk).update(revoked_at=now)
         Membership.objects.filter(pk=service_account.membership_id).update(is_active=False)
         ApiKey.objects.filter(service_account=service_account, revoked_at__isnull=True).update(revoked_at=now)
-        access_event_record(
-            action="service_account.revoke",
+        member_action_record(
+            actor,
+            "service_account.revoke",
             request=request,
-            user=actor.user,
-            tenant=actor.tenant,
             target_type="service_account",
             target_id=service_account.pk,
         )
@@ -224,14 +215,7 @@ def api_key_create(
             rate=rate,
             created_by=actor.user,
         )
-        access_event_record(
-            action="api_key.create",
-            request=request,
-            user=actor.user,
-            tenant=actor.tenant,
-            target_type="api_key",
-            target_id=key.public_id,
-        )
+        member_action_record(actor, "api_key.create", request=request, target_type="api_key", target_id=key.public_id)
     return key, raw
 
 
@@ -241,13 +225,8 @@ def api_key_revoke(*, actor: Membership, api_key: ApiKey, request=None) -> ApiKe
     with transaction.atomic():
         revoked = ApiKey.objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
         if revoked:
-            access_event_record(
-                action="api_key.revoke",
-                request=request,
-                user=actor.user,
-                tenant=actor.tenant,
-                target_type="api_key",
-                target_id=api_key.public_id,
+            member_action_record(
+                actor, "api_key.revoke", request=request, target_type="api_key", target_id=api_key.public_id
             )
             api_key_revoked_on_commit(api_key_id=api_key.pk)
     api_key.refresh_from_db()

@@ -121,7 +121,8 @@ def enrolment_code_required(user) -> bool:
 def _check_actor_may_act_for(*, actor: Membership, membership: Membership, request) -> None:
     """Another admin of every hospital the person belongs to, and never for oneself or staff:
     an admin of one hospital cannot open a back door into another."""
-    from .services import access_event_record, require
+    from .access import member_action_record
+    from .services import require
 
     require(actor, Action.MEMBERS_MANAGE, request=request)
     target = membership.user
@@ -144,12 +145,11 @@ def _check_actor_may_act_for(*, actor: Membership, membership: Membership, reque
         if not theirs <= mine:
             problem = f"{target.get_username()} also belongs to another hospital: platform staff do this."
     if problem:
-        access_event_record(
-            action="two_factor.manage",
+        member_action_record(
+            actor,
+            "two_factor.manage",
             outcome=AccessEvent.Outcome.DENIED,
             request=request,
-            user=actor.user,
-            tenant=actor.tenant,
             target_type="membership",
             target_id=membership.pk,
         )

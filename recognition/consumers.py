@@ -2,8 +2,9 @@
 
 Protocol (JSON): the server greets with ``{"type": "hello"}``; the client sends
 ``{"type": "subscribe", "tenant": "<slug>"}`` and gets ``subscribed`` or an ``error``; then
-``result.ready`` (an image's AI read ended), ``heatmap.ready`` (a heatmap asked for is made, or
-cannot be) and ``study.updated`` (a worklist row changed) messages arrive for that hospital.
+the messages accounts.events.PUSHED defines arrive for that hospital: ``result.ready`` (an image's
+AI read ended), ``heatmap.ready`` (a heatmap asked for is made, or cannot be), ``study.updated``
+(a worklist row changed) and ``job.progress`` (a bulk job's counts changed).
 Every subscription is authorised with the same table as the API; losing access closes the
 hospital's feed, and the socket when no feed is left.
 """
@@ -19,7 +20,7 @@ from asgiref.sync import async_to_sync
 from channels.generic.websocket import JsonWebsocketConsumer
 from django.conf import settings
 
-from accounts.events import api_key_group, session_group, tenant_group, user_group
+from accounts.events import PUSHED, api_key_group, session_group, tenant_group, user_group
 from accounts.middleware import session_expired
 from accounts.models import AccessEvent
 from accounts.permissions import Action, can
@@ -138,29 +139,15 @@ class EventsConsumer(JsonWebsocketConsumer):
         if removed and not self.feeds:
             self.close(code=CLOSE_ACCESS_REVOKED)
 
-    def result_ready(self, event):
+    def forward(self, event):
+        """Every message ``PUSHED`` names (result.ready, heatmap.ready, study.updated,
+        job.progress) goes to the browser with the fields it carries, while the socket is still
+        signed in; the page fetches what changed."""
         if not self._still_signed_in():
             self.close(code=CLOSE_UNAUTHENTICATED)
             return
-        self.send_json({key: event[key] for key in ("type", "image", "status", "top_label", "probability")})
+        kind = event["type"]
+        self.send_json({"type": kind, **{key: event[key] for key in PUSHED[kind]}})
 
-    def heatmap_ready(self, event):
-        """A heatmap someone asked for is made; the viewer showing "computing…" fetches it."""
-        if not self._still_signed_in():
-            self.close(code=CLOSE_UNAUTHENTICATED)
-            return
-        self.send_json({key: event[key] for key in ("type", "image", "result", "status")})
-
-    def study_updated(self, event):
-        """A study's worklist columns changed; the page fetches the row it shows."""
-        if not self._still_signed_in():
-            self.close(code=CLOSE_UNAUTHENTICATED)
-            return
-        self.send_json({"type": "study.updated", "study": event["study"]})
-
-    def job_progress(self, event):
-        """A bulk job's counts changed; the jobs page fetches the job."""
-        if not self._still_signed_in():
-            self.close(code=CLOSE_UNAUTHENTICATED)
-            return
-        self.send_json({"type": "job.progress", "job": event["job"]})
+    # Channels calls the method named after a message's type ("result.ready" → result_ready)
+    result_ready = heatmap_ready = study_updated = job_progress = forward

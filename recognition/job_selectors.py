@@ -15,12 +15,12 @@ from django.db.models import Count, F, IntegerField, Max, OuterRef, Q, QuerySet,
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from accounts.access import tenant_object_get
 from accounts.models import Membership
 from accounts.permissions import Action
 from accounts.services import require
 
 from .models import BatchItem, BatchJob, BatchUpload
-from .selectors import not_found_recorded
 
 Item, Job, Upload = BatchItem.Status, BatchJob.Status, BatchUpload.Status
 FINISHED_UPLOADS = Q(status__in=[Upload.COMPLETE, Upload.REFUSED])  # these block nothing
@@ -29,18 +29,16 @@ FINISHED_UPLOADS = Q(status__in=[Upload.COMPLETE, Upload.REFUSED])  # these bloc
 def batch_job_get(*, membership: Membership, job_id: int, request=None, for_update: bool = False) -> BatchJob:
     """One job of the member's hospital (another hospital's is a 404, and logged)."""
     require(membership, Action.IMAGE_VIEW, request=request)
-    jobs = BatchJob.objects.for_tenant(membership.tenant).select_related("model_version__model")
-    job = (jobs.select_for_update() if for_update else jobs).filter(pk=job_id).first()
-    if job is None:
-        raise not_found_recorded(
-            membership=membership,
-            request=request,
-            action="batch.view",
-            target_type="batch_job",
-            target_id=job_id,
-            message="No such job.",
-        )
-    return job
+    return tenant_object_get(
+        BatchJob.objects.select_related("model_version__model"),
+        membership=membership,
+        pk=job_id,
+        request=request,
+        action="batch.view",
+        target_type="batch_job",
+        message="No such job.",
+        for_update=for_update,
+    )
 
 
 def batch_job_list(*, membership: Membership, request=None) -> QuerySet[BatchJob]:

@@ -1,7 +1,8 @@
 """Reads of clinical data, always through the member's hospital.
 
-``image_get`` is the one access helper for images: another hospital's image and a missing
-one both answer 404, and the attempt is logged.
+``image_get``, ``study_get`` and ``review_get`` reach their rows through the access helper
+(accounts.access.tenant_object_get): another hospital's row and a missing one both answer 404,
+and the attempt is logged.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from datetime import date, datetime
 from django.conf import settings
 from django.db.models import OuterRef, Prefetch, Q, QuerySet, Subquery
 
-from accounts.models import AccessEvent, Membership
+from accounts.access import member_action_record, tenant_object_get
+from accounts.models import Membership
 from accounts.permissions import Action
-from accounts.services import access_event_record, require
+from accounts.services import require
 from core.cursor import BAD_CURSOR, cursor_decode, cursor_encode
 from core.errors import Conflict, Invalid, NotFound
 from core.pseudonym import PATIENT, pseudonym_candidates
@@ -36,9 +38,7 @@ def _with_ai_state(queryset: QuerySet) -> QuerySet:
 def image_list(*, membership: Membership, request=None) -> QuerySet:
     """The hospital's images, newest first. Reading the list is itself logged."""
     require(membership, Action.IMAGE_VIEW, request=request)
-    access_event_record(
-        action="image.list", request=request, user=membership.user, tenant=membership.tenant, target_type="image"
-    )
+    member_action_record(membership, "image.list", request=request, target_type="image")
     return _with_ai_state(
         Image.objects.for_tenant(membership.tenant).select_related("study").order_by("-created", "-id")
     )
@@ -47,35 +47,23 @@ def image_list(*, membership: Membership, request=None) -> QuerySet:
 def image_get(*, membership: Membership, image_id: int, request=None, action: str = "image.view") -> Image:
     """One image of the member's hospital, its access logged as ``action``."""
     require(membership, Action.IMAGE_VIEW, request=request)
-    image = (
-        _with_ai_state(Image.objects.for_tenant(membership.tenant))
+    image = tenant_object_get(
+        _with_ai_state(Image.objects.all())
         .select_related("study", "series")
         .prefetch_related(
             Prefetch(
                 "results",
                 queryset=Result.objects.select_related("model_version__model").order_by("-created"),
             )
-        )
-        .filter(pk=image_id)
-        .first()
-    )
-    if image is None:
-        raise not_found_recorded(
-            membership=membership,
-            request=request,
-            action=action,
-            target_type="image",
-            target_id=image_id,
-            message="No such image.",
-        )
-    access_event_record(
-        action=action,
+        ),
+        membership=membership,
+        pk=image_id,
         request=request,
-        user=membership.user,
-        tenant=membership.tenant,
+        action=action,
         target_type="image",
-        target_id=image.pk,
+        message="No such image.",
     )
+    member_action_record(membership, action, request=request, target_type="image", target_id=image.pk)
     return image
 
 
@@ -96,38 +84,19 @@ def image_neighbours(image: Image) -> tuple[int | None, int | None, int, int]:
     )
 
 
-def not_found_recorded(
-    *, membership: Membership, request, action: str, target_type: str, target_id, message: str
-) -> NotFound:
-    """Another hospital's object looks exactly like a missing one, and the attempt is logged:
-    the 404 every access helper raises."""
-    access_event_record(
-        action=action,
-        outcome=AccessEvent.Outcome.DENIED,
-        request=request,
-        user=membership.user,
-        tenant=membership.tenant,
-        target_type=target_type,
-        target_id=target_id,
-    )
-    return NotFound(message)
-
-
 def review_get(*, membership: Membership, review_id: int, request=None, for_update: bool = False) -> Review:
     """One review of the member's hospital; another hospital's is a 404, and logged."""
     require(membership, Action.IMAGE_VIEW, request=request)
-    reviews = Review.objects.for_tenant(membership.tenant).select_related("image")
-    review = (reviews.select_for_update() if for_update else reviews).filter(pk=review_id).first()
-    if review is None:
-        raise not_found_recorded(
-            membership=membership,
-            request=request,
-            action="review.view",
-            target_type="review",
-            target_id=review_id,
-            message="No such review.",
-        )
-    return review
+    return tenant_object_get(
+        Review.objects.select_related("image"),
+        membership=membership,
+        pk=review_id,
+        request=request,
+        action="review.view",
+        target_type="review",
+        message="No such review.",
+        for_update=for_update,
+    )
 
 
 def review_history(*, image: Image) -> QuerySet[Review]:
@@ -142,24 +111,16 @@ def review_history(*, image: Image) -> QuerySet[Review]:
 def study_get(*, membership: Membership, study_id: int, request=None) -> Study:
     """One study of the member's hospital (404 for another's, logged)."""
     require(membership, Action.IMAGE_VIEW, request=request)
-    study = Study.objects.for_tenant(membership.tenant).filter(pk=study_id).first()
-    if study is None:
-        raise not_found_recorded(
-            membership=membership,
-            request=request,
-            action="study.view",
-            target_type="study",
-            target_id=study_id,
-            message="No such study.",
-        )
-    access_event_record(
-        action="study.view",
+    study = tenant_object_get(
+        Study.objects.all(),
+        membership=membership,
+        pk=study_id,
         request=request,
-        user=membership.user,
-        tenant=membership.tenant,
+        action="study.view",
         target_type="study",
-        target_id=study.pk,
+        message="No such study.",
     )
+    member_action_record(membership, "study.view", request=request, target_type="study", target_id=study.pk)
     return study
 
 
@@ -244,9 +205,7 @@ def study_worklist(
         studies = studies.filter(Q(**{f"{field}__{after}": value}) | Q(**{field: value, f"id__{after}": pk}))
     prefix = "-" if descending else ""
     page = list(studies.order_by(f"{prefix}{field}", f"{prefix}id")[: limit + 1])
-    access_event_record(
-        action="study.list", request=request, user=membership.user, tenant=membership.tenant, target_type="study"
-    )
+    member_action_record(membership, "study.list", request=request, target_type="study")
     if len(page) <= limit:
         return page, ""
     page = page[:limit]

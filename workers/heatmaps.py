@@ -15,8 +15,8 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import transaction
 
+from accounts import events
 from core.transient import is_transient
-from recognition import events
 from recognition.models import Result
 from recognition.storage import heatmap_key
 from workers.model_cache import model_handler

@@ -5,8 +5,8 @@ from __future__ import annotations
 from django.db import transaction
 from django.utils import timezone
 
+from accounts import events
 from core.bulk import rows_update
-from recognition import events
 from recognition.models import InferenceRequest, Result
 from recognition.services.jobs import batch_items_on_outcome
 from recognition.services.studies import study_summary_refresh

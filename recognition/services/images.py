@@ -31,14 +31,16 @@ from django.utils import timezone
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 
+from accounts import events
+from accounts.access import member_action_record
 from accounts.models import Membership
 from accounts.permissions import Action
-from accounts.services import access_event_record, require
+from accounts.services import require
 from core.bulk import rows_update
 from core.errors import Conflict, Invalid, TooLarge, Unavailable, Unprocessable, UnsupportedMedia
 from core.pseudonym import PATIENT, patient_pseudonym_of, pseudonym_candidates, pseudonym_for
 
-from .. import dicom, events
+from .. import dicom
 from ..display import DisplayCopy, display_copy
 from ..enqueue import task_send
 from ..models import Image, InferenceRequest, ModelVersion, Series, Study, UploadKey
@@ -305,13 +307,8 @@ def _upload_replay(membership: Membership, key: str, fingerprint: str, request) 
             code="idempotency_key_gone",
         )
     for image in images:
-        access_event_record(
-            action="image.upload_replayed",
-            request=request,
-            user=membership.user,
-            tenant=membership.tenant,
-            target_type="image",
-            target_id=image.pk,
+        member_action_record(
+            membership, "image.upload_replayed", request=request, target_type="image", target_id=image.pk
         )
     return images
 
@@ -376,7 +373,7 @@ def _images_from_bytes(
                 study_updated_on_commit([study_row])
             else:
                 study_summary_refresh([study_row.pk])
-            _record_upload(membership, image, request)
+            member_action_record(membership, "image.upload", request=request, target_type="image", target_id=image.pk)
             if on_stored:
                 on_stored([image])
     except BaseException:
@@ -385,17 +382,6 @@ def _images_from_bytes(
         raise
     logger.info("image %s received for tenant %s", image.pk, tenant.pk)
     return [image]
-
-
-def _record_upload(membership: Membership, image: Image, request) -> None:
-    access_event_record(
-        action="image.upload",
-        request=request,
-        user=membership.user,
-        tenant=membership.tenant,
-        target_type="image",
-        target_id=image.pk,
-    )
 
 
 def _patient_pseudonym(tenant, patient_id: str) -> str:
@@ -711,7 +697,9 @@ def _store_dicom(
                         inference_request_create(image=image, model_version=_read_version(routing, image))
             study_summary_refresh([study.pk])
             for image in images:
-                _record_upload(membership, image, request)
+                member_action_record(
+                    membership, "image.upload", request=request, target_type="image", target_id=image.pk
+                )
             if on_stored:
                 on_stored(images)
     except BaseException:

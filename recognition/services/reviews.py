@@ -6,9 +6,10 @@ from __future__ import annotations
 from django.db import transaction
 from django.utils import timezone
 
+from accounts.access import member_action_record
 from accounts.models import Membership
 from accounts.permissions import Action
-from accounts.services import access_event_record, require
+from accounts.services import require
 from core.errors import Conflict, Invalid
 
 from ..models import Review
@@ -80,16 +81,11 @@ def review_save(
         if sign_off:
             review.signed_off_at, review.signed_off_by = now, user
         review.save()
-        access_event_record(
-            action=action,
-            request=request,
-            user=user,
-            tenant=membership.tenant,
-            target_type="review",
-            target_id=review.pk,
-        )
+        member_action_record(membership, action, request=request, target_type="review", target_id=review.pk)
         if sign_off:
-            _record_sign_off(membership, review, request)
+            member_action_record(
+                membership, "review.sign_off", request=request, target_type="review", target_id=review.pk
+            )
         study_summary_refresh([image.study_id])
     return review
 
@@ -105,17 +101,6 @@ def review_sign_off(*, membership: Membership, review_id: int, request=None) -> 
             raise Conflict("Only the author of a draft signs it off.", code="not_the_author")
         review.signed_off_at, review.signed_off_by = timezone.now(), membership.user
         review.save(update_fields=["signed_off_at", "signed_off_by"])
-        _record_sign_off(membership, review, request)
+        member_action_record(membership, "review.sign_off", request=request, target_type="review", target_id=review.pk)
         study_summary_refresh([review.image.study_id])
     return review
-
-
-def _record_sign_off(membership: Membership, review: Review, request) -> None:
-    access_event_record(
-        action="review.sign_off",
-        request=request,
-        user=membership.user,
-        tenant=membership.tenant,
-        target_type="review",
-        target_id=review.pk,
-    )

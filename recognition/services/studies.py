@@ -10,7 +10,7 @@ from typing import Any
 from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
-from accounts.events import send_many_on_commit, tenant_group
+from accounts.events import studies_updated_on_commit
 from core.bulk import rows_update
 
 from ..models import Image, InferenceRequest, Result, Review, Study
@@ -93,6 +93,4 @@ def study_summary_refresh(study_ids: Iterable[int]) -> None:
 
 def study_updated_on_commit(studies: list[Study]) -> None:
     """Tell the hospitals' open worklists which rows to re-render, after commit."""
-    send_many_on_commit(
-        [(tenant_group(study.tenant_id), {"type": "study.updated", "study": study.pk}) for study in studies]
-    )
+    studies_updated_on_commit((study.tenant_id, study.pk) for study in studies)

@@ -229,3 +229,140 @@ def test_the_check_sees_the_imports_it_judges():
     assert "core.errors" in graph()["recognition.services.images"]  # the kernel, seen from an app
     assert "config.asgi_threads" in graph()["config.asgi"]  # what test_no_app_imports_config refuses, seen
     assert len(MODULES) > 50
+
+
+def functions(module: str):
+    """Every function of the module (methods and nested ones too)."""
+    tree = ast.parse(MODULES[module].read_text())
+    return [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)]
+
+
+def called(node: ast.AST) -> str | None:
+    """The name a call calls (``f(...)`` or ``x.f(...)``), or None for anything else."""
+    if not isinstance(node, ast.Call):
+        return None
+    return getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+
+
+def keywords(call: ast.Call) -> dict[str, str]:
+    return {keyword.arg: ast.unparse(keyword.value) for keyword in call.keywords if keyword.arg}
+
+
+# "get it for this hospital, else a logged 404" written out by hand, where the helper cannot
+# serve: each with its reason
+OWN_404 = {
+    # the hospital itself, named by slug in X-Tenant or the switcher: not a row of a hospital
+    ("accounts.selectors", "membership_resolve"),
+    # a platform auditor reads across hospitals (no membership), and a read is logged in the
+    # chain of the entry's own hospital, success and denial alike
+    ("audit.selectors", "access_log_entry_get"),
+}
+
+
+def test_tenant_objects_are_reached_through_the_access_helper():
+    """accounts.access.tenant_object_get is the one "this hospital's row, else a logged 404": a
+    function that scopes a read to a hospital (``for_tenant``, ``filter(tenant=…)``) or logs a
+    denied attempt on an object, and makes a 404 (raised, or returned for a caller to raise), is
+    a new copy of it."""
+    copies = []
+    for module in MODULES:
+        if module == "accounts.access":
+            continue
+        for function in functions(module):
+            nodes = list(ast.walk(function))
+            makes_404 = any(called(node) in ("NotFound", "Http404") for node in nodes)  # raised or returned
+            scoped = any(
+                called(node) == "for_tenant"
+                or (called(node) in ("filter", "get") and {"tenant", "tenant_id"} & set(keywords(node)))
+                for node in nodes
+            )
+            logs_denied = any(
+                called(node) in ("access_event_record", "member_action_record")
+                and "DENIED" in keywords(node).get("outcome", "").upper()
+                and "target_id" in keywords(node)
+                for node in nodes
+            )
+            if makes_404 and (scoped or logs_denied) and (module, function.name) not in OWN_404:
+                copies.append(f"{module}.{function.name} (line {function.lineno})")
+    assert not copies, "use accounts.access.tenant_object_get:\n" + "\n".join(copies)
+
+
+def test_the_access_helper_check_sees_its_users():
+    """The check above reads the functions that reach rows through the helper (so it cannot pass
+    by reading nothing), and each of the five kinds of rows goes through it."""
+    users = {
+        f"{module}.{function.name}"
+        for module in MODULES
+        for function in functions(module)
+        if any(called(node) == "tenant_object_get" for node in ast.walk(function))
+    }
+    assert {
+        "recognition.selectors.image_get",
+        "recognition.selectors.study_get",
+        "recognition.selectors.review_get",
+        "recognition.job_selectors.batch_job_get",
+        "accounts.selectors.membership_get",
+    } <= users
+
+
+def member_shaped(found: dict[str, str]) -> bool:
+    """``user=x.user, tenant=x.tenant``: the same member's user and hospital."""
+    user, tenant = found.get("user", ""), found.get("tenant", "")
+    return user.endswith(".user") and tenant.endswith(".tenant") and user[: -len(".user")] == tenant[: -len(".tenant")]
+
+
+def test_a_members_action_is_recorded_through_one_wrapper():
+    """``access_event_record(user=m.user, tenant=m.tenant, …)`` is accounts.access.member_action_record;
+    accounts.services keeps the writer itself and ``require`` (below the helper, it cannot use it)."""
+    copies = [
+        f"{module} line {node.lineno}"
+        for module in MODULES
+        if module not in ("accounts.access", "accounts.services")
+        for node in ast.walk(ast.parse(MODULES[module].read_text()))
+        if called(node) == "access_event_record" and member_shaped(keywords(node))
+    ]
+    assert not copies, "use accounts.access.member_action_record:\n" + "\n".join(copies)
+
+
+def pushed_kinds() -> set[str]:
+    """The message types accounts.events.PUSHED defines."""
+    for node in ast.walk(ast.parse(MODULES["accounts.events"].read_text())):
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "PUSHED":
+            return set(ast.literal_eval(node.value))
+    raise AssertionError("accounts.events has no PUSHED")
+
+
+def test_push_messages_are_defined_in_one_module():
+    """A message for the browsers (``{"type": "result.ready", …}``) is built in accounts.events
+    only: elsewhere a dict with a dotted string "type" is a new copy of one."""
+    kinds = pushed_kinds()
+    assert {"result.ready", "heatmap.ready", "study.updated", "job.progress"} <= kinds
+    copies = [
+        f"{module} line {node.lineno}: {ast.unparse(node)[:80]}"
+        for module in MODULES
+        if module != "accounts.events"
+        for node in ast.walk(ast.parse(MODULES[module].read_text()))
+        if isinstance(node, ast.Dict)
+        for key, value in zip(node.keys, node.values, strict=True)
+        if isinstance(key, ast.Constant)
+        and key.value == "type"
+        and isinstance(value, ast.Constant)
+        and (value.value in kinds or value.value == "access.revoked")
+    ]
+    assert not copies, "define it in accounts.events:\n" + "\n".join(copies)
+
+
+def test_the_consumer_forwards_every_pushed_message_through_one_method():
+    """Each type PUSHED names has its handler on the events consumer, and that handler is
+    ``forward`` (Channels calls the method named after the type, dots as underscores)."""
+    tree = ast.parse(MODULES["recognition.consumers"].read_text())
+    (consumer,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "EventsConsumer"]
+    aliases: dict[str, str] = {}
+    for node in consumer.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Name):
+            aliases.update({target.id: node.value.id for target in node.targets if isinstance(target, ast.Name)})
+    methods = {node.name for node in consumer.body if isinstance(node, ast.FunctionDef)}
+    for kind in pushed_kinds():
+        handler = kind.replace(".", "_")
+        assert aliases.get(handler) == "forward", f"{kind}: {handler} is not forward"
+        assert handler not in methods, f"{kind} has a method of its own"

@@ -3,7 +3,7 @@ hears one progress message after commit."""
 
 from __future__ import annotations
 
-from accounts.events import send_many_on_commit, tenant_group
+from accounts.events import jobs_progress_on_commit
 
 from ...models import BatchItem, BatchJob
 
@@ -21,10 +21,8 @@ def batch_items_on_outcome(request_ids_by_status: dict[str, list[int]], now) -> 
         touched.update(items.values_list("job_id", "tenant_id"))
         items.update(status=status, finished_at=now)
     if touched:
-        send_many_on_commit(
-            [(tenant_group(tenant_id), {"type": "job.progress", "job": job_id}) for job_id, tenant_id in touched]
-        )
+        jobs_progress_on_commit((tenant_id, job_id) for job_id, tenant_id in touched)
 
 
 def batch_jobs_notify(jobs: list[BatchJob]) -> None:
-    send_many_on_commit([(tenant_group(job.tenant_id), {"type": "job.progress", "job": job.pk}) for job in jobs])
+    jobs_progress_on_commit((job.tenant_id, job.pk) for job in jobs)

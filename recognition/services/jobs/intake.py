@@ -12,8 +12,8 @@ from django.core.files.storage import default_storage
 from django.db import InterfaceError, OperationalError, transaction
 from django.utils import timezone
 
+from accounts.access import member_action_record
 from accounts.models import AccessEvent, Membership
-from accounts.services import access_event_record
 from core.errors import Conflict, DomainError
 
 from ...enqueue import task_send
@@ -166,12 +166,11 @@ def batch_upload_prefix(*, membership: Membership, job_id: int, prefix: str, req
             transaction.on_commit(lambda: batch_upload_expand_enqueue(upload.pk), robust=True)
     if refused is not None:
         with transaction.atomic():
-            access_event_record(
-                action="batch.add_prefix",
+            member_action_record(
+                membership,
+                "batch.add_prefix",
                 outcome=AccessEvent.Outcome.DENIED,
                 request=request,
-                user=membership.user,
-                tenant=membership.tenant,
                 target_type="batch_job",
                 target_id=job_id,
             )

@@ -10,9 +10,10 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from accounts.access import member_action_record
 from accounts.models import Membership
 from accounts.permissions import Action
-from accounts.services import access_event_record, require
+from accounts.services import require
 from core.bulk import rows_update
 from core.errors import Conflict, Invalid
 
@@ -91,14 +92,7 @@ def batch_job_create(
 
 def batch_job_record(membership: Membership, action: str, job: BatchJob, request) -> None:
     """The member's action on the job, in the access log (in the caller's transaction)."""
-    access_event_record(
-        action=action,
-        request=request,
-        user=membership.user,
-        tenant=membership.tenant,
-        target_type="batch_job",
-        target_id=job.pk,
-    )
+    member_action_record(membership, action, request=request, target_type="batch_job", target_id=job.pk)
 
 
 def batch_job_open_for_items(membership: Membership, job_id: int, request) -> BatchJob:
