@@ -155,7 +155,7 @@ def _lock_recorded(*, row: AccountSignInLimit, user, request, notify: bool) -> N
         )
     if not notify:
         return
-    minutes = int(settings.SIGHTLINE_ACCOUNT_COOLOFF.total_seconds() // 60)
+    minutes = settings.SIGHTLINE_ACCOUNT_COOLOFF // timedelta(minutes=1)
     username = user.get_username()
     if user.email:
         body = (

@@ -21,10 +21,12 @@ from config.errors import Conflict, Forbidden, Gone, Invalid
 
 from .audit import chain_append
 from .events import access_revoked_on_commit
-from .models import AccessEvent, Invitation, Membership, Role, Tenant
+from .models import ACTOR_LABEL_LENGTH, TARGET_ID_LENGTH, AccessEvent, Invitation, Membership, Role, Tenant
 from .permissions import ADMIN_ACTIONS, Action, can
 
 Outcome = AccessEvent.Outcome
+
+INVITATION_TOKEN_BYTES = 32  # 256 random bits in an invitation link
 
 
 def _ip(value: str | None) -> str | None:
@@ -87,10 +89,10 @@ def access_event_record(
             action=action,
             outcome=outcome,
             actor=user,
-            actor_label=label[:150],
+            actor_label=label[:ACTOR_LABEL_LENGTH],
             tenant=tenant,
             target_type=target_type,
-            target_id=str(target_id)[:64],
+            target_id=str(target_id)[:TARGET_ID_LENGTH],
             **context,
         )
     )
@@ -187,7 +189,7 @@ def invitation_create(*, actor: Membership, email: str, role: str, request=None)
         validate_email(email)
     except ValidationError:
         raise Invalid(f"{email!r} is not an e-mail address.", code="invalid_email") from None
-    raw = secrets.token_urlsafe(32)
+    raw = secrets.token_urlsafe(INVITATION_TOKEN_BYTES)
     with transaction.atomic():
         invitation = Invitation.objects.create(
             tenant=actor.tenant,

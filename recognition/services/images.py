@@ -41,7 +41,7 @@ from core.bulk import rows_update
 from .. import dicom, events
 from ..display import DisplayCopy, display_copy
 from ..enqueue import task_send
-from ..models import Image, InferenceRequest, ModelVersion, Series, Study, UploadKey
+from ..models import REASON_LENGTH, Image, InferenceRequest, ModelVersion, Series, Study, UploadKey
 from ..storage import dicom_key, image_key, original_key, pixels_key
 from .inference import inference_request_create, upload_routing
 from .registry import Routing
@@ -668,7 +668,7 @@ def _store_dicom(
                 images = [
                     Image.objects.create(
                         **common,
-                        unprocessable_reason=reason[:300],
+                        unprocessable_reason=reason[:REASON_LENGTH],
                         state=Image.State.FAILED,
                         sha256="",
                         byte_size=len(data),
@@ -944,7 +944,7 @@ def images_render_failed(images: list[Image], message: str) -> None:
             image
             for image in images
             if Image.objects.filter(pk=image.pk, state=Image.State.RECEIVED).update(
-                state=Image.State.FAILED, unprocessable_reason=message[:300]
+                state=Image.State.FAILED, unprocessable_reason=message[:REASON_LENGTH]
             )
         ]
         study_summary_refresh({image.study_id for image in failed})
