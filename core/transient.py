@@ -38,6 +38,7 @@ STORAGE_RETRY_CODES = frozenset(
         "PriorRequestNotComplete",
     }
 )
+SERVER_ERROR = 500  # 5xx: the storage's own fault, worth another try
 PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
@@ -84,7 +85,13 @@ def is_transient(exc: BaseException) -> bool:
     client_error = _client_error(exc)
     if client_error is not None:
         code, status = client_error
-        return code in STORAGE_RETRY_CODES or status == 429 or status >= 500 or code.isdigit() and int(code) >= 500
+        return (
+            code in STORAGE_RETRY_CODES
+            or status == 429
+            or status >= SERVER_ERROR
+            or code.isdigit()
+            and int(code) >= SERVER_ERROR
+        )
     if isinstance(exc, PERMANENT_OS_ERRORS):
         return False
     if isinstance(exc, (OSError, *transient_types())):  # builtin ConnectionError and TimeoutError are OSErrors

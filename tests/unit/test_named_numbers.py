@@ -16,27 +16,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("accounts", "audit", "config", "core", "recognition", "workers")
 
-# Numbers that are never a limit, so need no name.
-ALLOWED = {
-    0,
-    1,
-    -1,
-    2,  # none, one, the last one, a pair or a half
-    0.5,  # a half: rounding to the nearest, the centre of a range
-    100,  # per cent
-    1024,  # bytes in a KiB, KiB in a MiB (a limit of 1024 still wants a name: the scan cannot tell)
-    255,  # the largest 8-bit pixel value: the scale of every 8-bit image
-}
-# An HTTP status code where the code says it is one: the code is its own name. That is in a
-# comparison, a ``status=``/``status_code=``/``responses=`` argument, a ``"status"`` entry or a
-# collection named ``statuses``; anywhere else a 200 or a 300 is a limit like any other.
+# Numbers that are never a limit, so need no name: none, one, the last one, a pair or a half;
+# a half (rounding to the nearest, the centre of a range); per cent; bytes in a KiB and KiB in a
+# MiB (a limit of 1024 still wants a name: the scan cannot tell); the largest 8-bit pixel value,
+# the scale of every 8-bit image.
+ALLOWED = {0, 1, -1, 2, 0.5, 100, 1024, 255}
+# An HTTP status code where the code says it is one: the code is its own name. That is compared
+# with something called status (``exc.status in (403, 404)``), in a ``status=``/``status_code=``/
+# ``responses=`` argument, a ``"status"`` entry or a collection named ``statuses``; anywhere else
+# a 200 or a 300 is a limit like any other.
 HTTP_STATUSES = {status.value for status in HTTPStatus}
 STATUS_KEYWORDS = {"status", "status_code", "responses"}
 
 
+def _called_status(node: ast.expr) -> bool:
+    name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+    return "status" in name
+
+
 def _says_status(node: ast.AST) -> bool:
     if isinstance(node, ast.Compare):
-        return True
+        return any(_called_status(side) for side in (node.left, *node.comparators))
     if isinstance(node, ast.keyword):
         return node.arg in STATUS_KEYWORDS
     if isinstance(node, ast.Dict):
@@ -113,8 +113,9 @@ def test_the_scan_finds_an_unnamed_limit():
         "sleep(-3.5)\n"
         "Response(body, status=201)\n"
         "serializers.IntegerField(max_value=200)\n"
+        "if len(name) > 400 or response.status_code != 200: pass\n"
     )
-    assert bare_numbers(tree) == [(4, 2000), (6, -3.5), (8, 200)]
+    assert bare_numbers(tree) == [(4, 2000), (6, -3.5), (8, 200), (9, 400)]
 
 
 def test_every_limit_has_a_name():
