@@ -8,6 +8,8 @@ GENESIS_HASH = "0" * 64
 # Widths of access-log fields that callers truncate to (so they must name the same number).
 ACTOR_LABEL_LENGTH = 150  # Django's username width
 TARGET_ID_LENGTH = 64
+USER_AGENT_LENGTH = 256
+REQUEST_ID_LENGTH = 64
 DESCRIPTION_LENGTH = 200  # a service account's description
 
 
@@ -168,8 +170,8 @@ class AccessEvent(models.Model):
     target_id = models.CharField(max_length=TARGET_ID_LENGTH, blank=True)
     outcome = models.CharField(max_length=16, choices=Outcome.choices)
     ip_address = models.GenericIPAddressField(null=True, blank=True)
-    user_agent = models.CharField(max_length=256, blank=True)
-    request_id = models.CharField(max_length=64, blank=True)
+    user_agent = models.CharField(max_length=USER_AGENT_LENGTH, blank=True)
+    request_id = models.CharField(max_length=REQUEST_ID_LENGTH, blank=True)
     chain = models.CharField(max_length=32)
     sequence = models.PositiveBigIntegerField()
     previous_hash = models.CharField(max_length=64)

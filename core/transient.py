@@ -39,6 +39,7 @@ STORAGE_RETRY_CODES = frozenset(
     }
 )
 SERVER_ERROR = 500  # 5xx: the storage's own fault, worth another try
+_SHOWN_ERROR_CHARS = 200  # of an error's text in a failure's reason
 PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
@@ -109,7 +110,7 @@ def transient_reason(exc: BaseException) -> str:
         return f"the storage answered {code or 'an error'}{f' ({status})' if status else ''}"
     if isinstance(exc, OSError):
         return f"the storage could not be read ({type(exc).__name__}: {exc.strerror or exc})"
-    return f"{type(exc).__name__}: {str(exc)[:200]}"
+    return f"{type(exc).__name__}: {str(exc)[:_SHOWN_ERROR_CHARS]}"
 
 
 def backoff_seconds(retries: int, *, cap: float, base: float = 1.0) -> float:

@@ -44,6 +44,11 @@ _CENTRAL_OFFSET = 16  # the central record's field holding its local header's of
 _EXTRA_HEADER = struct.Struct("<2H")  # an extra field's id and length
 _ZIP64_MARK = 0xFFFFFFFF  # a size or offset that did not fit 32 bits: see the zip64 extra field
 _ZIP64_VALUE = 8  # bytes of each value in the zip64 extra field
+# fields of the records, by position: zip64 end (entries, directory size, offset), central
+# (flags, method; crc, sizes, name/extra/comment lengths), local (name and extra lengths)
+_END64_DIRECTORY = slice(7, 10)
+_CENTRAL_FLAGS, _CENTRAL_SIZES = slice(3, 5), slice(7, 13)
+_LOCAL_LENGTHS = slice(-2, None)
 # A real archive's central record is 46 bytes plus a name and a little extra; 4 KiB on average is
 # generous. This bounds what is read before the records can be counted.
 _DIRECTORY_BYTES_PER_ENTRY = 4096
@@ -142,7 +147,7 @@ def _directory_extent(fileobj: IO[bytes]) -> tuple[int, int, int, int]:
         if record[_END64.size : _END64.size + _SIGNATURE] == b"PK\x06\x07":
             if record[:_SIGNATURE] != b"PK\x06\x06":
                 raise _damaged_directory()
-            count, size, offset = _END64.unpack_from(record)[7:10]
+            count, size, offset = _END64.unpack_from(record)[_END64_DIRECTORY]
             end -= _LOCATOR64_SIZE + _END64.size
     start = end - size
     if start < offset:
@@ -169,7 +174,9 @@ def _read_directory(fileobj: IO[bytes], limits: ArchiveLimits) -> tuple[list[_En
         if size - at < _CENTRAL.size or directory[at : at + _SIGNATURE] != b"PK\x01\x02":
             raise _damaged_directory()
         fields = _CENTRAL.unpack_from(directory, at)
-        flags, method, crc, compressed, uncompressed, name_len, extra_len, comment_len = fields[3:5] + fields[7:13]
+        flags, method, crc, compressed, uncompressed, name_len, extra_len, comment_len = (
+            fields[_CENTRAL_FLAGS] + fields[_CENTRAL_SIZES]
+        )
         name_start = at + _CENTRAL.size
         extra_start = name_start + name_len
         at = extra_start + extra_len + comment_len
@@ -214,7 +221,7 @@ def _checked_entries(fileobj: IO[bytes], limits: ArchiveLimits) -> list[_Entry]:
         if len(header) < _LOCAL.size or header[:_SIGNATURE] != b"PK\x03\x04":
             missing.append(entry)
         else:
-            name_len, extra_len = _LOCAL.unpack(header)[-2:]
+            name_len, extra_len = _LOCAL.unpack(header)[_LOCAL_LENGTHS]
             if fileobj.read(name_len) != entry.name:
                 mismatched.append(entry)
         data_offset = entry.header_offset + _LOCAL.size + name_len + extra_len

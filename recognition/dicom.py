@@ -466,7 +466,7 @@ def _to_modality(ds: Dataset, index: int, arr: np.ndarray) -> np.ndarray:
 def _to_rgb8(ds: Dataset, arr: np.ndarray) -> np.ndarray:
     bits = int(ds.get("BitsStored") or ds.BitsAllocated)
     if str(ds.PhotometricInterpretation).strip().upper() == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)[..., :3]
+        arr = apply_color_lut(arr, ds)[..., :COLOUR_SAMPLES]
         bits = 8 * arr.dtype.itemsize
     if arr.dtype == np.uint8:
         return arr

@@ -1,10 +1,10 @@
 """Every limit, interval and batch size in the application has a name.
 
-The test reads the application modules' syntax trees and fails on a bare number in a call or a
-comparison (``chunk_size=2000``, ``len(code) > 64``, ``timedelta(seconds=30)``) unless the number
-is in the short allow-list below or is itself the value of a name (``EXPORT_CHUNK_ROWS = 2000``,
-a setting). A new unnamed limit fails it: give the number a name, and where it was measured, a
-comment saying so.
+The test reads the application modules' syntax trees and fails on a bare number in a call, a
+comparison or a slice (``chunk_size=2000``, ``len(code) > 64``, ``timedelta(seconds=30)``,
+``text[:150]``) unless the number is in the short allow-list below or is itself the value of a
+name (``EXPORT_CHUNK_ROWS = 2000``, a setting). A new unnamed limit fails it: give the number a
+name, and where it was measured, a comment saying so.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ def application_modules() -> list[Path]:
 
 
 def _is_name(target: ast.expr) -> bool:
-    """``LIMIT = …`` or ``SETTING["KEY"] = …``: the number is the value of a name."""
+    """``LIMIT = …``, ``LOW, HIGH = …`` or ``SETTING["KEY"] = …``: the number is the value of a name."""
+    if isinstance(target, ast.Tuple):
+        return all(_is_name(element) for element in target.elts)
     while isinstance(target, ast.Subscript):
         target = target.value
     return isinstance(target, ast.Name) and target.id.isupper()
@@ -79,7 +81,7 @@ def _value(node: ast.expr) -> int | float | None:
 
 
 def bare_numbers(tree: ast.AST) -> list[tuple[int, int | float]]:
-    """(line, number) for each number inside a call or a comparison that has no name."""
+    """(line, number) for each number inside a call, a comparison or a slice that has no name."""
     found: list[tuple[int, int | float]] = []
 
     def visit(node: ast.AST, inside: bool, status: bool = False) -> None:
@@ -94,7 +96,7 @@ def bare_numbers(tree: ast.AST) -> list[tuple[int, int | float]]:
             if inside and value not in ALLOWED and not (status and value in HTTP_STATUSES):
                 found.append((node.lineno, value))
             return
-        inside = inside or isinstance(node, (ast.Call, ast.Compare))
+        inside = inside or isinstance(node, (ast.Call, ast.Compare, ast.Slice))
         status = status or _says_status(node)
         for child in ast.iter_child_nodes(node):
             visit(child, inside, status)
@@ -114,8 +116,9 @@ def test_the_scan_finds_an_unnamed_limit():
         "Response(body, status=201)\n"
         "serializers.IntegerField(max_value=200)\n"
         "if len(name) > 400 or response.status_code != 200: pass\n"
+        "label = text[:150]\n"
     )
-    assert bare_numbers(tree) == [(4, 2000), (6, -3.5), (8, 200), (9, 400)]
+    assert bare_numbers(tree) == [(4, 2000), (6, -3.5), (8, 200), (9, 400), (10, 150)]
 
 
 def test_every_limit_has_a_name():
