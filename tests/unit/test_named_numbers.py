@@ -91,6 +91,13 @@ def bare_numbers(tree: ast.AST) -> list[tuple[int, int | float]]:
                 return
         if isinstance(node, ast.keyword) and node.arg in NAMING_KEYWORDS:
             return
+        if isinstance(node, ast.arguments):  # a default is a limit too: ``def f(limit=50)``
+            positional = [*node.posonlyargs, *node.args]
+            pairs = [*zip(positional[len(positional) - len(node.defaults) :], node.defaults, strict=True)]
+            pairs += [(arg, default) for arg, default in zip(node.kwonlyargs, node.kw_defaults, strict=True) if default]
+            for arg, default in pairs:
+                visit(default, True, status or arg.arg in STATUS_KEYWORDS)
+            return
         value = _value(node) if isinstance(node, ast.expr) else None
         if value is not None:
             if inside and value not in ALLOWED and not (status and value in HTTP_STATUSES):
@@ -117,8 +124,9 @@ def test_the_scan_finds_an_unnamed_limit():
         "serializers.IntegerField(max_value=200)\n"
         "if len(name) > 400 or response.status_code != 200: pass\n"
         "label = text[:150]\n"
+        "def page(rows, size=25, *, status=200, wait=0.25): pass\n"
     )
-    assert bare_numbers(tree) == [(4, 2000), (6, -3.5), (8, 200), (9, 400), (10, 150)]
+    assert bare_numbers(tree) == [(4, 2000), (6, -3.5), (8, 200), (9, 400), (10, 150), (11, 25), (11, 0.25)]
 
 
 def test_every_limit_has_a_name():
