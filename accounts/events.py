@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 # the longest a send from a background loop may take before the caller goes on (Redis away: the
 # page's re-fetch recovers the notification; the worker must not hang on it)
 SEND_TIMEOUT_SECONDS = 10
+SESSION_GROUP_DIGITS = 40  # hex digits of a session key's hash naming its sockets' group
 _loop: asyncio.AbstractEventLoop | None = None
 _loop_pid = 0  # a forked child inherits the loop but not its thread: it makes its own
 
@@ -78,7 +79,7 @@ def user_group(user_id: int) -> str:
 
 def session_group(session_key: str) -> str:
     """Sockets opened with one browser session; the key itself never leaves the server."""
-    return "session-" + hashlib.sha256(session_key.encode()).hexdigest()[:40]
+    return "session-" + hashlib.sha256(session_key.encode()).hexdigest()[:SESSION_GROUP_DIGITS]
 
 
 def send(group: str, message: dict) -> None:

@@ -30,6 +30,8 @@ from django.utils.crypto import salted_hmac
 
 from .models import AccessEvent, AccountSignInLimit, KnownSignInAddress, Membership, Role
 
+_NAME_PREFIX = "name-"  # the subject of a username no account has: its salted hash
+_NAME_DIGITS = 32  # of that hash, kept as the access-log target: enough to match entries
 ACCOUNT_LOCKED_MESSAGE = (
     "Sign-in to this account is paused for a few minutes after many failed attempts from different "
     "addresses. Sign-in still works from a place where you signed in before; or try again later."
@@ -55,7 +57,7 @@ def _user_for_name(username: str):
 def _subject(username: str, user) -> str:
     if user is not None:
         return f"user-{user.pk}"
-    return "name-" + salted_hmac("sightline.account-limit", username, algorithm="sha256").hexdigest()
+    return _NAME_PREFIX + salted_hmac("sightline.account-limit", username, algorithm="sha256").hexdigest()
 
 
 def address_is_known(*, user, ip: str | None) -> bool:
@@ -142,7 +144,11 @@ def _lock_recorded(*, row: AccountSignInLimit, user, request, notify: bool) -> N
         if user is not None
         else []
     )
-    target = ("user", user.pk) if user is not None else ("unknown_username", row.subject[5:37])
+    target = (
+        ("user", user.pk)
+        if user is not None
+        else ("unknown_username", row.subject[len(_NAME_PREFIX) : len(_NAME_PREFIX) + _NAME_DIGITS])
+    )
     for tenant in [m.tenant for m in memberships] or [None]:
         access_event_record(
             action="auth.account_lockout",
@@ -155,7 +161,7 @@ def _lock_recorded(*, row: AccountSignInLimit, user, request, notify: bool) -> N
         )
     if not notify:
         return
-    minutes = int(settings.SIGHTLINE_ACCOUNT_COOLOFF.total_seconds() // 60)
+    minutes = settings.SIGHTLINE_ACCOUNT_COOLOFF // timedelta(minutes=1)
     username = user.get_username()
     if user.email:
         body = (

@@ -5,6 +5,12 @@ from django.db import models
 from django.utils import timezone
 
 GENESIS_HASH = "0" * 64
+# Widths of access-log fields that callers truncate to (so they must name the same number).
+ACTOR_LABEL_LENGTH = 150  # Django's username width
+TARGET_ID_LENGTH = 64
+USER_AGENT_LENGTH = 256
+REQUEST_ID_LENGTH = 64
+DESCRIPTION_LENGTH = 200  # a service account's description
 
 
 class Tenant(models.Model):
@@ -158,14 +164,14 @@ class AccessEvent(models.Model):
     actor = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
-    actor_label = models.CharField(max_length=150, blank=True)
+    actor_label = models.CharField(max_length=ACTOR_LABEL_LENGTH, blank=True)
     action = models.CharField(max_length=64)
     target_type = models.CharField(max_length=64, blank=True)
-    target_id = models.CharField(max_length=64, blank=True)
+    target_id = models.CharField(max_length=TARGET_ID_LENGTH, blank=True)
     outcome = models.CharField(max_length=16, choices=Outcome.choices)
     ip_address = models.GenericIPAddressField(null=True, blank=True)
-    user_agent = models.CharField(max_length=256, blank=True)
-    request_id = models.CharField(max_length=64, blank=True)
+    user_agent = models.CharField(max_length=USER_AGENT_LENGTH, blank=True)
+    request_id = models.CharField(max_length=REQUEST_ID_LENGTH, blank=True)
     chain = models.CharField(max_length=32)
     sequence = models.PositiveBigIntegerField()
     previous_hash = models.CharField(max_length=64)
@@ -283,7 +289,7 @@ class ServiceAccount(models.Model):
     user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="service_account")
     membership = models.OneToOneField(Membership, on_delete=models.PROTECT, related_name="service_account")
     name = models.SlugField(max_length=50, help_text="Unique in its hospital; part of the account's username.")
-    description = models.CharField(max_length=200, blank=True)
+    description = models.CharField(max_length=DESCRIPTION_LENGTH, blank=True)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     created = models.DateTimeField(default=timezone.now)
     revoked_at = models.DateTimeField(null=True, blank=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from core.errors import Forbidden, Invalid, NotFound
 
-from .models import AccessEvent, Invitation, Membership
+from .models import TARGET_ID_LENGTH, AccessEvent, Invitation, Membership
 from .permissions import Action
 
 
@@ -47,7 +47,7 @@ def membership_resolve(*, user, tenant_slug: str | None, request=None) -> Member
                 request=request,
                 user=user,
                 target_type="tenant",
-                target_id=slug[:64],
+                target_id=slug[:TARGET_ID_LENGTH],
             )
             raise NotFound("No such hospital.")
         _touch(membership)

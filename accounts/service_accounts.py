@@ -24,7 +24,7 @@ from core.errors import Conflict, Gone, Invalid
 
 from .access import member_action_record, tenant_object_get
 from .events import access_revoked_on_commit, api_key_revoked_on_commit
-from .models import KEY_SCHEME, AccessEvent, ApiKey, Membership, Role, ServiceAccount
+from .models import DESCRIPTION_LENGTH, KEY_SCHEME, AccessEvent, ApiKey, Membership, Role, ServiceAccount
 from .permissions import Action
 from .services import access_event_record, membership_grant, require
 
@@ -34,6 +34,7 @@ SERVICE_ACCOUNT_ROLES = (Role.VIEWER, Role.CLINICIAN, Role.AUDITOR)
 SERVICE_ACCOUNT_ROLE_CHOICES = [(str(role), role.label) for role in SERVICE_ACCOUNT_ROLES]
 _PREFIX_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 _PREFIX_LENGTH = 12  # 60 random bits: finds the key, names it; not part of the secret
+_SECRET_BYTES = 32  # 256 random bits: the secret part of a key
 _KEY = re.compile(rf"^{KEY_SCHEME}([a-z2-7]{{{_PREFIX_LENGTH}}})_([A-Za-z0-9_-]{{43}})$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,49}$")
 API_KEY_RATE_MAX = 6000  # requests per minute; a bulk client that needs more should send archives
@@ -146,7 +147,7 @@ def service_account_create(
                 user=user,
                 membership=membership,
                 name=name,
-                description=description[:200],
+                description=description[:DESCRIPTION_LENGTH],
                 created_by=actor.user,
             )
             access_event_record(
@@ -186,7 +187,7 @@ def service_account_revoke(*, actor: Membership, service_account: ServiceAccount
 
 def _new_key() -> tuple[str, str]:
     prefix = "".join(secrets.choice(_PREFIX_ALPHABET) for _ in range(_PREFIX_LENGTH))
-    return prefix, f"{KEY_SCHEME}{prefix}_{secrets.token_urlsafe(32)}"
+    return prefix, f"{KEY_SCHEME}{prefix}_{secrets.token_urlsafe(_SECRET_BYTES)}"
 
 
 def api_key_create(

@@ -21,10 +21,23 @@ from core.errors import Conflict, Forbidden, Gone, Invalid
 
 from .audit import chain_append
 from .events import access_revoked_on_commit
-from .models import AccessEvent, Invitation, Membership, Role, Tenant
+from .models import (
+    ACTOR_LABEL_LENGTH,
+    REQUEST_ID_LENGTH,
+    TARGET_ID_LENGTH,
+    USER_AGENT_LENGTH,
+    AccessEvent,
+    Invitation,
+    Membership,
+    Role,
+    Tenant,
+)
 from .permissions import ADMIN_ACTIONS, Action, can
 
 Outcome = AccessEvent.Outcome
+
+INVITATION_TOKEN_BYTES = 32  # 256 random bits in an invitation link
+TOKEN_ID_CHARS = 32  # of a JWT's id in the access log's actor label (a uuid4 hex is 32)
 
 
 def _ip(value: str | None) -> str | None:
@@ -41,13 +54,13 @@ def _request_context(request) -> dict:
     meta = request.META
     context = {
         "ip_address": _ip(meta.get("REMOTE_ADDR")),
-        "user_agent": meta.get("HTTP_USER_AGENT", "")[:256],
-        "request_id": getattr(request, "request_id", "")[:64],
+        "user_agent": meta.get("HTTP_USER_AGENT", "")[:USER_AGENT_LENGTH],
+        "request_id": getattr(request, "request_id", "")[:REQUEST_ID_LENGTH],
     }
     token: Any = getattr(request, "auth", None)  # a JWT, an API key or None: whichever authenticator let it in
     jti = token.get("jti") if hasattr(token, "get") else None
     if jti:
-        context["token_id"] = str(jti)[:32]
+        context["token_id"] = str(jti)[:TOKEN_ID_CHARS]
     key_id = getattr(token, "public_id", None)  # a service account's API key (accounts.models.ApiKey)
     if key_id:
         context["key_id"] = key_id
@@ -87,10 +100,10 @@ def access_event_record(
             action=action,
             outcome=outcome,
             actor=user,
-            actor_label=label[:150],
+            actor_label=label[:ACTOR_LABEL_LENGTH],
             tenant=tenant,
             target_type=target_type,
-            target_id=str(target_id)[:64],
+            target_id=str(target_id)[:TARGET_ID_LENGTH],
             **context,
         )
     )
@@ -187,7 +200,7 @@ def invitation_create(*, actor: Membership, email: str, role: str, request=None)
         validate_email(email)
     except ValidationError:
         raise Invalid(f"{email!r} is not an e-mail address.", code="invalid_email") from None
-    raw = secrets.token_urlsafe(32)
+    raw = secrets.token_urlsafe(INVITATION_TOKEN_BYTES)
     with transaction.atomic():
         invitation = Invitation.objects.create(
             tenant=actor.tenant,

@@ -8,7 +8,7 @@ from core.pseudonym import USERNAME, pseudonym_for
 
 from .events import session_ended
 from .lockout import account_failure_record, known_address_record
-from .models import AccessEvent
+from .models import ACTOR_LABEL_LENGTH, AccessEvent
 from .services import access_event_record
 
 
@@ -60,7 +60,7 @@ def _locked_out(sender, request=None, username=None, **kwargs):
         outcome=AccessEvent.Outcome.DENIED,
         request=request,
         user=None,
-        username=str(username or "")[:150],
+        username=str(username or "")[:ACTOR_LABEL_LENGTH],
     )
 
 

@@ -30,6 +30,9 @@ RECOVERY_CODES = 10
 # 16 characters of a 32-letter alphabet: 80 random bits, so a stolen hash cannot be searched
 _ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no I, O, 0, 1
 _CODE_LENGTH = 16
+_CODE_GROUP = 4  # shown as XXXX-XXXX-XXXX-XXXX
+# Longer than any code with its hyphens: a longer input is refused before it is hashed.
+_MAX_CODE_INPUT = 64
 _TOTP = re.compile(r"^\d{6,8}$")
 
 # amr claim values (RFC 8176) a token carries
@@ -39,7 +42,7 @@ AMR_OTP = "otp"
 
 def _random_code() -> str:
     raw = "".join(secrets.choice(_ALPHABET) for _ in range(_CODE_LENGTH))
-    return "-".join(raw[i : i + 4] for i in range(0, _CODE_LENGTH, 4))
+    return "-".join(raw[i : i + _CODE_GROUP] for i in range(0, _CODE_LENGTH, _CODE_GROUP))
 
 
 def _normalise(code: str) -> str:
@@ -64,7 +67,7 @@ def second_factor_verify(*, user, code: str, request=None) -> SecondFactor | Non
     """The user's authenticator accepts ``code`` (once: a used step is refused), or ``code`` is one
     of their unused recovery codes (used up now, logged). None otherwise."""
     code = (code or "").strip()
-    if not code or len(code) > 64:
+    if not code or len(code) > _MAX_CODE_INPUT:
         return None
     with transaction.atomic():
         # the row lock makes "unused" hold for concurrent requests with the same code

@@ -58,6 +58,8 @@ from .two_factor import (
 PENDING_USER = "two_factor_pending_user"
 PENDING_BACKEND = "two_factor_pending_backend"
 PENDING_DEVICE = "two_factor_pending_device"  # the authenticator this session is enrolling
+QR_SCALE = 4  # pixels per QR module in the enrolment code
+RECENT_ACTIVITY = 20  # access-log entries on the members page
 
 
 def _no_store(response):
@@ -166,7 +168,7 @@ def two_factor_setup(request):
             otp_login(request, device)
             context = {"confirmed": True, "verified": True, "recovery_codes": codes, "enrolled": True}
             return _no_store(render(request, "accounts/two_factor.html", context))
-    qr = segno.make(device.config_url, error="m").svg_inline(scale=4)
+    qr = segno.make(device.config_url, error="m").svg_inline(scale=QR_SCALE)
     return _no_store(
         render(
             request,
@@ -191,7 +193,7 @@ def _members_render(request, actor, **extra):
             "actor": actor,
             "members": members,
             "invitations": invitation_list(actor=actor, request=request),
-            "activity": activity_list(actor=actor, request=request)[:20],
+            "activity": activity_list(actor=actor, request=request)[:RECENT_ACTIVITY],
             "roles": Role.choices,
             **extra,
         },

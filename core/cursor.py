@@ -31,6 +31,8 @@ from .errors import Invalid
 
 _VERSION = b"\x01"
 _NONCE_BYTES = 12
+_TAG_BYTES = 16  # AES-GCM's authentication tag
+_BASE64_QUANTUM = 4  # base64 comes in groups of 4 characters; the padding is stripped
 CURSOR_MAX_CHARS = 1024  # a cursor is a few dozen bytes of state; anything longer is not one
 BAD_CURSOR = "The page cursor is not valid (it may be from another list or an old link); start from the first page."
 
@@ -59,10 +61,10 @@ def cursor_decode(cursor: str, *, purpose: str) -> object:
     if not isinstance(cursor, str) or not cursor or len(cursor) > CURSOR_MAX_CHARS:
         raise Invalid(BAD_CURSOR, code="bad_cursor")
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % _BASE64_QUANTUM))
     except (ValueError, binascii.Error):
         raise Invalid(BAD_CURSOR, code="bad_cursor") from None
-    if raw[:1] != _VERSION or len(raw) < 1 + _NONCE_BYTES + 16:
+    if raw[:1] != _VERSION or len(raw) < len(_VERSION) + _NONCE_BYTES + _TAG_BYTES:
         raise Invalid(BAD_CURSOR, code="bad_cursor")
     nonce, sealed = raw[1 : 1 + _NONCE_BYTES], raw[1 + _NONCE_BYTES :]
     for secret in (settings.SECRET_KEY, *settings.SECRET_KEY_FALLBACKS):

@@ -56,6 +56,11 @@ _TRANSFORM = re.compile(r"[a-z0-9][a-z0-9.+-]{0,63}")
 TASKS = ("single-label", "multi-label")
 MAX_MANIFEST_BYTES = 64 * 1024
 MAX_WEIGHTS_BYTES = 1024 * 1024 * 1024
+CHANNELS = 3  # every model takes RGB: mean and std have one value per channel
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 1024  # pixels a side
+MAX_BATCH_SIZE_LIMIT = 1024  # the largest max_batch_size a manifest may ask for
+_READ_CHUNK_BYTES = 1 << 20  # 1 MiB
+SHORT_HASH_CHARS = 12  # of a sha256 shown to a person: enough to tell versions apart
 
 
 class PackageError(ValueError):
@@ -175,16 +180,18 @@ class Manifest:
             raise PackageError(f"framework {manifest.framework!r} is not supported")
         if manifest.task not in TASKS:
             raise PackageError(f"task {manifest.task!r} is not supported")
-        if len(manifest.mean) != 3 or len(manifest.std) != 3 or min(manifest.std) <= 0:
+        if len(manifest.mean) != CHANNELS or len(manifest.std) != CHANNELS or min(manifest.std) <= 0:
             raise PackageError("mean and std need three values each, std above zero")
-        if len(manifest.labels) < 2 or not 16 <= manifest.input_size <= 1024:
-            raise PackageError("a model needs at least two labels and an input size of 16-1024")
+        if len(manifest.labels) < 2 or not MIN_INPUT_SIZE <= manifest.input_size <= MAX_INPUT_SIZE:
+            raise PackageError(
+                f"a model needs at least two labels and an input size of {MIN_INPUT_SIZE}-{MAX_INPUT_SIZE}"
+            )
         if manifest.thresholds and (
             len(manifest.thresholds) != len(manifest.labels) or not all(0 < t < 1 for t in manifest.thresholds)
         ):
             raise PackageError("thresholds need one value between 0 and 1 per label")
-        if manifest.max_batch_size is not None and not 1 <= manifest.max_batch_size <= 1024:
-            raise PackageError("max_batch_size must be 1-1024")
+        if manifest.max_batch_size is not None and not 1 <= manifest.max_batch_size <= MAX_BATCH_SIZE_LIMIT:
+            raise PackageError(f"max_batch_size must be 1-{MAX_BATCH_SIZE_LIMIT}")
         if bool(manifest.derived_from) != bool(manifest.transform):
             raise PackageError("derived_from and transform go together: a derived version names both")
         if manifest.transform and not _TRANSFORM.fullmatch(manifest.transform):
@@ -254,6 +261,6 @@ def file_sha256(path: Path) -> str:
     """The sha256 of a whole file (a package), read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
+        for chunk in iter(lambda: handle.read(_READ_CHUNK_BYTES), b""):
             digest.update(chunk)
     return digest.hexdigest()

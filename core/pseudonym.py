@@ -35,6 +35,9 @@ from django.core.exceptions import ImproperlyConfigured
 PATIENT = "patient"
 USERNAME = "username"
 _PREFIXES = {PATIENT: "P", USERNAME: "U"}
+_KEY_ID_DIGITS = 4  # hex digits naming a key: enough to tell the current key from its fallbacks
+_LEGACY_DIGITS = 12  # hex digits of a pseudonym made before key ids (issue 11)
+_RINGS_CACHED = 8  # (current, fallbacks) pairs; one in production, a few in tests
 KEY_MIN_LENGTH = 32  # characters: an env value of 32 random characters carries well over 128 bits
 OUTPUT_BYTES = 16  # 128 bits: no collision among any hospital's patients in practice (birthday at 2**64)
 
@@ -47,10 +50,10 @@ class _Key:
 
 def key_id_of(secret: str) -> str:
     """A short, stable, non-secret name for a key (4 hex digits), derived from the key."""
-    return hmac.new(secret.encode(), b"sightline pseudonym key id", hashlib.sha256).hexdigest()[:4].upper()
+    return hmac.new(secret.encode(), b"sightline pseudonym key id", hashlib.sha256).hexdigest()[:_KEY_ID_DIGITS].upper()
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=_RINGS_CACHED)
 def _ring(current: str | None, fallbacks: tuple[str, ...]) -> tuple[_Key, ...]:
     if not current:
         raise ImproperlyConfigured(
@@ -87,7 +90,7 @@ def _make(key: _Key, value: str, purpose: str, scope: str) -> str:
 
 def _legacy(secret: str, value: str, scope: str) -> str:
     digest = hmac.new(secret.encode(), f"{scope}:{value}".encode(), hashlib.sha256)
-    return "P-" + digest.hexdigest()[:12].upper()
+    return "P-" + digest.hexdigest()[:_LEGACY_DIGITS].upper()
 
 
 def pseudonym_for(value: str, *, purpose: str, scope: object = "") -> str:

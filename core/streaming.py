@@ -37,6 +37,7 @@ CHUNK_BYTES = 64 * 2**10
 
 Piece = str | bytes
 _END = object()
+BOUNDARY_BYTES = 16  # random bytes in a multipart boundary (32 hex digits)
 
 
 class ChunkedStream:
@@ -141,7 +142,7 @@ def multipart_pieces(parts: Iterable[Part], *, boundary: str) -> Iterator[bytes]
 
 def multipart_boundary() -> str:
     """32 random hex digits: a body part would have to contain them by chance to end early."""
-    return f"sightline-{secrets.token_hex(16)}"
+    return f"sightline-{secrets.token_hex(BOUNDARY_BYTES)}"
 
 
 def multipart_response(

@@ -38,6 +38,8 @@ STORAGE_RETRY_CODES = frozenset(
         "PriorRequestNotComplete",
     }
 )
+SERVER_ERROR = 500  # 5xx: the storage's own fault, worth another try
+_SHOWN_ERROR_CHARS = 200  # of an error's text in a failure's reason
 PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
@@ -84,7 +86,13 @@ def is_transient(exc: BaseException) -> bool:
     client_error = _client_error(exc)
     if client_error is not None:
         code, status = client_error
-        return code in STORAGE_RETRY_CODES or status == 429 or status >= 500 or code.isdigit() and int(code) >= 500
+        return (
+            code in STORAGE_RETRY_CODES
+            or status == 429
+            or status >= SERVER_ERROR
+            or code.isdigit()
+            and int(code) >= SERVER_ERROR
+        )
     if isinstance(exc, PERMANENT_OS_ERRORS):
         return False
     if isinstance(exc, (OSError, *transient_types())):  # builtin ConnectionError and TimeoutError are OSErrors
@@ -102,7 +110,7 @@ def transient_reason(exc: BaseException) -> str:
         return f"the storage answered {code or 'an error'}{f' ({status})' if status else ''}"
     if isinstance(exc, OSError):
         return f"the storage could not be read ({type(exc).__name__}: {exc.strerror or exc})"
-    return f"{type(exc).__name__}: {str(exc)[:200]}"
+    return f"{type(exc).__name__}: {str(exc)[:_SHOWN_ERROR_CHARS]}"
 
 
 def backoff_seconds(retries: int, *, cap: float, base: float = 1.0) -> float:

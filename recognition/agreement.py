@@ -24,6 +24,8 @@ CSV_HEADER = ("model", "version", "label", "reviewed", "agreed", "disagreed", "c
 SVG_WIDTH = 640
 SVG_ROW_HEIGHT = 44  # one line of text (15px) above a 14px bar, plus spacing
 SVG_BAR_HEIGHT = 14
+SVG_TEXT_BASELINE = 16  # a row's caption baseline, below the row's top
+SVG_BAR_TOP = 22  # a row's bar, below the row's top
 SVG_TRACK_FILL = "#eef1f4"  # as .status
 SVG_BAR_FILL = "#1f6feb"  # site.css --accent
 SVG_TEXT_FILL = "#1d2733"  # --ink
@@ -166,10 +168,11 @@ def agreement_svg(rows: Iterable[AgreementRow]) -> str:
         top = index * SVG_ROW_HEIGHT
         bar = round((row.share or 0) * SVG_WIDTH)
         parts.append(
-            f'<g class="bar"><text x="0" y="{top + 16}" font-size="14" fill="{SVG_TEXT_FILL}">'
+            f'<g class="bar"><text x="0" y="{top + SVG_TEXT_BASELINE}" font-size="14" fill="{SVG_TEXT_FILL}">'
             f"{html.escape(_bar_caption(row))}</text>"
-            f'<rect x="0" y="{top + 22}" width="{SVG_WIDTH}" height="{SVG_BAR_HEIGHT}" fill="{SVG_TRACK_FILL}"/>'
-            f'<rect class="share" x="0" y="{top + 22}" width="{bar}" height="{SVG_BAR_HEIGHT}" '
+            f'<rect x="0" y="{top + SVG_BAR_TOP}" width="{SVG_WIDTH}" height="{SVG_BAR_HEIGHT}" '
+            f'fill="{SVG_TRACK_FILL}"/>'
+            f'<rect class="share" x="0" y="{top + SVG_BAR_TOP}" width="{bar}" height="{SVG_BAR_HEIGHT}" '
             f'fill="{SVG_BAR_FILL}"/></g>'
         )
     parts.append("</svg>")

@@ -24,6 +24,8 @@ from .display import display_content_type
 from .job_selectors import batch_job_get, batch_job_list, batch_job_progress, batch_jobs_progress
 from .models import Image, Review, Study
 from .selectors import (
+    WORKLIST_PAGE,
+    WORKLIST_PAGE_MAX,
     WORKLIST_SORTS,
     WorklistFilters,
     image_get,
@@ -293,7 +295,9 @@ class StudyListInput(ApiInput):
     cursor = serializers.CharField(
         required=False, allow_blank=True, default="", help_text="`next_cursor` of the previous page."
     )
-    page_size = serializers.IntegerField(min_value=1, max_value=200, required=False, default=50)
+    page_size = serializers.IntegerField(
+        min_value=1, max_value=WORKLIST_PAGE_MAX, required=False, default=WORKLIST_PAGE
+    )
 
 
 class StudySearchInput(StudyListInput):

@@ -38,6 +38,17 @@ _LOCAL = struct.Struct("<4s5H3L2H")  # local file header, 30 bytes (+ name, extr
 _MAX_COMMENT = 0xFFFF
 _STORED, _DEFLATED = 0, 8
 _CHUNK = 64 * 1024
+_SIGNATURE = 4  # bytes: every record starts with "PK" and two more
+_COMMENT_LENGTH = 2  # bytes: the end record's last field, the archive comment's length
+_CENTRAL_OFFSET = 16  # the central record's field holding its local header's offset
+_EXTRA_HEADER = struct.Struct("<2H")  # an extra field's id and length
+_ZIP64_MARK = 0xFFFFFFFF  # a size or offset that did not fit 32 bits: see the zip64 extra field
+_ZIP64_VALUE = 8  # bytes of each value in the zip64 extra field
+# fields of the records, by position: zip64 end (entries, directory size, offset), central
+# (flags, method; crc, sizes, name/extra/comment lengths), local (name and extra lengths)
+_END64_DIRECTORY = slice(7, 10)
+_CENTRAL_FLAGS, _CENTRAL_SIZES = slice(3, 5), slice(7, 13)
+_LOCAL_LENGTHS = slice(-2, None)
 # A real archive's central record is 46 bytes plus a name and a little extra; 4 KiB on average is
 # generous. This bounds what is read before the records can be counted.
 _DIRECTORY_BYTES_PER_ENTRY = 4096
@@ -124,7 +135,7 @@ def _directory_extent(fileobj: IO[bytes]) -> tuple[int, int, int, int]:
     fileobj.seek(tail_start)
     tail = fileobj.read()
     at = len(tail) - _END.size  # the usual case, no archive comment; else search as zipfile does
-    if at < 0 or tail[at : at + 4] != b"PK\x05\x06" or tail[-2:] != b"\0\0":
+    if at < 0 or tail[at : at + _SIGNATURE] != b"PK\x05\x06" or tail[-_COMMENT_LENGTH:] != b"\0\0":
         at = tail.rfind(b"PK\x05\x06")
     if at < 0 or len(tail) - at < _END.size:
         raise ArchiveRefused("not_a_zip", "The file is not a zip archive, or its end is missing.")
@@ -133,10 +144,10 @@ def _directory_extent(fileobj: IO[bytes]) -> tuple[int, int, int, int]:
     if end >= _LOCATOR64_SIZE + _END64.size:
         fileobj.seek(end - _LOCATOR64_SIZE - _END64.size)
         record = fileobj.read(_END64.size + _LOCATOR64_SIZE)
-        if record[_END64.size : _END64.size + 4] == b"PK\x06\x07":
-            if record[:4] != b"PK\x06\x06":
+        if record[_END64.size : _END64.size + _SIGNATURE] == b"PK\x06\x07":
+            if record[:_SIGNATURE] != b"PK\x06\x06":
                 raise _damaged_directory()
-            count, size, offset = _END64.unpack_from(record)[7:10]
+            count, size, offset = _END64.unpack_from(record)[_END64_DIRECTORY]
             end -= _LOCATOR64_SIZE + _END64.size
     start = end - size
     if start < offset:
@@ -160,17 +171,19 @@ def _read_directory(fileobj: IO[bytes], limits: ArchiveLimits) -> tuple[list[_En
     while at < size:  # the declared count can lie; the records themselves are counted
         if len(entries) == limits.max_entries:
             raise too_many
-        if size - at < _CENTRAL.size or directory[at : at + 4] != b"PK\x01\x02":
+        if size - at < _CENTRAL.size or directory[at : at + _SIGNATURE] != b"PK\x01\x02":
             raise _damaged_directory()
         fields = _CENTRAL.unpack_from(directory, at)
-        flags, method, crc, compressed, uncompressed, name_len, extra_len, comment_len = fields[3:5] + fields[7:13]
+        flags, method, crc, compressed, uncompressed, name_len, extra_len, comment_len = (
+            fields[_CENTRAL_FLAGS] + fields[_CENTRAL_SIZES]
+        )
         name_start = at + _CENTRAL.size
         extra_start = name_start + name_len
         at = extra_start + extra_len + comment_len
         if at > size:
             raise _damaged_directory()
         extra = directory[extra_start : extra_start + extra_len]
-        uncompressed, compressed, offset = _zip64_values(extra, uncompressed, compressed, fields[16])
+        uncompressed, compressed, offset = _zip64_values(extra, uncompressed, compressed, fields[_CENTRAL_OFFSET])
         name = directory[name_start:extra_start]
         mode = fields[15] >> 16  # Unix file type and permissions
         entries.append(_Entry(len(entries), name, flags, method, crc, compressed, uncompressed, mode, offset + shift))
@@ -180,13 +193,14 @@ def _read_directory(fileobj: IO[bytes], limits: ArchiveLimits) -> tuple[list[_En
 def _zip64_values(extra: bytes, uncompressed: int, compressed: int, offset: int) -> tuple[int, int, int]:
     """Sizes and offset that do not fit 32 bits are 0xFFFFFFFF, the real values in the zip64 extra field."""
     values = [uncompressed, compressed, offset]
-    while len(extra) >= 4:
-        kind, length = struct.unpack_from("<2H", extra)
-        body, extra = extra[4 : 4 + length], extra[4 + length :]
+    while len(extra) >= _EXTRA_HEADER.size:
+        kind, length = _EXTRA_HEADER.unpack_from(extra)
+        start = _EXTRA_HEADER.size
+        body, extra = extra[start : start + length], extra[start + length :]
         if kind == 1:
-            wide = iter(struct.unpack_from(f"<{len(body) // 8}Q", body))
+            wide = iter(struct.unpack_from(f"<{len(body) // _ZIP64_VALUE}Q", body))
             for i, value in enumerate(values):
-                if value == 0xFFFFFFFF:
+                if value == _ZIP64_MARK:
                     values[i] = next(wide, None)
                     if values[i] is None:
                         raise _damaged_directory()
@@ -204,10 +218,10 @@ def _checked_entries(fileobj: IO[bytes], limits: ArchiveLimits) -> list[_Entry]:
         if entry.header_offset + _LOCAL.size <= directory_start:  # else refused below, without seeking to 2**64
             fileobj.seek(entry.header_offset)
             header = fileobj.read(_LOCAL.size)
-        if len(header) < _LOCAL.size or header[:4] != b"PK\x03\x04":
+        if len(header) < _LOCAL.size or header[:_SIGNATURE] != b"PK\x03\x04":
             missing.append(entry)
         else:
-            name_len, extra_len = _LOCAL.unpack(header)[-2:]
+            name_len, extra_len = _LOCAL.unpack(header)[_LOCAL_LENGTHS]
             if fileobj.read(name_len) != entry.name:
                 mismatched.append(entry)
         data_offset = entry.header_offset + _LOCAL.size + name_len + extra_len

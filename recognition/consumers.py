@@ -36,6 +36,7 @@ CLOSE_ACCESS_REVOKED = 4403
 CLOSE_TRY_AGAIN = 1012  # RFC 6455's "service restart": the client reconnects and subscribes again
 # how often a long-lived socket re-reads its browser session (idle and absolute limits)
 SESSION_RECHECK_SECONDS = 60
+TENANT_KEY_CHARS = 64  # a subscribe message's tenant is cut to a slug's width before it is looked up
 
 
 class EventsConsumer(JsonWebsocketConsumer):
@@ -96,7 +97,7 @@ class EventsConsumer(JsonWebsocketConsumer):
     def receive_json(self, content, **kwargs):
         kind = content.get("type") if isinstance(content, dict) else None
         if kind == "subscribe":
-            self._subscribe(str(content.get("tenant", ""))[:64])
+            self._subscribe(str(content.get("tenant", ""))[:TENANT_KEY_CHARS])
         elif kind == "ping":
             self.send_json({"type": "pong"})
         else:

@@ -51,6 +51,13 @@ COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR
 # PS3.5 A.5: the dataset after the file meta is raw deflate (the two JPIP ones carry no pixels)
 DEFLATED_SYNTAXES = (DeflatedExplicitVRLittleEndian, "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.205")
 INFLATE_CHUNK = 64 * 1024  # input fed per step; output per step is bounded by what is left of max_bytes
+PIXEL_DATA_TAG = 0x7FE00010  # (7FE0,0010)
+UNDEFINED_LENGTH = 0xFFFFFFFF  # an encapsulated element's length: it runs to its delimiter
+COLOUR_SAMPLES = 3  # samples per pixel of a colour image
+DATE_DIGITS = 8  # YYYYMMDD
+# PS3.3 C.11.2.1.3.1: the SIGMOID VOI LUT function's slope, fixed by the standard
+_SIGMOID_SLOPE = -4.0
+_MIN_LINEAR_WIDTH = 1e-6  # a LINEAR window 1 wide would divide by zero (width - 1)
 
 
 class DicomError(Exception):
@@ -247,7 +254,7 @@ def parse(data: bytes, *, max_pixels: int, max_frames: int, max_bytes: int, deco
     data, received = dicom_inflate(data, max_bytes=max_bytes)
     ds = _dcmread(data)
 
-    pixel_elem = ds.get_item(0x7FE00010, keep_deferred=True)
+    pixel_elem = ds.get_item(PIXEL_DATA_TAG, keep_deferred=True)
     if pixel_elem is None:
         # pydicom drops an encapsulated element cut off before its end; its tag is still in the bytes
         if PIXEL_DATA_TAG_LE in data or PIXEL_DATA_TAG_BE in data:
@@ -258,7 +265,7 @@ def parse(data: bytes, *, max_pixels: int, max_frames: int, max_bytes: int, deco
     stream = getattr(ds, "buffer", None)
     size = stream.seek(0, SEEK_END) if stream is not None else len(data)
     length, offset = getattr(pixel_elem, "length", None), getattr(pixel_elem, "value_tell", None)
-    if length is not None and length != 0xFFFFFFFF and offset is not None and offset + length > size:
+    if length is not None and length != UNDEFINED_LENGTH and offset is not None and offset + length > size:
         raise DicomUnreadable(TRUNCATED, code="truncated")
 
     try:
@@ -425,7 +432,9 @@ def _check_image_attributes(ds: Dataset) -> tuple[int, int, int, str]:
             "This DICOM file lacks the attributes that describe its image (rows, columns, bits, colour model).",
             code="bad_image_attributes",
         ) from exc
-    colour_ok = (samples == 1 and photometric in (*GRAY, "PALETTE COLOR")) or (samples == 3 and photometric in COLOR)
+    colour_ok = (samples == 1 and photometric in (*GRAY, "PALETTE COLOR")) or (
+        samples == COLOUR_SAMPLES and photometric in COLOR
+    )
     if min(rows, columns, frames) < 1 or bits not in BITS_ALLOCATED or not 0 < stored <= bits or not colour_ok:
         raise DicomUnreadable(
             f"This DICOM file describes its image inconsistently ({rows} x {columns}, {frames} frame(s), "
@@ -457,7 +466,7 @@ def _to_modality(ds: Dataset, index: int, arr: np.ndarray) -> np.ndarray:
 def _to_rgb8(ds: Dataset, arr: np.ndarray) -> np.ndarray:
     bits = int(ds.get("BitsStored") or ds.BitsAllocated)
     if str(ds.PhotometricInterpretation).strip().upper() == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)[..., :3]
+        arr = apply_color_lut(arr, ds)[..., :COLOUR_SAMPLES]
         bits = 8 * arr.dtype.itemsize
     if arr.dtype == np.uint8:
         return arr
@@ -468,10 +477,10 @@ def _apply_window(values: np.ndarray, center: float, width: float, *, function: 
     """DICOM PS3.3 C.11.2.1.2 windowing onto [0, 1]."""
     x = values.astype(np.float64)
     if function == "SIGMOID":
-        return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+        return 1.0 / (1.0 + np.exp(_SIGMOID_SLOPE * (x - center) / width))
     if function == "LINEAR_EXACT":
         return np.clip((x - center) / width + 0.5, 0.0, 1.0)
-    return np.clip((x - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5, 0.0, 1.0)
+    return np.clip((x - (center - 0.5)) / max(width - 1.0, _MIN_LINEAR_WIDTH) + 0.5, 0.0, 1.0)
 
 
 def _rescale(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -552,8 +561,8 @@ def _int(ds: Dataset, keyword: str) -> int | None:
 
 def _date(ds: Dataset, keyword: str) -> dt.date | None:
     raw = _text(ds, keyword).replace(".", "")  # "YYYY.MM.DD" is the old ACR-NEMA form
-    digits = raw[:8]
-    if len(digits) < 8 or not (digits.isascii() and digits.isdigit()):
+    digits = raw[:DATE_DIGITS]
+    if len(digits) < DATE_DIGITS or not (digits.isascii() and digits.isdigit()):
         return None
     try:
         return dt.date.fromisoformat(digits)  # a DA is a calendar date: no datetime, so no time zone to lose

@@ -30,6 +30,7 @@ KEPT_MODES = {"L", "RGB", "I;16", "I;16B", "I;16L"}
 # with zlib's RLE strategy for 8-bit grey, where it is both faster and smaller (not for RGB or 16 bits).
 JPEG_QUALITY = 95
 PNG_COMPRESS_LEVEL = 1
+_UINT16_LIMIT = 1 << 16  # a 32-bit grey PNG whose values fit 16 bits is stored as 16 bits
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def display_mode(image: Image.Image) -> Image.Image:
         return image.convert("L")
     if image.mode == "I":  # 16-bit PNGs open as 32-bit grey: store them back as 16 bits
         pixels = np.asarray(image)
-        if pixels.min() >= 0 and pixels.max() < 65536:
+        if pixels.min() >= 0 and pixels.max() < _UINT16_LIMIT:
             return Image.fromarray(pixels.astype(np.uint16))
         return image.convert("L")
     return image.convert("RGB")

@@ -24,6 +24,7 @@ from .models import BatchItem, BatchJob, BatchUpload
 
 Item, Job, Upload = BatchItem.Status, BatchJob.Status, BatchUpload.Status
 FINISHED_UPLOADS = Q(status__in=[Upload.COMPLETE, Upload.REFUSED])  # these block nothing
+RESULT_CHUNK_ROWS = 1000  # items read per query by a results export (it streams; memory stays flat)
 
 
 def batch_job_get(*, membership: Membership, job_id: int, request=None, for_update: bool = False) -> BatchJob:
@@ -158,7 +159,7 @@ def batch_results(job: BatchJob) -> Iterator[dict]:
         .select_related("request__result", "request__model_version__model")  # the version's name, in one query
         .order_by("id")
     )
-    for item in items.iterator(chunk_size=1000):
+    for item in items.iterator(chunk_size=RESULT_CHUNK_ROWS):
         request = item.request
         result = getattr(request, "result", None) if request else None
         error = item.error or (request.error if request and item.status == Item.FAILED else "")

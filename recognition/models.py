@@ -12,6 +12,14 @@ from django.utils import timezone
 
 from accounts.models import TenantOwned
 
+# Widths of the text fields that services cut a message down to (so both name the same number).
+REASON_LENGTH = 300  # Image.unprocessable_reason, Result.heatmap_error, BatchUpload.error: a sentence
+ERROR_LENGTH = 500  # InferenceRequest.error, BatchItem.error
+IDEMPOTENCY_KEY_LENGTH = 128
+JOB_NAME_LENGTH = 200
+# A traffic split sends 1-99 per cent to the candidate: 0 or 100 is no split but a pin.
+SPLIT_PERCENT_MIN, SPLIT_PERCENT_MAX = 1, 99
+
 
 class Study(TenantOwned):
     class AIStatus(models.TextChoices):
@@ -107,7 +115,9 @@ class Image(TenantOwned):
     window_center = models.FloatField(null=True, blank=True, help_text="DICOM default window, modality units.")
     window_width = models.FloatField(null=True, blank=True)
     unprocessable_reason = models.CharField(
-        max_length=300, blank=True, help_text="Kept but not readable here (e.g. a transfer syntax without decoder)."
+        max_length=REASON_LENGTH,
+        blank=True,
+        help_text="Kept but not readable here (e.g. a transfer syntax without decoder).",
     )
     state = models.CharField(max_length=16, choices=State.choices, default=State.RENDERED)
     read_on_render = models.BooleanField(default=False, help_text="Queue the AI read once rendered.")
@@ -250,7 +260,10 @@ class TrafficSplit(TenantOwned):
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["tenant", "model"], name="one_split_per_hospital_and_model"),
-            models.CheckConstraint(condition=Q(percent__gte=1, percent__lte=99), name="split_percent_1_to_99"),
+            models.CheckConstraint(
+                condition=Q(percent__gte=SPLIT_PERCENT_MIN, percent__lte=SPLIT_PERCENT_MAX),
+                name="split_percent_1_to_99",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -291,7 +304,7 @@ class InferenceRequest(TenantOwned):
     claimed_by = models.CharField(max_length=200, blank=True, help_text="host:pid of the worker running it")
     model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="+")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
-    error = models.CharField(max_length=500, blank=True)
+    error = models.CharField(max_length=ERROR_LENGTH, blank=True)
     attempts = models.PositiveIntegerField(default=0)
     batch_size = models.PositiveIntegerField(null=True, blank=True)
     wait_ms = models.PositiveIntegerField(null=True, blank=True, help_text="From queued to claimed.")
@@ -327,7 +340,7 @@ class Result(TenantOwned):
     # it was last asked of a worker (a request older than SIGHTLINE_HEATMAP_STALL_SECONDS is sent
     # again: its message may be lost), and why it cannot be made, in words, once a worker gave up
     heatmap_requested_at = models.DateTimeField(null=True, blank=True)
-    heatmap_error = models.CharField(max_length=300, blank=True)
+    heatmap_error = models.CharField(max_length=REASON_LENGTH, blank=True)
     created = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -386,11 +399,11 @@ class BatchJob(TenantOwned):
         RUNNING = "running"
         CANCELLED = "cancelled"
 
-    name = models.CharField(max_length=200)
+    name = models.CharField(max_length=JOB_NAME_LENGTH)
     model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="+")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
-    idempotency_key = models.CharField(max_length=128, blank=True)
+    idempotency_key = models.CharField(max_length=IDEMPOTENCY_KEY_LENGTH, blank=True)
     created = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
     # the latest start or retry: the pace and time left are measured from here
@@ -430,7 +443,7 @@ class BatchUpload(TenantOwned):
         max_length=SOURCE_MAX_LENGTH, help_text="The stored archive's key, or the storage prefix."
     )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RECEIVED)
-    error = models.CharField(max_length=300, blank=True)
+    error = models.CharField(max_length=REASON_LENGTH, blank=True)
     entries = models.PositiveIntegerField(default=0)
     created = models.DateTimeField(default=timezone.now)
     # the last sign of life of whoever is storing or expanding it; reconciliation takes over
@@ -465,7 +478,7 @@ class BatchItem(TenantOwned):
         InferenceRequest, null=True, blank=True, on_delete=models.SET_NULL, related_name="batch_items"
     )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
-    error = models.CharField(max_length=500, blank=True)
+    error = models.CharField(max_length=ERROR_LENGTH, blank=True)
     created = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
 

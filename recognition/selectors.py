@@ -144,6 +144,10 @@ WORKLIST_SORTS = {
     "accession": ("accession_number", False),
 }
 WORKLIST_PAGE = 50
+WORKLIST_PAGE_MAX = 200  # the most a client may ask for in one page
+# Frames allowed when a stored file is parsed again for its values only (no pixels decoded): the
+# upload already passed the frame limit, so this one only keeps the parser bounded.
+REPARSE_MAX_FRAMES = 10**6
 
 
 def _cursor_purpose(sort: str) -> str:
@@ -243,7 +247,7 @@ def image_modality_pixels(image: Image) -> bytes:
         parsed = dicom.parse(
             data,
             max_pixels=settings.SIGHTLINE_MAX_IMAGE_PIXELS,
-            max_frames=10**6,
+            max_frames=REPARSE_MAX_FRAMES,
             max_bytes=settings.SIGHTLINE_MAX_UPLOAD_BYTES,
             decode_first=False,
         )

@@ -64,6 +64,7 @@ class ForeignStorageKey(Invalid):
 # proxy may percent-decode), so the only key vouched for is one that no layer can change.
 _SEGMENT = re.compile(r"[A-Za-z0-9!_.*'()-]+")
 MAX_KEY_BYTES = 1024  # S3's own limit on a key
+SHOWN_NAME_CHARS = 60  # of a refused key in the message
 
 
 def storage_key_for_tenant(*, tenant_id: int, key: str, under: str = "", storage=None) -> str:
@@ -95,7 +96,7 @@ def storage_key_for_tenant(*, tenant_id: int, key: str, under: str = "", storage
 def _shown(name: str) -> str:
     if not name:
         return 'an empty name (a leading "/" or two in a row)'
-    return ascii(name[:60])  # control and look-alike characters shown as escapes, not as themselves
+    return ascii(name[:SHOWN_NAME_CHARS])  # control and look-alike characters shown as escapes, not as themselves
 
 
 def _spelled_path(storage, key: str) -> None:

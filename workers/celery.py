@@ -16,6 +16,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.production")
 # against 0.9 spinning at batch 1 (workers/engine/bench.py --backends)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+NUMPY_SEED_LIMIT = 2**32  # numpy's legacy seed is a 32-bit unsigned integer
+
 app = Celery("sightline", include=["workers.tasks"])
 app.config_from_object("django.conf:settings", namespace="CELERY")
 # a worker whose GPU stays busy stops taking tasks until it cools down (no-op without a GPU)
@@ -49,7 +51,7 @@ def _warm_up(**_kwargs):
     # forked children share the parent's RNG state; none of ours needs it, but keep them apart
     seed = os.getpid()
     torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % NUMPY_SEED_LIMIT)
     configure_cpu_threads(lane_torch_threads(settings.SIGHTLINE_WORKER_LANE, settings.SIGHTLINE_TORCH_THREADS))
     try:
         inference_warm_up()

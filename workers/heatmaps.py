@@ -17,7 +17,7 @@ from django.db import transaction
 
 from accounts import events
 from core.transient import is_transient
-from recognition.models import Result
+from recognition.models import REASON_LENGTH, Result
 from recognition.storage import heatmap_key
 from workers.model_cache import model_handler
 
@@ -76,7 +76,7 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, FileNotFoundError):
         return "the stored image is gone"
     message = str(exc) or type(exc).__name__
-    return f"Grad-CAM could not explain this finding: {message}"[:300]
+    return f"Grad-CAM could not explain this finding: {message}"[:REASON_LENGTH]
 
 
 def _unavailable(result: Result, reason: str) -> None:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django.db import transaction
 from django.utils import timezone
 
 from accounts import events
 from core.bulk import rows_update
-from recognition.models import InferenceRequest, Result
+from recognition.models import ERROR_LENGTH, InferenceRequest, Result
 from recognition.services.jobs import batch_items_on_outcome
 from recognition.services.studies import study_summary_refresh
 from workers.engine.results import ItemResult
 
 Status = InferenceRequest.Status
+_MS = timedelta(milliseconds=1)
 OUTCOME_FIELDS = ["status", "error", "finished_at", "batch_size", "claimed_by", "wait_ms", "inference_ms"]
 
 
@@ -35,12 +38,12 @@ def outcomes_store(requests: list[InferenceRequest], outcomes: list[ItemResult],
                 continue
             started = request.started_at or now
             request.status = Status.DONE if outcome.ok else Status.FAILED
-            request.error = outcome.error[:500]
+            request.error = outcome.error[:ERROR_LENGTH]
             request.finished_at = now
             request.batch_size = len(requests)
             request.claimed_by = ""
-            request.wait_ms = max(0, int((started - request.created).total_seconds() * 1000))
-            request.inference_ms = max(0, int((now - started).total_seconds() * 1000))
+            request.wait_ms = max(0, (started - request.created) // _MS)
+            request.inference_ms = max(0, (now - started) // _MS)
             finished.append(request)
             if outcome.ok:
                 results.append(

@@ -26,6 +26,7 @@ from workers.engine.handler import Handler
 from workers.model_cache import local_package
 
 logger = logging.getLogger(__name__)
+REFUSAL_CHARS = 2000  # of a refusal (a traceback's last lines) kept on the version
 
 
 def model_version_register(
@@ -153,7 +154,7 @@ def _decide(version: ModelVersion, *, refusal: str) -> ModelVersion:
     status = ModelVersion.Status.REFUSED if refusal else ModelVersion.Status.READY
     with transaction.atomic():
         updated = ModelVersion.objects.filter(pk=version.pk, status=ModelVersion.Status.VALIDATING).update(
-            status=status, refusal_reason=refusal[:2000], validated_at=timezone.now()
+            status=status, refusal_reason=refusal[:REFUSAL_CHARS], validated_at=timezone.now()
         )
         if updated:
             access_event_record(

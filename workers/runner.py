@@ -31,6 +31,7 @@ from workers.model_cache import model_handler
 from workers.outcomes import outcomes_fail, outcomes_store
 
 logger = logging.getLogger(__name__)
+MS_PER_SECOND = 1000
 Status = InferenceRequest.Status
 
 READ_RETRY_PAUSE_SECONDS = 0.05  # then 0.1, 0.2…: a blip of a fraction of a second is waited out in place
@@ -192,7 +193,10 @@ def _finish(batch: Batch, pipeline: BatchPipeline) -> int:
         logger.exception("forward pass failed for a batch of %d", len(batch.ids))
         outcomes = [ItemResult(error=f"inference failed: {type(exc).__name__}")] * len(batch.ids)
     logger.info(
-        "batch of %d on %s in %.1f ms", len(batch.ids), pipeline.handler.device, (time.perf_counter() - started) * 1000
+        "batch of %d on %s in %.1f ms",
+        len(batch.ids),
+        pipeline.handler.device,
+        (time.perf_counter() - started) * MS_PER_SECOND,
     )
     requests = batch.requests
     if transient:  # reads that kept failing with a blip: back to the queue, not failed

@@ -359,8 +359,10 @@ if SIGHTLINE_WORKER_LANE not in ("all", "interactive", "bulk"):
     raise ImproperlyConfigured(f"SIGHTLINE_WORKER_LANE must be all, interactive or bulk, not {SIGHTLINE_WORKER_LANE!r}")
 # The interactive lane takes bulk work (when no clinician waits) in batches of at most this
 # many: a clinician's read that arrives meanwhile waits for one small forward pass, not a full
-# batch (on two cores a batch of 16 resnet18 images is ~250 ms). The bulk lane, and a single
-# worker for everything (lane "all"), take full batches.
+# batch (on two cores a batch of 16 resnet18 images is ~250 ms). Measured on the quick bench
+# (README, "Processes"): interactive p99 at c8 during a bulk backlog was 2.4x idle with full
+# batches, 1.1x with batches of 2. The bulk lane, and a single worker for everything (lane "all"),
+# take full batches.
 SIGHTLINE_INTERACTIVE_LANE_BULK_BATCH = env.int("SIGHTLINE_INTERACTIVE_LANE_BULK_BATCH", default=2)
 # intra-op threads of a worker process; 0: its lane's share of the cores it may run on (an
 # interactive or all lane: every core; the bulk lane: half of them, at least one)

@@ -5,6 +5,8 @@ from django.core.exceptions import ImproperlyConfigured
 from .base import *  # noqa: F403
 from .base import env
 
+_MIN_SECRET_CHARS = 32  # a pseudonym key or metrics token shorter than this is refused
+
 DEBUG = False
 SECRET_KEY = env("DJANGO_SECRET_KEY")
 ALLOWED_HOSTS = [host for host in env.list("ALLOWED_HOSTS") if host]
@@ -15,14 +17,14 @@ if not ALLOWED_HOSTS:
 # the pseudonym key of its own; no default, never the site secret
 SIGHTLINE_PSEUDONYM_KEY = env("SIGHTLINE_PSEUDONYM_KEY")
 for _key in (SIGHTLINE_PSEUDONYM_KEY, *SIGHTLINE_PSEUDONYM_KEY_FALLBACKS):  # noqa: F405
-    if len(_key) < 32:
+    if len(_key) < _MIN_SECRET_CHARS:
         raise ImproperlyConfigured("SIGHTLINE_PSEUDONYM_KEY and its fallbacks need at least 32 random characters")
     if _key in (SECRET_KEY, *SECRET_KEY_FALLBACKS):  # noqa: F405
         raise ImproperlyConfigured("SIGHTLINE_PSEUDONYM_KEY must differ from DJANGO_SECRET_KEY and its fallbacks")
 
 # /metrics: totals across hospitals, for the platform's Prometheus only; never open in production
 SIGHTLINE_METRICS_TOKEN = env("SIGHTLINE_METRICS_TOKEN", default="")
-if len(SIGHTLINE_METRICS_TOKEN) < 32:
+if len(SIGHTLINE_METRICS_TOKEN) < _MIN_SECRET_CHARS:
     raise ImproperlyConfigured(
         "SIGHTLINE_METRICS_TOKEN must be set to a random token of at least 32 characters: "
         "/metrics answers only a scrape that sends it as a bearer token"

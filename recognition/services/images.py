@@ -43,7 +43,7 @@ from core.pseudonym import PATIENT, patient_pseudonym_of, pseudonym_candidates, 
 from .. import dicom
 from ..display import DisplayCopy, display_copy
 from ..enqueue import task_send
-from ..models import Image, InferenceRequest, ModelVersion, Series, Study, UploadKey
+from ..models import REASON_LENGTH, Image, InferenceRequest, ModelVersion, Series, Study, UploadKey
 from ..storage import dicom_key, image_key, original_key, pixels_key
 from .inference import inference_request_create, upload_routing
 from .registry import Routing, version_for
@@ -56,6 +56,7 @@ ACCEPTED_FORMATS = {"PNG": "png", "JPEG": "jpg"}  # format → the original's fi
 # truncated or damaged stream fails as it does at full size) but skips most of the inverse DCT
 # and colour conversion: measured 0.95 ms against 1.62 for a 512² JPEG (0.24 and 0.26 at 224²).
 JPEG_CHECK_SCALE = 8
+RENDER_RECONCILE_MAX = 10_000  # stalled images woken per reconciliation pass; the next pass takes the rest
 
 
 @dataclass(frozen=True)
@@ -654,7 +655,7 @@ def _store_dicom(
                 images = [
                     Image.objects.create(
                         **common,
-                        unprocessable_reason=reason[:300],
+                        unprocessable_reason=reason[:REASON_LENGTH],
                         state=Image.State.FAILED,
                         sha256="",
                         byte_size=len(data),
@@ -932,7 +933,7 @@ def images_render_failed(images: list[Image], message: str) -> None:
             image
             for image in images
             if Image.objects.filter(pk=image.pk, state=Image.State.RECEIVED).update(
-                state=Image.State.FAILED, unprocessable_reason=message[:300]
+                state=Image.State.FAILED, unprocessable_reason=message[:REASON_LENGTH]
             )
         ]
         study_summary_refresh({image.study_id for image in failed})
@@ -956,7 +957,7 @@ def images_render_reconcile() -> int:
         Q(render_queued_at__lt=before) | Q(render_queued_at__isnull=True), state=Image.State.RECEIVED
     )
     by_original: dict[str, list[int]] = {}
-    for image_id, original in stalled.values_list("pk", "original")[:10_000]:
+    for image_id, original in stalled.values_list("pk", "original")[:RENDER_RECONCILE_MAX]:
         by_original.setdefault(original, []).append(image_id)
     for ids in by_original.values():
         if Image.objects.filter(pk__in=ids, state=Image.State.RECEIVED).update(render_queued_at=timezone.now()):

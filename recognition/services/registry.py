@@ -20,7 +20,15 @@ from core.errors import Conflict, Invalid, NotFound
 from core.model_package import PackageError, file_sha256, read_manifest
 
 from ..enqueue import task_send
-from ..models import AIModel, ModelAlias, ModelPin, ModelVersion, TrafficSplit
+from ..models import (
+    SPLIT_PERCENT_MAX,
+    SPLIT_PERCENT_MIN,
+    AIModel,
+    ModelAlias,
+    ModelPin,
+    ModelVersion,
+    TrafficSplit,
+)
 from ..storage import model_package_key
 
 logger = logging.getLogger(__name__)
@@ -160,8 +168,11 @@ def traffic_split_set(
                 current.delete()
             split = None
         else:
-            if not 1 <= percent <= 99:
-                raise Invalid("A split sends 1-99% of images to the other version.", code="bad_percent")
+            if not SPLIT_PERCENT_MIN <= percent <= SPLIT_PERCENT_MAX:
+                raise Invalid(
+                    f"A split sends {SPLIT_PERCENT_MIN}-{SPLIT_PERCENT_MAX}% of images to the other version.",
+                    code="bad_percent",
+                )
             _version_of(model, version)
             model_version_require_ready(version=version)
             split, _ = TrafficSplit.objects.update_or_create(
@@ -212,9 +223,13 @@ def model_version_list() -> QuerySet[ModelVersion]:
     return ModelVersion.objects.select_related("model").order_by("-created", "-id")
 
 
+_BUCKET_BYTES = 4  # of the digest: 32 bits, plenty to spread 0-99 evenly
+
+
 def split_bucket(image_id: int) -> int:
     """0-99, fixed per image, so a retry of the same image lands on the same version."""
-    return int(hashlib.sha256(f"sightline-split:{image_id}".encode()).hexdigest()[:8], 16) % 100
+    digest = hashlib.sha256(f"sightline-split:{image_id}".encode()).digest()
+    return int.from_bytes(digest[:_BUCKET_BYTES], "big") % 100
 
 
 @dataclass(frozen=True)

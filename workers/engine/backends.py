@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from core.model_package import ONNX_NAME, RUNTIME_BACKENDS, PackageError, read_member, sha256_bytes
+from core.model_package import CHANNELS, ONNX_NAME, RUNTIME_BACKENDS, PackageError, read_member, sha256_bytes
 
 if TYPE_CHECKING:
     from .handler import Handler
@@ -63,6 +63,10 @@ AGREEMENT_ATOL_CUDA = 2e-2
 PROBE_BATCH = 4  # images in the probe batch: agreement and timing at load
 TIMING_REPEATS = 3  # warm batches timed per candidate; the median counts
 ONNX_OPSET = 17
+MAX_ONNX_BYTES = 2 * 1024**3  # protobuf's own limit on one message: no larger .onnx loads
+PIXEL_LEVELS = 256  # values of an 8-bit pixel
+_RAMP_FLOOR = 0.2  # the probe's gradient images fade to a fifth of full scale, not to black
+MS_PER_SECOND = 1000
 ONNX_INPUT, ONNX_OUTPUT = "pixels", "probabilities"
 
 
@@ -81,9 +85,10 @@ def probe_batch(handler: Handler, size: int = PROBE_BATCH, seed: int = 0) -> tor
     hide differences that noise alone does not reach)."""
     height, width = handler.input_shape
     rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(size, 3, height, width), dtype=np.uint8)
+    images = rng.integers(0, PIXEL_LEVELS, size=(size, CHANNELS, height, width), dtype=np.uint8)
     ramp = (
-        np.linspace(0, 255, width, dtype=np.float32)[None, :] * np.linspace(0.2, 1.0, height, dtype=np.float32)[:, None]
+        np.linspace(0, 255, width, dtype=np.float32)[None, :]
+        * np.linspace(_RAMP_FLOOR, 1.0, height, dtype=np.float32)[:, None]
     )
     for index in range(1, size, 2):
         images[index] = ramp.astype(np.uint8)[None] // (1 + index % 3)
@@ -135,8 +140,8 @@ class ProbabilityModel(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, mean, std, multi_label: bool):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, CHANNELS, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, CHANNELS, 1, 1))
         self.multi_label = multi_label
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -152,7 +157,7 @@ def onnx_export(handler: Handler) -> bytes:
         raise BackendUnavailable("onnx runs on the CPU only")
     manifest = handler.manifest
     wrapper = ProbabilityModel(handler.model, manifest.mean, manifest.std, manifest.task == "multi-label").eval()
-    example = torch.zeros((2, 3, *handler.input_shape), dtype=torch.uint8)
+    example = torch.zeros((2, CHANNELS, *handler.input_shape), dtype=torch.uint8)
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings(), torch.no_grad():
@@ -181,7 +186,7 @@ def onnx_from_package(handler: Handler) -> bytes | None:
         raise PackageError(f"the manifest names {ONNX_NAME} but no package was loaded")
     try:
         with zipfile.ZipFile(handler.package_path) as archive:
-            data = read_member(archive, ONNX_NAME, 2 * 1024**3)
+            data = read_member(archive, ONNX_NAME, MAX_ONNX_BYTES)
     except zipfile.BadZipFile as exc:
         raise PackageError("the model package is not a readable zip archive") from exc
     if sha256_bytes(data) != expected:
@@ -312,7 +317,7 @@ def time_runner(runner: Runner, probe: torch.Tensor, repeats: int = TIMING_REPEA
     for _ in range(repeats):
         started = time.perf_counter()
         runner(probe)
-        samples.append((time.perf_counter() - started) * 1000)
+        samples.append((time.perf_counter() - started) * MS_PER_SECOND)
     return round(sorted(samples)[len(samples) // 2], 2)
 
 

@@ -14,6 +14,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 POLL_INTERVAL_MS = 2
+MS_PER_SECOND = 1000.0
 
 
 def collect_batch(
@@ -30,11 +31,11 @@ def collect_batch(
     batch = list(take(max_batch_size))
     if not batch:
         return batch
-    deadline = clock() + max_wait_ms / 1000.0
+    deadline = clock() + max_wait_ms / MS_PER_SECOND
     while len(batch) < max_batch_size:
         remaining = deadline - clock()
         if remaining <= 0:
             break
-        sleep(min(remaining, POLL_INTERVAL_MS / 1000.0))
+        sleep(min(remaining, POLL_INTERVAL_MS / MS_PER_SECOND))
         batch.extend(take(max_batch_size - len(batch)))
     return batch

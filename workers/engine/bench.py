@@ -24,10 +24,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.model_package import Manifest, read_manifest
+from core.model_package import CHANNELS, Manifest, read_manifest
 
 from . import backends, synthetic
 from .handler import Handler, build_model, configure_cpu_threads
+
+MS_PER_SECOND = 1000
+# a model built here, without a package: any normalisation will do, and no weights to check
+_MEAN, _STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+_NO_CHECKSUM = "0" * 64
+# defaults of the command line: ImageNet's input size, a few seconds per batch size, and a pool of
+# phantom PNGs the size of a typical upload
+DEFAULT_INPUT_SIZE = 224
+DEFAULT_SECONDS = 3.0
+DEFAULT_IMAGE_SIZE = 512
+IMAGE_POOL = 64  # images rendered once; the largest batch size measured takes its first ones
 
 
 def measure(handler: Handler, items: list[bytes], seconds: float) -> dict:
@@ -45,7 +56,7 @@ def measure(handler: Handler, items: list[bytes], seconds: float) -> dict:
         "batch_size": len(items),
         "images_per_second": round(batches * len(items) / elapsed, 1),
         "forward_only_images_per_second": round(batches * len(items) / forward, 1),
-        "ms_per_batch": round(elapsed / batches * 1000, 2),
+        "ms_per_batch": round(elapsed / batches * MS_PER_SECOND, 2),
     }
 
 
@@ -77,14 +88,14 @@ def backend_rows(architecture: str, names: list[str], sizes: list[int], input_si
         version="bench",
         architecture=architecture,
         input_size=input_size,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.25, 0.25, 0.25),
+        mean=_MEAN,
+        std=_STD,
         labels=("a", "b"),
-        weights_sha256="0" * 64,
+        weights_sha256=_NO_CHECKSUM,
     )
     model = build_model(architecture, 2).eval()
-    mean = torch.tensor(manifest.mean).view(1, 3, 1, 1)
-    std = torch.tensor(manifest.std).view(1, 3, 1, 1)
+    mean = torch.tensor(manifest.mean).view(1, CHANNELS, 1, 1)
+    std = torch.tensor(manifest.std).view(1, CHANNELS, 1, 1)
     handler = Handler(manifest, build_model(architecture, 2).eval(), torch.device("cpu"))
     handler.model.load_state_dict(model.state_dict())
     handler.model.to(memory_format=torch.channels_last)
@@ -134,11 +145,11 @@ def main() -> None:
     parser.add_argument("package", type=Path, nargs="?")
     parser.add_argument("--backends", help="compare backends (forward only) instead: eager-nchw,eager,compile,onnx")
     parser.add_argument("--architectures", default="resnet18,resnet50")
-    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE)
     parser.add_argument("--backend", default="eager", help="with a package: eager, compile, onnx or auto")
     parser.add_argument("--batch-sizes", default="1,8,16,32")
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--image-size", type=int, default=512)
+    parser.add_argument("--seconds", type=float, default=DEFAULT_SECONDS)
+    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.backends:
@@ -152,7 +163,7 @@ def main() -> None:
     handler = Handler.initialize(args.package, manifest.weights_sha256, backend=args.backend)
     handler.wait_for_backend()
     rng = np.random.default_rng(0)
-    pool = [synthetic.render_png(rng, args.image_size, i % 2 == 1) for i in range(64)]
+    pool = [synthetic.render_png(rng, args.image_size, i % 2 == 1) for i in range(IMAGE_POOL)]
     rows = [measure(handler, pool[:size], args.seconds) for size in (int(v) for v in args.batch_sizes.split(","))]
     report = {
         "model": f"{manifest.name} {manifest.version} ({manifest.architecture}, {manifest.input_size} px)",

@@ -29,12 +29,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from core.model_package import CHANNELS
+
 from .handler import Handler
 
 # Overlay defaults: heat below OVERLAY_FLOOR is fully transparent, the hottest part is
 # OVERLAY_MAX_ALPHA opaque so that the image stays readable under it.
 OVERLAY_FLOOR = 0.2
 OVERLAY_MAX_ALPHA = 0.6
+PALETTE_SIZE = 256  # one colour per 8-bit heat level
+HEATMAP_PNG_COMPRESS_LEVEL = 3  # smooth maps: 3 is as small as 6 and faster
+_BATCH_DIMS = 4  # images, channels, height, width
+_SPATIAL_DIMS = (2, 3)  # height, width of a (N, C, H, W) tensor
+_SPAN_FLOOR = 1e-30  # keeps the rounding threshold above zero where a map is zero everywhere
+# the "jet" ramp: where red, green and blue peak along 0..1, how wide each band is, how flat its top
+_JET_PEAKS = (0.75, 0.5, 0.25)
+_JET_SLOPE = 4.0
+_JET_PLATEAU = 1.5
 
 
 def target_module(model: torch.nn.Module, layer: str) -> torch.nn.Module:
@@ -74,7 +85,7 @@ def _normalise(cam: torch.Tensor) -> torch.Tensor:
     high = flat.max(dim=1).values.view(-1, 1, 1)
     span = high - low
     # a span at the level of float32 rounding is no structure: treat it as flat
-    varies = span > torch.finfo(torch.float32).eps * torch.maximum(high.abs(), low.abs()).clamp_min(1e-30)
+    varies = span > torch.finfo(torch.float32).eps * torch.maximum(high.abs(), low.abs()).clamp_min(_SPAN_FLOOR)
     return torch.where(varies, (cam - low) / torch.where(varies, span, torch.ones_like(span)), torch.zeros_like(cam))
 
 
@@ -89,7 +100,11 @@ def gradcam(
     ``layer`` is a dotted module path of ``handler.model`` whose output is a feature map
     (N, C, h, w), normally the last convolutional stage (``"layer4"`` for resnets).
     """
-    if not isinstance(batch_uint8, torch.Tensor) or batch_uint8.dtype != torch.uint8 or batch_uint8.dim() != 4:
+    if (
+        not isinstance(batch_uint8, torch.Tensor)
+        or batch_uint8.dtype != torch.uint8
+        or batch_uint8.dim() != _BATCH_DIMS
+    ):
         raise ValueError("Grad-CAM takes a uint8 tensor (N, 3, H, W), as Handler.decode makes them")
     count, _, height, width = batch_uint8.shape
     model = handler.model
@@ -113,8 +128,8 @@ def gradcam(
         model.eval()
         # inference_mode(False) too: enable_grad alone does not lift a caller's inference mode
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            mean = torch.tensor(handler.manifest.mean, device=device, dtype=torch.float32).view(1, 3, 1, 1)
-            std = torch.tensor(handler.manifest.std, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+            mean = torch.tensor(handler.manifest.mean, device=device, dtype=torch.float32).view(1, CHANNELS, 1, 1)
+            std = torch.tensor(handler.manifest.std, device=device, dtype=torch.float32).view(1, CHANNELS, 1, 1)
             x = batch_uint8.to(device).to(torch.float32).div(255.0)
             x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
             # the graph exists even if a model's parameters were frozen; no gradient reaches x itself
@@ -123,7 +138,7 @@ def gradcam(
             if not captured:
                 raise ValueError(f"layer {layer!r} took no part in the forward pass")
             activations = captured[-1]
-            if not isinstance(activations, torch.Tensor) or activations.dim() != 4:
+            if not isinstance(activations, torch.Tensor) or activations.dim() != _BATCH_DIMS:
                 shape = tuple(activations.shape) if isinstance(activations, torch.Tensor) else type(activations)
                 raise ValueError(
                     f"layer {layer!r} outputs {shape}; Grad-CAM needs a convolutional feature map (N, C, h, w)"
@@ -135,7 +150,7 @@ def gradcam(
             selected = logits.float().gather(1, index).sum()
             (gradients,) = torch.autograd.grad(selected, activations)
         with torch.no_grad():
-            weights = gradients.float().mean(dim=(2, 3), keepdim=True)
+            weights = gradients.float().mean(dim=_SPATIAL_DIMS, keepdim=True)
             cam = F.relu((weights * activations.detach().float()).sum(dim=1, keepdim=True))
             cam = F.interpolate(cam, size=(height, width), mode="bilinear", align_corners=False)
             cam = _normalise(torch.nan_to_num(cam.squeeze(1), nan=0.0, posinf=0.0, neginf=0.0))
@@ -161,8 +176,8 @@ def heatmaps_for(handler: Handler, items: list[bytes], layer: str) -> list[np.nd
 def colormap(values: np.ndarray) -> np.ndarray:
     """0..1 (H, W) → uint8 RGB (H, W, 3), a "jet"-like ramp: blue, cyan, yellow, red."""
     v = np.clip(np.nan_to_num(values.astype(np.float32, copy=False)), 0.0, 1.0)[..., None]
-    centres = np.array([0.75, 0.5, 0.25], dtype=np.float32)  # where red, green, blue peak
-    rgb = np.clip(1.5 - np.abs(4.0 * (v - centres)), 0.0, 1.0)
+    centres = np.array(_JET_PEAKS, dtype=np.float32)
+    rgb = np.clip(_JET_PLATEAU - np.abs(_JET_SLOPE * (v - centres)), 0.0, 1.0)
     return (rgb * 255.0 + 0.5).astype(np.uint8)
 
 
@@ -170,7 +185,7 @@ def overlay_palette(floor: float = OVERLAY_FLOOR, max_alpha: float = OVERLAY_MAX
     """The overlay's 256 colours, uint8 RGBA (256, 4): heat level i/255 → colour and opacity."""
     if not 0.0 <= floor < 1.0 or not 0.0 <= max_alpha <= 1.0:
         raise ValueError("floor must lie in [0, 1) and max_alpha in [0, 1]")
-    ramp = np.linspace(0.0, 1.0, 256, dtype=np.float32)
+    ramp = np.linspace(0.0, 1.0, PALETTE_SIZE, dtype=np.float32)
     alpha = np.clip((ramp - floor) / (1.0 - floor), 0.0, 1.0) * (max_alpha * 255.0)
     return np.concatenate([colormap(ramp[None, :])[0], (alpha + 0.5).astype(np.uint8)[:, None]], axis=1)
 
@@ -206,5 +221,5 @@ def render_overlay_png(
     else:
         image = Image.fromarray(np.take(palette, np.asarray(resized), axis=0))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=3)  # smooth maps: 3 is as small as 6 and faster
+    image.save(buffer, format="PNG", compress_level=HEATMAP_PNG_COMPRESS_LEVEL)
     return buffer.getvalue()

@@ -19,7 +19,7 @@ import torch
 import torchvision
 from PIL import Image, UnidentifiedImageError
 
-from core.model_package import Manifest, PackageError
+from core.model_package import CHANNELS, Manifest, PackageError
 
 from . import backends
 from .package import read_weights
@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 # Inputs reaching the engine were validated and re-encoded on upload; this cap only stops a
 # file that changed in storage from exhausting a worker.
 MAX_DECODE_PIXELS = 50_000_000
+PROBABILITY_DIGITS = 6  # decimals of a stored probability
 
 
 def choose_device(preferred: str = "auto") -> torch.device:
@@ -84,8 +85,8 @@ class Handler:
         self.compiled = False
         size = manifest.input_size
         self._size = (size, size)
-        self._mean = torch.tensor(manifest.mean, device=device).view(1, 3, 1, 1)
-        self._std = torch.tensor(manifest.std, device=device).view(1, 3, 1, 1)
+        self._mean = torch.tensor(manifest.mean, device=device).view(1, CHANNELS, 1, 1)
+        self._std = torch.tensor(manifest.std, device=device).view(1, CHANNELS, 1, 1)
         # what infer runs, as one (name, runner) pair so that a switch is a single assignment
         self._active: tuple[str, backends.Runner] = ("eager", backends.eager_runner(self))
         self.backend_report: dict = {"backend": "eager", "requested": "eager", "device": device.type, "candidates": {}}
@@ -186,7 +187,7 @@ class Handler:
         return self.compile_thread
 
     def _warm_up(self) -> None:
-        dummy = torch.zeros((1, 3, *self._size), dtype=torch.uint8)
+        dummy = torch.zeros((1, CHANNELS, *self._size), dtype=torch.uint8)
         probabilities = self.infer(dummy)
         if probabilities.shape != (1, len(self.manifest.labels)):
             raise PackageError(
@@ -249,9 +250,9 @@ class Handler:
                 positive = tuple(label for label, p, t in zip(labels, row, thresholds, strict=True) if p >= t)
             results.append(
                 ItemResult(
-                    probabilities={label: round(p, 6) for label, p in zip(labels, row, strict=True)},
+                    probabilities={label: round(p, PROBABILITY_DIGITS) for label, p in zip(labels, row, strict=True)},
                     top_label=labels[best],
-                    top_probability=round(row[best], 6),
+                    top_probability=round(row[best], PROBABILITY_DIGITS),
                     positive_labels=positive,
                 )
             )

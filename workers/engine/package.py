@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from core.model_package import (
     MANIFEST_NAME,
     MAX_WEIGHTS_BYTES,
+    SHORT_HASH_CHARS,
     TORCHSCRIPT_REFUSED,
     WEIGHTS_NAME,
     Manifest,
@@ -62,8 +63,8 @@ def read_weights(
     actual = sha256_bytes(weights)
     if actual != manifest.weights_sha256 or actual != expected_sha256.lower():
         raise PackageError(
-            f"checksum mismatch for {manifest.name} {manifest.version}: weights are {actual[:12]}…, "
-            f"registered {expected_sha256[:12]}…; the model is refused"
+            f"checksum mismatch for {manifest.name} {manifest.version}: weights are {actual[:SHORT_HASH_CHARS]}…, "
+            f"registered {expected_sha256[:SHORT_HASH_CHARS]}…; the model is refused"
         )
     import torch
 

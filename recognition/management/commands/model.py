@@ -12,6 +12,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from accounts.models import Tenant
 from core.errors import DomainError
+from core.model_package import SHORT_HASH_CHARS
 from recognition.models import AIModel, ModelAlias, ModelPin, ModelVersion, TrafficSplit
 from recognition.services.registry import model_alias_move, model_pin_set, traffic_split_set
 
@@ -69,7 +70,9 @@ class Command(BaseCommand):
             for version in ModelVersion.objects.filter(model=model).order_by("created"):
                 tag = f"  <- {aliases[version.pk]}" if version.pk in aliases else ""
                 state = version.status if not version.refusal_reason else f"{version.status}: {version.refusal_reason}"
-                self.stdout.write(f"  {version.version}  sha256 {version.weights_sha256[:12]}…  {state}{tag}")
+                self.stdout.write(
+                    f"  {version.version}  sha256 {version.weights_sha256[:SHORT_HASH_CHARS]}…  {state}{tag}"
+                )
             for split in TrafficSplit.objects.filter(model=model).select_related("tenant", "version"):
                 self.stdout.write(f"  split: {split.tenant.slug} sends {split.percent}% to {split.version.version}")
             for pin in ModelPin.objects.filter(model=model).select_related("tenant", "version"):

@@ -19,7 +19,7 @@ from django.utils import timezone
 from accounts.models import Membership
 
 from ...archive import ArchiveLimits, ArchiveRefused, read_archive
-from ...models import BatchItem, BatchJob, BatchUpload
+from ...models import ERROR_LENGTH, REASON_LENGTH, BatchItem, BatchJob, BatchUpload
 from ...storage import ForeignStorageKey, storage_key_for_tenant
 from . import intake
 from .bookkeeping import batch_jobs_notify
@@ -27,6 +27,13 @@ from .intake import batch_file_items, batch_upload_abandon
 
 logger = logging.getLogger(__name__)
 Item, Job, Upload = BatchItem.Status, BatchJob.Status, BatchUpload.Status
+SHOWN_NAME_CHARS = 80  # of an archive entry's name in a refusal
+# Entries skipped (done before a restart) between heartbeats: a skip costs next to nothing, so the
+# claim is renewed every so many rather than on each.
+HOLD_EVERY_ENTRIES = 25
+# A stored upload whose expansion has not started this long after it was stored lost its message
+# (a broker outage at enqueue): reconciliation queues it again.
+RECEIVED_GRACE = timedelta(seconds=30)
 
 
 class _Entry(File):
@@ -36,7 +43,8 @@ class _Entry(File):
 
 
 def _shown(name: str) -> str:
-    return ascii(name[:80])  # a listed name as the hospital's storage holds it, control characters escaped
+    # a listed name as the hospital's storage holds it, control characters escaped
+    return ascii(name[:SHOWN_NAME_CHARS])
 
 
 def _prefix_files(upload: BatchUpload, skip: set[int]) -> Iterator[tuple[int, bytes | None, str]]:
@@ -145,7 +153,7 @@ def batch_upload_expand(*, upload_id: int) -> None:
         for position, data, error in _upload_entries(upload, done):
             entries += 1
             if position in done:
-                if entries % 25 == 0 and not _hold(upload, claim, made=False):  # alive, and still ours
+                if entries % HOLD_EVERY_ENTRIES == 0 and not _hold(upload, claim, made=False):  # alive, and still ours
                     return _lost(upload, claim)
                 continue
             if not _add_entry(membership, job, upload, claim, position, data, error):
@@ -271,7 +279,12 @@ def _add_entry(membership, job, upload, claim, position, data, error) -> bool:
             return False
         if error:
             BatchItem.objects.create(
-                tenant=job.tenant, job=job, upload=upload, position=position, status=Item.FAILED, error=error[:500]
+                tenant=job.tenant,
+                job=job,
+                upload=upload,
+                position=position,
+                status=Item.FAILED,
+                error=error[:ERROR_LENGTH],
             )
         else:
             batch_file_items(membership, job, upload, position, _Entry(data, len(data)))
@@ -284,7 +297,7 @@ def _finish_upload(
     """End the upload, if the claim is still the one given; the archive goes (its entries are
     images now, or failed items). Returns 1 when it was ended here."""
     ended = BatchUpload.objects.filter(pk=upload.pk, status=status_was, claim=claim).update(
-        status=status, error=error[:300], entries=entries, finished_at=timezone.now()
+        status=status, error=error[:REASON_LENGTH], entries=entries, finished_at=timezone.now()
     )
     if ended:
         if upload.kind == "zip":
@@ -302,7 +315,7 @@ def batch_uploads_reconcile() -> int:
     abandoned = list(BatchUpload.objects.select_related("job").filter(status=Upload.RECEIVING, touched_at__lt=stalled))
     for upload in abandoned:
         batch_upload_abandon(upload, "the upload did not finish (the server stopped while storing it); send it again")
-    overdue = Q(status=Upload.RECEIVED, touched_at__lt=timezone.now() - timedelta(seconds=30)) | (
+    overdue = Q(status=Upload.RECEIVED, touched_at__lt=timezone.now() - RECEIVED_GRACE) | (
         Q(status=Upload.EXPANDING) & (Q(touched_at__isnull=True) | Q(touched_at__lt=stalled))
     )
     given_up = _uploads_give_up(overdue)

@@ -17,7 +17,7 @@ from accounts.models import AccessEvent, Membership
 from core.errors import Conflict, DomainError
 
 from ...enqueue import task_send
-from ...models import BatchItem, BatchJob, BatchUpload
+from ...models import ERROR_LENGTH, BatchItem, BatchJob, BatchUpload
 from ...storage import ForeignStorageKey, archive_key, storage_key_for_tenant
 from ..images import images_upload
 from .bookkeeping import batch_jobs_notify
@@ -98,7 +98,7 @@ def batch_file_items(membership, job, upload, position, file, request=None) -> l
             )
         return items
     failed = BatchItem.objects.create(
-        tenant=job.tenant, job=job, upload=upload, position=position, status=Item.FAILED, error=error[:500]
+        tenant=job.tenant, job=job, upload=upload, position=position, status=Item.FAILED, error=error[:ERROR_LENGTH]
     )
     return [failed]
 

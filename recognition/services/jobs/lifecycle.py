@@ -18,12 +18,13 @@ from core.bulk import rows_update
 from core.errors import Conflict, Invalid
 
 from ...job_selectors import batch_job_get, job_uploads_pending
-from ...models import BatchItem, BatchJob, InferenceRequest
+from ...models import IDEMPOTENCY_KEY_LENGTH, JOB_NAME_LENGTH, BatchItem, BatchJob, InferenceRequest
 from ..inference import inference_enqueue
 from ..registry import version_for
 from .bookkeeping import batch_jobs_notify
 
 Item, Job = BatchItem.Status, BatchJob.Status
+QUEUE_CHUNK_ROWS = 1000  # bulk requests created per INSERT when a job starts
 
 
 def batch_job_create(
@@ -38,11 +39,13 @@ def batch_job_create(
 ) -> tuple[BatchJob, bool]:
     """A new open job, or — for a repeated Idempotency-Key — the job that key made. (job, created)"""
     require(membership, Action.BATCH_SUBMIT, request=request)
-    name = name.strip()[:200]
+    name = name.strip()[:JOB_NAME_LENGTH]
     if not name:
         raise Invalid("Give the job a name.", code="name_required")
-    if len(idempotency_key) > 128:
-        raise Invalid("The Idempotency-Key is longer than 128 characters.", code="bad_idempotency_key")
+    if len(idempotency_key) > IDEMPOTENCY_KEY_LENGTH:
+        raise Invalid(
+            f"The Idempotency-Key is longer than {IDEMPOTENCY_KEY_LENGTH} characters.", code="bad_idempotency_key"
+        )
     # the hospital's pin wins over the production alias, as for single uploads (no split: no image)
     chosen = version_for(tenant=membership.tenant, model_name=model, alias=alias, version=version, required=True)
     assert chosen is not None  # required: a 404 otherwise
@@ -123,8 +126,8 @@ def _queue(job: BatchJob, items) -> None:
     """One bulk request per item, created in bulk; wake-ups go out after commit, one per chunk."""
     chunk = job.model_version.manifest.get("max_batch_size") or settings.SIGHTLINE_MAX_BATCH_SIZE
     pending = list(items.values_list("id", "image_id"))
-    for start in range(0, len(pending), 1000):
-        part = pending[start : start + 1000]
+    for start in range(0, len(pending), QUEUE_CHUNK_ROWS):
+        part = pending[start : start + QUEUE_CHUNK_ROWS]
         requests = InferenceRequest.objects.bulk_create(
             [
                 InferenceRequest(

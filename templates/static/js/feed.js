@@ -5,7 +5,11 @@
 window.SightlineFeed = function (tenant, handlers) {
   "use strict";
   var indicator = document.getElementById("live");
-  var delay = 500;
+  // close codes that mean "signed out" or "access revoked" (CLOSE_UNAUTHENTICATED and
+  // CLOSE_ACCESS_REVOKED in recognition/consumers.py): reconnecting would not help
+  var CLOSE_UNAUTHENTICATED = 4401, CLOSE_ACCESS_REVOKED = 4403;
+  var FIRST_RETRY_MS = 500, MAX_RETRY_MS = 15000;  // backoff doubles from the first to the most
+  var delay = FIRST_RETRY_MS;
 
   function setState(state, text) {
     if (!indicator) return;
@@ -17,7 +21,7 @@ window.SightlineFeed = function (tenant, handlers) {
     var scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
     var socket = new WebSocket(scheme + window.location.host + "/ws/events/");
     socket.onopen = function () {
-      delay = 500;
+      delay = FIRST_RETRY_MS;
       socket.send(JSON.stringify({type: "subscribe", tenant: tenant}));
     };
     socket.onmessage = function (event) {
@@ -30,13 +34,13 @@ window.SightlineFeed = function (tenant, handlers) {
       }
     };
     socket.onclose = function (event) {
-      if (event.code === 4401 || event.code === 4403) {
+      if (event.code === CLOSE_UNAUTHENTICATED || event.code === CLOSE_ACCESS_REVOKED) {
         setState("offline", "signed out — reload the page");
         return;
       }
       setState("offline", "reconnecting…");
       setTimeout(connect, delay);
-      delay = Math.min(delay * 2, 15000);
+      delay = Math.min(delay * 2, MAX_RETRY_MS);
     };
   }
 

@@ -3,6 +3,7 @@
   "use strict";
   var cfg = JSON.parse(document.getElementById("sightline-config").textContent);
   var pending = {}, again = {};
+  var REFRESH_GAP_MS = 300;  // at most one fetch per job this often while a job is busy
 
   // which actions a job in this state offers (the page renders the same rule)
   var ACTIONS = {
@@ -39,7 +40,7 @@
     if (!card) return;
     if (pending[jobId]) { again[jobId] = true; return; }  // fetch once more when this one is back
     pending[jobId] = true;
-    // at most one fetch per job in flight, and at most every 300 ms while a job is busy
+    // at most one fetch per job in flight, and at most every REFRESH_GAP_MS while a job is busy
     setTimeout(function () {
       fetch(cfg.apiJob.replace("/0/", "/" + jobId + "/"), {credentials: "same-origin",
         headers: {"Accept": "application/json", "X-Tenant": cfg.tenant}})
@@ -50,7 +51,7 @@
           pending[jobId] = false;
           if (again[jobId]) { again[jobId] = false; refresh(jobId); }
         });
-    }, 300);
+    }, REFRESH_GAP_MS);
   }
 
   function resync() {

@@ -16,6 +16,10 @@
   var MIN_ZOOM = 0.1, MAX_ZOOM = 20;
   // the push (heatmap.ready) normally ends "computing…"; this poll only covers a lost one
   var HEAT_POLL_FIRST_MS = 15000, HEAT_POLL_MAX_MS = 60000;
+  var WINDOW_DRAG_STEPS = 512;  // a drag across 512 px sweeps the image's whole value range
+  var WHEEL_ZOOM_RATE = 0.002;  // zoom factor exp(-rate * pixels scrolled)
+  var WHEEL_LINE_PX = 16;  // a wheel that scrolls in lines: pixels per line
+  var KEY_ZOOM = 1.25, KEY_PAN_PX = 40;  // "+" zooms in by KEY_ZOOM, "-" out by its inverse
 
   function clamp(v, lo, hi) { return v < lo ? lo : v > hi ? hi : v; }
   function num(v) { return String(Math.round(v * 100) / 100); }
@@ -190,7 +194,7 @@
       if (d.windowCenter !== undefined && Number(d.windowWidth) > 0) {
         defaults = {c: Number(d.windowCenter), w: Number(d.windowWidth)};
       }
-      step = range / 512;
+      step = range / WINDOW_DRAG_STEPS;
       minWidth = Math.min(1, range / 100);
       heat = heatmap;
       showHeatControls();
@@ -247,9 +251,9 @@
     canvas.addEventListener("wheel", function (e) {
       if (!offData) return;
       e.preventDefault();
-      var unit = e.deltaMode === 1 ? 16 : e.deltaMode === 2 ? canvas.clientHeight : 1;
+      var unit = e.deltaMode === 1 ? WHEEL_LINE_PX : e.deltaMode === 2 ? canvas.clientHeight : 1;
       var rect = canvas.getBoundingClientRect();
-      zoomAt(Math.exp(-e.deltaY * unit * 0.002), e.clientX - rect.left, e.clientY - rect.top);
+      zoomAt(Math.exp(-e.deltaY * unit * WHEEL_ZOOM_RATE), e.clientX - rect.left, e.clientY - rect.top);
     }, {passive: false});
 
     canvas.addEventListener("pointerdown", function (e) {
@@ -279,10 +283,10 @@
 
     canvas.addEventListener("keydown", function (e) {
       if (!offData || e.ctrlKey || e.metaKey || e.altKey) return;
-      var cx = canvas.clientWidth / 2, cy = canvas.clientHeight / 2, by = 40;
+      var cx = canvas.clientWidth / 2, cy = canvas.clientHeight / 2, by = KEY_PAN_PX;
       switch (e.key) {
-        case "+": case "=": zoomAt(1.25, cx, cy); break;
-        case "-": case "_": zoomAt(0.8, cx, cy); break;
+        case "+": case "=": zoomAt(KEY_ZOOM, cx, cy); break;
+        case "-": case "_": zoomAt(1 / KEY_ZOOM, cx, cy); break;
         case "0": reset(); break;
         case "ArrowLeft": pan(-by, 0); break;
         case "ArrowRight": pan(by, 0); break;

@@ -19,6 +19,7 @@ from recognition.services.registry import model_version_submit
 from workers.registration import model_version_validate
 
 POLL_SECONDS = 0.5
+VERDICT_TIMEOUT_SECONDS = 600.0  # a worker loads, exports and checks the model: minutes on a CPU
 
 
 class Command(BaseCommand):
@@ -37,7 +38,9 @@ class Command(BaseCommand):
             action="store_true",
             help="run the registration checks in this process instead of a worker (no worker running yet)",
         )
-        parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a worker's verdict")
+        parser.add_argument(
+            "--timeout", type=float, default=VERDICT_TIMEOUT_SECONDS, help="seconds to wait for a worker's verdict"
+        )
 
     def handle(self, *args, package: Path, alias: str, validate_here: bool, timeout: float, **options):
         if not package.is_file():
