@@ -280,7 +280,8 @@ REST_FRAMEWORK = {
         "rest_framework.parsers.MultiPartParser",
     ],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.CursorPagination",
+    # every cursor DRF hands out is sealed by the platform's one codec
+    "DEFAULT_PAGINATION_CLASS": "core.cursor.OpaqueCursorPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "config.openapi.ContractAutoSchema",  # every operation documents its errors
     "EXCEPTION_HANDLER": "core.errors.api_exception_handler",
@@ -417,8 +418,6 @@ SIGHTLINE_PSEUDONYM_KEY = env("SIGHTLINE_PSEUDONYM_KEY", default=None)
 SIGHTLINE_PSEUDONYM_KEY_FALLBACKS = env.list("SIGHTLINE_PSEUDONYM_KEY_FALLBACKS", default=[])
 # site secrets under which pseudonyms of the old 48-bit scheme were made: found, never made
 SIGHTLINE_PSEUDONYM_LEGACY_SECRET_KEYS = env.list("SIGHTLINE_PSEUDONYM_LEGACY_SECRET_KEYS", default=[])
-# every cursor DRF hands out is sealed by the platform's one codec (core.cursor)
-REST_FRAMEWORK["DEFAULT_PAGINATION_CLASS"] = "core.cursor.OpaqueCursorPagination"
 # --- end keys and rotation ---
 
 LOGGING = {
