@@ -293,6 +293,11 @@ class ServiceAccount(models.Model):
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     created = models.DateTimeField(default=timezone.now)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    interactive = models.BooleanField(
+        default=False,
+        help_text="Its protocol reads go to the interactive lane (a person waits on them); otherwise "
+        "they go to the bulk lane with the batch jobs.",
+    )
 
     objects = TenantQuerySet.as_manager()
 

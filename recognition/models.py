@@ -17,8 +17,13 @@ REASON_LENGTH = 300  # Image.unprocessable_reason, Result.heatmap_error, BatchUp
 ERROR_LENGTH = 500  # InferenceRequest.error, BatchItem.error
 IDEMPOTENCY_KEY_LENGTH = 128
 JOB_NAME_LENGTH = 200
+# The model servers' protocols a read may arrive by (protocols/): their studies stay out of
+# clinicians' worklists unless asked for.
+PROTOCOL_CHOICES = [("kserve", "KServe v2"), ("tfserving", "TF Serving"), ("torchserve", "TorchServe")]
+
 # A traffic split sends 1-99 per cent to the candidate: 0 or 100 is no split but a pin.
 SPLIT_PERCENT_MIN, SPLIT_PERCENT_MAX = 1, 99
+SHADOW_PERCENT_DEFAULT = 5  # the issue's default share of shadow reads
 
 
 class Study(TenantOwned):
@@ -37,6 +42,13 @@ class Study(TenantOwned):
 
     patient_pseudonym = models.CharField(
         max_length=64, blank=True, help_text="Pseudonymous patient id; never a name or MRN."
+    )
+    protocol = models.CharField(
+        max_length=16,
+        choices=PROTOCOL_CHOICES,
+        blank=True,
+        help_text="Made by a model-server protocol read (KServe v2, TF Serving, TorchServe): in the worklist "
+        "only under the 'protocol reads' filter. Empty for studies people uploaded.",
     )
     accession_number = models.CharField(max_length=64, blank=True)
     study_instance_uid = models.CharField(max_length=64, blank=True)
@@ -211,10 +223,29 @@ class ModelVersion(models.Model):
     requested_alias = models.CharField(
         max_length=20, blank=True, help_text="The alias to point at this version once it is ready."
     )
+    serial = models.PositiveIntegerField(
+        help_text="Its registration order within the model (1, 2, …): the integer version TF Serving "
+        "and KServe clients name; stable, never reused."
+    )
+    derived_from = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="derived",
+        help_text="The version of the same model this one was made from (optimise_model).",
+    )
+    evaluation = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="A derived version measured against its parent on a held-out set, by the worker "
+        "(agreement, probability differences, accuracy, sizes, speed); empty until measured.",
+    )
 
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["model", "version"], name="model_version_unique"),
+            models.UniqueConstraint(fields=["model", "serial"], name="model_version_serial_unique"),
             models.CheckConstraint(
                 condition=~models.Q(status="refused") | ~models.Q(refusal_reason=""),
                 name="model_version_refused_says_why",
@@ -223,6 +254,12 @@ class ModelVersion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model.name} {self.version}"
+
+    def save(self, *args, **kwargs) -> None:
+        if self.serial is None:  # the next in the model's registration order; the constraint guards a race
+            latest = ModelVersion.objects.filter(model_id=self.model_id).aggregate(n=models.Max("serial"))["n"]
+            self.serial = (latest or 0) + 1
+        super().save(*args, **kwargs)
 
     @property
     def labels(self) -> list[str]:
@@ -252,6 +289,11 @@ class TrafficSplit(TenantOwned):
     model = models.ForeignKey(AIModel, on_delete=models.CASCADE, related_name="+")
     version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="+")
     percent = models.PositiveSmallIntegerField(help_text="Share of the hospital's images, 1-99.")
+    shadow_percent = models.PositiveSmallIntegerField(
+        default=SHADOW_PERCENT_DEFAULT,
+        help_text="Share of each arm's images also read by the other arm in the bulk lane (shadow reads, "
+        "never shown to clinicians), so the two versions can be compared on live traffic; 0-100.",
+    )
     updated = models.DateTimeField(default=timezone.now)
     updated_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
@@ -287,6 +329,67 @@ class ModelPin(TenantOwned):
         return f"{self.tenant_id} pinned to {self.version}"
 
 
+class ModelAllowance(TenantOwned):
+    """A version or an alias of a model that a platform operator lets one hospital ask for by
+    name (a protocol URL, the upload API's ``version``/``alias``), beyond what it gets anyway: its
+    pin, the ``production`` alias and its split. ``registry.version_for`` is the one place that
+    reads it."""
+
+    model = models.ForeignKey(AIModel, on_delete=models.CASCADE, related_name="+")
+    version = models.ForeignKey(ModelVersion, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    alias = models.CharField(max_length=20, blank=True, choices=ModelAlias.Name.choices)
+    created = models.DateTimeField(default=timezone.now)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(version__isnull=False) & Q(alias="")) | (Q(version__isnull=True) & ~Q(alias="")),
+                name="allowance_version_or_alias",
+            ),
+            models.UniqueConstraint(
+                fields=["tenant", "model", "version", "alias"], name="allowance_unique", nulls_distinct=False
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} may use {self.version or self.alias}"
+
+
+class RolloutChange(models.Model):
+    """One change to which version answers (an alias moved, a split or a pin set or ended), with
+    the state before it, so that it can be undone in one step (``registry.rollout_undo``)."""
+
+    class Kind(models.TextChoices):
+        ALIAS = "alias"
+        SPLIT = "split"
+        PIN = "pin"
+
+    model = models.ForeignKey(AIModel, on_delete=models.CASCADE, related_name="+")
+    tenant = models.ForeignKey(
+        "accounts.Tenant", null=True, blank=True, on_delete=models.CASCADE, related_name="+",
+        help_text="The hospital a split or a pin belongs to; empty for an alias.",
+    )  # fmt: skip
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    name = models.CharField(max_length=20, blank=True, help_text="The alias moved.")
+    before = models.JSONField(help_text="The state before: version id and percent, or null for none.")
+    after = models.JSONField(help_text="The state after, the same way.")
+    changed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    forced = models.BooleanField(default=False, help_text="Made with --force past the agreement floor.")
+    created = models.DateTimeField(default=timezone.now)
+    undone_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["model", "tenant", "kind", "-id"], name="rollout_change_latest")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} change of {self.model_id} at {self.created:%Y-%m-%d %H:%M}"
+
+
 class InferenceRequest(TenantOwned):
     class Status(models.TextChoices):
         QUEUED = "queued"
@@ -316,6 +419,14 @@ class InferenceRequest(TenantOwned):
     # it is not claimed again before retry_after (backoff), and fails at SIGHTLINE_TRANSIENT_RETRIES
     transient_retries = models.PositiveIntegerField(default=0)
     retry_after = models.DateTimeField(null=True, blank=True)
+    shadow = models.BooleanField(
+        default=False,
+        help_text="A shadow read: the other arm of an A/B split reading the same image, in the bulk lane; "
+        "its result is compared, never shown to clinicians.",
+    )
+    protocol = models.CharField(
+        max_length=16, choices=PROTOCOL_CHOICES, blank=True, help_text="The model-server protocol it came by."
+    )
 
     class Meta:
         indexes = [
