@@ -11,7 +11,7 @@ from accounts import events
 from core.bulk import rows_update
 from recognition.models import ERROR_LENGTH, InferenceRequest, Result
 from recognition.services.jobs import batch_items_on_outcome
-from recognition.services.shadow import shadow_reads_queue
+from recognition.services.shadow import shadow_reads_queue, shadow_split_exists
 from recognition.services.studies import study_summary_refresh
 from workers.engine.results import ItemResult
 
@@ -28,10 +28,12 @@ def outcomes_store(requests: list[InferenceRequest], outcomes: list[ItemResult],
     (the display copies of images rendered in the same pass)."""
     now = timezone.now()
     with transaction.atomic():
-        running = set(
+        # id → whether its hospital splits the model (the shadow reads' look-up, in the same statement)
+        running = dict(
             InferenceRequest.objects.select_for_update()
             .filter(id__in=[request.pk for request in requests], status=Status.RUNNING)
-            .values_list("id", flat=True)
+            .annotate(split=shadow_split_exists())
+            .values_list("id", "split")
         )
         finished, results, notices = [], [], []
         for request, outcome in zip(requests, outcomes, strict=True):
@@ -82,7 +84,8 @@ def outcomes_store(requests: list[InferenceRequest], outcomes: list[ItemResult],
             batch_items_on_outcome(
                 {status: [r.pk for r in bulk if r.status == status] for status in (Status.DONE, Status.FAILED)}, now
             )
-        shadow_reads_queue(finished)  # the other arm of a hospital's A/B split, for a share of its images
+        # the other arm of a hospital's A/B split reads a share of its images
+        shadow_reads_queue([request for request in finished if running[request.pk]])
         events.results_ready_on_commit(notices)
 
 

@@ -19,11 +19,41 @@ from functools import partial
 
 from django.db import transaction
 from django.db.models import Exists, OuterRef, Subquery
+from django.utils import timezone
 
-from ..models import InferenceRequest, ModelAlias, ModelPin, TrafficSplit
+from accounts.services import access_event_record
+from core.errors import Invalid, NotFound
+
+from ..models import AIModel, InferenceRequest, ModelAlias, ModelPin, TrafficSplit
 from .inference import inference_enqueue
 
 _BUCKET_BYTES = 4  # of the digest: 32 bits, plenty to spread 0-99 evenly (as registry.split_bucket)
+
+
+def traffic_split_shadow_set(
+    *, tenant, model: AIModel, shadow_percent: int, changed_by=None, request=None
+) -> TrafficSplit:
+    """Set the share (0-100) of each arm's images of the hospital's split that the other arm also
+    reads; 0 turns shadow reads off. 404 when the hospital does not split the model. Logged like
+    the split itself (``registry.traffic_split_set`` sets the split and leaves this share alone)."""
+    if not 0 <= shadow_percent <= 100:
+        raise Invalid("Shadow reads take 0-100% of each arm's images.", code="bad_percent")
+    with transaction.atomic():
+        split = TrafficSplit.objects.for_tenant(tenant).select_for_update().filter(model=model).first()
+        if split is None:
+            raise NotFound(f"The hospital does not split {model.name}.", code="no_split")
+        split.shadow_percent = shadow_percent
+        split.updated, split.updated_by = timezone.now(), changed_by or split.updated_by
+        split.save(update_fields=["shadow_percent", "updated", "updated_by"])
+        access_event_record(
+            action="model.split_shadow_change",
+            request=request,
+            user=changed_by,
+            tenant=tenant,
+            target_type="model",
+            target_id=model.pk,
+        )
+    return split
 
 
 def shadow_bucket(image_id: int) -> int:
@@ -31,6 +61,17 @@ def shadow_bucket(image_id: int) -> int:
     shadow read are spread evenly over both arms rather than being the edge of one."""
     digest = hashlib.sha256(f"sightline-shadow:{image_id}".encode()).digest()
     return int.from_bytes(digest[:_BUCKET_BYTES], "big") % 100
+
+
+def shadow_split_exists() -> Exists:
+    """For an InferenceRequest queryset: whether the request's hospital splits its model with
+    shadow reads on. The worker reads it with the rows it stores (no statement of its own), so a
+    batch where no hospital splits costs nothing more."""
+    return Exists(
+        TrafficSplit.objects.filter(
+            tenant=OuterRef("tenant"), model__versions=OuterRef("model_version"), shadow_percent__gt=0
+        )
+    )
 
 
 def _split_routed(request: InferenceRequest) -> bool:
@@ -46,9 +87,10 @@ def _split_routed(request: InferenceRequest) -> bool:
 
 def shadow_reads_queue(requests: Iterable[InferenceRequest]) -> list[InferenceRequest]:
     """The other arm's read of each of these finished requests that is due one; created in the
-    caller's transaction and woken after commit. One statement when none of them is under a split
-    (the hospitals' splits, each with its production version and whether a pin overrides it),
-    two more when some are (the shadow reads already made, the INSERT)."""
+    caller's transaction and woken after commit. The caller passes the requests under a split
+    (``shadow_split_exists``); for them, one statement reads the splits (each with its production
+    version and whether a pin overrides it), two more when some are due (the shadow reads already
+    made, the INSERT). None when nothing is passed."""
     candidates = [request for request in requests if _split_routed(request)]
     if not candidates:
         return []
