@@ -132,6 +132,11 @@ class TrafficSplitAdmin(RegistryChangeAdmin):
     list_display = ("tenant", "model", "version", "percent", "shadow_percent", "updated", "updated_by")
     fields = ("tenant", "model", "version", "percent", "shadow_percent")
 
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change=change, **kwargs)
+        form.base_fields["shadow_percent"].required = False  # left out: the default share
+        return form
+
     def save_model(self, request, obj, form, change):
         @transaction.atomic
         def change_split():
@@ -143,8 +148,8 @@ class TrafficSplitAdmin(RegistryChangeAdmin):
                 changed_by=request.user,
                 request=request,
             )
-            if "shadow_percent" in form.changed_data or not change:  # recognition/services/shadow.py
-                traffic_split_shadow_set(
+            if obj.shadow_percent is not None and "shadow_percent" in form.changed_data:
+                traffic_split_shadow_set(  # recognition/services/shadow.py
                     tenant=obj.tenant,
                     model=obj.model,
                     shadow_percent=obj.shadow_percent,

@@ -22,7 +22,7 @@ from django.db.models import Exists, OuterRef, Subquery
 from django.utils import timezone
 
 from accounts.services import access_event_record
-from core.errors import Invalid, NotFound
+from core.errors import Invalid
 
 from ..models import AIModel, InferenceRequest, ModelAlias, ModelPin, TrafficSplit
 from .inference import inference_enqueue
@@ -34,14 +34,14 @@ def traffic_split_shadow_set(
     *, tenant, model: AIModel, shadow_percent: int, changed_by=None, request=None
 ) -> TrafficSplit:
     """Set the share (0-100) of each arm's images of the hospital's split that the other arm also
-    reads; 0 turns shadow reads off. 404 when the hospital does not split the model. Logged like
+    reads; 0 turns shadow reads off; refused (400) when the hospital does not split the model. Logged like
     the split itself (``registry.traffic_split_set`` sets the split and leaves this share alone)."""
     if not 0 <= shadow_percent <= 100:
         raise Invalid("Shadow reads take 0-100% of each arm's images.", code="bad_percent")
     with transaction.atomic():
         split = TrafficSplit.objects.for_tenant(tenant).select_for_update().filter(model=model).first()
-        if split is None:
-            raise NotFound(f"The hospital does not split {model.name}.", code="no_split")
+        if split is None:  # platform staff asking: nothing here is another hospital's to hide
+            raise Invalid(f"The hospital does not split {model.name}: set a split first.", code="no_split")
         split.shadow_percent = shadow_percent
         split.updated, split.updated_by = timezone.now(), changed_by or split.updated_by
         split.save(update_fields=["shadow_percent", "updated", "updated_by"])

@@ -16,7 +16,7 @@ from channels.layers import get_channel_layer
 
 from accounts import events
 from accounts.models import AccessEvent
-from recognition.models import InferenceRequest, ModelPin, ModelVersion, Result, Study
+from recognition.models import InferenceRequest, ModelPin, ModelVersion, Result, Study, TrafficSplit
 from recognition.services.images import image_upload
 from recognition.services.registry import traffic_split_set
 from recognition.services.shadow import shadow_bucket, traffic_split_shadow_set
@@ -140,11 +140,11 @@ def test_only_a_clinicians_read_routed_by_a_split_gets_a_shadow(arms, clinician_
 
 
 def test_setting_the_shadow_share_is_logged_and_needs_a_split(arms, clinician_a, clinician_b):
-    from core.errors import Invalid, NotFound
+    from core.errors import Invalid
 
     a, _ = arms
     assert AccessEvent.objects.filter(action="model.split_shadow_change", tenant=clinician_a.tenant).count() == 1
-    with pytest.raises(NotFound):
+    with pytest.raises(Invalid, match="does not split"):
         traffic_split_shadow_set(tenant=clinician_b.tenant, model=a.model, shadow_percent=5)
     with pytest.raises(Invalid):
         traffic_split_shadow_set(tenant=clinician_a.tenant, model=a.model, shadow_percent=101)
@@ -230,3 +230,37 @@ def test_a_shadow_read_pushes_nothing_to_the_hospital(arms, clinician_a, django_
         ("result.ready", shown.top_label)
     ]
     assert messages_after(shadow_read) == []  # no result.ready, no study.updated
+
+
+def test_staff_set_the_shadow_share_in_the_admin_and_with_the_command(
+    arms, client, clinician_a, hospital_a, django_user_model
+):
+    a, b = arms
+    staff = django_user_model.objects.create_superuser("platform", password="x")
+    client.force_login(staff)
+    split = TrafficSplit.objects.get()
+    response = client.post(
+        f"/admin/recognition/trafficsplit/{split.pk}/change/",
+        {"tenant": hospital_a.pk, "model": a.model_id, "version": b.pk, "percent": 30, "shadow_percent": 20},
+    )
+    assert response.status_code == 302
+    split.refresh_from_db()
+    assert (split.percent, split.shadow_percent, split.updated_by) == (30, 20, staff)
+    assert AccessEvent.objects.filter(action="model.split_shadow_change", actor=staff).count() == 1
+
+    said = run(
+        "model",
+        "split",
+        "sightline-demo",
+        "--hospital",
+        hospital_a.slug,
+        "--version",
+        "1.1.0",
+        "--percent",
+        "10",
+        "--shadow-percent",
+        "7",
+    )
+    assert "7% of each arm's images read by the other too" in said
+    assert TrafficSplit.objects.values_list("percent", "shadow_percent").get() == (10, 7)
+    assert "(shadow reads 7%)" in run("model", "list")
