@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from django.db.models import Count, Exists, F, OuterRef, Q, Subquery
+from django.utils.safestring import mark_safe
 
 from accounts.models import Tenant
 from core.spreadsheet import spreadsheet_safe
@@ -252,6 +253,11 @@ class ABComparison:
         return (("A", self.a), ("B", self.b))
 
     @property
+    def chart(self) -> str:
+        """``ab_svg``'s markup, escaped there: safe for the template."""
+        return mark_safe(ab_svg(self))  # noqa: S308  (ab_svg escapes every text it writes)
+
+    @property
     def warning(self) -> str:
         """Why the clinicians' numbers cannot decide between the arms yet; "" when they can."""
         short = [arm for arm in (self.a, self.b) if not arm.clinicians.enough]
@@ -355,3 +361,56 @@ def ab_comparisons(*, tenant: Tenant | None, rows: Iterable[AgreementRow]) -> li
         )
     comparisons.sort(key=lambda c: (not c.live, c.model, c.a.serial or 0, c.b.serial or 0))
     return comparisons
+
+
+AB_SVG_LABEL_WIDTH = 200  # the row's caption, left of its scale
+AB_SVG_WHISKER_HEIGHT = 10  # the interval's end ticks, centred on the bar
+SVG_WHISKER_STROKE = "#1d2733"  # --ink
+
+
+def _ab_rows(comparison: ABComparison) -> list[tuple[str, Proportion]]:
+    return [
+        (f"A {comparison.a.version} with clinicians", comparison.a.clinicians),
+        (f"B {comparison.b.version} with clinicians", comparison.b.clinicians),
+        ("A with B (shadow reads)", comparison.shadow),
+    ]
+
+
+def ab_svg(comparison: ABComparison) -> str:
+    """Per row (A with clinicians, B with clinicians, A with B) a bar for the share and a line
+    for its 95% interval, on one 0-100% scale so that overlapping intervals are seen to overlap.
+    Every dynamic text is escaped here, so the template may mark the result safe."""
+    rows = _ab_rows(comparison)
+    scale = SVG_WIDTH - AB_SVG_LABEL_WIDTH
+    height = SVG_ROW_HEIGHT * len(rows)
+    summary = "; ".join(
+        f"{caption}: {counted.share_percent} of {counted.n}, 95% interval {counted.interval_percent}"
+        for caption, counted in rows
+    )
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="ab-chart" width="{SVG_WIDTH}" height="{height}" '
+        f'viewBox="0 0 {SVG_WIDTH} {height}" role="img" aria-label="{html.escape(summary)}">',
+        f"<title>{html.escape(comparison.model)}: agreement with 95% intervals</title>",
+    ]
+    for index, (caption, counted) in enumerate(rows):
+        top = index * SVG_ROW_HEIGHT
+        middle = top + SVG_BAR_TOP + SVG_BAR_HEIGHT / 2
+        parts.append(
+            f'<g class="ab-row"><text x="0" y="{top + SVG_BAR_TOP + SVG_BAR_HEIGHT}" font-size="14" '
+            f'fill="{SVG_TEXT_FILL}">{html.escape(caption)}</text>'
+            f'<rect x="{AB_SVG_LABEL_WIDTH}" y="{top + SVG_BAR_TOP}" width="{scale}" height="{SVG_BAR_HEIGHT}" '
+            f'fill="{SVG_TRACK_FILL}"/>'
+            f'<rect class="share" x="{AB_SVG_LABEL_WIDTH}" y="{top + SVG_BAR_TOP}" '
+            f'width="{round((counted.share or 0) * scale)}" height="{SVG_BAR_HEIGHT}" fill="{SVG_BAR_FILL}"/>'
+        )
+        interval = counted.interval
+        if interval is not None:
+            low, high = (AB_SVG_LABEL_WIDTH + round(end * scale) for end in interval)
+            tick = AB_SVG_WHISKER_HEIGHT / 2
+            parts.append(
+                f'<path class="interval" d="M{low} {middle}H{high}M{low} {middle - tick}V{middle + tick}'
+                f'M{high} {middle - tick}V{middle + tick}" stroke="{SVG_WHISKER_STROKE}" stroke-width="2"/>'
+            )
+        parts.append("</g>")
+    parts.append("</svg>")
+    return "".join(parts)

@@ -9,7 +9,15 @@ import pytest
 
 from accounts.models import Role
 from accounts.services import membership_grant, user_get_or_create
-from recognition.agreement import AB_MINIMUM_SAMPLE, Proportion, ab_comparisons, agreement_rows
+from recognition.agreement import (
+    AB_MINIMUM_SAMPLE,
+    ABArm,
+    ABComparison,
+    Proportion,
+    ab_comparisons,
+    ab_svg,
+    agreement_rows,
+)
 from recognition.models import InferenceRequest, ModelVersion, Result, Review, TrafficSplit
 from recognition.services.reviews import review_save
 from recognition.services.shadow import traffic_split_shadow_set
@@ -183,6 +191,7 @@ def test_the_page_shows_both_arms_the_intervals_the_warning_and_the_shadow_pairs
     assert "95% interval" in page and "49%–94%" in page and "24%–76%" in page
     assert f"each version needs at least {AB_MINIMUM_SAMPLE}" in page
     assert 'class="list ab-shadow"' in page and "<td>50%</td>" in page  # 1 of 2 shadow pairs agree
+    assert page.count('class="ab-chart"') == 1 and page.count('class="interval"') == 3
 
     other_admin = membership_grant(
         tenant=hospital_b, user=user_get_or_create(username="admin-b", password=PASSWORD), role=Role.TENANT_ADMIN
@@ -213,3 +222,13 @@ def test_the_whole_loop_split_reads_shadows_reviews_and_the_page(arms, clinician
     client.force_login(admin.user)
     page = client.get("/agreement/").content.decode()
     assert "A/B: sightline-demo 1.0.0 against 1.1.0" in page and "Too few shadow reads" in page
+
+
+def test_the_chart_draws_each_share_with_its_interval_and_escapes_its_text():
+    arm = ABArm(version_id=1, version="<b>1</b>", serial=1, role="", clinicians=Proportion(n=10, agreed=8))
+    unreviewed = ABArm(version_id=2, version="2", serial=2, role="", clinicians=Proportion(n=0, agreed=0))
+    chart = ab_svg(ABComparison(model="m&m", a=arm, b=unreviewed, shadow=Proportion(n=4, agreed=2), live=True))
+    assert chart.startswith("<svg") and chart.count('class="ab-row"') == 3
+    assert chart.count('class="interval"') == 2  # nothing counted, nothing drawn
+    assert "<b>" not in chart and "&lt;b&gt;1&lt;/b&gt;" in chart and "m&amp;m" in chart
+    assert "95% interval 49%–94%" in chart  # the numbers are in the chart's text alternative too
