@@ -7,6 +7,7 @@ from pathlib import Path
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.shortcuts import redirect, render
 from django.urls import path
 
@@ -14,6 +15,7 @@ from core.errors import DomainError
 
 from .models import AIModel, ModelAlias, ModelPin, ModelVersion, TrafficSplit
 from .services.registry import model_alias_move, model_pin_set, model_version_submit, traffic_split_set
+from .services.shadow import traffic_split_shadow_set
 
 
 class RegisterPackageForm(forms.Form):
@@ -127,21 +129,35 @@ class ModelAliasAdmin(RegistryChangeAdmin):
 
 @admin.register(TrafficSplit)
 class TrafficSplitAdmin(RegistryChangeAdmin):
-    list_display = ("tenant", "model", "version", "percent", "updated", "updated_by")
-    fields = ("tenant", "model", "version", "percent")
+    list_display = ("tenant", "model", "version", "percent", "shadow_percent", "updated", "updated_by")
+    fields = ("tenant", "model", "version", "percent", "shadow_percent")
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change=change, **kwargs)
+        form.base_fields["shadow_percent"].required = False  # left out: the default share
+        return form
 
     def save_model(self, request, obj, form, change):
-        self._apply(
-            request,
-            lambda: traffic_split_set(
+        @transaction.atomic
+        def change_split():
+            traffic_split_set(
                 tenant=obj.tenant,
                 model=obj.model,
                 version=obj.version,
                 percent=obj.percent,
                 changed_by=request.user,
                 request=request,
-            ),
-        )
+            )
+            if obj.shadow_percent is not None and "shadow_percent" in form.changed_data:
+                traffic_split_shadow_set(  # recognition/services/shadow.py
+                    tenant=obj.tenant,
+                    model=obj.model,
+                    shadow_percent=obj.shadow_percent,
+                    changed_by=request.user,
+                    request=request,
+                )
+
+        self._apply(request, change_split)
 
     def delete_model(self, request, obj):
         traffic_split_set(

@@ -130,7 +130,7 @@ class ImageCreatedOutput(ImageBaseOutput):
     def get_status(self, image) -> str | None:
         if hasattr(image, "ai_status"):  # set by the upload that queued it (or a selector's annotation)
             return image.ai_status
-        return image.inference_requests.order_by("-id").values_list("status", flat=True).first()
+        return image.inference_requests.filter(shadow=False).order_by("-id").values_list("status", flat=True).first()
 
     def get_images(self, image) -> list[dict]:
         return UploadedImageOutput(self.context.get("images", [image]), many=True).data

@@ -26,7 +26,8 @@ from .models import Image, InferenceRequest, Result, Review, Study
 
 
 def _with_ai_state(queryset: QuerySet) -> QuerySet:
-    latest = InferenceRequest.objects.filter(image=OuterRef("pk")).order_by("-id")
+    # a shadow read (recognition/services/shadow.py) is never the image's AI read for clinicians
+    latest = InferenceRequest.objects.filter(image=OuterRef("pk"), shadow=False).order_by("-id")
     return queryset.annotate(
         ai_status=Subquery(latest.values("status")[:1]),
         ai_error=Subquery(latest.values("error")[:1]),
@@ -53,7 +54,9 @@ def image_get(*, membership: Membership, image_id: int, request=None, action: st
         .prefetch_related(
             Prefetch(
                 "results",
-                queryset=Result.objects.select_related("model_version__model").order_by("-created"),
+                queryset=Result.objects.filter(request__shadow=False)
+                .select_related("model_version__model")
+                .order_by("-created"),
             )
         ),
         membership=membership,

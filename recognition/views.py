@@ -21,7 +21,7 @@ from core.cursor import identifiers_refused_in_query
 from core.errors import DomainError, Invalid, NotFound
 from core.streaming import streaming_response
 
-from .agreement import agreement_csv, agreement_rows, agreement_svg
+from .agreement import AB_MINIMUM_SAMPLE, ab_comparisons, agreement_csv, agreement_rows, agreement_svg
 from .display import display_content_type
 from .job_selectors import batch_job_get, batch_job_list, batch_jobs_progress
 from .models import Image, Review, Study
@@ -360,6 +360,8 @@ def agreement_page(request):
         "recognition/agreement.html",
         {
             "rows": rows,
+            "ab": ab_comparisons(tenant=tenant, rows=rows),
+            "ab_minimum": AB_MINIMUM_SAMPLE,
             "chart": mark_safe(agreement_svg(rows)),  # noqa: S308  (agreement_svg escapes every text it writes)
             "csv_url": csv_url,
             "is_staff": request.user.is_staff,

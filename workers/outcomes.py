@@ -11,6 +11,7 @@ from accounts import events
 from core.bulk import rows_update
 from recognition.models import ERROR_LENGTH, InferenceRequest, Result
 from recognition.services.jobs import batch_items_on_outcome
+from recognition.services.shadow import shadow_reads_queue, shadow_split_exists
 from recognition.services.studies import study_summary_refresh
 from workers.engine.results import ItemResult
 
@@ -27,10 +28,12 @@ def outcomes_store(requests: list[InferenceRequest], outcomes: list[ItemResult],
     (the display copies of images rendered in the same pass)."""
     now = timezone.now()
     with transaction.atomic():
-        running = set(
+        # id → whether its hospital splits the model (the shadow reads' look-up, in the same statement)
+        running = dict(
             InferenceRequest.objects.select_for_update()
             .filter(id__in=[request.pk for request in requests], status=Status.RUNNING)
-            .values_list("id", flat=True)
+            .annotate(split=shadow_split_exists())
+            .values_list("id", "split")
         )
         finished, results, notices = [], [], []
         for request, outcome in zip(requests, outcomes, strict=True):
@@ -58,6 +61,8 @@ def outcomes_store(requests: list[InferenceRequest], outcomes: list[ItemResult],
                         positive_labels=list(outcome.positive_labels),
                     )
                 )
+            if request.shadow:
+                continue  # compared on the agreement page, never pushed to clinicians
             notices.append(
                 events.ResultNotice(
                     tenant_id=request.tenant_id,
@@ -72,12 +77,15 @@ def outcomes_store(requests: list[InferenceRequest], outcomes: list[ItemResult],
         rows_update(finished, OUTCOME_FIELDS)
         # unique per (image, version): a result made by an earlier delivery stands
         Result.objects.bulk_create(results, ignore_conflicts=True)
-        study_summary_refresh({request.image.study_id for request in finished})  # the image came with the row
-        bulk = [request for request in finished if request.priority == InferenceRequest.Priority.BULK]
-        if bulk:  # only bulk requests belong to jobs
+        # the image came with the row; a shadow read changes nothing a clinician sees
+        study_summary_refresh({request.image.study_id for request in finished if not request.shadow})
+        bulk = [r for r in finished if r.priority == InferenceRequest.Priority.BULK and not r.shadow]
+        if bulk:  # only bulk requests belong to jobs (a shadow read to none)
             batch_items_on_outcome(
                 {status: [r.pk for r in bulk if r.status == status] for status in (Status.DONE, Status.FAILED)}, now
             )
+        # the other arm of a hospital's A/B split reads a share of its images
+        shadow_reads_queue([request for request in finished if running[request.pk]])
         events.results_ready_on_commit(notices)
 
 

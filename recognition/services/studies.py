@@ -39,7 +39,8 @@ def study_summary_refresh(study_ids: Iterable[int]) -> None:
     study_ids = set(study_ids)
     if not study_ids:
         return
-    latest_request = InferenceRequest.objects.filter(image=OuterRef("pk")).order_by("-id")
+    # shadow reads (services/shadow.py) are compared on the agreement page, never shown here
+    latest_request = InferenceRequest.objects.filter(image=OuterRef("pk"), shadow=False).order_by("-id")
     latest_review = Review.objects.filter(image=OuterRef("pk")).order_by("-created", "-id")
     images = (
         Image.objects.filter(study_id__in=study_ids)
@@ -64,9 +65,9 @@ def study_summary_refresh(study_ids: Iterable[int]) -> None:
         by_study[image["study_id"]].append(image)
     best: dict[int, tuple[float, str]] = {}
     reviewable: set[int] = set()
-    for study_id, image_id, label, probability in Result.objects.filter(image__study_id__in=study_ids).values_list(
-        "image__study_id", "image_id", "top_label", "top_probability"
-    ):
+    for study_id, image_id, label, probability in Result.objects.filter(
+        image__study_id__in=study_ids, request__shadow=False
+    ).values_list("image__study_id", "image_id", "top_label", "top_probability"):
         reviewable.add(image_id)
         if study_id not in best or probability > best[study_id][0]:
             best[study_id] = (probability, label)

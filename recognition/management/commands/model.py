@@ -3,18 +3,21 @@
 manage.py model list
 manage.py model alias sightline-demo canary 1.1.0
 manage.py model split sightline-demo --hospital demo-general --version 1.1.0 --percent 10
+manage.py model split sightline-demo --hospital demo-general --version 1.1.0 --percent 50 --shadow-percent 5
 manage.py model split sightline-demo --hospital demo-general --percent 0      # end the split
 manage.py model pin sightline-demo --hospital demo-general --version 1.0.0
 manage.py model pin sightline-demo --hospital demo-general --clear
 """
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
 
 from accounts.models import Tenant
 from core.errors import DomainError
 from core.model_package import SHORT_HASH_CHARS
 from recognition.models import AIModel, ModelAlias, ModelPin, ModelVersion, TrafficSplit
 from recognition.services.registry import model_alias_move, model_pin_set, traffic_split_set
+from recognition.services.shadow import traffic_split_shadow_set
 
 
 class Command(BaseCommand):
@@ -32,6 +35,11 @@ class Command(BaseCommand):
         split.add_argument("--hospital", required=True)
         split.add_argument("--version")
         split.add_argument("--percent", type=int, required=True, help="1-99, or 0 to end the split")
+        split.add_argument(
+            "--shadow-percent",
+            type=int,
+            help="share (0-100) of each arm's images the other arm also reads, never shown to clinicians",
+        )
         pin = sub.add_parser("pin", help="keep one hospital on a version")
         pin.add_argument("model")
         pin.add_argument("--hospital", required=True)
@@ -74,7 +82,10 @@ class Command(BaseCommand):
                     f"  {version.version}  sha256 {version.weights_sha256[:SHORT_HASH_CHARS]}…  {state}{tag}"
                 )
             for split in TrafficSplit.objects.filter(model=model).select_related("tenant", "version"):
-                self.stdout.write(f"  split: {split.tenant.slug} sends {split.percent}% to {split.version.version}")
+                self.stdout.write(
+                    f"  split: {split.tenant.slug} sends {split.percent}% to {split.version.version}"
+                    f" (shadow reads {split.shadow_percent}%)"
+                )
             for pin in ModelPin.objects.filter(model=model).select_related("tenant", "version"):
                 self.stdout.write(f"  pin: {pin.tenant.slug} stays on {pin.version.version}")
 
@@ -83,13 +94,19 @@ class Command(BaseCommand):
         model_alias_move(model=row, alias=alias, version=self._version(row, version))
         self.stdout.write(self.style.SUCCESS(f"{model}@{alias} -> {version}"))
 
-    def _split(self, *, model, hospital, version, percent, **options):
+    def _split(self, *, model, hospital, version, percent, shadow_percent=None, **options):
         row = self._model(model)
         target = self._version(row, version) if version else None
         if percent and target is None:
             raise CommandError("a split needs --version")
-        traffic_split_set(tenant=self._hospital(hospital), model=row, version=target, percent=percent)
+        tenant = self._hospital(hospital)
+        with transaction.atomic():
+            split = traffic_split_set(tenant=tenant, model=row, version=target, percent=percent)
+            if split is not None and shadow_percent is not None:
+                split = traffic_split_shadow_set(tenant=tenant, model=row, shadow_percent=shadow_percent)
         message = f"{hospital}: {percent}% of images to {version}" if percent else f"{hospital}: split ended"
+        if split is not None:
+            message += f", {split.shadow_percent}% of each arm's images read by the other too (shadow reads)"
         self.stdout.write(self.style.SUCCESS(message))
 
     def _pin(self, *, model, hospital, version, clear, **options):
