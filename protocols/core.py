@@ -53,6 +53,7 @@ from accounts.models import ApiKey, Membership
 from accounts.permissions import Action
 from accounts.selectors import membership_resolve
 from accounts.services import require
+from core.body_limit import too_large_body
 from core.errors import DomainError, Invalid, NotFound, TooLarge, Unavailable, UnsupportedMedia
 from recognition import dicom, health
 from recognition.enqueue import task_send
@@ -499,7 +500,7 @@ def protocol_body(request: HttpRequest) -> bytes:
     limit = settings.SIGHTLINE_MAX_REQUEST_BYTES
     body = request.read(limit + 1)
     if len(body) > limit:
-        raise TooLarge(f"The request is larger than {limit // 2**20} MB.")
+        raise TooLarge(too_large_body(limit)["error"]["message"])
     return body
 
 
