@@ -317,8 +317,17 @@ def test_a_tensor_read_keeps_no_record_is_audited_and_checked_against_the_model_
     assert refused.status_code == 400 and f"[N, 3, {size}, {size}]" in refused.json()["error"]
     values = [0.0] * (3 * size * size)
     right = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, size, size], "data": values}]}
+    from recognition.health import _registry
+
+    def timeouts():
+        sample = {"protocol": "kserve", "outcome": "timeout"}
+        return _registry.get_sample_value("sightline_protocol_tensor_reads_total", sample) or 0
+
+    counted = timeouts()
     waited = post(client, right)  # no worker runs here: the 504, and nothing recorded
     assert waited.status_code == 504 and "tensor read" in waited.json()["error"]
+    assert timeouts() == counted + 1
+    assert b"sightline_protocol_tensor_reads_total" in APIClient().get("/metrics").content
     assert not Image.objects.exists() and not InferenceRequest.objects.exists()
     event = AccessEvent.objects.get(action="protocol.tensor_read")
     assert event.target_id == str(demo_model.pk) and event.tenant_id == admin_a.tenant_id
