@@ -351,3 +351,19 @@ def test_the_binary_tensor_extension_carries_length_prefixed_images(demo_model, 
     )
     assert response.status_code == 504, response.content  # stored and queued: two images, no worker here
     assert InferenceRequest.objects.count() == 2
+
+
+@pytest.mark.django_db
+def test_the_worklist_page_shows_protocol_reads_only_under_its_filter(demo_model, admin_a, clinician_a):
+    from django.test import Client
+
+    _, raw = key_for(admin_a)
+    with override_settings(SIGHTLINE_PROTOCOL_TIMEOUT_SECONDS=0.1):
+        assert post(client_with(raw), image_request(png_bytes())).status_code == 504
+    study = Study.objects.get(protocol="kserve")
+    browser = Client()
+    browser.force_login(clinician_a.user)
+    row = f'data-study="{study.pk}"'
+    assert row not in browser.get("/worklist/").content.decode()
+    filtered = browser.get("/worklist/?protocol=1").content.decode()
+    assert row in filtered and 'name="protocol" value="1" checked' in filtered
