@@ -367,3 +367,13 @@ def test_the_worklist_page_shows_protocol_reads_only_under_its_filter(demo_model
     assert row not in browser.get("/worklist/").content.decode()
     filtered = browser.get("/worklist/?protocol=1").content.decode()
     assert row in filtered and 'name="protocol" value="1" checked' in filtered
+
+
+@pytest.mark.django_db
+def test_a_keys_rate_holds_for_protocol_calls_too(demo_model, admin_a):
+    account = service_account_create(actor=admin_a, name="chatty", role=Role.CLINICIAN)
+    _, raw = api_key_create(actor=admin_a, service_account=account, rate=1)
+    client = client_with(raw)
+    assert client.get("/v2/models/sightline-demo").status_code == 200
+    limited = client.get("/v2/models/sightline-demo")
+    assert limited.status_code == 429 and set(limited.json()) == {"error"} and int(limited["Retry-After"]) >= 1
