@@ -176,16 +176,30 @@ class ImageUploadInput(ApiInput):
         return attrs
 
 
+class ImageListInput(ApiInput):
+    protocol = serializers.BooleanField(
+        required=False,
+        default=False,
+        help_text="Protocol reads: list only the images that model-server protocol clients sent, which are "
+        "otherwise left out.",
+    )
+
+
 class ImageListCreateApi(TenantApi):
     pagination_class = NewestFirstPagination
     # a content-checked upload: 413/415/422 come with its file; 409 a study's fields that disagree,
     # 422 an Idempotency-Key reused for another file, 503 when no model is registered to read it
     api_errors = {"post": (Conflict, NotFound, Unprocessable, Unavailable, InteractiveBacklog)}
 
-    @extend_schema(parameters=[TENANT_HEADER], responses=ImageSummaryOutput(many=True))
+    @extend_schema(parameters=[TENANT_HEADER, ImageListInput], responses=ImageSummaryOutput(many=True))
     def get(self, request):
         paginator = self.pagination_class()
-        page = paginator.paginate_queryset(image_list(membership=request.membership, request=request), request)
+        protocol = ImageListInput(data=request.query_params)
+        protocol.is_valid(raise_exception=True)
+        images = image_list(
+            membership=request.membership, request=request, protocol=protocol.validated_data["protocol"]
+        )
+        page = paginator.paginate_queryset(images, request)
         return paginator.get_paginated_response(ImageSummaryOutput(page, many=True).data)
 
     @extend_schema(
@@ -329,6 +343,12 @@ class StudyListInput(ApiInput):
     date_from = serializers.DateField(required=False, default=None)
     date_to = serializers.DateField(required=False, default=None)
     sort = serializers.ChoiceField(choices=list(WORKLIST_SORTS), required=False, default="newest")
+    protocol = serializers.BooleanField(
+        required=False,
+        default=False,
+        help_text="Protocol reads: list only the studies that model-server protocol clients (KServe v2, TF "
+        "Serving, TorchServe) made, which are otherwise left out.",
+    )
     cursor = serializers.CharField(
         required=False, allow_blank=True, default="", help_text="`next_cursor` of the previous page."
     )
@@ -355,6 +375,7 @@ def _worklist_response(request, fields: dict, q: str = ""):
         date_to=fields["date_to"],
         q=q,
         sort=fields["sort"],
+        protocol=fields["protocol"],
     )
     rows, cursor = study_worklist(
         membership=request.membership,

@@ -87,6 +87,8 @@ def outcomes_store(requests: list[InferenceRequest], outcomes: list[ItemResult],
         # the other arm of a hospital's A/B split reads a share of its images
         shadow_reads_queue([request for request in finished if running[request.pk]])
         events.results_ready_on_commit(notices)
+        # a model-server protocol's request waits in a web process for these (protocols/core.py)
+        events.protocol_reads_done_on_commit([request.pk for request in finished if request.protocol])
 
 
 def outcomes_fail(requests: list[InferenceRequest], error: str) -> None:

@@ -353,7 +353,10 @@ def _images_from_bytes(
     try:
         with transaction.atomic():
             # a new study's worklist columns are known without looking: one image, its read queued
-            summary = {"image_count": 1, "ai_status": Study.AIStatus.QUEUED if routing else Study.AIStatus.NONE}
+            summary: dict[str, object] = {
+                "image_count": 1,
+                "ai_status": Study.AIStatus.QUEUED if routing else Study.AIStatus.NONE,
+            }
             if routing and routing.protocol:
                 summary["protocol"] = routing.protocol
             study_row, new_study = _study_for_upload(tenant=tenant, fields=fields, summary=summary)
