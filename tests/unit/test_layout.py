@@ -256,6 +256,9 @@ OWN_404 = {
     # a platform auditor reads across hospitals (no membership), and a read is logged in the
     # chain of the entry's own hospital, success and denial alike
     ("audit.selectors", "access_log_entry_get"),
+    # a model version is platform-wide, not a hospital's row: the hospital's allowances are read
+    # to decide whether it may name one, and one it may not is a 404 like an absent version
+    ("recognition.services.registry", "version_allowed"),
 }
 
 
