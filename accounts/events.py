@@ -192,3 +192,24 @@ def studies_updated_on_commit(studies: Iterable[tuple[int, int]]) -> None:
 def jobs_progress_on_commit(jobs: Iterable[tuple[int, int]]) -> None:
     """``job.progress`` for each (tenant id, job id): the jobs page fetches the job."""
     send_many_on_commit([(tenant_group(tenant_id), pushed("job.progress", job=job_id)) for tenant_id, job_id in jobs])
+
+
+# --- protocol reads (protocols/) ---------------------------------------------------------------
+# Never forwarded to a browser: the web process that answers a model-server protocol request
+# waits on its read's group and then reads the database (the push is a notification only).
+PROTOCOL_READ_DONE = "protocol.read_done"
+
+
+def protocol_read_group(request_id: int) -> str:
+    """The one waiter on an inference request that came by a model-server protocol."""
+    return f"protocol-read-{request_id}"
+
+
+def protocol_tensor_group(key: str) -> str:
+    """The one waiter on a stateless tensor read (its cache key's random part)."""
+    return f"protocol-tensor-{key}"
+
+
+def protocol_reads_done_on_commit(request_ids: Iterable[int]) -> None:
+    """``protocol.read_done`` to each protocol read's waiter, after the outcome is committed."""
+    send_many_on_commit([(protocol_read_group(pk), {"type": PROTOCOL_READ_DONE, "request": pk}) for pk in request_ids])

@@ -11,11 +11,20 @@ from channels.routing import ProtocolTypeRouter  # noqa: E402
 
 from accounts.ws_auth import websocket_auth  # noqa: E402
 from core.body_limit import BodySizeLimit  # noqa: E402
+from protocols.asgi import is_protocol_path, protocol_asgi_application  # noqa: E402
 from recognition.routing import websocket_urlpatterns  # noqa: E402
+
+protocols_asgi_app = protocol_asgi_application()  # async middleware only: a waiting read holds no thread
+
+
+async def http_application(scope, receive, send):
+    app = protocols_asgi_app if is_protocol_path(scope["path"]) else django_asgi_app
+    return await app(scope, receive, send)
+
 
 application = ProtocolTypeRouter(
     {
-        "http": BodySizeLimit(django_asgi_app),
+        "http": BodySizeLimit(http_application),
         "websocket": websocket_auth(websocket_urlpatterns),
     }
 )

@@ -27,6 +27,8 @@ urlpatterns = [
     path("admin/login/", RedirectView.as_view(pattern_name="login", query_string=True), name="admin-login"),
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
+    # the model servers' own protocols (KServe v2, …): their formats and errors, not the API's
+    path("", include("protocols.urls")),
     path("", include("accounts.urls")),
     path("", include("audit.urls")),
     path("", include("recognition.urls")),

@@ -79,6 +79,8 @@ def outcomes_store(requests: list[InferenceRequest], outcomes: list[ItemResult],
                 {status: [r.pk for r in bulk if r.status == status] for status in (Status.DONE, Status.FAILED)}, now
             )
         events.results_ready_on_commit(notices)
+        # a model-server protocol's request waits in a web process for these (protocols/core.py)
+        events.protocol_reads_done_on_commit([request.pk for request in finished if request.protocol])
 
 
 def outcomes_fail(requests: list[InferenceRequest], error: str) -> None:

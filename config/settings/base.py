@@ -35,6 +35,7 @@ INSTALLED_APPS = [
     "recognition",
     "workers",
     "audit",
+    "protocols",
 ]
 
 MIDDLEWARE = [
@@ -464,3 +465,12 @@ SPECTACULAR_SETTINGS.setdefault("ENUM_NAME_OVERRIDES", {}).update(
 # row without making a new item (a worker crash, a storage or database failure) is refused in
 # words and its archive deleted, instead of being unpacked again by reconciliation forever.
 SIGHTLINE_UPLOAD_MAX_ATTEMPTS = env.int("SIGHTLINE_UPLOAD_MAX_ATTEMPTS", default=3)
+
+# --- model-server protocols (issue 14: protocols/) --------------------------------------------
+# how long a protocol request waits for its read before answering 504 with the request id (the
+# read goes on; its result stays on the image's API page)
+SIGHTLINE_PROTOCOL_TIMEOUT_SECONDS = env.float("SIGHTLINE_PROTOCOL_TIMEOUT_SECONDS", default=30.0)
+# members of these roles send their protocol reads to the interactive lane (service accounts: the
+# account's own "interactive" flag); everyone else's go to the bulk lane
+SIGHTLINE_PROTOCOL_INTERACTIVE_ROLES = env.list("SIGHTLINE_PROTOCOL_INTERACTIVE_ROLES", default=[])
+# --- end model-server protocols ----------------------------------------------------------------

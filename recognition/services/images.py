@@ -325,11 +325,17 @@ def _images_from_bytes(
     request,
     routing: Routing | None,
     on_stored: OnStored = None,
+    protocol: str = "",
+    priority: int = InferenceRequest.Priority.INTERACTIVE,
 ) -> list[Image]:
-    """``routing``: the AI read to queue (None: no read now, a bulk job's item)."""
+    """``routing``: the AI read to queue (None: no read now, a bulk job's item). ``protocol``: a
+    model-server protocol's read (protocols/), of a PNG/JPEG only, its study marked with it and
+    its read queued with ``priority``."""
     tenant = membership.tenant
     fields = replace(fields, patient_pseudonym=patient_pseudonym_of(fields.patient_pseudonym, scope=tenant.pk))
     if dicom.looks_like_dicom(data):
+        if protocol:
+            raise UnsupportedMedia("A protocol read takes a PNG or JPEG image.", code="unsupported_format")
         return _dicom_upload(
             membership=membership, data=data, fields=fields, request=request, routing=routing, on_stored=on_stored
         )
@@ -340,7 +346,12 @@ def _images_from_bytes(
     try:
         with transaction.atomic():
             # a new study's worklist columns are known without looking: one image, its read queued
-            summary = {"image_count": 1, "ai_status": Study.AIStatus.QUEUED if routing else Study.AIStatus.NONE}
+            summary: dict[str, object] = {
+                "image_count": 1,
+                "ai_status": Study.AIStatus.QUEUED if routing else Study.AIStatus.NONE,
+            }
+            if protocol:
+                summary["protocol"] = protocol
             study_row, new_study = _study_for_upload(tenant=tenant, fields=fields, summary=summary)
             if new_study:  # its first series cannot exist yet
                 series = Series.objects.create(tenant=tenant, study=study_row, number=1, modality=study_row.modality)
@@ -364,7 +375,9 @@ def _images_from_bytes(
                 uploaded_by=membership.user,
             )
             if routing:  # the read renders it, in the same pass as the forward (workers/runner.py)
-                inference_request_create(image=image, model_version=_read_version(routing, image))
+                inference_request_create(
+                    image=image, model_version=_read_version(routing, image), priority=priority, protocol=protocol
+                )
                 # what the answer shows, without asking again (the list queries annotate it)
                 image.ai_status = InferenceRequest.Status.QUEUED  # type: ignore[attr-defined]
             else:  # no read yet (a bulk job's item): the worker step renders it for display

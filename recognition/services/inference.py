@@ -36,10 +36,14 @@ def upload_routing(*, tenant) -> Routing:
 
 
 def inference_request_create(
-    *, image: Image, model_version: ModelVersion, priority: int = InferenceRequest.Priority.INTERACTIVE
+    *,
+    image: Image,
+    model_version: ModelVersion,
+    priority: int = InferenceRequest.Priority.INTERACTIVE,
+    protocol: str = "",
 ) -> InferenceRequest:
     request = InferenceRequest.objects.create(
-        tenant=image.tenant, image=image, model_version=model_version, priority=priority
+        tenant=image.tenant, image=image, model_version=model_version, priority=priority, protocol=protocol
     )
     # robust: a broker outage must not undo a committed upload; the request stays queued in
     # the database, which is what re-enqueueing reads

@@ -14,7 +14,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("accounts", "audit", "config", "core", "recognition", "workers")
+PACKAGES = ("accounts", "audit", "config", "core", "protocols", "recognition", "workers")
 
 # Numbers that are never a limit, so need no name: none, one, the last one, a pair or a half;
 # a half (rounding to the nearest, the centre of a range); per cent; bytes in a KiB and KiB in a
