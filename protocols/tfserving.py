@@ -30,9 +30,30 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import numpy as np
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from core.errors import Conflict, Invalid, NotFound, Unprocessable
+from protocols.core import (
+    Caller,
+    Failure,
+    image_read,
+    protocol_caller,
+    protocol_version,
+    protocol_view,
+    tensor_read,
+)
+from protocols.core import model_metadata as core_metadata
+from recognition import health
+from recognition.models import ModelVersion
+from recognition.services.registry import version_for
 
 SIGNATURE_IMAGE = "serving_default"
 SIGNATURE_TENSOR = "tensor"
@@ -50,6 +71,7 @@ BATCH_DIM = "-1"  # TF Serving writes int64 sizes as strings; -1: any batch size
 METHOD_PREDICT = "tensorflow/serving/predict"
 METHOD_CLASSIFY = "tensorflow/serving/classify"
 STATE_AVAILABLE = "AVAILABLE"
+REQUEST_IDS_HEADER = "X-Inference-Request-Ids"  # an image read's records, for a client that looks again
 
 
 class FormatError(ValueError):
@@ -312,21 +334,23 @@ def model_metadata(*, facts: ModelFacts, details: dict | None = None) -> dict:
             "method_name": METHOD_CLASSIFY,
         },
     }
+    own_input = {
+        "name": INPUT_TENSOR,
+        "datatype": "FP32",
+        "shape": [-1, CHANNELS, size, size],
+        "layout": "NCHW",
+        "channels": "RGB",
+        # a client's tensor: (pixel / 255 - mean) / std, per channel
+        "normalisation": {"scale": 1 / 255, "mean": list(facts.mean), "std": list(facts.std)},
+    }
+    extra = dict(details or {})  # the core's description, the same in every protocol
     sightline = {
         "version": facts.version,
         "serial": facts.serial,
         "task": facts.task,
         "labels": list(facts.labels),
-        "input": {
-            "name": INPUT_TENSOR,
-            "datatype": "FP32",
-            "shape": [-1, CHANNELS, size, size],
-            "layout": "NCHW",
-            "channels": "RGB",
-            # a client's tensor: (pixel / 255 - mean) / std, per channel
-            "normalisation": {"scale": 1 / 255, "mean": list(facts.mean), "std": list(facts.std)},
-        },
-        **(details or {}),
+        **extra,
+        "input": {**extra.get("input", {}), **own_input},
     }
     return {
         "model_spec": {"name": facts.name, "signature_name": "", "version": str(facts.serial)},
@@ -349,3 +373,155 @@ def missing_version(name: str, serial: int | str) -> str:
 
 def missing_label(name: str, label: str) -> str:
     return f"Unrecognized servable version label: {label} of model {name}"
+
+
+# --- the views -----------------------------------------------------------------------------------
+
+PROTOCOL = "tfserving"
+
+
+def _render(failure: Failure) -> HttpResponse:
+    return JsonResponse(error_body(failure.message), status=failure.status)
+
+
+async def _named_version(*, caller: Caller, name: str, serial: str, label: str) -> ModelVersion:
+    """The version a URL names (``/versions/N``, ``/labels/L`` or neither: the hospital's routing),
+    under the registry's rule; what the hospital may not use is missing, in TF Serving's words."""
+    try:
+        if not label:
+            return await protocol_version(caller=caller, model_name=name, version=serial)
+        found = await sync_to_async(version_for)(tenant=caller.tenant, model_name=name, alias=label, required=True)
+    except NotFound as missing:
+        if missing.code == "unknown_model":
+            raise NotFound(missing_model(name), code=missing.code) from None
+        if label:
+            raise NotFound(missing_label(name, label), code=missing.code) from None
+        raise NotFound(missing_version(name, serial or "latest"), code=missing.code) from None
+    if found is None:  # required: the registry raises rather than answer None
+        raise NotFound(missing_label(name, label))
+    return found
+
+
+def _ready_serials(name: str) -> list[int]:
+    return list(
+        ModelVersion.objects.filter(model__name=name, status=ModelVersion.Status.READY)
+        .order_by("serial")
+        .values_list("serial", flat=True)
+    )
+
+
+async def _usable_serials(*, caller: Caller, name: str) -> list[int]:
+    """Every ready version of ``name`` this hospital may name, each asked of the one rule."""
+    usable = []
+    for serial in await sync_to_async(_ready_serials)(name):
+        try:
+            await protocol_version(caller=caller, model_name=name, version=str(serial))
+        except (NotFound, Conflict):
+            continue
+        usable.append(serial)
+    return usable
+
+
+@csrf_exempt
+@protocol_view(_render)
+async def model_status_view(request: HttpRequest, name: str, serial: str = "", label: str = "") -> HttpResponse:
+    """``GET /v1/models/{name}[/versions/{v}|/labels/{l}]``: the versions this hospital may use."""
+    if request.method != "GET":
+        return _render(Failure(HTTPStatus.METHOD_NOT_ALLOWED, "method", "Model status is read with GET."))
+    caller = await protocol_caller(request, action=None)
+    if serial or label:
+        version = await _named_version(caller=caller, name=name, serial=serial, label=label)
+        return JsonResponse(model_status([version.serial]))
+    serials = await _usable_serials(caller=caller, name=name)
+    if not serials:
+        raise NotFound(missing_model(name))
+    return JsonResponse(model_status(serials))
+
+
+@csrf_exempt
+@protocol_view(_render)
+async def metadata_view(request: HttpRequest, name: str, serial: str = "", label: str = "") -> HttpResponse:
+    """``GET /v1/models/{name}[/versions/{v}|/labels/{l}]/metadata``."""
+    if request.method != "GET":
+        return _render(Failure(HTTPStatus.METHOD_NOT_ALLOWED, "method", "Model metadata is read with GET."))
+    caller = await protocol_caller(request, action=None)
+    version = await _named_version(caller=caller, name=name, serial=serial, label=label)
+    facts = ModelFacts.of(version)
+    return JsonResponse(model_metadata(facts=facts, details=core_metadata(version).description()))
+
+
+def request_bytes(request: HttpRequest) -> bytes:
+    """The whole body. Not ``request.body``, which refuses past DATA_UPLOAD_MAX_MEMORY_SIZE
+    (2.5 MB, meant for form fields): the protocol handler's body limit has already checked the
+    length, and each image meets the upload's limits in the core."""
+    return request.read()
+
+
+def _body(request: HttpRequest) -> object:
+    try:
+        return json.loads(request_bytes(request))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Invalid(f"JSON Parse error: {exc}", code="json") from None
+
+
+async def _probabilities(*, caller: Caller, version: ModelVersion, inputs: Inputs) -> tuple[list[list[float]], list]:
+    """Each instance's probabilities, in order, and the inference request ids of an image read
+    (none for a tensor read, which keeps nothing)."""
+    if inputs.tensor is not None:
+        answer = await tensor_read(caller=caller, version=version, array=inputs.tensor, protocol=PROTOCOL)
+        return [list(map(float, row)) for row in answer], []
+    outcomes = await image_read(caller=caller, version=version, images=list(inputs.images), protocol=PROTOCOL)
+    failed = [f"instance {i} (request {o.request_id}): {o.error}" for i, o in enumerate(outcomes) if not o.ok]
+    if failed:
+        raise Unprocessable("The model could not read every instance: " + "; ".join(failed), code="read_failed")
+    return [list(outcome.probabilities) for outcome in outcomes], [outcome.request_id for outcome in outcomes]
+
+
+def _answered(answer: dict, request_ids: list) -> JsonResponse:
+    response = JsonResponse(answer)
+    if request_ids:
+        response[REQUEST_IDS_HEADER] = ",".join(str(pk) for pk in request_ids)
+    return response
+
+
+@csrf_exempt
+@protocol_view(_render)
+async def verb_view(request: HttpRequest, name: str, verb: str, serial: str = "", label: str = "") -> HttpResponse:
+    """``POST /v1/models/{name}[/versions/{v}|/labels/{l}]:predict`` (and ``:classify``)."""
+    if request.method != "POST":
+        return _render(Failure(HTTPStatus.METHOD_NOT_ALLOWED, "method", f":{verb} is a POST."))
+    caller = await protocol_caller(request)
+    version = await _named_version(caller=caller, name=name, serial=serial, label=label)
+    if verb == "regress":
+        raise Invalid("This model has no regression signature; use :predict or :classify.")
+    facts, body = ModelFacts.of(version), _body(request)
+    parse = predict_request_parse if verb == "predict" else classify_request_parse
+    try:
+        inputs = parse(body, facts=facts, max_instances=settings.DATA_UPLOAD_MAX_NUMBER_FILES)
+    except FormatError as wrong:
+        raise Invalid(str(wrong)) from None
+    probabilities, request_ids = await _probabilities(caller=caller, version=version, inputs=inputs)
+    if verb == "classify":
+        return _answered(classify_response(facts=facts, probabilities=probabilities), request_ids)
+    return _answered(predict_response(facts=facts, probabilities=probabilities, columnar=inputs.columnar), request_ids)
+
+
+def _health(state: str, error_code: str = "OK", message: str = "") -> dict:
+    return {"state": state, "status": {"error_code": error_code, "error_message": message}}
+
+
+async def health_live_view(request: HttpRequest) -> HttpResponse:
+    """No token: this process answers. Nothing about hospitals or models."""
+    return JsonResponse(_health(STATE_AVAILABLE))
+
+
+async def health_ready_view(request: HttpRequest) -> HttpResponse:
+    """No token: the platform can read (database, broker, a worker serving); yes or no, no details."""
+    ok, _ = await sync_to_async(health.readiness)()
+    if ok:
+        return JsonResponse(_health(STATE_AVAILABLE))
+    return JsonResponse(_health("UNAVAILABLE", "UNAVAILABLE", "not ready"), status=HTTPStatus.SERVICE_UNAVAILABLE)
+
+
+async def not_found_view(request: HttpRequest, rest: str = "") -> HttpResponse:
+    return JsonResponse(error_body(f"Malformed request: {request.method} {request.path}"), status=HTTPStatus.NOT_FOUND)

@@ -18,6 +18,20 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import PurePath
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from core.errors import Conflict, Forbidden, Invalid, NotFound, Unprocessable
+from protocols.core import Caller, Failure, image_read, protocol_caller, protocol_version, protocol_view
+from protocols.core import model_metadata as core_metadata
+from protocols.tfserving import request_bytes
+from recognition import health
+from recognition.models import AIModel, ModelVersion
 
 TOP_K = 5  # TorchServe's image_classifier handler answers its five most probable classes
 # the form fields TorchServe's handlers read the input from, in their order
@@ -167,3 +181,177 @@ def models_page(models: list[tuple[str, str]], *, limit: object, next_page_token
         answer["nextPageToken"] = str(start + size)
     answer["models"] = [{"modelName": name, "modelUrl": url} for name, url in page]
     return answer
+
+
+# --- the views -----------------------------------------------------------------------------------
+
+PROTOCOL = "torchserve"
+REQUEST_IDS_HEADER = "X-Inference-Request-Ids"  # an image read's record, for a client that looks again
+ALL_VERSIONS = "all"
+
+
+def _json(body: object, status: int = HTTPStatus.OK) -> JsonResponse:
+    return JsonResponse(body, status=status, safe=False)
+
+
+def _render(failure: Failure) -> HttpResponse:
+    return _json(error_body(failure.status, failure.message), status=failure.status)
+
+
+async def _version(*, caller: Caller, name: str, version: str) -> ModelVersion:
+    """The version that answers (the hospital's routing when ``version`` is empty), under the
+    registry's rule; what the hospital may not use is missing, in TorchServe's words."""
+    try:
+        return await protocol_version(caller=caller, model_name=name, version=version)
+    except NotFound as missing:
+        if missing.code == "unknown_model" or not version:
+            raise NotFound(missing_model(name), code=missing.code) from None
+        raise NotFound(missing_version(name, version), code=missing.code) from None
+
+
+def _multipart(request: HttpRequest) -> tuple[dict[str, bytes], dict[str, str]]:
+    files = {name: upload.read() for name in request.FILES if (upload := request.FILES.get(name)) is not None}
+    return files, {name: str(request.POST.get(name, "")) for name in request.POST}
+
+
+@csrf_exempt
+@protocol_view(_render)
+async def predictions_view(request: HttpRequest, name: str, version: str = "") -> HttpResponse:
+    """``POST /predictions/{model}[/{version}]`` (PUT too, as ``curl -T`` sends): one image."""
+    if request.method not in ("POST", "PUT"):
+        return _render(Failure(HTTPStatus.METHOD_NOT_ALLOWED, "method", "Predictions are POSTed."))
+    caller = await protocol_caller(request)
+    chosen = await _version(caller=caller, name=name, version=version)
+    multipart = request.content_type == "multipart/form-data"
+    files, fields = await sync_to_async(_multipart)(request) if multipart else ({}, {})
+    try:
+        data = prediction_input(
+            body=b"" if multipart else request_bytes(request), multipart=multipart, files=files, fields=fields
+        )
+    except FormatError as wrong:
+        raise Invalid(str(wrong)) from None
+    (outcome,) = await image_read(caller=caller, version=chosen, images=[data], protocol=PROTOCOL)
+    if not outcome.ok:
+        raise Unprocessable(
+            f"The model could not read the image (request {outcome.request_id}): {outcome.error}", code="read_failed"
+        )
+    response = _json(prediction_response(labels=outcome.labels, probabilities=list(outcome.probabilities)))
+    response[REQUEST_IDS_HEADER] = str(outcome.request_id)
+    return response
+
+
+def _model_names() -> list[str]:
+    return list(AIModel.objects.order_by("name").values_list("name", flat=True))
+
+
+def _ready_versions(name: str) -> list[str]:
+    return list(
+        ModelVersion.objects.filter(model__name=name, status=ModelVersion.Status.READY)
+        .order_by("serial")
+        .values_list("version", flat=True)
+    )
+
+
+async def _usable(*, caller: Caller, name: str) -> list[ModelVersion]:
+    """Every ready version of ``name`` this hospital may name, each asked of the one rule."""
+    usable = []
+    for version in await sync_to_async(_ready_versions)(name):
+        try:
+            usable.append(await protocol_version(caller=caller, model_name=name, version=version))
+        except (NotFound, Conflict):
+            continue
+    return usable
+
+
+def _package_name(version: ModelVersion) -> str:
+    return PurePath(version.package.name or "").name
+
+
+def _workers(version: ModelVersion) -> list[WorkerFacts]:
+    try:
+        alive = health.workers_alive()
+    except Exception:  # Redis away: no worker can be seen, none is listed
+        return []
+    return [
+        WorkerFacts(id=str(i), gpu=str(worker.get("device", "")).startswith("cuda"),
+                    loaded=version.weights_sha256 in worker.get("models", []))
+        for i, worker in enumerate(alive, start=1)
+    ]  # fmt: skip
+
+
+async def _describe(version: ModelVersion) -> dict:
+    manifest = version.manifest
+    return model_description(
+        name=version.model.name,
+        version=version.version,
+        serial=version.serial,
+        package_name=_package_name(version),
+        batch_size=manifest.get("max_batch_size") or settings.SIGHTLINE_MAX_BATCH_SIZE,
+        max_batch_delay_ms=float(manifest.get("max_wait_ms") or settings.SIGHTLINE_MAX_WAIT_MS),
+        response_timeout_s=float(settings.SIGHTLINE_PROTOCOL_TIMEOUT_SECONDS),
+        workers=await sync_to_async(_workers)(version),
+        details=core_metadata(version).description(),
+    )
+
+
+def _refuse_management(request: HttpRequest) -> None:
+    if request.method != "GET":
+        raise Forbidden(MANAGEMENT_REFUSED, code="read_only")
+
+
+@csrf_exempt
+@protocol_view(_render)
+async def models_view(request: HttpRequest) -> HttpResponse:
+    """``GET /models``: the models this hospital may use, each with the package that answers it."""
+    caller = await protocol_caller(request, action=None)
+    _refuse_management(request)
+    listed = []
+    for name in await sync_to_async(_model_names)():
+        try:
+            chosen = await protocol_version(caller=caller, model_name=name)
+        except (NotFound, Conflict):
+            continue
+        listed.append((name, _package_name(chosen)))
+    try:
+        page = models_page(listed, limit=request.GET.get("limit"), next_page_token=request.GET.get("next_page_token"))
+    except FormatError as wrong:
+        raise Invalid(str(wrong)) from None
+    return _json(page)
+
+
+@csrf_exempt
+@protocol_view(_render)
+async def model_view(request: HttpRequest, name: str, version: str = "") -> HttpResponse:
+    """``GET /models/{model}`` (the version that answers this hospital), ``/models/{model}/{version}``
+    or ``/models/{model}/all`` (every version it may use)."""
+    caller = await protocol_caller(request, action=None)
+    _refuse_management(request)
+    if version == ALL_VERSIONS:
+        versions = await _usable(caller=caller, name=name)
+        if not versions:
+            raise NotFound(missing_model(name))
+    else:
+        versions = [await _version(caller=caller, name=name, version=version)]
+    return _json([await _describe(chosen) for chosen in versions])
+
+
+@csrf_exempt
+@protocol_view(_render)
+async def management_view(request: HttpRequest, name: str, version: str) -> HttpResponse:
+    """``PUT /models/{model}/{version}/set-default`` and the like: staff's, not a client's."""
+    await protocol_caller(request, action=None)
+    raise Forbidden(MANAGEMENT_REFUSED, code="read_only")
+
+
+async def ping_view(request: HttpRequest) -> HttpResponse:
+    """No token: healthy when the platform can read (database, broker, a worker serving). Yes or
+    no, nothing about hospitals or models."""
+    ok, _ = await sync_to_async(health.readiness)()
+    if ok:
+        return _json({"status": "Healthy"})
+    return _json({"status": "Unhealthy"}, status=HTTPStatus.INTERNAL_SERVER_ERROR)
+
+
+async def not_found_view(request: HttpRequest, rest: str = "") -> HttpResponse:
+    return _json(error_body(HTTPStatus.NOT_FOUND, f"Requested resource is not found: {request.path}",
+                            type_="ResourceNotFoundException"), status=HTTPStatus.NOT_FOUND)  # fmt: skip
