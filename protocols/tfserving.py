@@ -42,6 +42,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from core.errors import Conflict, Invalid, NotFound, Unprocessable
 from protocols.core import (
+    PIXEL_SCALE,
     Caller,
     Failure,
     image_read,
@@ -341,7 +342,7 @@ def model_metadata(*, facts: ModelFacts, details: dict | None = None) -> dict:
         "layout": "NCHW",
         "channels": "RGB",
         # a client's tensor: (pixel / 255 - mean) / std, per channel
-        "normalisation": {"scale": 1 / 255, "mean": list(facts.mean), "std": list(facts.std)},
+        "normalisation": {"scale": PIXEL_SCALE, "mean": list(facts.mean), "std": list(facts.std)},
     }
     extra = dict(details or {})  # the core's description, the same in every protocol
     sightline = {
@@ -380,7 +381,7 @@ def missing_label(name: str, label: str) -> str:
 PROTOCOL = "tfserving"
 
 
-def _render(failure: Failure) -> HttpResponse:
+def render_failure(failure: Failure) -> HttpResponse:
     return JsonResponse(error_body(failure.message), status=failure.status)
 
 
@@ -423,11 +424,11 @@ async def _usable_serials(*, caller: Caller, name: str) -> list[int]:
 
 
 @csrf_exempt
-@protocol_view(_render)
+@protocol_view(render_failure)
 async def model_status_view(request: HttpRequest, name: str, serial: str = "", label: str = "") -> HttpResponse:
     """``GET /v1/models/{name}[/versions/{v}|/labels/{l}]``: the versions this hospital may use."""
     if request.method != "GET":
-        return _render(Failure(HTTPStatus.METHOD_NOT_ALLOWED, "method", "Model status is read with GET."))
+        return render_failure(Failure(HTTPStatus.METHOD_NOT_ALLOWED, "method", "Model status is read with GET."))
     caller = await protocol_caller(request, action=None)
     if serial or label:
         version = await _named_version(caller=caller, name=name, serial=serial, label=label)
@@ -439,11 +440,11 @@ async def model_status_view(request: HttpRequest, name: str, serial: str = "", l
 
 
 @csrf_exempt
-@protocol_view(_render)
+@protocol_view(render_failure)
 async def metadata_view(request: HttpRequest, name: str, serial: str = "", label: str = "") -> HttpResponse:
     """``GET /v1/models/{name}[/versions/{v}|/labels/{l}]/metadata``."""
     if request.method != "GET":
-        return _render(Failure(HTTPStatus.METHOD_NOT_ALLOWED, "method", "Model metadata is read with GET."))
+        return render_failure(Failure(HTTPStatus.METHOD_NOT_ALLOWED, "method", "Model metadata is read with GET."))
     caller = await protocol_caller(request, action=None)
     version = await _named_version(caller=caller, name=name, serial=serial, label=label)
     facts = ModelFacts.of(version)
@@ -485,11 +486,11 @@ def _answered(answer: dict, request_ids: list) -> JsonResponse:
 
 
 @csrf_exempt
-@protocol_view(_render)
+@protocol_view(render_failure)
 async def verb_view(request: HttpRequest, name: str, verb: str, serial: str = "", label: str = "") -> HttpResponse:
     """``POST /v1/models/{name}[/versions/{v}|/labels/{l}]:predict`` (and ``:classify``)."""
     if request.method != "POST":
-        return _render(Failure(HTTPStatus.METHOD_NOT_ALLOWED, "method", f":{verb} is a POST."))
+        return render_failure(Failure(HTTPStatus.METHOD_NOT_ALLOWED, "method", f":{verb} is a POST."))
     caller = await protocol_caller(request)
     version = await _named_version(caller=caller, name=name, serial=serial, label=label)
     if verb == "regress":

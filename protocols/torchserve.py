@@ -194,7 +194,7 @@ def _json(body: object, status: int = HTTPStatus.OK) -> JsonResponse:
     return JsonResponse(body, status=status, safe=False)
 
 
-def _render(failure: Failure) -> HttpResponse:
+def render_failure(failure: Failure) -> HttpResponse:
     return _json(error_body(failure.status, failure.message), status=failure.status)
 
 
@@ -215,11 +215,11 @@ def _multipart(request: HttpRequest) -> tuple[dict[str, bytes], dict[str, str]]:
 
 
 @csrf_exempt
-@protocol_view(_render)
+@protocol_view(render_failure)
 async def predictions_view(request: HttpRequest, name: str, version: str = "") -> HttpResponse:
     """``POST /predictions/{model}[/{version}]`` (PUT too, as ``curl -T`` sends): one image."""
     if request.method not in ("POST", "PUT"):
-        return _render(Failure(HTTPStatus.METHOD_NOT_ALLOWED, "method", "Predictions are POSTed."))
+        return render_failure(Failure(HTTPStatus.METHOD_NOT_ALLOWED, "method", "Predictions are POSTed."))
     caller = await protocol_caller(request)
     chosen = await _version(caller=caller, name=name, version=version)
     multipart = request.content_type == "multipart/form-data"
@@ -300,7 +300,7 @@ def _refuse_management(request: HttpRequest) -> None:
 
 
 @csrf_exempt
-@protocol_view(_render)
+@protocol_view(render_failure)
 async def models_view(request: HttpRequest) -> HttpResponse:
     """``GET /models``: the models this hospital may use, each with the package that answers it."""
     caller = await protocol_caller(request, action=None)
@@ -320,7 +320,7 @@ async def models_view(request: HttpRequest) -> HttpResponse:
 
 
 @csrf_exempt
-@protocol_view(_render)
+@protocol_view(render_failure)
 async def model_view(request: HttpRequest, name: str, version: str = "") -> HttpResponse:
     """``GET /models/{model}`` (the version that answers this hospital), ``/models/{model}/{version}``
     or ``/models/{model}/all`` (every version it may use)."""
@@ -336,7 +336,7 @@ async def model_view(request: HttpRequest, name: str, version: str = "") -> Http
 
 
 @csrf_exempt
-@protocol_view(_render)
+@protocol_view(render_failure)
 async def management_view(request: HttpRequest, name: str, version: str) -> HttpResponse:
     """``PUT /models/{model}/{version}/set-default`` and the like: staff's, not a client's."""
     await protocol_caller(request, action=None)

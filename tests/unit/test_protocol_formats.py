@@ -265,3 +265,36 @@ def test_torchserve_errors_carry_code_type_and_message():
     }
     assert ts.error_body(504, "late")["type"] == "RequestTimeoutException"
     assert ts.error_body(418, "?")["type"] == "InternalServerException"
+
+
+# --- refusals, in each protocol's shape ----------------------------------------------------------
+
+
+def test_a_timeout_is_answered_in_each_protocols_shape_with_the_request_id():
+    from protocols.core import ProtocolTimeout, failure_of
+
+    late = failure_of(
+        ProtocolTimeout("Request id 7: the result will be at /api/v1/images/3/.", detail={"request_ids": [7]})
+    )
+    assert late is not None
+    tf_answer, ts_answer = tf.render_failure(late), ts.render_failure(late)
+    assert tf_answer.status_code == ts_answer.status_code == 504
+    assert json.loads(tf_answer.content) == {"error": "Request id 7: the result will be at /api/v1/images/3/."}
+    assert json.loads(ts_answer.content) == {
+        "code": 504,
+        "type": "RequestTimeoutException",
+        "message": "Request id 7: the result will be at /api/v1/images/3/.",
+    }
+
+
+def test_a_missing_token_is_a_401_in_each_protocols_shape():
+    from rest_framework.exceptions import NotAuthenticated
+
+    from protocols.core import failure_of
+
+    anonymous = failure_of(NotAuthenticated("Authentication credentials were not provided."))
+    assert anonymous is not None and anonymous.status == 401
+    assert json.loads(tf.render_failure(anonymous).content) == {
+        "error": "Authentication credentials were not provided."
+    }
+    assert json.loads(ts.render_failure(anonymous).content)["type"] == "UnauthorizedException"
