@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import inspect
 import logging
 import secrets
 import time
@@ -54,7 +53,7 @@ from accounts.models import ApiKey, Membership
 from accounts.permissions import Action
 from accounts.selectors import membership_resolve
 from accounts.services import require
-from core.errors import DomainError, Invalid, NotFound, TooLarge, Unavailable
+from core.errors import DomainError, Invalid, NotFound, TooLarge, Unavailable, UnsupportedMedia
 from recognition import dicom, health
 from recognition.enqueue import task_send
 from recognition.models import Image, InferenceRequest, ModelVersion, Result
@@ -153,10 +152,6 @@ def _version(*, caller: Caller | None, model_name: str, version: str) -> ModelVe
         kwargs["serial"] = int(version)
     elif version:
         kwargs["version"] = version
-    if "serial" in kwargs and "serial" not in inspect.signature(version_for).parameters:
-        # until the registry takes a serial itself (issue 14, item 5): the same lookup by name
-        by_serial = ModelVersion.objects.filter(model__name=model_name, serial=kwargs.pop("serial")).first()
-        kwargs["version"] = by_serial.version if by_serial is not None else version
     tenant = caller.tenant if caller is not None else None
     found = version_for(tenant=tenant, model_name=model_name, required=True, **kwargs)
     if found is None:  # required: version_for raises rather than answer None
@@ -314,7 +309,8 @@ def _image_store(*, caller: Caller, version: ModelVersion, images: list[bytes], 
         raise Invalid("Send at least one image.", code="no_input")
     if len(images) > settings.DATA_UPLOAD_MAX_NUMBER_FILES:
         raise TooLarge(f"Send at most {settings.DATA_UPLOAD_MAX_NUMBER_FILES} images in one request.")
-    routing = Routing(pin=version, split=None, production=None)  # the version chosen, for every image
+    # the version chosen reads every image, on the caller's lane, marked with the protocol
+    routing = Routing(version, None, None, priority=caller.priority, protocol=protocol)
     queued = _Queued()
 
     def audited(stored: list[Image]) -> None:  # inside the upload's own transaction
@@ -333,8 +329,10 @@ def _image_store(*, caller: Caller, version: ModelVersion, images: list[bytes], 
     # pixels, damage), so one bad image refuses the request with nothing stored
     checked = [_read_upload(ContentFile(data)) for data in images]
     for data in checked:
-        if not dicom.looks_like_dicom(data):
-            image_check(data)
+        if dicom.looks_like_dicom(data):
+            # one answer per input: a DICOM file may be many frames, or be rendered later
+            raise UnsupportedMedia("A protocol read takes PNG or JPEG images.", code="unsupported_format")
+        image_check(data)
     for data in checked:
         stored = _images_from_bytes(
             membership=caller.membership,
@@ -343,8 +341,6 @@ def _image_store(*, caller: Caller, version: ModelVersion, images: list[bytes], 
             request=caller.request,
             routing=routing,
             on_stored=audited,
-            protocol=protocol,
-            priority=caller.priority,
         )
         queued.image_ids.extend(image.pk for image in stored)
     queued.request_ids = list(

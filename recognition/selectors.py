@@ -35,13 +35,15 @@ def _with_ai_state(queryset: QuerySet) -> QuerySet:
     )
 
 
-def image_list(*, membership: Membership, request=None) -> QuerySet:
-    """The hospital's images, newest first. Reading the list is itself logged."""
+def image_list(*, membership: Membership, request=None, protocol: bool = False) -> QuerySet:
+    """The hospital's images, newest first. Reading the list is itself logged. Images that came
+    by a model-server protocol (protocols/) are listed only when ``protocol`` asks for them, and
+    then alone: clinicians' lists stay theirs."""
     require(membership, Action.IMAGE_VIEW, request=request)
     member_action_record(membership, "image.list", request=request, target_type="image")
-    return _with_ai_state(
-        Image.objects.for_tenant(membership.tenant).select_related("study").order_by("-created", "-id")
-    )
+    images = Image.objects.for_tenant(membership.tenant)
+    images = images.exclude(study__protocol="") if protocol else images.filter(study__protocol="")
+    return _with_ai_state(images.select_related("study").order_by("-created", "-id"))
 
 
 def image_get(*, membership: Membership, image_id: int, request=None, action: str = "image.view") -> Image:
@@ -134,6 +136,7 @@ class WorklistFilters:
     date_to: date | None = None
     q: str = ""  # a patient id (raw or pseudonymous) or an accession number, exactly; POSTed, never in a URL
     sort: str = "newest"
+    protocol: bool = False  # the "protocol reads" filter: only the studies protocol reads made
 
 
 # sort name → (field, descending); the id breaks ties, so (value, id) is a key for the cursor
@@ -186,6 +189,8 @@ def study_worklist(
     if filters.sort not in WORKLIST_SORTS:
         raise Invalid(f"Sort by one of: {', '.join(WORKLIST_SORTS)}.", code="bad_sort")
     studies = Study.objects.for_tenant(membership.tenant)
+    # protocol reads (protocols/) stay out of clinicians' worklists unless asked for
+    studies = studies.exclude(protocol="") if filters.protocol else studies.filter(protocol="")
     if filters.ai_status:
         studies = studies.filter(ai_status=filters.ai_status)
     if filters.finding:

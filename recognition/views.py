@@ -89,7 +89,8 @@ def home(request):
 @login_required
 def image_list_page(request):
     membership = membership_for_session(request)
-    images = list(image_list(membership=membership, request=request)[:PAGE_SIZE])
+    protocol = request.GET.get("protocol", "") in PROTOCOL_FILTER_ON
+    images = list(image_list(membership=membership, request=request, protocol=protocol)[:PAGE_SIZE])
     live_config = {
         "tenant": membership.tenant.slug,
         "imageUrl": reverse("recognition:image-detail", args=[0]),
@@ -213,6 +214,9 @@ def study_open(request, study_id: int):
     return redirect("recognition:image-detail", image_id=first.pk)
 
 
+PROTOCOL_FILTER_ON = ("1", "true", "on")  # ?protocol=1: the "protocol reads" filter
+
+
 def _worklist_filters(data, q: str = "") -> WorklistFilters:
     def day(name):
         try:
@@ -229,6 +233,7 @@ def _worklist_filters(data, q: str = "") -> WorklistFilters:
         date_to=day("date_to"),
         q=q,
         sort=data.get("sort", "newest") or "newest",
+        protocol=data.get("protocol", "") in PROTOCOL_FILTER_ON,
     )
 
 
