@@ -16,7 +16,7 @@ from PIL import Image as PILImage
 
 from accounts.models import AccessEvent, Role
 from accounts.service_accounts import api_key_create, service_account_create
-from recognition.models import Image, ModelAllowance, ModelVersion, Study
+from recognition.models import Image, InferenceRequest, ModelAllowance, ModelVersion, Study
 from tests.conftest import png_bytes
 from tests.e2e.test_revocation import member
 from tests.integration.test_registry import variant
@@ -36,9 +36,12 @@ def b64(data: bytes) -> dict:
     return {"b64": base64.b64encode(data).decode()}
 
 
-def key_for(tenant: str, role: Role, name: str) -> str:
+def key_for(tenant: str, role: Role, name: str, *, interactive: bool = False) -> str:
     admin = member(f"admin-{tenant}", tenant, Role.TENANT_ADMIN)
     account = service_account_create(actor=admin, name=name, role=role)
+    if interactive:  # a person waits on its reads
+        account.interactive = True
+        account.save(update_fields=["interactive"])
     _, raw = api_key_create(actor=admin, service_account=account)
     return raw
 
@@ -102,6 +105,8 @@ def test_a_tf_serving_client_reads_images_and_tensors_by_version_and_label(stack
     assert all(abs(sum(p["probabilities"]) - 1) < 1e-4 for p in predictions)
     request_ids = [int(pk) for pk in rows.headers["X-Inference-Request-Ids"].split(",")]
     assert len(request_ids) == 2
+    reads = InferenceRequest.objects.filter(pk__in=request_ids)
+    assert set(reads.values_list("protocol", "priority")) == {("tfserving", InferenceRequest.Priority.BULK)}
 
     # columnar, version 1 named in the URL; and :classify under the production label
     columns = requests.post(
@@ -237,6 +242,12 @@ def test_a_torchserve_client_predicts_with_curl_and_reads_the_model_descriptions
     assert curl(*auth, f"{stack.base_url}/models/{MODEL}/all")[1][0]["modelVersion"] == training.DEMO_VERSION
 
     assert curl(f"{stack.base_url}/ping") == (200, {"status": "Healthy"})  # no token
+
+    quick = ["-H", f"Authorization: Bearer {key_for('demo-general', Role.CLINICIAN, 'ts-desk', interactive=True)}"]
+    status, answer = curl(*quick, url, "-T", str(scan))
+    assert status == 200 and list(answer)[0] == "round_opacity"
+    lanes = InferenceRequest.objects.filter(protocol="torchserve").order_by("id").values_list("priority", flat=True)
+    assert list(lanes) == [InferenceRequest.Priority.BULK] * 4 + [InferenceRequest.Priority.INTERACTIVE]
 
 
 def test_torchserve_refusals_are_in_its_own_shape(stack, live_demo, second_version, tmp_path):
