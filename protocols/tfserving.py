@@ -369,6 +369,9 @@ def missing_model(name: str) -> str:
 
 
 def missing_version(name: str, serial: int | str) -> str:
+    """``serial`` empty: the hospital's routing had none to give (TF Serving's "latest")."""
+    if serial == "":
+        return f"Servable not found for request: Latest({name})"
     return f"Servable not found for request: Specific({name}, {serial})"
 
 
@@ -397,7 +400,7 @@ async def _named_version(*, caller: Caller, name: str, serial: str, label: str) 
             raise NotFound(missing_model(name), code=missing.code) from None
         if label:
             raise NotFound(missing_label(name, label), code=missing.code) from None
-        raise NotFound(missing_version(name, serial or "latest"), code=missing.code) from None
+        raise NotFound(missing_version(name, serial), code=missing.code) from None
     if found is None:  # required: the registry raises rather than answer None
         raise NotFound(missing_label(name, label))
     return found

@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -287,3 +288,46 @@ def test_torchserve_refusals_are_in_its_own_shape(stack, live_demo, second_versi
     status, empty = curl(*general, "-X", "POST", url, "--data-binary", "")
     assert status == 400 and empty["type"] == "BadRequestException"
     assert not AccessEvent.objects.filter(action="protocol.torchserve_read", tenant__slug="demo-general").exists()
+
+
+# --- past the timeout ----------------------------------------------------------------------------
+
+
+def test_past_the_timeout_both_answer_504_with_the_request_id_and_the_reads_go_on(stack, live_demo, tmp_path):
+    """The worker takes no bulk work for a while: a TF Serving and a TorchServe read, sent at once,
+    each answer 504 in their own shape after SIGHTLINE_PROTOCOL_TIMEOUT_SECONDS, naming the request
+    and where its result will be; once the worker is back the reads finish."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from celery import Celery
+
+    raw = key_for("demo-general", Role.CLINICIAN, "overnight")
+    scan = tmp_path / "scan.png"
+    scan.write_bytes(OPACITY)
+    control = Celery("tfts-test", broker=stack.redis_url).control
+    assert control.cancel_consumer("bulk", reply=True, timeout=10), "the stack's worker did not answer"
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            tf_call = pool.submit(
+                requests.post,
+                f"{stack.base_url}/v1/models/{MODEL}:predict",
+                json={"instances": [b64(OPACITY)]},
+                headers=bearer(raw),
+                timeout=TIMEOUT,
+            )
+            ts_call = pool.submit(
+                curl, "-H", f"Authorization: Bearer {raw}", f"{stack.base_url}/predictions/{MODEL}", "-T", str(scan)
+            )
+            tf_answer, (ts_status, ts_answer) = tf_call.result(), ts_call.result()
+    finally:
+        assert control.add_consumer("bulk", reply=True, timeout=10), "the stack's worker did not answer"
+    assert tf_answer.status_code == 504 and ts_status == 504
+    assert set(tf_answer.json()) == {"error"}
+    assert ts_answer["code"] == 504 and ts_answer["type"] == "RequestTimeoutException"
+    for protocol, message in [("tfserving", tf_answer.json()["error"]), ("torchserve", ts_answer["message"])]:
+        read = InferenceRequest.objects.get(protocol=protocol)
+        assert f"Request id {read.pk}" in message and f"/api/v1/images/{read.image_id}/" in message
+    deadline = time.monotonic() + TIMEOUT
+    while InferenceRequest.objects.exclude(status=InferenceRequest.Status.DONE).exists():  # the reads go on
+        assert time.monotonic() < deadline, list(InferenceRequest.objects.values("protocol", "status"))
+        time.sleep(0.2)

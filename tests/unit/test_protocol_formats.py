@@ -190,6 +190,7 @@ def test_tf_serving_errors_are_one_string():
     assert tf.error_body(tf.missing_version("chest-xray", 7)) == {
         "error": "Servable not found for request: Specific(chest-xray, 7)"
     }
+    assert tf.missing_version("chest-xray", "") == "Servable not found for request: Latest(chest-xray)"
 
 
 # --- TorchServe ----------------------------------------------------------------------------------
