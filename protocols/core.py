@@ -53,6 +53,7 @@ from accounts.models import ApiKey, Membership
 from accounts.permissions import Action
 from accounts.selectors import membership_resolve
 from accounts.services import require
+from core.body_limit import too_large_body
 from core.errors import DomainError, Invalid, NotFound, TooLarge, Unavailable, UnsupportedMedia
 from recognition import dicom, health
 from recognition.enqueue import task_send
@@ -73,6 +74,7 @@ RECHECK_SECONDS = 1.0
 TENSOR_TASK = "protocols.tasks.tensor_read"
 TENSOR_KEY_PREFIX = "sightline:protocol-tensor:"
 TENSOR_KEY_BYTES = 16  # 128 random bits name one tensor read's cache entries
+SERVER_ERROR = 500
 TENSOR_KEY_MARGIN_SECONDS = 60  # a tensor outlives its wait by this much: a late worker finds it, then nothing
 
 # counted in the web process that answered (``/metrics`` of that process: the reads themselves
@@ -273,8 +275,10 @@ async def _wait(groups: Sequence[str], check: Callable[[], Awaitable[object | No
                     logger.debug("could not leave %s", group, exc_info=True)
 
 
-def _timeout_seconds() -> float:
-    return float(settings.SIGHTLINE_PROTOCOL_TIMEOUT_SECONDS)
+def _timeout_seconds(asked: float | None = None) -> float:
+    """The setting, or less when the client asks for less (e.g. a KServe request's ``timeout``)."""
+    limit = float(settings.SIGHTLINE_PROTOCOL_TIMEOUT_SECONDS)
+    return limit if asked is None or asked <= 0 else min(limit, asked)
 
 
 # --- reads of encoded images -------------------------------------------------------------------
@@ -382,19 +386,23 @@ def _outcomes(*, tenant, version: ModelVersion, queued: _Queued) -> list[ReadOut
     return outcomes
 
 
-async def image_read(*, caller: Caller, version: ModelVersion, images: list[bytes], protocol: str) -> list[ReadOutcome]:
+async def image_read(
+    *, caller: Caller, version: ModelVersion, images: list[bytes], protocol: str, timeout: float | None = None
+) -> list[ReadOutcome]:
     """Store and read ``images`` (encoded PNG/JPEG) in the caller's hospital, one outcome each,
     in order; ProtocolTimeout (504, naming the requests and where their results will be) when
-    the workers have not answered within SIGHTLINE_PROTOCOL_TIMEOUT_SECONDS."""
+    the workers have not answered within SIGHTLINE_PROTOCOL_TIMEOUT_SECONDS (or ``timeout``
+    seconds, when the client asked for less)."""
     queued = await sync_to_async(_image_store)(caller=caller, version=version, images=images, protocol=protocol)
     check = sync_to_async(functools.partial(_outcomes, tenant=caller.tenant, version=version, queued=queued))
     groups = [events.protocol_read_group(pk) for pk in queued.request_ids]
-    outcomes = await _wait(groups, check, _timeout_seconds())
+    waited = _timeout_seconds(timeout)
+    outcomes = await _wait(groups, check, waited)
     if outcomes is None:
         pages = ", ".join(f"/api/v1/images/{pk}/" for pk in queued.image_ids)
         ids = ", ".join(str(pk) for pk in queued.request_ids)
         raise ProtocolTimeout(
-            f"The read did not finish within {settings.SIGHTLINE_PROTOCOL_TIMEOUT_SECONDS} s; it goes on. "
+            f"The read did not finish within {waited:g} s; it goes on. "
             f"Request id {ids}: the result will be at {pages} (the platform's API, same credentials).",
             detail={"request_ids": queued.request_ids, "image_ids": queued.image_ids},
         )
@@ -451,7 +459,9 @@ def _tensor_send(*, caller: Caller, version: ModelVersion, array: np.ndarray, pr
     return key
 
 
-async def tensor_read(*, caller: Caller, version: ModelVersion, array: np.ndarray, protocol: str) -> np.ndarray:
+async def tensor_read(
+    *, caller: Caller, version: ModelVersion, array: np.ndarray, protocol: str, timeout: float | None = None
+) -> np.ndarray:
     """Probabilities (N, labels) for an FP32 input, computed by a worker on the caller's lane.
     Nothing is recorded but the access-log entry; the input is dropped from the cache once read."""
     metadata = model_metadata(version)
@@ -462,11 +472,12 @@ async def tensor_read(*, caller: Caller, version: ModelVersion, array: np.ndarra
     async def answered():
         return await sync_to_async(cache.get)(output_key)
 
-    answer = await _wait([events.protocol_tensor_group(key)], answered, _timeout_seconds())
+    waited = _timeout_seconds(timeout)
+    answer = await _wait([events.protocol_tensor_group(key)], answered, waited)
     if answer is None:
         TENSOR_READS.labels(protocol, "timeout").inc()
         raise ProtocolTimeout(
-            f"The read did not finish within {settings.SIGHTLINE_PROTOCOL_TIMEOUT_SECONDS} s (tensor read {key}); "
+            f"The read did not finish within {waited:g} s (tensor read {key}); "
             "a tensor read keeps nothing, so send it again.",
             detail={"request_ids": [key]},
         )
@@ -477,6 +488,20 @@ async def tensor_read(*, caller: Caller, version: ModelVersion, array: np.ndarra
         raise Unavailable(f"The model could not read the input: {answer['error']}", code="read_failed")
     TENSOR_READS.labels(protocol, "done").inc()
     return np.asarray(answer["probabilities"], dtype=np.float32)
+
+
+# --- request bodies ----------------------------------------------------------------------------
+
+
+def protocol_body(request: HttpRequest) -> bytes:
+    """The whole body, within the platform's request limit (SIGHTLINE_MAX_REQUEST_BYTES, which the
+    ASGI layer enforces first), not Django's form-data limit: a tensor or a batch of images is
+    larger than a form, and each image is checked against the upload limits on its own."""
+    limit = settings.SIGHTLINE_MAX_REQUEST_BYTES
+    body = request.read(limit + 1)
+    if len(body) > limit:
+        raise TooLarge(too_large_body(limit)["error"]["message"])
+    return body
 
 
 # --- answering in the protocol's own format ----------------------------------------------------
@@ -521,9 +546,11 @@ def protocol_view(render: Renderer) -> Callable[[View], View]:
         async def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
             try:
                 return await view(request, *args, **kwargs)
-            except (DomainError, drf_exceptions.APIException) as exc:
+            except Exception as exc:
                 failure = failure_of(exc)
-                assert failure is not None
+                if failure is None:  # a bug: logged with its traceback, answered in the protocol's shape
+                    logger.exception("protocol request %s failed", getattr(request, "request_id", ""))
+                    failure = Failure(SERVER_ERROR, "server_error", "Something went wrong on our side.")
                 response = render(failure)
                 for name, value in failure.headers.items():
                     response[name] = value

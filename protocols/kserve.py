@@ -292,6 +292,20 @@ def infer_response(
     return response
 
 
+MICROSECONDS = 1_000_000
+
+
+def _timeout(header: dict) -> float | None:
+    """The request's ``parameters.timeout`` (microseconds, as tritonclient's ``timeout=`` sends it)
+    in seconds: a client may wait less than SIGHTLINE_PROTOCOL_TIMEOUT_SECONDS, never more."""
+    value = (header.get("parameters") or {}).get("timeout")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise Invalid("The timeout parameter is a whole number of microseconds.", code="bad_timeout")
+    return value / MICROSECONDS
+
+
 @csrf_exempt
 @view
 async def infer(request: HttpRequest, name: str, version: str = "") -> HttpResponse:
@@ -300,13 +314,18 @@ async def infer(request: HttpRequest, name: str, version: str = "") -> HttpRespo
     found = await core.protocol_version(caller=caller, model_name=name, version=version)
     if request.headers.get("Content-Encoding", "identity") != "identity":
         raise Invalid("Compressed request bodies are not accepted; send the body as it is.", code="compressed")
-    parsed = parse_infer(request.body, request.headers.get(HEADER_LENGTH))
+    parsed = parse_infer(core.protocol_body(request), request.headers.get(HEADER_LENGTH))
     metadata = core.model_metadata(found)
+    timeout = _timeout(parsed.header)
     if parsed.tensor is not None:
-        probabilities = await core.tensor_read(caller=caller, version=found, array=parsed.tensor, protocol=PROTOCOL)
+        probabilities = await core.tensor_read(
+            caller=caller, version=found, array=parsed.tensor, protocol=PROTOCOL, timeout=timeout
+        )
         return infer_response(metadata=metadata, parsed=parsed, probabilities=probabilities)
     assert parsed.images is not None
-    outcomes = await core.image_read(caller=caller, version=found, images=parsed.images, protocol=PROTOCOL)
+    outcomes = await core.image_read(
+        caller=caller, version=found, images=parsed.images, protocol=PROTOCOL, timeout=timeout
+    )
     failed = [(i, outcome) for i, outcome in enumerate(outcomes) if not outcome.ok]
     if failed:
         words = "; ".join(f"image {i} (request {o.request_id}): {o.error}" for i, o in failed)

@@ -322,3 +322,23 @@ def test_a_tensor_read_keeps_no_record_is_audited_and_checked_against_the_model_
     assert not Image.objects.exists() and not InferenceRequest.objects.exists()
     event = AccessEvent.objects.get(action="protocol.tensor_read")
     assert event.target_id == str(demo_model.pk) and event.tenant_id == admin_a.tenant_id
+
+
+@pytest.mark.django_db
+@override_settings(SIGHTLINE_PROTOCOL_TIMEOUT_SECONDS=0.1)
+def test_the_binary_tensor_extension_carries_length_prefixed_images(demo_model, admin_a):
+    import tritonclient.http as httpclient
+    from tritonclient.http._utils import _get_inference_request
+
+    _, raw = key_for(admin_a)
+    tensor = httpclient.InferInput("image", [2], "BYTES")
+    tensor.set_data_from_numpy(np.array([png_bytes(), png_bytes(seed=2)], dtype=object), binary_data=True)
+    body, json_size = _get_inference_request(
+        inputs=[tensor], request_id="", outputs=None, sequence_id=0, sequence_start=False, sequence_end=False,
+        priority=0, timeout=None, custom_parameters=None,
+    )  # fmt: skip
+    response = client_with(raw).post(
+        INFER, body, content_type="application/octet-stream", HTTP_INFERENCE_HEADER_CONTENT_LENGTH=str(json_size)
+    )
+    assert response.status_code == 504, response.content  # stored and queued: two images, no worker here
+    assert InferenceRequest.objects.count() == 2
