@@ -46,6 +46,7 @@ from protocols.core import (
     Caller,
     Failure,
     image_read,
+    protocol_body,
     protocol_caller,
     protocol_version,
     protocol_view,
@@ -454,16 +455,9 @@ async def metadata_view(request: HttpRequest, name: str, serial: str = "", label
     return JsonResponse(model_metadata(facts=facts, details=core_metadata(version).description()))
 
 
-def request_bytes(request: HttpRequest) -> bytes:
-    """The whole body. Not ``request.body``, which refuses past DATA_UPLOAD_MAX_MEMORY_SIZE
-    (2.5 MB, meant for form fields): the protocol handler's body limit has already checked the
-    length, and each image meets the upload's limits in the core."""
-    return request.read()
-
-
 def _body(request: HttpRequest) -> object:
     try:
-        return json.loads(request_bytes(request))
+        return json.loads(protocol_body(request))
     except (ValueError, UnicodeDecodeError) as exc:
         raise Invalid(f"JSON Parse error: {exc}", code="json") from None
 

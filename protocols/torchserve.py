@@ -27,9 +27,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from core.errors import Conflict, Forbidden, Invalid, NotFound, Unprocessable
-from protocols.core import Caller, Failure, image_read, protocol_caller, protocol_version, protocol_view
+from protocols.core import Caller, Failure, image_read, protocol_body, protocol_caller, protocol_version, protocol_view
 from protocols.core import model_metadata as core_metadata
-from protocols.tfserving import request_bytes
 from recognition import health
 from recognition.models import AIModel, ModelVersion
 
@@ -226,7 +225,7 @@ async def predictions_view(request: HttpRequest, name: str, version: str = "") -
     files, fields = await sync_to_async(_multipart)(request) if multipart else ({}, {})
     try:
         data = prediction_input(
-            body=b"" if multipart else request_bytes(request), multipart=multipart, files=files, fields=fields
+            body=b"" if multipart else protocol_body(request), multipart=multipart, files=files, fields=fields
         )
     except FormatError as wrong:
         raise Invalid(str(wrong)) from None
