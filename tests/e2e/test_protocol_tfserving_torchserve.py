@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import statistics
 import subprocess
 import time
 
@@ -30,6 +31,8 @@ MODEL = training.DEMO_NAME
 SIZE = training.DEMO_INPUT_SIZE
 OPACITY, CLEAR = png_bytes(opacity=True, seed=41, size=SIZE), png_bytes(opacity=False, seed=42, size=SIZE)
 TIMEOUT = 60
+LATENCY_ROUNDS = 10
+HEARTBEAT_WAIT = 30  # two of the worker's heartbeats (recognition.health.HEARTBEAT_SECONDS)
 SECOND = "1.1.0"  # a second version of the demo model (the same weights), serial 2
 
 
@@ -154,10 +157,12 @@ def test_tf_serving_refusals_are_in_its_own_shape(stack, live_demo, second_versi
     base = f"{stack.base_url}/v1/models/{MODEL}"
     body = {"instances": [b64(OPACITY)]}
 
-    for health in ("live", "ready"):  # a probe needs no token, and learns nothing
-        probe = requests.get(f"{stack.base_url}/v1/health/{health}", timeout=10)
-        assert probe.status_code == 200, probe.text
-        assert MODEL not in probe.text and "demo" not in probe.text
+    live = requests.get(f"{stack.base_url}/v1/health/live", timeout=10)  # a probe needs no token
+    assert live.json() == {"state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+    # ready once a worker's heartbeat says it serves the production model; either way it names nothing
+    ready = requests.get(f"{stack.base_url}/v1/health/ready", timeout=10)
+    assert ready.status_code in (200, 503) and set(ready.json()) == {"state", "status"}
+    assert MODEL not in ready.text and "demo" not in ready.text
     anonymous = requests.get(base, timeout=10)
     assert anonymous.status_code == 401
     assert set(anonymous.json()) == {"error"}
@@ -194,6 +199,10 @@ def test_tf_serving_refusals_are_in_its_own_shape(stack, live_demo, second_versi
     ]:
         wrong = requests.post(url, json=payload, headers=general, timeout=TIMEOUT)
         assert 400 <= wrong.status_code < 500 and words in wrong.json()["error"], wrong.text
+    wrong_verb = requests.get(f"{base}:predict", headers=general, timeout=10)
+    assert wrong_verb.status_code == 405 and set(wrong_verb.json()) == {"error"}
+    unknown = requests.get(f"{stack.base_url}/v1/models/{MODEL}:explain", headers=general, timeout=10)
+    assert unknown.status_code == 404 and set(unknown.json()) == {"error"}
     assert not AccessEvent.objects.filter(action="protocol.tfserving_read", tenant__slug="demo-general").exists()
     assert ModelVersion.objects.get(version=SECOND).serial == 2
 
@@ -231,6 +240,10 @@ def test_a_torchserve_client_predicts_with_curl_and_reads_the_model_descriptions
     assert AccessEvent.objects.filter(action="protocol.torchserve_read", tenant__slug="demo-general").count() == 4
     assert set(Study.objects.values_list("protocol", flat=True)) == {"torchserve"}
 
+    deadline = time.monotonic() + HEARTBEAT_WAIT
+    while (ping := curl(f"{stack.base_url}/ping")) != (200, {"status": "Healthy"}):  # no token
+        assert ping == (500, {"status": "Unhealthy"}) and time.monotonic() < deadline, ping
+        time.sleep(1)  # healthy once the worker's heartbeat names the model it loaded for these reads
     status, listed = curl(*auth, f"{stack.base_url}/models")
     assert status == 200 and listed == {"models": [{"modelName": MODEL, "modelUrl": listed["models"][0]["modelUrl"]}]}
     status, described = curl(*auth, f"{stack.base_url}/models/{MODEL}")
@@ -241,8 +254,6 @@ def test_a_torchserve_client_predicts_with_curl_and_reads_the_model_descriptions
     assert any(worker["status"] == "READY" for worker in entry["workers"])  # the worker that read the scans
     assert entry["metadata"]["labels"] == list(synthetic.LABELS)
     assert curl(*auth, f"{stack.base_url}/models/{MODEL}/all")[1][0]["modelVersion"] == training.DEMO_VERSION
-
-    assert curl(f"{stack.base_url}/ping") == (200, {"status": "Healthy"})  # no token
 
     quick = ["-H", f"Authorization: Bearer {key_for('demo-general', Role.CLINICIAN, 'ts-desk', interactive=True)}"]
     status, answer = curl(*quick, url, "-T", str(scan))
@@ -285,6 +296,10 @@ def test_torchserve_refusals_are_in_its_own_shape(stack, live_demo, second_versi
     ]:
         status, answer = curl(*general, "-X", verb, f"{stack.base_url}{path}")
         assert status == 403 and answer["type"] == "ForbiddenException", answer
+    status, wrong_verb = curl(*general, url)
+    assert status == 405 and wrong_verb["type"] == "MethodNotAllowedException"
+    status, unknown = curl(*general, f"{stack.base_url}/models/{MODEL}/1.0.0/scale/more")
+    assert status == 404 and unknown["code"] == 404
     status, empty = curl(*general, "-X", "POST", url, "--data-binary", "")
     assert status == 400 and empty["type"] == "BadRequestException"
     assert not AccessEvent.objects.filter(action="protocol.torchserve_read", tenant__slug="demo-general").exists()
@@ -331,3 +346,29 @@ def test_past_the_timeout_both_answer_504_with_the_request_id_and_the_reads_go_o
     while InferenceRequest.objects.exclude(status=InferenceRequest.Status.DONE).exists():  # the reads go on
         assert time.monotonic() < deadline, list(InferenceRequest.objects.values("protocol", "status"))
         time.sleep(0.2)
+
+
+def test_one_read_costs_about_what_it_costs_by_the_other_protocols(stack, live_demo):
+    """Not a gate: the numbers the note reports (c1, the demo model, this machine, bulk lane)."""
+    headers = bearer(key_for("demo-general", Role.CLINICIAN, "latency"))
+    calls = {
+        "TF Serving :predict (b64)": lambda: requests.post(
+            f"{stack.base_url}/v1/models/{MODEL}:predict",
+            json={"instances": [b64(OPACITY)]},
+            headers=headers,
+            timeout=30,
+        ),
+        "TorchServe /predictions (raw body)": lambda: requests.post(
+            f"{stack.base_url}/predictions/{MODEL}", data=OPACITY, headers=headers, timeout=30
+        ),
+    }
+    medians = {}
+    for name, call in calls.items():
+        assert call().status_code == 200  # warm
+        took = []
+        for _ in range(LATENCY_ROUNDS):
+            started = time.perf_counter()
+            assert call().status_code == 200
+            took.append((time.perf_counter() - started) * 1000)
+        medians[name] = statistics.median(took)
+    print("\nc1 median: " + "; ".join(f"{name} {ms:.0f} ms" for name, ms in medians.items()))
