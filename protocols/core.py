@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer  # type: ignore[import-untyped]
 from django.conf import settings
 from django.core.cache import cache
@@ -62,6 +61,8 @@ from recognition.services.admission import interactive_admission
 from recognition.services.images import StudyFields, _images_from_bytes, _read_upload, image_check
 from recognition.services.inference import inference_queue
 from recognition.services.registry import Routing, version_for
+
+from .asgi import run_sync
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def _caller(request: HttpRequest, action: Action | None) -> Caller:
 async def protocol_caller(request: HttpRequest, *, action: Action | None = Action.IMAGE_UPLOAD) -> Caller:
     """The authenticated member a protocol request acts as (401 / 403 / 404 / 429 as the API's).
     ``action``: what the request does (None: reading model metadata, any member may)."""
-    return await sync_to_async(_caller)(request, action)
+    return await run_sync(_caller, request, action)
 
 
 # --- which version -----------------------------------------------------------------------------
@@ -165,7 +166,7 @@ async def protocol_version(*, caller: Caller | None, model_name: str, version: s
     """The version that answers: ``version`` as the URL names it (its serial, "1", or its semantic
     version, "1.0.0"), or the hospital's routing when empty. 404 for an unknown model or version
     and for one the hospital may not use (as for another hospital's object), 409 for one not ready."""
-    return await sync_to_async(_version)(caller=caller, model_name=model_name, version=version)
+    return await run_sync(_version, caller=caller, model_name=model_name, version=version)
 
 
 # --- what a client needs to know ---------------------------------------------------------------
@@ -393,8 +394,11 @@ async def image_read(
     in order; ProtocolTimeout (504, naming the requests and where their results will be) when
     the workers have not answered within SIGHTLINE_PROTOCOL_TIMEOUT_SECONDS (or ``timeout``
     seconds, when the client asked for less)."""
-    queued = await sync_to_async(_image_store)(caller=caller, version=version, images=images, protocol=protocol)
-    check = sync_to_async(functools.partial(_outcomes, tenant=caller.tenant, version=version, queued=queued))
+    queued = await run_sync(_image_store, caller=caller, version=version, images=images, protocol=protocol)
+
+    async def check():
+        return await run_sync(_outcomes, tenant=caller.tenant, version=version, queued=queued)
+
     groups = [events.protocol_read_group(pk) for pk in queued.request_ids]
     waited = _timeout_seconds(timeout)
     outcomes = await _wait(groups, check, waited)
@@ -466,11 +470,11 @@ async def tensor_read(
     Nothing is recorded but the access-log entry; the input is dropped from the cache once read."""
     metadata = model_metadata(version)
     array = tensor_check(array, metadata)
-    key = await sync_to_async(_tensor_send)(caller=caller, version=version, array=array, protocol=protocol)
+    key = await run_sync(_tensor_send, caller=caller, version=version, array=array, protocol=protocol)
     _, output_key = tensor_cache_keys(key)
 
     async def answered():
-        return await sync_to_async(cache.get)(output_key)
+        return await run_sync(cache.get, output_key)
 
     waited = _timeout_seconds(timeout)
     answer = await _wait([events.protocol_tensor_group(key)], answered, waited)
@@ -481,7 +485,7 @@ async def tensor_read(
             "a tensor read keeps nothing, so send it again.",
             detail={"request_ids": [key]},
         )
-    await sync_to_async(cache.delete)(output_key)
+    await run_sync(cache.delete, output_key)
     assert isinstance(answer, dict)
     if answer.get("error"):
         TENSOR_READS.labels(protocol, "failed").inc()

@@ -25,7 +25,6 @@ import struct
 from typing import Any
 
 import numpy as np
-from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -76,7 +75,7 @@ async def health_live(request: HttpRequest) -> HttpResponse:
 @view
 async def health_ready(request: HttpRequest) -> HttpResponse:
     _method(request, "GET")
-    _, checks = await sync_to_async(readiness)()
+    _, checks = await core.run_sync(readiness)
     ready = checks["database"]["ok"] and checks["broker"]["ok"]
     return JsonResponse({"ready": ready}, status=200 if ready else 503)
 
@@ -295,6 +294,10 @@ def infer_response(
 MICROSECONDS = 1_000_000
 
 
+def _parsed(request: HttpRequest) -> Parsed:
+    return parse_infer(core.protocol_body(request), request.headers.get(HEADER_LENGTH))
+
+
 def _timeout(header: dict) -> float | None:
     """The request's ``parameters.timeout`` (microseconds, as tritonclient's ``timeout=`` sends it)
     in seconds: a client may wait less than SIGHTLINE_PROTOCOL_TIMEOUT_SECONDS, never more."""
@@ -314,7 +317,7 @@ async def infer(request: HttpRequest, name: str, version: str = "") -> HttpRespo
     found = await core.protocol_version(caller=caller, model_name=name, version=version)
     if request.headers.get("Content-Encoding", "identity") != "identity":
         raise Invalid("Compressed request bodies are not accepted; send the body as it is.", code="compressed")
-    parsed = parse_infer(core.protocol_body(request), request.headers.get(HEADER_LENGTH))
+    parsed = await core.run_sync(_parsed, request)  # reading and decoding the body: off the event loop
     metadata = core.model_metadata(found)
     timeout = _timeout(parsed.header)
     if parsed.tensor is not None:

@@ -186,3 +186,71 @@ def test_one_infer_costs_about_what_an_upload_and_its_wait_cost(stack, live_demo
         f"\nc1 median: tritonclient infer {statistics.median(infer_ms):.0f} ms (bulk lane); "
         f"API upload + polling until done {statistics.median(upload_ms):.0f} ms (interactive lane)"
     )
+
+
+WAITING_READS = 40
+EXTRA_THREADS_SLACK = 4  # lent for one step beyond the pool, still ending
+
+
+def web_threads(stack) -> int:
+    """The stack's uvicorn process's thread count, from /proc (Linux, as the stack runs)."""
+    from pathlib import Path
+
+    port = stack.base_url.rsplit(":", 1)[1]
+    for process in Path("/proc").iterdir():
+        if not process.name.isdigit():
+            continue
+        try:
+            argv = (process / "cmdline").read_bytes().split(b"\0")
+            if any(part.endswith(b"uvicorn") for part in argv) and port.encode() in argv:
+                status = (process / "status").read_text()
+                return int(next(line for line in status.splitlines() if line.startswith("Threads:")).split()[1])
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+    raise AssertionError("the stack's web process was not found")
+
+
+def test_waiting_reads_hold_no_thread_each(stack, live_demo):
+    """Reads waiting for a worker that takes no bulk work are coroutines in the web process: its
+    threads do not grow with them (at most the pool of SIGHTLINE_WEB_THREADS lent per step)."""
+    import base64
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.conf import settings
+
+    raw = service_key("many-waiters")
+    headers = {"Authorization": f"Bearer {raw}", "Content-Type": "application/json"}
+    url = f"{stack.base_url}/v2/models/{MODEL}/infer"
+
+    def read(seed: int, timeout_us: int) -> int:
+        image = base64.b64encode(png_bytes(seed=seed)).decode()
+        body = {
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [image]}],
+            "parameters": {"timeout": timeout_us},
+        }
+        return requests.post(url, data=json.dumps(body), headers=headers, timeout=60).status_code
+
+    assert read(100, 20_000_000) == 200  # warm: the web process has served a protocol read
+    before = web_threads(stack)
+    control = Celery("kserve-threads", broker=stack.redis_url).control
+    assert control.cancel_consumer("bulk", reply=True, timeout=10), "the stack's worker did not answer"
+    try:
+        with ThreadPoolExecutor(WAITING_READS) as clients:
+            answers = [clients.submit(read, 200 + i, 15_000_000) for i in range(WAITING_READS)]
+            deadline = time.monotonic() + 30
+            queued = InferenceRequest.objects.filter(protocol="kserve", status=InferenceRequest.Status.QUEUED)
+            while queued.count() < WAITING_READS:
+                assert time.monotonic() < deadline, queued.count()
+                time.sleep(0.1)
+            time.sleep(0.5)
+            during = web_threads(stack)
+            assert control.add_consumer("bulk", reply=True, timeout=10)
+            statuses = [answer.result() for answer in answers]
+    finally:
+        control.add_consumer("bulk", reply=True, timeout=10)
+    assert statuses == [200] * WAITING_READS
+    print(f"\nweb threads: {before} before, {during} with {WAITING_READS} reads waiting")
+    # a thread per waiting read would be WAITING_READS more; the burst's sync steps wake at most
+    # the lender's pool (SIGHTLINE_WEB_THREADS) and a few short-lived extras
+    assert during - before < min(WAITING_READS, settings.SIGHTLINE_WEB_THREADS + EXTRA_THREADS_SLACK), (before, during)
