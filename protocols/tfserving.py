@@ -64,7 +64,8 @@ SIGNATURES = (SIGNATURE_IMAGE, SIGNATURE_TENSOR, SIGNATURE_CLASSIFY)
 INPUT_IMAGE = "image_bytes"
 INPUT_TENSOR = "images"
 # the names a client may give the one input: ours, and what a Keras-built client tends to send
-IMAGE_INPUT_NAMES = (INPUT_IMAGE, "image", "bytes_inputs", "inputs")
+KSERVE_V1_INPUT = "data"  # {"instances": [{"data": "<base64>"}]}, as TorchServe's KServe v1 mode reads
+IMAGE_INPUT_NAMES = (INPUT_IMAGE, "image", "bytes_inputs", "inputs", KSERVE_V1_INPUT)
 TENSOR_INPUT_NAMES = (INPUT_TENSOR, "input", "input_1", "pixels", "inputs")
 OUTPUT_PROBABILITIES = "probabilities"
 OUTPUT_LABEL = "label"
@@ -155,6 +156,8 @@ def _named(value: object, *, where: str) -> object:
     if len(value) != 1:
         raise FormatError(f"{where}: this model has one input ({INPUT_IMAGE} or {INPUT_TENSOR}); got {sorted(value)}.")
     (name, inner), known = next(iter(value.items())), {*IMAGE_INPUT_NAMES, *TENSOR_INPUT_NAMES}
+    if name == KSERVE_V1_INPUT and isinstance(inner, str):  # TorchServe's KServe v1 body: base64 text
+        return {"b64": inner}
     if name not in known:
         raise FormatError(f"{where}: unknown input {name!r}; this model's input is {INPUT_IMAGE} or {INPUT_TENSOR}.")
     return inner

@@ -49,6 +49,12 @@ def test_row_format_reads_b64_images_bare_or_named():
     assert inputs.tensor is None and not inputs.columnar and len(inputs) == 3
 
 
+def test_torchserves_kserve_v1_body_is_read_too():
+    """TorchServe's KServe v1 mode posts base64 text under "data" to the same :predict URL."""
+    text = base64.b64encode(PNG).decode()
+    assert parse({"instances": [{"data": text}, {"data": B64}]}).images == (PNG, PNG)
+
+
 def test_b64_with_line_breaks_or_the_url_safe_alphabet_is_read():
     data = bytes(range(256)) * 2
     wrapped = {"b64": base64.encodebytes(data).decode()}
