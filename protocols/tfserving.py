@@ -303,6 +303,17 @@ def model_status(serials: list[int]) -> dict:
     }
 
 
+def version_not_ready(*, serial: int, refused: str) -> dict:
+    """A version the hospital may name that cannot answer yet (``LOADING``: its registration
+    checks run) or ever (``END``, with the checks' reason)."""
+    state, code = ("END", "FAILED_PRECONDITION") if refused else ("LOADING", "OK")
+    return {
+        "model_version_status": [
+            {"version": str(serial), "state": state, "status": {"error_code": code, "error_message": refused}}
+        ]
+    }
+
+
 def _shape(*sizes: int | str) -> dict:
     return {"dim": [{"size": str(size), "name": ""} for size in sizes], "unknown_rank": False}
 
@@ -418,6 +429,10 @@ def _ready_serials(name: str) -> list[int]:
     )
 
 
+def _version_row(name: str, serial: int) -> ModelVersion:
+    return ModelVersion.objects.get(model__name=name, serial=serial)
+
+
 async def _usable_serials(*, caller: Caller, name: str) -> list[int]:
     """Every ready version of ``name`` this hospital may name, each asked of the one rule."""
     usable = []
@@ -438,7 +453,13 @@ async def model_status_view(request: HttpRequest, name: str, serial: str = "", l
         return render_failure(Failure(HTTPStatus.METHOD_NOT_ALLOWED, "method", "Model status is read with GET."))
     caller = await protocol_caller(request, action=None)
     if serial or label:
-        version = await _named_version(caller=caller, name=name, serial=serial, label=label)
+        try:
+            version = await _named_version(caller=caller, name=name, serial=serial, label=label)
+        except Conflict:  # allowed, but still validating or refused: the rule has been asked already
+            if not serial:
+                raise
+            found = await sync_to_async(_version_row)(name, int(serial))
+            return JsonResponse(version_not_ready(serial=found.serial, refused=found.refusal_reason))
         return JsonResponse(model_status([version.serial]))
     serials = await _usable_serials(caller=caller, name=name)
     if not serials:

@@ -16,8 +16,9 @@ import pytest
 import requests
 from PIL import Image as PILImage
 
-from accounts.models import AccessEvent, Role
+from accounts.models import AccessEvent, Role, Tenant
 from accounts.service_accounts import api_key_create, service_account_create
+from core.errors import Invalid
 from recognition.models import Image, InferenceRequest, ModelAllowance, ModelVersion, Study
 from tests.conftest import png_bytes
 from tests.e2e.test_revocation import member
@@ -58,12 +59,12 @@ def bearer(raw: str) -> dict:
 def second_version(live_demo, demo_package, tmp_path):
     """Version 2, which hospital B (Demo Children's) is allowed to name and hospital A is not."""
     version, _ = model_version_register(package_path=variant(demo_package, tmp_path, version=SECOND), alias=None)
-    from accounts.models import Tenant
-
-    ModelAllowance.objects.create(
-        tenant=Tenant.objects.get(slug="demo-childrens"), model=version.model, version=version
-    )
+    ModelAllowance.objects.create(tenant=childrens_hospital(), model=version.model, version=version)
     return version
+
+
+def childrens_hospital() -> Tenant:
+    return Tenant.objects.get(slug="demo-childrens")
 
 
 def tensor_from_metadata(png: bytes, metadata: dict) -> list:
@@ -153,7 +154,7 @@ def test_a_tf_serving_client_reads_images_and_tensors_by_version_and_label(stack
     assert AccessEvent.objects.filter(action="protocol.tensor_read", tenant__slug="demo-general").count() == 1
 
 
-def test_tf_serving_refusals_are_in_its_own_shape(stack, live_demo, second_version):
+def test_tf_serving_refusals_are_in_its_own_shape(stack, live_demo, second_version, demo_package, tmp_path):
     base = f"{stack.base_url}/v1/models/{MODEL}"
     body = {"instances": [b64(OPACITY)]}
 
@@ -199,6 +200,18 @@ def test_tf_serving_refusals_are_in_its_own_shape(stack, live_demo, second_versi
     ]:
         wrong = requests.post(url, json=payload, headers=general, timeout=TIMEOUT)
         assert 400 <= wrong.status_code < 500 and words in wrong.json()["error"], wrong.text
+    # a version hospital B may name that its registration checks refused: ended, with the reason
+    with pytest.raises(Invalid):
+        model_version_register(package_path=variant(demo_package, tmp_path, version="9.0.0", labels=["a", "b", "c"]))
+    refused = ModelVersion.objects.get(version="9.0.0")
+    ModelAllowance.objects.create(tenant=childrens_hospital(), model=refused.model, version=refused)
+    (ended,) = requests.get(f"{base}/versions/{refused.serial}", headers=childrens, timeout=10).json()[
+        "model_version_status"
+    ]
+    assert ended["state"] == "END" and ended["status"]["error_message"] == refused.refusal_reason
+    ended_read = requests.post(f"{base}/versions/{refused.serial}:predict", json=body, headers=childrens, timeout=10)
+    assert ended_read.status_code == 409 and set(ended_read.json()) == {"error"}
+
     wrong_verb = requests.get(f"{base}:predict", headers=general, timeout=10)
     assert wrong_verb.status_code == 405 and set(wrong_verb.json()) == {"error"}
     unknown = requests.get(f"{stack.base_url}/v1/models/{MODEL}:explain", headers=general, timeout=10)

@@ -174,6 +174,16 @@ def test_model_status_lists_each_version_once_newest_first():
     }
 
 
+def test_a_version_not_ready_is_loading_or_ended_with_the_reason():
+    assert tf.version_not_ready(serial=3, refused="")["model_version_status"][0]["state"] == "LOADING"
+    (ended,) = tf.version_not_ready(serial=3, refused="outputs do not match the labels")["model_version_status"]
+    assert ended == {
+        "version": "3",
+        "state": "END",
+        "status": {"error_code": "FAILED_PRECONDITION", "error_message": "outputs do not match the labels"},
+    }
+
+
 def test_metadata_states_enough_to_build_a_tensor_input():
     metadata = tf.model_metadata(facts=FACTS)
     assert metadata["model_spec"] == {"name": "chest-xray", "signature_name": "", "version": "2"}
