@@ -36,7 +36,7 @@ from . import core
 PROTOCOL = "kserve"
 SERVER_NAME = "sightline"
 SERVER_VERSION = "1"  # the platform's API version (/api/v1/)
-EXTENSIONS = ["binary_tensor_data", "model_repository_readonly"]
+EXTENSIONS = ["binary_tensor_data"]  # the only extension served (no repository, shared memory, statistics)
 IMAGE_DATATYPE, TENSOR_DATATYPE = "BYTES", "FP32"
 PROBABILITIES, LABEL = "probabilities", "label"
 OUTPUTS = (PROBABILITIES, LABEL)

@@ -317,8 +317,17 @@ def test_a_tensor_read_keeps_no_record_is_audited_and_checked_against_the_model_
     assert refused.status_code == 400 and f"[N, 3, {size}, {size}]" in refused.json()["error"]
     values = [0.0] * (3 * size * size)
     right = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, size, size], "data": values}]}
+    from recognition.health import _registry
+
+    def timeouts():
+        sample = {"protocol": "kserve", "outcome": "timeout"}
+        return _registry.get_sample_value("sightline_protocol_tensor_reads_total", sample) or 0
+
+    counted = timeouts()
     waited = post(client, right)  # no worker runs here: the 504, and nothing recorded
     assert waited.status_code == 504 and "tensor read" in waited.json()["error"]
+    assert timeouts() == counted + 1
+    assert b"sightline_protocol_tensor_reads_total" in APIClient().get("/metrics").content
     assert not Image.objects.exists() and not InferenceRequest.objects.exists()
     event = AccessEvent.objects.get(action="protocol.tensor_read")
     assert event.target_id == str(demo_model.pk) and event.tenant_id == admin_a.tenant_id
@@ -342,3 +351,29 @@ def test_the_binary_tensor_extension_carries_length_prefixed_images(demo_model, 
     )
     assert response.status_code == 504, response.content  # stored and queued: two images, no worker here
     assert InferenceRequest.objects.count() == 2
+
+
+@pytest.mark.django_db
+def test_the_worklist_page_shows_protocol_reads_only_under_its_filter(demo_model, admin_a, clinician_a):
+    from django.test import Client
+
+    _, raw = key_for(admin_a)
+    with override_settings(SIGHTLINE_PROTOCOL_TIMEOUT_SECONDS=0.1):
+        assert post(client_with(raw), image_request(png_bytes())).status_code == 504
+    study = Study.objects.get(protocol="kserve")
+    browser = Client()
+    browser.force_login(clinician_a.user)
+    row = f'data-study="{study.pk}"'
+    assert row not in browser.get("/worklist/").content.decode()
+    filtered = browser.get("/worklist/?protocol=1").content.decode()
+    assert row in filtered and 'name="protocol" value="1" checked' in filtered
+
+
+@pytest.mark.django_db
+def test_a_keys_rate_holds_for_protocol_calls_too(demo_model, admin_a):
+    account = service_account_create(actor=admin_a, name="chatty", role=Role.CLINICIAN)
+    _, raw = api_key_create(actor=admin_a, service_account=account, rate=1)
+    client = client_with(raw)
+    assert client.get("/v2/models/sightline-demo").status_code == 200
+    limited = client.get("/v2/models/sightline-demo")
+    assert limited.status_code == 429 and set(limited.json()) == {"error"} and int(limited["Retry-After"]) >= 1
