@@ -475,8 +475,12 @@ async def metadata_view(request: HttpRequest, name: str, serial: str = "", label
         return render_failure(Failure(HTTPStatus.METHOD_NOT_ALLOWED, "method", "Model metadata is read with GET."))
     caller = await protocol_caller(request, action=None)
     version = await _named_version(caller=caller, name=name, serial=serial, label=label)
-    facts = ModelFacts.of(version)
-    return JsonResponse(model_metadata(facts=facts, details=core_metadata(version).description()))
+    return JsonResponse(await sync_to_async(_metadata)(version))
+
+
+def _metadata(version: ModelVersion) -> dict:
+    # sync: a version reached through a pin may not have its model loaded yet
+    return model_metadata(facts=ModelFacts.of(version), details=core_metadata(version).description())
 
 
 def _body(request: HttpRequest) -> object:
@@ -516,7 +520,7 @@ async def verb_view(request: HttpRequest, name: str, verb: str, serial: str = ""
     version = await _named_version(caller=caller, name=name, serial=serial, label=label)
     if verb == "regress":
         raise Invalid("This model has no regression signature; use :predict or :classify.")
-    facts, body = ModelFacts.of(version), _body(request)
+    facts, body = await sync_to_async(ModelFacts.of)(version), _body(request)
     parse = predict_request_parse if verb == "predict" else classify_request_parse
     try:
         inputs = parse(body, facts=facts, max_instances=settings.DATA_UPLOAD_MAX_NUMBER_FILES)

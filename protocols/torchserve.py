@@ -278,7 +278,8 @@ def _workers(version: ModelVersion) -> list[WorkerFacts]:
     ]  # fmt: skip
 
 
-async def _describe(version: ModelVersion) -> dict:
+def _describe(version: ModelVersion) -> dict:
+    """Sync: it reads the version's model and the workers' heartbeats (Redis)."""
     manifest = version.manifest
     return model_description(
         name=version.model.name,
@@ -288,7 +289,7 @@ async def _describe(version: ModelVersion) -> dict:
         batch_size=manifest.get("max_batch_size") or settings.SIGHTLINE_MAX_BATCH_SIZE,
         max_batch_delay_ms=float(manifest.get("max_wait_ms") or settings.SIGHTLINE_MAX_WAIT_MS),
         response_timeout_s=float(settings.SIGHTLINE_PROTOCOL_TIMEOUT_SECONDS),
-        workers=await sync_to_async(_workers)(version),
+        workers=_workers(version),
         details=core_metadata(version).description(),
     )
 
@@ -331,7 +332,7 @@ async def model_view(request: HttpRequest, name: str, version: str = "") -> Http
             raise NotFound(missing_model(name))
     else:
         versions = [await _version(caller=caller, name=name, version=version)]
-    return _json([await _describe(chosen) for chosen in versions])
+    return _json([await sync_to_async(_describe)(chosen) for chosen in versions])
 
 
 @csrf_exempt

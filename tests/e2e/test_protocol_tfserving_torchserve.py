@@ -385,3 +385,30 @@ def test_one_read_costs_about_what_it_costs_by_the_other_protocols(stack, live_d
             took.append((time.perf_counter() - started) * 1000)
         medians[name] = statistics.median(took)
     print("\nc1 median: " + "; ".join(f"{name} {ms:.0f} ms" for name, ms in medians.items()))
+
+
+def test_a_pinned_hospital_is_answered_by_its_pin_in_both(stack, live_demo, second_version, tmp_path):
+    """Hospital B pinned to version 2: every unnamed read, status and description is version 2,
+    and version 1 (production) is no longer one it may name."""
+    from recognition.services.registry import model_pin_set
+
+    model_pin_set(tenant=childrens_hospital(), model=second_version.model, version=second_version)
+    headers = bearer(key_for("demo-childrens", Role.CLINICIAN, "pinned"))
+    base = f"{stack.base_url}/v1/models/{MODEL}"
+    status = requests.get(base, headers=headers, timeout=10).json()["model_version_status"]
+    assert [entry["version"] for entry in status] == ["2"]
+    assert requests.get(f"{base}/metadata", headers=headers, timeout=10).json()["model_spec"]["version"] == "2"
+    assert requests.get(f"{base}/versions/1", headers=headers, timeout=10).status_code == 404
+    read = requests.post(f"{base}:predict", json={"instances": [b64(OPACITY)]}, headers=headers, timeout=TIMEOUT)
+    assert read.status_code == 200, read.text
+    (request_id,) = read.headers["X-Inference-Request-Ids"].split(",")
+    assert InferenceRequest.objects.get(pk=request_id).model_version == second_version
+
+    scan = tmp_path / "scan.png"
+    scan.write_bytes(OPACITY)
+    auth = ["-H", f"Authorization: Bearer {headers['Authorization'].removeprefix('Bearer ')}"]
+    status_code, described = curl(*auth, f"{stack.base_url}/models/{MODEL}")
+    assert status_code == 200 and described[0]["modelVersion"] == SECOND
+    status_code, answer = curl(*auth, f"{stack.base_url}/predictions/{MODEL}", "-T", str(scan))
+    assert status_code == 200 and list(answer)[0] == "round_opacity"
+    assert curl(*auth, f"{stack.base_url}/predictions/{MODEL}/{training.DEMO_VERSION}", "-T", str(scan))[0] == 404
