@@ -26,6 +26,9 @@ def normalised_infer(handler, array: np.ndarray) -> np.ndarray:
 
     from workers.engine import backends
 
+    if not isinstance(getattr(handler, "model", None), torch.nn.Module):
+        # an ONNX graph takes uint8 pixels with its normalisation inside: nothing to feed FP32 to
+        raise ValueError(f"{handler.manifest.name} {handler.manifest.version} takes images only (BYTES), not FP32")
     with torch.inference_mode():
         x = torch.from_numpy(array).to(handler.device).contiguous(memory_format=torch.channels_last)
         with (
