@@ -38,8 +38,8 @@ from core.cache_control import NO_STORE
 from core.request_id import _REQUEST_ID
 
 T = TypeVar("T")
-# paths this handler serves; the TF Serving and TorchServe routes add theirs
-PROTOCOL_PATH_PREFIXES = ("/v2",)
+# paths this handler serves: KServe v2, TF Serving REST, TorchServe
+PROTOCOL_PATH_PREFIXES = ("/v2", "/v1", "/predictions", "/models", "/ping")
 PROTOCOL_MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "protocols.asgi.protocol_middleware",
