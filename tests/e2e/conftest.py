@@ -144,7 +144,9 @@ def stack(django_db_setup, django_db_blocker, demo_package, tmp_path_factory) ->
     redis_port = None if redis_url else free_port()
     redis_url = redis_url or f"redis://127.0.0.1:{redis_port}/0"
     env = {
-        **os.environ,
+        # never the test process's DJANGO_ALLOW_ASYNC_UNSAFE: the server must refuse a database
+        # call made from async code (a protocol view that would block its event loop)
+        **{key: value for key, value in os.environ.items() if key != "DJANGO_ALLOW_ASYNC_UNSAFE"},
         "DJANGO_SETTINGS_MODULE": "config.settings.test",
         "DATABASE_URL": database_url(),
         "REDIS_URL": redis_url,
