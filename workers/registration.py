@@ -113,10 +113,12 @@ def check_derived_against_parent(candidate: Candidate) -> None:
         )
     if parent.status != ModelVersion.Status.READY:
         raise Refused(f"the version it was made from, {parent}, is {parent.status}")
-    handler = candidate.handler
+    handler, package = candidate.handler, candidate.package
+    if handler is None or package is None:  # check_loads_and_answers runs first
+        raise Refused("the model was not loaded before it could be measured")
     holdout = handler.manifest.holdout
     if holdout:
-        images, labels = optimise.package_holdout(handler, candidate.package)
+        images, labels = optimise.package_holdout(handler, package)
     elif handler.manifest.demo:
         images, labels = optimise.demo_images(
             optimise.DEMO_HOLDOUT_SEED, optimise.DEMO_HOLDOUT_IMAGES, handler.manifest.input_size
@@ -138,7 +140,7 @@ def check_derived_against_parent(candidate: Candidate) -> None:
         parent_handler,
         images,
         labels,
-        derived_package=candidate.package,
+        derived_package=package,
         parent_package=parent_package,
         holdout=holdout,
     )

@@ -179,6 +179,8 @@ def optimise(
         if calibration is None or not len(calibration):
             raise PackageError("int8 quantisation needs calibration images")
         graph = quantise_int8(graph, calibration)
+    if parent.package_path is None:
+        raise PackageError("the parent was not loaded from a package")
     with zipfile.ZipFile(parent.package_path) as archive:
         weights = read_member(archive, WEIGHTS_NAME, MAX_WEIGHTS_BYTES)
     base = parent.manifest.to_dict()
@@ -192,6 +194,7 @@ def optimise(
         "description": f"{parent.manifest.description} [{transform} of {parent.manifest.version}]".strip(),
     }
     holdout_rows = read_labels_csv(holdout) if holdout is not None else []
+    holdout_folder = holdout.parent if holdout is not None else Path()
     if holdout_rows:
         unknown = sorted({label for _, label in holdout_rows} - set(parent.manifest.labels))
         if unknown:
@@ -209,7 +212,7 @@ def optimise(
             writer = csv.writer(buffer)
             writer.writerow(["filename", "label"])
             for filename, label in holdout_rows:
-                source = holdout.parent / filename
+                source = holdout_folder / filename
                 if Path(filename).name != filename or not source.is_file():
                     raise PackageError(f"the held-out set names {filename!r}, not a file beside the CSV")
                 archive.writestr(HOLDOUT_DIR + filename, source.read_bytes())
@@ -280,7 +283,7 @@ def evaluate(
     images/s of each on this machine with the backend each runs."""
     derived_p, parent_p = _predict(derived, images), _predict(parent, images)
     diff = np.abs(derived_p - parent_p)
-    arms = {}
+    arms: dict[str, dict] = {}
     for key, handler, package, probabilities in (
         ("derived", derived, derived_package, derived_p),
         ("parent", parent, parent_package, parent_p),
@@ -300,7 +303,7 @@ def evaluate(
         "agreement": round(float((derived_p.argmax(1) == parent_p.argmax(1)).mean()), _DIGITS),
         "mean_abs_diff": round(float(diff.mean()), _DIGITS),
         "max_abs_diff": round(float(diff.max()), _DIGITS),
-        "size_ratio": round(arms["derived"]["model_bytes"] / arms["parent"]["model_bytes"], 4),
+        "size_ratio": round(arms["derived"]["model_bytes"] / arms["parent"]["model_bytes"], _DIGITS),
         **arms,
         "batch": EVAL_BATCH,
         "threads": torch.get_num_threads(),
