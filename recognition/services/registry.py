@@ -164,10 +164,10 @@ def derived_below_floor(version: ModelVersion) -> str:
     )
 
 
-def _state(version_id: int | None, percent: int | None = None) -> dict | None:
-    """A RolloutChange's before/after: what answered, or None for nothing."""
+def _state(version_id: int | None, percent: int | None = None) -> dict:
+    """A RolloutChange's before/after: what answered, or {} for nothing (no alias, split or pin)."""
     if version_id is None:
-        return None
+        return {}
     return {"version": version_id} if percent is None else {"version": version_id, "percent": percent}
 
 
@@ -258,7 +258,7 @@ def traffic_split_set(
     """Send ``percent`` of the hospital's images to ``version``; 0 (or no version) ends the split."""
     with transaction.atomic():
         current = TrafficSplit.objects.for_tenant(tenant).select_for_update().filter(model=model).first()
-        before = _state(current.version_id, current.percent) if current else None
+        before = _state(current.version_id, current.percent) if current else {}
         if not percent or version is None:
             if current is not None:
                 current.delete()
@@ -282,7 +282,7 @@ def traffic_split_set(
             tenant=tenant,
             kind=RolloutChange.Kind.SPLIT,
             before=before,
-            after=_state(split.version_id, split.percent) if split else None,
+            after=_state(split.version_id, split.percent) if split else {},
             changed_by=changed_by,
         )
         access_event_record(
@@ -308,7 +308,7 @@ def model_pin_set(
     """Keep the hospital on ``version`` whatever the aliases say; None removes the pin."""
     with transaction.atomic():
         current = ModelPin.objects.for_tenant(tenant).select_for_update().filter(model=model).first()
-        before = _state(current.version_id) if current else None
+        before = _state(current.version_id) if current else {}
         if version is None:
             ModelPin.objects.for_tenant(tenant).filter(model=model).delete()
             pin = None
@@ -326,7 +326,7 @@ def model_pin_set(
             tenant=tenant,
             kind=RolloutChange.Kind.PIN,
             before=before,
-            after=_state(pin.version_id) if pin else None,
+            after=_state(pin.version_id) if pin else {},
             changed_by=changed_by,
         )
         access_event_record(
@@ -358,7 +358,7 @@ def rollout_undo(*, model: AIModel, tenant=None, kind: str = "", undone_by=None,
             where = f" for {tenant.slug}" if tenant is not None else ""
             raise NotFound(f"There is no {kind or 'rollout'} change of {model.name}{where} left to undo.")
         before = change.before or {}
-        target = ModelVersion.objects.filter(pk=before["version"]).first() if before else None
+        target = ModelVersion.objects.filter(pk=before["version"]).first() if before.get("version") else None
         if change.kind == RolloutChange.Kind.ALIAS:
             if target is None:  # the alias did not exist before: it goes
                 ModelAlias.objects.filter(model=model, name=change.name).delete()
