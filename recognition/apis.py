@@ -15,14 +15,14 @@ from accounts.apis import TENANT_HEADER, TenantApi
 from accounts.permissions import Action
 from accounts.services import require
 from core.cursor import identifiers_refused_in_query
-from core.errors import Conflict, Invalid, Unavailable, Unprocessable
+from core.errors import Conflict, Invalid, NotFound, Unavailable, Unprocessable
 from core.inputs import ApiInput
 from core.pagination import NewestFirstPagination, NextCursorPage
 from core.streaming import streaming_response
 
 from .display import display_content_type
 from .job_selectors import batch_job_get, batch_job_list, batch_job_progress, batch_jobs_progress
-from .models import Image, Review, Study
+from .models import Image, ModelAlias, Review, Study
 from .selectors import (
     WORKLIST_PAGE,
     WORKLIST_PAGE_MAX,
@@ -44,6 +44,7 @@ from .services.heatmaps import (
     result_heatmap_status,
 )
 from .services.images import IDEMPOTENCY_KEY_MAX, StudyFields, images_upload_once
+from .services.inference import upload_routing
 from .services.jobs import (
     batch_items_add_files,
     batch_job_cancel,
@@ -149,13 +150,40 @@ class ImageUploadInput(ApiInput):
     modality = serializers.CharField(max_length=16, required=False, default="", allow_blank=True)
     study_description = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
     study_date = serializers.DateField(required=False, default=None)
+    model = serializers.SlugField(
+        max_length=100,
+        required=False,
+        default="",
+        allow_blank=True,
+        help_text="The model to read with (default: the platform's).",
+    )
+    version = serializers.CharField(
+        max_length=50,
+        required=False,
+        default="",
+        allow_blank=True,
+        help_text="A version of the model to read with, by its semantic version; it must be one the hospital may use "
+        "(its pin, else production, its split, or one a platform operator allowed): 404 otherwise.",
+    )
+    alias = serializers.ChoiceField(
+        choices=ModelAlias.Name.choices,
+        required=False,
+        default="",
+        allow_blank=True,
+        help_text="An alias of the model to read with, under the same rule as `version`.",
+    )
+
+    def validate(self, attrs):
+        if attrs["version"] and attrs["alias"]:
+            raise serializers.ValidationError("Name a version or an alias, not both.")
+        return attrs
 
 
 class ImageListCreateApi(TenantApi):
     pagination_class = NewestFirstPagination
     # a content-checked upload: 413/415/422 come with its file; 409 a study's fields that disagree,
     # 422 an Idempotency-Key reused for another file, 503 when no model is registered to read it
-    api_errors = {"post": (Conflict, Unprocessable, Unavailable, InteractiveBacklog)}
+    api_errors = {"post": (Conflict, NotFound, Unprocessable, Unavailable, InteractiveBacklog)}
 
     @extend_schema(parameters=[TENANT_HEADER], responses=ImageSummaryOutput(many=True))
     def get(self, request):
@@ -189,6 +217,14 @@ class ImageListCreateApi(TenantApi):
         data.is_valid(raise_exception=True)
         interactive_admission()  # 429 while too many reads wait: before anything is stored
         fields = data.validated_data
+        read_as = None
+        if fields["model"] or fields["version"] or fields["alias"]:
+            read_as = upload_routing(
+                tenant=request.membership.tenant,
+                model_name=fields["model"],
+                version=fields["version"],
+                alias=fields["alias"],
+            )
         images, created = images_upload_once(
             membership=request.membership,
             upload=fields["file"],
@@ -201,6 +237,7 @@ class ImageListCreateApi(TenantApi):
             ),
             idempotency_key=request.headers.get("Idempotency-Key", ""),
             request=request,
+            read_as=read_as,
         )
         answer = status.HTTP_200_OK
         if created:

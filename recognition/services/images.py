@@ -228,12 +228,19 @@ def image_upload(
 
 
 def images_upload(
-    *, membership: Membership, upload, study: StudyFields | None = None, request=None, read: bool = True
+    *,
+    membership: Membership,
+    upload,
+    study: StudyFields | None = None,
+    request=None,
+    read: bool = True,
+    read_as: Routing | None = None,
 ) -> list[Image]:
     """Store one file for the member's hospital and queue its AI read after commit (``read``;
-    a bulk job queues its reads when it starts). A DICOM file becomes one image per frame."""
+    a bulk job queues its reads when it starts). A DICOM file becomes one image per frame.
+    ``read_as``: the routing ``upload_routing`` gave for a named version, lane or protocol."""
     require(membership, Action.IMAGE_UPLOAD, request=request)
-    routing = upload_routing(tenant=membership.tenant) if read else None  # 503 before storing anything
+    routing = (read_as or upload_routing(tenant=membership.tenant)) if read else None  # 503 before storing
     return _images_from_bytes(
         membership=membership,
         data=_read_upload(upload),
@@ -247,13 +254,19 @@ IDEMPOTENCY_KEY_MAX = 128
 
 
 def images_upload_once(
-    *, membership: Membership, upload, study: StudyFields | None = None, idempotency_key: str = "", request=None
+    *,
+    membership: Membership,
+    upload,
+    study: StudyFields | None = None,
+    idempotency_key: str = "",
+    request=None,
+    read_as: Routing | None = None,
 ) -> tuple[list[Image], bool]:
     """``images_upload`` for a client that may retry: the same ``idempotency_key`` in the same
     hospital answers the image(s) of the first try (and False: nothing was created); the same key
     with another file or other study fields is refused in words."""
     if not idempotency_key:
-        return images_upload(membership=membership, upload=upload, study=study, request=request), True
+        return images_upload(membership=membership, upload=upload, study=study, request=request, read_as=read_as), True
     if len(idempotency_key) > IDEMPOTENCY_KEY_MAX or not idempotency_key.isascii() or not idempotency_key.isprintable():
         raise Invalid(
             f"The Idempotency-Key must be at most {IDEMPOTENCY_KEY_MAX} printable ASCII characters.",
@@ -267,7 +280,7 @@ def images_upload_once(
     ).hexdigest()
     if (earlier := _upload_replay(membership, idempotency_key, fingerprint, request)) is not None:
         return earlier, False
-    routing = upload_routing(tenant=tenant)
+    routing = read_as or upload_routing(tenant=tenant)
 
     def remember(images: list[Image]) -> None:  # in the upload's own transaction: both or neither
         UploadKey.objects.create(
@@ -341,6 +354,8 @@ def _images_from_bytes(
         with transaction.atomic():
             # a new study's worklist columns are known without looking: one image, its read queued
             summary = {"image_count": 1, "ai_status": Study.AIStatus.QUEUED if routing else Study.AIStatus.NONE}
+            if routing and routing.protocol:
+                summary["protocol"] = routing.protocol
             study_row, new_study = _study_for_upload(tenant=tenant, fields=fields, summary=summary)
             if new_study:  # its first series cannot exist yet
                 series = Series.objects.create(tenant=tenant, study=study_row, number=1, modality=study_row.modality)
@@ -364,7 +379,7 @@ def _images_from_bytes(
                 uploaded_by=membership.user,
             )
             if routing:  # the read renders it, in the same pass as the forward (workers/runner.py)
-                inference_request_create(image=image, model_version=_read_version(routing, image))
+                _read_create(routing, image)
                 # what the answer shows, without asking again (the list queries annotate it)
                 image.ai_status = InferenceRequest.Status.QUEUED  # type: ignore[attr-defined]
             else:  # no read yet (a bulk job's item): the worker step renders it for display
@@ -634,6 +649,11 @@ def _store_dicom(
             files.append((png, pixels))
         with transaction.atomic():
             study = _dicom_study(tenant, header, fields)
+            if routing is not None and routing.protocol and not study.protocol and not study.images.exists():
+                # a protocol read that began a study: out of clinicians' worklists like the others;
+                # one of an existing study is filed with it, as the hospital's own image
+                study.protocol = routing.protocol
+                study.save(update_fields=["protocol"])
             series = _dicom_series(tenant, study, header)
             window = header.get("window")
             common = {
@@ -695,7 +715,7 @@ def _store_dicom(
                 ]
                 if routing is not None:
                     for image in images:
-                        inference_request_create(image=image, model_version=_read_version(routing, image))
+                        _read_create(routing, image)
             study_summary_refresh([study.pk])
             for image in images:
                 member_action_record(
@@ -907,6 +927,12 @@ def _queue_read(image: Image) -> None:
         logger.warning("image %s rendered; no production model, so its AI read is not queued", image.pk)
         return
     inference_request_create(image=image, model_version=_read_version(routing, image))
+
+
+def _read_create(routing: Routing, image: Image) -> None:
+    inference_request_create(
+        image=image, model_version=_read_version(routing, image), priority=routing.priority, protocol=routing.protocol
+    )
 
 
 def _read_version(routing: Routing, image: Image) -> ModelVersion:

@@ -4,6 +4,7 @@ after commit. The worker side (claim, batch, forward, store) is ``workers/runner
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from django.conf import settings
 from django.core.cache import cache
@@ -23,23 +24,49 @@ INFER_TASK = "workers.tasks.infer"
 WAKE_PENDING_SECONDS = 10
 
 
-def upload_routing(*, tenant) -> Routing:
-    """The hospital's routing for uploads, or 503 (before anything is stored) without a model."""
-    routing = model_routing(tenant=tenant, model_name=settings.SIGHTLINE_DEFAULT_MODEL)
-    if version_for(routing=routing) is None:
+def upload_routing(
+    *,
+    tenant,
+    model_name: str = "",
+    version: str = "",
+    alias: str = "",
+    serial: int | None = None,
+    priority: int = InferenceRequest.Priority.INTERACTIVE,
+    protocol: str = "",
+) -> Routing:
+    """The hospital's routing for uploads, or 503 (before anything is stored) without a model.
+
+    A named ``version``, ``serial`` or ``alias`` (the upload API's choice, a protocol's URL) is
+    checked by ``version_for``'s rule (404 for one the hospital may not use, 409 not ready) and
+    reads every image of the upload; otherwise the hospital's pin, split or production alias
+    does. ``priority`` and ``protocol`` say how the reads are queued."""
+    name = model_name or settings.SIGHTLINE_DEFAULT_MODEL
+    routing = model_routing(tenant=tenant, model_name=name)
+    if version or alias or serial is not None:
+        chosen = version_for(
+            tenant=tenant, model_name=name, version=version, alias=alias, serial=serial, routing=routing, required=True
+        )
+        routing = Routing(chosen, None, None)
+    elif version_for(routing=routing) is None:
+        if model_name:
+            version_for(tenant=tenant, model_name=name, routing=routing, required=True)  # 404 in words
         raise Unavailable(
             "No production model is registered yet, so images cannot be read. "
             "Platform staff register one with `manage.py build_demo_model` or `register_model`.",
             code="no_model",
         )
-    return routing
+    return replace(routing, priority=priority, protocol=protocol)
 
 
 def inference_request_create(
-    *, image: Image, model_version: ModelVersion, priority: int = InferenceRequest.Priority.INTERACTIVE
+    *,
+    image: Image,
+    model_version: ModelVersion,
+    priority: int = InferenceRequest.Priority.INTERACTIVE,
+    protocol: str = "",
 ) -> InferenceRequest:
     request = InferenceRequest.objects.create(
-        tenant=image.tenant, image=image, model_version=model_version, priority=priority
+        tenant=image.tenant, image=image, model_version=model_version, priority=priority, protocol=protocol
     )
     # robust: a broker outage must not undo a committed upload; the request stays queued in
     # the database, which is what re-enqueueing reads

@@ -12,7 +12,7 @@ from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import default_storage
 from django.db import transaction
-from django.db.models import OuterRef, QuerySet, Subquery
+from django.db.models import OuterRef, Q, QuerySet, Subquery
 from django.utils import timezone
 
 from accounts.services import access_event_record
@@ -25,6 +25,7 @@ from ..models import (
     SPLIT_PERCENT_MIN,
     AIModel,
     ModelAlias,
+    ModelAllowance,
     ModelPin,
     ModelVersion,
     RolloutChange,
@@ -427,6 +428,10 @@ class Routing:
     pin: ModelVersion | None
     split: TrafficSplit | None
     production: ModelVersion | None
+    # how the reads it places are queued: the lane (InferenceRequest.Priority; 0 interactive) and
+    # the model-server protocol they came by ("" for the platform's own upload)
+    priority: int = 0
+    protocol: str = ""
 
     def version_for(self, image_id: int | None) -> ModelVersion | None:
         """Pin, else split (when there is an image to place), else the production alias."""
@@ -481,27 +486,37 @@ def version_for(
     image_id: int | None = None,
     alias: str = "",
     version: str = "",
+    serial: int | None = None,
     routing: Routing | None = None,
     required: bool = False,
 ) -> ModelVersion | None:
     """The one answer to "which model version" (of ``model_name``, the platform's default model
     when empty):
 
-    - ``version`` named: that version, which must have passed the registration checks (409);
-    - ``alias`` named: the version the alias points at, whatever the hospital's pin;
+    - ``version`` (semantic) or ``serial`` (the integer TF Serving and KServe clients name) named:
+      that version, which must have passed the registration checks (409);
+    - ``alias`` named: the version the alias points at;
     - otherwise the hospital's routing (``routing`` when the caller read it once for an upload,
       else ``model_routing``'s one query): its pin, else its split (when there is an image to
       place), else the production alias; with no hospital, the production alias alone.
+
+    With a hospital, a named version or alias must be one it may use (``version_allowed``): its
+    pin if it has one; otherwise the production alias, its split's version, and whatever a
+    platform operator has allowed it (``ModelAllowance``). Anything else is a 404
+    (``version_not_allowed``), as another hospital's object is.
 
     None when nothing answers, or, with ``required``, a 404 that says what is missing (no such
     model, version or alias); a named version or alias that is missing is always a 404.
     """
     name = model_name or settings.SIGHTLINE_DEFAULT_MODEL
-    if version:
-        found = ModelVersion.objects.select_related("model").filter(model__name=name, version=version).first()
+    if version or serial is not None:
+        lookup = {"version": version} if version else {"serial": serial}
+        found = ModelVersion.objects.select_related("model").filter(model__name=name, **lookup).first()
         if found is None:
             _require_model(name)
-            raise NotFound(f"{name} has no version {version!r}.", code="unknown_version")
+            raise NotFound(f"{name} has no version {version or serial!r}.", code="unknown_version")
+        if tenant is not None:
+            version_allowed(tenant=tenant, version=found, routing=routing)
         model_version_require_ready(version=found)  # 409 for a version still validating or refused
         return found
     if alias:
@@ -509,6 +524,8 @@ def version_for(
         if row is None:
             _require_model(name)
             raise NotFound(f"{name} has no {alias} alias.", code="unknown_alias")
+        if tenant is not None:
+            version_allowed(tenant=tenant, version=row.version, alias=alias, routing=routing)
         return row.version
     if routing is None:
         if tenant is not None:
@@ -525,6 +542,77 @@ def version_for(
         _require_model(name)
         raise NotFound(f"{name} has no production alias.", code="unknown_alias")
     return chosen
+
+
+def _routed_ids(routing: Routing) -> list[int]:
+    """The versions the hospital reads with anyway: its pin, else production and its split."""
+    if routing.pin is not None:
+        return [routing.pin.pk]
+    return [v.pk for v in (routing.production, routing.split.version if routing.split else None) if v is not None]
+
+
+def version_allowed(*, tenant, version: ModelVersion, alias: str = "", routing: Routing | None = None) -> None:
+    """Refuse (404, ``version_not_allowed``) a version the hospital may not name: see ``version_for``."""
+    routing = routing or model_routing(tenant=tenant, model_name=version.model.name)
+    if version.pk in _routed_ids(routing):
+        return
+    allowances = ModelAllowance.objects.for_tenant(tenant).filter(model_id=version.model_id)
+    if allowances.filter(Q(version=version) | (Q(alias=alias) & ~Q(alias=""))).exists():
+        return
+    uses = f"its pinned version {routing.pin.version}" if routing.pin else "the production alias and its split"
+    raise NotFound(
+        f"{version.model.name} {version.version} is not available to this hospital: it reads with {uses}; "
+        "a platform operator can allow another version or alias for it.",
+        code="version_not_allowed",
+    )
+
+
+def versions_available(*, tenant, model: AIModel, routing: Routing | None = None) -> list[ModelVersion]:
+    """The ready versions of ``model`` this hospital may name (what ``version_allowed`` lets
+    through, aliases resolved), in registration order: what a protocol's model status lists."""
+    routing = routing or model_routing(tenant=tenant, model_name=model.name)
+    ids = set(_routed_ids(routing))
+    allowed = list(ModelAllowance.objects.for_tenant(tenant).filter(model=model))
+    ids.update(row.version_id for row in allowed if row.version_id)
+    aliases = [row.alias for row in allowed if row.alias]
+    if aliases:
+        ids.update(ModelAlias.objects.filter(model=model, name__in=aliases).values_list("version_id", flat=True))
+    return list(
+        ModelVersion.objects.select_related("model")
+        .filter(pk__in=ids, status=ModelVersion.Status.READY)
+        .order_by("serial")
+    )
+
+
+def model_allowance_set(
+    *,
+    tenant,
+    model: AIModel,
+    version: ModelVersion | None = None,
+    alias: str = "",
+    allowed: bool = True,
+    changed_by=None,
+) -> ModelAllowance | None:
+    """Let the hospital name ``version`` (or ``alias``), or take that back (``allowed=False``); logged."""
+    if (version is None) == (not alias):
+        raise Invalid("Allow either a version or an alias, not both.", code="bad_allowance")
+    if alias and alias not in ModelAlias.Name.values:
+        raise Invalid(f"{alias!r} is not an alias; use one of {', '.join(ModelAlias.Name.values)}.", code="bad_alias")
+    if version is not None:
+        _version_of(model, version)
+    with transaction.atomic():
+        rows = ModelAllowance.objects.for_tenant(tenant).filter(model=model, version=version, alias=alias)
+        row = None
+        if allowed:
+            row = rows.first() or ModelAllowance.objects.create(
+                tenant=tenant, model=model, version=version, alias=alias, created_by=changed_by
+            )
+        else:
+            rows.delete()
+        access_event_record(
+            action="model.allowance_change", user=changed_by, tenant=tenant, target_type="model", target_id=model.pk
+        )
+    return row
 
 
 def _require_model(name: str) -> None:

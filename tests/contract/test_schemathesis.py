@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from datetime import timedelta
@@ -38,16 +39,48 @@ def test_the_live_api_keeps_its_openapi_contract(stack, live_demo, tmp_path):
         "-H", f"Authorization: Bearer {clinician_token()}",
         "--report", "junit", "--report-dir", str(tmp_path),
     ]  # fmt: skip
+    argv += shlex.split(os.environ.get("SIGHTLINE_CONTRACT_ARGS", ""))  # e.g. "--seed N" to replay a run
     env = {**os.environ, "PYTHONPATH": str(settings.BASE_DIR)}  # the hooks module
     run = subprocess.run(
         argv, cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, timeout=MAX_SECONDS + 600
     )
-    report = run.stdout[-25_000:] + run.stderr[-5_000:]
-    assert run.returncode == 0, report
     # zero server errors, also those a check might not see (a refusal Django logs with its
     # traceback, such as too many files, is a 400 and fine)
     web_log = (stack.logs / "web.log").read_text(errors="replace")
     server_errors = [
         line for line in web_log.splitlines() if re.search(r'HTTP/1\.1" 5\d\d |Internal Server Error', line)
     ]
-    assert not server_errors, "\n".join(server_errors[:50])
+    # what a reader of a failed CI run needs first: schemathesis' failures (each with its curl
+    # to replay it), the server's tracebacks, then the summary with the seed
+    failures = run.stdout.partition("FAILURES")[2].partition("WARNINGS")[0]
+    tracebacks = "\n".join(_tracebacks(web_log)[:3])
+    report = (
+        f"{failures[:20_000]}\n--- web.log ---\n{tracebacks[:8_000]}\n--- end ---\n"
+        f"{run.stdout[-4_000:]}{run.stderr[-2_000:]}"
+    )
+    assert run.returncode == 0, report
+    assert not server_errors, "\n".join(server_errors[:50]) + "\n" + tracebacks[:8_000]
+
+
+def _tracebacks(log: str) -> list[str]:
+    """Each logged 500 ("Internal Server Error: /path") with the traceback that follows it."""
+    blocks: list[str] = []
+    current: list[str] | None = None
+    for line in log.splitlines():
+        if "Internal Server Error" in line:
+            if current:
+                blocks.append("\n".join(current))
+            current = [line]
+        elif current is not None:
+            current.append(line)
+            if (
+                current[-2:-1]
+                and not line.startswith(" ")
+                and line.strip()
+                and not line.startswith(("Traceback", "During handling", "The above"))
+            ):  # the exception's own line ends the block
+                blocks.append("\n".join(current))
+                current = None
+    if current:
+        blocks.append("\n".join(current))
+    return blocks

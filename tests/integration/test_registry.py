@@ -329,6 +329,10 @@ def test_only_a_ready_version_gets_an_alias_a_split_or_a_pin(validating, hospita
 
 
 def test_a_job_for_a_version_that_is_not_ready_is_409_in_words(clinician_a, validating):
+    from recognition.models import ModelAllowance
+
+    # one the hospital may name (a version it may not name is a 404 whatever its state)
+    ModelAllowance.objects.create(tenant=clinician_a.tenant, model=validating.model, version=validating)
     response = api_client_for(clinician_a).post(
         "/api/v1/batches/", {"name": "nightly", "version": "2.0.0"}, format="json"
     )
