@@ -64,6 +64,13 @@ class Command(BaseCommand):
             raise CommandError(f"{parent} is {parent.status}: only a ready version can be optimised")
         if holdout is not None and not holdout.is_file():
             raise CommandError(f"{holdout} is not a labels CSV")
+        made = ModelVersion.objects.filter(
+            model=parent.model, version=optimise.derived_version(parent.version, transform)
+        ).first()
+        if made is not None:  # versions are immutable, and a second export's bytes would differ
+            self.stdout.write(f"Already made: {made.label} ({made.status})")
+            self._report(parent, made if options["no_wait"] else self._wait(made, options["timeout"]))
+            return
         demo = parent.model.is_demo and parent.manifest.get("demo", False)
         if holdout is None and not demo:
             raise CommandError("--holdout CSV is needed: the worker measures the new version against this one on it")
@@ -94,14 +101,14 @@ class Command(BaseCommand):
                     f"Made {derived.manifest.version} in {derived.seconds:.1f} s "
                     f"({derived.graph_bytes / _MB:.1f} MB model.onnx); registering it…"
                 )
-                row, created = model_version_submit(
+                row, _ = model_version_submit(
                     package_path=derived.path, registered_by=None, enqueue=not options["validate_here"]
                 )
         except PackageError as exc:
             raise CommandError(str(exc)) from exc
         except DomainError as exc:
             raise CommandError(exc.message) from exc
-        self.stdout.write(f"Stored {row.label} ({row.status}){'' if created else ', registered before'}")
+        self.stdout.write(f"Stored {row.label} ({row.status})")
         if options["validate_here"] and row.status == ModelVersion.Status.VALIDATING:
             row = model_version_validate(version_id=row.pk)
         elif options["no_wait"]:
@@ -111,8 +118,14 @@ class Command(BaseCommand):
             return
         else:
             row = self._wait(row, options["timeout"])
+        self._report(parent, row)
+
+    def _report(self, parent: ModelVersion, row: ModelVersion) -> None:
         if row.status == ModelVersion.Status.REFUSED:
             raise CommandError(f"Refused {row}: {row.refusal_reason}")
+        if row.status == ModelVersion.Status.VALIDATING:
+            self.stdout.write("Still validating: its numbers appear on its admin page once a worker measured it.")
+            return
         self.stdout.write(self.style.SUCCESS(f"Registered {row.label} (ready), derived from {parent.label}"))
         self.stdout.write(json.dumps(row.evaluation, indent=2))
         below = derived_below_floor(row)
