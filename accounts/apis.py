@@ -243,6 +243,7 @@ class ServiceAccountOutput(serializers.Serializer):
     username = serializers.CharField(source="user.username")
     role = serializers.CharField(source="membership.role")
     description = serializers.CharField()
+    interactive = serializers.BooleanField(help_text="Its protocol reads go to the interactive lane.")
     created = serializers.DateTimeField()
     revoked_at = serializers.DateTimeField(allow_null=True)
     keys = ServiceAccountKeyOutput(many=True, source="keys.all")
@@ -252,6 +253,12 @@ class ServiceAccountInput(ApiInput):
     name = serializers.CharField(max_length=50, help_text="Lowercase letters, digits and hyphens.")
     role = serializers.ChoiceField(choices=SERVICE_ACCOUNT_ROLE_CHOICES, help_text="Never hospital admin.")
     description = serializers.CharField(max_length=200, required=False, default="", allow_blank=True)
+    interactive = serializers.BooleanField(
+        required=False,
+        default=False,
+        help_text="Its model-server protocol reads (KServe v2, TF Serving, TorchServe) go to the interactive lane, "
+        "where a person waits; otherwise to the bulk lane with batch jobs.",
+    )
 
 
 class ApiKeyInput(ApiInput):

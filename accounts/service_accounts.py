@@ -119,9 +119,10 @@ def api_key_get(*, actor: Membership, api_key_id: int, request=None) -> ApiKey:
 
 
 def service_account_create(
-    *, actor: Membership, name: str, role: str, description: str = "", request=None
+    *, actor: Membership, name: str, role: str, description: str = "", interactive: bool = False, request=None
 ) -> ServiceAccount:
-    """A new service account of the actor's hospital, with its one membership. It has no key yet."""
+    """A new service account of the actor's hospital, with its one membership. It has no key yet.
+    ``interactive``: its model-server protocol reads go to the interactive lane, not the bulk one."""
     require(actor, Action.MEMBERS_MANAGE, request=request)
     _check_role(role)
     if not _NAME.match(name):
@@ -148,6 +149,7 @@ def service_account_create(
                 membership=membership,
                 name=name,
                 description=description[:DESCRIPTION_LENGTH],
+                interactive=interactive,
                 created_by=actor.user,
             )
             access_event_record(

@@ -342,6 +342,7 @@ def service_account_create_page(request):
             name=request.POST.get("name", "").strip(),
             role=request.POST.get("role", ""),
             description=request.POST.get("description", "").strip(),
+            interactive=request.POST.get("interactive") == "on",
             request=request,
         )
         messages.success(request, f"Service account {account.name} created. Give it a key to use it.")

@@ -58,7 +58,7 @@ def test_an_admin_creates_a_service_account_and_a_key_shown_once(admin_a):
     assert response.status_code == 201, response.content
     account = response.json()
     assert account["username"] == "svc:demo-general:nightly-import" and account["role"] == "clinician"
-    assert account["keys"] == []
+    assert account["keys"] == [] and account["interactive"] is False  # protocol reads: the bulk lane
 
     response = admin.post(f"/api/v1/service-accounts/{account['id']}/keys/", {"rate": 120}, format="json")
     assert response.status_code == 201, response.content
@@ -326,6 +326,13 @@ def test_a_key_opens_no_pages(admin_a):
 
 
 # --- the page -------------------------------------------------------------------------------
+
+
+def test_an_account_whose_protocol_reads_a_person_waits_on_is_marked_interactive(admin_a):
+    admin = api_client_for(admin_a)
+    body = {"name": "reading-room", "role": "clinician", "interactive": True}
+    account = admin.post("/api/v1/service-accounts/", body, format="json").json()
+    assert account["interactive"] is True and ServiceAccount.objects.get(pk=account["id"]).interactive
 
 
 def test_the_page_creates_an_account_shows_a_new_key_once_and_revokes_it(admin_a, demo_model):
