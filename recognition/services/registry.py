@@ -345,7 +345,7 @@ def rollout_undo(*, model: AIModel, tenant=None, kind: str = "", undone_by=None,
     """Revert the latest change not yet undone (of ``kind`` when given: alias, split or pin; of
     ``tenant``'s splits and pins, or the aliases when no tenant) in one step, through the same
     functions that made it (ready checks, the access log); that change is marked undone. An alias
-    is put back past the agreement floor without force: it answered before. 404 when nothing
+    is put back past the agreement floor without force: it answered before. 409 when nothing
     is left to undo."""
     changes = RolloutChange.objects.filter(model=model, undone_at__isnull=True)
     changes = changes.filter(tenant=tenant) if tenant is not None else changes.filter(tenant__isnull=True)
@@ -357,7 +357,9 @@ def rollout_undo(*, model: AIModel, tenant=None, kind: str = "", undone_by=None,
         change = changes.select_for_update().order_by("-created", "-id").first()
         if change is None:
             where = f" for {tenant.slug}" if tenant is not None else ""
-            raise NotFound(f"There is no {kind or 'rollout'} change of {model.name}{where} left to undo.")
+            raise Conflict(
+                f"There is no {kind or 'rollout'} change of {model.name}{where} left to undo.", code="nothing_to_undo"
+            )
         before = change.before or {}
         target = ModelVersion.objects.filter(pk=before["version"]).first() if before.get("version") else None
         if change.kind == RolloutChange.Kind.ALIAS:
