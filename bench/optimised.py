@@ -120,12 +120,14 @@ def bench_model(key: str, workdir: Path, quick: bool) -> dict:
     holdout, labels = optimise.demo_images(optimise.DEMO_HOLDOUT_SEED, HOLDOUT_IMAGES[kind] // share, size)
     known = labels if kind == "demo" else None
 
-    derived, made = {}, {}
+    derived: dict = {}
+    made: dict = {}
     for transform in optimise.TRANSFORMS:
         made[transform] = optimise.optimise(
             parent, workdir / f"{key}-{transform}.zip", transform=transform, calibration=calibration
         )
         derived[transform] = Handler.initialize(made[transform].path, manifest.weights_sha256, device=cpu)
+    parent_measured = optimise.measure(parent, holdout)
     against_parent = {
         transform: optimise.evaluate(
             handler,
@@ -135,6 +137,7 @@ def bench_model(key: str, workdir: Path, quick: bool) -> dict:
             derived_package=made[transform].path,
             parent_package=package,
             holdout=f"demo generator, seed {optimise.DEMO_HOLDOUT_SEED}",
+            parent_measured=parent_measured,
         )
         for transform, handler in derived.items()
     }

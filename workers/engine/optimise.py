@@ -257,6 +257,11 @@ def images_per_second(handler: Handler, images: np.ndarray, repeats: int = SPEED
     return round(len(images) / best, 1)
 
 
+def measure(handler: Handler, images: np.ndarray) -> tuple[np.ndarray, float]:
+    """The handler's probabilities on ``images`` and its images/s over them."""
+    return _predict(handler, images), images_per_second(handler, images)
+
+
 def model_bytes(package: Path) -> int:
     """The bytes a version runs from: its ``model.onnx`` when its manifest runs only that graph
     (a derived version), else its ``weights.pt``."""
@@ -276,24 +281,27 @@ def evaluate(
     derived_package: Path,
     parent_package: Path,
     holdout: str = "",
+    parent_measured: tuple[np.ndarray, float] | None = None,
 ) -> dict:
     """The derived version against its parent on ``images`` (uint8 N×3×H×W): top-label
     agreement, mean and worst probability difference, accuracy of each when ``labels`` are
     known, sizes (the whole package, and the model bytes each runs: the ratio compares those),
-    images/s of each on this machine with the backend each runs."""
-    derived_p, parent_p = _predict(derived, images), _predict(parent, images)
+    images/s of each on this machine with the backend each runs. ``parent_measured``: the
+    parent's ``measure`` on the same images, when the caller compares several versions with it."""
+    derived_p, derived_speed = measure(derived, images)
+    parent_p, parent_speed = parent_measured or measure(parent, images)
     diff = np.abs(derived_p - parent_p)
     arms: dict[str, dict] = {}
-    for key, handler, package, probabilities in (
-        ("derived", derived, derived_package, derived_p),
-        ("parent", parent, parent_package, parent_p),
+    for key, handler, package, probabilities, speed in (
+        ("derived", derived, derived_package, derived_p, derived_speed),
+        ("parent", parent, parent_package, parent_p, parent_speed),
     ):
         arms[key] = {
             "version": handler.manifest.version,
             "backend": handler.backend,
             "package_bytes": package.stat().st_size,
             "model_bytes": model_bytes(package),
-            "images_per_second": images_per_second(handler, images),
+            "images_per_second": speed,
         }
         if labels is not None:
             arms[key]["accuracy"] = round(float((probabilities.argmax(1) == labels).mean()), _DIGITS)
