@@ -66,10 +66,10 @@ DEMO_HOLDOUT_IMAGES = 512
 EVAL_BATCH = 32  # images per forward pass while measuring: a full bulk batch
 SPEED_REPEATS = 3  # passes over the held-out set timed; the fastest counts
 _DIGITS = 6
-# the ops quantised: the convolutions and the classifier carry nearly all the arithmetic; the
-# normalisation before them and the softmax after them stay fp32 (a quantised softmax output
-# would round every probability to 1/256)
-QUANTISED_OPS = ["Conv", "Gemm", "MatMul"]
+# nodes left in fp32: the normalisation before the network (Cast, Sub, Div) and the softmax or
+# sigmoid after it (a quantised output would round every probability to 1/256); everything else
+# (convolutions, the classifier, adds, pools) runs in int8
+FP32_OPS = ("Cast", "Sub", "Div", "Softmax", "Sigmoid")
 
 
 def derived_version(parent_version: str, transform: str) -> str:
@@ -128,9 +128,16 @@ class _Calibration:
 
 
 def quantise_int8(fp32_graph: bytes, calibration: np.ndarray) -> bytes:
-    """Static int8 quantisation, QDQ format, weights per output channel, activations' ranges
-    calibrated (MinMax) on ``calibration``."""
+    """Static int8 quantisation, QDQ format: weights signed int8 per output channel (symmetric),
+    activations unsigned int8 (asymmetric), their ranges calibrated (MinMax) on ``calibration``.
+    U8 activations with S8 weights is onnxruntime's fast path on x86 (measured on this AMD EPYC,
+    demo model, batch 32: U8S8 with every op but FP32_OPS quantised ran 3.2x fp32's images/s;
+    S8S8 ran slower than fp32, 0.7x; quantising only Conv/Gemm, 2.7x, and further from fp32)."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    graph = onnx.load_from_string(fp32_graph)
+    kept = [node.name for node in graph.graph.node if node.op_type in FP32_OPS]
 
     with tempfile.TemporaryDirectory(prefix="sightline-quantise-") as tmp:
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
@@ -140,9 +147,9 @@ def quantise_int8(fp32_graph: bytes, calibration: np.ndarray) -> bytes:
             target,
             _Calibration(calibration),
             quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=QUANTISED_OPS,
+            nodes_to_exclude=kept,
             per_channel=True,
-            activation_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
