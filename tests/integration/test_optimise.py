@@ -21,6 +21,7 @@ from core.errors import Conflict
 from core.model_package import MANIFEST_NAME, ONNX_NAME, WEIGHTS_NAME
 from recognition.models import ModelAlias, ModelVersion, RolloutChange
 from recognition.services.registry import model_alias_move
+from tests.conftest import api_client_for
 from workers.engine import synthetic
 from workers.model_cache import model_cache_clear, model_handler
 
@@ -141,6 +142,26 @@ def test_under_the_floor_production_is_refused_unless_forced_and_forcing_is_logg
     out = run("rollout_undo", "sightline-demo", "--kind", "alias")
     assert "back from v2 · 1.0.0+onnx-int8 to v1 · 1.0.0" in out
     assert ModelAlias.objects.get(model=model, name="production").version == demo_model
+
+
+def test_staff_force_production_on_the_admin_alias_page(int8, demo_model, admin_client):
+    alias = ModelAlias.objects.get(model=demo_model.model, name="production")
+    form = {"model": demo_model.model_id, "name": "production", "version": int8.pk}
+    url = f"/admin/recognition/modelalias/{alias.pk}/change/"
+    with override_settings(SIGHTLINE_DERIVED_AGREEMENT_FLOOR=1.01):
+        refused = admin_client.post(url, form, follow=True).content.decode()
+        assert "cannot be given the production alias without force" in refused
+        alias.refresh_from_db()
+        assert alias.version == demo_model
+        admin_client.post(url, {**form, "force": "on"}, follow=True)
+    alias.refresh_from_db()
+    assert alias.version == int8
+    assert RolloutChange.objects.filter(kind="alias", forced=True).count() == 1
+
+
+def test_the_api_gives_each_version_its_integer(int8, clinician_a):
+    listed = api_client_for(clinician_a).get("/api/v1/model-versions/").json()["results"]
+    assert [(row["version"], row["serial"]) for row in listed] == [(INT8, 2), ("1.0.0", 1)]
 
 
 def test_a_tampered_graph_is_refused(demo_model, int8_package, tmp_path):
