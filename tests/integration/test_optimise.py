@@ -224,3 +224,14 @@ def test_the_command_refuses_what_it_cannot_measure(demo_model, tmp_path):
         run("optimise_model", "sightline-demo", "2.0.0", "--to", "onnx-int8")
     with pytest.raises(CommandError, match="is not a labels CSV"):
         run("optimise_model", "sightline-demo", "1.0.0", "--to", "onnx-int8", "--holdout", str(tmp_path / "none.csv"))
+
+
+def test_a_derived_version_registered_for_production_under_the_floor_is_ready_but_not_promoted(
+    demo_model, int8_package
+):
+    from workers.registration import model_version_register
+
+    with override_settings(SIGHTLINE_DERIVED_AGREEMENT_FLOOR=1.01):
+        version, _ = model_version_register(package_path=int8_package, alias="production")
+    assert version.status == "ready" and version.evaluation["agreement"] > 0
+    assert ModelAlias.objects.get(model=demo_model.model, name="production").version == demo_model
