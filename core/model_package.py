@@ -29,7 +29,13 @@ byte for byte):
 ``derived_from``, ``transform`` (reserved for derived versions, e.g. quantised)
     ``derived_from``: ``{"version": "1.0.0", "weights_sha256": "…"}``, the version of the same model
     this one was made from; ``transform``: how, a short lowercase name such as ``int8-dynamic``.
-    Both or neither.
+    Both or neither. Transforms made here: ``onnx-fp32`` (the forward pass exported) and
+    ``onnx-int8`` (that graph quantised; lossy, so measured against the parent on a held-out set
+    at registration rather than held to eager PyTorch's tolerance).
+``holdout`` (derived versions only)
+    The path inside the package of a labels CSV (``filename,label``; images beside it, under
+    the same folder) the worker measures the derived version on; empty: the demo generator's
+    held-out set for a demo model, none otherwise.
 ``targets``
     Where the version may run: ``server`` (the workers; the default) and/or ``browser``
     (screening models run in the reader's browser), from ``TARGETS``.
@@ -53,6 +59,8 @@ TARGETS = ("server", "browser")
 MAX_ATOL = 0.05  # looser than this is not "the same model" any more
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TRANSFORM = re.compile(r"[a-z0-9][a-z0-9.+-]{0,63}")
+_HOLDOUT = re.compile(r"[A-Za-z0-9_-]+/[A-Za-z0-9_.-]+\.csv")
+LOSSY_TRANSFORMS = ("onnx-int8",)  # measured against the parent, not held to eager's tolerance
 TASKS = ("single-label", "multi-label")
 MAX_MANIFEST_BYTES = 64 * 1024
 MAX_WEIGHTS_BYTES = 1024 * 1024 * 1024
@@ -144,6 +152,7 @@ class Manifest:
     runtime: Runtime = field(default_factory=Runtime)
     derived_from: dict = field(default_factory=dict)  # {} or {"version": …, "weights_sha256": …}
     transform: str = ""  # with derived_from: how this version was made from it
+    holdout: str = ""  # a derived version's held-out labels CSV inside the package
     targets: tuple[str, ...] = ("server",)
 
     @classmethod
@@ -170,6 +179,7 @@ class Manifest:
                 runtime=Runtime.from_dict(data.get("runtime", {})),
                 derived_from=_derived_from(data.get("derived_from")),
                 transform=str(data.get("transform", "")),
+                holdout=str(data.get("holdout", "")),
                 targets=tuple(str(v) for v in data.get("targets", ("server",))),
             )
         except PackageError:
@@ -196,11 +206,19 @@ class Manifest:
             raise PackageError("derived_from and transform go together: a derived version names both")
         if manifest.transform and not _TRANSFORM.fullmatch(manifest.transform):
             raise PackageError("transform must be a short lowercase name such as int8-dynamic")
+        if manifest.holdout and (not manifest.derived_from or not _HOLDOUT.fullmatch(manifest.holdout)):
+            raise PackageError("holdout names a labels CSV inside a derived package, such as holdout/labels.csv")
         if not manifest.targets or len(set(manifest.targets)) != len(manifest.targets):
             raise PackageError(f"targets must name each of {list(TARGETS)} at most once, and at least one")
         if any(t not in TARGETS for t in manifest.targets):
             raise PackageError(f"targets {list(manifest.targets)} are not among {list(TARGETS)}")
         return manifest
+
+    @property
+    def lossy(self) -> bool:
+        """A derived version whose outputs are expected to move (quantised): measured against
+        its parent at registration, not against its own weights at 1e-3."""
+        return self.transform in LOSSY_TRANSFORMS
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -208,11 +226,13 @@ class Manifest:
         data["thresholds"] = list(self.thresholds)
         # the fields added for backends and derived versions appear only when set, so that a
         # manifest written before them round-trips unchanged
-        del data["runtime"], data["derived_from"], data["transform"], data["targets"]
+        del data["runtime"], data["derived_from"], data["transform"], data["targets"], data["holdout"]
         if runtime := self.runtime.to_dict():
             data["runtime"] = runtime
         if self.derived_from:
             data["derived_from"], data["transform"] = dict(self.derived_from), self.transform
+        if self.holdout:
+            data["holdout"] = self.holdout
         if self.targets != ("server",):
             data["targets"] = list(self.targets)
         return data

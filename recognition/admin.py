@@ -10,12 +10,22 @@ from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.shortcuts import redirect, render
 from django.urls import path
+from django.utils.html import format_html, format_html_join
 
 from core.errors import DomainError
 
-from .models import AIModel, ModelAlias, ModelPin, ModelVersion, TrafficSplit
-from .services.registry import model_alias_move, model_pin_set, model_version_submit, traffic_split_set
+from .models import AIModel, ModelAlias, ModelPin, ModelVersion, RolloutChange, TrafficSplit
+from .services.registry import (
+    derived_below_floor,
+    model_alias_move,
+    model_pin_set,
+    model_version_submit,
+    rollout_undo,
+    traffic_split_set,
+)
 from .services.shadow import traffic_split_shadow_set
+
+_MB = 1e6
 
 
 class RegisterPackageForm(forms.Form):
@@ -41,9 +51,75 @@ class AIModelAdmin(admin.ModelAdmin):
 
 @admin.register(ModelVersion)
 class ModelVersionAdmin(admin.ModelAdmin):
-    list_display = ("model", "version", "status", "refusal_reason", "weights_sha256", "registered_by", "created")
+    list_display = (
+        "model",
+        "label",
+        "status",
+        "derived_from",
+        "agreement",
+        "refusal_reason",
+        "weights_sha256",
+        "registered_by",
+        "created",
+    )
     list_filter = ("status",)
+    list_select_related = ("model", "derived_from", "registered_by")
     change_list_template = "admin/recognition/modelversion/change_list.html"
+    fields = (
+        "model",
+        "label",
+        "status",
+        "refusal_reason",
+        "derived_from",
+        "evaluation_table",
+        "weights_sha256",
+        "package_sha256",
+        "registered_by",
+        "created",
+        "validated_at",
+        "manifest",
+    )
+    readonly_fields = fields
+
+    @admin.display(description="version", ordering="serial")
+    def label(self, obj):
+        return obj.label
+
+    @admin.display(description="agreement with parent")
+    def agreement(self, obj):
+        value = (obj.evaluation or {}).get("agreement")
+        return "" if value is None else f"{value:.1%}"
+
+    @admin.display(description="measured against its parent")
+    def evaluation_table(self, obj):
+        """The registration task's numbers: the derived version beside the one it was made from."""
+        evaluation = obj.evaluation or {}
+        if not evaluation:
+            return "not derived" if obj.derived_from_id is None else "not measured yet"
+        rows = [
+            ("held-out set", f"{evaluation.get('holdout', '')} ({evaluation.get('images')} images)"),
+            ("top-label agreement", f"{evaluation['agreement']:.2%}"),
+            (
+                "probability difference",
+                f"mean {evaluation['mean_abs_diff']:.4g}, worst {evaluation['max_abs_diff']:.4g}",
+            ),
+            ("size ratio (model bytes)", f"{evaluation.get('size_ratio')}"),
+        ]
+        for arm in ("derived", "parent"):
+            numbers = evaluation.get(arm, {})
+            accuracy = f", accuracy {numbers['accuracy']:.2%}" if "accuracy" in numbers else ""
+            rows.append(
+                (
+                    f"{arm}: {numbers.get('version', '')}",
+                    f"{numbers.get('backend')}: {numbers.get('images_per_second')} images/s, package "
+                    f"{numbers.get('package_bytes', 0) / _MB:.1f} MB, "
+                    f"model {numbers.get('model_bytes', 0) / _MB:.1f} MB"
+                    f"{accuracy}",
+                )
+            )
+        below = derived_below_floor(obj)
+        rows.append(("production", f"refused without force: {below}" if below else "may be promoted"))
+        return format_html("<table>{}</table>", format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", rows))
 
     def has_add_permission(self, request):
         return False  # through "Register a package": stored, then checked by a worker
@@ -110,16 +186,34 @@ class RegistryChangeAdmin(admin.ModelAdmin):
             messages.error(request, exc.message)
 
 
+class ModelAliasForm(forms.ModelForm):
+    force = forms.BooleanField(
+        required=False,
+        help_text="Give production to a derived version whose agreement with its parent is under the floor "
+        "(logged as forced).",
+    )
+
+    class Meta:
+        model = ModelAlias
+        fields = ("model", "name", "version")
+
+
 @admin.register(ModelAlias)
 class ModelAliasAdmin(RegistryChangeAdmin):
+    form = ModelAliasForm
     list_display = ("model", "name", "version", "updated")
-    fields = ("model", "name", "version")
+    fields = ("model", "name", "version", "force")
 
     def save_model(self, request, obj, form, change):
         self._apply(
             request,
             lambda: model_alias_move(
-                model=obj.model, alias=obj.name, version=obj.version, moved_by=request.user, request=request
+                model=obj.model,
+                alias=obj.name,
+                version=obj.version,
+                moved_by=request.user,
+                request=request,
+                force=form.cleaned_data.get("force", False),
             ),
         )
 
@@ -180,3 +274,44 @@ class ModelPinAdmin(RegistryChangeAdmin):
 
     def delete_model(self, request, obj):
         model_pin_set(tenant=obj.tenant, model=obj.model, version=None, changed_by=request.user, request=request)
+
+
+@admin.register(RolloutChange)
+class RolloutChangeAdmin(admin.ModelAdmin):
+    """The history of alias moves, splits and pins; "undo" reverts the latest of its kind."""
+
+    list_display = (
+        "created",
+        "model",
+        "kind",
+        "name",
+        "tenant",
+        "before",
+        "after",
+        "changed_by",
+        "forced",
+        "undone_at",
+    )
+    list_filter = ("kind", "forced", "model")
+    list_select_related = ("model", "tenant", "changed_by")
+    actions = ["undo"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.action(description="Undo the latest change of the same model, hospital and kind")
+    def undo(self, request, queryset):
+        for scope in {(c.model, c.tenant, c.kind) for c in queryset.select_related("model", "tenant")}:
+            model, tenant, kind = scope
+            try:
+                undone = rollout_undo(model=model, tenant=tenant, kind=kind, undone_by=request.user, request=request)
+            except DomainError as exc:
+                messages.error(request, exc.message)
+            else:
+                messages.success(request, f"Undone: {undone.kind} of {model.name} back to {undone.before}")

@@ -64,6 +64,9 @@ from .services.reviews import review_save, review_sign_off
 class ResultOutput(serializers.Serializer):
     model = serializers.CharField(source="model_version.model.name")
     model_version = serializers.CharField(source="model_version.version")
+    model_version_serial = serializers.IntegerField(
+        source="model_version.serial", help_text="the version's integer (its registration order within the model)"
+    )
     demo = serializers.BooleanField(source="model_version.model.is_demo")
     top_label = serializers.CharField()
     top_probability = serializers.FloatField()
@@ -438,6 +441,11 @@ class ReviewOutput(serializers.Serializer):
     image = serializers.IntegerField(source="image_id")
     model = serializers.CharField(source="model_version.model.name", allow_null=True)
     model_version = serializers.CharField(source="model_version.version", allow_null=True)
+    model_version_serial = serializers.IntegerField(
+        source="model_version.serial",
+        allow_null=True,
+        help_text="the version's integer (its registration order within the model)",
+    )
     ai_label = serializers.CharField()
     verdict = serializers.CharField()
     label = serializers.CharField()
@@ -514,6 +522,9 @@ class BatchJobOutput(serializers.Serializer):
     name = serializers.CharField()
     model = serializers.CharField(source="model_version.model.name")
     model_version = serializers.CharField(source="model_version.version")
+    model_version_serial = serializers.IntegerField(
+        source="model_version.serial", help_text="the version's integer (its registration order within the model)"
+    )
     status = serializers.CharField()
     state = serializers.SerializerMethodField(help_text="open, running, finished or cancelled")
     counts = serializers.SerializerMethodField(help_text="items per state")
@@ -695,6 +706,10 @@ class ModelVersionOutput(serializers.Serializer):
     id = serializers.IntegerField()
     model = serializers.CharField(source="model.name")
     version = serializers.CharField()
+    serial = serializers.IntegerField(
+        help_text="its integer version: the registration order within the model (1, 2, …), stable, never reused; "
+        "what TF Serving and KServe clients name"
+    )
     demo = serializers.BooleanField(source="model.is_demo")
     status = serializers.ChoiceField(
         choices=["validating", "ready", "refused"],

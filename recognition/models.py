@@ -265,6 +265,11 @@ class ModelVersion(models.Model):
     def labels(self) -> list[str]:
         return list(self.manifest.get("labels", []))
 
+    @property
+    def label(self) -> str:
+        """How a version is shown to people: its integer serial beside its semantic version."""
+        return f"v{self.serial} · {self.version}"
+
 
 class ModelAlias(models.Model):
     class Name(models.TextChoices):

@@ -16,12 +16,12 @@ from django.db import transaction
 from django.utils import timezone
 
 from accounts.services import access_event_record
-from core.errors import Invalid
-from core.model_package import TORCHSCRIPT_REFUSED, PackageError
+from core.errors import Conflict, Invalid
+from core.model_package import SHORT_HASH_CHARS, TORCHSCRIPT_REFUSED, PackageError
 from core.transient import is_transient
 from recognition.models import ModelAlias, ModelVersion
 from recognition.services.registry import model_alias_move, model_validation_enqueue, model_version_submit
-from workers.engine import backends
+from workers.engine import backends, optimise
 from workers.engine.handler import Handler
 from workers.model_cache import local_package
 
@@ -94,6 +94,62 @@ def check_backends_agree(candidate: Candidate) -> None:
     logger.info("%s: backends agree with eager PyTorch: %s", candidate.version, candidate.agreement)
 
 
+def check_derived_against_parent(candidate: Candidate) -> None:
+    """A derived version (``optimise_model``): its parent is the registered, ready version its
+    manifest names (same weights); it is measured against that parent on a held-out set, here
+    on the worker, and the numbers stored on the version (``ModelVersion.evaluation``). The
+    held-out set is the one the package carries (``--holdout``), or for the demo model the demo
+    generator's (a seed of its own, away from training and calibration). Low agreement does not
+    refuse it: it only keeps it from the production alias (``registry.model_alias_move``)."""
+    version = candidate.version
+    source = version.manifest.get("derived_from")
+    if not source:
+        return
+    parent = ModelVersion.objects.filter(model=version.model, version=source["version"]).first()
+    if parent is None or parent.weights_sha256 != source["weights_sha256"]:
+        raise Refused(
+            f"it says it was made from {version.model.name} {source['version']} with weights "
+            f"{source['weights_sha256'][:SHORT_HASH_CHARS]}…, which is not a registered version of this model"
+        )
+    if parent.status != ModelVersion.Status.READY:
+        raise Refused(f"the version it was made from, {parent}, is {parent.status}")
+    handler, package = candidate.handler, candidate.package
+    if handler is None or package is None:  # check_loads_and_answers runs first
+        raise Refused("the model was not loaded before it could be measured")
+    holdout = handler.manifest.holdout
+    if holdout:
+        images, labels = optimise.package_holdout(handler, package)
+    elif handler.manifest.demo:
+        images, labels = optimise.demo_images(
+            optimise.DEMO_HOLDOUT_SEED, optimise.DEMO_HOLDOUT_IMAGES, handler.manifest.input_size
+        )
+        holdout = f"demo generator, seed {optimise.DEMO_HOLDOUT_SEED}"
+    else:
+        raise Refused("a derived version needs a held-out set to be measured on: optimise_model --holdout CSV")
+    parent_package = local_package(parent)
+    parent_handler = Handler.initialize(
+        parent_package,
+        parent.weights_sha256,
+        device=torch.device("cpu"),
+        expected_manifest=parent.manifest,
+        allow_torchscript=settings.SIGHTLINE_ALLOW_TORCHSCRIPT,
+        backend=settings.SIGHTLINE_INFERENCE_BACKEND,  # as this worker would serve it
+    )
+    evaluation = optimise.evaluate(
+        handler,
+        parent_handler,
+        images,
+        labels,
+        derived_package=package,
+        parent_package=parent_package,
+        holdout=holdout,
+    )
+    evaluation["measured_at"] = timezone.now().isoformat()
+    ModelVersion.objects.filter(pk=version.pk).update(derived_from=parent, evaluation=evaluation)
+    version.derived_from, version.evaluation = parent, evaluation
+    logger.info("%s measured against %s: %s", version, parent, evaluation)
+
+
 # In order; each raises Refused or PackageError to refuse, a transient error to be tried again.
 # Later checks (agreement across backends, derived-version measurements, screening models)
 # are appended here and find the loaded model on ``candidate.handler``.
@@ -102,6 +158,7 @@ REGISTRATION_CHECKS: list[Callable[[Candidate], None]] = [
     check_stored_package,
     check_loads_and_answers,
     check_backends_agree,
+    check_derived_against_parent,
 ]
 
 
@@ -165,9 +222,15 @@ def _decide(version: ModelVersion, *, refusal: str) -> ModelVersion:
             )
             version.refresh_from_db()
             if status == ModelVersion.Status.READY and version.requested_alias:
-                model_alias_move(
-                    model=version.model, alias=version.requested_alias, version=version, moved_by=version.registered_by
-                )
+                try:
+                    model_alias_move(
+                        model=version.model,
+                        alias=version.requested_alias,
+                        version=version,
+                        moved_by=version.registered_by,
+                    )
+                except Conflict as exc:  # a derived version under the agreement floor: ready, not promoted
+                    logger.warning("%s is ready but keeps no %s alias: %s", version, version.requested_alias, exc)
     if updated:
         logger.info("model version %s is %s%s", version, status, f": {refusal}" if refusal else "")
     version.refresh_from_db()

@@ -28,6 +28,7 @@ from ..models import (
     ModelAllowance,
     ModelPin,
     ModelVersion,
+    RolloutChange,
     TrafficSplit,
 )
 from ..storage import model_package_key
@@ -143,27 +144,122 @@ def _version_of(model: AIModel, version: ModelVersion) -> None:
         raise Invalid(f"{version} is not a version of {model.name}.", code="wrong_model")
 
 
-def model_alias_move(*, model: AIModel, alias: str, version: ModelVersion, moved_by=None, request=None) -> ModelAlias:
+def derived_below_floor(version: ModelVersion) -> str:
+    """Why a derived version may not answer as ``production``, in words, or "" when it may: its
+    top-label agreement with its parent (measured at registration) is under
+    ``SIGHTLINE_DERIVED_AGREEMENT_FLOOR``, or it was never measured."""
+    if version.derived_from_id is None and not version.manifest.get("derived_from"):
+        return ""
+    floor = settings.SIGHTLINE_DERIVED_AGREEMENT_FLOOR
+    evaluation = version.evaluation or {}
+    agreement = evaluation.get("agreement")
+    if agreement is None:
+        return f"{version} is derived from another version and was not measured against it"
+    if agreement >= floor:
+        return ""
+    return (
+        f"{version} agrees with {evaluation.get('parent', {}).get('version', 'its parent')} on "
+        f"{agreement:.1%} of {evaluation.get('images', '?')} held-out images (floor {floor:.0%}; "
+        f"mean probability difference {evaluation.get('mean_abs_diff', 0):.3g}, worst "
+        f"{evaluation.get('max_abs_diff', 0):.3g})"
+    )
+
+
+def _state(version_id: int | None, percent: int | None = None) -> dict:
+    """A RolloutChange's before/after: what answered, or {} for nothing (no alias, split or pin)."""
+    if version_id is None:
+        return {}
+    return {"version": version_id} if percent is None else {"version": version_id, "percent": percent}
+
+
+def _rollout_record(
+    *, model: AIModel, kind: str, before, after, tenant=None, name: str = "", changed_by=None, forced: bool = False
+) -> RolloutChange:
+    return RolloutChange.objects.create(
+        model=model,
+        tenant=tenant,
+        kind=kind,
+        name=name,
+        before=before,
+        after=after,
+        changed_by=changed_by if changed_by is not None and changed_by.is_authenticated else None,
+        forced=forced,
+    )
+
+
+def model_alias_move(
+    *,
+    model: AIModel,
+    alias: str,
+    version: ModelVersion,
+    moved_by=None,
+    request=None,
+    force: bool = False,
+    _undo_of: RolloutChange | None = None,
+) -> ModelAlias:
+    """Point ``alias`` at ``version``. A derived version under the agreement floor is refused
+    the production alias (409, with its numbers) unless ``force``, which is logged as forced."""
     if alias not in ModelAlias.Name.values:
         raise Invalid(f"{alias!r} is not an alias; use one of {', '.join(ModelAlias.Name.values)}.", code="bad_alias")
     _version_of(model, version)
     model_version_require_ready(version=version)
+    below = derived_below_floor(version) if alias == ModelAlias.Name.PRODUCTION else ""
+    if below and not force:
+        raise Conflict(
+            f"{below}: it cannot be given the production alias without force.",
+            code="below_agreement_floor",
+            detail={"evaluation": version.evaluation, "floor": settings.SIGHTLINE_DERIVED_AGREEMENT_FLOOR},
+        )
+    forced = bool(below)
     with transaction.atomic():
+        current = ModelAlias.objects.select_for_update().filter(model=model, name=alias).first()
+        before = _state(current.version_id if current else None)
         row, _ = ModelAlias.objects.update_or_create(
             model=model, name=alias, defaults={"version": version, "updated": timezone.now()}
         )
+        _rollout_change(
+            _undo_of,
+            model=model,
+            kind=RolloutChange.Kind.ALIAS,
+            name=alias,
+            before=before,
+            after=_state(version.pk),
+            changed_by=moved_by,
+            forced=forced,
+        )
         access_event_record(
-            action="model.alias_move", request=request, user=moved_by, target_type="model_alias", target_id=row.pk
+            action="model.alias_move_forced" if forced else "model.alias_move",
+            request=request,
+            user=moved_by,
+            target_type="model_alias",
+            target_id=row.pk,
         )
     return row
 
 
+def _rollout_change(undo_of: RolloutChange | None, **fields) -> None:
+    """Every change writes its row; an undo marks the change it reverts instead of adding one
+    (so that undoing twice goes one step further back, not back and forth)."""
+    if undo_of is None:
+        _rollout_record(**fields)
+    else:
+        RolloutChange.objects.filter(pk=undo_of.pk).update(undone_at=timezone.now())
+
+
 def traffic_split_set(
-    *, tenant, model: AIModel, version: ModelVersion | None, percent: int, changed_by=None, request=None
+    *,
+    tenant,
+    model: AIModel,
+    version: ModelVersion | None,
+    percent: int,
+    changed_by=None,
+    request=None,
+    _undo_of: RolloutChange | None = None,
 ) -> TrafficSplit | None:
     """Send ``percent`` of the hospital's images to ``version``; 0 (or no version) ends the split."""
     with transaction.atomic():
-        current = TrafficSplit.objects.for_tenant(tenant).filter(model=model).first()
+        current = TrafficSplit.objects.for_tenant(tenant).select_for_update().filter(model=model).first()
+        before = _state(current.version_id, current.percent) if current else {}
         if not percent or version is None:
             if current is not None:
                 current.delete()
@@ -181,6 +277,15 @@ def traffic_split_set(
                 model=model,
                 defaults={"version": version, "percent": percent, "updated": timezone.now(), "updated_by": changed_by},
             )
+        _rollout_change(
+            _undo_of,
+            model=model,
+            tenant=tenant,
+            kind=RolloutChange.Kind.SPLIT,
+            before=before,
+            after=_state(split.version_id, split.percent) if split else {},
+            changed_by=changed_by,
+        )
         access_event_record(
             action="model.split_change",
             request=request,
@@ -192,9 +297,19 @@ def traffic_split_set(
     return split
 
 
-def model_pin_set(*, tenant, model: AIModel, version: ModelVersion | None, changed_by=None, request=None):
+def model_pin_set(
+    *,
+    tenant,
+    model: AIModel,
+    version: ModelVersion | None,
+    changed_by=None,
+    request=None,
+    _undo_of: RolloutChange | None = None,
+):
     """Keep the hospital on ``version`` whatever the aliases say; None removes the pin."""
     with transaction.atomic():
+        current = ModelPin.objects.for_tenant(tenant).select_for_update().filter(model=model).first()
+        before = _state(current.version_id) if current else {}
         if version is None:
             ModelPin.objects.for_tenant(tenant).filter(model=model).delete()
             pin = None
@@ -206,6 +321,15 @@ def model_pin_set(*, tenant, model: AIModel, version: ModelVersion | None, chang
                 model=model,
                 defaults={"version": version, "updated": timezone.now(), "updated_by": changed_by},
             )
+        _rollout_change(
+            _undo_of,
+            model=model,
+            tenant=tenant,
+            kind=RolloutChange.Kind.PIN,
+            before=before,
+            after=_state(pin.version_id) if pin else {},
+            changed_by=changed_by,
+        )
         access_event_record(
             action="model.pin_change",
             request=request,
@@ -215,6 +339,72 @@ def model_pin_set(*, tenant, model: AIModel, version: ModelVersion | None, chang
             target_id=model.pk,
         )
     return pin
+
+
+def rollout_undo(*, model: AIModel, tenant=None, kind: str = "", undone_by=None, request=None) -> RolloutChange:
+    """Revert the latest change not yet undone (of ``kind`` when given: alias, split or pin; of
+    ``tenant``'s splits and pins, or the aliases when no tenant) in one step, through the same
+    functions that made it (ready checks, the access log); that change is marked undone. An alias
+    is put back past the agreement floor without force: it answered before. 409 when nothing
+    is left to undo."""
+    changes = RolloutChange.objects.filter(model=model, undone_at__isnull=True)
+    changes = changes.filter(tenant=tenant) if tenant is not None else changes.filter(tenant__isnull=True)
+    if kind:
+        if kind not in RolloutChange.Kind.values:
+            raise Invalid(f"{kind!r} is not a kind of change; use {', '.join(RolloutChange.Kind.values)}.")
+        changes = changes.filter(kind=kind)
+    with transaction.atomic():
+        change = changes.select_for_update().order_by("-created", "-id").first()
+        if change is None:
+            where = f" for {tenant.slug}" if tenant is not None else ""
+            raise Conflict(
+                f"There is no {kind or 'rollout'} change of {model.name}{where} left to undo.", code="nothing_to_undo"
+            )
+        before = change.before or {}
+        target = ModelVersion.objects.filter(pk=before["version"]).first() if before.get("version") else None
+        if change.kind == RolloutChange.Kind.ALIAS:
+            if target is None:  # the alias did not exist before: it goes
+                ModelAlias.objects.filter(model=model, name=change.name).delete()
+                RolloutChange.objects.filter(pk=change.pk).update(undone_at=timezone.now())
+            else:
+                model_alias_move(
+                    model=model,
+                    alias=change.name,
+                    version=target,
+                    moved_by=undone_by,
+                    request=request,
+                    force=True,
+                    _undo_of=change,
+                )
+        elif change.kind == RolloutChange.Kind.SPLIT:
+            traffic_split_set(
+                tenant=change.tenant,
+                model=model,
+                version=target,
+                percent=before.get("percent", 0),
+                changed_by=undone_by,
+                request=request,
+                _undo_of=change,
+            )
+        else:
+            model_pin_set(
+                tenant=change.tenant,
+                model=model,
+                version=target,
+                changed_by=undone_by,
+                request=request,
+                _undo_of=change,
+            )
+        access_event_record(
+            action="model.rollout_undo",
+            request=request,
+            user=undone_by,
+            tenant=change.tenant,
+            target_type="rollout_change",
+            target_id=change.pk,
+        )
+    change.refresh_from_db()
+    return change
 
 
 def model_version_list() -> QuerySet[ModelVersion]:

@@ -67,7 +67,7 @@ def test_the_image_page_shows_the_image_and_its_result(signed_in, clinician_a, d
     client = signed_in(clinician_a)
     page = client.get(f"/images/{image.pk}/")
     assert page.status_code == 200
-    assert b"round_opacity" in page.content and b"sightline-demo 1.0.0" in page.content
+    assert b"round_opacity" in page.content and "sightline-demo v1 · 1.0.0".encode() in page.content
     assert b"not a diagnosis" in page.content
     file = client.get(f"/images/{image.pk}/file/")
     assert file.status_code == 200 and file["Cache-Control"] == "private, no-store"

@@ -160,7 +160,9 @@ class Handler:
                 return handler
             else:
                 return handler
-        if background:
+        # a manifest that does not vouch for eager (an int8 version) chooses before it serves:
+        # eager would answer with weights it does not run on
+        if background and "eager" in (manifest.runtime.backends or ("eager",)):
             handler.selection_thread = backends.start_background_select(handler, backend, compile_for)
         else:
             backends.select(handler, backend, compile_for)

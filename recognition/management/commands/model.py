@@ -2,6 +2,7 @@
 
 manage.py model list
 manage.py model alias sightline-demo canary 1.1.0
+manage.py model alias sightline-demo production 1.0.0+onnx-int8 --force   # past the agreement floor, logged
 manage.py model split sightline-demo --hospital demo-general --version 1.1.0 --percent 10
 manage.py model split sightline-demo --hospital demo-general --version 1.1.0 --percent 50 --shadow-percent 5
 manage.py model split sightline-demo --hospital demo-general --percent 0      # end the split
@@ -30,6 +31,11 @@ class Command(BaseCommand):
         alias.add_argument("model")
         alias.add_argument("alias", choices=ModelAlias.Name.values)
         alias.add_argument("version")
+        alias.add_argument(
+            "--force",
+            action="store_true",
+            help="give production to a derived version under the agreement floor (logged as forced)",
+        )
         split = sub.add_parser("split", help="send a share of one hospital's images to a version")
         split.add_argument("model")
         split.add_argument("--hospital", required=True)
@@ -78,8 +84,11 @@ class Command(BaseCommand):
             for version in ModelVersion.objects.filter(model=model).order_by("created"):
                 tag = f"  <- {aliases[version.pk]}" if version.pk in aliases else ""
                 state = version.status if not version.refusal_reason else f"{version.status}: {version.refusal_reason}"
+                agreement = version.evaluation.get("agreement") if version.evaluation else None
+                if agreement is not None:
+                    state = f"{state}, agrees with its parent on {agreement:.1%}"
                 self.stdout.write(
-                    f"  {version.version}  sha256 {version.weights_sha256[:SHORT_HASH_CHARS]}…  {state}{tag}"
+                    f"  {version.label}  sha256 {version.weights_sha256[:SHORT_HASH_CHARS]}…  {state}{tag}"
                 )
             for split in TrafficSplit.objects.filter(model=model).select_related("tenant", "version"):
                 self.stdout.write(
@@ -89,9 +98,9 @@ class Command(BaseCommand):
             for pin in ModelPin.objects.filter(model=model).select_related("tenant", "version"):
                 self.stdout.write(f"  pin: {pin.tenant.slug} stays on {pin.version.version}")
 
-    def _alias(self, *, model, alias, version, **options):
+    def _alias(self, *, model, alias, version, force, **options):
         row = self._model(model)
-        model_alias_move(model=row, alias=alias, version=self._version(row, version))
+        model_alias_move(model=row, alias=alias, version=self._version(row, version), force=force)
         self.stdout.write(self.style.SUCCESS(f"{model}@{alias} -> {version}"))
 
     def _split(self, *, model, hospital, version, percent, shadow_percent=None, **options):
