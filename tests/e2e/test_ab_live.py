@@ -22,7 +22,7 @@ from tests.conftest import PASSWORD, png_bytes
 from tests.e2e.test_api_live import open_feed, token
 from tests.integration.test_registry import run, variant
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.heavy_any_db]
 
 IMAGES = 4
 READ_TIMEOUT_S = 90

@@ -15,7 +15,7 @@ from django.conf import settings
 from recognition.models import ModelVersion
 from tests.e2e.conftest import database_url
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.heavy_any_db]
 
 
 def manage(stack, *args) -> subprocess.CompletedProcess:
