@@ -296,6 +296,7 @@ def test_the_jobs_page_creates_fills_and_starts_a_job(client, clinician_a, demo_
     job = BatchJob.objects.get()
     page = client.get("/jobs/").content.decode()
     assert f"/jobs/{job.pk}/items/" in page and f"/jobs/{job.pk}/start/" in page
+    assert f"sightline-demo v{demo_model.serial} · 1.0.0" in page  # the serial beside the version
     archive = SimpleUploadedFile("x.zip", make_zip([("a.png", png_bytes(size=64))]), content_type="application/zip")
     client.post(f"/jobs/{job.pk}/items/", {"archive": archive})
     expand_all()
