@@ -149,7 +149,7 @@ def test_the_viewer_shows_computing_until_the_heatmap_arrives_over_the_websocket
     # the worker stops taking interactive work (Celery's own remote control), so the heatmap the
     # viewer asks for waits in the queue until the test has seen "computing…", however fast the
     # worker would have been
-    control = Celery("viewer-test", broker=stack.redis_url).control
+    control = Celery("viewer-test", broker=stack.redis_url, set_as_current=False).control
     assert control.cancel_consumer("interactive", reply=True, timeout=10), "the stack's worker did not answer"
     try:
         page = browser_context.new_page()

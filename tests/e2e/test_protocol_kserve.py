@@ -137,7 +137,7 @@ def test_a_viewer_cannot_infer_and_another_hospital_named_is_a_404(stack, live_d
 def test_past_the_timeout_it_answers_504_with_the_request_id_and_the_read_goes_on(stack, live_demo):
     raw = service_key("overnight")
     client, headers = triton(stack, raw)
-    control = Celery("kserve-test", broker=stack.redis_url).control
+    control = Celery("kserve-test", broker=stack.redis_url, set_as_current=False).control
     assert control.cancel_consumer("bulk", reply=True, timeout=10), "the stack's worker did not answer"
     try:
         with pytest.raises(InferenceServerException) as waited:
@@ -242,7 +242,7 @@ def test_waiting_reads_hold_no_thread_each(stack, live_demo):
 
     assert read(100, 20_000_000) == 200  # warm: the web process has served a protocol read
     before = web_threads(stack)
-    control = Celery("kserve-threads", broker=stack.redis_url).control
+    control = Celery("kserve-threads", broker=stack.redis_url, set_as_current=False).control
     assert control.cancel_consumer("bulk", reply=True, timeout=10), "the stack's worker did not answer"
     try:
         with ThreadPoolExecutor(WAITING_READS) as clients:

@@ -332,7 +332,7 @@ def test_past_the_timeout_both_answer_504_with_the_request_id_and_the_reads_go_o
     raw = key_for("demo-general", Role.CLINICIAN, "overnight")
     scan = tmp_path / "scan.png"
     scan.write_bytes(OPACITY)
-    control = Celery("tfts-test", broker=stack.redis_url).control
+    control = Celery("tfts-test", broker=stack.redis_url, set_as_current=False).control
     assert control.cancel_consumer("bulk", reply=True, timeout=10), "the stack's worker did not answer"
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:

@@ -71,7 +71,7 @@ def test_a_package_is_stored_once_under_its_checksum_even_after_a_rolled_back_re
     assert created and version.package.name == first.package.name
     assert version.package.name.endswith(f"-{version.package_sha256}.zip")
     stored = default_storage.listdir(str(Path(version.package.name).parent))[1]
-    assert [name for name in stored if name.startswith("1.0.0")] == [Path(version.package.name).name]
+    assert [name for name in stored if name.startswith("1.0.0-")] == [Path(version.package.name).name]
 
 
 def test_a_package_whose_outputs_do_not_match_its_labels_is_refused(demo_package, tmp_path):

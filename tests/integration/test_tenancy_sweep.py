@@ -82,6 +82,33 @@ ROUTES_WITHOUT_IDS = {
     "schema": "public",
     "api-docs": "public",
     "api-model-versions": "platform",  # the model registry: platform-wide versions and their status
+    # the model servers' protocols (protocols/): their hospital checks (another hospital's
+    # X-Tenant 404, a version the hospital may not name 404, a viewer 403) are tested in each
+    # protocol's own shape in tests/integration/test_protocol_core.py and tests/e2e/test_protocol_*
+    "kserve-live": "public",  # probes: no token, no hospital or model named
+    "kserve-ready": "public",
+    "kserve-server": "public",  # the server's name, version and extensions
+    "tfserving-live": "public",
+    "tfserving-ready": "public",
+    "torchserve-ping": "public",
+    "kserve-unknown": "public",  # each protocol's own 404 for a path it does not serve
+    "tfserving-unknown": "public",
+    "torchserve-unknown": "public",
+    "kserve-model": "platform",  # a model's metadata: platform-wide, as the hospital may name it
+    "kserve-model-version": "platform",
+    "kserve-model-ready": "platform",
+    "kserve-model-version-ready": "platform",
+    "tfserving-status": "platform",  # the versions this hospital may use, by the registry's rule
+    "tfserving-metadata": "platform",
+    "torchserve-models": "platform",
+    "torchserve-model": "platform",
+    "torchserve-model-version": "platform",
+    "torchserve-set-default": "platform",  # refused (403): registration stays with platform staff
+    "kserve-infer": "own-hospital",  # a read stored in the caller's own hospital
+    "kserve-infer-version": "own-hospital",
+    "tfserving-verb": "own-hospital",
+    "torchserve-predict": "own-hospital",
+    "torchserve-predict-version": "own-hospital",
     # special case: the token in the link is the credential itself (single use, expiring,
     # only its hash stored); holding it is what entitles someone to join.
     "invitation-accept": "bearer-link",
