@@ -15,7 +15,6 @@ The command waits for the worker's numbers and prints them, unless ``--no-wait``
 
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -28,10 +27,11 @@ from recognition.models import ModelVersion
 from recognition.services.registry import derived_below_floor, model_version_submit
 from workers.engine import optimise
 from workers.engine.handler import Handler, configure_cpu_threads
+from workers.management.commands.register_model import version_wait
 from workers.model_cache import local_package
 from workers.registration import model_version_validate
 
-POLL_SECONDS = 0.5
+_HINT = "Its numbers appear on its admin page once measured."
 VERDICT_TIMEOUT_SECONDS = 900.0  # a worker loads both versions, checks and measures them: minutes on a CPU
 _MB = 1e6
 
@@ -69,7 +69,7 @@ class Command(BaseCommand):
         ).first()
         if made is not None:  # versions are immutable, and a second export's bytes would differ
             self.stdout.write(f"Already made: {made.label} ({made.status})")
-            self._report(parent, made if options["no_wait"] else self._wait(made, options["timeout"]))
+            self._report(parent, made if options["no_wait"] else version_wait(made, options["timeout"], hint=_HINT))
             return
         demo = parent.model.is_demo and parent.manifest.get("demo", False)
         if holdout is None and not demo:
@@ -117,7 +117,7 @@ class Command(BaseCommand):
             )
             return
         else:
-            row = self._wait(row, options["timeout"])
+            row = version_wait(row, options["timeout"], hint=_HINT)
         self._report(parent, row)
 
     def _report(self, parent: ModelVersion, row: ModelVersion) -> None:
@@ -131,15 +131,3 @@ class Command(BaseCommand):
         below = derived_below_floor(row)
         if below:
             self.stdout.write(self.style.WARNING(f"{below}: production needs --force."))
-
-    def _wait(self, version: ModelVersion, timeout: float) -> ModelVersion:
-        deadline = time.monotonic() + timeout
-        while version.status == ModelVersion.Status.VALIDATING:
-            if time.monotonic() > deadline:
-                raise CommandError(
-                    f"{version} is still validating after {timeout:.0f} s: is a worker consuming the maintenance "
-                    "queue? Its numbers appear on its admin page once measured."
-                )
-            time.sleep(POLL_SECONDS)
-            version.refresh_from_db()
-        return version

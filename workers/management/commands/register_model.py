@@ -55,20 +55,29 @@ class Command(BaseCommand):
             self.stdout.write(self.style.SUCCESS(f"Already registered: {version} (ready)"))
             return
         self.stdout.write(f"Stored {version}; checking it{' here' if validate_here else ' on a worker'}…")
-        version = model_version_validate(version_id=version.pk) if validate_here else self._wait(version, timeout)
+        version = (
+            model_version_validate(version_id=version.pk)
+            if validate_here
+            else version_wait(version, timeout, hint=_HINT)
+        )
         if version.status == ModelVersion.Status.REFUSED:
             raise CommandError(f"Refused {version}: {version.refusal_reason}")
         self.stdout.write(self.style.SUCCESS(f"Registered {version} (ready)"))
 
-    def _wait(self, version: ModelVersion, timeout: float) -> ModelVersion:
-        deadline = time.monotonic() + timeout
-        while version.status == ModelVersion.Status.VALIDATING:
-            if time.monotonic() > deadline:
-                raise CommandError(
-                    f"{version} is still validating after {timeout:.0f} s: is a worker consuming the maintenance "
-                    "queue? Its status shows on the admin page and in `manage.py model list`; or run this "
-                    "again with --validate-here."
-                )
-            time.sleep(POLL_SECONDS)
-            version.refresh_from_db()
-        return version
+
+_HINT = "Its status shows on the admin page and in `manage.py model list`; or run this again with --validate-here."
+
+
+def version_wait(version: ModelVersion, timeout: float, *, hint: str) -> ModelVersion:
+    """Poll until a worker has decided on ``version`` (ready or refused); past ``timeout``, a
+    CommandError that asks whether a worker consumes the maintenance queue, then ``hint``."""
+    deadline = time.monotonic() + timeout
+    while version.status == ModelVersion.Status.VALIDATING:
+        if time.monotonic() > deadline:
+            raise CommandError(
+                f"{version} is still validating after {timeout:.0f} s: is a worker consuming the maintenance "
+                f"queue? {hint}"
+            )
+        time.sleep(POLL_SECONDS)
+        version.refresh_from_db()
+    return version
