@@ -230,7 +230,9 @@ def test_the_viewer_windows_zooms_and_overlays_a_ct_and_walks_a_multiframe_serie
     assert painted(page) == plain
 
     expect(page.locator(".disclaimer")).to_contain_text("AI assistance, not a diagnosis")
-    expect(page.locator("#finding .model")).to_contain_text(f"{result['model']} {result['model_version']}")
+    expect(page.locator("#finding .model")).to_contain_text(
+        f"{result['model']} v{result['model_version_serial']} · {result['model_version']}"  # the serial beside it
+    )
     expect(page.locator(".bars li")).to_have_count(len(LABELS))
     expect(page.locator(".bars li.top .label")).to_have_text(result["top_label"])
 
