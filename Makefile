@@ -8,7 +8,7 @@ REDIS_URL ?= redis://127.0.0.1:6379/0
 SIGHTLINE_DEMO_PASSWORD ?= sightline-demo
 export REDIS_URL SIGHTLINE_DEMO_PASSWORD
 
-.PHONY: run test test-gpu typecheck contract lint format bench browser-deps clean
+.PHONY: run test test-gpu typecheck contract lint format bench browser-deps dicom-deps clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,8 +49,15 @@ browser-deps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; fi; }
 
+# The DICOM peers the tests talk to (issue 15): Orthanc with its DICOMweb plugin, DCMTK's tools.
+dicom-deps:
+	@test -x /usr/sbin/Orthanc -a -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so -a -x /usr/bin/storescu || { \
+	  echo "Installing Debian's orthanc, orthanc-dicomweb and dcmtk for the DICOM tests"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb dcmtk >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb dcmtk >/dev/null; fi; }
+
 test: export DJANGO_SETTINGS_MODULE = config.settings.test
-test: $(VENV)/.dev browser-deps
+test: $(VENV)/.dev browser-deps dicom-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	@$(MAKE) --no-print-directory typecheck

@@ -36,6 +36,7 @@ INSTALLED_APPS = [
     "workers",
     "audit",
     "protocols",
+    "dicomnet",
 ]
 
 MIDDLEWARE = [
@@ -478,3 +479,31 @@ SIGHTLINE_PROTOCOL_TIMEOUT_SECONDS = env.float("SIGHTLINE_PROTOCOL_TIMEOUT_SECON
 # account's own "interactive" flag); everyone else's go to the bulk lane
 SIGHTLINE_PROTOCOL_INTERACTIVE_ROLES = env.list("SIGHTLINE_PROTOCOL_INTERACTIVE_ROLES", default=[])
 # --- end model-server protocols ----------------------------------------------------------------
+
+# --- DICOM networking (issue 15: dicomnet/) ---------------------------------------------------
+# The C-STORE SCP (`manage.py dicom_scp`, a process of its own in `make run` and the Procfile).
+SIGHTLINE_DICOM_HOST = env("SIGHTLINE_DICOM_HOST", default="127.0.0.1")
+SIGHTLINE_DICOM_PORT = env.int("SIGHTLINE_DICOM_PORT", default=11112)
+# DICOM over TLS (PS3.15 B.1): a certificate and key turn it on; a CA file asks every node for a
+# client certificate (mutual TLS), and a node with a fingerprint must present exactly that one
+SIGHTLINE_DICOM_TLS_CERT = env("SIGHTLINE_DICOM_TLS_CERT", default="")
+SIGHTLINE_DICOM_TLS_KEY = env("SIGHTLINE_DICOM_TLS_KEY", default="")
+SIGHTLINE_DICOM_TLS_CA = env("SIGHTLINE_DICOM_TLS_CA", default="")
+# limits: associations at once, the largest PDU taken, the bytes one association may deliver
+SIGHTLINE_DICOM_MAX_ASSOCIATIONS = env.int("SIGHTLINE_DICOM_MAX_ASSOCIATIONS", default=10)
+SIGHTLINE_DICOM_MAX_PDU = env.int("SIGHTLINE_DICOM_MAX_PDU", default=65536)
+SIGHTLINE_DICOM_MAX_ASSOCIATION_BYTES = env.int("SIGHTLINE_DICOM_MAX_ASSOCIATION_BYTES", default=2 * 1024**3)
+# association timeouts (seconds): ACSE negotiation, DIMSE messages, an idle network
+SIGHTLINE_DICOM_TIMEOUT = env.float("SIGHTLINE_DICOM_TIMEOUT", default=30.0)
+# rejected associations from one address: this many within the window, then refused unread
+SIGHTLINE_DICOM_REJECTIONS_PER_WINDOW = env.int("SIGHTLINE_DICOM_REJECTIONS_PER_WINDOW", default=5)
+SIGHTLINE_DICOM_REJECTION_WINDOW_SECONDS = env.int("SIGHTLINE_DICOM_REJECTION_WINDOW_SECONDS", default=300)
+# PACS destinations: the sender task's retries (exponential back-off from the first delay)
+SIGHTLINE_DICOM_SEND_MAX_ATTEMPTS = env.int("SIGHTLINE_DICOM_SEND_MAX_ATTEMPTS", default=6)
+SIGHTLINE_DICOM_SEND_RETRY_SECONDS = env.float("SIGHTLINE_DICOM_SEND_RETRY_SECONDS", default=30.0)
+# the platform's UID root for objects it makes (an SR, a map): 2.25 (UUID-derived) unless the
+# operator has an organisational root
+SIGHTLINE_DICOM_UID_ROOT = env("SIGHTLINE_DICOM_UID_ROOT", default="")
+# The platform's own AE title (the calling AE title its C-STORE SCU sends with)
+SIGHTLINE_DICOM_AE_TITLE = env("SIGHTLINE_DICOM_AE_TITLE", default="SIGHTLINE")
+# --- end DICOM networking ------------------------------------------------------------------------

@@ -79,6 +79,8 @@ class Stack:
     ws_url: str
     redis_url: str
     logs: Path
+    env: dict  # the environment its processes run with: another process of the stack starts with it
+    processes: Processes | None = None
 
 
 def worker_argv(name: str, queues: str = "interactive,maintenance,bulk") -> list[str]:
@@ -185,7 +187,7 @@ def stack(django_db_setup, django_db_blocker, demo_package, tmp_path_factory) ->
         )
         wait_for_port(web_port, web, web_log)
         wait_for_line(" ready.", worker, worker_log)
-        yield Stack(f"http://127.0.0.1:{web_port}", f"ws://127.0.0.1:{web_port}", redis_url, logs)
+        yield Stack(f"http://127.0.0.1:{web_port}", f"ws://127.0.0.1:{web_port}", redis_url, logs, env, processes)
     finally:
         processes.stop_all()
 
