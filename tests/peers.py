@@ -95,7 +95,7 @@ def orthanc_running(directory: Path, *, modalities: dict[str, list] | None = Non
     """Start Orthanc in ``directory`` with ``modalities`` ({name: [AET, host, port]}: where it may
     C-STORE to) and stop it afterwards."""
     assert Path(ORTHANC).exists(), "Orthanc is not installed: apt-get install orthanc orthanc-dicomweb (.ci/run does)"
-    assert Path(ORTHANC_DICOMWEB_PLUGIN).exists(), "Orthanc's DICOMweb plugin is missing: apt-get install orthanc-dicomweb"
+    assert Path(ORTHANC_DICOMWEB_PLUGIN).exists(), "Orthanc's DICOMweb plugin is missing: install orthanc-dicomweb"
     directory.mkdir(parents=True, exist_ok=True)
     http_port, dicom_port = free_port(), free_port()
     config = {
