@@ -29,6 +29,9 @@ urlpatterns = [
     path("api/v1/", include(api_v1)),
     # the model servers' own protocols (KServe v2, …): their formats and errors, not the API's
     path("", include("protocols.urls")),
+    # DICOMweb (STOW/QIDO/WADO-RS): DICOM's own formats and statuses, outside /api/v1/ too
+    path("dicomweb/", include("dicomnet.dicomweb.urls")),
+    path("", include("dicomnet.urls")),
     path("", include("accounts.urls")),
     path("", include("audit.urls")),
     path("", include("recognition.urls")),

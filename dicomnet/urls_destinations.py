@@ -1,0 +1,3 @@
+"""urls_destinations: the pages (see dicomnet/urls.py)."""
+
+urlpatterns: list = []

@@ -1,0 +1,3 @@
+"""urls_nodes: the pages (see dicomnet/urls.py)."""
+
+urlpatterns: list = []
