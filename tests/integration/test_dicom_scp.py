@@ -144,3 +144,50 @@ def test_a_refused_instance_answers_its_dimse_status_with_a_comment(scp, node):
     status = first.send_c_store(other)
     first.release()
     assert status.Status == 0xC000 and "another patient" in status.ErrorComment
+
+
+@pytest.mark.heavy_drill
+def test_several_associations_delivering_one_study_at_once_make_it_once(scp, node):
+    """PostgreSQL (row locks): four associations send the same two series, in different orders,
+    at the same moment: one study, one series per Series Instance UID, one instance per SOP UID."""
+    import random
+    import threading
+
+    from django.db import connection
+    from pydicom.uid import generate_uid
+
+    from recognition.models import Series, Study
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the drill proves PostgreSQL's row locking (CI's PostgreSQL pass)")
+    study_uid, series_uids = generate_uid(), [generate_uid(), generate_uid()]
+    datasets = []
+    for series_number, series_uid in enumerate(series_uids, start=1):
+        for number in range(1, 6):
+            ds = dcmread(get_testdata_file("CT_small.dcm"))
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesNumber = study_uid, series_uid, series_number
+            ds.SOPInstanceUID, ds.InstanceNumber = generate_uid(), number
+            datasets.append(ds)
+    statuses: list[int] = []
+    start = threading.Barrier(4)
+
+    def deliver(seed: int) -> None:
+        order = datasets[:]
+        random.Random(seed).shuffle(order)
+        assoc = associate(scp)
+        start.wait(timeout=30)
+        for ds in order:
+            statuses.append(assoc.send_c_store(ds).Status)
+        assoc.release()
+
+    threads = [threading.Thread(target=deliver, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert statuses == [0x0000] * 40
+    assert Study.objects.filter(study_instance_uid=study_uid).count() == 1
+    assert sorted(Series.objects.values_list("series_instance_uid", flat=True)) == sorted(series_uids)
+    assert Instance.objects.count() == 10 and Image.objects.count() == 10
+    assert sorted(Series.objects.values_list("number", flat=True)) == [1, 2]
