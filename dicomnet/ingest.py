@@ -173,13 +173,18 @@ def _existing(tenant, sop_instance_uid: str) -> Instance | None:
     return Instance.objects.for_tenant(tenant).filter(sop_instance_uid=sop_instance_uid).first()
 
 
+def _images_of(instance: Instance) -> list[Image]:
+    """The image rows (one per frame) made from a received instance: they share its stored file."""
+    return list(Image.objects.filter(tenant_id=instance.tenant_id, original=instance.file.name).order_by("pk"))
+
+
 def _duplicate(instance: Instance, header: _Header) -> Received:
     return Received(
         status="duplicate",
         instance=instance,
         sop_instance_uid=header.sop_instance_uid,
         sop_class_uid=header.sop_class_uid,
-        images=list(Image.objects.filter(tenant_id=instance.tenant_id, original=instance.file.name).order_by("pk")),
+        images=_images_of(instance),
         reason="This hospital already holds this instance; nothing was stored again.",
         code="duplicate",
         http_status=200,
@@ -234,7 +239,7 @@ def instance_receive(
             return Received(
                 status="stored" if instance is not None else "refused",
                 instance=instance,
-                images=list(Image.objects.filter(pk=(exc.detail or {}).get("image"))) if instance else [],
+                images=_images_of(instance) if instance is not None else [],
                 reason=exc.message,
                 code=exc.code,
                 http_status=202 if instance is not None else exc.status,

@@ -33,6 +33,7 @@ from django.utils import timezone
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 from accounts.models import AccessEvent
 from accounts.services import access_event_record
@@ -89,7 +90,7 @@ class StoreSCP:
         self._associations: dict[int, _Association] = {}
         self._lock = threading.Lock()
         self.ae = self._make_ae()
-        self.server = None
+        self.server: ThreadedAssociationServer | None = None
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -104,7 +105,8 @@ class StoreSCP:
         # every storage SOP class in every transfer syntax pydicom knows: a compressed one the
         # decoders cannot read is kept, marked unprocessable; Deflate is inflated with a bound
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            if context.abstract_syntax:
+                ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         return ae
 
@@ -176,7 +178,7 @@ class StoreSCP:
             return True
         sock = getattr(assoc.dul.socket, "socket", None)
         der = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
-        return bool(der) and certificate_fingerprint(der) == node.tls_client_fingerprint
+        return der is not None and certificate_fingerprint(der) == node.tls_client_fingerprint
 
     def _reject(self, assoc, reason: tuple[int, int, int]) -> None:
         assoc.acse.send_reject(*reason)

@@ -7,6 +7,7 @@ import pydicom
 import pytest
 from django.core.files.storage import default_storage
 from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
@@ -224,3 +225,22 @@ def test_a_series_of_generated_instances_is_one_series(clinician_a, demo_model):
             data=ct(SOPInstanceUID=generate_uid(), SeriesInstanceUID=series_uid, InstanceNumber=number + 1),
         )
     assert Instance.objects.count() == 3 and Series.objects.filter(series_instance_uid=series_uid).count() == 1
+
+
+def test_an_image_no_decoder_reads_is_kept_unprocessable_and_listed(clinician_a, demo_model):
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: nothing here decodes it
+    ds.PixelData = encapsulate([ds.PixelData])
+    ds["PixelData"].is_undefined_length = True
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=False)
+
+    received = instance_receive(membership=clinician_a, data=out.getvalue())
+
+    assert received.status == "stored" and received.http_status == 202 and received.dimse_status == 0x0000
+    assert "cannot decode" in received.reason
+    (image,) = received.images
+    assert image.state == Image.State.FAILED and image.original.name == received.instance.file.name
+    assert received.instance.transfer_syntax_uid == "1.2.840.10008.1.2.4.100"
+    again = instance_receive(membership=clinician_a, data=out.getvalue())
+    assert again.status == "duplicate" and [i.pk for i in again.images] == [image.pk]
