@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
-from django.core.cache import cache
 
 from tests.e2e.conftest import VENV_BIN, free_port, wait_for_line
 
@@ -32,15 +31,23 @@ class Scp:
         return self.log.read_text(errors="replace")
 
 
-def clear_rejections(address: str = ADDRESS) -> None:
-    cache.delete_many([f"dicom:rejections:{address}", f"dicom:throttle-logged:{address}"])
+def stack_cache(stack):
+    """The cache the stack's processes share (the SCP's rejection counters, the worker's wake-up
+    markers): the stack's Redis, under this test run's prefix."""
+    from django.core.cache.backends.redis import RedisCache
+
+    location = stack.env.get("SIGHTLINE_CACHE_URL") or stack.env["REDIS_URL"]
+    return RedisCache(location, {"KEY_PREFIX": settings.CACHES["default"]["KEY_PREFIX"]})
+
+
+def clear_rejections(stack, address: str = ADDRESS) -> None:
+    stack_cache(stack).delete_many([f"dicom:rejections:{address}", f"dicom:throttle-logged:{address}"])
 
 
 def scp_env(stack, **extra: str) -> dict:
-    """The stack's environment, with this process's cache (so the test sees the SCP's counters)."""
+    """The stack's environment (its database, broker and cache), with the tests' throttle."""
     return {
         **stack.env,
-        "SIGHTLINE_CACHE_URL": settings.CACHES["default"]["LOCATION"],
         "SIGHTLINE_CACHE_PREFIX": settings.CACHES["default"]["KEY_PREFIX"],
         "SIGHTLINE_DICOM_REJECTIONS_PER_WINDOW": str(REJECTIONS_PER_WINDOW),
         "SIGHTLINE_DICOM_TIMEOUT": "15",
@@ -75,14 +82,14 @@ def dicom_scp(stack, tmp_path_factory) -> Iterator[Scp]:
 
 
 @pytest.fixture
-def dicom_hospital(live_demo):
+def dicom_hospital(live_demo, stack):
     """Demo General called SL_GENERAL, with the node STORESCU at 127.0.0.1 registered by its admin."""
     from accounts.models import Role, Tenant
     from accounts.services import membership_grant, user_get_or_create
     from dicomnet.nodes import dicom_node_create, hospital_ae_title_assign
     from tests.conftest import PASSWORD
 
-    clear_rejections()
+    clear_rejections(stack)
     tenant = Tenant.objects.get(slug="demo-general")
     hospital_ae_title_assign(tenant=tenant, ae_title=HOSPITAL_AE)
     admin = membership_grant(
@@ -90,4 +97,4 @@ def dicom_hospital(live_demo):
     )
     node = dicom_node_create(actor=admin, name="DCMTK storescu", ae_title=NODE_AE, host=ADDRESS)
     yield {"tenant": tenant, "admin": admin, "node": node}
-    clear_rejections()
+    clear_rejections(stack)

@@ -137,14 +137,14 @@ def test_storescu_sends_samples_and_a_series_which_reach_the_worklist_and_are_re
     assert rows() == before
 
 
-def test_repeated_rejections_from_one_address_are_throttled(dicom_scp, dicom_hospital):
+def test_repeated_rejections_from_one_address_are_throttled(dicom_scp, dicom_hospital, stack):
     for _ in range(REJECTIONS_PER_WINDOW):
         assert echoscu(dicom_scp, calling="PROBE").returncode != 0
     throttled = echoscu(dicom_scp)  # even the registered node, from that address, waits out the window
     assert throttled.returncode != 0 and "Transient" in throttled.stdout + throttled.stderr
     assert AccessEvent.objects.filter(action="dicom.association_throttled").count() == 1
     assert AccessEvent.objects.filter(action="dicom.association_rejected").count() == REJECTIONS_PER_WINDOW
-    clear_rejections()
+    clear_rejections(stack)
     assert echoscu(dicom_scp).returncode == 0
 
 
