@@ -191,3 +191,20 @@ def test_several_associations_delivering_one_study_at_once_make_it_once(scp, nod
     assert sorted(Series.objects.values_list("series_instance_uid", flat=True)) == sorted(series_uids)
     assert Instance.objects.count() == 10 and Image.objects.count() == 10
     assert sorted(Series.objects.values_list("number", flat=True)) == [1, 2]
+
+
+def test_a_deflated_dataset_is_inflated_with_the_bound(scp, node, settings):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    dataset = dcmread(get_testdata_file("CT_small.dcm"))
+    scu = AE(ae_title="CT2")
+    scu.add_requested_context(CTImageStorage, DeflatedExplicitVRLittleEndian)
+    assoc = scu.associate(ADDRESS, scp.port, ae_title="SL_A")
+    assert assoc.send_c_store(dataset).Status == 0x0000
+    settings.SIGHTLINE_MAX_UPLOAD_BYTES = 30_000  # CT_small inflates to about 39 kB
+    bomb = dcmread(get_testdata_file("CT_small.dcm"))
+    bomb.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    status = assoc.send_c_store(bomb)
+    assoc.release()
+    assert status.Status == 0xA700 and "larger than" in status.ErrorComment
+    assert Instance.objects.get().transfer_syntax_uid == DeflatedExplicitVRLittleEndian
