@@ -208,3 +208,11 @@ def test_a_deflated_dataset_is_inflated_with_the_bound(scp, node, settings):
     assoc.release()
     assert status.Status == 0xA700 and "larger than" in status.ErrorComment
     assert Instance.objects.get().transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+
+
+def test_associations_past_the_limit_are_rejected_for_now(scp, node):
+    scp.ae.maximum_associations = 1  # SIGHTLINE_DICOM_MAX_ASSOCIATIONS, read when the SCP starts
+    first = associate(scp)
+    assert first.is_established
+    assert rejection(associate(scp)) == (0x02, 0x03, 0x02)  # transient, local limit exceeded
+    first.release()
