@@ -100,7 +100,7 @@ clean:
 BENCH_ARGS ?=
 
 # A benchmark, not a test: issue 12's tables and goals (bench/results.json), int8 against fp32
-# (bench/optimised.json), then the worklist, audit and bulk-job benchmarks. `make bench BENCH_ARGS=--quick`
+# (bench/optimised.json), then the worklist, audit, bulk-job and DICOM SCP benchmarks. `make bench BENCH_ARGS=--quick`
 # is the smoke run of bench/run.py and bench/optimised.py alone (under 6 min).
 bench: $(VENV)/.dev
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
@@ -109,4 +109,6 @@ ifeq ($(findstring --quick,$(BENCH_ARGS)),)
 	$(BIN)/python bench/worklist.py
 	$(BIN)/python bench/audit.py
 	$(BIN)/python bench/job.py
+	$(MAKE) --no-print-directory dicom-deps
+	$(BIN)/python bench/dicom_scp.py
 endif
