@@ -258,7 +258,7 @@ def test_stow_refuses_what_is_not_multipart_related_dicom(clinician_a):
     plain = client.generic("POST", "/dicomweb/studies", read(CT), content_type="application/dicom")
     assert plain.status_code == 415 and plain["Warning"].startswith("299 sightline")
     as_json = client.generic(
-        "POST", "/dicomweb/studies", b"[]", content_type=f'multipart/related; type="application/dicom+json"; boundary=x'
+        "POST", "/dicomweb/studies", b"[]", content_type='multipart/related; type="application/dicom+json"; boundary=x'
     )
     assert as_json.status_code == 415
     no_boundary = client.generic(
