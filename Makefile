@@ -27,9 +27,9 @@ run: $(VENV)/.runtime
 	$(BIN)/python manage.py seed_demo
 	@redis_port=$$($(BIN)/python -c "from urllib.parse import urlsplit; print(urlsplit('$(REDIS_URL)').port or 6379)"); \
 	if $(BIN)/python -c "import redis; redis.Redis.from_url('$(REDIS_URL)', socket_connect_timeout=1).ping()" 2>/dev/null; then \
-	  processes="web worker-interactive worker-bulk beat"; echo "Redis: using the one answering on $(REDIS_URL)"; \
+	  processes="web worker-interactive worker-bulk beat dicom"; echo "Redis: using the one answering on $(REDIS_URL)"; \
 	else \
-	  processes="redis web worker-interactive worker-bulk beat"; redis_server=$$(command -v redis-server || echo $(BIN)/redis-server); \
+	  processes="redis web worker-interactive worker-bulk beat dicom"; redis_server=$$(command -v redis-server || echo $(BIN)/redis-server); \
 	  echo "Redis: starting $$redis_server on port $$redis_port"; \
 	fi; \
 	echo; \
@@ -37,6 +37,7 @@ run: $(VENV)/.runtime
 	echo "  Demo General:    clinician, viewer, hospital-admin, auditor"; \
 	echo "  Demo Children's: clinician-b"; \
 	echo "  Password for all: $(SIGHTLINE_DEMO_PASSWORD)"; \
+	echo "  DICOM (C-STORE SCP) → 127.0.0.1:$${SIGHTLINE_DICOM_PORT:-11112}"; \
 	echo "  Processes: $$processes (platform/Procfile)"; \
 	echo "  Ctrl-C stops everything started here."; \
 	echo; \

@@ -1,3 +1,11 @@
-"""urls_nodes: the pages (see dicomnet/urls.py)."""
+"""urls_nodes: a hospital's sending nodes (tenant admins; see dicomnet/urls.py)."""
 
-urlpatterns: list = []
+from django.urls import path
+
+from . import views_nodes
+
+urlpatterns = [
+    path("dicom/nodes/", views_nodes.nodes_page, name="dicom-nodes"),
+    path("dicom/nodes/create/", views_nodes.node_create_page, name="dicom-node-create"),
+    path("dicom/nodes/<int:node_id>/deactivate/", views_nodes.node_deactivate_page, name="dicom-node-deactivate"),
+]

@@ -456,6 +456,13 @@ def _dicom_series(tenant, study: Study, header: dict) -> Series:
         existing = Series.objects.for_tenant(tenant).filter(study=study, series_instance_uid=uid).first()
         if existing is not None:
             return existing
+        # several associations may deliver one series at once (PostgreSQL): the study's row lock
+        # lets one make it and the others find it; a number another way in took meanwhile fails
+        # on series_number_unique and the caller tries again (dicomnet.ingest)
+        Study.objects.select_for_update().filter(pk=study.pk).values_list("pk").first()
+        existing = Series.objects.for_tenant(tenant).filter(study=study, series_instance_uid=uid).first()
+        if existing is not None:
+            return existing
     taken = set(Series.objects.filter(study=study).values_list("number", flat=True))
     number = header["series_number"]
     if number is None or number < 0 or number in taken:

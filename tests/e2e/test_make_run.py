@@ -70,12 +70,13 @@ def test_make_run_serves_the_demo_and_ctrl_c_stops_everything(demo_package, tmp_
     var = tmp_path / "var"
     (var / "models").mkdir(parents=True)
     shutil.copy(PACKAGE_CACHE, var / "models" / PACKAGE_CACHE.name)  # the demo model, trained once per machine
-    web_port, redis_port = free_port(), free_port()
+    web_port, redis_port, dicom_port = free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "SIGHTLINE_VAR_DIR": str(var),
         "DATABASE_URL": f"sqlite:///{var / 'sightline.sqlite3'}",  # its own database, whatever CI points at
         "PYTHONUNBUFFERED": "1",
+        "SIGHTLINE_DICOM_PORT": str(dicom_port),
     }
     env.pop("DJANGO_SETTINGS_MODULE", None)
     log = tmp_path / "make-run.log"
@@ -112,9 +113,19 @@ def test_make_run_serves_the_demo_and_ctrl_c_stops_everything(demo_package, tmp_
         started |= descendants(make.pid)
         running = {pid: command_line(pid) for pid in started if alive(pid)}
         commands = " ".join(running.values())
-        for process in ("redis-server", "uvicorn", "celery -A workers.celery worker", "celery -A workers.celery beat"):
+        for process in (
+            "redis-server",
+            "uvicorn",
+            "celery -A workers.celery worker",
+            "celery -A workers.celery beat",
+            "manage.py dicom_scp",
+        ):
             assert process in commands, (process, commands)
-        assert "Processes: redis web worker-interactive worker-bulk beat" in output
+        assert "Processes: redis web worker-interactive worker-bulk beat dicom" in output
+        until = time.monotonic() + 30
+        while not listening(dicom_port) and time.monotonic() < until:
+            time.sleep(0.5)
+        assert listening(dicom_port), "make run did not start the DICOM SCP"
         # the two lanes: the bulk worker's processes at a lower CPU priority than the interactive one's
         workers = {
             pid: line
@@ -129,7 +140,7 @@ def test_make_run_serves_the_demo_and_ctrl_c_stops_everything(demo_package, tmp_
         time.sleep(1)
         left = sorted(pid for pid in started | {make.pid} if alive(pid))
         assert not left, f"still running after Ctrl-C: {left}\n{log.read_text(errors='replace')[-2000:]}"
-        assert not listening(web_port) and not listening(redis_port)
+        assert not listening(web_port) and not listening(redis_port) and not listening(dicom_port)
     finally:
         if make.poll() is None:
             os.killpg(make.pid, signal.SIGKILL)

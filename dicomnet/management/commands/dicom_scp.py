@@ -1,0 +1,35 @@
+"""``manage.py dicom_scp``: the C-STORE SCP, a process of its own (Procfile ``dicom``)."""
+
+import logging
+import signal
+import threading
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+
+from dicomnet.scp import StoreSCP
+
+logger = logging.getLogger("dicomnet.scp")
+
+
+class Command(BaseCommand):
+    help = "Receive DICOM (C-STORE, C-ECHO) from the hospitals' registered nodes."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--host", default=settings.SIGHTLINE_DICOM_HOST)
+        parser.add_argument("--port", type=int, default=settings.SIGHTLINE_DICOM_PORT)
+
+    def handle(self, *args, host: str, port: int, **options):
+        scp = StoreSCP()
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        scp.start(host=host, port=port, block=False)
+        tls = "TLS" + (" with client certificates" if settings.SIGHTLINE_DICOM_TLS_CA else "")
+        self.stdout.write(
+            f"DICOM SCP listening on {host}:{port} ({tls if settings.SIGHTLINE_DICOM_TLS_CERT else 'no TLS'})",
+        )
+        self.stdout.flush()
+        stop.wait()
+        logger.info("DICOM SCP stopping")
+        scp.shutdown()

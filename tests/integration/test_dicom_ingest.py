@@ -1,0 +1,226 @@
+"""dicomnet.ingest.instance_receive: the one ingest of a DICOM instance (C-STORE and STOW-RS)."""
+
+import io
+import zlib
+
+import pydicom
+import pytest
+from django.core.files.storage import default_storage
+from pydicom.data import get_testdata_file
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+
+from accounts.models import AccessEvent
+from dicomnet import ingest
+from dicomnet.ingest import instance_receive
+from dicomnet.models import Instance
+from recognition.models import Image, InferenceRequest, Series, Study
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def sample(name: str) -> bytes:
+    with open(get_testdata_file(name), "rb") as f:
+        return f.read()
+
+
+def as_bytes(ds: pydicom.Dataset) -> bytes:
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def ct(**changes) -> bytes:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    if "SOPInstanceUID" in changes:
+        ds.file_meta.MediaStorageSOPInstanceUID = changes["SOPInstanceUID"]
+    return as_bytes(ds)
+
+
+def stored_files(tenant) -> set[str]:
+    try:
+        _, files = default_storage.listdir(f"tenants/{tenant.pk}/dicom")
+    except FileNotFoundError:
+        return set()
+    return set(files)
+
+
+def test_an_image_instance_becomes_study_series_image_and_instance_with_its_read_queued(clinician_a, demo_model):
+    data = sample("CT_small.dcm")
+
+    received = instance_receive(membership=clinician_a, data=data)
+
+    assert received.status == "stored" and received.dimse_status == 0x0000 and received.http_status == 200
+    instance = received.instance
+    source = pydicom.dcmread(io.BytesIO(data))
+    assert instance.sop_instance_uid == source.SOPInstanceUID
+    assert instance.sop_class_uid == source.SOPClassUID
+    assert instance.transfer_syntax_uid == source.file_meta.TransferSyntaxUID
+    assert (instance.frames, instance.rows, instance.columns, instance.modality) == (1, 128, 128, "CT")
+    assert instance.byte_size == len(data) and instance.origin == "received"
+    (image,) = received.images
+    assert image.original.name == instance.file.name
+    assert instance.study_id == image.study_id and instance.series_id == image.series_id
+    assert instance.study.study_instance_uid == source.StudyInstanceUID
+    assert InferenceRequest.objects.filter(image=image).exists()
+    # the patient is a pseudonym on the rows; the file keeps the hospital's identifiers
+    assert source.PatientID not in instance.study.patient_pseudonym
+    actions = set(AccessEvent.objects.filter(tenant=clinician_a.tenant).values_list("action", flat=True))
+    assert {"image.upload", "dicom.instance_received"} <= actions
+
+
+def test_a_second_copy_creates_nothing(clinician_a, demo_model):
+    data = sample("MR_small.dcm")
+    first = instance_receive(membership=clinician_a, data=data)
+    files = stored_files(clinician_a.tenant)
+
+    again = instance_receive(membership=clinician_a, data=data)
+
+    assert again.status == "duplicate" and again.dimse_status == 0x0000 and again.http_status == 200
+    assert again.instance == first.instance and [i.pk for i in again.images] == [i.pk for i in first.images]
+    assert Instance.objects.count() == 1 and Image.objects.count() == 1 and Study.objects.count() == 1
+    assert stored_files(clinician_a.tenant) == files
+
+
+def test_an_instance_stored_concurrently_is_a_duplicate_with_no_half_rows(clinician_a, demo_model, monkeypatch):
+    data = sample("CT_small.dcm")
+    first = instance_receive(membership=clinician_a, data=data)
+    # the other association's row is not there yet when this one looks, then wins the constraint
+    looks = iter([None])
+    real = ingest._existing
+    monkeypatch.setattr(ingest, "_existing", lambda tenant, uid: next(looks, None) or real(tenant, uid))
+    files = stored_files(clinician_a.tenant)
+
+    again = instance_receive(membership=clinician_a, data=data)
+
+    assert again.status == "duplicate" and again.instance == first.instance
+    assert Image.objects.count() == 1 and Instance.objects.count() == 1
+    assert stored_files(clinician_a.tenant) == files  # the losing try's file was removed
+
+
+def test_a_structured_report_is_kept_and_listed_not_read(clinician_a, demo_model):
+    data = sample("test-SR.dcm")
+    source = pydicom.dcmread(io.BytesIO(data))
+
+    received = instance_receive(membership=clinician_a, data=data)
+
+    assert received.status == "stored" and received.images == []
+    instance = received.instance
+    assert instance.frames == 0 and instance.sop_class_uid == source.SOPClassUID
+    assert instance.study.study_instance_uid == source.StudyInstanceUID
+    assert instance.series.series_instance_uid == source.SeriesInstanceUID
+    with instance.file.open("rb") as stored:
+        kept = stored.read()
+    assert kept[:128] == bytes(128) and kept[128:] == data[128:]
+    assert not InferenceRequest.objects.exists() and not Image.objects.exists()
+    assert AccessEvent.objects.filter(
+        tenant=clinician_a.tenant, action="dicom.instance_received", target_id=str(instance.pk)
+    ).exists()
+
+
+def test_an_sr_of_a_study_already_held_joins_it(clinician_a, demo_model):
+    image = instance_receive(membership=clinician_a, data=sample("CT_small.dcm")).instance
+    sr = pydicom.dcmread(get_testdata_file("test-SR.dcm"))
+    sr.StudyInstanceUID, sr.PatientID = (
+        image.study.study_instance_uid,
+        pydicom.dcmread(get_testdata_file("CT_small.dcm")).PatientID,
+    )
+
+    received = instance_receive(membership=clinician_a, data=as_bytes(sr))
+
+    assert received.instance.study_id == image.study_id and Study.objects.count() == 1
+    assert Series.objects.filter(study=image.study).count() == 2
+
+
+def test_a_deflated_instance_is_inflated_within_the_limit(clinician_a, demo_model, settings):
+    data = sample("image_dfl.dcm")
+    received = instance_receive(membership=clinician_a, data=data)
+    assert received.status == "stored", received.reason
+    assert received.instance.transfer_syntax_uid == DeflatedExplicitVRLittleEndian
+
+
+def deflated(ds: pydicom.Dataset) -> bytes:
+    """A Part 10 file in the Deflated Explicit VR Little Endian syntax, written by hand."""
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    out = io.BytesIO()
+    out.write(bytes(128) + b"DICM")
+    write_file_meta_info(out, ds.file_meta, enforce_standard=False)
+    raw = DicomBytesIO()
+    raw.is_little_endian, raw.is_implicit_VR = True, False
+    write_dataset(raw, ds)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out.write(compressor.compress(raw.getvalue()) + compressor.flush())
+    return out.getvalue()
+
+
+def test_a_deflate_bomb_is_refused_out_of_resources(clinician_a, demo_model, settings):
+    settings.SIGHTLINE_MAX_UPLOAD_BYTES = 2 * 1024 * 1024
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.Rows = ds.Columns = 4096
+    ds.PixelData = bytes(4096 * 4096 * 2)  # 32 MB of zeros: a few kB deflated
+    data = deflated(ds)
+    assert len(data) < 1024 * 1024
+
+    received = instance_receive(membership=clinician_a, data=data)
+
+    assert received.status == "refused" and received.dimse_status == 0xA700 and received.http_status == 413
+    assert "larger than" in received.reason
+    assert not Instance.objects.exists() and not Study.objects.exists()
+
+
+def test_a_damaged_file_is_refused_cannot_understand(clinician_a, demo_model):
+    received = instance_receive(membership=clinician_a, data=bytes(128) + b"DICM" + b"\x02\x00garbage")
+    assert received.status == "refused" and received.dimse_status == 0xC000 and received.http_status == 422
+    assert not Instance.objects.exists()
+    not_dicom = instance_receive(membership=clinician_a, data=b"hello")
+    assert not_dicom.status == "refused" and not_dicom.http_status == 422
+
+
+def test_a_dataset_sent_as_another_sop_class_is_refused(clinician_a, demo_model):
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR, but the dataset says CT
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=False)
+    received = instance_receive(membership=clinician_a, data=out.getvalue())
+    assert received.status == "refused" and received.dimse_status == 0xA900
+
+
+def test_a_viewer_may_not_store(viewer_a, demo_model):
+    received = instance_receive(membership=viewer_a, data=sample("CT_small.dcm"))
+    assert received.status == "refused" and received.dimse_status == 0x0124 and received.http_status == 403
+    assert not Instance.objects.exists()
+
+
+def test_hospitals_hold_the_same_instance_apart(clinician_a, clinician_b, demo_model):
+    data = sample("CT_small.dcm")
+    a = instance_receive(membership=clinician_a, data=data)
+    b = instance_receive(membership=clinician_b, data=data)
+
+    assert a.status == b.status == "stored"
+    assert a.instance.tenant_id != b.instance.tenant_id and a.instance.study_id != b.instance.study_id
+    assert a.instance.study.patient_pseudonym != b.instance.study.patient_pseudonym
+    assert Instance.objects.for_tenant(clinician_b.tenant).get() == b.instance
+
+
+def test_a_bare_dataset_with_its_transfer_syntax_is_received(clinician_a, demo_model):
+    data = sample("CT_small.dcm")
+    ds = pydicom.dcmread(io.BytesIO(data))
+    body = data[data.index(b"DICM") + 4 :]
+    meta_len = int.from_bytes(body[8:12], "little") + 12  # (0002,0000) group length element
+    received = instance_receive(
+        membership=clinician_a, data=body[meta_len:], transfer_syntax=ds.file_meta.TransferSyntaxUID
+    )
+    assert received.status == "stored", received.reason
+
+
+def test_a_series_of_generated_instances_is_one_series(clinician_a, demo_model):
+    series_uid = generate_uid()
+    for number in range(3):
+        instance_receive(
+            membership=clinician_a,
+            data=ct(SOPInstanceUID=generate_uid(), SeriesInstanceUID=series_uid, InstanceNumber=number + 1),
+        )
+    assert Instance.objects.count() == 3 and Series.objects.filter(series_instance_uid=series_uid).count() == 1
