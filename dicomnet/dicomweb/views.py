@@ -572,6 +572,7 @@ def stow(request, *, study_uid: str | None) -> HttpResponse:
     referenced: list[dict] = []
     failed: list[dict] = []
     studies: set[str] = set()
+    warnings: list[str] = []
     raw = request._request  # Django's request: read a block at a time, never whole
     for part in multipart_parts(raw.read, boundary=boundary, part_limit=settings.SIGHTLINE_MAX_UPLOAD_BYTES):
         sop_class, sop_instance, part_study = _peek_uids(part.data) if part.data else ("", "", "")
@@ -603,6 +604,8 @@ def stow(request, *, study_uid: str | None) -> HttpResponse:
         if received.status == "refused" or received.instance is None:
             refuse(int(received.dimse_status or PROCESSING_FAILURE), sop_class, sop_instance)
             continue
+        if received.http_status == 202:  # kept, with a reason (e.g. an encoding no decoder here reads)
+            warnings.append(f"{sop_instance}: {received.reason}")
         row = received.instance
         row_study, row_series = row.study.study_instance_uid, row.series.series_instance_uid
         studies.add(row_study)
@@ -621,5 +624,5 @@ def stow(request, *, study_uid: str | None) -> HttpResponse:
     body = dicomjson.stow_response(
         referenced=referenced, failed=failed, retrieve_url=study_url(request, one_study) if one_study else None
     )
-    status = 200 if not failed else 202 if referenced else 409
-    return _dicom_json(request, body, status=status)
+    status = 200 if not (failed or warnings) else 202 if referenced else 409
+    return _dicom_json(request, body, status=status, warnings=warnings)

@@ -11,9 +11,6 @@ import email
 import email.policy
 import io
 import json
-import sys
-import types
-from dataclasses import dataclass
 
 import pydicom
 import pytest
@@ -73,79 +70,6 @@ def value(dataset: dict, tag: str):
     return dataset.get(tag, {}).get("Value", [None])[0]
 
 
-# --- the ingest (helper "scp"'s dicomnet.ingest; a stand-in on the upload path until it lands) ------
-
-
-def _stand_in_ingest() -> types.ModuleType:
-    """The interface of dicomnet.ingest.instance_receive on the platform's DICOM upload path, for
-    the branch that does not have the SCP's ingest yet."""
-    from django.core.files.uploadedfile import SimpleUploadedFile
-    from django.db import IntegrityError, transaction
-
-    from core.errors import DomainError
-    from recognition.services.images import images_render, images_upload
-
-    @dataclass
-    class Received:
-        status: str
-        instance: Instance | None = None
-        images: list | None = None
-        sop_instance_uid: str = ""
-        sop_class_uid: str = ""
-        reason: str = ""
-        code: str = ""
-        http_status: int = 200
-        dimse_status: int = 0
-
-    def instance_receive(*, membership, data: bytes, request=None):
-        try:
-            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-            sop, sop_class = str(header.SOPInstanceUID), str(header.SOPClassUID)
-        except Exception:
-            return Received("refused", reason="not DICOM", code="not_dicom", http_status=400, dimse_status=0xC000)
-        existing = Instance.objects.for_tenant(membership.tenant).filter(sop_instance_uid=sop).first()
-        if existing is not None:
-            return Received("duplicate", existing, [], sop, sop_class)
-        try:
-            with transaction.atomic():
-                images = images_upload(
-                    membership=membership, upload=SimpleUploadedFile("x.dcm", data), request=request, read=False
-                )
-                first = images[0]
-                instance = Instance.objects.create(
-                    tenant=membership.tenant,
-                    study=first.study,
-                    series=first.series,
-                    sop_instance_uid=sop,
-                    sop_class_uid=sop_class,
-                    transfer_syntax_uid=str(header.file_meta.TransferSyntaxUID),
-                    modality=str(header.get("Modality", "")),
-                    instance_number=header.get("InstanceNumber"),
-                    frames=len(images) if first.width else 0,
-                    rows=header.get("Rows"),
-                    columns=header.get("Columns"),
-                    file=first.original.name,
-                    byte_size=len(data),
-                )
-        except (DomainError, IntegrityError) as exc:
-            return Received("refused", None, [], sop, sop_class, str(exc), "refused", 400, 0xC000)
-        images_render(image_ids=[image.pk for image in images])
-        return Received("stored", instance, images, sop, sop_class)
-
-    module = types.ModuleType("dicomnet.ingest")
-    module.Received = Received  # type: ignore[attr-defined]
-    module.instance_receive = instance_receive  # type: ignore[attr-defined]
-    return module
-
-
-@pytest.fixture(autouse=True)
-def ingest(monkeypatch):
-    try:
-        import dicomnet.ingest  # noqa: F401
-    except ImportError:
-        monkeypatch.setitem(sys.modules, "dicomnet.ingest", _stand_in_ingest())
-
-
 # --- personas -----------------------------------------------------------------------------------
 
 
@@ -195,7 +119,16 @@ def stored(clinician_a):
     """Hospital A holds the CT and the MR study, sent by STOW-RS."""
     response = stow(client_of(clinician_a), read(CT), read(MR))
     assert response.status_code == 200, response.content
+    render_all()
     return response.json()
+
+
+def render_all() -> None:
+    """What the worker does after a DICOM image is received: its display copies."""
+    from recognition.models import Image
+    from recognition.services.images import images_render
+
+    images_render(image_ids=list(Image.objects.values_list("id", flat=True)))
 
 
 # --- STOW-RS ---------------------------------------------------------------------------------------
