@@ -324,7 +324,7 @@ def qido_studies(*, membership: Membership, query: Query) -> list[Study]:
     ):
         modalities_of.setdefault(study_id, set()).add(modality)
     for study in page:
-        study.modalities = sorted(modalities_of.get(study.pk, ()))  # type: ignore[attr-defined]
+        study.modalities = sorted(modalities_of.get(study.pk, ()))
     return page
 
 

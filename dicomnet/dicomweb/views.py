@@ -303,7 +303,7 @@ def _scoped(request, study_uid: str | None, series_uid: str | None = None, *, ac
         study = selectors.study_by_uid_get(
             membership=request.membership, study_uid=study_uid, request=request, action=action
         )
-    if series_uid is not None:
+    if series_uid is not None and study is not None:  # a series is named inside its study
         series = selectors.series_by_uid_get(
             membership=request.membership, study=study, series_uid=series_uid, request=request, action=action
         )
@@ -496,11 +496,12 @@ class RenderedView(DicomwebView):
             if number > found.frames:
                 raise NotFound(f"This instance has {found.frames} frame(s).")
             raise NotFound("This frame has no rendering (yet): the instance may still be being prepared.")
-        stored = "image/jpeg" if image.file.name.endswith(".jpg") else "image/png"
+        name = str(image.file.name)
+        stored = "image/jpeg" if name.endswith(".jpg") else "image/png"
         wanted = _rendered_type(request, stored)
         if wanted == stored:
-            return streaming_response(request, _file_blocks(image.file.name), content_type=stored)
-        return HttpResponse(_converted(image.file.name, wanted), content_type=wanted)
+            return streaming_response(request, _file_blocks(name), content_type=stored)
+        return HttpResponse(_converted(name, wanted), content_type=wanted)
 
 
 def _converted(name: str, content_type: str) -> bytes:
