@@ -183,8 +183,8 @@ class StoreSCP:
         assoc.kill()
 
     def _refuse(self, assoc, caller: Caller, *, called: str, calling: str, address: str) -> None:
-        """Rejected, logged in the access log (a security event) and counted against the address."""
-        self._reject(assoc, REJECT_CALLED if caller.hospital is None else REJECT_CALLING)
+        """Rejected, logged in the access log (a security event) and counted against the address;
+        the peer hears of it once the entry is written."""
         count = self._count_rejection(address)
         logger.warning(
             "association from %s (%s) to %s rejected: %s (%d in window)", address, calling, called, caller.reason, count
@@ -198,6 +198,7 @@ class StoreSCP:
             target_type="ae_title",
             target_id=called,
         )
+        self._reject(assoc, REJECT_CALLED if caller.hospital is None else REJECT_CALLING)
 
     def _count_rejection(self, address: str) -> int:
         key, window = _reject_key(address), settings.SIGHTLINE_DICOM_REJECTION_WINDOW_SECONDS

@@ -38,6 +38,7 @@ OBJECT_KINDS = {
     "entry_id": "access_event",
     "service_account_id": "service_account",
     "api_key_id": "api_key",
+    "node_id": "dicom_node",
 }
 
 # Every route without an object id, by name, and why it cannot show hospital A to hospital B.
@@ -59,6 +60,7 @@ ROUTES_WITHOUT_IDS = {
     "access-log-csv": "list",
     "service-accounts": "list",
     "api-service-accounts": "list",  # GET lists; POST creates in the caller's own hospital
+    "dicom-nodes": "list",  # the hospital's DICOM sending nodes
     # act on the caller's own hospital, chosen by session or X-Tenant (swept with A's slug)
     "upload": "own-hospital",
     "api-study-search": "own-hospital",  # a POSTed worklist search
@@ -66,6 +68,7 @@ ROUTES_WITHOUT_IDS = {
     "member-invite": "own-hospital",
     "api-invitations": "own-hospital",
     "service-account-create": "own-hospital",
+    "dicom-node-create": "own-hospital",
     "tenant-switch": "own-hospital",
     # no hospital data at all
     "home": "public",  # a redirect to the role's first page
@@ -190,6 +193,9 @@ def world(hospital_a, hospital_b, demo_model):
     invitation_create(actor=admin_a, email="invitee@a-marker.example", role=Role.VIEWER)
     robot = service_account_create(actor=admin_a, name="a-marker-robot", role=Role.CLINICIAN)
     robot_key, _ = api_key_create(actor=admin_a, service_account=robot)
+    from dicomnet.nodes import dicom_node_create
+
+    node = dicom_node_create(actor=admin_a, name="a-marker-robot scanner", ae_title="A_MARKER", host="10.0.0.9")
     b_members = {
         role: membership_grant(
             tenant=hospital_b, user=user_get_or_create(username=f"b-{role}", password=PASSWORD), role=role
@@ -210,6 +216,7 @@ def world(hospital_a, hospital_b, demo_model):
             "access_event": AccessEvent.objects.filter(tenant=hospital_a).latest("id").pk,
             "service_account": robot.pk,
             "api_key": robot_key.pk,
+            "dicom_node": node.pk,
         },
     }
 
@@ -322,6 +329,7 @@ ROUTE_ACTION = {
     "service-account-key-create": {Action.MEMBERS_MANAGE},
     "service-account-revoke": {Action.MEMBERS_MANAGE},
     "api-key-revoke-page": {Action.MEMBERS_MANAGE},
+    "dicom-node-deactivate": {Action.MEMBERS_MANAGE},
 }
 
 

@@ -20,6 +20,8 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=settings.SIGHTLINE_DICOM_PORT)
 
     def handle(self, *args, host: str, port: int, **options):
+        # pynetdicom's DEBUG output dumps datasets (patient identifiers): never below INFO here
+        logging.getLogger("pynetdicom").setLevel(max(logging.INFO, logging.getLogger("pynetdicom").level))
         scp = StoreSCP()
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
