@@ -479,3 +479,9 @@ def test_dicomweb_is_not_in_the_api_contract():
 
     schema = SchemaGenerator().get_schema(request=None, public=True)
     assert schema["paths"] and not [path for path in schema["paths"] if "dicomweb" in path]
+
+
+def test_a_body_over_the_request_limit_is_a_413_and_stores_nothing(clinician_a, settings):
+    settings.SIGHTLINE_MAX_REQUEST_BYTES = len(read(CT)) // 2
+    response = stow(client_of(clinician_a), read(CT))
+    assert response.status_code == 413 and Instance.objects.count() == 0
