@@ -17,7 +17,7 @@ from django.db.models import Count, Exists, OuterRef, Q, QuerySet
 from accounts.access import member_action_record
 from accounts.models import AccessEvent, Membership
 from core.errors import Invalid, NotFound
-from core.pseudonym import PATIENT, pseudonym_candidates
+from core.pseudonym import PATIENT, patient_pseudonym_of, pseudonym_candidates
 from recognition.models import Image, Series, Study
 
 from ..models import DicomNode, Instance
@@ -263,11 +263,16 @@ def _study_conditions(query: Query, membership: Membership, prefix: str = "") ->
     if "StudyDescription" in m:
         condition &= _any(f"{prefix}description", m["StudyDescription"])
     if "PatientID" in m:
-        # the hospital's patient id matches by its keyed pseudonym (every key of the ring)
+        # the hospital's patient id matches by its keyed pseudonym (every key of the ring); a
+        # pseudonym the platform's pages showed matches as it is
+        scope = membership.tenant.pk
         candidates = [
             pseudonym
             for value in m["PatientID"]
-            for pseudonym in pseudonym_candidates(value, purpose=PATIENT, scope=membership.tenant.pk)
+            for pseudonym in [
+                *pseudonym_candidates(value, purpose=PATIENT, scope=scope),
+                patient_pseudonym_of(value, scope=scope),
+            ]
         ]
         condition &= Q(**{f"{prefix}patient_pseudonym__in": candidates})
     return condition

@@ -258,6 +258,8 @@ def test_qido_finds_studies_by_the_usual_attributes(clinician_a, stored):
     assert by(Modality="CT") == [CT_STUDY]
     assert by(PatientID=CT_PATIENT_ID) == [CT_STUDY]  # matched by its keyed pseudonym
     assert by(PatientID="1CT1-not") == []
+    shown = Instance.objects.get(sop_instance_uid=CT_SOP).study.patient_pseudonym  # what the pages show
+    assert by(PatientID=shown) == [CT_STUDY]
     assert len(by(limit=1)) == 1 and by(limit=1, offset=1) != by(limit=1)
     assert by(offset=2) == []
 
