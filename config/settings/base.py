@@ -430,13 +430,20 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "filters": {"redact_query": {"()": "core.log_filters.RedactQueryStrings"}},
+    "filters": {
+        "redact_query": {"()": "core.log_filters.RedactQueryStrings"},
+        "redact_request_query": {"()": "core.log_filters.RedactRequestQuery"},
+    },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
     "loggers": {
         # the ASGI server's lines (its handshakes name the query string, where API tokens ride)
         "uvicorn.error": {"filters": ["redact_query"]},
-        "uvicorn.access": {"level": "WARNING"},
+        # off by default; if an operator turns it on, no query string: DICOMweb's QIDO carries
+        # PatientID and AccessionNumber there (dicomnet/dicomweb/)
+        "uvicorn.access": {"level": "WARNING", "filters": ["redact_query"]},
+        "django.server": {"filters": ["redact_query"]},  # runserver's request lines, likewise
+        "django.request": {"filters": ["redact_request_query"]},  # a 4xx warning's record holds the request
         "axes": {"level": "WARNING"},
     },
 }

@@ -112,6 +112,24 @@ ROUTES_WITHOUT_IDS = {
     "tfserving-verb": "own-hospital",
     "torchserve-predict": "own-hospital",
     "torchserve-predict-version": "own-hospital",
+    # DICOMweb (dicomnet/dicomweb/): its searches are lists of the active hospital (swept here); its
+    # UID routes name objects by DICOM UID, not id: B's 404 (logged) for A's UID on every one of
+    # them, and B's X-Tenant naming A, are tested in tests/integration/test_dicomweb.py
+    "dicomweb-studies": "list",  # QIDO-RS; POST is STOW-RS into the caller's own hospital
+    "dicomweb-all-series": "list",
+    "dicomweb-all-instances": "list",
+    "dicomweb-study": "dicom-uid",
+    "dicomweb-study-metadata": "dicom-uid",
+    "dicomweb-study-series": "dicom-uid",
+    "dicomweb-study-instances": "dicom-uid",
+    "dicomweb-series": "dicom-uid",
+    "dicomweb-series-metadata": "dicom-uid",
+    "dicomweb-series-instances": "dicom-uid",
+    "dicomweb-instance": "dicom-uid",
+    "dicomweb-instance-metadata": "dicom-uid",
+    "dicomweb-instance-rendered": "dicom-uid",
+    "dicomweb-frame-rendered": "dicom-uid",
+    "dicomweb-unknown": "public",  # DICOMweb's own 404 for a path it does not serve
     # special case: the token in the link is the credential itself (single use, expiring,
     # only its hash stored); holding it is what entitles someone to join.
     "invitation-accept": "bearer-link",
