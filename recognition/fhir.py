@@ -39,10 +39,14 @@ CODE_SYSTEMS = {
     "DCM": DCM,
     "UCUM": UCUM,
 }
-VERDICTS = {
+VERDICTS: dict[str, dict[str, str]] = {
     Review.Verdict.AGREE: {"system": DCM, "code": "122775", "display": "Agreement with prior findings"},
     Review.Verdict.DISAGREE: {"system": DCM, "code": "122776", "display": "Disagreement with prior findings"},
-    Review.Verdict.CORRECT: {"system": SIGHTLINE_CODES, "code": "corrected-label", "display": "Disagreement: label corrected"},
+    Review.Verdict.CORRECT: {
+        "system": SIGHTLINE_CODES,
+        "code": "corrected-label",
+        "display": "Disagreement: label corrected",
+    },
 }
 
 
@@ -64,7 +68,11 @@ def label_coding(version: ModelVersion, label: str) -> dict:
     if code:
         system = CODE_SYSTEMS.get(code["scheme"], f"urn:sightline:scheme:{code['scheme'].lower()}")
         return {"system": system, "code": code["value"], "display": code["meaning"]}
-    return {"system": f"urn:sightline:{PRIVATE_CODING_SCHEME.lower()}:{version.model.name}", "code": label, "display": label}
+    return {
+        "system": f"urn:sightline:{PRIVATE_CODING_SCHEME.lower()}:{version.model.name}",
+        "code": label,
+        "display": label,
+    }
 
 
 def _patient(study: Study, name: str) -> dict:
@@ -200,7 +208,8 @@ def _ai_observation(result: Result, *, name: str, patient: str, imaging: str, de
 
 
 def _verdict_observation(review: Review, *, name: str, patient: str, ai: str) -> dict:
-    signer = review.signed_off_by or review.author
+    signer, signed_off_at = review.signed_off_by or review.author, review.signed_off_at
+    assert signed_off_at is not None  # only signed reviews are verdicts
     version = review.model_version
     observation: dict = {
         "resourceType": "Observation",
@@ -210,11 +219,13 @@ def _verdict_observation(review: Review, *, name: str, patient: str, ai: str) ->
             {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "imaging"}]}
         ],
         "code": {
-            "coding": [{"system": SIGHTLINE_CODES, "code": "verdict", "display": "Clinician's verdict on the AI finding"}]
+            "coding": [
+                {"system": SIGHTLINE_CODES, "code": "verdict", "display": "Clinician's verdict on the AI finding"}
+            ]
         },
         "subject": _ref(patient),
-        "effectiveDateTime": _instant(review.signed_off_at),
-        "issued": _instant(review.signed_off_at),
+        "effectiveDateTime": _instant(signed_off_at),
+        "issued": _instant(signed_off_at),
         "performer": [{"display": signer.get_full_name() or signer.get_username()}],
         "valueCodeableConcept": {"coding": [VERDICTS[review.verdict]], "text": review.get_verdict_display()},
         "derivedFrom": [_ref(ai)],
@@ -223,7 +234,10 @@ def _verdict_observation(review: Review, *, name: str, patient: str, ai: str) ->
     if label and version is not None:
         observation["component"] = [
             {
-                "code": {"coding": [{"system": DCM, "code": "121071", "display": "Finding"}], "text": "Clinician's label"},
+                "code": {
+                    "coding": [{"system": DCM, "code": "121071", "display": "Finding"}],
+                    "text": "Clinician's label",
+                },
                 "valueCodeableConcept": {"coding": [label_coding(version, label)], "text": label},
             }
         ]
@@ -270,7 +284,7 @@ def study_bundle(study: Study) -> dict:
             observations.append(
                 _verdict_observation(review, name=_name(tenant_id, "verdict", review.pk), patient=patient, ai=ai)
             )
-            moments.append(review.signed_off_at)
+            moments.append(review.signed_off_at or review.created)
     signed_off = study.review_state == Study.ReviewState.SIGNED_OFF
     diagnostic_report: dict = {
         "resourceType": "DiagnosticReport",

@@ -86,7 +86,12 @@ def test_the_ai_sr_is_a_tid_1500_report_highdicom_and_dsrdump_read(clinician_a, 
     image, source = read_dicom(clinician_a)
     result = Result.objects.get()
     instance = ai_report_for(result)
-    assert (instance.kind, instance.origin, instance.result, instance.source_image) == ("ai_sr", "created", result, image)
+    assert (instance.kind, instance.origin, instance.result, instance.source_image) == (
+        "ai_sr",
+        "created",
+        result,
+        image,
+    )
     sr = hd.sr.srread(instance.file.path)
     assert isinstance(sr, hd.sr.Comprehensive3DSR)
     assert sr.SOPInstanceUID == instance.sop_instance_uid and sr.Modality == "SR"
@@ -197,8 +202,11 @@ def _evidence(sr):
     for study in sr.CurrentRequestedProcedureEvidenceSequence:
         for series in study.ReferencedSeriesSequence:
             for item in series.ReferencedSOPSequence:
-                yield study.StudyInstanceUID, series.SeriesInstanceUID, item.ReferencedSOPInstanceUID, (
-                    item.ReferencedSOPClassUID
+                yield (
+                    study.StudyInstanceUID,
+                    series.SeriesInstanceUID,
+                    item.ReferencedSOPInstanceUID,
+                    (item.ReferencedSOPClassUID),
                 )
 
 

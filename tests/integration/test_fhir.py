@@ -73,7 +73,9 @@ def test_the_patient_is_named_by_pseudonym_only(clinician_a, demo_model):
     image, source = read_ct(clinician_a)
     response, body = bundle_of(clinician_a, image.study_id)
     (patient,) = resources(body, "Patient")
-    assert patient["identifier"] == [{"system": "urn:sightline:patient-pseudonym", "value": image.study.patient_pseudonym}]
+    assert patient["identifier"] == [
+        {"system": "urn:sightline:patient-pseudonym", "value": image.study.patient_pseudonym}
+    ]
     assert patient["meta"]["security"][0]["code"] == "PSEUDED"
     for identifier in (str(source.PatientID), str(source.PatientName)):
         assert identifier.encode() not in response.content
@@ -102,13 +104,18 @@ def test_a_signed_verdict_is_an_observation_and_the_report_becomes_final(clinici
 
 
 def test_label_codes_from_the_manifest_become_codings(clinician_a, demo_model):
-    codes = {label: {"scheme": "SCT", "value": f"1000{n}", "meaning": label} for n, label in enumerate(demo_model.labels)}
+    codes = {
+        label: {"scheme": "SCT", "value": f"1000{n}", "meaning": label} for n, label in enumerate(demo_model.labels)
+    }
     ModelVersion.objects.filter(pk=demo_model.pk).update(manifest={**demo_model.manifest, "label_codes": codes})
     image, _ = read_ct(clinician_a)
     _, body = bundle_of(clinician_a, image.study_id)
     (ai,) = resources(body, "Observation")
     coding = ai["valueCodeableConcept"]["coding"][0]
-    assert coding["system"] == "http://snomed.info/sct" and coding["code"] == codes[Result.objects.get().top_label]["value"]
+    assert (
+        coding["system"] == "http://snomed.info/sct"
+        and coding["code"] == codes[Result.objects.get().top_label]["value"]
+    )
 
 
 def test_another_hospitals_study_is_a_404_and_the_attempt_is_logged(clinician_a, clinician_b, demo_model):
