@@ -319,3 +319,20 @@ def test_concurrent_makers_store_one_object(clinician_a, demo_model):
         thread.join()
     assert not errors and len(set(made)) == 1
     assert Instance.objects.filter(kind="ai_sr").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)  # the request reaches the worker after commit: commits are real here
+def test_heatmap_ensure_asks_a_worker_and_waits_for_it(clinician_a, demo_model, monkeypatch):
+    from celery import current_app
+
+    from dicomnet.objects import heatmap_ensure
+
+    def worker(self, name, args, **options):  # the worker, at once, in this process
+        assert name == "workers.tasks.heatmap_compute"
+        heatmap_compute(result_id=args[0])
+
+    monkeypatch.setattr(type(current_app._get_current_object()), "send_task", worker)
+    read_dicom(clinician_a)
+    result = Result.objects.get()
+    assert heatmap_ensure(result, timeout=5) == "ready"
+    assert heatmap_object_for(result) is not None
