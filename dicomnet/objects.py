@@ -57,6 +57,7 @@ from pydicom.valuerep import DA, TM
 from accounts.services import access_event_record
 from core.errors import Conflict, Unprocessable
 from core.model_package import PRIVATE_CODING_SCHEME
+from recognition.fhir import PROBABILITY_DIGITS
 from recognition.models import Image, ModelVersion, Result, Review, Series, Study
 from recognition.services.heatmaps import HeatmapStatus, result_heatmap_request, result_heatmap_status
 
@@ -398,7 +399,10 @@ def ai_report_for(result: Result) -> Instance:
             algorithm_id=algorithm,
             measurements=[
                 hd.sr.Measurement(
-                    name=codes.DCM.Probability, value=round(probability, 6), unit=UCUM_NO_UNITS, algorithm_id=algorithm
+                    name=codes.DCM.Probability,
+                    value=round(probability, PROBABILITY_DIGITS),
+                    unit=UCUM_NO_UNITS,
+                    algorithm_id=algorithm,
                 )
             ],
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=AI_FINDING, value=code)],

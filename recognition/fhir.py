@@ -30,6 +30,7 @@ LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
 SIGHTLINE_CODES = "urn:sightline:codes"  # the verdict and its values where DICOM has no code
 PSEUDONYM_SYSTEM = "urn:sightline:patient-pseudonym"
+PROBABILITY_DIGITS = 6  # a model's probability to a millionth: what a float32 softmax resolves
 # DICOM coding scheme designators → FHIR code systems (HL7 terminology); others keep a URN
 CODE_SYSTEMS = {
     "SCT": "http://snomed.info/sct",
@@ -193,7 +194,7 @@ def _ai_observation(result: Result, *, name: str, patient: str, imaging: str, de
             {
                 "code": {"coding": [{"system": DCM, "code": "122157", "display": "Probability"}]},
                 "valueQuantity": {
-                    "value": round(float(result.top_probability), 6),
+                    "value": round(float(result.top_probability), PROBABILITY_DIGITS),
                     "unit": "1",
                     "system": UCUM,
                     "code": "1",
