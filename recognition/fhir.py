@@ -110,7 +110,8 @@ def _imaging_study(study: Study, name: str, patient: str) -> dict:
     for series_id, sop_uid in Image.objects.filter(study=study).values_list("series_id", "sop_instance_uid"):
         image_uids.setdefault(series_id, set()).add(sop_uid or f"image-of-{series_id}")
     series_out, counted = [], 0
-    for series in study.series.order_by("number", "id"):
+    all_series = list(study.series.order_by("number", "id"))
+    for series in all_series:
         held = {instance.sop_instance_uid for instance in by_series.get(series.pk, [])}
         count = len(held | image_uids.get(series.pk, set()))
         counted += count
@@ -139,7 +140,7 @@ def _imaging_study(study: Study, name: str, patient: str) -> dict:
         "id": name,
         "status": "available",
         "subject": _ref(patient),
-        "numberOfSeries": study.series.count(),
+        "numberOfSeries": len(all_series),
         "numberOfInstances": counted,
     }
     if study.study_instance_uid:
@@ -154,7 +155,7 @@ def _imaging_study(study: Study, name: str, patient: str) -> dict:
         ]
     if study.study_date:
         resource["started"] = study.study_date.isoformat()
-    modalities = sorted({s.modality for s in study.series.all() if s.modality})
+    modalities = sorted({series.modality for series in all_series if series.modality})
     if modalities:
         resource["modality"] = [_modality(code) for code in modalities]
     if study.description:

@@ -170,3 +170,24 @@ def test_a_study_of_png_uploads_has_a_valid_bundle_without_uids(clinician_a, dem
     Bundle.model_validate(body)
     (study,) = resources(body, "ImagingStudy")
     assert "series" not in study and study["numberOfInstances"] == 1
+
+
+def test_the_bundle_costs_the_same_queries_for_one_image_or_many(
+    clinician_a, demo_model, django_assert_max_num_queries
+):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from tests.integration.test_dicom_objects import multi_frame
+
+    one, _ = read_ct(clinician_a)
+    images = images_upload(membership=clinician_a, upload=upload_file(multi_frame(3), "mf.dcm"))
+    for image in images:
+        inference_run(request_id=image.inference_requests.get().pk)
+        review_save(membership=clinician_a, image_id=image.pk, verdict="agree", sign_off=True)
+    client = api_client_for(clinician_a)
+    with CaptureQueriesContext(connection) as single:
+        client.get(f"/api/v1/studies/{one.study_id}/fhir/")
+    with django_assert_max_num_queries(len(single)):
+        response = client.get(f"/api/v1/studies/{images[0].study_id}/fhir/")
+    assert len(resources(response.json(), "Observation")) == 6  # three findings, three verdicts
