@@ -321,6 +321,9 @@ def _store(
         if existing is None:
             raise
         return existing
+    except BaseException:
+        default_storage.delete(name)  # the row is not there: neither is its file
+        raise
     logger.info("made DICOM %s %s for tenant %s", kind, instance.pk, tenant.pk)
     return instance
 
