@@ -336,3 +336,46 @@ def test_heatmap_ensure_asks_a_worker_and_waits_for_it(clinician_a, demo_model, 
     result = Result.objects.get()
     assert heatmap_ensure(result, timeout=5) == "ready"
     assert heatmap_object_for(result) is not None
+
+
+@pytest.mark.heavy_any_db  # starts Orthanc
+def test_a_real_pacs_stores_the_three_objects_with_their_study(clinician_a, demo_model, tmp_path):
+    """DCMTK's storescu sends each made object to Orthanc, unchanged: it takes the SOP classes and
+    files them under the source's study (sending from the platform is helper "send"'s). ``-R``: storescu
+    proposes only the files' SOP classes; its default list has no Comprehensive 3D SR."""
+    from tests.peers import orthanc_running
+
+    image, source = read_dicom(clinician_a)
+    result = Result.objects.get()
+    heatmap_compute(result_id=result.pk)
+    review = review_save(membership=clinician_a, image_id=image.pk, verdict="agree", sign_off=True)
+    made = [ai_report_for(result), review_report_for(review), heatmap_object_for(result)]
+    files = []
+    for instance in made:
+        assert instance is not None
+        path = tmp_path / f"{instance.kind}.dcm"
+        with instance.file.open("rb") as handle:
+            path.write_bytes(handle.read())
+        files.append(str(path))
+    with orthanc_running(tmp_path / "orthanc") as pacs:
+        run = subprocess.run(
+            [
+                dcmtk("storescu"),
+                "-R",
+                "-aec",
+                pacs.ae_title,
+                "-aet",
+                "SIGHTLINE",
+                "127.0.0.1",
+                str(pacs.dicom_port),
+                *files,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+        held = {tags["SOPInstanceUID"]: tags for tags in pacs.instances()}
+    for instance in made:
+        tags = held[instance.sop_instance_uid]
+        assert tags["StudyInstanceUID"] == source.StudyInstanceUID and tags["PatientID"] == source.PatientID
