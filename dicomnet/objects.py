@@ -110,6 +110,12 @@ VERDICT_CODES: dict[str, hd.sr.CodedConcept] = {
         value="corrected-label", scheme_designator=PRIVATE_CODING_SCHEME, meaning="Disagreement: label corrected"
     ),
 }
+# the Patient and General Study attributes of type 2 that highdicom copies from the source; a file
+# that left one out gets it empty (its meaning: unknown)
+TYPE_2_PATIENT_AND_STUDY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)  # fmt: skip
 UID_ROOT_MAX = 40  # characters of an operator's root: the rest of the 64 is the derived part
 
 
@@ -205,6 +211,11 @@ def source_dataset(image: Image) -> Dataset:
         dataset = pydicom.dcmread(stored, stop_before_pixels=True)
     if "SOPInstanceUID" not in dataset or "StudyInstanceUID" not in dataset:
         raise Unprocessable("The stored DICOM original has no SOP or Study Instance UID.", code="dicom_no_uid")
+    for keyword in TYPE_2_PATIENT_AND_STUDY:  # present, if empty, as PS3.3 asks: the objects copy them
+        if keyword not in dataset:
+            setattr(dataset, keyword, "")
+    if not dataset.get("Modality"):
+        dataset.Modality = "OT"
     return dataset
 
 
@@ -224,9 +235,27 @@ def _referenced_frames(image: Image, dataset: Dataset) -> list[int] | None:
 
 
 def _source_reference(image: Image, dataset: Dataset) -> hd.sr.SourceImageForMeasurementGroup:
-    return hd.sr.SourceImageForMeasurementGroup.from_source_image(
-        dataset, referenced_frame_numbers=_referenced_frames(image, dataset)
-    )
+    try:
+        return hd.sr.SourceImageForMeasurementGroup.from_source_image(
+            dataset, referenced_frame_numbers=_referenced_frames(image, dataset)
+        )
+    except (ValueError, TypeError, AttributeError) as exc:  # e.g. an RT Dose: not an image to measure on
+        raise Unprocessable(f"This image cannot be the source of a DICOM SR: {exc}", code="dicom_source") from exc
+
+
+def _measurement_report(*, observation_context, groups: list, source: Dataset) -> hd.sr.MeasurementReport:
+    """TID 1500 with the source in its Image Library (optional there): a source whose attributes the
+    library cannot describe is still referenced by every group."""
+    common = {
+        "observation_context": observation_context,
+        "procedure_reported": codes.SCT.ImagingProcedure,
+        "imaging_measurements": groups,
+    }
+    try:
+        return hd.sr.MeasurementReport(**common, referenced_images=[source])
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        logger.warning("image library left out of an SR: %s", type(exc).__name__)
+        return hd.sr.MeasurementReport(**common)
 
 
 def _check_source(result: Result) -> None:
@@ -415,11 +444,10 @@ def ai_report_for(result: Result) -> Instance:
             hd.sr.TextContentItem(name=codes.DCM.Comment, value=AI_NOTICE, relationship_type="CONTAINS")
         )
         groups.append(group)
-    report = hd.sr.MeasurementReport(
+    report = _measurement_report(
         observation_context=hd.sr.ObservationContext(observer_device_context=_device_observer(version)),
-        procedure_reported=codes.SCT.ImagingProcedure,
-        imaging_measurements=groups,
-        referenced_images=[source],
+        groups=groups,
+        source=source,
     )
     series = _objects_series(study=image.study, kind=Kind.AI_SR, study_uid=source.StudyInstanceUID)
     try:
@@ -438,8 +466,8 @@ def ai_report_for(result: Result) -> Instance:
             **_content_datetime(result.created),
             **_sr_common(version),
         )
-    except KeyError as exc:  # highdicom knows no IOD for the source's SOP class
-        raise Unprocessable(f"The source image's SOP class {exc} is not one DICOM describes.") from exc
+    except (KeyError, ValueError) as exc:  # highdicom knows no IOD for its SOP class, or refuses it as a source
+        raise Unprocessable(f"This image cannot be the source of a DICOM SR: {exc}", code="dicom_source") from exc
     _private_scheme_identified(document)
     _timezone_offset(document, result.created)
     return _store(dataset=document, kind=Kind.AI_SR, image=image, series=series, result=result)
@@ -506,11 +534,10 @@ def review_report_for(review: Review) -> Instance:
         group[0].ContentSequence.append(
             hd.sr.TextContentItem(name=codes.DCM.Comment, value=review.comment, relationship_type="CONTAINS")
         )
-    report = hd.sr.MeasurementReport(
+    report = _measurement_report(
         observation_context=hd.sr.ObservationContext(observer_person_context=_person_observer(signer, review.tenant)),
-        procedure_reported=codes.SCT.ImagingProcedure,
-        imaging_measurements=[group],
-        referenced_images=[source],
+        groups=[group],
+        source=source,
     )
     series = _objects_series(study=image.study, kind=Kind.REVIEW_SR, study_uid=source.StudyInstanceUID)
     evidence = [source, ai_dataset, *([earlier_dataset] if earlier_dataset is not None else [])]

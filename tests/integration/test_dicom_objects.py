@@ -379,3 +379,16 @@ def test_a_real_pacs_stores_the_three_objects_with_their_study(clinician_a, demo
     for instance in made:
         tags = held[instance.sop_instance_uid]
         assert tags["StudyInstanceUID"] == source.StudyInstanceUID and tags["PatientID"] == source.PatientID
+
+
+def test_a_source_that_left_out_type_2_attributes_still_gets_a_valid_sr(clinician_a, demo_model, tmp_path):
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del dataset.PatientID, dataset.PatientBirthDate, dataset.ReferringPhysicianName
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    (image,) = images_upload(membership=clinician_a, upload=upload_file(buffer.getvalue(), "scan.dcm"))
+    inference_run(request_id=image.inference_requests.get().pk)
+    instance = ai_report_for(Result.objects.get())
+    sr = hd.sr.srread(instance.file.path)
+    assert sr.PatientID == "" and sr.PatientName == dataset.PatientName  # present, empty: unknown
+    dump(instance, tmp_path, "dsrdump")
