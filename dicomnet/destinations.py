@@ -77,7 +77,7 @@ def destination_list(*, actor: Membership, request=None) -> QuerySet[Destination
     return Destination.objects.for_tenant(actor.tenant).order_by("name", "id")
 
 
-def destination_get(*, actor: Membership, destination_id: int, request=None, for_update: bool = False) -> Destination:
+def destination_get(*, actor: Membership, destination_id: int, request=None) -> Destination:
     """One of the actor's hospital's destinations; another hospital's is a 404 like a missing one."""
     require(actor, Action.MEMBERS_MANAGE, request=request)
     return tenant_object_get(
@@ -88,7 +88,6 @@ def destination_get(*, actor: Membership, destination_id: int, request=None, for
         action="dicom.destination_view",
         target_type="destination",
         message="No such destination.",
-        for_update=for_update,
     )
 
 
@@ -202,9 +201,11 @@ def destination_update(
 ) -> Destination:
     require(actor, Action.MEMBERS_MANAGE, request=request)
     values = _checked(fields)
+    # looked up outside the transaction: another hospital's id stays logged as denied
+    found = destination_get(actor=actor, destination_id=destination_id, request=request)
     try:
         with transaction.atomic():
-            destination = destination_get(actor=actor, destination_id=destination_id, request=request, for_update=True)
+            destination = Destination.objects.select_for_update().get(pk=found.pk)
             switched_on = values["is_active"] and not destination.is_active
             reached_differently = any(
                 getattr(destination, field) != values[field] for field in ("kind", "host", "port", "ae_title", "url")
@@ -233,8 +234,9 @@ def destination_update(
 def destination_delete(*, actor: Membership, destination_id: int, request=None) -> None:
     """Its deliveries go with it (what was sent stays in the PACS; what was not is never sent)."""
     require(actor, Action.MEMBERS_MANAGE, request=request)
+    found = destination_get(actor=actor, destination_id=destination_id, request=request)
     with transaction.atomic():
-        destination = destination_get(actor=actor, destination_id=destination_id, request=request, for_update=True)
+        destination = Destination.objects.select_for_update().get(pk=found.pk)
         member_action_record(
             actor, "dicom.destination_delete", request=request, target_type="destination", target_id=destination.pk
         )

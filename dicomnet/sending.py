@@ -410,17 +410,18 @@ def _require_resend(actor: Membership, request=None) -> None:
 def delivery_resend(*, actor: Membership, delivery_id: int, request=None) -> Delivery:
     """Send it again now, attempts counted afresh: the same object, byte for byte."""
     _require_resend(actor, request=request)
+    # outside the transaction: another hospital's id stays logged as denied though the 404 is raised
+    found = tenant_object_get(
+        Delivery.objects.all(),
+        membership=actor,
+        pk=delivery_id,
+        request=request,
+        action="dicom.resend",
+        target_type="delivery",
+        message="No such delivery.",
+    )
     with transaction.atomic():
-        delivery = tenant_object_get(
-            Delivery.objects.select_related("destination", "instance"),
-            membership=actor,
-            pk=delivery_id,
-            request=request,
-            action="dicom.resend",
-            target_type="delivery",
-            message="No such delivery.",
-            for_update=True,
-        )
+        delivery = Delivery.objects.select_for_update().select_related("destination", "instance").get(pk=found.pk)
         if delivery.status == Status.SENDING:
             raise Conflict("It is being sent right now.", code="sending")
         delivery.status, delivery.attempts, delivery.error = Status.PENDING, 0, ""
@@ -584,7 +585,12 @@ def deliveries_reconcile() -> int:
     The number of tasks enqueued."""
     now = timezone.now()
     stalled = now - timedelta(seconds=settings.SIGHTLINE_DICOM_SEND_STALL_SECONDS)
-    Delivery.objects.filter(status=Status.SENDING, updated__lt=stalled).update(
+    taken_over = list(
+        Delivery.objects.filter(status=Status.SENDING, updated__lt=stalled).values_list("id", flat=True)[
+            :RECONCILE_BATCH
+        ]
+    )
+    Delivery.objects.filter(pk__in=taken_over, status=Status.SENDING).update(
         status=Status.RETRYING, next_attempt_at=now, updated=now, error="the sender stopped mid-send; sent again"
     )
     # a row due for longer than a sweep's period has lost its message (or the broker was down)
@@ -594,12 +600,12 @@ def deliveries_reconcile() -> int:
         .order_by("next_attempt_at")
         .values_list("id", flat=True)[:RECONCILE_BATCH]
     )
-    for delivery_id in due:
+    for delivery_id in taken_over + due:
         _send_task(SEND_TASK, [delivery_id])
     awaiting = list(_results_awaiting_map(now - RECONCILE_LOOKBACK)[:RECONCILE_BATCH])
     for result_id in awaiting:
         _send_task(MAP_FOLLOW_TASK, [result_id])
-    return len(due) + len(awaiting)
+    return len(taken_over) + len(due) + len(awaiting)
 
 
 def _results_awaiting_map(since) -> QuerySet:
