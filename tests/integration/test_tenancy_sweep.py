@@ -18,6 +18,7 @@ from accounts.models import AccessEvent, Membership, Role
 from accounts.permissions import ROLE_ACTIONS, Action, can
 from accounts.service_accounts import api_key_create, service_account_create
 from accounts.services import invitation_create, membership_grant, user_get_or_create
+from dicomnet.models import Delivery, Destination, Instance
 from recognition.services.images import StudyFields, image_upload
 from recognition.services.jobs import batch_job_create
 from recognition.services.reviews import review_save
@@ -38,6 +39,8 @@ OBJECT_KINDS = {
     "entry_id": "access_event",
     "service_account_id": "service_account",
     "api_key_id": "api_key",
+    "destination_id": "destination",  # dicomnet: a PACS destination
+    "delivery_id": "delivery",  # dicomnet: one made object's send to one destination
 }
 
 # Every route without an object id, by name, and why it cannot show hospital A to hospital B.
@@ -58,6 +61,7 @@ ROUTES_WITHOUT_IDS = {
     "access-log": "list",
     "access-log-csv": "list",
     "service-accounts": "list",
+    "destinations": "list",  # dicomnet: the hospital's PACS destinations and what is not sent
     "api-service-accounts": "list",  # GET lists; POST creates in the caller's own hospital
     # act on the caller's own hospital, chosen by session or X-Tenant (swept with A's slug)
     "upload": "own-hospital",
@@ -66,6 +70,7 @@ ROUTES_WITHOUT_IDS = {
     "member-invite": "own-hospital",
     "api-invitations": "own-hospital",
     "service-account-create": "own-hospital",
+    "destination-create": "own-hospital",  # dicomnet
     "tenant-switch": "own-hospital",
     # no hospital data at all
     "home": "public",  # a redirect to the role's first page
@@ -172,6 +177,11 @@ def world(hospital_a, hospital_b, demo_model):
     invitation_create(actor=admin_a, email="invitee@a-marker.example", role=Role.VIEWER)
     robot = service_account_create(actor=admin_a, name="a-marker-robot", role=Role.CLINICIAN)
     robot_key, _ = api_key_create(actor=admin_a, service_account=robot)
+    pacs = Destination.objects.create(tenant=hospital_a, name="A-MARKER-ACC pacs", kind="dimse", host="h", port=104)
+    sr = Instance.objects.create(
+        tenant=hospital_a, study=image.study, series=image.series, sop_instance_uid="2.25.1", origin="created"
+    )
+    delivery = Delivery.objects.create(tenant=hospital_a, instance=sr, destination=pacs, error="A-MARKER-ACC")
     b_members = {
         role: membership_grant(
             tenant=hospital_b, user=user_get_or_create(username=f"b-{role}", password=PASSWORD), role=role
@@ -192,6 +202,8 @@ def world(hospital_a, hospital_b, demo_model):
             "access_event": AccessEvent.objects.filter(tenant=hospital_a).latest("id").pk,
             "service_account": robot.pk,
             "api_key": robot_key.pk,
+            "destination": pacs.pk,
+            "delivery": delivery.pk,
         },
     }
 
@@ -304,6 +316,10 @@ ROUTE_ACTION = {
     "service-account-key-create": {Action.MEMBERS_MANAGE},
     "service-account-revoke": {Action.MEMBERS_MANAGE},
     "api-key-revoke-page": {Action.MEMBERS_MANAGE},
+    "destination-edit": {Action.MEMBERS_MANAGE},
+    "destination-test": {Action.MEMBERS_MANAGE},
+    "destination-delete": {Action.MEMBERS_MANAGE},
+    "delivery-resend": {Action.REVIEW_WRITE, Action.MEMBERS_MANAGE},  # a clinician or a tenant admin
 }
 
 
