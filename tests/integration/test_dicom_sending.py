@@ -463,3 +463,145 @@ def test_the_sweep_resends_what_a_lost_message_or_a_dead_worker_left(settings, a
     queued.clear()
     deliveries_reconcile()  # the taken-over one is due, not overdue: its message is on its way
     assert (sending.SEND_TASK, [stalled]) not in queued
+
+
+# --- triggers: a result, a sign-off, the map once its heatmap is ready ----------------------------
+
+
+@pytest.fixture
+def sent_tasks(monkeypatch):
+    """Every task sent to the broker (by name), recorded instead of sent."""
+    from celery import current_app
+
+    tasks = []
+    app = type(current_app._get_current_object())
+    monkeypatch.setattr(app, "send_task", lambda self, name, args=None, **options: tasks.append((name, args)))
+    monkeypatch.setattr("accounts.events.send", lambda group, message: None)
+    return tasks
+
+
+@pytest.fixture
+def stub_objects(monkeypatch):
+    """dicomnet/objects.py's interface (helper "objects" writes the real one): one Instance per
+    result and kind, made once, from pydicom's test files."""
+    import sys
+    import types
+
+    import dicomnet
+
+    def once(image, kind, data, **links):
+        found = Instance.objects.filter(kind=kind, **links).first()
+        if found:
+            return found
+        instance = made(image, kind, data)
+        Instance.objects.filter(pk=instance.pk).update(**{f"{k}_id": v.pk for k, v in links.items()})
+        return Instance.objects.get(pk=instance.pk)
+
+    stub = types.ModuleType("dicomnet.objects")
+    stub.ai_report_for = lambda result: once(result.image, "ai_sr", _sr_bytes(), result=result)
+    stub.review_report_for = lambda review: once(review.image, "review_sr", _sr_bytes(), review=review)
+    stub.heatmap_object_for = lambda result: once(result.image, "map", _sc_map_bytes(), result=result)
+    monkeypatch.setitem(sys.modules, "dicomnet.objects", stub)
+    monkeypatch.setattr(dicomnet, "objects", stub, raising=False)
+    return stub
+
+
+def read_dicom(membership):
+    from workers.runner import inference_run
+
+    image = image_upload(membership=membership, upload=upload_file(_test_file("CT_small.dcm"), "ct.dcm"))
+    inference_run(request_id=image.inference_requests.get().pk)
+    image.refresh_from_db()
+    return image
+
+
+def test_a_result_of_a_dicom_image_is_exported_to_the_destinations_that_send_on_every_result(
+    admin_a, clinician_a, demo_model, sent_tasks, stub_objects, django_capture_on_commit_callbacks
+):
+    from datetime import timedelta
+
+    from recognition.models import Result
+    from workers.heatmaps import heatmap_compute
+
+    on_result = dimse(admin_a, 104, name="on-result", send_on="result")
+    dimse(admin_a, 105, name="on-signoff", send_on="signoff")
+    with django_capture_on_commit_callbacks(execute=True):
+        image = read_dicom(clinician_a)
+    result = Result.objects.get(image=image)
+    assert (sending.RESULT_EXPORT_TASK, [result.pk]) in sent_tasks  # the worker's store queued it, on commit
+    sent_tasks.clear()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        queued = sending.result_export(result_id=result.pk)
+    (delivery,) = Delivery.objects.filter(pk__in=queued)
+    assert delivery.destination == on_result and delivery.instance.kind == "ai_sr" and delivery.status == "pending"
+    assert (sending.SEND_TASK, [delivery.pk]) in sent_tasks and (sending.MAP_FOLLOW_TASK, [result.pk]) in sent_tasks
+    sending.result_export(result_id=result.pk)  # a second export (a redelivered task) makes nothing twice
+    assert Delivery.objects.count() == 1 and Instance.objects.filter(kind="ai_sr").count() == 1
+
+    # the map: its heatmap is asked of the worker, then sent once the worker made it
+    sent_tasks.clear()
+    with django_capture_on_commit_callbacks(execute=True), pytest.raises(sending.MapPending):
+        sending.map_follow(result_id=result.pk)
+    assert ("workers.tasks.heatmap_compute", [result.pk]) in sent_tasks
+    assert list(sending._results_awaiting_map(result.created - timedelta(days=1))) == [result.pk]
+    assert heatmap_compute(result_id=result.pk) == "ready"
+    (map_delivery,) = Delivery.objects.filter(pk__in=sending.map_follow(result_id=result.pk))
+    assert map_delivery.instance.kind == "map" and map_delivery.destination == on_result
+    assert not sending._results_awaiting_map(result.created - timedelta(days=1)).exists()
+
+
+def test_a_hospital_without_destinations_or_a_png_exports_nothing(
+    clinician_a, demo_model, sent_tasks, django_capture_on_commit_callbacks
+):
+    from tests.conftest import png_bytes
+    from workers.runner import inference_run
+
+    with django_capture_on_commit_callbacks(execute=True):
+        read_dicom(clinician_a)  # no destination
+    dimse(member(clinician_a.tenant, "admin-x", Role.TENANT_ADMIN), 104, send_on="result")
+    with django_capture_on_commit_callbacks(execute=True):
+        png = image_upload(membership=clinician_a, upload=upload_file(png_bytes()))
+        inference_run(request_id=png.inference_requests.get().pk)
+    assert [name for name, _ in sent_tasks if name.startswith("dicomnet.")] == []
+
+
+def test_a_sign_off_sends_the_verdict_everywhere_and_the_ai_sr_where_it_was_not_sent(
+    admin_a, clinician_a, demo_model, sent_tasks, stub_objects, django_capture_on_commit_callbacks
+):
+    from recognition.services.reviews import review_save, review_sign_off
+
+    on_result = dimse(admin_a, 104, name="on-result", send_on="result")
+    on_signoff = dimse(admin_a, 105, name="on-signoff", send_on="signoff")
+    image = read_dicom(clinician_a)
+    result = image.results.get()
+    sending.result_export(result_id=result.pk)
+    first_sr = Delivery.objects.get(destination=on_result)
+    Delivery.objects.filter(pk=first_sr.pk).update(status="sent", attempts=1)
+
+    draft = review_save(membership=clinician_a, image_id=image.pk, verdict="agree")
+    with django_capture_on_commit_callbacks(execute=True):
+        review_sign_off(membership=clinician_a, review_id=draft.pk)
+    assert (sending.REVIEW_EXPORT_TASK, [draft.pk]) in sent_tasks
+    sending.review_export(review_id=draft.pk)
+    sent = {
+        (d.instance.kind, d.destination.name): d.status
+        for d in Delivery.objects.select_related("instance", "destination")
+    }
+    assert sent == {
+        ("ai_sr", "on-result"): "sent",  # sent on the result: not again
+        ("ai_sr", "on-signoff"): "pending",
+        ("review_sr", "on-result"): "pending",
+        ("review_sr", "on-signoff"): "pending",
+    }
+    assert on_signoff.pk in set(Delivery.objects.values_list("destination_id", flat=True))
+
+    # an amendment signed off in one step (the review form's "sign off") is sent too
+    sent_tasks.clear()
+    with django_capture_on_commit_callbacks(execute=True):
+        amended = review_save(
+            membership=clinician_a, image_id=image.pk, verdict="correct", label="no_finding", sign_off=True
+        )
+    assert (sending.REVIEW_EXPORT_TASK, [amended.pk]) in sent_tasks
+    sending.review_export(review_id=amended.pk)
+    assert Delivery.objects.filter(instance__review=amended, instance__kind="review_sr").count() == 2  # to both
