@@ -39,6 +39,15 @@ byte for byte):
 ``targets``
     Where the version may run: ``server`` (the workers; the default) and/or ``browser``
     (screening models run in the reader's browser), from ``TARGETS``.
+``label_codes``
+    Standard codes for the labels, where the operator supplies them, for the DICOM SR and FHIR
+    the platform makes of a finding (dicomnet/objects.py, recognition/fhir.py)::
+
+        "label_codes": {"round_opacity": {"scheme": "SCT", "value": "263716002", "meaning": "Opacity"}}
+
+    ``scheme``: a DICOM coding scheme designator (``SCT`` SNOMED CT, ``RADLEX`` RadLex, ``LN``
+    LOINC, ``DCM``, a private ``99…``); ``value`` the code, ``meaning`` its words. A label without
+    one is coded in the platform's private scheme (``PRIVATE_CODING_SCHEME``) by its own name.
 """
 
 from __future__ import annotations
@@ -69,6 +78,11 @@ MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 1024  # pixels a side
 MAX_BATCH_SIZE_LIMIT = 1024  # the largest max_batch_size a manifest may ask for
 _READ_CHUNK_BYTES = 1 << 20  # 1 MiB
 SHORT_HASH_CHARS = 12  # of a sha256 shown to a person: enough to tell versions apart
+PRIVATE_CODING_SCHEME = "99SIGHTLINE"  # PS3.16 8.2: a private scheme designator begins with "99"
+# PS3.3 8.1: Coding Scheme Designator is SH (16 characters), Code Meaning LO (64); a Code Value
+# longer than 16 (a SNOMED CT id may have 18 digits) goes to Long Code Value, up to 64 here
+_CODING_SCHEME = re.compile(r"[A-Z0-9][A-Z0-9_.-]{0,15}")
+CODE_VALUE_MAX, CODE_MEANING_MAX = 64, 64
 
 
 class PackageError(ValueError):
@@ -119,6 +133,30 @@ class Runtime:
         return data
 
 
+def _label_codes(data: object, labels: tuple[str, ...]) -> dict:
+    if data in (None, {}):
+        return {}
+    if not isinstance(data, dict):
+        raise PackageError('label_codes must map labels to {"scheme": …, "value": …, "meaning": …}')
+    codes: dict = {}
+    for label, code in data.items():
+        if label not in labels:
+            raise PackageError(f"label_codes names {label!r}, which is not one of the labels")
+        if not isinstance(code, dict) or set(code) != {"scheme", "value", "meaning"}:
+            raise PackageError(f'label_codes[{label!r}] must be {{"scheme": …, "value": …, "meaning": …}}')
+        scheme, value, meaning = code["scheme"], code["value"], code["meaning"]
+        if not isinstance(scheme, str) or not _CODING_SCHEME.fullmatch(scheme):
+            raise PackageError(
+                f"label_codes[{label!r}].scheme must be a coding scheme designator such as SCT, RADLEX or 99LOCAL "
+                "(capitals, digits, at most 16 characters)"
+            )
+        for name, text, limit in (("value", value, CODE_VALUE_MAX), ("meaning", meaning, CODE_MEANING_MAX)):
+            if not isinstance(text, str) or not text.strip() or len(text) > limit or "\\" in text:
+                raise PackageError(f"label_codes[{label!r}].{name} must be 1-{limit} characters (no backslash)")
+        codes[label] = {"scheme": scheme, "value": value.strip(), "meaning": meaning.strip()}
+    return codes
+
+
 def _derived_from(data: object) -> dict:
     if data in (None, {}):
         return {}
@@ -154,6 +192,7 @@ class Manifest:
     transform: str = ""  # with derived_from: how this version was made from it
     holdout: str = ""  # a derived version's held-out labels CSV inside the package
     targets: tuple[str, ...] = ("server",)
+    label_codes: dict = field(default_factory=dict)  # label → {"scheme", "value", "meaning"}; {}: none
 
     @classmethod
     def from_dict(cls, data: dict) -> Manifest:
@@ -181,6 +220,9 @@ class Manifest:
                 transform=str(data.get("transform", "")),
                 holdout=str(data.get("holdout", "")),
                 targets=tuple(str(v) for v in data.get("targets", ("server",))),
+                label_codes=_label_codes(
+                    data.get("label_codes"), tuple(str(v) for v in data["labels"])
+                ),
             )
         except PackageError:
             raise
@@ -227,6 +269,7 @@ class Manifest:
         # the fields added for backends and derived versions appear only when set, so that a
         # manifest written before them round-trips unchanged
         del data["runtime"], data["derived_from"], data["transform"], data["targets"], data["holdout"]
+        del data["label_codes"]
         if runtime := self.runtime.to_dict():
             data["runtime"] = runtime
         if self.derived_from:
@@ -235,6 +278,8 @@ class Manifest:
             data["holdout"] = self.holdout
         if self.targets != ("server",):
             data["targets"] = list(self.targets)
+        if self.label_codes:
+            data["label_codes"] = {label: dict(code) for label, code in self.label_codes.items()}
         return data
 
 

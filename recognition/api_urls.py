@@ -20,5 +20,6 @@ urlpatterns = [
     path("batches/<int:job_id>/results/", apis.BatchResultsApi.as_view(), name="api-batch-results"),
     path("studies/search/", apis.StudySearchApi.as_view(), name="api-study-search"),
     path("studies/<int:study_id>/", apis.StudyDetailApi.as_view(), name="api-study-detail"),
+    path("studies/<int:study_id>/fhir/", apis.StudyFhirApi.as_view(), name="api-study-fhir"),
     path("model-versions/", apis.ModelVersionListApi.as_view(), name="api-model-versions"),
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from django.conf import settings
 from django.http import FileResponse, HttpResponse
 from drf_spectacular.types import OpenApiTypes
@@ -21,6 +23,7 @@ from core.pagination import NewestFirstPagination, NextCursorPage
 from core.streaming import streaming_response
 
 from .display import display_content_type
+from .fhir import FHIR_CONTENT_TYPE, study_fhir_bundle
 from .job_selectors import batch_job_get, batch_job_list, batch_job_progress, batch_jobs_progress
 from .models import Image, ModelAlias, Review, Study
 from .selectors import (
@@ -434,6 +437,50 @@ class StudyDetailApi(TenantApi):
     def get(self, request, study_id: int):
         study = study_get(membership=request.membership, study_id=study_id, request=request)
         return Response(StudyDetailOutput(study).data)
+
+
+class FhirEntryOutput(serializers.Serializer):
+    fullUrl = serializers.CharField(help_text="`urn:uuid:…`: the name other entries refer to it by")  # noqa: N815
+    resource = serializers.DictField(
+        help_text="A FHIR R4 resource: DiagnosticReport, Patient, ImagingStudy, Device or Observation"
+    )
+
+
+class FhirBundleOutput(serializers.Serializer):
+    resourceType = serializers.ChoiceField(choices=["Bundle"])  # noqa: N815
+    id = serializers.CharField()
+    type = serializers.ChoiceField(choices=["collection"])
+    timestamp = serializers.DateTimeField()
+    entry = FhirEntryOutput(many=True)
+
+
+class _JsonForEverything(DefaultContentNegotiation):
+    """The Bundle is FHIR JSON whatever the client accepts (``application/fhir+json`` and
+    ``application/json`` alike); errors keep the one error shape, as JSON."""
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type
+
+
+class StudyFhirApi(TenantApi):
+    content_negotiation_class = _JsonForEverything
+
+    @extend_schema(
+        parameters=[TENANT_HEADER],
+        responses={(200, FHIR_CONTENT_TYPE): FhirBundleOutput},
+        description="The study as FHIR R4 (validates against `fhir.resources`' R4B models): a Bundle of type "
+        "collection with a DiagnosticReport (preliminary until every finding is signed off, then final), one "
+        "Observation per image with an AI finding (preliminary; the label, its probability, the model version as "
+        "Device and method), one per signed-off review (the verdict and the clinician's label; amended for an "
+        "amendment), the ImagingStudy (Study, Series and SOP Instance UIDs the platform holds, modalities) and "
+        "the Patient by the platform's pseudonym only. Entries are named `urn:uuid:…` and refer to each other "
+        "by those names. Served as application/fhir+json.",
+    )
+    def get(self, request, study_id: int):
+        bundle = study_fhir_bundle(membership=request.membership, study_id=study_id, request=request)
+        response = HttpResponse(json.dumps(bundle, ensure_ascii=False), content_type=FHIR_CONTENT_TYPE)
+        response["Cache-Control"] = "private, no-store"
+        return response
 
 
 class ReviewOutput(serializers.Serializer):

@@ -289,6 +289,7 @@ ROUTE_ACTION = {
     "api-review-sign-off": {Action.REVIEW_WRITE},
     "review-sign-off": {Action.REVIEW_WRITE},
     "api-study-detail": {Action.IMAGE_VIEW},
+    "api-study-fhir": {Action.IMAGE_VIEW},
     "worklist-row": {Action.IMAGE_VIEW},
     "study-open": {Action.IMAGE_VIEW},
     "api-batch-detail": {Action.IMAGE_VIEW},
