@@ -505,7 +505,10 @@ def result_export(*, result_id: int) -> list[int]:
     destinations = _destinations(result.tenant_id, send_on=Destination.SendOn.RESULT)
     if not destinations:
         return []
-    report = objects.ai_report_for(result)
+    try:
+        report = objects.ai_report_for(result)
+    except objects.NotDicomSource:
+        return []
     with transaction.atomic():
         queued = deliveries_queue((report, destination) for destination in destinations)
         _enqueue_on_commit(MAP_FOLLOW_TASK, [result.pk])
@@ -526,10 +529,13 @@ def review_export(*, review_id: int) -> list[int]:
     if not destinations:
         return []
     pairs = []
-    if review.result_id is not None:
-        ai_report = objects.ai_report_for(review.result)
-        pairs += [(ai_report, destination) for destination in destinations]
-    verdict = objects.review_report_for(review)
+    try:
+        if review.result_id is not None:
+            ai_report = objects.ai_report_for(review.result)
+            pairs += [(ai_report, destination) for destination in destinations]
+        verdict = objects.review_report_for(review)
+    except objects.NotDicomSource:
+        return []
     pairs += [(verdict, destination) for destination in destinations]
     with transaction.atomic():
         queued = deliveries_queue(pairs)
@@ -569,8 +575,8 @@ def map_follow(*, result_id: int) -> list[int]:
     if status != HeatmapStatus.READY:
         raise MapPending(f"the heatmap of result {result_id} is being computed")
     heatmap = objects.heatmap_object_for(result)
-    if heatmap is None:
-        return []
+    if heatmap is None:  # the heatmap is stored, the image's display copy not yet
+        raise MapPending(f"the image of result {result_id} is not rendered yet")
     destinations = Destination.objects.filter(pk__in=destination_ids, is_active=True)
     with transaction.atomic():
         return deliveries_queue((heatmap, destination) for destination in destinations)

@@ -498,6 +498,7 @@ def stub_objects(monkeypatch):
         return Instance.objects.get(pk=instance.pk)
 
     stub = types.ModuleType("dicomnet.objects")
+    stub.NotDicomSource = type("NotDicomSource", (Exception,), {})
     stub.ai_report_for = lambda result: once(result.image, "ai_sr", _sr_bytes(), result=result)
     stub.review_report_for = lambda review: once(review.image, "review_sr", _sr_bytes(), review=review)
     stub.heatmap_object_for = lambda result: once(result.image, "map", _sc_map_bytes(), result=result)
