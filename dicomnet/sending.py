@@ -453,8 +453,9 @@ def _destinations(tenant_id: int, *, send_on: str | None = None) -> list[Destina
 
 
 def _from_dicom(image) -> bool:
-    """Findings go back as DICOM only for images that came in as DICOM (their original kept)."""
-    return bool(image.original)
+    """Findings go back as DICOM only for images that came in as DICOM (their original kept; a
+    PNG/JPEG upload keeps an original too, until it is rendered)."""
+    return bool(image.is_dicom and image.original)
 
 
 def results_export_on_commit(request_ids: list[int]) -> None:
@@ -472,6 +473,7 @@ def _results_export_queue(request_ids: list[int]) -> None:
     )
     ids = (
         Result.objects.filter(request_id__in=request_ids)
+        .filter(image__format="DICOM")
         .exclude(image__original="")
         .filter(Exists(senders))
         .values_list("id", flat=True)

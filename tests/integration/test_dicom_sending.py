@@ -436,7 +436,7 @@ def test_the_study_page_shows_what_was_sent_and_a_clinician_resends(client, admi
 def test_a_png_image_page_reads_nothing_about_deliveries(clinician_a, django_assert_num_queries):
     from recognition.models import Image
 
-    image = Image(original="", study_id=1)
+    image = Image(original="tenants/1/originals/scan.png", format="PNG", study_id=1)
     with django_assert_num_queries(0):
         assert sending.study_deliveries(membership=clinician_a, image=image) == []
 
