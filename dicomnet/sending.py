@@ -532,7 +532,7 @@ def review_export(*, review_id: int) -> list[int]:
         return []
     pairs = []
     try:
-        if review.result_id is not None:
+        if review.result is not None:
             ai_report = objects.ai_report_for(review.result)
             pairs += [(ai_report, destination) for destination in destinations]
         verdict = objects.review_report_for(review)
