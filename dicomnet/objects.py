@@ -621,8 +621,9 @@ def heatmap_object_for(result: Result) -> Instance | None:
     )[:1024]
     document.ImageComments = MAP_NOTICE
     document.BurnedInAnnotation = "NO"
-    document.DateOfSecondaryCapture, document.TimeOfSecondaryCapture = local.strftime("%Y%m%d"), local.strftime(
-        "%H%M%S"
+    document.DateOfSecondaryCapture, document.TimeOfSecondaryCapture = (
+        local.strftime("%Y%m%d"),
+        local.strftime("%H%M%S"),
     )
     _timezone_offset(document, result.created)
     return _store(dataset=document, kind=Kind.MAP, image=image, series=series, result=result)

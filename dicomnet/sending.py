@@ -44,7 +44,7 @@ from accounts.access import member_action_record, tenant_object_get
 from accounts.models import AccessEvent, Membership
 from accounts.permissions import Action, can
 from accounts.services import access_event_record, require
-from core.errors import Conflict
+from core.errors import Conflict, DomainError
 from core.transient import is_transient
 
 from .destinations import SecretUnreadable, secret_decrypt
@@ -62,7 +62,13 @@ SENDER_LABEL = "sightline sender"  # the access log's actor for a send: the plat
 # a Celery countdown may run a moment early against this clock; a row due that soon is taken
 EARLY_SECONDS = 2
 RECONCILE_BATCH = 500  # due rows re-enqueued per sweep; the next sweep takes the rest
-RECONCILE_LOOKBACK = timedelta(days=1)  # maps still awaited, results still to export: this recent
+RECONCILE_LOOKBACK = timedelta(days=1)  # maps still awaited: this recent
+# results and sign-offs whose export was never queued (the broker was down as they were stored):
+# this recent, and older than two sweeps (the normal path had its chance)
+RECONCILE_EXPORT_LOOKBACK = timedelta(hours=1)
+# the sweep looks at the newest this many results and reviews of hospitals with destinations (by
+# id, the primary key's index: a bounded read however large the tables grow)
+RECONCILE_RECENT = 5000
 KIND_LABELS = {"ai_sr": "AI finding (SR)", "review_sr": "sign-off (SR)", "map": "heatmap"}
 # DIMSE C-STORE statuses that mean "stored" (PS3.4 B.2.3: warnings are stored too)
 STORED_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
@@ -509,7 +515,8 @@ def result_export(*, result_id: int) -> list[int]:
         return []
     try:
         report = objects.ai_report_for(result)
-    except objects.NotDicomSource:
+    except DomainError as exc:  # not DICOM after all, or an original without its UIDs: nothing to send
+        logger.warning("result %s is not exported: %s", result.pk, exc.code)
         return []
     with transaction.atomic():
         queued = deliveries_queue((report, destination) for destination in destinations)
@@ -536,7 +543,8 @@ def review_export(*, review_id: int) -> list[int]:
             ai_report = objects.ai_report_for(review.result)
             pairs += [(ai_report, destination) for destination in destinations]
         verdict = objects.review_report_for(review)
-    except objects.NotDicomSource:
+    except DomainError as exc:
+        logger.warning("review %s is not exported: %s", review.pk, exc.code)
         return []
     pairs += [(verdict, destination) for destination in destinations]
     with transaction.atomic():
@@ -613,7 +621,62 @@ def deliveries_reconcile() -> int:
     awaiting = list(_results_awaiting_map(now - RECONCILE_LOOKBACK)[:RECONCILE_BATCH])
     for result_id in awaiting:
         _send_task(MAP_FOLLOW_TASK, [result_id])
-    return len(taken_over) + len(due) + len(awaiting)
+    since, before = (
+        now - RECONCILE_EXPORT_LOOKBACK,
+        now - 2 * timedelta(seconds=settings.SIGHTLINE_DICOM_RECONCILE_SECONDS),
+    )
+    results = list(_results_not_exported(since, before)[:RECONCILE_BATCH])
+    for result_id in results:
+        _send_task(RESULT_EXPORT_TASK, [result_id])
+    reviews = list(_reviews_not_exported(since, before)[:RECONCILE_BATCH])
+    for review_id in reviews:
+        _send_task(REVIEW_EXPORT_TASK, [review_id])
+    return len(taken_over) + len(due) + len(awaiting) + len(results) + len(reviews)
+
+
+def _recent_ids(model) -> QuerySet:
+    senders = Destination.objects.filter(is_active=True).values("tenant_id")
+    return model.objects.filter(tenant_id__in=senders).order_by("-id").values("id")[:RECONCILE_RECENT]
+
+
+def _results_not_exported(since, before) -> QuerySet:
+    """Results of DICOM images whose hospital sends on every result (a destination there before
+    the result), with no AI SR queued anywhere."""
+    from recognition.models import Result
+
+    senders = Destination.objects.filter(
+        tenant_id=OuterRef("tenant_id"),
+        is_active=True,
+        send_on=Destination.SendOn.RESULT,
+        created__lte=OuterRef("created"),
+    )
+    exported = Instance.objects.filter(result_id=OuterRef("pk"), kind="ai_sr", deliveries__isnull=False)
+    return (
+        Result.objects.filter(pk__in=_recent_ids(Result), created__gte=since, created__lt=before)
+        .filter(image__format="DICOM", request__shadow=False)
+        .exclude(image__original="")
+        .filter(Exists(senders))
+        .exclude(Exists(exported))
+        .values_list("id", flat=True)
+    )
+
+
+def _reviews_not_exported(since, before) -> QuerySet:
+    """Signed-off reviews of DICOM images whose hospital had a destination, with no SR queued."""
+    from recognition.models import Review
+
+    senders = Destination.objects.filter(
+        tenant_id=OuterRef("tenant_id"), is_active=True, created__lte=OuterRef("signed_off_at")
+    )
+    exported = Instance.objects.filter(review_id=OuterRef("pk"), kind="review_sr", deliveries__isnull=False)
+    return (
+        Review.objects.filter(pk__in=_recent_ids(Review), signed_off_at__gte=since, signed_off_at__lt=before)
+        .filter(image__format="DICOM", result__isnull=False)
+        .exclude(image__original="")
+        .filter(Exists(senders))
+        .exclude(Exists(exported))
+        .values_list("id", flat=True)
+    )
 
 
 def _results_awaiting_map(since) -> QuerySet:
@@ -624,7 +687,7 @@ def _results_awaiting_map(since) -> QuerySet:
     sent_sr = Instance.objects.filter(result_id=OuterRef("pk"), kind="ai_sr", deliveries__isnull=False)
     made_map = Instance.objects.filter(result_id=OuterRef("pk"), kind="map")
     return (
-        Result.objects.filter(created__gte=since, heatmap_error="")
+        Result.objects.filter(pk__in=_recent_ids(Result), created__gte=since, heatmap_error="")
         .filter(Exists(sent_sr))
         .exclude(Exists(made_map))
         .exclude(model_version__manifest__gradcam_layer=None)

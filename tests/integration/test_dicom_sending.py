@@ -498,7 +498,6 @@ def stub_objects(monkeypatch):
         return Instance.objects.get(pk=instance.pk)
 
     stub = types.ModuleType("dicomnet.objects")
-    stub.NotDicomSource = type("NotDicomSource", (Exception,), {})
     stub.ai_report_for = lambda result: once(result.image, "ai_sr", _sr_bytes(), result=result)
     stub.review_report_for = lambda review: once(review.image, "review_sr", _sr_bytes(), review=review)
     stub.heatmap_object_for = lambda result: once(result.image, "map", _sc_map_bytes(), result=result)
@@ -606,3 +605,58 @@ def test_a_sign_off_sends_the_verdict_everywhere_and_the_ai_sr_where_it_was_not_
     assert (sending.REVIEW_EXPORT_TASK, [amended.pk]) in sent_tasks
     sending.review_export(review_id=amended.pk)
     assert Delivery.objects.filter(instance__review=amended, instance__kind="review_sr").count() == 2  # to both
+
+
+def test_a_broker_that_is_down_loses_nothing_the_sweep_exports_and_sends_later(
+    admin_a, clinician_a, demo_model, stub_objects, monkeypatch, django_capture_on_commit_callbacks, caplog
+):
+    from datetime import timedelta
+
+    from celery import current_app
+    from django.utils import timezone
+
+    from recognition.models import Result, Review
+    from recognition.services.reviews import review_save
+
+    broker = {"up": False}
+    tasks = []
+
+    def send_task(self, name, args=None, **options):
+        if not broker["up"]:
+            raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        tasks.append((name, args))
+
+    monkeypatch.setattr(type(current_app._get_current_object()), "send_task", send_task)
+    monkeypatch.setattr("accounts.events.send", lambda group, message: None)
+    destination = dimse(admin_a, 104, send_on="result")
+    with django_capture_on_commit_callbacks(execute=True):
+        image = read_dicom(clinician_a)  # the worker stores the result; its export cannot be queued
+    result = Result.objects.get(image=image)
+    with django_capture_on_commit_callbacks(execute=True):
+        review = review_save(membership=clinician_a, image_id=image.pk, verdict="agree", sign_off=True)
+    assert "waits for the reconcile sweep" in caplog.text
+
+    # two sweeps later, with the broker back: the sweep finds both in the database
+    earlier = timezone.now() - timedelta(minutes=5)
+    Destination.objects.filter(pk=destination.pk).update(created=earlier - timedelta(minutes=5))
+    Result.objects.filter(pk=result.pk).update(created=earlier)
+    Review.objects.filter(pk=review.pk).update(signed_off_at=earlier)
+    broker["up"] = True
+    deliveries_reconcile()
+    assert (sending.RESULT_EXPORT_TASK, [result.pk]) in tasks and (sending.REVIEW_EXPORT_TASK, [review.pk]) in tasks
+
+    # the export runs, and the broker is down again as it queues the sends: the rows are due
+    broker["up"] = False
+    with django_capture_on_commit_callbacks(execute=True):
+        sending.review_export(review_id=review.pk)
+    pending = Delivery.objects.filter(status="pending")
+    assert set(pending.values_list("instance__kind", flat=True)) == {"ai_sr", "review_sr"}
+    pending.update(next_attempt_at=earlier)
+    broker["up"] = True
+    tasks.clear()
+    deliveries_reconcile()
+    assert sorted(args for name, args in tasks if name == sending.SEND_TASK) == sorted(
+        [pk] for pk in pending.values_list("id", flat=True)
+    )
+    assert (sending.RESULT_EXPORT_TASK, [result.pk]) not in tasks  # its AI SR is queued now
+    assert (sending.REVIEW_EXPORT_TASK, [review.pk]) not in tasks
