@@ -73,7 +73,8 @@ KIND_LABELS = {"ai_sr": "AI finding (SR)", "review_sr": "sign-off (SR)", "map": 
 # DIMSE C-STORE statuses that mean "stored" (PS3.4 B.2.3: warnings are stored too)
 STORED_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
 HTTP_OK = range(200, 300)
-HTTP_SERVER_ERROR = 500
+# a person waits on "test connection" in the page: a peer that says nothing is failing after this
+CONNECTION_TEST_TIMEOUT_SECONDS = 10.0
 
 
 # --- the wire ----------------------------------------------------------------------------------
@@ -85,8 +86,9 @@ class Outcome:
     reason: str = ""
 
 
-def _timeout() -> float:
-    return float(settings.SIGHTLINE_DICOM_TIMEOUT)
+def _timeout(*, testing: bool = False) -> float:
+    timeout = float(settings.SIGHTLINE_DICOM_TIMEOUT)
+    return min(timeout, CONNECTION_TEST_TIMEOUT_SECONDS) if testing else timeout
 
 
 def _where(destination: Destination) -> str:
@@ -97,11 +99,11 @@ def _where(destination: Destination) -> str:
     return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}"
 
 
-def _ae():
+def _ae(*, testing: bool = False):
     from pynetdicom import AE
 
     ae = AE(ae_title=settings.SIGHTLINE_DICOM_AE_TITLE)
-    timeout = _timeout()
+    timeout = _timeout(testing=testing)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     return ae
@@ -122,7 +124,7 @@ def _associate(ae, destination: Destination):
 def _c_echo(destination: Destination) -> Outcome:
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    ae = _ae()
+    ae = _ae(testing=True)
     ae.add_requested_context(Verification)
     assoc, reason = _associate(ae, destination)
     if assoc is None:
@@ -188,14 +190,16 @@ def _auth_headers(destination: Destination) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
 
 
-def _http(destination: Destination, *, method: str, data: bytes | None = None, headers: dict | None = None):
+def _http(
+    destination: Destination, *, method: str, data: bytes | None = None, headers: dict | None = None, testing=False
+):
     """(status, body) of one request to the destination's URL; (0, reason) when none answered."""
     # http(s) only: the destination's URL was checked when it was entered (destinations._checked)
     request = urllib.request.Request(destination.url, data=data, method=method, headers=headers or {})  # noqa: S310
     for name, value in _auth_headers(destination).items():
         request.add_unredirected_header(name, value)
     try:
-        with _opener.open(request, timeout=_timeout()) as answer:
+        with _opener.open(request, timeout=_timeout(testing=testing)) as answer:
             return answer.status, answer.read()
     except urllib.error.HTTPError as answer:
         with answer:
@@ -218,11 +222,9 @@ def _http_words(status: int) -> str:
 def _stow_check(destination: Destination) -> Outcome:
     """OPTIONS on the studies URL with the credentials; a server that does not answer OPTIONS is
     asked a one-study QIDO GET instead (the same resource; its answer is read and dropped)."""
-    status, body = _http(destination, method="OPTIONS")
+    status, body = _http(destination, method="OPTIONS", testing=True)
     if status in (404, 405, 501):
-        status, body = _http(
-            destination, method="GET", headers={"Accept": "application/dicom+json"}
-        )  # QIDO on …/studies
+        status, body = _http(destination, method="GET", headers={"Accept": "application/dicom+json"}, testing=True)
     if status == 0:
         return Outcome(False, str(body))
     if status in HTTP_OK:
