@@ -220,9 +220,7 @@ class Manifest:
                 transform=str(data.get("transform", "")),
                 holdout=str(data.get("holdout", "")),
                 targets=tuple(str(v) for v in data.get("targets", ("server",))),
-                label_codes=_label_codes(
-                    data.get("label_codes"), tuple(str(v) for v in data["labels"])
-                ),
+                label_codes=_label_codes(data.get("label_codes"), tuple(str(v) for v in data["labels"])),
             )
         except PackageError:
             raise

@@ -40,7 +40,6 @@ import uuid
 from dataclasses import dataclass
 
 import highdicom as hd
-from highdicom._standard_utils import is_multiframe_image
 import numpy as np
 import pydicom
 from django.conf import settings
@@ -48,14 +47,17 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
 from django.utils import timezone
+from highdicom._standard_utils import is_multiframe_image
 from PIL import Image as PILImage
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import DA, TM
 
 from accounts.services import access_event_record
 from core.errors import Conflict, Unprocessable
 from core.model_package import PRIVATE_CODING_SCHEME
+from recognition.fhir import PROBABILITY_DIGITS
 from recognition.models import Image, ModelVersion, Result, Review, Series, Study
 from recognition.services.heatmaps import HeatmapStatus, result_heatmap_request, result_heatmap_status
 
@@ -101,7 +103,7 @@ AI_FINDING_REVIEWED = hd.sr.CodedConcept(
     value="ai-finding-reviewed", scheme_designator=PRIVATE_CODING_SCHEME, meaning="AI finding reviewed"
 )
 # agree and disagree are DICOM's own; a corrected label is a disagreement that names another finding
-VERDICT_CODES = {
+VERDICT_CODES: dict[str, hd.sr.CodedConcept] = {
     Review.Verdict.AGREE: hd.sr.CodedConcept.from_code(codes.DCM.AgreementWithPriorFindings),
     Review.Verdict.DISAGREE: hd.sr.CodedConcept.from_code(codes.DCM.DisagreementWithPriorFindings),
     Review.Verdict.CORRECT: hd.sr.CodedConcept(
@@ -319,6 +321,9 @@ def _store(
         if existing is None:
             raise
         return existing
+    except BaseException:
+        default_storage.delete(name)  # the row is not there: neither is its file
+        raise
     logger.info("made DICOM %s %s for tenant %s", kind, instance.pk, tenant.pk)
     return instance
 
@@ -397,7 +402,10 @@ def ai_report_for(result: Result) -> Instance:
             algorithm_id=algorithm,
             measurements=[
                 hd.sr.Measurement(
-                    name=codes.DCM.Probability, value=round(probability, 6), unit=UCUM_NO_UNITS, algorithm_id=algorithm
+                    name=codes.DCM.Probability,
+                    value=round(probability, PROBABILITY_DIGITS),
+                    unit=UCUM_NO_UNITS,
+                    algorithm_id=algorithm,
                 )
             ],
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=AI_FINDING, value=code)],
@@ -461,7 +469,8 @@ def review_report_for(review: Review) -> Instance:
     predecessor is the review SR it amends): the verdict and the clinician's label as codes, the
     signer as person observer and verifying observer, at the sign-off time."""
     review = _review_rows(review)
-    if not review.is_signed:
+    signed_off_at = review.signed_off_at
+    if signed_off_at is None:
         raise NotSignedOff("A review becomes a DICOM object once it is signed off.")
     existing = Instance.objects.for_tenant(review.tenant).filter(review=review, kind=Kind.REVIEW_SR).first()
     if existing is not None:
@@ -472,10 +481,10 @@ def review_report_for(review: Review) -> Instance:
     ai = ai_report_for(result)
     ai_dataset = _read_instance(ai)
     earlier_dataset = None
-    if review.amends_id is not None and review.amends.is_signed:
+    if review.amends is not None and review.amends.is_signed:
         earlier_dataset = _read_instance(review_report_for(review.amends))
     source = source_dataset(image)
-    sop_instance_uid = object_uid(Kind.REVIEW_SR, review.tenant_id, review.pk, review.signed_off_at.isoformat())
+    sop_instance_uid = object_uid(Kind.REVIEW_SR, review.tenant_id, review.pk, signed_off_at.isoformat())
     if (made := _made(review.tenant, sop_instance_uid)) is not None:
         return made
     version, signer = result.model_version, review.signed_off_by or review.author
@@ -521,13 +530,13 @@ def review_report_for(review: Review) -> Instance:
         previous_versions=[predecessor],
         series_description=OBJECT_SERIES[Kind.REVIEW_SR].description,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        **_content_datetime(review.signed_off_at),
+        **_content_datetime(signed_off_at),
         **_sr_common(version),
     )
-    signed = timezone.localtime(review.signed_off_at)
+    signed = timezone.localtime(signed_off_at)
     document.VerifyingObserverSequence[0].VerificationDateTime = signed.strftime("%Y%m%d%H%M%S.%f%z")
     _private_scheme_identified(document)
-    _timezone_offset(document, review.signed_off_at)
+    _timezone_offset(document, signed_off_at)
     return _store(dataset=document, kind=Kind.REVIEW_SR, image=image, series=series, review=review)
 
 
@@ -608,7 +617,7 @@ def heatmap_object_for(result: Result) -> Instance | None:
         content_time=local.time(),
     )
     if orientation is None:
-        document.PatientOrientation = None  # type 2: unknown, rather than made up
+        document["PatientOrientation"].value = None  # type 2: unknown, rather than made up
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
@@ -621,10 +630,8 @@ def heatmap_object_for(result: Result) -> Instance | None:
     )[:1024]
     document.ImageComments = MAP_NOTICE
     document.BurnedInAnnotation = "NO"
-    document.DateOfSecondaryCapture, document.TimeOfSecondaryCapture = (
-        local.strftime("%Y%m%d"),
-        local.strftime("%H%M%S"),
-    )
+    document.DateOfSecondaryCapture = DA(local.date())
+    document.TimeOfSecondaryCapture = TM(local.time().replace(microsecond=0))
     _timezone_offset(document, result.created)
     return _store(dataset=document, kind=Kind.MAP, image=image, series=series, result=result)
 

@@ -30,6 +30,7 @@ LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
 SIGHTLINE_CODES = "urn:sightline:codes"  # the verdict and its values where DICOM has no code
 PSEUDONYM_SYSTEM = "urn:sightline:patient-pseudonym"
+PROBABILITY_DIGITS = 6  # a model's probability to a millionth: what a float32 softmax resolves
 # DICOM coding scheme designators → FHIR code systems (HL7 terminology); others keep a URN
 CODE_SYSTEMS = {
     "SCT": "http://snomed.info/sct",
@@ -39,10 +40,14 @@ CODE_SYSTEMS = {
     "DCM": DCM,
     "UCUM": UCUM,
 }
-VERDICTS = {
+VERDICTS: dict[str, dict[str, str]] = {
     Review.Verdict.AGREE: {"system": DCM, "code": "122775", "display": "Agreement with prior findings"},
     Review.Verdict.DISAGREE: {"system": DCM, "code": "122776", "display": "Disagreement with prior findings"},
-    Review.Verdict.CORRECT: {"system": SIGHTLINE_CODES, "code": "corrected-label", "display": "Disagreement: label corrected"},
+    Review.Verdict.CORRECT: {
+        "system": SIGHTLINE_CODES,
+        "code": "corrected-label",
+        "display": "Disagreement: label corrected",
+    },
 }
 
 
@@ -64,7 +69,11 @@ def label_coding(version: ModelVersion, label: str) -> dict:
     if code:
         system = CODE_SYSTEMS.get(code["scheme"], f"urn:sightline:scheme:{code['scheme'].lower()}")
         return {"system": system, "code": code["value"], "display": code["meaning"]}
-    return {"system": f"urn:sightline:{PRIVATE_CODING_SCHEME.lower()}:{version.model.name}", "code": label, "display": label}
+    return {
+        "system": f"urn:sightline:{PRIVATE_CODING_SCHEME.lower()}:{version.model.name}",
+        "code": label,
+        "display": label,
+    }
 
 
 def _patient(study: Study, name: str) -> dict:
@@ -101,7 +110,8 @@ def _imaging_study(study: Study, name: str, patient: str) -> dict:
     for series_id, sop_uid in Image.objects.filter(study=study).values_list("series_id", "sop_instance_uid"):
         image_uids.setdefault(series_id, set()).add(sop_uid or f"image-of-{series_id}")
     series_out, counted = [], 0
-    for series in study.series.order_by("number", "id"):
+    all_series = list(study.series.order_by("number", "id"))
+    for series in all_series:
         held = {instance.sop_instance_uid for instance in by_series.get(series.pk, [])}
         count = len(held | image_uids.get(series.pk, set()))
         counted += count
@@ -130,7 +140,7 @@ def _imaging_study(study: Study, name: str, patient: str) -> dict:
         "id": name,
         "status": "available",
         "subject": _ref(patient),
-        "numberOfSeries": study.series.count(),
+        "numberOfSeries": len(all_series),
         "numberOfInstances": counted,
     }
     if study.study_instance_uid:
@@ -145,7 +155,7 @@ def _imaging_study(study: Study, name: str, patient: str) -> dict:
         ]
     if study.study_date:
         resource["started"] = study.study_date.isoformat()
-    modalities = sorted({s.modality for s in study.series.all() if s.modality})
+    modalities = sorted({series.modality for series in all_series if series.modality})
     if modalities:
         resource["modality"] = [_modality(code) for code in modalities]
     if study.description:
@@ -185,7 +195,7 @@ def _ai_observation(result: Result, *, name: str, patient: str, imaging: str, de
             {
                 "code": {"coding": [{"system": DCM, "code": "122157", "display": "Probability"}]},
                 "valueQuantity": {
-                    "value": round(float(result.top_probability), 6),
+                    "value": round(float(result.top_probability), PROBABILITY_DIGITS),
                     "unit": "1",
                     "system": UCUM,
                     "code": "1",
@@ -200,7 +210,8 @@ def _ai_observation(result: Result, *, name: str, patient: str, imaging: str, de
 
 
 def _verdict_observation(review: Review, *, name: str, patient: str, ai: str) -> dict:
-    signer = review.signed_off_by or review.author
+    signer, signed_off_at = review.signed_off_by or review.author, review.signed_off_at
+    assert signed_off_at is not None  # only signed reviews are verdicts
     version = review.model_version
     observation: dict = {
         "resourceType": "Observation",
@@ -210,11 +221,13 @@ def _verdict_observation(review: Review, *, name: str, patient: str, ai: str) ->
             {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "imaging"}]}
         ],
         "code": {
-            "coding": [{"system": SIGHTLINE_CODES, "code": "verdict", "display": "Clinician's verdict on the AI finding"}]
+            "coding": [
+                {"system": SIGHTLINE_CODES, "code": "verdict", "display": "Clinician's verdict on the AI finding"}
+            ]
         },
         "subject": _ref(patient),
-        "effectiveDateTime": _instant(review.signed_off_at),
-        "issued": _instant(review.signed_off_at),
+        "effectiveDateTime": _instant(signed_off_at),
+        "issued": _instant(signed_off_at),
         "performer": [{"display": signer.get_full_name() or signer.get_username()}],
         "valueCodeableConcept": {"coding": [VERDICTS[review.verdict]], "text": review.get_verdict_display()},
         "derivedFrom": [_ref(ai)],
@@ -223,7 +236,10 @@ def _verdict_observation(review: Review, *, name: str, patient: str, ai: str) ->
     if label and version is not None:
         observation["component"] = [
             {
-                "code": {"coding": [{"system": DCM, "code": "121071", "display": "Finding"}], "text": "Clinician's label"},
+                "code": {
+                    "coding": [{"system": DCM, "code": "121071", "display": "Finding"}],
+                    "text": "Clinician's label",
+                },
                 "valueCodeableConcept": {"coding": [label_coding(version, label)], "text": label},
             }
         ]
@@ -270,7 +286,7 @@ def study_bundle(study: Study) -> dict:
             observations.append(
                 _verdict_observation(review, name=_name(tenant_id, "verdict", review.pk), patient=patient, ai=ai)
             )
-            moments.append(review.signed_off_at)
+            moments.append(review.signed_off_at or review.created)
     signed_off = study.review_state == Study.ReviewState.SIGNED_OFF
     diagnostic_report: dict = {
         "resourceType": "DiagnosticReport",

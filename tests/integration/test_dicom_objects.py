@@ -86,7 +86,12 @@ def test_the_ai_sr_is_a_tid_1500_report_highdicom_and_dsrdump_read(clinician_a, 
     image, source = read_dicom(clinician_a)
     result = Result.objects.get()
     instance = ai_report_for(result)
-    assert (instance.kind, instance.origin, instance.result, instance.source_image) == ("ai_sr", "created", result, image)
+    assert (instance.kind, instance.origin, instance.result, instance.source_image) == (
+        "ai_sr",
+        "created",
+        result,
+        image,
+    )
     sr = hd.sr.srread(instance.file.path)
     assert isinstance(sr, hd.sr.Comprehensive3DSR)
     assert sr.SOPInstanceUID == instance.sop_instance_uid and sr.Modality == "SR"
@@ -197,8 +202,11 @@ def _evidence(sr):
     for study in sr.CurrentRequestedProcedureEvidenceSequence:
         for series in study.ReferencedSeriesSequence:
             for item in series.ReferencedSOPSequence:
-                yield study.StudyInstanceUID, series.SeriesInstanceUID, item.ReferencedSOPInstanceUID, (
-                    item.ReferencedSOPClassUID
+                yield (
+                    study.StudyInstanceUID,
+                    series.SeriesInstanceUID,
+                    item.ReferencedSOPInstanceUID,
+                    (item.ReferencedSOPClassUID),
                 )
 
 
@@ -311,3 +319,20 @@ def test_concurrent_makers_store_one_object(clinician_a, demo_model):
         thread.join()
     assert not errors and len(set(made)) == 1
     assert Instance.objects.filter(kind="ai_sr").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)  # the request reaches the worker after commit: commits are real here
+def test_heatmap_ensure_asks_a_worker_and_waits_for_it(clinician_a, demo_model, monkeypatch):
+    from celery import current_app
+
+    from dicomnet.objects import heatmap_ensure
+
+    def worker(self, name, args, **options):  # the worker, at once, in this process
+        assert name == "workers.tasks.heatmap_compute"
+        heatmap_compute(result_id=args[0])
+
+    monkeypatch.setattr(type(current_app._get_current_object()), "send_task", worker)
+    read_dicom(clinician_a)
+    result = Result.objects.get()
+    assert heatmap_ensure(result, timeout=5) == "ready"
+    assert heatmap_object_for(result) is not None
