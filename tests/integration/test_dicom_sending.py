@@ -242,16 +242,19 @@ def test_test_connection_ok_and_failing(tmp_path, admin_a):
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
     seen: list[dict] = []
+    answer: tuple[int, bytes] = (200, b"{}")
 
     def do_POST(self):  # noqa: N802 (http.server's name)
         body = self.rfile.read(int(self.headers["Content-Length"]))
         _Recorder.seen.append(
             {"auth": self.headers.get("Authorization"), "type": self.headers["Content-Type"], "body": body}
         )
-        self.send_response(200)
+        status, body = _Recorder.answer
+        self.send_response(status)
         self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(b"{}")
+        self.wfile.write(body)
 
     def log_message(self, *args):
         pass
@@ -259,7 +262,7 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def recorder():
-    _Recorder.seen = []
+    _Recorder.seen, _Recorder.answer = [], (200, b"{}")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -660,3 +663,22 @@ def test_a_broker_that_is_down_loses_nothing_the_sweep_exports_and_sends_later(
     )
     assert (sending.RESULT_EXPORT_TASK, [result.pk]) not in tasks  # its AI SR is queued now
     assert (sending.REVIEW_EXPORT_TASK, [review.pk]) not in tasks
+
+
+def test_a_stow_server_that_refuses_says_why_and_is_retried(admin_a, objects_a, recorder):
+    _, sr, _ = objects_a
+    destination = stow(admin_a, recorder, username="sightline", secret="wrong")
+    (delivery_id,) = sending.deliveries_queue([(sr, destination)])
+    _Recorder.answer = (401, b"")
+    assert delivery_send(delivery_id) == "retrying"
+    assert "HTTP 401: the credentials were refused" in Delivery.objects.get(pk=delivery_id).error
+    # each attempt is due at once here (the back-off is the retry task's countdown in production)
+    _Recorder.answer = (409, b'{"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [272]}}]}}')
+    Delivery.objects.filter(pk=delivery_id).update(next_attempt_at=Delivery.objects.get(pk=delivery_id).updated)
+    assert delivery_send(delivery_id) == "retrying"
+    assert "HTTP 409" in Delivery.objects.get(pk=delivery_id).error
+    _Recorder.answer = (200, b'{"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [272]}}]}}')
+    Delivery.objects.filter(pk=delivery_id).update(next_attempt_at=Delivery.objects.get(pk=delivery_id).updated)
+    assert delivery_send(delivery_id) == "retrying"
+    assert "did not store the object (failure reason 272)" in Delivery.objects.get(pk=delivery_id).error
+    assert "wrong" not in Delivery.objects.get(pk=delivery_id).error
