@@ -20,6 +20,7 @@ from accounts.services import require
 from core.cursor import identifiers_refused_in_query
 from core.errors import DomainError, Invalid, NotFound
 from core.streaming import streaming_response
+from dicomnet.sending import can_resend, study_deliveries
 
 from .agreement import AB_MINIMUM_SAMPLE, ab_comparisons, agreement_csv, agreement_rows, agreement_svg
 from .display import display_content_type
@@ -150,6 +151,9 @@ def image_detail_page(request, image_id: int):
             "in_progress": in_progress,
             "heatmap_status": heatmap_status,
             "heatmap_wanted": heatmap_status in (HeatmapStatus.NONE, HeatmapStatus.COMPUTING),
+            # issue 15: the study's objects sent to the hospital's PACS (templates/dicomnet/_deliveries.html)
+            "deliveries": study_deliveries(membership=membership, image=image),
+            "can_resend": can_resend(membership),
         },
     )
 

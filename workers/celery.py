@@ -18,7 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 NUMPY_SEED_LIMIT = 2**32  # numpy's legacy seed is a 32-bit unsigned integer
 
-app = Celery("sightline", include=["workers.tasks", "protocols.tasks"])
+app = Celery("sightline", include=["workers.tasks", "protocols.tasks", "dicomnet.tasks"])
 app.config_from_object("django.conf:settings", namespace="CELERY")
 # a worker whose GPU stays busy stops taking tasks until it cools down (no-op without a GPU)
 app.steps["consumer"].add(GpuBackPressure)

@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from accounts import events
 from core.bulk import rows_update
+from dicomnet.sending import results_export_on_commit
 from recognition.models import ERROR_LENGTH, InferenceRequest, Result
 from recognition.services.jobs import batch_items_on_outcome
 from recognition.services.shadow import shadow_reads_queue, shadow_split_exists
@@ -89,6 +90,8 @@ def outcomes_store(requests: list[InferenceRequest], outcomes: list[ItemResult],
         events.results_ready_on_commit(notices)
         # a model-server protocol's request waits in a web process for these (protocols/core.py)
         events.protocol_reads_done_on_commit([request.pk for request in finished if request.protocol])
+        # issue 15: a DICOM image's finding goes back to the hospital's PACS (dicomnet/sending.py)
+        results_export_on_commit([r.pk for r in finished if r.status == Status.DONE and not r.shadow])
 
 
 def outcomes_fail(requests: list[InferenceRequest], error: str) -> None:

@@ -513,4 +513,27 @@ SIGHTLINE_DICOM_SEND_RETRY_SECONDS = env.float("SIGHTLINE_DICOM_SEND_RETRY_SECON
 SIGHTLINE_DICOM_UID_ROOT = env("SIGHTLINE_DICOM_UID_ROOT", default="")
 # The platform's own AE title (the calling AE title its C-STORE SCU sends with)
 SIGHTLINE_DICOM_AE_TITLE = env("SIGHTLINE_DICOM_AE_TITLE", default="SIGHTLINE")
+# PACS destinations (dicomnet/sending.py): the key their STOW-RS secrets are encrypted with (HKDF
+# of it; unset: of SECRET_KEY, so changing SECRET_KEY then makes them unreadable, to enter again)
+SIGHTLINE_DESTINATION_KEY = env("SIGHTLINE_DESTINATION_KEY", default="")
+# a delivery left "sending" this long (its worker died mid-send) is due again; a send takes at
+# most a few DICOM timeouts
+SIGHTLINE_DICOM_SEND_STALL_SECONDS = env.int("SIGHTLINE_DICOM_SEND_STALL_SECONDS", default=600)
+# the sweep that re-enqueues due deliveries (a lost message, a broker that was down)
+SIGHTLINE_DICOM_RECONCILE_SECONDS = env.int("SIGHTLINE_RECONCILE_SECONDS", default=60)
+# an export waits for the heatmap its map is made of: asks again this often, this many times
+# (then the sweep follows it for a day)
+SIGHTLINE_DICOM_MAP_WAIT_SECONDS = env.float("SIGHTLINE_DICOM_MAP_WAIT_SECONDS", default=5.0)
+SIGHTLINE_DICOM_MAP_WAIT_TRIES = env.int("SIGHTLINE_DICOM_MAP_WAIT_TRIES", default=60)
+# sending runs on the housekeeping lane (the bulk node's worker), never before a clinician's read
+CELERY_TASK_ROUTES.update(
+    {
+        f"dicomnet.tasks.{name}": {"queue": "maintenance"}
+        for name in ("delivery_send", "result_export", "review_export", "map_follow", "deliveries_reconcile")
+    }
+)
+CELERY_BEAT_SCHEDULE["send-due-deliveries"] = {  # deliveries whose message was lost (Redis keeps nothing)
+    "task": "dicomnet.tasks.deliveries_reconcile",
+    "schedule": SIGHTLINE_DICOM_RECONCILE_SECONDS,
+}
 # --- end DICOM networking ------------------------------------------------------------------------

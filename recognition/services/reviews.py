@@ -11,6 +11,7 @@ from accounts.models import Membership
 from accounts.permissions import Action
 from accounts.services import require
 from core.errors import Conflict, Invalid
+from dicomnet.sending import review_export_on_commit
 
 from ..models import Review
 from ..selectors import image_get, review_get
@@ -87,6 +88,8 @@ def review_save(
                 membership, "review.sign_off", request=request, target_type="review", target_id=review.pk
             )
         study_summary_refresh([image.study_id])
+        if sign_off:
+            review_export_on_commit(review)  # issue 15: the verdict as an SR to the PACS
     return review
 
 
@@ -103,4 +106,5 @@ def review_sign_off(*, membership: Membership, review_id: int, request=None) -> 
         review.save(update_fields=["signed_off_at", "signed_off_by"])
         member_action_record(membership, "review.sign_off", request=request, target_type="review", target_id=review.pk)
         study_summary_refresh([review.image.study_id])
+        review_export_on_commit(review)  # issue 15: the verdict as an SR to the PACS (dicomnet/sending.py)
     return review

@@ -18,6 +18,7 @@ from accounts.models import AccessEvent, Membership, Role
 from accounts.permissions import ROLE_ACTIONS, Action, can
 from accounts.service_accounts import api_key_create, service_account_create
 from accounts.services import invitation_create, membership_grant, user_get_or_create
+from dicomnet.models import Delivery, Destination, Instance
 from recognition.services.images import StudyFields, image_upload
 from recognition.services.jobs import batch_job_create
 from recognition.services.reviews import review_save
@@ -39,6 +40,8 @@ OBJECT_KINDS = {
     "service_account_id": "service_account",
     "api_key_id": "api_key",
     "node_id": "dicom_node",
+    "destination_id": "destination",  # dicomnet: a PACS destination
+    "delivery_id": "delivery",  # dicomnet: one made object's send to one destination
 }
 
 # Every route without an object id, by name, and why it cannot show hospital A to hospital B.
@@ -59,6 +62,7 @@ ROUTES_WITHOUT_IDS = {
     "access-log": "list",
     "access-log-csv": "list",
     "service-accounts": "list",
+    "destinations": "list",  # dicomnet: the hospital's PACS destinations and what is not sent
     "api-service-accounts": "list",  # GET lists; POST creates in the caller's own hospital
     "dicom-nodes": "list",  # the hospital's DICOM sending nodes
     # act on the caller's own hospital, chosen by session or X-Tenant (swept with A's slug)
@@ -69,6 +73,7 @@ ROUTES_WITHOUT_IDS = {
     "api-invitations": "own-hospital",
     "service-account-create": "own-hospital",
     "dicom-node-create": "own-hospital",
+    "destination-create": "own-hospital",  # dicomnet
     "tenant-switch": "own-hospital",
     # no hospital data at all
     "home": "public",  # a redirect to the role's first page
@@ -196,6 +201,11 @@ def world(hospital_a, hospital_b, demo_model):
     from dicomnet.nodes import dicom_node_create
 
     node = dicom_node_create(actor=admin_a, name="a-marker-robot scanner", ae_title="A_MARKER", host="10.0.0.9")
+    pacs = Destination.objects.create(tenant=hospital_a, name="A-MARKER-ACC pacs", kind="dimse", host="h", port=104)
+    sr = Instance.objects.create(
+        tenant=hospital_a, study=image.study, series=image.series, sop_instance_uid="2.25.1", origin="created"
+    )
+    delivery = Delivery.objects.create(tenant=hospital_a, instance=sr, destination=pacs, error="A-MARKER-ACC")
     b_members = {
         role: membership_grant(
             tenant=hospital_b, user=user_get_or_create(username=f"b-{role}", password=PASSWORD), role=role
@@ -217,6 +227,8 @@ def world(hospital_a, hospital_b, demo_model):
             "service_account": robot.pk,
             "api_key": robot_key.pk,
             "dicom_node": node.pk,
+            "destination": pacs.pk,
+            "delivery": delivery.pk,
         },
     }
 
@@ -331,6 +343,10 @@ ROUTE_ACTION = {
     "service-account-revoke": {Action.MEMBERS_MANAGE},
     "api-key-revoke-page": {Action.MEMBERS_MANAGE},
     "dicom-node-deactivate": {Action.MEMBERS_MANAGE},
+    "destination-edit": {Action.MEMBERS_MANAGE},
+    "destination-test": {Action.MEMBERS_MANAGE},
+    "destination-delete": {Action.MEMBERS_MANAGE},
+    "delivery-resend": {Action.REVIEW_WRITE, Action.MEMBERS_MANAGE},  # a clinician or a tenant admin
 }
 
 

@@ -1,0 +1,684 @@
+"""Findings back to the hospital's PACS (issue 15, item 4), against a real Orthanc playing the PACS.
+
+The made objects here are Instance rows built from pydicom's test files (an SR, and a CT recast
+as a secondary capture standing in for the heatmap); dicomnet/objects.py makes the real ones.
+The sender's task function is called directly (the database's `db` fixture holds the test in
+one transaction, so nothing is enqueued on commit); tests/e2e/test_dicom_sending_e2e.py runs it
+through a real Celery worker.
+"""
+
+from __future__ import annotations
+
+import http.server
+import io
+import logging
+import threading
+import time
+import uuid
+
+import pytest
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from django.db import connection
+from django.test import Client
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from accounts.models import AccessEvent, Role
+from dicomnet import sending
+from dicomnet.destinations import DestinationFields, destination_create, destination_update, secret_decrypt
+from dicomnet.models import Delivery, Destination, Instance
+from dicomnet.tasks import deliveries_reconcile, delivery_send
+from recognition.services.images import image_upload
+from tests.conftest import member, upload_file
+from tests.peers import free_port, orthanc_running
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+SECRET = "s3cret-Token-never-shown-4711"
+
+pytestmark = pytest.mark.django_db
+
+
+# --- made objects and destinations ----------------------------------------------------------------
+
+
+def _test_file(name: str) -> bytes:
+    with open(get_testdata_file(name, download=False), "rb") as handle:
+        return handle.read()
+
+
+def _sc_map_bytes() -> bytes:
+    """A CT recast as a secondary capture with UIDs of its own: the heatmap's stand-in."""
+    ds = dcmread(io.BytesIO(_test_file("CT_small.dcm")))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _sr_bytes() -> bytes:
+    ds = dcmread(io.BytesIO(_test_file("test-SR.dcm")))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def dicom_image(membership):
+    return image_upload(membership=membership, upload=upload_file(_test_file("CT_small.dcm"), "ct.dcm"), read=False)
+
+
+def made(image, kind: str, data: bytes) -> Instance:
+    ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
+    name = default_storage.save(f"dicom/test/{uuid.uuid4().hex}.dcm", ContentFile(data))
+    return Instance.objects.create(
+        tenant=image.tenant,
+        study=image.study,
+        series=image.series,
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        modality=str(ds.get("Modality", "")),
+        file=name,
+        byte_size=len(data),
+        origin=Instance.Origin.CREATED,
+        kind=kind,
+        source_image=image,
+    )
+
+
+@pytest.fixture
+def admin_a(hospital_a):
+    return member(hospital_a, "admin-a", Role.TENANT_ADMIN)
+
+
+@pytest.fixture
+def admin_b(hospital_b):
+    return member(hospital_b, "admin-b", Role.TENANT_ADMIN)
+
+
+@pytest.fixture
+def objects_a(clinician_a):
+    image = dicom_image(clinician_a)
+    return image, made(image, "ai_sr", _sr_bytes()), made(image, "map", _sc_map_bytes())
+
+
+def dimse(actor, port: int, *, name: str = "pacs", ae_title: str = "ORTHANC", send_on: str = "result"):
+    return destination_create(
+        actor=actor,
+        fields=DestinationFields(
+            name=name, kind="dimse", host="127.0.0.1", port=port, ae_title=ae_title, send_on=send_on
+        ),
+    )
+
+
+def stow(actor, url: str, *, name: str = "pacs-web", username: str = "", secret: str = ""):
+    return destination_create(
+        actor=actor,
+        fields=DestinationFields(name=name, kind="stow", url=url, username=username, secret=secret, send_on="result"),
+    )
+
+
+def send_all(deliveries) -> list[str]:
+    return [delivery_send(delivery.pk) for delivery in deliveries]
+
+
+def same_dataset(ours: bytes, theirs: bytes) -> bool:
+    """The PACS may write its own file meta; the dataset itself must be the one sent."""
+    return dcmread(io.BytesIO(ours)) == dcmread(io.BytesIO(theirs))
+
+
+def sent_events(tenant, outcome=None):
+    found = AccessEvent.objects.filter(tenant=tenant, action="dicom.sent")
+    return found.filter(outcome=outcome) if outcome else found
+
+
+# --- over C-STORE and STOW-RS, read back from Orthanc -----------------------------------------------
+
+
+@pytest.mark.heavy_any_db
+def test_the_sr_and_map_reach_orthanc_over_c_store_and_stow_and_a_resend_stores_once(tmp_path, admin_a, objects_a):
+    image, sr, heatmap = objects_a
+    with orthanc_running(tmp_path / "pacs") as orthanc:
+        by_dimse = dimse(admin_a, orthanc.dicom_port)
+        deliveries = [
+            Delivery.objects.get(pk=pk) for pk in sending.deliveries_queue([(sr, by_dimse), (heatmap, by_dimse)])
+        ]
+        assert send_all(deliveries) == ["sent", "sent"]
+        for instance in (sr, heatmap):
+            with instance.file.open("rb") as stored:
+                assert same_dataset(stored.read(), orthanc.instance_file(instance.sop_instance_uid))
+        assert len(orthanc.instances()) == 2
+
+        # the same objects over STOW-RS to the same PACS: still one copy of each
+        by_stow = stow(admin_a, f"{orthanc.dicomweb_url}/studies", username="sightline", secret=SECRET)
+        again = [Delivery.objects.get(pk=pk) for pk in sending.deliveries_queue([(sr, by_stow), (heatmap, by_stow)])]
+        assert send_all(again) == ["sent", "sent"]
+        assert len(orthanc.instances()) == 2
+
+        # a manual resend: the same SOP instance, byte for byte; Orthanc's count is unchanged
+        resent = sending.delivery_resend(actor=admin_a, delivery_id=deliveries[0].pk)
+        assert resent.status == "pending" and resent.attempts == 0
+        assert delivery_send(resent.pk) == "sent"
+        assert len(orthanc.instances()) == 2
+        tags = {i["SOPInstanceUID"] for i in orthanc.instances()}
+        assert tags == {sr.sop_instance_uid, heatmap.sop_instance_uid}
+    # every send is a disclosure in the access log, its target the instance
+    events = sent_events(image.tenant)
+    assert events.count() == 5 and set(events.values_list("outcome", flat=True)) == {"success"}
+    assert set(events.values_list("target_id", flat=True)) == {str(sr.pk), str(heatmap.pk)}
+    assert AccessEvent.objects.filter(action="dicom.resend", target_id=str(deliveries[0].pk)).exists()
+
+
+@pytest.mark.heavy_any_db
+def test_a_pacs_that_is_down_delays_then_the_cap_fails_it_then_a_resend_sends_it(
+    tmp_path, settings, admin_a, objects_a
+):
+    settings.SIGHTLINE_DICOM_SEND_MAX_ATTEMPTS = 3
+    settings.SIGHTLINE_DICOM_SEND_RETRY_SECONDS = 0.05
+    settings.SIGHTLINE_DICOM_TIMEOUT = 5
+    image, sr, _ = objects_a
+    nobody = free_port()
+    destination = dimse(admin_a, nobody)
+    (delivery_id,) = sending.deliveries_queue([(sr, destination)])
+    assert delivery_send(delivery_id) == "retrying"
+    delivery = Delivery.objects.get(pk=delivery_id)
+    assert delivery.attempts == 1 and "could not reach ORTHANC@127.0.0.1" in delivery.error
+    assert delivery.next_attempt_at is not None
+    assert delivery_send(delivery_id) == "retrying"
+    assert Delivery.objects.get(pk=delivery_id).attempts == 2  # the back-off doubled: 0.05 s, then 0.1 s
+    time.sleep(0.2)
+    assert delivery_send(delivery_id) == "failed"
+    delivery = Delivery.objects.get(pk=delivery_id)
+    assert delivery.attempts == 3 and "gave up after 3 attempts" in delivery.error
+    assert delivery_send(delivery_id) == "failed"  # a late message sends nothing more
+    assert sent_events(image.tenant, "failed").count() == 3
+
+    with orthanc_running(tmp_path / "pacs") as orthanc:
+        destination_update(
+            actor=admin_a,
+            destination_id=destination.pk,
+            fields=DestinationFields(
+                name="pacs",
+                kind="dimse",
+                host="127.0.0.1",
+                port=orthanc.dicom_port,
+                ae_title="ORTHANC",
+                send_on="result",
+            ),
+        )
+        sending.delivery_resend(actor=admin_a, delivery_id=delivery_id)
+        assert delivery_send(delivery_id) == "sent"
+        assert [i["SOPInstanceUID"] for i in orthanc.instances()] == [sr.sop_instance_uid]
+    delivery = Delivery.objects.get(pk=delivery_id)
+    assert delivery.status == "sent" and delivery.error == "" and delivery.sent_at is not None
+    assert sent_events(image.tenant, "success").count() == 1
+
+
+@pytest.mark.heavy_any_db
+def test_test_connection_ok_and_failing(tmp_path, admin_a):
+    from dicomnet.destinations import destination_test
+
+    with orthanc_running(tmp_path / "pacs") as orthanc:
+        good = dimse(admin_a, orthanc.dicom_port, name="good")
+        closed = dimse(admin_a, free_port(), name="closed")
+        web = stow(admin_a, f"{orthanc.dicomweb_url}/studies", name="web")
+        wrong = stow(admin_a, f"{orthanc.url}/no-such-dicomweb/studies", name="wrong")
+        results = {d.name: destination_test(actor=admin_a, destination_id=d.pk) for d in (good, closed, web, wrong)}
+    assert results["good"].last_test_ok is True and "C-ECHO answered" in results["good"].last_test_message
+    assert results["closed"].last_test_ok is False and "could not reach" in results["closed"].last_test_message
+    assert results["web"].last_test_ok is True, results["web"].last_test_message
+    assert results["wrong"].last_test_ok is False and "404" in results["wrong"].last_test_message
+    tests = AccessEvent.objects.filter(action="dicom.destination_test", tenant=admin_a.tenant)
+    assert sorted(tests.values_list("outcome", flat=True)) == ["failed", "failed", "success", "success"]
+
+
+# --- the secret --------------------------------------------------------------------------------
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    seen: list[dict] = []
+    answer: tuple[int, bytes] = (200, b"{}")
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Recorder.seen.append(
+            {"auth": self.headers.get("Authorization"), "type": self.headers["Content-Type"], "body": body}
+        )
+        status, body = _Recorder.answer
+        self.send_response(status)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def recorder():
+    _Recorder.seen, _Recorder.answer = [], (200, b"{}")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/dicom-web/studies"
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_secret_is_encrypted_at_rest_sent_as_basic_or_bearer_and_never_logged_or_shown(
+    client, admin_a, objects_a, recorder, caplog
+):
+    import base64
+
+    caplog.set_level(logging.DEBUG)
+    _, sr, _ = objects_a
+    basic = stow(admin_a, recorder, name="basic", username="sightline", secret=SECRET)
+    bearer = stow(admin_a, recorder, name="bearer", secret=SECRET)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT * FROM dicomnet_destination")
+        rows = repr(cursor.fetchall())
+    assert SECRET not in rows and SECRET.encode() not in base64.b64decode(basic.secret_encrypted + "==", altchars=b"-_")
+    assert secret_decrypt(Destination.objects.get(pk=basic.pk).secret_encrypted) == SECRET
+
+    assert send_all(
+        Delivery.objects.filter(pk__in=sending.deliveries_queue([(sr, basic), (sr, bearer)])).order_by(
+            "destination__name"
+        )
+    ) == ["sent", "sent"]
+    auths = sorted(seen["auth"] for seen in _Recorder.seen)
+    assert auths == sorted([f"Basic {base64.b64encode(f'sightline:{SECRET}'.encode()).decode()}", f"Bearer {SECRET}"])
+    with sr.file.open("rb") as stored:
+        data = stored.read()
+    for seen in _Recorder.seen:  # one part, the stored bytes as they are
+        assert seen["type"].startswith('multipart/related; type="application/dicom"; boundary=')
+        assert data in seen["body"]
+
+    client.force_login(admin_a.user)
+    for url in ("/hospital/destinations/", f"/hospital/destinations/{basic.pk}/"):
+        page = client.get(url)
+        assert page.status_code == 200 and SECRET.encode() not in page.content and "••••••••" in page.content.decode()
+    assert SECRET not in caplog.text
+    # a change that leaves the field empty keeps the secret; "remove" clears it
+    client.post(
+        f"/hospital/destinations/{basic.pk}/",
+        {
+            "name": "basic",
+            "kind": "stow",
+            "url": recorder,
+            "username": "sightline",
+            "send_on": "result",
+            "is_active": "on",
+            "is_active_sent": "1",
+        },
+    )
+    assert secret_decrypt(Destination.objects.get(pk=basic.pk).secret_encrypted) == SECRET
+    client.post(
+        f"/hospital/destinations/{basic.pk}/",
+        {
+            "name": "basic",
+            "kind": "stow",
+            "url": recorder,
+            "send_on": "result",
+            "clear_secret": "on",
+            "is_active": "on",
+            "is_active_sent": "1",
+        },
+    )
+    assert Destination.objects.get(pk=basic.pk).secret_encrypted == ""
+
+
+# --- pages, roles, another hospital --------------------------------------------------------------
+
+
+def test_a_tenant_admin_adds_changes_and_removes_a_destination_on_the_page(client, admin_a, clinician_a):
+    client.force_login(admin_a.user)
+    response = client.post(
+        "/hospital/destinations/create/",
+        {
+            "name": "main-pacs",
+            "kind": "dimse",
+            "host": "pacs.local",
+            "port": "104",
+            "ae_title": "MAINPACS",
+            "send_on": "signoff",
+            "is_active": "on",
+            "is_active_sent": "1",
+        },
+    )
+    assert response.status_code == 302
+    destination = Destination.objects.get(tenant=admin_a.tenant, name="main-pacs")
+    assert (destination.kind, destination.port, destination.ae_title, destination.send_on) == (
+        "dimse",
+        104,
+        "MAINPACS",
+        "signoff",
+    )
+    page = client.get("/hospital/destinations/").content.decode()
+    assert "main-pacs" in page and "MAINPACS@pacs.local:104" in page
+    refused = client.post(
+        "/hospital/destinations/create/",
+        {"name": "x", "kind": "dimse", "host": "h", "port": "99999", "ae_title": "A", "send_on": "result"},
+        follow=True,
+    )
+    assert "The port is a whole number" in refused.content.decode()
+    client.post(
+        f"/hospital/destinations/{destination.pk}/",
+        {
+            "name": "main-pacs",
+            "kind": "dimse",
+            "host": "pacs.local",
+            "port": "11112",
+            "ae_title": "MAINPACS",
+            "send_on": "result",
+            "is_active_sent": "1",
+        },
+    )
+    destination.refresh_from_db()
+    assert (destination.port, destination.send_on, destination.is_active) == (11112, "result", False)
+    client.post(f"/hospital/destinations/{destination.pk}/delete/")
+    assert not Destination.objects.filter(pk=destination.pk).exists()
+    actions = list(
+        AccessEvent.objects.filter(tenant=admin_a.tenant, target_type="destination").values_list("action", flat=True)
+    )
+    assert actions == ["dicom.destination_create", "dicom.destination_change", "dicom.destination_delete"]
+    # a clinician neither sees nor names destinations
+    client.force_login(clinician_a.user)
+    assert client.get("/hospital/destinations/").status_code == 403
+
+
+def test_another_hospital_gets_404_for_destinations_and_deliveries(admin_a, admin_b, clinician_b, objects_a):
+    _, sr, _ = objects_a
+    destination = dimse(admin_a, 104)
+    (delivery_id,) = sending.deliveries_queue([(sr, destination)])
+    for outsider in (admin_b, clinician_b):
+        client = Client()
+        client.force_login(outsider.user)
+        for method, url in (
+            ("get", f"/hospital/destinations/{destination.pk}/"),
+            ("post", f"/hospital/destinations/{destination.pk}/"),
+            ("post", f"/hospital/destinations/{destination.pk}/test/"),
+            ("post", f"/hospital/destinations/{destination.pk}/delete/"),
+            ("post", f"/hospital/deliveries/{delivery_id}/resend/"),
+        ):
+            if outsider is clinician_b and "destinations" in url:
+                assert getattr(client, method)(url).status_code == 403  # not an admin anywhere
+                continue
+            assert getattr(client, method)(url).status_code == 404, (outsider, url)
+    assert Destination.objects.filter(pk=destination.pk).exists()
+    assert Delivery.objects.get(pk=delivery_id).attempts == 0
+    denied = AccessEvent.objects.filter(tenant=admin_b.tenant, outcome="denied").values_list("action", flat=True)
+    assert {"dicom.resend", "dicom.destination_view"} <= set(denied)
+
+
+def test_the_study_page_shows_what_was_sent_and_a_clinician_resends(client, admin_a, clinician_a, viewer_a, objects_a):
+    image, sr, heatmap = objects_a
+    destination = dimse(admin_a, free_port())
+    ids = sending.deliveries_queue([(sr, destination), (heatmap, destination)])
+    Delivery.objects.filter(pk=ids[0]).update(status="failed", attempts=6, error="could not reach PACS — gave up")
+    client.force_login(clinician_a.user)
+    page = client.get(f"/images/{image.pk}/").content.decode()
+    assert "Sent to PACS" in page and "AI finding (SR)" in page and "heatmap" in page
+    assert "could not reach PACS — gave up" in page and f"/hospital/deliveries/{ids[0]}/resend/" in page
+    response = client.post(f"/hospital/deliveries/{ids[0]}/resend/", {"next": f"/images/{image.pk}/"})
+    assert response.status_code == 302 and response["Location"] == f"/images/{image.pk}/"
+    delivery = Delivery.objects.get(pk=ids[0])
+    assert (delivery.status, delivery.attempts, delivery.error) == ("pending", 0, "")
+    # a viewer sees the status but may not resend
+    client.force_login(viewer_a.user)
+    page = client.get(f"/images/{image.pk}/").content.decode()
+    assert "Sent to PACS" in page and "/resend/" not in page
+    assert client.post(f"/hospital/deliveries/{ids[0]}/resend/").status_code == 403
+
+
+def test_a_png_image_page_reads_nothing_about_deliveries(clinician_a, django_assert_num_queries):
+    from recognition.models import Image
+
+    image = Image(original="tenants/1/originals/scan.png", format="PNG", study_id=1)
+    with django_assert_num_queries(0):
+        assert sending.study_deliveries(membership=clinician_a, image=image) == []
+
+
+# --- the sweep ---------------------------------------------------------------------------------
+
+
+def test_the_sweep_resends_what_a_lost_message_or_a_dead_worker_left(settings, admin_a, objects_a, monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    _, sr, heatmap = objects_a
+    destination = dimse(admin_a, free_port())
+    lost, stalled = sending.deliveries_queue([(sr, destination), (heatmap, destination)])
+    long_ago = timezone.now() - timedelta(hours=2)
+    Delivery.objects.filter(pk=lost).update(next_attempt_at=long_ago)
+    Delivery.objects.filter(pk=stalled).update(status="sending", updated=long_ago)
+    queued = []
+    monkeypatch.setattr(sending, "_send_task", lambda task, args, countdown=None: queued.append((task, args)))
+    deliveries_reconcile()
+    assert (sending.SEND_TASK, [lost]) in queued and (sending.SEND_TASK, [stalled]) in queued
+    assert Delivery.objects.get(pk=stalled).status == "retrying"
+    queued.clear()
+    deliveries_reconcile()  # the taken-over one is due, not overdue: its message is on its way
+    assert (sending.SEND_TASK, [stalled]) not in queued
+
+
+# --- triggers: a result, a sign-off, the map once its heatmap is ready ----------------------------
+
+
+@pytest.fixture
+def sent_tasks(monkeypatch):
+    """Every task sent to the broker (by name), recorded instead of sent."""
+    from celery import current_app
+
+    tasks = []
+    app = type(current_app._get_current_object())
+    monkeypatch.setattr(app, "send_task", lambda self, name, args=None, **options: tasks.append((name, args)))
+    monkeypatch.setattr("accounts.events.send", lambda group, message: None)
+    return tasks
+
+
+@pytest.fixture
+def stub_objects(monkeypatch):
+    """dicomnet/objects.py's interface (helper "objects" writes the real one): one Instance per
+    result and kind, made once, from pydicom's test files."""
+    import sys
+    import types
+
+    import dicomnet
+
+    def once(image, kind, data, **links):
+        found = Instance.objects.filter(kind=kind, **links).first()
+        if found:
+            return found
+        instance = made(image, kind, data)
+        Instance.objects.filter(pk=instance.pk).update(**{f"{k}_id": v.pk for k, v in links.items()})
+        return Instance.objects.get(pk=instance.pk)
+
+    stub = types.ModuleType("dicomnet.objects")
+    stub.ai_report_for = lambda result: once(result.image, "ai_sr", _sr_bytes(), result=result)
+    stub.review_report_for = lambda review: once(review.image, "review_sr", _sr_bytes(), review=review)
+    stub.heatmap_object_for = lambda result: once(result.image, "map", _sc_map_bytes(), result=result)
+    monkeypatch.setitem(sys.modules, "dicomnet.objects", stub)
+    monkeypatch.setattr(dicomnet, "objects", stub, raising=False)
+    return stub
+
+
+def read_dicom(membership):
+    from workers.runner import inference_run
+
+    image = image_upload(membership=membership, upload=upload_file(_test_file("CT_small.dcm"), "ct.dcm"))
+    inference_run(request_id=image.inference_requests.get().pk)
+    image.refresh_from_db()
+    return image
+
+
+def test_a_result_of_a_dicom_image_is_exported_to_the_destinations_that_send_on_every_result(
+    admin_a, clinician_a, demo_model, sent_tasks, stub_objects, django_capture_on_commit_callbacks
+):
+    from datetime import timedelta
+
+    from recognition.models import Result
+    from workers.heatmaps import heatmap_compute
+
+    on_result = dimse(admin_a, 104, name="on-result", send_on="result")
+    dimse(admin_a, 105, name="on-signoff", send_on="signoff")
+    with django_capture_on_commit_callbacks(execute=True):
+        image = read_dicom(clinician_a)
+    result = Result.objects.get(image=image)
+    assert (sending.RESULT_EXPORT_TASK, [result.pk]) in sent_tasks  # the worker's store queued it, on commit
+    sent_tasks.clear()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        queued = sending.result_export(result_id=result.pk)
+    (delivery,) = Delivery.objects.filter(pk__in=queued)
+    assert delivery.destination == on_result and delivery.instance.kind == "ai_sr" and delivery.status == "pending"
+    assert (sending.SEND_TASK, [delivery.pk]) in sent_tasks and (sending.MAP_FOLLOW_TASK, [result.pk]) in sent_tasks
+    sending.result_export(result_id=result.pk)  # a second export (a redelivered task) makes nothing twice
+    assert Delivery.objects.count() == 1 and Instance.objects.filter(kind="ai_sr").count() == 1
+
+    # the map: its heatmap is asked of the worker, then sent once the worker made it
+    sent_tasks.clear()
+    with django_capture_on_commit_callbacks(execute=True), pytest.raises(sending.MapPending):
+        sending.map_follow(result_id=result.pk)
+    assert ("workers.tasks.heatmap_compute", [result.pk]) in sent_tasks
+    assert list(sending._results_awaiting_map(result.created - timedelta(days=1))) == [result.pk]
+    assert heatmap_compute(result_id=result.pk) == "ready"
+    (map_delivery,) = Delivery.objects.filter(pk__in=sending.map_follow(result_id=result.pk))
+    assert map_delivery.instance.kind == "map" and map_delivery.destination == on_result
+    assert not sending._results_awaiting_map(result.created - timedelta(days=1)).exists()
+
+
+def test_a_hospital_without_destinations_or_a_png_exports_nothing(
+    clinician_a, demo_model, sent_tasks, django_capture_on_commit_callbacks
+):
+    from tests.conftest import png_bytes
+    from workers.runner import inference_run
+
+    with django_capture_on_commit_callbacks(execute=True):
+        read_dicom(clinician_a)  # no destination
+    dimse(member(clinician_a.tenant, "admin-x", Role.TENANT_ADMIN), 104, send_on="result")
+    with django_capture_on_commit_callbacks(execute=True):
+        png = image_upload(membership=clinician_a, upload=upload_file(png_bytes()))
+        inference_run(request_id=png.inference_requests.get().pk)
+    assert [name for name, _ in sent_tasks if name.startswith("dicomnet.")] == []
+
+
+def test_a_sign_off_sends_the_verdict_everywhere_and_the_ai_sr_where_it_was_not_sent(
+    admin_a, clinician_a, demo_model, sent_tasks, stub_objects, django_capture_on_commit_callbacks
+):
+    from recognition.services.reviews import review_save, review_sign_off
+
+    on_result = dimse(admin_a, 104, name="on-result", send_on="result")
+    on_signoff = dimse(admin_a, 105, name="on-signoff", send_on="signoff")
+    image = read_dicom(clinician_a)
+    result = image.results.get()
+    sending.result_export(result_id=result.pk)
+    first_sr = Delivery.objects.get(destination=on_result)
+    Delivery.objects.filter(pk=first_sr.pk).update(status="sent", attempts=1)
+
+    draft = review_save(membership=clinician_a, image_id=image.pk, verdict="agree")
+    with django_capture_on_commit_callbacks(execute=True):
+        review_sign_off(membership=clinician_a, review_id=draft.pk)
+    assert (sending.REVIEW_EXPORT_TASK, [draft.pk]) in sent_tasks
+    sending.review_export(review_id=draft.pk)
+    sent = {
+        (d.instance.kind, d.destination.name): d.status
+        for d in Delivery.objects.select_related("instance", "destination")
+    }
+    assert sent == {
+        ("ai_sr", "on-result"): "sent",  # sent on the result: not again
+        ("ai_sr", "on-signoff"): "pending",
+        ("review_sr", "on-result"): "pending",
+        ("review_sr", "on-signoff"): "pending",
+    }
+    assert on_signoff.pk in set(Delivery.objects.values_list("destination_id", flat=True))
+
+    # an amendment signed off in one step (the review form's "sign off") is sent too
+    sent_tasks.clear()
+    with django_capture_on_commit_callbacks(execute=True):
+        amended = review_save(
+            membership=clinician_a, image_id=image.pk, verdict="correct", label="no_finding", sign_off=True
+        )
+    assert (sending.REVIEW_EXPORT_TASK, [amended.pk]) in sent_tasks
+    sending.review_export(review_id=amended.pk)
+    assert Delivery.objects.filter(instance__review=amended, instance__kind="review_sr").count() == 2  # to both
+
+
+def test_a_broker_that_is_down_loses_nothing_the_sweep_exports_and_sends_later(
+    admin_a, clinician_a, demo_model, stub_objects, monkeypatch, django_capture_on_commit_callbacks, caplog
+):
+    from datetime import timedelta
+
+    from celery import current_app
+    from django.utils import timezone
+
+    from recognition.models import Result, Review
+    from recognition.services.reviews import review_save
+
+    broker = {"up": False}
+    tasks = []
+
+    def send_task(self, name, args=None, **options):
+        if not broker["up"]:
+            raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        tasks.append((name, args))
+
+    monkeypatch.setattr(type(current_app._get_current_object()), "send_task", send_task)
+    monkeypatch.setattr("accounts.events.send", lambda group, message: None)
+    destination = dimse(admin_a, 104, send_on="result")
+    with django_capture_on_commit_callbacks(execute=True):
+        image = read_dicom(clinician_a)  # the worker stores the result; its export cannot be queued
+    result = Result.objects.get(image=image)
+    with django_capture_on_commit_callbacks(execute=True):
+        review = review_save(membership=clinician_a, image_id=image.pk, verdict="agree", sign_off=True)
+    assert "waits for the reconcile sweep" in caplog.text
+
+    # two sweeps later, with the broker back: the sweep finds both in the database
+    earlier = timezone.now() - timedelta(minutes=5)
+    Destination.objects.filter(pk=destination.pk).update(created=earlier - timedelta(minutes=5))
+    Result.objects.filter(pk=result.pk).update(created=earlier)
+    Review.objects.filter(pk=review.pk).update(signed_off_at=earlier)
+    broker["up"] = True
+    deliveries_reconcile()
+    assert (sending.RESULT_EXPORT_TASK, [result.pk]) in tasks and (sending.REVIEW_EXPORT_TASK, [review.pk]) in tasks
+
+    # the export runs, and the broker is down again as it queues the sends: the rows are due
+    broker["up"] = False
+    with django_capture_on_commit_callbacks(execute=True):
+        sending.review_export(review_id=review.pk)
+    pending = Delivery.objects.filter(status="pending")
+    assert set(pending.values_list("instance__kind", flat=True)) == {"ai_sr", "review_sr"}
+    pending.update(next_attempt_at=earlier)
+    broker["up"] = True
+    tasks.clear()
+    deliveries_reconcile()
+    assert sorted(args for name, args in tasks if name == sending.SEND_TASK) == sorted(
+        [pk] for pk in pending.values_list("id", flat=True)
+    )
+    assert (sending.RESULT_EXPORT_TASK, [result.pk]) not in tasks  # its AI SR is queued now
+    assert (sending.REVIEW_EXPORT_TASK, [review.pk]) not in tasks
+
+
+def test_a_stow_server_that_refuses_says_why_and_is_retried(admin_a, objects_a, recorder):
+    _, sr, _ = objects_a
+    destination = stow(admin_a, recorder, username="sightline", secret="wrong")
+    (delivery_id,) = sending.deliveries_queue([(sr, destination)])
+    _Recorder.answer = (401, b"")
+    assert delivery_send(delivery_id) == "retrying"
+    assert "HTTP 401: the credentials were refused" in Delivery.objects.get(pk=delivery_id).error
+    # each attempt is due at once here (the back-off is the retry task's countdown in production)
+    _Recorder.answer = (409, b'{"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [272]}}]}}')
+    Delivery.objects.filter(pk=delivery_id).update(next_attempt_at=Delivery.objects.get(pk=delivery_id).updated)
+    assert delivery_send(delivery_id) == "retrying"
+    assert "HTTP 409" in Delivery.objects.get(pk=delivery_id).error
+    _Recorder.answer = (200, b'{"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [272]}}]}}')
+    Delivery.objects.filter(pk=delivery_id).update(next_attempt_at=Delivery.objects.get(pk=delivery_id).updated)
+    assert delivery_send(delivery_id) == "retrying"
+    assert "did not store the object (failure reason 272)" in Delivery.objects.get(pk=delivery_id).error
+    assert "wrong" not in Delivery.objects.get(pk=delivery_id).error
