@@ -37,7 +37,7 @@ run: $(VENV)/.runtime
 	echo "  Demo General:    clinician, viewer, hospital-admin, auditor"; \
 	echo "  Demo Children's: clinician-b"; \
 	echo "  Password for all: $(SIGHTLINE_DEMO_PASSWORD)"; \
-	echo "  DICOM (C-STORE SCP) → 127.0.0.1:$${SIGHTLINE_DICOM_PORT:-11112}"; \
+	echo "  DICOM (C-STORE SCP) → 127.0.0.1:$${SIGHTLINE_DICOM_PORT:-11112}: called AE SL_GENERAL (Demo General) or SL_CHILDRENS; node DEMO_MODALITY@127.0.0.1"; \
 	echo "  Processes: $$processes (platform/Procfile)"; \
 	echo "  Ctrl-C stops everything started here."; \
 	echo; \

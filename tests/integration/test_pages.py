@@ -5,6 +5,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import call_command
 
 from accounts.models import AccessEvent, Membership, Tenant
+from dicomnet.models import DicomNode, HospitalAETitle
 from recognition.models import Image, Study
 from recognition.services.images import image_upload
 from tests.conftest import PASSWORD, png_bytes, upload_file
@@ -100,7 +101,17 @@ def test_seeding_twice_changes_nothing(demo_model):
     counts = (Tenant.objects.count(), Membership.objects.count(), Study.objects.count(), Image.objects.count())
     events = AccessEvent.objects.count()
     call_command("seed_demo")
-    assert counts == (2, 5, 8, 10)  # 7 PNG studies, and one CT study of three frames
+    # 5 people and the demo DICOM node's service account; 7 PNG studies, and one CT study of three frames
+    assert counts == (2, 6, 8, 10)
+    titles = dict(HospitalAETitle.objects.values_list("tenant__slug", "ae_title"))
+    assert titles == {"demo-general": "SL_GENERAL", "demo-childrens": "SL_CHILDRENS"}
+    (node,) = DicomNode.objects.all()
+    assert (node.tenant.slug, node.ae_title, node.host, node.is_active) == (
+        "demo-general",
+        "DEMO_MODALITY",
+        "127.0.0.1",
+        True,
+    )
     ct = Study.objects.get(accession_number="DEMO-CT-0001")
     assert ct.modality == "CT" and ct.image_count == 3 and ct.patient_pseudonym.startswith("P-")
     assert (Tenant.objects.count(), Membership.objects.count(), Study.objects.count(), Image.objects.count()) == counts

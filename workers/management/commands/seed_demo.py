@@ -11,6 +11,8 @@ from django.db import transaction
 
 from accounts.models import Role, Tenant
 from accounts.services import membership_grant, user_get_or_create
+from dicomnet.models import DicomNode, HospitalAETitle
+from dicomnet.nodes import dicom_node_create, hospital_ae_title_assign
 from recognition.models import Study
 from recognition.services.images import StudyFields, image_upload
 from workers.engine import synthetic
@@ -26,6 +28,10 @@ USERS = [
     ("auditor", "demo-general", Role.AUDITOR),
     ("clinician-b", "demo-childrens", Role.CLINICIAN),
 ]
+# DICOM (issue 15): each demo hospital's called AE title, and Demo General's one sending node, a
+# modality on this machine (send to it: storescu -aet DEMO_MODALITY -aec SL_GENERAL 127.0.0.1 11112 FILE)
+AE_TITLES = {"demo-general": "SL_GENERAL", "demo-childrens": "SL_CHILDRENS"}
+DEMO_NODE = {"name": "Demo modality", "ae_title": "DEMO_MODALITY", "host": "127.0.0.1"}
 SAMPLE_COUNT = 6
 SAMPLE_SIZE = 512
 
@@ -44,8 +50,16 @@ class Command(BaseCommand):
             for username, slug, role in USERS:
                 user = user_get_or_create(username=username, password=password)
                 memberships[username] = membership_grant(tenant=tenants[slug], user=user, role=role)
+            self._dicom(tenants, memberships["hospital-admin"])
         created = self._samples(memberships)
         self.stdout.write(self.style.SUCCESS(f"Demo seeded: {len(USERS)} users, {created} new sample images."))
+
+    def _dicom(self, tenants, admin) -> None:
+        for slug, ae_title in AE_TITLES.items():
+            if not HospitalAETitle.objects.filter(tenant=tenants[slug]).exists():
+                hospital_ae_title_assign(tenant=tenants[slug], ae_title=ae_title)
+        if not DicomNode.objects.for_tenant(admin.tenant).filter(ae_title=DEMO_NODE["ae_title"]).exists():
+            dicom_node_create(actor=admin, **DEMO_NODE)
 
     def _samples(self, memberships) -> int:
         rng = np.random.default_rng(2026)
