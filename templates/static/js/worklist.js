@@ -19,15 +19,26 @@
     row.scrollIntoView({block: "nearest"});
   }
 
+  // Each update asks for the row again. Two that arrive before the first answer would otherwise
+  // lose the later one (the first answer replaces the row the second meant to replace), or let an
+  // older answer overwrite a newer one: the row is looked up when its answer comes, and an answer
+  // older than the one already shown is dropped.
+  var asked = {}, shown = {};
+
+  function current(studyId) { return table.querySelector('tr[data-study="' + studyId + '"]'); }
+
   function refreshRow(studyId) {
-    var row = table.querySelector('tr[data-study="' + studyId + '"]');
-    if (!row) {  // a study this page does not show: offer to reload instead of reshuffling the list
+    if (!current(studyId)) {  // a study this page does not show: offer to reload instead of reshuffling the list
       if (notice) notice.hidden = false;
       return;
     }
+    var mine = asked[studyId] = (asked[studyId] || 0) + 1;
     fetch(cfg.rowUrl.replace("/0/", "/" + studyId + "/"), {credentials: "same-origin"})
       .then(function (response) { if (!response.ok) throw new Error(response.status); return response.text(); })
       .then(function (html) {
+        var row = current(studyId);
+        if (!row || mine < (shown[studyId] || 0)) return;
+        shown[studyId] = mine;
         var holder = document.createElement("tbody");
         holder.innerHTML = html.trim();  // server-rendered and escaped by Django's templates
         var fresh = holder.querySelector("tr[data-study]");
