@@ -39,6 +39,7 @@ from accounts.services import require
 from core.errors import DomainError, Forbidden, Invalid, NotFound, UnsupportedMedia, error_body
 from core.streaming import CHUNK_BYTES, Part, multipart_response, streaming_response
 from protocols.core import Failure, failure_of
+from recognition import dicom
 
 from . import dicomjson, selectors
 from .dicomjson import element
@@ -422,13 +423,15 @@ def _method_not_allowed():
 # what a header in /metadata leaves out: the bulk data of PS3.18 8.7.3.3 (over this many bytes)
 BULK_DATA_THRESHOLD = 1024
 _BULK_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
+PIXEL_GROUP_START = 0x7FE00000  # (7FE0,0000): the pixel data group, and every tag after it
 
 
 def _header_json(instance) -> dict:
-    import pydicom
-
+    # the bounded reader, as for anything from outside: a stored original is kept as it was received,
+    # deflated ones too, and is read (and inflated) up to the upload limit only
     with default_storage.open(instance.file.name, "rb") as stored:
-        header = pydicom.dcmread(stored, stop_before_pixels=True, force=True)
+        header = dicom.dicom_read(stored, max_bytes=settings.SIGHTLINE_MAX_UPLOAD_BYTES)
+    del header[PIXEL_GROUP_START:]  # the pixel data and what follows it (padding, signatures): as stop_before_pixels
 
     def drop_bulk(dataset) -> None:
         for elem in list(dataset):
@@ -521,23 +524,17 @@ def _converted(name: str, content_type: str) -> bytes:
 # --- STOW-RS ------------------------------------------------------------------------------------------------
 
 
-def _peek_uids(data: bytes) -> tuple[str, str, str]:
-    """(SOP Class, SOP Instance, Study Instance UID) of a part, or blanks where it does not parse."""
-    import pydicom
-
+def _part_study_uid(data: bytes) -> str:
+    """A part's Study Instance UID, for the study URL's check before anything is stored; read with
+    the platform's bounded reader (a deflated part inflated only up to the upload limit: past it,
+    ``DicomTooLarge``). Blank where the part does not parse: the ingest then says why."""
     try:
-        header = pydicom.dcmread(
-            io.BytesIO(data),
-            stop_before_pixels=True,
-            specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"],
-        )
-    except Exception:
-        return "", "", ""
-    return (
-        str(header.get("SOPClassUID", "") or ""),
-        str(header.get("SOPInstanceUID", "") or ""),
-        str(header.get("StudyInstanceUID", "") or ""),
-    )
+        header = dicom.dicom_read(data, max_bytes=settings.SIGHTLINE_MAX_UPLOAD_BYTES)
+    except dicom.DicomTooLarge:
+        raise
+    except dicom.DicomError:
+        return ""
+    return str(header.get("StudyInstanceUID", "") or "")
 
 
 def _stow_content_type(request) -> str:
@@ -576,9 +573,8 @@ def stow(request, *, study_uid: str | None) -> HttpResponse:
     warnings: list[str] = []
     raw = request._request  # Django's request: read a block at a time, never whole
     for part in multipart_parts(raw.read, boundary=boundary, part_limit=settings.SIGHTLINE_MAX_UPLOAD_BYTES):
-        sop_class, sop_instance, part_study = _peek_uids(part.data) if part.data else ("", "", "")
 
-        def refuse(reason: int, sop_class=sop_class, sop_instance=sop_instance) -> None:
+        def refuse(reason: int, sop_class: str = "", sop_instance: str = "") -> None:
             failed.append(dicomjson.failed_item(sop_class_uid=sop_class, sop_instance_uid=sop_instance, reason=reason))
 
         part_type = parse_header_parameters(part.content_type)[0].lower() if part.content_type else DICOM
@@ -588,9 +584,16 @@ def stow(request, *, study_uid: str | None) -> HttpResponse:
         if part.malformed or part_type != DICOM:
             refuse(CANNOT_UNDERSTAND)
             continue
-        if study_uid is not None and part_study and part_study != study_uid:
-            refuse(DATA_SET_MISMATCH)  # PS3.18 10.5.1: an instance of another study than the URL's
-            continue
+        if study_uid is not None and part.data:
+            # PS3.18 10.5.1: an instance of another study than the URL's is refused, unstored
+            try:
+                part_study = _part_study_uid(part.data)
+            except dicom.DicomTooLarge:
+                refuse(OUT_OF_RESOURCES)
+                continue
+            if part_study and part_study != study_uid:
+                refuse(DATA_SET_MISMATCH)
+                continue
         try:
             received = instance_receive(membership=membership, data=part.data, request=request)
         except DomainError as exc:
@@ -600,8 +603,7 @@ def stow(request, *, study_uid: str | None) -> HttpResponse:
             logger.exception("DICOMweb STOW part failed in request %s", getattr(request, "request_id", ""))
             refuse(PROCESSING_FAILURE)
             continue
-        sop_class = received.sop_class_uid or sop_class
-        sop_instance = received.sop_instance_uid or sop_instance
+        sop_class, sop_instance = received.sop_class_uid, received.sop_instance_uid  # the ingest's own reading
         if received.status == "refused" or received.instance is None:
             refuse(int(received.dimse_status or PROCESSING_FAILURE), sop_class, sop_instance)
             continue

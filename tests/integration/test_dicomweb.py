@@ -178,6 +178,57 @@ def test_a_study_url_refuses_an_instance_of_another_study(clinician_a):
     assert value(body, "00081190").endswith(f"/dicomweb/studies/{CT_STUDY}")
 
 
+BOMB_INFLATED = 256 * 1024 * 1024  # a deflated part of about 256 KB on the wire ...
+BOMB_LIMIT = 4 * 1024 * 1024  # ... against this upload limit
+
+
+@pytest.fixture(scope="module")
+def bomb() -> bytes:
+    from tests.unit.test_dicom_bomb import deflated_bomb
+
+    return deflated_bomb(BOMB_INFLATED)
+
+
+@pytest.mark.parametrize("path", ["/dicomweb/studies", f"/dicomweb/studies/{CT_STUDY}"])
+def test_a_deflated_part_inflating_past_the_limit_fails_alone_in_bounded_memory(clinician_a, settings, bomb, path):
+    """Nothing in STOW inflates without the bound: not a look at the part's UIDs before the ingest
+    (a study URL's check), not the ingest; the part is A700 (out of resources), the next one kept."""
+    import tracemalloc
+
+    settings.SIGHTLINE_MAX_UPLOAD_BYTES = BOMB_LIMIT
+    assert len(bomb) < BOMB_LIMIT
+    tracemalloc.start()
+    try:
+        response = stow(client_of(clinician_a), bomb, read(CT), path=path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert response.status_code == 202, response.content
+    body = response.json()
+    assert [value(item, "00081197") for item in body["00081198"]["Value"]] == [0xA700]
+    assert [value(item, "00081155") for item in body["00081199"]["Value"]] == [CT_SOP]
+    assert peak < 16 * BOMB_LIMIT, f"peak memory {peak / 2**20:.0f} MiB"  # never the 256 MB inflated
+    assert Instance.objects.filter(tenant=clinician_a.tenant).count() == 1
+
+
+def test_metadata_reads_a_stored_deflated_original_through_the_bounded_reader(clinician_a, settings, monkeypatch):
+    from recognition import dicom
+
+    ds = pydicom.dcmread(CT)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    assert stow(client_of(clinician_a), out.getvalue()).status_code == 200
+    seen = []
+    real = dicom.dicom_read
+    monkeypatch.setattr(dicom, "dicom_read", lambda source, **kw: seen.append(kw) or real(source, **kw))
+    response = client_of(clinician_a).get(f"{INSTANCE}/metadata", HTTP_ACCEPT=JSON_ACCEPT)
+    assert response.status_code == 200
+    header = json.loads(streamed(response))[0]
+    assert value(header, "00080018") == CT_SOP and "7FE00010" not in header
+    assert seen == [{"max_bytes": settings.SIGHTLINE_MAX_UPLOAD_BYTES}]
+
+
 def test_sending_the_same_instance_twice_creates_nothing_twice(clinician_a):
     client = client_of(clinician_a)
     assert stow(client, read(CT)).status_code == 200
