@@ -475,9 +475,9 @@ class RenderedView(DicomwebView):
     def get(self, request, study: str, series: str, instance: str, frame: str = "1"):
         membership = request.membership
         require(membership, Action.IMAGE_VIEW, request=request)
-        if not frame.isdigit() or int(frame) < 1:
+        number = selectors.whole_number(frame, what="A rendered frame's number (counted from 1)", code="bad_frame")
+        if number < 1:
             raise Invalid("A rendered frame is one frame number, counted from 1.", code="bad_frame")
-        number = int(frame)
         _rendered_type(request, RENDERED_TYPES[0])  # a 406 before anything is read or logged
         found = selectors.instance_get(
             membership=membership,
@@ -487,6 +487,10 @@ class RenderedView(DicomwebView):
             request=request,
             action="dicomweb.rendered",
         )
+        if found.frames == 0:
+            raise NotAcceptable("This instance holds no image (an SR, a presentation state, …): nothing to render.")
+        if number > found.frames:  # before any query: a number past the instance's frames names nothing
+            raise NotFound(f"This instance has {found.frames} frame(s).")
         with transaction.atomic():
             image = selectors.instance_frame_image(instance=found, frame=number)
             if image is not None:
@@ -494,10 +498,6 @@ class RenderedView(DicomwebView):
                     membership, "dicomweb.rendered", request=request, target_type="image", target_id=image.pk
                 )
         if image is None:
-            if found.frames == 0:
-                raise NotAcceptable("This instance holds no image (an SR, a presentation state, …): nothing to render.")
-            if number > found.frames:
-                raise NotFound(f"This instance has {found.frames} frame(s).")
             raise NotFound("This frame has no rendering (yet): the instance may still be being prepared.")
         name = str(image.file.name)
         stored = "image/jpeg" if name.endswith(".jpg") else "image/png"

@@ -315,6 +315,43 @@ def test_qido_finds_studies_by_the_usual_attributes(clinician_a, stored):
     assert by(offset=2) == []
 
 
+# what str.isdigit() takes and int() refuses, or int() takes and a number written in digits is not
+NOT_WHOLE_NUMBERS = ["\u00b2", "\u0663", "--5", "1e3", "1.0", " 5", "5 ", "0x10", "1_000", "", "9" * 5000]
+
+
+def test_numbers_in_a_query_are_digits_or_a_400_in_words(clinician_a, stored):
+    client = client_of(clinician_a)
+    searches = [("/dicomweb/studies", name) for name in ("limit", "offset")]
+    searches += [("/dicomweb/series", "SeriesNumber"), ("/dicomweb/instances", "InstanceNumber")]
+    for path, name in searches:
+        for bad in NOT_WHOLE_NUMBERS:
+            if bad == "" and name not in {"limit", "offset"}:
+                continue  # an empty matching value is universal matching (PS3.4 C.2.2.2.3)
+            response = client.get(path, {name: bad}, HTTP_ACCEPT=JSON_ACCEPT)
+            assert response.status_code == 400, (name, bad[:10], response.content[:200])
+            assert "whole number" in response.json()["error"]["message"], (name, bad[:10])
+    huge = str(10**11)
+    assert client.get("/dicomweb/series", {"SeriesNumber": huge}, HTTP_ACCEPT=JSON_ACCEPT).status_code == 400
+    assert client.get("/dicomweb/instances", {"InstanceNumber": f"-{huge}"}, HTTP_ACCEPT=JSON_ACCEPT).status_code == 400
+    assert client.get("/dicomweb/studies", {"offset": huge}, HTTP_ACCEPT=JSON_ACCEPT).status_code == 400
+    reduced = client.get("/dicomweb/studies", {"limit": huge}, HTTP_ACCEPT=JSON_ACCEPT)
+    assert reduced.status_code == 200 and "limit reduced" in reduced["Warning"]
+    assert len(qido(client, "/dicomweb/instances", InstanceNumber="1,-3,+1")) == 2  # CT and MR, both number 1
+    assert qido(client, "/dicomweb/series", SeriesNumber="0999") == []
+
+
+def test_a_frame_number_is_digits_and_one_past_the_instance_is_a_404(clinician_a, stored):
+    client = client_of(clinician_a)
+    for bad in ["\u00b2", "\u0663", "--5", "1e3", "-1", "+1", "9" * 5000]:
+        response = client.get(f"{INSTANCE}/frames/{bad}/rendered")
+        assert response.status_code == 400, (bad[:10], response.content[:200])
+        assert response.json()["error"]["code"] == "bad_frame"
+    for past in ["2", str(2**31), str(10**12 - 1), "0" * 30 + "2"]:
+        response = client.get(f"{INSTANCE}/frames/{past}/rendered")
+        assert response.status_code == 404 and "1 frame(s)" in response.json()["error"]["message"], past
+    assert client.get(f"{INSTANCE}/frames/{'0' * 30}1/rendered").status_code == 200
+
+
 def test_qido_answers_carry_no_patient_name_or_id(clinician_a, stored):
     body = json.dumps(qido(client_of(clinician_a), "/dicomweb/studies", includefield="all"))
     assert CT_PATIENT_ID not in body and "CompressedSamples" not in body
