@@ -40,6 +40,7 @@ from core.errors import DomainError, Forbidden, Invalid, NotFound, UnsupportedMe
 from core.streaming import CHUNK_BYTES, Part, multipart_response, streaming_response
 from protocols.core import Failure, failure_of
 from recognition import dicom
+from recognition.storage import ForeignStorageKey, storage_key_for_tenant
 
 from . import dicomjson, selectors
 from .dicomjson import element
@@ -371,9 +372,33 @@ def _instance_part(request, instance) -> Part:
     )
 
 
+def _foreign_stored(rows) -> object | None:
+    """The first row (an Instance, or an Image for a rendered frame) whose stored file's key is not
+    plainly inside its own hospital's storage (recognition.storage.storage_key_for_tenant decides);
+    None when every key is. Checked before any file is opened: such a file is never served."""
+    for row in rows:
+        try:
+            storage_key_for_tenant(tenant_id=row.tenant_id, key=str(row.file.name or ""))
+        except ForeignStorageKey:
+            return row
+    return None
+
+
+def _foreign_refused(membership: Membership, request, *, action: str, row) -> NotFound:
+    """A stored key outside the row's hospital: a 404 like a missing object, logged for the
+    operators (the row's id, never its key or identifiers) and in the access log as denied."""
+    kind = "image" if row._meta.model_name == "image" else "instance"
+    logger.error("DICOMweb %s: %s %s's stored file is outside its hospital's storage; not served", action, kind, row.pk)
+    member_action_record(
+        membership, action, outcome=AccessEvent.Outcome.DENIED, request=request, target_type=kind, target_id=row.pk
+    )
+    return NotFound(f"No such {kind}.")
+
+
 def _retrieval(request, *, study_uid: str, series_uid: str | None = None, instance_uid: str | None = None, what: str):
     """The instances a retrieval names, its access-log entry written in the read's transaction. The
-    lookups come first, outside it: a denied (another hospital's) UID stays logged as it 404s."""
+    lookups come first, outside it: a denied (another hospital's) UID stays logged as it 404s; so
+    does an instance whose stored key is not its hospital's (``_foreign_stored``)."""
     membership = request.membership
     originals_require(membership, request=request)
     action = f"dicomweb.{what}"
@@ -386,6 +411,8 @@ def _retrieval(request, *, study_uid: str, series_uid: str | None = None, instan
             request=request,
             action=action,
         )
+        if (foreign := _foreign_stored([instance])) is not None:
+            raise _foreign_refused(membership, request, action=action, row=foreign)
         with transaction.atomic():
             member_action_record(membership, action, request=request, target_type="instance", target_id=instance.pk)
         return [instance]
@@ -394,7 +421,10 @@ def _retrieval(request, *, study_uid: str, series_uid: str | None = None, instan
     with transaction.atomic():
         # the rows only (a few hundred bytes each); the files are streamed
         instances = list(selectors.retrieval_instances(membership=membership, study=study, series=series))
-        member_action_record(membership, action, request=request, target_type=target_type, target_id=target_id)
+        if (foreign := _foreign_stored(instances)) is None:
+            member_action_record(membership, action, request=request, target_type=target_type, target_id=target_id)
+    if foreign is not None:  # none of it is sent: the denied entry outlives the read's transaction
+        raise _foreign_refused(membership, request, action=action, row=foreign)
     return instances
 
 
@@ -493,10 +523,13 @@ class RenderedView(DicomwebView):
             raise NotFound(f"This instance has {found.frames} frame(s).")
         with transaction.atomic():
             image = selectors.instance_frame_image(instance=found, frame=number)
-            if image is not None:
+            foreign = _foreign_stored([image]) if image is not None else None
+            if image is not None and foreign is None:
                 member_action_record(
                     membership, "dicomweb.rendered", request=request, target_type="image", target_id=image.pk
                 )
+        if foreign is not None:
+            raise _foreign_refused(membership, request, action="dicomweb.rendered", row=foreign)
         if image is None:
             raise NotFound("This frame has no rendering (yet): the instance may still be being prepared.")
         name = str(image.file.name)

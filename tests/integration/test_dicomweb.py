@@ -416,7 +416,8 @@ def test_an_object_made_by_sightline_is_listed_and_retrieved_like_any(clinician_
 
     ct = Instance.objects.get(sop_instance_uid=CT_SOP)
     sr = pydicom.dcmread(SR)
-    name = default_storage.save(f"dicom/{clinician_a.tenant_id}/made-sr.dcm", ContentFile(read(SR)))
+    key = f"tenants/{clinician_a.tenant_id}/dicom-made/{sr.SOPInstanceUID}.dcm"  # as dicomnet.objects names it
+    name = default_storage.save(key, ContentFile(read(SR)))
     Instance.objects.create(
         tenant=clinician_a.tenant,
         study=ct.study,
@@ -536,6 +537,58 @@ def test_b_storing_the_same_study_keeps_two_records_each_hospital_seeing_its_own
     assert stow(client_of(clinician_b), read(CT)).status_code == 200
     assert len(qido(client_of(clinician_b), "/dicomweb/studies")) == 1
     assert len(qido(client_of(clinician_a), "/dicomweb/studies")) == 2
+
+
+WADO_ROUTES = [  # every route that opens a stored file: the original, its header, a display copy
+    (f"/dicomweb/studies/{CT_STUDY}", WADO_ACCEPT),
+    (f"/dicomweb/studies/{CT_STUDY}/series/{CT_SERIES}", WADO_ACCEPT),
+    (INSTANCE, WADO_ACCEPT),
+    (f"/dicomweb/studies/{CT_STUDY}/metadata", JSON_ACCEPT),
+    (f"/dicomweb/studies/{CT_STUDY}/series/{CT_SERIES}/metadata", JSON_ACCEPT),
+    (f"{INSTANCE}/metadata", JSON_ACCEPT),
+    (f"{INSTANCE}/rendered", "image/png"),
+    (f"{INSTANCE}/frames/1/rendered", "image/jpeg"),
+]
+
+
+@pytest.mark.parametrize("foreign", ["theirs", "climbing", "outside"])
+def test_a_stored_key_outside_the_instance_s_hospital_is_never_opened_a_logged_404(
+    clinician_a, clinician_b, stored, caplog, foreign
+):
+    """A row pointing at another hospital's file (a bug, a restore gone wrong, a tampered row):
+    recognition.storage's key check refuses it before anything is opened."""
+    from recognition.models import Image
+
+    assert stow(client_of(clinician_b), read(CT)).status_code == 200
+    render_all()
+    theirs = Instance.objects.get(tenant=clinician_b.tenant)
+    their_image = Image.objects.get(tenant=clinician_b.tenant)
+    a = clinician_a.tenant.pk
+    keys = {
+        "theirs": (theirs.file.name, their_image.file.name),
+        "climbing": (f"tenants/{a}/dicom/../../{clinician_b.tenant.pk}/{theirs.file.name.split('/', 2)[2]}",) * 2,
+        "outside": ("models/demo/1-abc.zip",) * 2,
+    }[foreign]
+    Instance.objects.filter(tenant=clinician_a.tenant).update(file=keys[0])
+    Image.objects.filter(tenant=clinician_a.tenant).update(file=keys[1])
+    their_bytes = theirs.file.open("rb").read()
+    client = client_of(clinician_a)
+    for path, accept in WADO_ROUTES:
+        with caplog.at_level("ERROR", logger="dicomnet.dicomweb.views"):
+            response = client.get(path, HTTP_ACCEPT=accept)
+            body = streamed(response)
+        assert response.status_code == 404, (path, body[:200])
+        assert their_bytes[200:264] not in body and CT_PATIENT_ID.encode() not in body
+    refused = [r for r in caplog.records if "outside its hospital's storage" in r.getMessage()]
+    assert len(refused) == len(WADO_ROUTES)
+    assert all(keys[0] not in r.getMessage() and CT_PATIENT_ID not in r.getMessage() for r in refused)
+    denied = AccessEvent.objects.filter(tenant=clinician_a.tenant, outcome=AccessEvent.Outcome.DENIED)
+    assert denied.count() == len(WADO_ROUTES)
+    assert not AccessEvent.objects.filter(
+        tenant=clinician_a.tenant,
+        outcome=AccessEvent.Outcome.SUCCESS,
+        action__in=["dicomweb.retrieve", "dicomweb.metadata", "dicomweb.rendered"],
+    ).exists()
 
 
 def test_originals_go_to_reading_roles_and_registered_nodes_only(viewer_a, admin_a, node_key, integration_key, stored):
