@@ -459,8 +459,10 @@ PIXEL_GROUP_START = 0x7FE00000  # (7FE0,0000): the pixel data group, and every t
 def _header_json(instance) -> dict:
     # the bounded reader, as for anything from outside: a stored original is kept as it was received,
     # deflated ones too, and is read (and inflated) up to the upload limit only
+    limit = settings.SIGHTLINE_MAX_UPLOAD_BYTES
     with default_storage.open(instance.file.name, "rb") as stored:
-        header = dicom.dicom_read(stored, max_bytes=settings.SIGHTLINE_MAX_UPLOAD_BYTES)
+        data = stored.read(limit + 1)  # one byte past the limit: dicom_read refuses it, never reads on
+    header = dicom.dicom_read(data, max_bytes=limit)
     del header[PIXEL_GROUP_START:]  # the pixel data and what follows it (padding, signatures): as stop_before_pixels
 
     def drop_bulk(dataset) -> None:
