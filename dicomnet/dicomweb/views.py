@@ -9,6 +9,10 @@ hospital's identifiers, so they go only to people with a reading role (viewer, c
 the service accounts of the hospital's registered DICOM nodes, never to another service account;
 each retrieval is an access-log entry written with the read.
 
+Files: a stored file is opened only when its key is inside its row's hospital's storage
+(``recognition.storage.storage_key_for_tenant``; otherwise a logged 404), and DICOM is read only
+through ``recognition.dicom.dicom_read`` (inflating bounded by the upload limit).
+
 Answers are DICOM's own (application/dicom+json, multipart/related); refusals are the platform's
 one error shape with a ``Warning`` header saying the same, and the 4xx status PS3.18 names.
 """
