@@ -29,6 +29,29 @@ QIDO_LIMIT_DEFAULT = 100  # a page of studies a viewer's study browser shows
 QIDO_LIMIT_MAX = 1000  # more per page is refused to a smaller page (and said in a Warning header)
 QIDO_OFFSET_MAX = 10**6
 RETRIEVE = "dicomweb.retrieve"
+# a whole number as a query or a path writes it: ASCII digits only ("²", "٣", "1e3", "--5" are not),
+# a sign only where DICOM's IS allows one; at most this many digits (IS itself is 12 characters,
+# and int() of a very long string is refused by Python itself)
+DIGITS = re.compile(r"[0-9]+")
+SIGNED_DIGITS = re.compile(r"[+-]?[0-9]+")
+WHOLE_NUMBER_DIGITS = 12
+IS_MIN, IS_MAX = -(2**31), 2**31 - 1  # DICOM's IS range (PS3.5 6.2), and the columns' too
+
+
+def whole_number(value: str, *, what: str, signed: bool = False, code: str = "bad_query") -> int:
+    """``value`` as an int when it is a whole number written in ASCII digits; else a 400 saying so."""
+    if not (SIGNED_DIGITS if signed else DIGITS).fullmatch(value) or len(value.lstrip("+-0")) > WHOLE_NUMBER_DIGITS:
+        example = "a whole number such as 10 or -2" if signed else "a whole number in the digits 0-9, such as 10"
+        raise Invalid(f"{what} must be {example}; {value[:20]!r} is not.", code=code)
+    return int(value)
+
+
+def _is_numbers(values: list[str], *, what: str) -> list[int]:
+    """Integer String (IS) matching values; one outside IS's range can match nothing and is a 400."""
+    numbers = [whole_number(value, what=what, signed=True) for value in values]
+    if any(not IS_MIN <= number <= IS_MAX for number in numbers):
+        raise Invalid(f"{what} is a DICOM integer string, between {IS_MIN} and {IS_MAX}.", code="bad_query")
+    return numbers
 
 
 def uid_checked(value: str, *, what: str) -> str:
@@ -165,10 +188,7 @@ def query_parse(params, *, level: str, levels: tuple[str, ...]) -> Query:
     for name in params:
         values = [value for value in params.getlist(name)]
         if name == "limit" or name == "offset":
-            value = values[-1]
-            if not value.isdigit():
-                raise Invalid(f"{name} must be a whole number.", code="bad_query")
-            number = int(value)
+            number = whole_number(values[-1], what=name)
             if name == "limit":
                 if number < 1:
                     raise Invalid("limit must be at least 1.", code="bad_query")
@@ -224,7 +244,7 @@ def _any(field_name: str, values: list[str]) -> Q:
 
 def _date(value: str) -> date:
     try:
-        if len(value) != 8 or not value.isdigit():
+        if len(value) != 8 or not DIGITS.fullmatch(value):
             raise ValueError(value)
         return date(int(value[0:4]), int(value[4:6]), int(value[6:8]))
     except ValueError:
@@ -287,8 +307,7 @@ def _series_conditions(query: Query, prefix: str = "") -> Q:
     if "Modality" in m:
         condition &= Q(**{f"{prefix}modality__in": m["Modality"]})
     if "SeriesNumber" in m:
-        numbers = [value for value in m["SeriesNumber"] if value.isdigit()]
-        condition &= Q(**{f"{prefix}number__in": numbers})
+        condition &= Q(**{f"{prefix}number__in": _is_numbers(m["SeriesNumber"], what="SeriesNumber")})
     if "SeriesDescription" in m:
         condition &= _any(f"{prefix}description", m["SeriesDescription"])
     return condition
@@ -302,7 +321,7 @@ def _instance_conditions(query: Query) -> Q:
     if "SOPClassUID" in m:
         condition &= Q(sop_class_uid__in=_uids(m["SOPClassUID"], what="SOP Class UID"))
     if "InstanceNumber" in m:
-        condition &= Q(instance_number__in=[v for v in m["InstanceNumber"] if v.lstrip("-").isdigit()])
+        condition &= Q(instance_number__in=_is_numbers(m["InstanceNumber"], what="InstanceNumber"))
     return condition
 
 

@@ -9,6 +9,10 @@ hospital's identifiers, so they go only to people with a reading role (viewer, c
 the service accounts of the hospital's registered DICOM nodes, never to another service account;
 each retrieval is an access-log entry written with the read.
 
+Files: a stored file is opened only when its key is inside its row's hospital's storage
+(``recognition.storage.storage_key_for_tenant``; otherwise a logged 404), and DICOM is read only
+through ``recognition.dicom.dicom_read`` (inflating bounded by the upload limit).
+
 Answers are DICOM's own (application/dicom+json, multipart/related); refusals are the platform's
 one error shape with a ``Warning`` header saying the same, and the 4xx status PS3.18 names.
 """
@@ -39,6 +43,8 @@ from accounts.services import require
 from core.errors import DomainError, Forbidden, Invalid, NotFound, UnsupportedMedia, error_body
 from core.streaming import CHUNK_BYTES, Part, multipart_response, streaming_response
 from protocols.core import Failure, failure_of
+from recognition import dicom
+from recognition.storage import ForeignStorageKey, storage_key_for_tenant
 
 from . import dicomjson, selectors
 from .dicomjson import element
@@ -370,9 +376,33 @@ def _instance_part(request, instance) -> Part:
     )
 
 
+def _foreign_stored(rows) -> object | None:
+    """The first row (an Instance, or an Image for a rendered frame) whose stored file's key is not
+    plainly inside its own hospital's storage (recognition.storage.storage_key_for_tenant decides);
+    None when every key is. Checked before any file is opened: such a file is never served."""
+    for row in rows:
+        try:
+            storage_key_for_tenant(tenant_id=row.tenant_id, key=str(row.file.name or ""))
+        except ForeignStorageKey:
+            return row
+    return None
+
+
+def _foreign_refused(membership: Membership, request, *, action: str, row) -> NotFound:
+    """A stored key outside the row's hospital: a 404 like a missing object, logged for the
+    operators (the row's id, never its key or identifiers) and in the access log as denied."""
+    kind = "image" if row._meta.model_name == "image" else "instance"
+    logger.error("DICOMweb %s: %s %s's stored file is outside its hospital's storage; not served", action, kind, row.pk)
+    member_action_record(
+        membership, action, outcome=AccessEvent.Outcome.DENIED, request=request, target_type=kind, target_id=row.pk
+    )
+    return NotFound(f"No such {kind}.")
+
+
 def _retrieval(request, *, study_uid: str, series_uid: str | None = None, instance_uid: str | None = None, what: str):
     """The instances a retrieval names, its access-log entry written in the read's transaction. The
-    lookups come first, outside it: a denied (another hospital's) UID stays logged as it 404s."""
+    lookups come first, outside it: a denied (another hospital's) UID stays logged as it 404s; so
+    does an instance whose stored key is not its hospital's (``_foreign_stored``)."""
     membership = request.membership
     originals_require(membership, request=request)
     action = f"dicomweb.{what}"
@@ -385,6 +415,8 @@ def _retrieval(request, *, study_uid: str, series_uid: str | None = None, instan
             request=request,
             action=action,
         )
+        if (foreign := _foreign_stored([instance])) is not None:
+            raise _foreign_refused(membership, request, action=action, row=foreign)
         with transaction.atomic():
             member_action_record(membership, action, request=request, target_type="instance", target_id=instance.pk)
         return [instance]
@@ -393,7 +425,10 @@ def _retrieval(request, *, study_uid: str, series_uid: str | None = None, instan
     with transaction.atomic():
         # the rows only (a few hundred bytes each); the files are streamed
         instances = list(selectors.retrieval_instances(membership=membership, study=study, series=series))
-        member_action_record(membership, action, request=request, target_type=target_type, target_id=target_id)
+        if (foreign := _foreign_stored(instances)) is None:
+            member_action_record(membership, action, request=request, target_type=target_type, target_id=target_id)
+    if foreign is not None:  # none of it is sent: the denied entry outlives the read's transaction
+        raise _foreign_refused(membership, request, action=action, row=foreign)
     return instances
 
 
@@ -422,13 +457,17 @@ def _method_not_allowed():
 # what a header in /metadata leaves out: the bulk data of PS3.18 8.7.3.3 (over this many bytes)
 BULK_DATA_THRESHOLD = 1024
 _BULK_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
+PIXEL_GROUP_START = 0x7FE00000  # (7FE0,0000): the pixel data group, and every tag after it
 
 
 def _header_json(instance) -> dict:
-    import pydicom
-
+    # the bounded reader, as for anything from outside: a stored original is kept as it was received,
+    # deflated ones too, and is read (and inflated) up to the upload limit only
+    limit = settings.SIGHTLINE_MAX_UPLOAD_BYTES
     with default_storage.open(instance.file.name, "rb") as stored:
-        header = pydicom.dcmread(stored, stop_before_pixels=True, force=True)
+        data = stored.read(limit + 1)  # one byte past the limit: dicom_read refuses it, never reads on
+    header = dicom.dicom_read(data, max_bytes=limit)
+    del header[PIXEL_GROUP_START:]  # the pixel data and what follows it (padding, signatures): as stop_before_pixels
 
     def drop_bulk(dataset) -> None:
         for elem in list(dataset):
@@ -472,9 +511,9 @@ class RenderedView(DicomwebView):
     def get(self, request, study: str, series: str, instance: str, frame: str = "1"):
         membership = request.membership
         require(membership, Action.IMAGE_VIEW, request=request)
-        if not frame.isdigit() or int(frame) < 1:
+        number = selectors.whole_number(frame, what="A rendered frame's number (counted from 1)", code="bad_frame")
+        if number < 1:
             raise Invalid("A rendered frame is one frame number, counted from 1.", code="bad_frame")
-        number = int(frame)
         _rendered_type(request, RENDERED_TYPES[0])  # a 406 before anything is read or logged
         found = selectors.instance_get(
             membership=membership,
@@ -484,17 +523,20 @@ class RenderedView(DicomwebView):
             request=request,
             action="dicomweb.rendered",
         )
+        if found.frames == 0:
+            raise NotAcceptable("This instance holds no image (an SR, a presentation state, …): nothing to render.")
+        if number > found.frames:  # before any query: a number past the instance's frames names nothing
+            raise NotFound(f"This instance has {found.frames} frame(s).")
         with transaction.atomic():
             image = selectors.instance_frame_image(instance=found, frame=number)
-            if image is not None:
+            foreign = _foreign_stored([image]) if image is not None else None
+            if image is not None and foreign is None:
                 member_action_record(
                     membership, "dicomweb.rendered", request=request, target_type="image", target_id=image.pk
                 )
+        if foreign is not None:
+            raise _foreign_refused(membership, request, action="dicomweb.rendered", row=foreign)
         if image is None:
-            if found.frames == 0:
-                raise NotAcceptable("This instance holds no image (an SR, a presentation state, …): nothing to render.")
-            if number > found.frames:
-                raise NotFound(f"This instance has {found.frames} frame(s).")
             raise NotFound("This frame has no rendering (yet): the instance may still be being prepared.")
         name = str(image.file.name)
         stored = "image/jpeg" if name.endswith(".jpg") else "image/png"
@@ -521,23 +563,17 @@ def _converted(name: str, content_type: str) -> bytes:
 # --- STOW-RS ------------------------------------------------------------------------------------------------
 
 
-def _peek_uids(data: bytes) -> tuple[str, str, str]:
-    """(SOP Class, SOP Instance, Study Instance UID) of a part, or blanks where it does not parse."""
-    import pydicom
-
+def _part_study_uid(data: bytes) -> str:
+    """A part's Study Instance UID, for the study URL's check before anything is stored; read with
+    the platform's bounded reader (a deflated part inflated only up to the upload limit: past it,
+    ``DicomTooLarge``). Blank where the part does not parse: the ingest then says why."""
     try:
-        header = pydicom.dcmread(
-            io.BytesIO(data),
-            stop_before_pixels=True,
-            specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"],
-        )
-    except Exception:
-        return "", "", ""
-    return (
-        str(header.get("SOPClassUID", "") or ""),
-        str(header.get("SOPInstanceUID", "") or ""),
-        str(header.get("StudyInstanceUID", "") or ""),
-    )
+        header = dicom.dicom_read(data, max_bytes=settings.SIGHTLINE_MAX_UPLOAD_BYTES)
+    except dicom.DicomTooLarge:
+        raise
+    except dicom.DicomError:
+        return ""
+    return str(header.get("StudyInstanceUID", "") or "")
 
 
 def _stow_content_type(request) -> str:
@@ -576,9 +612,8 @@ def stow(request, *, study_uid: str | None) -> HttpResponse:
     warnings: list[str] = []
     raw = request._request  # Django's request: read a block at a time, never whole
     for part in multipart_parts(raw.read, boundary=boundary, part_limit=settings.SIGHTLINE_MAX_UPLOAD_BYTES):
-        sop_class, sop_instance, part_study = _peek_uids(part.data) if part.data else ("", "", "")
 
-        def refuse(reason: int, sop_class=sop_class, sop_instance=sop_instance) -> None:
+        def refuse(reason: int, sop_class: str = "", sop_instance: str = "") -> None:
             failed.append(dicomjson.failed_item(sop_class_uid=sop_class, sop_instance_uid=sop_instance, reason=reason))
 
         part_type = parse_header_parameters(part.content_type)[0].lower() if part.content_type else DICOM
@@ -588,9 +623,16 @@ def stow(request, *, study_uid: str | None) -> HttpResponse:
         if part.malformed or part_type != DICOM:
             refuse(CANNOT_UNDERSTAND)
             continue
-        if study_uid is not None and part_study and part_study != study_uid:
-            refuse(DATA_SET_MISMATCH)  # PS3.18 10.5.1: an instance of another study than the URL's
-            continue
+        if study_uid is not None and part.data:
+            # PS3.18 10.5.1: an instance of another study than the URL's is refused, unstored
+            try:
+                part_study = _part_study_uid(part.data)
+            except dicom.DicomTooLarge:
+                refuse(OUT_OF_RESOURCES)
+                continue
+            if part_study and part_study != study_uid:
+                refuse(DATA_SET_MISMATCH)
+                continue
         try:
             received = instance_receive(membership=membership, data=part.data, request=request)
         except DomainError as exc:
@@ -600,8 +642,7 @@ def stow(request, *, study_uid: str | None) -> HttpResponse:
             logger.exception("DICOMweb STOW part failed in request %s", getattr(request, "request_id", ""))
             refuse(PROCESSING_FAILURE)
             continue
-        sop_class = received.sop_class_uid or sop_class
-        sop_instance = received.sop_instance_uid or sop_instance
+        sop_class, sop_instance = received.sop_class_uid, received.sop_instance_uid  # the ingest's own reading
         if received.status == "refused" or received.instance is None:
             refuse(int(received.dimse_status or PROCESSING_FAILURE), sop_class, sop_instance)
             continue

@@ -178,6 +178,57 @@ def test_a_study_url_refuses_an_instance_of_another_study(clinician_a):
     assert value(body, "00081190").endswith(f"/dicomweb/studies/{CT_STUDY}")
 
 
+BOMB_INFLATED = 256 * 1024 * 1024  # a deflated part of about 256 KB on the wire ...
+BOMB_LIMIT = 4 * 1024 * 1024  # ... against this upload limit
+
+
+@pytest.fixture(scope="module")
+def bomb() -> bytes:
+    from tests.unit.test_dicom_bomb import deflated_bomb
+
+    return deflated_bomb(BOMB_INFLATED)
+
+
+@pytest.mark.parametrize("path", ["/dicomweb/studies", f"/dicomweb/studies/{CT_STUDY}"])
+def test_a_deflated_part_inflating_past_the_limit_fails_alone_in_bounded_memory(clinician_a, settings, bomb, path):
+    """Nothing in STOW inflates without the bound: not a look at the part's UIDs before the ingest
+    (a study URL's check), not the ingest; the part is A700 (out of resources), the next one kept."""
+    import tracemalloc
+
+    settings.SIGHTLINE_MAX_UPLOAD_BYTES = BOMB_LIMIT
+    assert len(bomb) < BOMB_LIMIT
+    tracemalloc.start()
+    try:
+        response = stow(client_of(clinician_a), bomb, read(CT), path=path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert response.status_code == 202, response.content
+    body = response.json()
+    assert [value(item, "00081197") for item in body["00081198"]["Value"]] == [0xA700]
+    assert [value(item, "00081155") for item in body["00081199"]["Value"]] == [CT_SOP]
+    assert peak < 16 * BOMB_LIMIT, f"peak memory {peak / 2**20:.0f} MiB"  # never the 256 MB inflated
+    assert Instance.objects.filter(tenant=clinician_a.tenant).count() == 1
+
+
+def test_metadata_reads_a_stored_deflated_original_through_the_bounded_reader(clinician_a, settings, monkeypatch):
+    from recognition import dicom
+
+    ds = pydicom.dcmread(CT)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    assert stow(client_of(clinician_a), out.getvalue()).status_code == 200
+    seen = []
+    real = dicom.dicom_read
+    monkeypatch.setattr(dicom, "dicom_read", lambda source, **kw: seen.append(kw) or real(source, **kw))
+    response = client_of(clinician_a).get(f"{INSTANCE}/metadata", HTTP_ACCEPT=JSON_ACCEPT)
+    assert response.status_code == 200
+    header = json.loads(streamed(response))[0]
+    assert value(header, "00080018") == CT_SOP and "7FE00010" not in header
+    assert seen == [{"max_bytes": settings.SIGHTLINE_MAX_UPLOAD_BYTES}]
+
+
 def test_sending_the_same_instance_twice_creates_nothing_twice(clinician_a):
     client = client_of(clinician_a)
     assert stow(client, read(CT)).status_code == 200
@@ -264,6 +315,43 @@ def test_qido_finds_studies_by_the_usual_attributes(clinician_a, stored):
     assert by(offset=2) == []
 
 
+# what str.isdigit() takes and int() refuses, or int() takes and a number written in digits is not
+NOT_WHOLE_NUMBERS = ["\u00b2", "\u0663", "--5", "1e3", "1.0", " 5", "5 ", "0x10", "1_000", "", "9" * 5000]
+
+
+def test_numbers_in_a_query_are_digits_or_a_400_in_words(clinician_a, stored):
+    client = client_of(clinician_a)
+    searches = [("/dicomweb/studies", name) for name in ("limit", "offset")]
+    searches += [("/dicomweb/series", "SeriesNumber"), ("/dicomweb/instances", "InstanceNumber")]
+    for path, name in searches:
+        for bad in NOT_WHOLE_NUMBERS:
+            if bad == "" and name not in {"limit", "offset"}:
+                continue  # an empty matching value is universal matching (PS3.4 C.2.2.2.3)
+            response = client.get(path, {name: bad}, HTTP_ACCEPT=JSON_ACCEPT)
+            assert response.status_code == 400, (name, bad[:10], response.content[:200])
+            assert "whole number" in response.json()["error"]["message"], (name, bad[:10])
+    huge = str(10**11)
+    assert client.get("/dicomweb/series", {"SeriesNumber": huge}, HTTP_ACCEPT=JSON_ACCEPT).status_code == 400
+    assert client.get("/dicomweb/instances", {"InstanceNumber": f"-{huge}"}, HTTP_ACCEPT=JSON_ACCEPT).status_code == 400
+    assert client.get("/dicomweb/studies", {"offset": huge}, HTTP_ACCEPT=JSON_ACCEPT).status_code == 400
+    reduced = client.get("/dicomweb/studies", {"limit": huge}, HTTP_ACCEPT=JSON_ACCEPT)
+    assert reduced.status_code == 200 and "limit reduced" in reduced["Warning"]
+    assert len(qido(client, "/dicomweb/instances", InstanceNumber="1,-3,+1")) == 2  # CT and MR, both number 1
+    assert qido(client, "/dicomweb/series", SeriesNumber="0999") == []
+
+
+def test_a_frame_number_is_digits_and_one_past_the_instance_is_a_404(clinician_a, stored):
+    client = client_of(clinician_a)
+    for bad in ["\u00b2", "\u0663", "--5", "1e3", "-1", "+1", "9" * 5000]:
+        response = client.get(f"{INSTANCE}/frames/{bad}/rendered")
+        assert response.status_code == 400, (bad[:10], response.content[:200])
+        assert response.json()["error"]["code"] == "bad_frame"
+    for past in ["2", str(2**31), str(10**12 - 1), "0" * 30 + "2"]:
+        response = client.get(f"{INSTANCE}/frames/{past}/rendered")
+        assert response.status_code == 404 and "1 frame(s)" in response.json()["error"]["message"], past
+    assert client.get(f"{INSTANCE}/frames/{'0' * 30}1/rendered").status_code == 200
+
+
 def test_qido_answers_carry_no_patient_name_or_id(clinician_a, stored):
     body = json.dumps(qido(client_of(clinician_a), "/dicomweb/studies", includefield="all"))
     assert CT_PATIENT_ID not in body and "CompressedSamples" not in body
@@ -328,7 +416,8 @@ def test_an_object_made_by_sightline_is_listed_and_retrieved_like_any(clinician_
 
     ct = Instance.objects.get(sop_instance_uid=CT_SOP)
     sr = pydicom.dcmread(SR)
-    name = default_storage.save(f"dicom/{clinician_a.tenant_id}/made-sr.dcm", ContentFile(read(SR)))
+    key = f"tenants/{clinician_a.tenant_id}/dicom-made/{sr.SOPInstanceUID}.dcm"  # as dicomnet.objects names it
+    name = default_storage.save(key, ContentFile(read(SR)))
     Instance.objects.create(
         tenant=clinician_a.tenant,
         study=ct.study,
@@ -448,6 +537,58 @@ def test_b_storing_the_same_study_keeps_two_records_each_hospital_seeing_its_own
     assert stow(client_of(clinician_b), read(CT)).status_code == 200
     assert len(qido(client_of(clinician_b), "/dicomweb/studies")) == 1
     assert len(qido(client_of(clinician_a), "/dicomweb/studies")) == 2
+
+
+WADO_ROUTES = [  # every route that opens a stored file: the original, its header, a display copy
+    (f"/dicomweb/studies/{CT_STUDY}", WADO_ACCEPT),
+    (f"/dicomweb/studies/{CT_STUDY}/series/{CT_SERIES}", WADO_ACCEPT),
+    (INSTANCE, WADO_ACCEPT),
+    (f"/dicomweb/studies/{CT_STUDY}/metadata", JSON_ACCEPT),
+    (f"/dicomweb/studies/{CT_STUDY}/series/{CT_SERIES}/metadata", JSON_ACCEPT),
+    (f"{INSTANCE}/metadata", JSON_ACCEPT),
+    (f"{INSTANCE}/rendered", "image/png"),
+    (f"{INSTANCE}/frames/1/rendered", "image/jpeg"),
+]
+
+
+@pytest.mark.parametrize("foreign", ["theirs", "climbing", "outside"])
+def test_a_stored_key_outside_the_instance_s_hospital_is_never_opened_a_logged_404(
+    clinician_a, clinician_b, stored, caplog, foreign
+):
+    """A row pointing at another hospital's file (a bug, a restore gone wrong, a tampered row):
+    recognition.storage's key check refuses it before anything is opened."""
+    from recognition.models import Image
+
+    assert stow(client_of(clinician_b), read(CT)).status_code == 200
+    render_all()
+    theirs = Instance.objects.get(tenant=clinician_b.tenant)
+    their_image = Image.objects.get(tenant=clinician_b.tenant)
+    a = clinician_a.tenant.pk
+    keys = {
+        "theirs": (theirs.file.name, their_image.file.name),
+        "climbing": (f"tenants/{a}/dicom/../../{clinician_b.tenant.pk}/{theirs.file.name.split('/', 2)[2]}",) * 2,
+        "outside": ("models/demo/1-abc.zip",) * 2,
+    }[foreign]
+    Instance.objects.filter(tenant=clinician_a.tenant).update(file=keys[0])
+    Image.objects.filter(tenant=clinician_a.tenant).update(file=keys[1])
+    their_bytes = theirs.file.open("rb").read()
+    client = client_of(clinician_a)
+    for path, accept in WADO_ROUTES:
+        with caplog.at_level("ERROR", logger="dicomnet.dicomweb.views"):
+            response = client.get(path, HTTP_ACCEPT=accept)
+            body = streamed(response)
+        assert response.status_code == 404, (path, body[:200])
+        assert their_bytes[200:264] not in body and CT_PATIENT_ID.encode() not in body
+    refused = [r for r in caplog.records if "outside its hospital's storage" in r.getMessage()]
+    assert len(refused) == len(WADO_ROUTES)
+    assert all(keys[0] not in r.getMessage() and CT_PATIENT_ID not in r.getMessage() for r in refused)
+    denied = AccessEvent.objects.filter(tenant=clinician_a.tenant, outcome=AccessEvent.Outcome.DENIED)
+    assert denied.count() == len(WADO_ROUTES)
+    assert not AccessEvent.objects.filter(
+        tenant=clinician_a.tenant,
+        outcome=AccessEvent.Outcome.SUCCESS,
+        action__in=["dicomweb.retrieve", "dicomweb.metadata", "dicomweb.rendered"],
+    ).exists()
 
 
 def test_originals_go_to_reading_roles_and_registered_nodes_only(viewer_a, admin_a, node_key, integration_key, stored):
