@@ -65,6 +65,7 @@ from core.model_package import PRIVATE_CODING_SCHEME
 from recognition.fhir import PROBABILITY_DIGITS
 from recognition.models import Image, ModelVersion, Result, Review, Series, Study
 from recognition.services.heatmaps import HeatmapStatus, result_heatmap_request, result_heatmap_status
+from recognition.storage import ForeignStorageKey, storage_key_for_tenant
 
 from .models import Instance
 
@@ -216,8 +217,9 @@ def source_dataset(image: Image) -> Dataset:
     copy so that the PACS files them with their study."""
     if not image.is_dicom or not image.original:
         raise NotDicomSource("Only images that came in as DICOM have findings as DICOM objects.")
+    key = _own_key(image.original.name, tenant_id=image.tenant_id, under="dicom", what=f"image {image.pk}")
     try:
-        with image.original.open("rb") as stored:
+        with default_storage.open(key, "rb") as stored:
             dataset = pydicom.dcmread(stored, stop_before_pixels=True)
         blanked = _conformant(dataset)
     except Exception:  # the library's words may quote the file's values: never passed on
@@ -287,6 +289,20 @@ def _conformant(dataset: Dataset, *, nested: bool = False) -> set[str]:
             dataset.PatientSex = ""
             changed.add("PatientSex")
     return changed
+
+
+def _own_key(key: str, *, tenant_id: int, under: str, what: str) -> str:
+    """``key`` once ``storage_key_for_tenant`` vouches that it is in the hospital's own area
+    (``tenants/<id>/<under>/``); a key elsewhere (another hospital's file) is refused and never
+    opened."""
+    try:
+        return storage_key_for_tenant(tenant_id=tenant_id, key=key, under=under)
+    except ForeignStorageKey:
+        logger.warning("%s: a stored file outside hospital %s's storage was refused, not read", what, tenant_id)
+        raise Unprocessable(
+            "This finding's stored files are not in its hospital's storage: no DICOM object is made of them.",
+            code="foreign_storage_key",
+        ) from None
 
 
 def _frames(dataset: Dataset) -> int:
@@ -463,7 +479,8 @@ def _sr_common(version: ModelVersion | None = None) -> dict:
 
 
 def _read_instance(instance: Instance) -> Dataset:
-    with instance.file.open("rb") as stored:
+    key = _own_key(instance.file.name, tenant_id=instance.tenant_id, under="dicom-made", what=f"instance {instance.pk}")
+    with default_storage.open(key, "rb") as stored:
         return pydicom.dcmread(stored, stop_before_pixels=True)
 
 
@@ -684,10 +701,12 @@ def _patient_orientation(source: Dataset) -> tuple[str, str] | None:
 
 def _blended(image: Image, result: Result) -> np.ndarray:
     """The heatmap laid over the image's display copy, as the viewer shows it: RGB, 8 bits."""
-    with image.file.open("rb") as stored, PILImage.open(stored) as base:
+    display = _own_key(image.file.name, tenant_id=image.tenant_id, under="images", what=f"image {image.pk}")
+    heatmap = _own_key(result.heatmap.name, tenant_id=result.tenant_id, under="heatmaps", what=f"result {result.pk}")
+    with default_storage.open(display, "rb") as stored, PILImage.open(stored) as base:
         base.load()
         under = base.convert("RGBA")
-    with result.heatmap.open("rb") as stored, PILImage.open(stored) as overlay:
+    with default_storage.open(heatmap, "rb") as stored, PILImage.open(stored) as overlay:
         overlay.load()
         over = overlay.convert("RGBA")
     if over.size != under.size:

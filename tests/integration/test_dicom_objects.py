@@ -483,3 +483,33 @@ def test_a_library_error_quoting_a_value_is_refused_in_fixed_words(clinician_a, 
     logged = "\n".join(f"{record.name} {record.getMessage()}" for record in caplog.records)
     assert _leaked(logged) == [], logged
     assert not Instance.objects.exists()
+
+
+@pytest.mark.parametrize("foreign", ["other", "climbing"])
+def test_a_stored_original_outside_the_hospitals_storage_is_refused_never_read(
+    clinician_a, clinician_b, demo_model, monkeypatch, foreign
+):
+    """The image's original key is vouched for by recognition.storage.storage_key_for_tenant against
+    the image's hospital before it is opened: another hospital's file is refused, not read."""
+    from django.core.files.storage import default_storage
+
+    image, _ = read_dicom(clinician_a)
+    other, _ = read_dicom(clinician_b, "MR_small.dcm")
+    theirs = other.original.name
+    assert not theirs.startswith(f"tenants/{image.tenant_id}/")
+    key = theirs if foreign == "other" else f"tenants/{image.tenant_id}/dicom/../../{other.tenant_id}/dicom/x.dcm"
+    type(image).objects.filter(pk=image.pk).update(original=key)
+    opened = []
+    real_open = default_storage.open
+
+    def recording_open(name, *args, **kwargs):
+        opened.append(name)
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(default_storage, "open", recording_open)
+    result = Result.objects.get(image=image)
+    with pytest.raises(Unprocessable) as caught:
+        ai_report_for(result)
+    assert caught.value.code == "foreign_storage_key" and "hospital's storage" in caught.value.message
+    assert opened == []  # nothing read: not theirs, nor anything else
+    assert not Instance.objects.exists()
