@@ -291,12 +291,12 @@ def _conformant(dataset: Dataset, *, nested: bool = False) -> set[str]:
     return changed
 
 
-def _own_key(key: str, *, tenant_id: int, under: str, what: str) -> str:
+def _own_key(key: str | None, *, tenant_id: int, under: str, what: str) -> str:
     """``key`` once ``storage_key_for_tenant`` vouches that it is in the hospital's own area
     (``tenants/<id>/<under>/``); a key elsewhere (another hospital's file) is refused and never
     opened."""
     try:
-        return storage_key_for_tenant(tenant_id=tenant_id, key=key, under=under)
+        return storage_key_for_tenant(tenant_id=tenant_id, key=key or "", under=under)
     except ForeignStorageKey:
         logger.warning("%s: a stored file outside hospital %s's storage was refused, not read", what, tenant_id)
         raise Unprocessable(
