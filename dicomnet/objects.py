@@ -53,6 +53,7 @@ from django.utils import timezone
 from highdicom._standard_utils import is_multiframe_image
 from PIL import Image as PILImage
 from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -251,7 +252,9 @@ def _unvalidated_reading() -> Iterator[None]:
 
 def _valid(element: DataElement) -> bool:
     validator = VALIDATORS.get(element.VR)
-    if validator is None or element.value is None or element.VR == "SQ":
+    # a UID is kept as the PACS holds it, even a legacy one pydicom frowns on ("1.2.0123"): the
+    # objects reference their study and source by it; it names an object, not a person
+    if validator is None or element.value is None or element.VR in ("SQ", "UI"):
         return True
     values = element.value if element.VM > 1 else [element.value]
     # a DS or IS converted unvalidated is a number: the text it was read from is what is checked
@@ -263,7 +266,7 @@ def _conformant(dataset: Dataset, *, nested: bool = False) -> set[str]:
     does not allow (a PatientBirthDate of "1970-01-31", a 70-character name component, a PatientSex
     other than M, F or O) is blanked when it is one of the Type 2 Patient and Study attributes the
     objects must carry (``TYPE_2_PATIENT_AND_STUDY``: present, empty, meaning unknown) and left out
-    otherwise. The keywords changed (never their values)."""
+    otherwise (UIDs are kept: see ``_valid``). The keywords changed (never their values)."""
     changed: set[str] = set()
     with _unvalidated_reading():
         for tag in list(dataset.keys()):
@@ -272,7 +275,7 @@ def _conformant(dataset: Dataset, *, nested: bool = False) -> set[str]:
                 ok = _valid(element)
             except Exception:  # pydicom could not even convert it (e.g. an IS of "abc")
                 element, ok = None, False
-            keyword = (element.keyword if element is not None else "") or str(tag)
+            keyword = keyword_for_tag(tag) or str(tag)  # a private tag by its number
             if ok and element is not None and element.VR == "SQ":
                 for item in element.value:
                     changed |= _conformant(item, nested=True)
@@ -281,7 +284,7 @@ def _conformant(dataset: Dataset, *, nested: bool = False) -> set[str]:
                 continue
             changed.add(keyword)
             if not nested and keyword in TYPE_2_PATIENT_AND_STUDY:
-                dataset[tag] = DataElement(tag, element.VR if element is not None else "UN", "")
+                dataset[tag] = DataElement(tag, dictionary_VR(tag), "")
             else:
                 del dataset[tag]
         sex = dataset.get("PatientSex") if not nested else None
