@@ -27,6 +27,18 @@ the bytes are stored once (default_storage) in an ``Instance`` (origin "created"
 returns that row, and a resend is byte-identical. Two concurrent calls derive the same SOP Instance
 UID; the per-hospital unique constraint lets one row in and the other call returns it.
 
+No value of the source reaches an exception, a log line or a warning: before highdicom copies
+them, the source's values are checked silently against their VRs (``_conformant``): a non-conformant
+Type 2 Patient/Study value (``TYPE_2_PATIENT_AND_STUDY``: a PatientBirthDate of "1970-01-31", a
+StudyDate of "2020/01/02", a name component over 64 characters, a PatientSex other than M, F, O) is
+blanked (present, empty: unknown) and any other non-conformant attribute left out, so such a study
+still exports; UIDs are kept as they are. Every highdicom/pydicom build is wrapped (``_building``):
+whatever it raises becomes an ``Unprocessable`` in fixed words (the keyword at most), raised
+``from None``, so a task's traceback carries no value. Every stored file read here (the original,
+a made object, the display copy, the heatmap) is vouched for first by
+``recognition.storage.storage_key_for_tenant`` against its hospital; a key elsewhere is refused
+(``foreign_storage_key``), never opened.
+
 Making an object is logged (``dicom.object_create``, by the platform, in the transaction that
 stores it); it discloses nothing: sending it is the disclosure, logged by the sender.
 """
