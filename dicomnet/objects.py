@@ -75,6 +75,7 @@ from pydicom.valuerep import DA, TM, VALIDATORS
 from accounts.services import access_event_record
 from core.errors import Conflict, DomainError, Unprocessable
 from core.model_package import PRIVATE_CODING_SCHEME
+from core.transient import is_transient
 from recognition.fhir import PROBABILITY_DIGITS
 from recognition.models import Image, ModelVersion, Result, Review, Series, Study
 from recognition.services.heatmaps import HeatmapStatus, result_heatmap_request, result_heatmap_status
@@ -235,7 +236,9 @@ def source_dataset(image: Image) -> Dataset:
         with default_storage.open(key, "rb") as stored:
             dataset = pydicom.dcmread(stored, stop_before_pixels=True)
         blanked = _conformant(dataset)
-    except Exception:  # the library's words may quote the file's values: never passed on
+    except Exception as exc:  # the library's words may quote the file's values: never passed on
+        if is_transient(exc):
+            raise  # the storage, not the file: the task tries again
         raise Unprocessable("The stored DICOM original could not be read.", code="dicom_source") from None
     if blanked:  # keywords only, never a value
         logger.info("image %s: non-conformant source attributes left out: %s", image.pk, ", ".join(sorted(blanked)))

@@ -513,3 +513,17 @@ def test_a_stored_original_outside_the_hospitals_storage_is_refused_never_read(
     assert caught.value.code == "foreign_storage_key" and "hospital's storage" in caught.value.message
     assert opened == []  # nothing read: not theirs, nor anything else
     assert not Instance.objects.exists()
+
+
+def test_a_storage_outage_reading_the_original_is_not_a_refusal(clinician_a, demo_model, monkeypatch):
+    """Transient (the task tries again), not Unprocessable (which a sender takes as final)."""
+    from django.core.files.storage import default_storage
+
+    read_dicom(clinician_a)
+
+    def down(name, *args, **kwargs):
+        raise ConnectionError("storage unreachable")
+
+    monkeypatch.setattr(default_storage, "open", down)
+    with pytest.raises(ConnectionError):
+        ai_report_for(Result.objects.get())
