@@ -27,6 +27,18 @@ the bytes are stored once (default_storage) in an ``Instance`` (origin "created"
 returns that row, and a resend is byte-identical. Two concurrent calls derive the same SOP Instance
 UID; the per-hospital unique constraint lets one row in and the other call returns it.
 
+No value of the source reaches an exception, a log line or a warning: before highdicom copies
+them, the source's values are checked silently against their VRs (``_conformant``): a non-conformant
+Type 2 Patient/Study value (``TYPE_2_PATIENT_AND_STUDY``: a PatientBirthDate of "1970-01-31", a
+StudyDate of "2020/01/02", a name component over 64 characters, a PatientSex other than M, F, O) is
+blanked (present, empty: unknown) and any other non-conformant attribute left out, so such a study
+still exports; UIDs are kept as they are. Every highdicom/pydicom build is wrapped (``_building``):
+whatever it raises becomes an ``Unprocessable`` in fixed words (the keyword at most), raised
+``from None``, so a task's traceback carries no value. Every stored file read here (the original,
+a made object, the display copy, the heatmap) is vouched for first by
+``recognition.storage.storage_key_for_tenant`` against its hospital; a key elsewhere is refused
+(``foreign_storage_key``), never opened.
+
 Making an object is logged (``dicom.object_create``, by the platform, in the transaction that
 stores it); it discloses nothing: sending it is the disclosure, logged by the sender.
 """
@@ -37,6 +49,9 @@ import io
 import logging
 import time
 import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -49,17 +64,22 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from highdicom._standard_utils import is_multiframe_image
 from PIL import Image as PILImage
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, TM, VALIDATORS
 
 from accounts.services import access_event_record
-from core.errors import Conflict, Unprocessable
+from core.errors import Conflict, DomainError, Unprocessable
 from core.model_package import PRIVATE_CODING_SCHEME
+from core.transient import is_transient
 from recognition.fhir import PROBABILITY_DIGITS
 from recognition.models import Image, ModelVersion, Result, Review, Series, Study
 from recognition.services.heatmaps import HeatmapStatus, result_heatmap_request, result_heatmap_status
+from recognition.storage import ForeignStorageKey, storage_key_for_tenant
 
 from .models import Instance
 
@@ -116,6 +136,10 @@ TYPE_2_PATIENT_AND_STUDY = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
     "ReferringPhysicianName", "StudyID", "AccessionNumber",
 )  # fmt: skip
+PATIENT_SEXES = ("M", "F", "O")
+AI_SR_REFUSAL = "This image cannot be the source of a DICOM SR: its DICOM header is not one an SR can be made of."
+REVIEW_SR_REFUSAL = "This review cannot be made a DICOM SR: the image's DICOM header is not one an SR can be made of."
+MAP_REFUSAL = "This image's heatmap cannot be made a DICOM Secondary Capture: its DICOM header does not allow it."
 UID_ROOT_MAX = 40  # characters of an operator's root: the rest of the 64 is the derived part
 
 
@@ -207,9 +231,18 @@ def source_dataset(image: Image) -> Dataset:
     copy so that the PACS files them with their study."""
     if not image.is_dicom or not image.original:
         raise NotDicomSource("Only images that came in as DICOM have findings as DICOM objects.")
-    with image.original.open("rb") as stored:
-        dataset = pydicom.dcmread(stored, stop_before_pixels=True)
-    if "SOPInstanceUID" not in dataset or "StudyInstanceUID" not in dataset:
+    key = _own_key(image.original.name, tenant_id=image.tenant_id, under="dicom", what=f"image {image.pk}")
+    try:
+        with default_storage.open(key, "rb") as stored:
+            dataset = pydicom.dcmread(stored, stop_before_pixels=True)
+        blanked = _conformant(dataset)
+    except Exception as exc:  # the library's words may quote the file's values: never passed on
+        if is_transient(exc):
+            raise  # the storage, not the file: the task tries again
+        raise Unprocessable("The stored DICOM original could not be read.", code="dicom_source") from None
+    if blanked:  # keywords only, never a value
+        logger.info("image %s: non-conformant source attributes left out: %s", image.pk, ", ".join(sorted(blanked)))
+    if not dataset.get("SOPInstanceUID") or not dataset.get("StudyInstanceUID") or not dataset.get("SOPClassUID"):
         raise Unprocessable("The stored DICOM original has no SOP or Study Instance UID.", code="dicom_no_uid")
     for keyword in TYPE_2_PATIENT_AND_STUDY:  # present, if empty, as PS3.3 asks: the objects copy them
         if keyword not in dataset:
@@ -217,6 +250,77 @@ def source_dataset(image: Image) -> Dataset:
     if not dataset.get("Modality"):
         dataset.Modality = "OT"
     return dataset
+
+
+@contextmanager
+def _unvalidated_reading() -> Iterator[None]:
+    """pydicom validates a value as it first converts it and, in its default mode, logs and warns
+    with the value quoted ("Invalid value for VR DA: '...'"); here the values are checked silently
+    instead (``_conformant``). The mode is pydicom's global: set for the conversion loop only."""
+    mode = pydicom_config.settings.reading_validation_mode
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    try:
+        yield
+    finally:
+        pydicom_config.settings.reading_validation_mode = mode
+
+
+def _valid(element: DataElement) -> bool:
+    validator = VALIDATORS.get(element.VR)
+    # a UID is kept as the PACS holds it, even a legacy one pydicom frowns on ("1.2.0123"): the
+    # objects reference their study and source by it; it names an object, not a person
+    if validator is None or element.value is None or element.VR in ("SQ", "UI"):
+        return True
+    values = element.value if element.VM > 1 else [element.value]
+    # a DS or IS converted unvalidated is a number: the text it was read from is what is checked
+    return all(value is None or validator(element.VR, getattr(value, "original_string", value))[0] for value in values)
+
+
+def _conformant(dataset: Dataset, *, nested: bool = False) -> set[str]:
+    """Make the source's values conformant before highdicom copies them, silently: a value its VR
+    does not allow (a PatientBirthDate of "1970-01-31", a 70-character name component, a PatientSex
+    other than M, F or O) is blanked when it is one of the Type 2 Patient and Study attributes the
+    objects must carry (``TYPE_2_PATIENT_AND_STUDY``: present, empty, meaning unknown) and left out
+    otherwise (UIDs are kept: see ``_valid``). The keywords changed (never their values)."""
+    changed: set[str] = set()
+    with _unvalidated_reading():
+        for tag in list(dataset.keys()):
+            try:
+                element = dataset[tag]
+                ok = _valid(element)
+            except Exception:  # pydicom could not even convert it (e.g. an IS of "abc")
+                element, ok = None, False
+            keyword = keyword_for_tag(tag) or str(tag)  # a private tag by its number
+            if ok and element is not None and element.VR == "SQ":
+                for item in element.value:
+                    changed |= _conformant(item, nested=True)
+                continue
+            if ok:
+                continue
+            changed.add(keyword)
+            if not nested and keyword in TYPE_2_PATIENT_AND_STUDY:
+                dataset[tag] = DataElement(tag, dictionary_VR(tag), "")
+            else:
+                del dataset[tag]
+        sex = dataset.get("PatientSex") if not nested else None
+        if sex and str(sex) not in PATIENT_SEXES:  # highdicom takes only these, and says the value if not
+            dataset.PatientSex = ""
+            changed.add("PatientSex")
+    return changed
+
+
+def _own_key(key: str | None, *, tenant_id: int, under: str, what: str) -> str:
+    """``key`` once ``storage_key_for_tenant`` vouches that it is in the hospital's own area
+    (``tenants/<id>/<under>/``); a key elsewhere (another hospital's file) is refused and never
+    opened."""
+    try:
+        return storage_key_for_tenant(tenant_id=tenant_id, key=key or "", under=under)
+    except ForeignStorageKey:
+        logger.warning("%s: a stored file outside hospital %s's storage was refused, not read", what, tenant_id)
+        raise Unprocessable(
+            "This finding's stored files are not in its hospital's storage: no DICOM object is made of them.",
+            code="foreign_storage_key",
+        ) from None
 
 
 def _frames(dataset: Dataset) -> int:
@@ -235,12 +339,27 @@ def _referenced_frames(image: Image, dataset: Dataset) -> list[int] | None:
 
 
 def _source_reference(image: Image, dataset: Dataset) -> hd.sr.SourceImageForMeasurementGroup:
-    try:
+    with _building("This image cannot be the source of a DICOM SR (it is not an image a finding can be of)."):
         return hd.sr.SourceImageForMeasurementGroup.from_source_image(
             dataset, referenced_frame_numbers=_referenced_frames(image, dataset)
         )
-    except (ValueError, TypeError, AttributeError) as exc:  # e.g. an RT Dose: not an image to measure on
-        raise Unprocessable(f"This image cannot be the source of a DICOM SR: {exc}", code="dicom_source") from exc
+
+
+@contextmanager
+def _building(refusal: str, code: str = "dicom_source") -> Iterator[None]:
+    """Around every highdicom/pydicom build from the source: any exception becomes ``refusal`` (a
+    fixed sentence, never the library's words, which quote the source's values: "Unable to convert
+    '1970-01-31' to 'DA'"), with no chained exception for a traceback to print; the libraries'
+    warnings (highdicom's quotes a one-part Patient Name) are not shown."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except DomainError:
+        raise
+    except Exception as exc:
+        logger.warning("DICOM object not made: %s (%s)", code, type(exc).__name__)
+        raise Unprocessable(refusal, code=code) from None
 
 
 def _measurement_report(*, observation_context, groups: list, source: Dataset) -> hd.sr.MeasurementReport:
@@ -311,7 +430,8 @@ def _store(
     review: Review | None = None,
 ) -> Instance:
     tenant = image.tenant
-    data = _encode(dataset)
+    with _building("The DICOM object could not be written.", code="dicom_write"):
+        data = _encode(dataset)
     name = default_storage.save(_object_key(tenant.pk, dataset.SOPInstanceUID), ContentFile(data))
     try:
         with transaction.atomic():
@@ -377,7 +497,8 @@ def _sr_common(version: ModelVersion | None = None) -> dict:
 
 
 def _read_instance(instance: Instance) -> Dataset:
-    with instance.file.open("rb") as stored:
+    key = _own_key(instance.file.name, tenant_id=instance.tenant_id, under="dicom-made", what=f"instance {instance.pk}")
+    with default_storage.open(key, "rb") as stored:
         return pydicom.dcmread(stored, stop_before_pixels=True)
 
 
@@ -419,6 +540,32 @@ def ai_report_for(result: Result) -> Instance:
     if (made := _made(result.tenant, sop_instance_uid)) is not None:
         return made
     version = result.model_version
+    with _building(AI_SR_REFUSAL):
+        report = _ai_report(result, image, source)
+    series = _objects_series(study=image.study, kind=Kind.AI_SR, study_uid=source.StudyInstanceUID)
+    with _building(AI_SR_REFUSAL):
+        document = hd.sr.Comprehensive3DSR(
+            evidence=[source],
+            content=report,
+            series_instance_uid=series.series_instance_uid,
+            series_number=series.number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=result.pk,
+            is_complete=True,
+            is_final=False,  # preliminary: a clinician has not read it yet
+            is_verified=False,
+            series_description=OBJECT_SERIES[Kind.AI_SR].description,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            **_content_datetime(result.created),
+            **_sr_common(version),
+        )
+        _private_scheme_identified(document)
+        _timezone_offset(document, result.created)
+    return _store(dataset=document, kind=Kind.AI_SR, image=image, series=series, result=result)
+
+
+def _ai_report(result: Result, image: Image, source: Dataset) -> hd.sr.MeasurementReport:
+    version = result.model_version
     algorithm = _algorithm(version)
     groups = []
     for index, (label, probability) in enumerate(_findings(result), start=1):
@@ -444,33 +591,11 @@ def ai_report_for(result: Result) -> Instance:
             hd.sr.TextContentItem(name=codes.DCM.Comment, value=AI_NOTICE, relationship_type="CONTAINS")
         )
         groups.append(group)
-    report = _measurement_report(
+    return _measurement_report(
         observation_context=hd.sr.ObservationContext(observer_device_context=_device_observer(version)),
         groups=groups,
         source=source,
     )
-    series = _objects_series(study=image.study, kind=Kind.AI_SR, study_uid=source.StudyInstanceUID)
-    try:
-        document = hd.sr.Comprehensive3DSR(
-            evidence=[source],
-            content=report,
-            series_instance_uid=series.series_instance_uid,
-            series_number=series.number,
-            sop_instance_uid=sop_instance_uid,
-            instance_number=result.pk,
-            is_complete=True,
-            is_final=False,  # preliminary: a clinician has not read it yet
-            is_verified=False,
-            series_description=OBJECT_SERIES[Kind.AI_SR].description,
-            transfer_syntax_uid=ExplicitVRLittleEndian,
-            **_content_datetime(result.created),
-            **_sr_common(version),
-        )
-    except (KeyError, ValueError) as exc:  # highdicom knows no IOD for its SOP class, or refuses it as a source
-        raise Unprocessable(f"This image cannot be the source of a DICOM SR: {exc}", code="dicom_source") from exc
-    _private_scheme_identified(document)
-    _timezone_offset(document, result.created)
-    return _store(dataset=document, kind=Kind.AI_SR, image=image, series=series, result=result)
 
 
 # -- the clinician's review --------------------------------------------------------------------------------------------
@@ -517,53 +642,57 @@ def review_report_for(review: Review) -> Instance:
         return made
     version, signer = result.model_version, review.signed_off_by or review.author
     label = review.label or (result.top_label if review.verdict == Review.Verdict.AGREE else "")
-    evaluations = [
-        hd.sr.QualitativeEvaluation(name=VERDICT, value=VERDICT_CODES[review.verdict]),
-        hd.sr.QualitativeEvaluation(name=AI_FINDING_REVIEWED, value=label_code(version, review.ai_label)),
-    ]
-    group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=tracking_uid(result, review.ai_label or result.top_label),
-            identifier=f"Review of AI finding: {review.ai_label or result.top_label}"[:64],
-        ),
-        finding_type=label_code(version, label) if label else None,
-        qualitative_evaluations=evaluations,
-        source_images=[_source_reference(image, source)],
-    )
-    if review.comment:
-        group[0].ContentSequence.append(
-            hd.sr.TextContentItem(name=codes.DCM.Comment, value=review.comment, relationship_type="CONTAINS")
+    with _building(REVIEW_SR_REFUSAL):
+        evaluations = [
+            hd.sr.QualitativeEvaluation(name=VERDICT, value=VERDICT_CODES[review.verdict]),
+            hd.sr.QualitativeEvaluation(name=AI_FINDING_REVIEWED, value=label_code(version, review.ai_label)),
+        ]
+        group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=tracking_uid(result, review.ai_label or result.top_label),
+                identifier=f"Review of AI finding: {review.ai_label or result.top_label}"[:64],
+            ),
+            finding_type=label_code(version, label) if label else None,
+            qualitative_evaluations=evaluations,
+            source_images=[_source_reference(image, source)],
         )
-    report = _measurement_report(
-        observation_context=hd.sr.ObservationContext(observer_person_context=_person_observer(signer, review.tenant)),
-        groups=[group],
-        source=source,
-    )
+        if review.comment:
+            group[0].ContentSequence.append(
+                hd.sr.TextContentItem(name=codes.DCM.Comment, value=review.comment, relationship_type="CONTAINS")
+            )
+        report = _measurement_report(
+            observation_context=hd.sr.ObservationContext(
+                observer_person_context=_person_observer(signer, review.tenant)
+            ),
+            groups=[group],
+            source=source,
+        )
     series = _objects_series(study=image.study, kind=Kind.REVIEW_SR, study_uid=source.StudyInstanceUID)
-    evidence = [source, ai_dataset, *([earlier_dataset] if earlier_dataset is not None else [])]
-    predecessor = earlier_dataset if earlier_dataset is not None else ai_dataset
-    document = hd.sr.Comprehensive3DSR(
-        evidence=evidence,
-        content=report,
-        series_instance_uid=series.series_instance_uid,
-        series_number=series.number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=review.pk,
-        is_complete=True,
-        is_final=True,
-        is_verified=True,
-        verifying_observer_name=person_name(signer),
-        verifying_organization=review.tenant.name[:64],
-        previous_versions=[predecessor],
-        series_description=OBJECT_SERIES[Kind.REVIEW_SR].description,
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        **_content_datetime(signed_off_at),
-        **_sr_common(version),
-    )
-    signed = timezone.localtime(signed_off_at)
-    document.VerifyingObserverSequence[0].VerificationDateTime = signed.strftime("%Y%m%d%H%M%S.%f%z")
-    _private_scheme_identified(document)
-    _timezone_offset(document, signed_off_at)
+    with _building(REVIEW_SR_REFUSAL):
+        evidence = [source, ai_dataset, *([earlier_dataset] if earlier_dataset is not None else [])]
+        predecessor = earlier_dataset if earlier_dataset is not None else ai_dataset
+        document = hd.sr.Comprehensive3DSR(
+            evidence=evidence,
+            content=report,
+            series_instance_uid=series.series_instance_uid,
+            series_number=series.number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=review.pk,
+            is_complete=True,
+            is_final=True,
+            is_verified=True,
+            verifying_observer_name=person_name(signer),
+            verifying_organization=review.tenant.name[:64],
+            previous_versions=[predecessor],
+            series_description=OBJECT_SERIES[Kind.REVIEW_SR].description,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            **_content_datetime(signed_off_at),
+            **_sr_common(version),
+        )
+        signed = timezone.localtime(signed_off_at)
+        document.VerifyingObserverSequence[0].VerificationDateTime = signed.strftime("%Y%m%d%H%M%S.%f%z")
+        _private_scheme_identified(document)
+        _timezone_offset(document, signed_off_at)
     return _store(dataset=document, kind=Kind.REVIEW_SR, image=image, series=series, review=review)
 
 
@@ -590,10 +719,12 @@ def _patient_orientation(source: Dataset) -> tuple[str, str] | None:
 
 def _blended(image: Image, result: Result) -> np.ndarray:
     """The heatmap laid over the image's display copy, as the viewer shows it: RGB, 8 bits."""
-    with image.file.open("rb") as stored, PILImage.open(stored) as base:
+    display = _own_key(image.file.name, tenant_id=image.tenant_id, under="images", what=f"image {image.pk}")
+    heatmap = _own_key(result.heatmap.name, tenant_id=result.tenant_id, under="heatmaps", what=f"result {result.pk}")
+    with default_storage.open(display, "rb") as stored, PILImage.open(stored) as base:
         base.load()
         under = base.convert("RGBA")
-    with result.heatmap.open("rb") as stored, PILImage.open(stored) as overlay:
+    with default_storage.open(heatmap, "rb") as stored, PILImage.open(stored) as overlay:
         overlay.load()
         over = overlay.convert("RGBA")
     if over.size != under.size:
@@ -622,44 +753,45 @@ def heatmap_object_for(result: Result) -> Instance | None:
         return made
     pixels = _blended(image, result)
     series = _objects_series(study=image.study, kind=Kind.MAP, study_uid=source.StudyInstanceUID)
-    orientation = _patient_orientation(source)
     local = timezone.localtime(result.created)
-    document = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source,
-        pixel_array=pixels,
-        photometric_interpretation="RGB",
-        bits_allocated=8,
-        coordinate_system="PATIENT",
-        series_instance_uid=series.series_instance_uid,
-        series_number=series.number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=result.pk,
-        manufacturer=MANUFACTURER,
-        patient_orientation=orientation or ("L", "P"),
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=OBJECT_SERIES[Kind.MAP].description,
-        manufacturer_model_name="Sightline",
-        software_versions=f"{result.model_version.model.name} {result.model_version.version}"[:64],
-        content_date=local.date(),
-        content_time=local.time(),
-    )
-    if orientation is None:
-        document["PatientOrientation"].value = None  # type 2: unknown, rather than made up
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = source.SOPClassUID
-    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
-    if frames := _referenced_frames(image, source):
-        reference.ReferencedFrameNumber = frames[0]
-    document.SourceImageSequence = [reference]
-    document.DerivationDescription = (
-        f"Grad-CAM of the finding {result.top_label!r} of {result.model_version.model.name} "
-        f"{result.model_version.version}, blended over the image"
-    )[:1024]
-    document.ImageComments = MAP_NOTICE
-    document.BurnedInAnnotation = "NO"
-    document.DateOfSecondaryCapture = DA(local.date())
-    document.TimeOfSecondaryCapture = TM(local.time().replace(microsecond=0))
-    _timezone_offset(document, result.created)
+    with _building(MAP_REFUSAL):
+        orientation = _patient_orientation(source)
+        document = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=source,
+            pixel_array=pixels,
+            photometric_interpretation="RGB",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            series_instance_uid=series.series_instance_uid,
+            series_number=series.number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=result.pk,
+            manufacturer=MANUFACTURER,
+            patient_orientation=orientation or ("L", "P"),
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            series_description=OBJECT_SERIES[Kind.MAP].description,
+            manufacturer_model_name="Sightline",
+            software_versions=f"{result.model_version.model.name} {result.model_version.version}"[:64],
+            content_date=local.date(),
+            content_time=local.time(),
+        )
+        if orientation is None:
+            document["PatientOrientation"].value = None  # type 2: unknown, rather than made up
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = source.SOPClassUID
+        reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        if frames := _referenced_frames(image, source):
+            reference.ReferencedFrameNumber = frames[0]
+        document.SourceImageSequence = [reference]
+        document.DerivationDescription = (
+            f"Grad-CAM of the finding {result.top_label!r} of {result.model_version.model.name} "
+            f"{result.model_version.version}, blended over the image"
+        )[:1024]
+        document.ImageComments = MAP_NOTICE
+        document.BurnedInAnnotation = "NO"
+        document.DateOfSecondaryCapture = DA(local.date())
+        document.TimeOfSecondaryCapture = TM(local.time().replace(microsecond=0))
+        _timezone_offset(document, result.created)
     return _store(dataset=document, kind=Kind.MAP, image=image, series=series, result=result)
 
 

@@ -445,6 +445,10 @@ LOGGING = {
         "django.server": {"filters": ["redact_query"]},  # runserver's request lines, likewise
         "django.request": {"filters": ["redact_request_query"]},  # a 4xx warning's record holds the request
         "axes": {"level": "WARNING"},
+        # pydicom's warnings quote the values they find invalid (a patient's birth date, a name);
+        # pynetdicom's DEBUG dumps whole datasets: capped here for every process (web, Celery, SCP)
+        "pydicom": {"level": "ERROR"},
+        "pynetdicom": {"level": "INFO"},
     },
 }
 

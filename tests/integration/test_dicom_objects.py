@@ -6,8 +6,11 @@ with its Patient and Study modules, made once."""
 from __future__ import annotations
 
 import io
+import logging
 import subprocess
 import threading
+import traceback
+import warnings
 
 import highdicom as hd
 import pydicom
@@ -16,6 +19,7 @@ from django.db import connection
 from pydicom.data import get_testdata_file
 
 from accounts.models import AccessEvent
+from core.errors import Unprocessable
 from dicomnet.models import Instance
 from dicomnet.objects import (
     AI_NOTICE,
@@ -392,3 +396,134 @@ def test_a_source_that_left_out_type_2_attributes_still_gets_a_valid_sr(clinicia
     sr = hd.sr.srread(instance.file.path)
     assert sr.PatientID == "" and sr.PatientName == dataset.PatientName  # present, empty: unknown
     dump(instance, tmp_path, "dsrdump")
+
+
+# -- a source whose values are not conformant: no value reaches a log line, a warning or an exception --------------
+
+BAD_VALUES = {
+    "PatientBirthDate": "1970-01-31",  # a DA is YYYYMMDD: highdicom's DA() would raise, quoting it
+    "StudyDate": "2020/01/02",
+    "StudyTime": "25:61:77xx",
+    "PatientSex": "Male",  # CS allows no lower case; highdicom takes M, F or O only
+    "PatientAge": "42 years",  # a type 3 attribute: left out
+}
+ONE_PART_NAME = "Quixotebrandname"  # valid PN, but highdicom warns with a one-part name in its words
+
+
+def _bad_source(clinician_a):
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for keyword, value in BAD_VALUES.items():
+        setattr(dataset, keyword, value)
+    dataset.PatientName = ONE_PART_NAME
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset.save_as(buffer, enforce_file_format=True)
+    (image,) = images_upload(membership=clinician_a, upload=upload_file(buffer.getvalue(), "scan.dcm"))
+    inference_run(request_id=image.inference_requests.get().pk)
+    image.refresh_from_db()
+    return image
+
+
+def _every_logger_at_debug(caplog):
+    caplog.set_level(logging.DEBUG)
+    for name in [*logging.root.manager.loggerDict, "pydicom", "highdicom", "dicomnet.objects"]:
+        caplog.set_level(logging.DEBUG, logger=name)
+
+
+def _leaked(text: str) -> list[str]:
+    return [value for value in [*BAD_VALUES.values(), ONE_PART_NAME] if value in text]
+
+
+def test_non_conformant_source_values_are_blanked_and_never_logged(clinician_a, demo_model, caplog, recwarn):
+    image = _bad_source(clinician_a)
+    result = Result.objects.get()
+    heatmap_compute(result_id=result.pk)
+    review = review_save(membership=clinician_a, image_id=image.pk, verdict="agree", sign_off=True)
+    caplog.clear()
+    recwarn.clear()
+    _every_logger_at_debug(caplog)
+    made = [ai_report_for(result), review_report_for(review), heatmap_object_for(Result.objects.get())]
+    logged = "\n".join(f"{record.name} {record.getMessage()}" for record in caplog.records)
+    assert _leaked(logged) == [], logged
+    assert _leaked("\n".join(str(warning.message) for warning in recwarn)) == []
+    assert any(record.name == "dicomnet.objects" for record in caplog.records)  # the capture did capture
+    for instance in made:
+        assert instance is not None
+        dataset = stored(instance)
+        # the Type 2 ones present and empty (unknown), the type 3 one left out; the rest as the hospital sent it
+        for keyword in ("PatientBirthDate", "StudyDate", "StudyTime", "PatientSex"):
+            assert keyword in dataset and not dataset[keyword].value, (instance.kind, keyword)
+        assert "PatientAge" not in dataset
+        assert str(dataset.PatientName) == ONE_PART_NAME and dataset.PatientID == "1CT1"
+
+
+def test_a_library_error_quoting_a_value_is_refused_in_fixed_words(clinician_a, demo_model, monkeypatch, caplog):
+    """Whatever highdicom raises (its words quote the source's values) becomes a refusal in words
+    with no chained exception: a Celery traceback of it holds no value."""
+    image = _bad_source(clinician_a)
+    result = Result.objects.get()
+
+    def refusing(*args, **kwargs):
+        raise ValueError(f"Unable to convert '{ONE_PART_NAME}' to 'DA' object")
+
+    monkeypatch.setattr(hd.sr, "Comprehensive3DSR", refusing)
+    monkeypatch.setattr(hd.sc.SCImage, "from_ref_dataset", refusing)
+    heatmap_compute(result_id=result.pk)
+    review = review_save(membership=clinician_a, image_id=image.pk, verdict="agree", sign_off=True)
+    caplog.clear()
+    _every_logger_at_debug(caplog)
+    for make, target in ((ai_report_for, result), (review_report_for, review), (heatmap_object_for, result)):
+        with pytest.raises(Unprocessable) as caught:
+            make(Result.objects.get() if target is result else target)
+        error = caught.value
+        assert error.__cause__ is None and error.__suppress_context__
+        shown = "".join(traceback.format_exception(error))
+        assert _leaked(shown) == [] and "cannot" in error.message, shown
+    logged = "\n".join(f"{record.name} {record.getMessage()}" for record in caplog.records)
+    assert _leaked(logged) == [], logged
+    assert not Instance.objects.exists()
+
+
+@pytest.mark.parametrize("foreign", ["other", "climbing"])
+def test_a_stored_original_outside_the_hospitals_storage_is_refused_never_read(
+    clinician_a, clinician_b, demo_model, monkeypatch, foreign
+):
+    """The image's original key is vouched for by recognition.storage.storage_key_for_tenant against
+    the image's hospital before it is opened: another hospital's file is refused, not read."""
+    from django.core.files.storage import default_storage
+
+    image, _ = read_dicom(clinician_a)
+    other, _ = read_dicom(clinician_b, "MR_small.dcm")
+    theirs = other.original.name
+    assert not theirs.startswith(f"tenants/{image.tenant_id}/")
+    key = theirs if foreign == "other" else f"tenants/{image.tenant_id}/dicom/../../{other.tenant_id}/dicom/x.dcm"
+    type(image).objects.filter(pk=image.pk).update(original=key)
+    opened = []
+    real_open = default_storage.open
+
+    def recording_open(name, *args, **kwargs):
+        opened.append(name)
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(default_storage, "open", recording_open)
+    result = Result.objects.get(image=image)
+    with pytest.raises(Unprocessable) as caught:
+        ai_report_for(result)
+    assert caught.value.code == "foreign_storage_key" and "hospital's storage" in caught.value.message
+    assert opened == []  # nothing read: not theirs, nor anything else
+    assert not Instance.objects.exists()
+
+
+def test_a_storage_outage_reading_the_original_is_not_a_refusal(clinician_a, demo_model, monkeypatch):
+    """Transient (the task tries again), not Unprocessable (which a sender takes as final)."""
+    from django.core.files.storage import default_storage
+
+    read_dicom(clinician_a)
+
+    def down(name, *args, **kwargs):
+        raise ConnectionError("storage unreachable")
+
+    monkeypatch.setattr(default_storage, "open", down)
+    with pytest.raises(ConnectionError):
+        ai_report_for(Result.objects.get())
