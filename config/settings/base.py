@@ -1,9 +1,11 @@
 """Settings shared by every environment. Everything that differs comes from the environment."""
 
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
 import environ
+import pydicom.config  # noqa: F401  pydicom sets its logger's level when imported: before LOGGING's cap, not after
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 env = environ.Env()
@@ -451,6 +453,8 @@ LOGGING = {
         "pynetdicom": {"level": "INFO"},
     },
 }
+# ... and the same messages as Python warnings, which a worker's stderr would carry into its log
+warnings.filterwarnings("ignore", module=r"(pydicom|highdicom)(\.|$)")
 
 # --- service accounts (issue 11, item 4) ------------------------------------------------------
 # Hospital service accounts sign in with API keys only (`Authorization: Bearer slk_...`): the
