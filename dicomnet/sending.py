@@ -46,6 +46,7 @@ from accounts.permissions import Action, can
 from accounts.services import access_event_record, require
 from core.errors import Conflict, DomainError
 from core.transient import is_transient
+from recognition.storage import ForeignStorageKey, storage_key_for_tenant
 
 from .destinations import SecretUnreadable, secret_decrypt
 from .models import REASON_LENGTH, Delivery, Destination, Instance
@@ -355,6 +356,10 @@ def delivery_send(*, delivery_id: int) -> str:
             updated=timezone.now(),
         )
         return Status.PENDING
+    refusal = _refusal(delivery)
+    if refusal:
+        logger.warning("delivery %s is not sent: %s", delivery.pk, refusal)
+        return _fail(delivery, refusal)
     try:
         with instance.file.open("rb") as stored:
             data = stored.read()
@@ -370,6 +375,32 @@ def delivery_send(*, delivery_id: int) -> str:
         logger.warning("delivery %s: %s", delivery.pk, type(exc).__name__)
         outcome = Outcome(False, f"the send to {_where(destination)} failed ({type(exc).__name__})")
     return _record(delivery, outcome, disclosed=True)
+
+
+def _refusal(delivery: Delivery) -> str:
+    """Why this delivery may never be sent, in words; "" when it may. The object's stored key must
+    be inside the delivery's own hospital's storage area (recognition/storage.py decides), and the
+    object and destination that hospital's, before a byte of the file is read."""
+    instance, destination = delivery.instance, delivery.destination
+    if instance.tenant_id != delivery.tenant_id or destination.tenant_id != delivery.tenant_id:
+        return "the object or destination belongs to another hospital; it is never sent"
+    try:
+        storage_key_for_tenant(tenant_id=delivery.tenant_id, key=instance.file.name)
+    except ForeignStorageKey:
+        return "the object's stored file is not in this hospital's storage; it is never sent"
+    return ""
+
+
+def _fail(delivery: Delivery, reason: str) -> str:
+    """A permanent refusal: failed at once with its reason (no retry, nothing sent, nothing
+    disclosed); a person's resend tries again."""
+    with transaction.atomic():
+        row = Delivery.objects.select_for_update().get(pk=delivery.pk)
+        row.attempts += 1
+        row.status, row.next_attempt_at, row.updated = Status.FAILED, None, timezone.now()
+        row.error = reason[:REASON_LENGTH]
+        row.save(update_fields=["status", "attempts", "error", "next_attempt_at", "updated"])
+    return row.status
 
 
 def _record(delivery: Delivery, outcome: Outcome, *, disclosed: bool) -> str:

@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 import uuid
+from unittest import mock
 
 import pytest
 from django.core.files.base import ContentFile
@@ -31,6 +32,7 @@ from dicomnet.destinations import DestinationFields, destination_create, destina
 from dicomnet.models import Delivery, Destination, Instance
 from dicomnet.tasks import deliveries_reconcile, delivery_send
 from recognition.services.images import image_upload
+from recognition.storage import dicom_key
 from tests.conftest import member, upload_file
 from tests.peers import free_port, orthanc_running
 
@@ -72,9 +74,9 @@ def dicom_image(membership):
     return image_upload(membership=membership, upload=upload_file(_test_file("CT_small.dcm"), "ct.dcm"), read=False)
 
 
-def made(image, kind: str, data: bytes) -> Instance:
+def made(image, kind: str, data: bytes, *, key: str = "") -> Instance:
     ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
-    name = default_storage.save(f"dicom/test/{uuid.uuid4().hex}.dcm", ContentFile(data))
+    name = default_storage.save(key or dicom_key(tenant_id=image.tenant_id), ContentFile(data))
     return Instance.objects.create(
         tenant=image.tenant,
         study=image.study,
@@ -682,3 +684,37 @@ def test_a_stow_server_that_refuses_says_why_and_is_retried(admin_a, objects_a, 
     assert delivery_send(delivery_id) == "retrying"
     assert "did not store the object (failure reason 272)" in Delivery.objects.get(pk=delivery_id).error
     assert "wrong" not in Delivery.objects.get(pk=delivery_id).error
+
+
+# --- review item 5: the stored key is checked against the delivery's hospital --------------------
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "dicom/test/{hex}.dcm",  # outside any hospital's area
+        "tenants/{other}/dicom/{hex}.dcm",  # another hospital's area
+    ],
+)
+def test_an_object_stored_outside_its_hospitals_area_is_never_read_nor_sent(
+    admin_a, clinician_a, hospital_b, recorder, caplog, key
+):
+    image = dicom_image(clinician_a)
+    sr = made(image, "ai_sr", _sr_bytes(), key=key.format(hex=uuid.uuid4().hex, other=hospital_b.pk))
+    destination = stow(admin_a, recorder)
+    (delivery_id,) = sending.deliveries_queue([(sr, destination)])
+    opened = []
+    original_open = type(sr.file).open
+
+    def spy(self, *args, **kwargs):
+        opened.append(self.name)
+        return original_open(self, *args, **kwargs)
+
+    with caplog.at_level(logging.WARNING, logger="dicomnet.sending"):
+        with mock.patch.object(type(sr.file), "open", spy):
+            assert delivery_send(delivery_id) == "failed"  # at once: a refusal is never retried
+    delivery = Delivery.objects.get(pk=delivery_id)
+    assert "not in this hospital's storage" in delivery.error and delivery.next_attempt_at is None
+    assert opened == [] and _Recorder.seen == []
+    assert f"delivery {delivery_id} is not sent" in caplog.text
+    assert not sent_events(admin_a.tenant).exists()
