@@ -5,7 +5,8 @@ heatmap) gets one ``Delivery`` row per destination (unique per pair). A Celery t
 row with a conditional UPDATE (pending/retrying → sending), sends the stored Part 10 bytes as
 they are — C-STORE in the file's own SOP class and transfer syntax, or one STOW-RS
 multipart/related POST — and records the answer and its access-log entry ("dicom.sent", a
-disclosure, success or failure) in one transaction. The object keeps its one SOP Instance UID and
+disclosure, success or failure) in one transaction. The claim itself writes "dicom.send_attempted"
+in its transaction, before a byte leaves, so a worker dying mid-send leaves the entry behind. The object keeps its one SOP Instance UID and
 its bytes, so a resend is the same instance and a PACS that got it twice stores it once.
 
 A destination that is down delays: the row is "retrying" with the reason and its next attempt at
@@ -335,31 +336,35 @@ def _backoff(attempts: int) -> float:
 
 def delivery_send(*, delivery_id: int) -> str:
     """Send one delivery if it is due; the status it ends in. Redelivery-safe: only the task that
-    moves the row to "sending" sends."""
+    moves the row to "sending" sends. The claim and its "dicom.send_attempted" access-log entry
+    are one transaction, committed before a byte leaves: a worker that dies mid-send still left
+    the disclosure's entry (the outcome, "dicom.sent", follows when the peer has answered)."""
     now = timezone.now()
-    claimed = Delivery.objects.filter(
-        pk=delivery_id,
-        status__in=(Status.PENDING, Status.RETRYING),
-        next_attempt_at__lte=now + timedelta(seconds=EARLY_SECONDS),
-    ).update(status=Status.SENDING, updated=now)
-    delivery = Delivery.objects.select_related("instance", "destination").filter(pk=delivery_id).first()
-    if delivery is None:
-        return "gone"
-    if not claimed:
-        return delivery.status
-    destination, instance = delivery.destination, delivery.instance
-    if not destination.is_active:
-        Delivery.objects.filter(pk=delivery.pk, status=Status.SENDING).update(
-            status=Status.PENDING,
-            next_attempt_at=None,
-            error="The destination is switched off; this is sent when it is switched on again.",
-            updated=timezone.now(),
-        )
-        return Status.PENDING
-    refusal = _refusal(delivery)
-    if refusal:
-        logger.warning("delivery %s is not sent: %s", delivery.pk, refusal)
-        return _fail(delivery, refusal)
+    with transaction.atomic():
+        claimed = Delivery.objects.filter(
+            pk=delivery_id,
+            status__in=(Status.PENDING, Status.RETRYING),
+            next_attempt_at__lte=now + timedelta(seconds=EARLY_SECONDS),
+        ).update(status=Status.SENDING, updated=now)
+        delivery = Delivery.objects.select_related("instance", "destination").filter(pk=delivery_id).first()
+        if delivery is None:
+            return "gone"
+        if not claimed:
+            return delivery.status
+        destination, instance = delivery.destination, delivery.instance
+        if not destination.is_active:
+            Delivery.objects.filter(pk=delivery.pk, status=Status.SENDING).update(
+                status=Status.PENDING,
+                next_attempt_at=None,
+                error="The destination is switched off; this is sent when it is switched on again.",
+                updated=timezone.now(),
+            )
+            return Status.PENDING
+        refusal = _refusal(delivery)
+        if refusal:
+            logger.warning("delivery %s is not sent: %s", delivery.pk, refusal)
+            return _fail(delivery, refusal)
+        _disclosure_record(delivery, "dicom.send_attempted", AccessEvent.Outcome.SUCCESS)
     try:
         with instance.file.open("rb") as stored:
             data = stored.read()
@@ -375,6 +380,18 @@ def delivery_send(*, delivery_id: int) -> str:
         logger.warning("delivery %s: %s", delivery.pk, type(exc).__name__)
         outcome = Outcome(False, f"the send to {_where(destination)} failed ({type(exc).__name__})")
     return _record(delivery, outcome, disclosed=True)
+
+
+def _disclosure_record(delivery: Delivery, action: str, outcome: str) -> None:
+    """The sender's access-log entry about one object to one destination (call in a transaction)."""
+    access_event_record(
+        action=action,
+        outcome=outcome,
+        username=f"{SENDER_LABEL} → {delivery.destination.name}",
+        tenant=delivery.destination.tenant,
+        target_type="dicom_instance",
+        target_id=delivery.instance_id,
+    )
 
 
 def _refusal(delivery: Delivery) -> str:
@@ -423,14 +440,8 @@ def _record(delivery: Delivery, outcome: Outcome, *, disclosed: bool) -> str:
             row.error = outcome.reason[:REASON_LENGTH]
         row.save(update_fields=["status", "attempts", "error", "sent_at", "next_attempt_at", "updated"])
         if disclosed:
-            access_event_record(
-                action="dicom.sent",
-                outcome=AccessEvent.Outcome.SUCCESS if outcome.ok else AccessEvent.Outcome.FAILED,
-                username=f"{SENDER_LABEL} → {delivery.destination.name}",
-                tenant=delivery.destination.tenant,
-                target_type="dicom_instance",
-                target_id=row.instance_id,
-            )
+            outcome_label = AccessEvent.Outcome.SUCCESS if outcome.ok else AccessEvent.Outcome.FAILED
+            _disclosure_record(delivery, "dicom.sent", outcome_label)
         if retry_in is not None:
             _enqueue_on_commit(SEND_TASK, [row.pk], countdown=retry_in)
     return row.status

@@ -718,3 +718,47 @@ def test_an_object_stored_outside_its_hospitals_area_is_never_read_nor_sent(
     assert opened == [] and _Recorder.seen == []
     assert f"delivery {delivery_id} is not sent" in caplog.text
     assert not sent_events(admin_a.tenant).exists()
+
+
+# --- review item 6: the attempt is in the access log before a byte leaves ------------------------
+
+
+class _WorkerDied(BaseException):
+    """The worker killed mid-send (not an Exception: nothing in the sender catches it)."""
+
+
+def test_the_send_attempted_entry_is_committed_with_the_claim_before_any_byte_leaves(
+    admin_a, objects_a, recorder, monkeypatch
+):
+    _, sr, _ = objects_a
+    destination = stow(admin_a, recorder)
+    (delivery_id,) = sending.deliveries_queue([(sr, destination)])
+    outer = len(connection.atomic_blocks)  # the test's own transaction
+    seen = {}
+
+    def dies(destination, instance, data):
+        seen["entries"] = list(
+            AccessEvent.objects.filter(
+                tenant=admin_a.tenant, target_type="dicom_instance", target_id=str(sr.pk)
+            ).values_list("action", flat=True)
+        )
+        seen["open_transactions"] = len(connection.atomic_blocks) - outer
+        raise _WorkerDied
+
+    monkeypatch.setattr(sending, "_transmit", dies)
+    with pytest.raises(_WorkerDied):
+        delivery_send(delivery_id)
+    assert seen == {"entries": ["dicom.send_attempted"], "open_transactions": 0}  # committed, then the send
+    assert Delivery.objects.get(pk=delivery_id).status == "sending" and not sent_events(admin_a.tenant).exists()
+
+    # the sweep takes the stalled row over; this time the peer answers: attempted, then the outcome
+    monkeypatch.undo()
+    Delivery.objects.filter(pk=delivery_id).update(status="retrying", next_attempt_at=sr.created)
+    assert delivery_send(delivery_id) == "sent"
+    entries = AccessEvent.objects.filter(tenant=admin_a.tenant, target_type="dicom_instance", target_id=str(sr.pk))
+    assert list(entries.order_by("id").values_list("action", "outcome")) == [
+        ("dicom.send_attempted", "success"),
+        ("dicom.send_attempted", "success"),
+        ("dicom.sent", "success"),
+    ]
+    assert entries.filter(actor_label__contains=destination.name).count() == 3
