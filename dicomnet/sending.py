@@ -6,8 +6,9 @@ row with a conditional UPDATE (pending/retrying → sending), sends the stored P
 they are — C-STORE in the file's own SOP class and transfer syntax, or one STOW-RS
 multipart/related POST — and records the answer and its access-log entry ("dicom.sent", a
 disclosure, success or failure) in one transaction. The claim itself writes "dicom.send_attempted"
-in its transaction, before a byte leaves, so a worker dying mid-send leaves the entry behind. The object keeps its one SOP Instance UID and
-its bytes, so a resend is the same instance and a PACS that got it twice stores it once.
+in its transaction, before a byte leaves, so a worker dying mid-send leaves the entry behind. The
+object keeps its one SOP Instance UID and its bytes, so a resend is the same instance and a PACS
+that got it twice stores it once.
 
 A destination that is down delays: the row is "retrying" with the reason and its next attempt at
 SIGHTLINE_DICOM_SEND_RETRY_SECONDS × 2^(attempts-1); only SIGHTLINE_DICOM_SEND_MAX_ATTEMPTS
@@ -49,7 +50,7 @@ from core.errors import Conflict, DomainError
 from core.transient import is_transient
 from recognition.storage import ForeignStorageKey, storage_key_for_tenant
 
-from .destinations import SecretUnreadable, secret_decrypt
+from .destinations import DestinationRefused, HostUnresolvable, SecretUnreadable, reach_check, secret_decrypt
 from .models import REASON_LENGTH, Delivery, Destination, Instance
 
 logger = logging.getLogger(__name__)
@@ -111,8 +112,9 @@ def _ae(*, testing: bool = False):
     return ae
 
 
-def _associate(ae, destination: Destination):
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+def _associate(ae, destination: Destination, address: str):
+    """To ``address``, the destination host's address that was checked (never resolved again)."""
+    assoc = ae.associate(address, destination.port, ae_title=destination.ae_title)
     if assoc.is_established:
         return assoc, ""
     if assoc.is_rejected:
@@ -123,12 +125,12 @@ def _associate(ae, destination: Destination):
     return None, f"could not reach {_where(destination)} (no DICOM association: refused, timed out or aborted)"
 
 
-def _c_echo(destination: Destination) -> Outcome:
+def _c_echo(destination: Destination, address: str) -> Outcome:
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     ae = _ae(testing=True)
     ae.add_requested_context(Verification)
-    assoc, reason = _associate(ae, destination)
+    assoc, reason = _associate(ae, destination, address)
     if assoc is None:
         return Outcome(False, reason)
     try:
@@ -140,7 +142,7 @@ def _c_echo(destination: Destination) -> Outcome:
     return Outcome(False, f"{_where(destination)} did not answer the C-ECHO")
 
 
-def _c_store(destination: Destination, instance: Instance, data: bytes) -> Outcome:
+def _c_store(destination: Destination, instance: Instance, data: bytes, address: str) -> Outcome:
     """The file as it is stored: its own transfer syntax, no re-encoding (pynetdicom sends a file
     path's dataset bytes unchanged), so the PACS gets the identical instance every time."""
     from pydicom import dcmread
@@ -153,7 +155,7 @@ def _c_store(destination: Destination, instance: Instance, data: bytes) -> Outco
     with tempfile.TemporaryDirectory(prefix="sightline-send-") as folder:
         path = Path(folder) / "object.dcm"
         path.write_bytes(data)
-        assoc, reason = _associate(ae, destination)
+        assoc, reason = _associate(ae, destination, address)
         if assoc is None:
             return Outcome(False, reason)
         try:
@@ -262,10 +264,23 @@ def _stow(destination: Destination, data: bytes) -> Outcome:
     return Outcome(True)
 
 
+def _unresolvable(destination: Destination) -> str:
+    return f"could not reach {_where(destination)} (the host name does not resolve)"
+
+
 def connection_check(destination: Destination) -> tuple[bool, str]:
     """The destination's "test connection": (ok, what happened in words)."""
     try:
-        outcome = _c_echo(destination) if destination.kind == Destination.Kind.DIMSE else _stow_check(destination)
+        address = str(reach_check(destination)[0])
+    except DestinationRefused as exc:
+        return False, exc.message
+    except HostUnresolvable:
+        return False, _unresolvable(destination)
+    try:
+        if destination.kind == Destination.Kind.DIMSE:
+            outcome = _c_echo(destination, address)
+        else:
+            outcome = _stow_check(destination)
     except SecretUnreadable as exc:
         return False, str(exc)
     except Exception as exc:  # a peer's odd answer is a failed test, in words, not a 500
@@ -274,9 +289,10 @@ def connection_check(destination: Destination) -> tuple[bool, str]:
     return outcome.ok, outcome.reason
 
 
-def _transmit(destination: Destination, instance: Instance, data: bytes) -> Outcome:
+def _transmit(destination: Destination, instance: Instance, data: bytes, address: str) -> Outcome:
+    """``address``: the host's address that ``reach_check`` allowed (C-STORE connects to it)."""
     if destination.kind == Destination.Kind.DIMSE:
-        return _c_store(destination, instance, data)
+        return _c_store(destination, instance, data, address)
     return _stow(destination, data)
 
 
@@ -364,6 +380,13 @@ def delivery_send(*, delivery_id: int) -> str:
         if refusal:
             logger.warning("delivery %s is not sent: %s", delivery.pk, refusal)
             return _fail(delivery, refusal)
+        try:
+            addresses = reach_check(destination)
+        except DestinationRefused as exc:
+            logger.warning("delivery %s is not sent: %s", delivery.pk, exc.message)
+            return _fail(delivery, exc.message)
+        except HostUnresolvable:
+            return _record(delivery, Outcome(False, _unresolvable(destination)), disclosed=False)
         _disclosure_record(delivery, "dicom.send_attempted", AccessEvent.Outcome.SUCCESS)
     try:
         with instance.file.open("rb") as stored:
@@ -373,7 +396,7 @@ def delivery_send(*, delivery_id: int) -> str:
             logger.exception("delivery %s: the object could not be read", delivery.pk)
         return _record(delivery, Outcome(False, "the object could not be read from storage"), disclosed=False)
     try:
-        outcome = _transmit(destination, instance, data)
+        outcome = _transmit(destination, instance, data, str(addresses[0]))
     except SecretUnreadable as exc:
         return _record(delivery, Outcome(False, str(exc)), disclosed=False)
     except Exception as exc:  # a peer's odd answer (an aborted PDU, a bad header) is one failed attempt

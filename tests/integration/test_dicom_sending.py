@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.server
 import io
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -21,14 +22,21 @@ import pytest
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import connection
-from django.test import Client
+from django.test import Client, override_settings
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from accounts.models import AccessEvent, Role
 from dicomnet import sending
-from dicomnet.destinations import DestinationFields, destination_create, destination_update, secret_decrypt
+from dicomnet.destinations import (
+    DestinationFields,
+    DestinationRefused,
+    destination_create,
+    destination_test,
+    destination_update,
+    secret_decrypt,
+)
 from dicomnet.models import Delivery, Destination, Instance
 from dicomnet.tasks import deliveries_reconcile, delivery_send
 from recognition.services.images import image_upload
@@ -710,9 +718,8 @@ def test_an_object_stored_outside_its_hospitals_area_is_never_read_nor_sent(
         opened.append(self.name)
         return original_open(self, *args, **kwargs)
 
-    with caplog.at_level(logging.WARNING, logger="dicomnet.sending"):
-        with mock.patch.object(type(sr.file), "open", spy):
-            assert delivery_send(delivery_id) == "failed"  # at once: a refusal is never retried
+    with caplog.at_level(logging.WARNING, logger="dicomnet.sending"), mock.patch.object(type(sr.file), "open", spy):
+        assert delivery_send(delivery_id) == "failed"  # at once: a refusal is never retried
     delivery = Delivery.objects.get(pk=delivery_id)
     assert "not in this hospital's storage" in delivery.error and delivery.next_attempt_at is None
     assert opened == [] and _Recorder.seen == []
@@ -736,7 +743,7 @@ def test_the_send_attempted_entry_is_committed_with_the_claim_before_any_byte_le
     outer = len(connection.atomic_blocks)  # the test's own transaction
     seen = {}
 
-    def dies(destination, instance, data):
+    def dies(*args):
         seen["entries"] = list(
             AccessEvent.objects.filter(
                 tenant=admin_a.tenant, target_type="dicom_instance", target_id=str(sr.pk)
@@ -762,3 +769,89 @@ def test_the_send_attempted_entry_is_committed_with_the_claim_before_any_byte_le
         ("dicom.sent", "success"),
     ]
     assert entries.filter(actor_label__contains=destination.name).count() == 3
+
+
+# --- review item 8: no destination on the platform's own loopback, link-local or metadata -------
+
+NO_ALLOWLIST = override_settings(SIGHTLINE_DESTINATION_ALLOWED_NETWORKS=[])
+
+
+@NO_ALLOWLIST
+@pytest.mark.parametrize(
+    ("kind", "where", "said"),
+    [
+        ("dimse", "127.0.0.1", "loopback"),
+        ("dimse", "localhost", "loopback"),
+        ("dimse", "127.1", "loopback"),
+        ("dimse", "::1", "loopback"),
+        ("dimse", "::ffff:127.0.0.1", "loopback"),
+        ("dimse", "169.254.169.254", "metadata"),
+        ("dimse", "169.254.10.1", "link-local"),
+        ("dimse", "fe80::1", "link-local"),
+        ("dimse", "0.0.0.0", "unspecified"),  # noqa: S104 (the address refused, not bound)
+        ("dimse", "224.0.0.1", "multicast"),
+        ("stow", "http://169.254.169.254/latest/meta-data/", "metadata"),
+        ("stow", "http://[fd00:ec2::254]/latest/", "metadata"),
+        ("stow", "https://localhost:8042/dicom-web/studies", "loopback"),
+        ("stow", "http://[::1]:8042/dicom-web/studies", "loopback"),
+    ],
+)
+def test_a_destination_on_loopback_link_local_metadata_unspecified_or_multicast_is_refused(admin_a, kind, where, said):
+    fields = {"host": where, "port": 104, "ae_title": "PACS"} if kind == "dimse" else {"url": where}
+    with pytest.raises(DestinationRefused, match=said):
+        destination_create(actor=admin_a, fields=DestinationFields(name="x", kind=kind, **fields))
+    assert not Destination.objects.filter(tenant=admin_a.tenant).exists()
+
+
+@NO_ALLOWLIST
+def test_private_networks_stay_allowed_and_the_page_says_why_a_host_is_refused(client, admin_a):
+    for index, host in enumerate(("10.1.2.3", "172.16.0.9", "192.168.1.20", "fd12::5")):
+        destination_create(
+            actor=admin_a, fields=DestinationFields(name=f"p{index}", kind="dimse", host=host, port=104, ae_title="P")
+        )
+    stow(admin_a, "https://10.0.0.7/dicom-web/studies", secret=SECRET)
+    client.force_login(admin_a.user)
+    page = client.post(
+        "/hospital/destinations/create/",
+        {"name": "meta", "kind": "stow", "url": "http://169.254.169.254/", "send_on": "result"},
+        follow=True,
+    ).content.decode()
+    assert "the cloud metadata address: a destination may not point there" in page
+    assert not Destination.objects.filter(name="meta").exists()
+
+
+def test_the_address_is_checked_again_at_test_and_send_time(admin_a, objects_a, recorder, monkeypatch):
+    """Saved while allowed (or while the name did not resolve), then refused when reached: nothing
+    is sent, no send is logged, the delivery fails at once with the reason."""
+    _, sr, _ = objects_a
+    web = stow(admin_a, recorder)
+    dicom = dimse(admin_a, free_port(), name="later")
+    Destination.objects.filter(pk=dicom.pk).update(host="pacs.example.invalid")  # a name that resolves later
+    deliveries = sending.deliveries_queue([(sr, web), (sr, Destination.objects.get(pk=dicom.pk))])
+    with override_settings(SIGHTLINE_DESTINATION_ALLOWED_NETWORKS=[]):
+        tested = destination_test(actor=admin_a, destination_id=web.pk)
+        assert tested.last_test_ok is False and "loopback address" in tested.last_test_message
+        real = socket.getaddrinfo
+        monkeypatch.setattr(  # the name now points at the metadata address (a re-pointed DNS record)
+            socket,
+            "getaddrinfo",
+            lambda host, *a, **k: real("169.254.169.254" if host == "pacs.example.invalid" else host, *a, **k),
+        )
+        assert send_all(Delivery.objects.filter(pk__in=deliveries).order_by("id")) == ["failed", "failed"]
+    assert _Recorder.seen == []
+    web_error, dicom_error = (Delivery.objects.get(pk=pk).error for pk in deliveries)
+    assert "loopback address" in web_error
+    assert "pacs.example.invalid is 169.254.169.254, the cloud metadata" in dicom_error
+    assert not AccessEvent.objects.filter(tenant=admin_a.tenant, action__startswith="dicom.send").exists()
+    # the operator allows loopback (the test settings): the same delivery goes on a person's resend
+    sending.delivery_resend(actor=admin_a, delivery_id=deliveries[0])
+    assert delivery_send(deliveries[0]) == "sent" and len(_Recorder.seen) == 1
+
+
+def test_an_unresolvable_host_is_retried_not_failed(admin_a, objects_a):
+    _, sr, _ = objects_a
+    destination = dimse(admin_a, free_port())
+    Destination.objects.filter(pk=destination.pk).update(host="pacs.example.invalid")
+    (delivery_id,) = sending.deliveries_queue([(sr, Destination.objects.get(pk=destination.pk))])
+    assert delivery_send(delivery_id) == "retrying"
+    assert "the host name does not resolve" in Delivery.objects.get(pk=delivery_id).error
