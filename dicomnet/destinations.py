@@ -5,7 +5,10 @@ the hospital — members, service accounts, sending nodes — and one a hospital
 second factor) names destinations: a DICOM node (C-STORE SCU to host, port and called AE title) or
 a STOW-RS URL with a username and a password or token. The secret is encrypted at rest (Fernet,
 key derived from ``SIGHTLINE_DESTINATION_KEY``, else from ``SECRET_KEY``), decrypted only by the
-sender, never logged, never shown back: the page says whether one is set.
+sender, never logged, never shown back: the page says whether one is set. It belongs to the server
+it was entered for: a change of the URL's scheme, host or port drops it unless a new one is entered
+with the change, and it goes only over https:// (http:// only to a host inside
+SIGHTLINE_DESTINATION_ALLOWED_NETWORKS, e.g. a loopback test server).
 
 Every create, change, connection test and delete is an access-log entry in the same transaction.
 
@@ -174,6 +177,23 @@ def addresses_check(host: str, port: int, addresses: list[IPAddress]) -> None:
             )
 
 
+def _cleartext_check(values, *, has_secret: bool, addresses: list[IPAddress] | None) -> None:
+    """A password or token goes only over https://, except to a host every address of which is
+    inside SIGHTLINE_DESTINATION_ALLOWED_NETWORKS (the operator's own, e.g. a loopback test
+    server). ``addresses`` None: the name does not resolve, so it cannot be shown to be inside."""
+    scheme, host, _ = where_to(values)
+    if scheme != "http" or not has_secret:
+        return
+    networks = allowed_networks()
+    if addresses and all(_allowed(address, networks) for address in addresses):
+        return
+    raise DestinationRefused(
+        "A password or token is sent only over https://: give the https:// URL, or remove the secret "
+        "(http:// with a secret only to hosts inside SIGHTLINE_DESTINATION_ALLOWED_NETWORKS).",
+        code="cleartext_secret",
+    )
+
+
 def reach_check(destination) -> list[IPAddress]:
     """At a test or a send: the destination's addresses, resolved now, every one allowed
     (DestinationRefused otherwise; HostUnresolvable when the name does not resolve). The sender
@@ -182,18 +202,22 @@ def reach_check(destination) -> list[IPAddress]:
     _, host, port = where_to(destination)
     addresses = host_addresses(host, port)
     addresses_check(host, port, addresses)
+    _cleartext_check(destination, has_secret=bool(destination.secret_encrypted), addresses=addresses)
     return addresses
 
 
-def _save_check(values: dict) -> None:
-    """At save: refused when the host resolves to an address never connected to; a name that does
-    not resolve now is kept (checked again when it is tested or sent to)."""
+def _save_check(values: dict, *, has_secret: bool) -> None:
+    """At save: refused when the host resolves to an address never connected to, or when a secret
+    would go over http:// (``_cleartext_check``); a name that does not resolve now is kept
+    (checked again when it is tested or sent to), unless it is to get a secret over http://."""
     _, host, port = where_to(values)
     try:
-        addresses = host_addresses(host, port)
+        addresses: list[IPAddress] | None = host_addresses(host, port)
     except HostUnresolvable:
-        return
-    addresses_check(host, port, addresses)
+        addresses = None
+    if addresses is not None:
+        addresses_check(host, port, addresses)
+    _cleartext_check(values, has_secret=has_secret, addresses=addresses)
 
 
 # --- reads -------------------------------------------------------------------------------------
@@ -224,7 +248,7 @@ def destination_get(*, actor: Membership, destination_id: int, request=None) -> 
 @dataclass(frozen=True)
 class DestinationFields:
     """What a tenant admin enters. ``secret`` empty on a change keeps the stored one, unless
-    ``clear_secret``."""
+    ``clear_secret`` or the URL's scheme, host or port changes (the secret was for that server)."""
 
     name: str
     kind: str
@@ -299,7 +323,6 @@ def _checked(fields: DestinationFields) -> dict:
         if len(fields.secret) > SECRET_LENGTH:
             raise Invalid(f"The password or token is at most {SECRET_LENGTH} characters.", code="invalid_secret")
         values.update(url=url, username=fields.username.strip())
-    _save_check(values)
     return values
 
 
@@ -311,6 +334,7 @@ def destination_create(*, actor: Membership, fields: DestinationFields, request=
     require(actor, Action.MEMBERS_MANAGE, request=request)
     values = _checked(fields)
     secret = fields.secret if fields.kind == Destination.Kind.STOW else ""
+    _save_check(values, has_secret=bool(secret))
     try:
         with transaction.atomic():
             destination = Destination.objects.create(
@@ -342,12 +366,18 @@ def destination_update(
             reached_differently = any(
                 getattr(destination, field) != values[field] for field in ("kind", "host", "port", "ae_title", "url")
             )
+            # the stored secret was entered for one server: a URL to another scheme, host or port
+            # (or another kind) drops it unless a new one is entered with the change
+            repointed = where_to(destination) != where_to(values) or destination.kind != values["kind"]
             for field, value in values.items():
                 setattr(destination, field, value)
             if fields.kind != Destination.Kind.STOW or fields.clear_secret:
                 destination.secret_encrypted = ""
             elif fields.secret:
                 destination.secret_encrypted = secret_encrypt(fields.secret)
+            elif repointed:
+                destination.secret_encrypted = ""
+            _save_check(values, has_secret=bool(destination.secret_encrypted))
             if reached_differently or fields.secret or fields.clear_secret:
                 destination.last_test_ok, destination.last_test_message, destination.last_tested_at = None, "", None
             destination.save()

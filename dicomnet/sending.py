@@ -178,7 +178,10 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_opener = urllib.request.build_opener(_NoRedirect)
+def _opener() -> urllib.request.OpenerDirector:
+    """No proxy, whatever HTTP(S)_PROXY says (the credentials and the object go to the
+    destination only, over the address ``reach_check`` allowed), no redirect."""
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
 
 
 def _auth_headers(destination: Destination) -> dict[str, str]:
@@ -203,7 +206,7 @@ def _http(
     for name, value in _auth_headers(destination).items():
         request.add_unredirected_header(name, value)
     try:
-        with _opener.open(request, timeout=_timeout(testing=testing)) as answer:
+        with _opener().open(request, timeout=_timeout(testing=testing)) as answer:
             return answer.status, answer.read()
     except urllib.error.HTTPError as answer:
         with answer:

@@ -90,10 +90,17 @@ def destination_edit_page(request, destination_id: int):
     destination = destination_get(actor=actor, destination_id=destination_id, request=request)
     if request.method == "POST":
         try:
-            destination = destination_update(
-                actor=actor, destination_id=destination.pk, fields=_fields(request.POST), request=request
-            )
+            fields = _fields(request.POST)
+            had_secret = bool(destination.secret_encrypted)
+            destination = destination_update(actor=actor, destination_id=destination.pk, fields=fields, request=request)
             messages.success(request, f"Destination {destination.name} saved.")
+            if had_secret and not destination.secret_encrypted and not fields.clear_secret:
+                messages.warning(
+                    request,
+                    f"{destination.name}: the stored password or token was removed, because the URL now points "
+                    "at another scheme, host or port (or the destination is no longer STOW-RS). Enter it again "
+                    "if this server needs it.",
+                )
             return redirect("destinations")
         except DomainError as exc:
             messages.error(request, exc.message)

@@ -15,6 +15,7 @@ import logging
 import socket
 import threading
 import time
+import urllib.request
 import uuid
 from unittest import mock
 
@@ -855,3 +856,106 @@ def test_an_unresolvable_host_is_retried_not_failed(admin_a, objects_a):
     (delivery_id,) = sending.deliveries_queue([(sr, Destination.objects.get(pk=destination.pk))])
     assert delivery_send(delivery_id) == "retrying"
     assert "the host name does not resolve" in Delivery.objects.get(pk=delivery_id).error
+
+
+# --- review item 7: a stored secret stays with its server, and off cleartext and proxies -----------
+
+
+def _edit(client, destination, url: str, **more):
+    form = {"name": destination.name, "kind": "stow", "url": url, "send_on": "result", "is_active_sent": "1"}
+    return client.post(f"/hospital/destinations/{destination.pk}/", {**form, "is_active": "on", **more}, follow=True)
+
+
+def test_a_new_scheme_host_or_port_drops_the_stored_secret_unless_one_is_entered(client, admin_a, recorder):
+    destination = stow(admin_a, recorder, username="sightline", secret=SECRET)
+    client.force_login(admin_a.user)
+    edit_page = client.get(f"/hospital/destinations/{destination.pk}/").content.decode()
+    assert "changing the URL's scheme, host or port removes it" in edit_page
+
+    path_only = recorder.replace("/dicom-web/studies", "/wado/studies")
+    assert "was removed" not in _edit(client, destination, path_only).content.decode()
+    assert secret_decrypt(Destination.objects.get(pk=destination.pk).secret_encrypted) == SECRET  # same server
+
+    other_port = f"http://127.0.0.1:{free_port()}/dicom-web/studies"
+    page = _edit(client, destination, other_port).content.decode()
+    assert Destination.objects.get(pk=destination.pk).secret_encrypted == ""
+    assert "the stored password or token was removed, because the URL now points at another scheme, host" in page
+    assert ("dicom.destination_change", "success") in AccessEvent.objects.filter(
+        target_type="destination", target_id=str(destination.pk)
+    ).values_list("action", "outcome")
+
+    destination_update(  # a secret entered with the change is the new server's
+        actor=admin_a,
+        destination_id=destination.pk,
+        fields=DestinationFields(name=destination.name, kind="stow", url=recorder, secret="new-" + SECRET),
+    )
+    assert secret_decrypt(Destination.objects.get(pk=destination.pk).secret_encrypted) == "new-" + SECRET
+    destination_update(  # another host, same port: dropped
+        actor=admin_a,
+        destination_id=destination.pk,
+        fields=DestinationFields(name=destination.name, kind="stow", url=recorder.replace("127.0.0.1", "127.0.0.2")),
+    )
+    assert Destination.objects.get(pk=destination.pk).secret_encrypted == ""
+
+
+@NO_ALLOWLIST
+def test_a_secret_goes_only_over_https_outside_the_allowed_networks(client, admin_a):
+    with pytest.raises(DestinationRefused, match="sent only over https://"):
+        stow(admin_a, "http://10.0.0.7/dicom-web/studies", secret=SECRET)
+    with pytest.raises(DestinationRefused, match="sent only over https://"):  # unresolvable: not shown inside
+        stow(admin_a, "http://pacs.example.invalid/dicom-web/studies", secret=SECRET)
+    plain = stow(admin_a, "http://10.0.0.7/dicom-web/studies", name="plain")  # no secret: allowed
+    secure = stow(admin_a, "https://10.0.0.7/dicom-web/studies", name="secure", secret=SECRET)
+    with pytest.raises(DestinationRefused, match="sent only over https://"):  # https -> http keeps the secret? no
+        destination_update(
+            actor=admin_a,
+            destination_id=secure.pk,
+            fields=DestinationFields(name="secure", kind="stow", url="http://10.0.0.7/dicom-web/studies", secret="x"),
+        )
+    with pytest.raises(DestinationRefused, match="sent only over https://"):
+        destination_update(
+            actor=admin_a,
+            destination_id=plain.pk,
+            fields=DestinationFields(name="plain", kind="stow", url=plain.url, secret=SECRET),
+        )
+    client.force_login(admin_a.user)
+    page = client.post(
+        "/hospital/destinations/create/",
+        {"name": "web", "kind": "stow", "url": "http://10.0.0.8/studies", "secret": SECRET, "send_on": "result"},
+        follow=True,
+    ).content.decode()
+    assert "A password or token is sent only over https://" in page and SECRET not in page
+    assert not Destination.objects.filter(name="web").exists()
+
+
+def test_a_secret_is_not_sent_over_http_at_send_time_outside_the_allowed_networks(
+    admin_a, objects_a, recorder, monkeypatch
+):
+    """A row saved under another allowlist: the send refuses it before a byte leaves."""
+    _, sr, _ = objects_a
+    destination = stow(admin_a, recorder, secret=SECRET)
+    port = int(recorder.split(":")[2].split("/")[0])
+    Destination.objects.filter(pk=destination.pk).update(url=f"http://pacs.example.invalid:{port}/dicom-web/studies")
+    real = socket.getaddrinfo
+    monkeypatch.setattr(
+        socket,
+        "getaddrinfo",
+        lambda host, *a, **k: real("10.0.0.7" if host == "pacs.example.invalid" else host, *a, **k),
+    )
+    (delivery_id,) = sending.deliveries_queue([(sr, Destination.objects.get(pk=destination.pk))])
+    assert delivery_send(delivery_id) == "failed"
+    assert "sent only over https://" in Delivery.objects.get(pk=delivery_id).error and _Recorder.seen == []
+    assert not sending.connection_check(Destination.objects.get(pk=destination.pk))[0]
+
+
+def test_the_sender_never_goes_through_an_http_proxy(admin_a, objects_a, recorder, monkeypatch):
+    _, sr, _ = objects_a
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")  # a proxy that is not there
+    destination = stow(admin_a, recorder, secret=SECRET)
+    (delivery_id,) = sending.deliveries_queue([(sr, destination)])
+    assert delivery_send(delivery_id) == "sent" and _Recorder.seen[0]["auth"] == f"Bearer {SECRET}"
+    handlers = sending._opener().handlers  # an empty ProxyHandler installs nothing, and keeps the default out
+    assert not [h for h in handlers if isinstance(h, urllib.request.ProxyHandler) and h.proxies]
