@@ -39,7 +39,8 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.db.models import CharField, Exists, OuterRef, Q, QuerySet
+from django.db.models.functions import Cast
 from django.utils import timezone
 
 from accounts.access import member_action_record, tenant_object_get
@@ -548,7 +549,7 @@ def _results_export_queue(request_ids: list[int]) -> None:
         tenant_id=OuterRef("tenant_id"), is_active=True, send_on=Destination.SendOn.RESULT
     )
     ids = (
-        Result.objects.filter(request_id__in=request_ids)
+        Result.objects.filter(request_id__in=request_ids, request__shadow=False)  # a shadow read is never sent
         .filter(image__format="DICOM")
         .exclude(image__original="")
         .filter(Exists(senders))
@@ -585,8 +586,13 @@ def result_export(*, result_id: int) -> list[int]:
         return []
     try:
         report = objects.ai_report_for(result)
-    except DomainError as exc:  # not DICOM after all, or an original without its UIDs: nothing to send
-        logger.warning("result %s is not exported: %s", result.pk, exc.code)
+    except DomainError as exc:  # not DICOM after all, or a source no SR can be made of: never, not later
+        _export_refused(result.tenant, REFUSED_RESULT, result.pk, exc.code)
+        return []
+    except Exception as exc:  # a library's own error (its text may quote a patient's value): permanent too
+        if is_transient(exc):
+            raise
+        _export_refused(result.tenant, REFUSED_RESULT, result.pk, type(exc).__name__)
         return []
     with transaction.atomic():
         queued = deliveries_queue((report, destination) for destination in destinations)
@@ -614,7 +620,12 @@ def review_export(*, review_id: int) -> list[int]:
             pairs += [(ai_report, destination) for destination in destinations]
         verdict = objects.review_report_for(review)
     except DomainError as exc:
-        logger.warning("review %s is not exported: %s", review.pk, exc.code)
+        _export_refused(review.tenant, REFUSED_REVIEW, review.pk, exc.code)
+        return []
+    except Exception as exc:  # a library's own error (its text may quote a patient's value): permanent too
+        if is_transient(exc):
+            raise
+        _export_refused(review.tenant, REFUSED_REVIEW, review.pk, type(exc).__name__)
         return []
     pairs += [(verdict, destination) for destination in destinations]
     with transaction.atomic():
@@ -622,6 +633,42 @@ def review_export(*, review_id: int) -> list[int]:
         if review.result_id is not None:
             _enqueue_on_commit(MAP_FOLLOW_TASK, [review.result_id])
     return queued
+
+
+# a made object that can never be made (dicomnet/objects.py's Unprocessable or NotDicomSource: a
+# source highdicom cannot copy, not DICOM after all): recorded once in the access log, as the
+# sender, failed, and never asked again by the sweep
+EXPORT_REFUSED = "dicom.export_refused"
+REFUSED_RESULT, REFUSED_REVIEW, REFUSED_MAP = "result", "review", "result_map"
+
+
+def _export_refused(tenant, target_type: str, target_id: int, code: str) -> None:
+    """Logged with its code (or the exception's class) only, never its text nor a traceback (a
+    value copied from the source may be in it), and one "dicom.export_refused" entry per object."""
+    logger.warning("%s %s is not exported as DICOM: %s", target_type, target_id, code)
+    with transaction.atomic():
+        if _refusals(target_type).filter(tenant=tenant, target_id=str(target_id)).exists():
+            return
+        access_event_record(
+            action=EXPORT_REFUSED,
+            outcome=AccessEvent.Outcome.FAILED,
+            username=SENDER_LABEL,
+            tenant=tenant,
+            target_type=target_type,
+            target_id=target_id,
+        )
+
+
+def _refusals(target_type: str) -> QuerySet:
+    return AccessEvent.objects.filter(action=EXPORT_REFUSED, target_type=target_type)
+
+
+def _refused(target_type: str) -> QuerySet:
+    """For the sweep: the outer row's refusal entry (an Exists() subquery on the access log's
+    tenant/target index)."""
+    return _refusals(target_type).filter(
+        tenant_id=OuterRef("tenant_id"), target_id=Cast(OuterRef("pk"), output_field=CharField())
+    )
 
 
 class MapPending(Exception):
@@ -654,7 +701,16 @@ def map_follow(*, result_id: int) -> list[int]:
         return []
     if status != HeatmapStatus.READY:
         raise MapPending(f"the heatmap of result {result_id} is being computed")
-    heatmap = objects.heatmap_object_for(result)
+    try:
+        heatmap = objects.heatmap_object_for(result)
+    except DomainError as exc:  # the source cannot carry a map as DICOM: never, not later
+        _export_refused(result.tenant, REFUSED_MAP, result.pk, exc.code)
+        return []
+    except Exception as exc:  # a library's own error (its text may quote a patient's value): permanent too
+        if is_transient(exc):
+            raise
+        _export_refused(result.tenant, REFUSED_MAP, result.pk, type(exc).__name__)
+        return []
     if heatmap is None:  # the heatmap is stored, the image's display copy not yet
         raise MapPending(f"the image of result {result_id} is not rendered yet")
     destinations = Destination.objects.filter(pk__in=destination_ids, is_active=True)
@@ -727,6 +783,7 @@ def _results_not_exported(since, before) -> QuerySet:
         .exclude(image__original="")
         .filter(Exists(senders))
         .exclude(Exists(exported))
+        .exclude(Exists(_refused(REFUSED_RESULT)))
         .values_list("id", flat=True)
     )
 
@@ -745,6 +802,7 @@ def _reviews_not_exported(since, before) -> QuerySet:
         .exclude(image__original="")
         .filter(Exists(senders))
         .exclude(Exists(exported))
+        .exclude(Exists(_refused(REFUSED_REVIEW)))
         .values_list("id", flat=True)
     )
 
@@ -760,6 +818,7 @@ def _results_awaiting_map(since) -> QuerySet:
         Result.objects.filter(pk__in=_recent_ids(Result), created__gte=since, heatmap_error="")
         .filter(Exists(sent_sr))
         .exclude(Exists(made_map))
+        .exclude(Exists(_refused(REFUSED_MAP)))
         .exclude(model_version__manifest__gradcam_layer=None)
         .exclude(model_version__manifest__gradcam_layer="")
         .values_list("id", flat=True)

@@ -959,3 +959,77 @@ def test_the_sender_never_goes_through_an_http_proxy(admin_a, objects_a, recorde
     assert delivery_send(delivery_id) == "sent" and _Recorder.seen[0]["auth"] == f"Bearer {SECRET}"
     handlers = sending._opener().handlers  # an empty ProxyHandler installs nothing, and keeps the default out
     assert not [h for h in handlers if isinstance(h, urllib.request.ProxyHandler) and h.proxies]
+
+
+# --- a source no DICOM object can be made of: refused once, visibly, never asked again ------------
+
+
+@pytest.mark.parametrize("failure", ["unprocessable", "not_dicom", "library"])
+def test_an_export_objects_py_refuses_is_recorded_once_and_never_swept_again(
+    admin_a, clinician_a, demo_model, stub_objects, sent_tasks, django_capture_on_commit_callbacks, caplog, failure
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from core.errors import Unprocessable
+    from recognition.models import Result, Review
+    from recognition.services.reviews import review_save
+
+    patient_value = "Unable to convert '1970-01-31' to 'DA'"
+
+    def refuse(_):
+        if failure == "unprocessable":
+            raise Unprocessable("This image cannot be the source of a DICOM object.", code="dicom_source")
+        if failure == "not_dicom":
+            from dicomnet.objects import NotDicomSource
+
+            raise NotDicomSource("Only images that came in as DICOM have findings as DICOM objects.")
+        raise ValueError(patient_value)
+
+    destination = dimse(admin_a, 104, send_on="result")
+    with django_capture_on_commit_callbacks(execute=True):
+        image = read_dicom(clinician_a)
+    result = Result.objects.get(image=image)
+    with django_capture_on_commit_callbacks(execute=True):
+        review = review_save(membership=clinician_a, image_id=image.pk, verdict="agree", sign_off=True)
+    stub_objects.ai_report_for = stub_objects.review_report_for = refuse
+    caplog.set_level(logging.DEBUG)
+    for _ in range(2):  # a redelivered task records nothing twice
+        assert sending.result_export(result_id=result.pk) == []
+        assert sending.review_export(review_id=review.pk) == []
+    refusals = AccessEvent.objects.filter(tenant=admin_a.tenant, action="dicom.export_refused")
+    assert sorted(refusals.values_list("target_type", "target_id", "outcome")) == [
+        ("result", str(result.pk), "failed"),
+        ("review", str(review.pk), "failed"),
+    ]
+    assert patient_value not in caplog.text and "Traceback" not in caplog.text
+    assert f"result {result.pk} is not exported as DICOM" in caplog.text
+
+    # the map: made of a source that refuses, recorded once, not followed again
+    stub_objects.ai_report_for = lambda result: made(result.image, "ai_sr", _sr_bytes())
+    sr = stub_objects.ai_report_for(result)
+    Instance.objects.filter(pk=sr.pk).update(result=result)
+    sending.deliveries_queue([(Instance.objects.get(pk=sr.pk), destination)])
+    stub_objects.heatmap_object_for = refuse
+    from recognition.services import heatmaps
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(heatmaps, "result_heatmap_status", lambda result: heatmaps.HeatmapStatus.READY)
+        assert sending.map_follow(result_id=result.pk) == []
+    assert refusals.filter(target_type="result_map", target_id=str(result.pk)).count() == 1
+
+    earlier = timezone.now() - timedelta(minutes=5)
+    Destination.objects.filter(pk=destination.pk).update(created=earlier - timedelta(minutes=5))
+    Result.objects.filter(pk=result.pk).update(created=earlier)
+    Review.objects.filter(pk=review.pk).update(signed_off_at=earlier)
+    Instance.objects.filter(pk=sr.pk).update(result=None)  # as if its SR had never been made
+    sent_tasks.clear()
+    deliveries_reconcile()
+    swept = {(name, tuple(args)) for name, args in sent_tasks}
+    assert (sending.RESULT_EXPORT_TASK, (result.pk,)) not in swept
+    assert (sending.REVIEW_EXPORT_TASK, (review.pk,)) not in swept
+    Instance.objects.filter(pk=sr.pk).update(result=result)
+    sent_tasks.clear()
+    deliveries_reconcile()
+    assert (sending.MAP_FOLLOW_TASK, [result.pk]) not in sent_tasks
