@@ -429,7 +429,7 @@ def _refusal(delivery: Delivery) -> str:
     if instance.tenant_id != delivery.tenant_id or destination.tenant_id != delivery.tenant_id:
         return "the object or destination belongs to another hospital; it is never sent"
     try:
-        storage_key_for_tenant(tenant_id=delivery.tenant_id, key=instance.file.name)
+        storage_key_for_tenant(tenant_id=delivery.tenant_id, key=instance.file.name or "")
     except ForeignStorageKey:
         return "the object's stored file is not in this hospital's storage; it is never sent"
     return ""
