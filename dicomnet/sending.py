@@ -861,3 +861,15 @@ def destination_deliveries_unsent(*, destinations: QuerySet[Destination]) -> Que
         .select_related("instance", "destination")
         .order_by("-updated", "-id")
     )
+
+
+REFUSED_LABELS = {
+    REFUSED_RESULT: "AI finding (SR) of result",
+    REFUSED_REVIEW: "sign-off (SR) of review",
+    REFUSED_MAP: "heatmap of result",
+}
+
+
+def exports_refused(*, tenant) -> QuerySet[AccessEvent]:
+    """The destinations page: what can never be made as DICOM (so never sent), newest first."""
+    return AccessEvent.objects.filter(tenant=tenant, action=EXPORT_REFUSED).order_by("-created", "-id")

@@ -22,7 +22,7 @@ from .destinations import (
     destination_update,
 )
 from .models import Destination
-from .sending import KIND_LABELS, delivery_resend, destination_deliveries_unsent
+from .sending import KIND_LABELS, REFUSED_LABELS, delivery_resend, destination_deliveries_unsent, exports_refused
 
 UNSENT_SHOWN = 50  # deliveries not sent, newest first, on the destinations page
 
@@ -55,6 +55,10 @@ def destinations_page(request):
     actor = membership_for_session(request)
     destinations = destination_list(actor=actor, request=request)
     unsent = list(destination_deliveries_unsent(destinations=destinations)[:UNSENT_SHOWN])
+    refused = [
+        (event, REFUSED_LABELS.get(event.target_type, event.target_type))
+        for event in exports_refused(tenant=actor.tenant)[:UNSENT_SHOWN]
+    ]
     return _no_store(
         render(
             request,
@@ -63,6 +67,7 @@ def destinations_page(request):
                 "actor": actor,
                 "destinations": destinations,
                 "unsent": unsent,
+                "refused": refused,
                 "kind_labels": KIND_LABELS,
                 "kinds": Destination.Kind.choices,
                 "send_ons": Destination.SendOn.choices,

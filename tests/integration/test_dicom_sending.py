@@ -1005,6 +1005,10 @@ def test_an_export_objects_py_refuses_is_recorded_once_and_never_swept_again(
     ]
     assert patient_value not in caplog.text and "Traceback" not in caplog.text
     assert f"result {result.pk} is not exported as DICOM" in caplog.text
+    browser = Client()
+    browser.force_login(admin_a.user)
+    page = browser.get("/hospital/destinations/").content.decode()
+    assert "Never sent: not made as DICOM" in page and f'data-refused="review-{review.pk}"' in page
 
     # the map: made of a source that refuses, recorded once, not followed again
     stub_objects.ai_report_for = lambda result: made(result.image, "ai_sr", _sr_bytes())
