@@ -5,15 +5,28 @@ the hospital — members, service accounts, sending nodes — and one a hospital
 second factor) names destinations: a DICOM node (C-STORE SCU to host, port and called AE title) or
 a STOW-RS URL with a username and a password or token. The secret is encrypted at rest (Fernet,
 key derived from ``SIGHTLINE_DESTINATION_KEY``, else from ``SECRET_KEY``), decrypted only by the
-sender, never logged, never shown back: the page says whether one is set.
+sender, never logged, never shown back: the page says whether one is set. It belongs to the server
+it was entered for: a change of the URL's scheme, host or port drops it unless a new one is entered
+with the change, and it goes only over https:// (http:// only to a host inside
+SIGHTLINE_DESTINATION_ALLOWED_NETWORKS, e.g. a loopback test server).
 
 Every create, change, connection test and delete is an access-log entry in the same transaction.
+
+Where a destination may point (``reach_check``): the host's addresses, resolved at save and again
+at every test and send, may not be loopback, link-local (169.254.0.0/16, fe80::/10, the cloud
+metadata address among them), unspecified or multicast, unless inside an operator's
+SIGHTLINE_DESTINATION_ALLOWED_NETWORKS (CIDRs; default none). Private ranges (10/8, 172.16/12,
+192.168/16, fc00::/7) are allowed: a PACS lives there. So "test connection", run from the web
+process, probes nothing of the platform's own. A name that does not resolve yet may be saved; it
+is checked when it is reached.
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -21,6 +34,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
@@ -69,6 +83,143 @@ def secret_decrypt(token: str) -> str:
         raise SecretUnreadable("the destination's stored secret cannot be decrypted; enter it again") from None
 
 
+# --- where a destination may point -------------------------------------------------------------
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# cloud instance-metadata services outside 169.254.0.0/16 (which is refused as link-local anyway)
+METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in ("fd00:ec2::254", "100.100.100.200"))
+
+
+class DestinationRefused(Invalid):
+    """The destination points where the platform never connects (its own loopback, link-local,
+    metadata, unspecified or multicast addresses), outside the operator's allowlist."""
+
+    code = "destination_address"
+
+
+class HostUnresolvable(Exception):
+    """The host name does not resolve (now): reaching it fails like an unreachable peer."""
+
+
+def allowed_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    try:
+        return [
+            ipaddress.ip_network(str(cidr).strip(), strict=False)
+            for cidr in settings.SIGHTLINE_DESTINATION_ALLOWED_NETWORKS
+            if str(cidr).strip()
+        ]
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"SIGHTLINE_DESTINATION_ALLOWED_NETWORKS: {exc}") from None
+
+
+def _allowed(address: IPAddress, networks) -> bool:
+    return any(address.version == network.version and address in network for network in networks)
+
+
+def _forbidden(address: IPAddress) -> str:
+    """Why the platform never connects to this address by default, in words; "" when it may."""
+    if address in METADATA_ADDRESSES or address == ipaddress.ip_address("169.254.169.254"):
+        return "the cloud metadata address"
+    if address.is_loopback:
+        return "a loopback address (this machine)"
+    if address.is_link_local:
+        return "a link-local address"
+    if address.is_unspecified:
+        return "the unspecified address"
+    if address.is_multicast:
+        return "a multicast address"
+    return ""
+
+
+def host_addresses(host: str, port: int | None) -> list[IPAddress]:
+    """Every address ``host`` resolves to (IPv4-mapped IPv6 as IPv4, scope ids dropped)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise HostUnresolvable(f"{host} does not resolve") from exc
+    found: list[IPAddress] = []
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        if address not in found:
+            found.append(address)
+    if not found:
+        raise HostUnresolvable(f"{host} does not resolve")
+    return found
+
+
+def where_to(destination) -> tuple[str, str, int]:
+    """(scheme, host, port) of a destination, or of ``_checked``'s values: "dicom" for C-STORE."""
+    values = destination if isinstance(destination, dict) else vars(destination)
+    if values.get("kind") == Destination.Kind.DIMSE:
+        return "dicom", values.get("host") or "", int(values.get("port") or 0)
+    parts = urlsplit(values.get("url") or "")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return parts.scheme, (parts.hostname or "").lower(), port or (443 if parts.scheme == "https" else 80)
+
+
+def addresses_check(host: str, port: int, addresses: list[IPAddress]) -> None:
+    """DestinationRefused when any of the host's addresses is one the platform never connects to
+    (outside SIGHTLINE_DESTINATION_ALLOWED_NETWORKS)."""
+    networks = allowed_networks()
+    for address in addresses:
+        reason = _forbidden(address)
+        if reason and not _allowed(address, networks):
+            named = f"{address} is" if host.strip("[]") == str(address) else f"{host} is {address},"
+            raise DestinationRefused(
+                f"{named} {reason}: a destination may not point there. Give the PACS's own "
+                "address (private networks are fine); an operator may allow a network with "
+                "SIGHTLINE_DESTINATION_ALLOWED_NETWORKS."
+            )
+
+
+def _cleartext_check(values, *, has_secret: bool, addresses: list[IPAddress] | None) -> None:
+    """A password or token goes only over https://, except to a host every address of which is
+    inside SIGHTLINE_DESTINATION_ALLOWED_NETWORKS (the operator's own, e.g. a loopback test
+    server). ``addresses`` None: the name does not resolve, so it cannot be shown to be inside."""
+    scheme, host, _ = where_to(values)
+    if scheme != "http" or not has_secret:
+        return
+    networks = allowed_networks()
+    if addresses and all(_allowed(address, networks) for address in addresses):
+        return
+    raise DestinationRefused(
+        "A password or token is sent only over https://: give the https:// URL, or remove the secret "
+        "(http:// with a secret only to hosts inside SIGHTLINE_DESTINATION_ALLOWED_NETWORKS).",
+        code="cleartext_secret",
+    )
+
+
+def reach_check(destination) -> list[IPAddress]:
+    """At a test or a send: the destination's addresses, resolved now, every one allowed
+    (DestinationRefused otherwise; HostUnresolvable when the name does not resolve). The sender
+    connects to the first of them (C-STORE), so a name re-pointed after this check is not
+    followed."""
+    _, host, port = where_to(destination)
+    addresses = host_addresses(host, port)
+    addresses_check(host, port, addresses)
+    _cleartext_check(destination, has_secret=bool(destination.secret_encrypted), addresses=addresses)
+    return addresses
+
+
+def _save_check(values: dict, *, has_secret: bool) -> None:
+    """At save: refused when the host resolves to an address never connected to, or when a secret
+    would go over http:// (``_cleartext_check``); a name that does not resolve now is kept
+    (checked again when it is tested or sent to), unless it is to get a secret over http://."""
+    _, host, port = where_to(values)
+    try:
+        addresses: list[IPAddress] | None = host_addresses(host, port)
+    except HostUnresolvable:
+        addresses = None
+    if addresses is not None:
+        addresses_check(host, port, addresses)
+    _cleartext_check(values, has_secret=has_secret, addresses=addresses)
+
+
 # --- reads -------------------------------------------------------------------------------------
 
 
@@ -97,7 +248,7 @@ def destination_get(*, actor: Membership, destination_id: int, request=None) -> 
 @dataclass(frozen=True)
 class DestinationFields:
     """What a tenant admin enters. ``secret`` empty on a change keeps the stored one, unless
-    ``clear_secret``."""
+    ``clear_secret`` or the URL's scheme, host or port changes (the secret was for that server)."""
 
     name: str
     kind: str
@@ -159,6 +310,10 @@ def _checked(fields: DestinationFields) -> dict:
     else:
         url = fields.url.strip()
         parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 (raises on a port that is not one)
+        except ValueError:
+            raise Invalid("The URL's port is a whole number from 1 to 65535.", code="invalid_url") from None
         if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 500:
             raise Invalid("Give the STOW-RS studies URL, http(s)://…/studies.", code="invalid_url")
         if parts.username or parts.password:
@@ -179,6 +334,7 @@ def destination_create(*, actor: Membership, fields: DestinationFields, request=
     require(actor, Action.MEMBERS_MANAGE, request=request)
     values = _checked(fields)
     secret = fields.secret if fields.kind == Destination.Kind.STOW else ""
+    _save_check(values, has_secret=bool(secret))
     try:
         with transaction.atomic():
             destination = Destination.objects.create(
@@ -210,12 +366,18 @@ def destination_update(
             reached_differently = any(
                 getattr(destination, field) != values[field] for field in ("kind", "host", "port", "ae_title", "url")
             )
+            # the stored secret was entered for one server: a URL to another scheme, host or port
+            # (or another kind) drops it unless a new one is entered with the change
+            repointed = where_to(destination) != where_to(values) or destination.kind != values["kind"]
             for field, value in values.items():
                 setattr(destination, field, value)
             if fields.kind != Destination.Kind.STOW or fields.clear_secret:
                 destination.secret_encrypted = ""
             elif fields.secret:
                 destination.secret_encrypted = secret_encrypt(fields.secret)
+            elif repointed:
+                destination.secret_encrypted = ""
+            _save_check(values, has_secret=bool(destination.secret_encrypted))
             if reached_differently or fields.secret or fields.clear_secret:
                 destination.last_test_ok, destination.last_test_message, destination.last_tested_at = None, "", None
             destination.save()

@@ -5,8 +5,10 @@ heatmap) gets one ``Delivery`` row per destination (unique per pair). A Celery t
 row with a conditional UPDATE (pending/retrying → sending), sends the stored Part 10 bytes as
 they are — C-STORE in the file's own SOP class and transfer syntax, or one STOW-RS
 multipart/related POST — and records the answer and its access-log entry ("dicom.sent", a
-disclosure, success or failure) in one transaction. The object keeps its one SOP Instance UID and
-its bytes, so a resend is the same instance and a PACS that got it twice stores it once.
+disclosure, success or failure) in one transaction. The claim itself writes "dicom.send_attempted"
+in its transaction, before a byte leaves, so a worker dying mid-send leaves the entry behind. The
+object keeps its one SOP Instance UID and its bytes, so a resend is the same instance and a PACS
+that got it twice stores it once.
 
 A destination that is down delays: the row is "retrying" with the reason and its next attempt at
 SIGHTLINE_DICOM_SEND_RETRY_SECONDS × 2^(attempts-1); only SIGHTLINE_DICOM_SEND_MAX_ATTEMPTS
@@ -37,7 +39,8 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.db.models import CharField, Exists, OuterRef, Q, QuerySet
+from django.db.models.functions import Cast
 from django.utils import timezone
 
 from accounts.access import member_action_record, tenant_object_get
@@ -46,8 +49,9 @@ from accounts.permissions import Action, can
 from accounts.services import access_event_record, require
 from core.errors import Conflict, DomainError
 from core.transient import is_transient
+from recognition.storage import ForeignStorageKey, storage_key_for_tenant
 
-from .destinations import SecretUnreadable, secret_decrypt
+from .destinations import DestinationRefused, HostUnresolvable, SecretUnreadable, reach_check, secret_decrypt
 from .models import REASON_LENGTH, Delivery, Destination, Instance
 
 logger = logging.getLogger(__name__)
@@ -109,8 +113,9 @@ def _ae(*, testing: bool = False):
     return ae
 
 
-def _associate(ae, destination: Destination):
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+def _associate(ae, destination: Destination, address: str):
+    """To ``address``, the destination host's address that was checked (never resolved again)."""
+    assoc = ae.associate(address, destination.port, ae_title=destination.ae_title)
     if assoc.is_established:
         return assoc, ""
     if assoc.is_rejected:
@@ -121,12 +126,12 @@ def _associate(ae, destination: Destination):
     return None, f"could not reach {_where(destination)} (no DICOM association: refused, timed out or aborted)"
 
 
-def _c_echo(destination: Destination) -> Outcome:
+def _c_echo(destination: Destination, address: str) -> Outcome:
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
     ae = _ae(testing=True)
     ae.add_requested_context(Verification)
-    assoc, reason = _associate(ae, destination)
+    assoc, reason = _associate(ae, destination, address)
     if assoc is None:
         return Outcome(False, reason)
     try:
@@ -138,7 +143,7 @@ def _c_echo(destination: Destination) -> Outcome:
     return Outcome(False, f"{_where(destination)} did not answer the C-ECHO")
 
 
-def _c_store(destination: Destination, instance: Instance, data: bytes) -> Outcome:
+def _c_store(destination: Destination, instance: Instance, data: bytes, address: str) -> Outcome:
     """The file as it is stored: its own transfer syntax, no re-encoding (pynetdicom sends a file
     path's dataset bytes unchanged), so the PACS gets the identical instance every time."""
     from pydicom import dcmread
@@ -151,7 +156,7 @@ def _c_store(destination: Destination, instance: Instance, data: bytes) -> Outco
     with tempfile.TemporaryDirectory(prefix="sightline-send-") as folder:
         path = Path(folder) / "object.dcm"
         path.write_bytes(data)
-        assoc, reason = _associate(ae, destination)
+        assoc, reason = _associate(ae, destination, address)
         if assoc is None:
             return Outcome(False, reason)
         try:
@@ -174,7 +179,10 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_opener = urllib.request.build_opener(_NoRedirect)
+def _opener() -> urllib.request.OpenerDirector:
+    """No proxy, whatever HTTP(S)_PROXY says (the credentials and the object go to the
+    destination only, over the address ``reach_check`` allowed), no redirect."""
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
 
 
 def _auth_headers(destination: Destination) -> dict[str, str]:
@@ -199,7 +207,7 @@ def _http(
     for name, value in _auth_headers(destination).items():
         request.add_unredirected_header(name, value)
     try:
-        with _opener.open(request, timeout=_timeout(testing=testing)) as answer:
+        with _opener().open(request, timeout=_timeout(testing=testing)) as answer:
             return answer.status, answer.read()
     except urllib.error.HTTPError as answer:
         with answer:
@@ -260,10 +268,23 @@ def _stow(destination: Destination, data: bytes) -> Outcome:
     return Outcome(True)
 
 
+def _unresolvable(destination: Destination) -> str:
+    return f"could not reach {_where(destination)} (the host name does not resolve)"
+
+
 def connection_check(destination: Destination) -> tuple[bool, str]:
     """The destination's "test connection": (ok, what happened in words)."""
     try:
-        outcome = _c_echo(destination) if destination.kind == Destination.Kind.DIMSE else _stow_check(destination)
+        address = str(reach_check(destination)[0])
+    except DestinationRefused as exc:
+        return False, exc.message
+    except HostUnresolvable:
+        return False, _unresolvable(destination)
+    try:
+        if destination.kind == Destination.Kind.DIMSE:
+            outcome = _c_echo(destination, address)
+        else:
+            outcome = _stow_check(destination)
     except SecretUnreadable as exc:
         return False, str(exc)
     except Exception as exc:  # a peer's odd answer is a failed test, in words, not a 500
@@ -272,9 +293,10 @@ def connection_check(destination: Destination) -> tuple[bool, str]:
     return outcome.ok, outcome.reason
 
 
-def _transmit(destination: Destination, instance: Instance, data: bytes) -> Outcome:
+def _transmit(destination: Destination, instance: Instance, data: bytes, address: str) -> Outcome:
+    """``address``: the host's address that ``reach_check`` allowed (C-STORE connects to it)."""
     if destination.kind == Destination.Kind.DIMSE:
-        return _c_store(destination, instance, data)
+        return _c_store(destination, instance, data, address)
     return _stow(destination, data)
 
 
@@ -334,27 +356,42 @@ def _backoff(attempts: int) -> float:
 
 def delivery_send(*, delivery_id: int) -> str:
     """Send one delivery if it is due; the status it ends in. Redelivery-safe: only the task that
-    moves the row to "sending" sends."""
+    moves the row to "sending" sends. The claim and its "dicom.send_attempted" access-log entry
+    are one transaction, committed before a byte leaves: a worker that dies mid-send still left
+    the disclosure's entry (the outcome, "dicom.sent", follows when the peer has answered)."""
     now = timezone.now()
-    claimed = Delivery.objects.filter(
-        pk=delivery_id,
-        status__in=(Status.PENDING, Status.RETRYING),
-        next_attempt_at__lte=now + timedelta(seconds=EARLY_SECONDS),
-    ).update(status=Status.SENDING, updated=now)
-    delivery = Delivery.objects.select_related("instance", "destination").filter(pk=delivery_id).first()
-    if delivery is None:
-        return "gone"
-    if not claimed:
-        return delivery.status
-    destination, instance = delivery.destination, delivery.instance
-    if not destination.is_active:
-        Delivery.objects.filter(pk=delivery.pk, status=Status.SENDING).update(
-            status=Status.PENDING,
-            next_attempt_at=None,
-            error="The destination is switched off; this is sent when it is switched on again.",
-            updated=timezone.now(),
-        )
-        return Status.PENDING
+    with transaction.atomic():
+        claimed = Delivery.objects.filter(
+            pk=delivery_id,
+            status__in=(Status.PENDING, Status.RETRYING),
+            next_attempt_at__lte=now + timedelta(seconds=EARLY_SECONDS),
+        ).update(status=Status.SENDING, updated=now)
+        delivery = Delivery.objects.select_related("instance", "destination").filter(pk=delivery_id).first()
+        if delivery is None:
+            return "gone"
+        if not claimed:
+            return delivery.status
+        destination, instance = delivery.destination, delivery.instance
+        if not destination.is_active:
+            Delivery.objects.filter(pk=delivery.pk, status=Status.SENDING).update(
+                status=Status.PENDING,
+                next_attempt_at=None,
+                error="The destination is switched off; this is sent when it is switched on again.",
+                updated=timezone.now(),
+            )
+            return Status.PENDING
+        refusal = _refusal(delivery)
+        if refusal:
+            logger.warning("delivery %s is not sent: %s", delivery.pk, refusal)
+            return _fail(delivery, refusal)
+        try:
+            addresses = reach_check(destination)
+        except DestinationRefused as exc:
+            logger.warning("delivery %s is not sent: %s", delivery.pk, exc.message)
+            return _fail(delivery, exc.message)
+        except HostUnresolvable:
+            return _record(delivery, Outcome(False, _unresolvable(destination)), disclosed=False)
+        _disclosure_record(delivery, "dicom.send_attempted", AccessEvent.Outcome.SUCCESS)
     try:
         with instance.file.open("rb") as stored:
             data = stored.read()
@@ -363,13 +400,51 @@ def delivery_send(*, delivery_id: int) -> str:
             logger.exception("delivery %s: the object could not be read", delivery.pk)
         return _record(delivery, Outcome(False, "the object could not be read from storage"), disclosed=False)
     try:
-        outcome = _transmit(destination, instance, data)
+        outcome = _transmit(destination, instance, data, str(addresses[0]))
     except SecretUnreadable as exc:
         return _record(delivery, Outcome(False, str(exc)), disclosed=False)
     except Exception as exc:  # a peer's odd answer (an aborted PDU, a bad header) is one failed attempt
         logger.warning("delivery %s: %s", delivery.pk, type(exc).__name__)
         outcome = Outcome(False, f"the send to {_where(destination)} failed ({type(exc).__name__})")
     return _record(delivery, outcome, disclosed=True)
+
+
+def _disclosure_record(delivery: Delivery, action: str, outcome: str) -> None:
+    """The sender's access-log entry about one object to one destination (call in a transaction)."""
+    access_event_record(
+        action=action,
+        outcome=outcome,
+        username=f"{SENDER_LABEL} → {delivery.destination.name}",
+        tenant=delivery.destination.tenant,
+        target_type="dicom_instance",
+        target_id=delivery.instance_id,
+    )
+
+
+def _refusal(delivery: Delivery) -> str:
+    """Why this delivery may never be sent, in words; "" when it may. The object's stored key must
+    be inside the delivery's own hospital's storage area (recognition/storage.py decides), and the
+    object and destination that hospital's, before a byte of the file is read."""
+    instance, destination = delivery.instance, delivery.destination
+    if instance.tenant_id != delivery.tenant_id or destination.tenant_id != delivery.tenant_id:
+        return "the object or destination belongs to another hospital; it is never sent"
+    try:
+        storage_key_for_tenant(tenant_id=delivery.tenant_id, key=instance.file.name or "")
+    except ForeignStorageKey:
+        return "the object's stored file is not in this hospital's storage; it is never sent"
+    return ""
+
+
+def _fail(delivery: Delivery, reason: str) -> str:
+    """A permanent refusal: failed at once with its reason (no retry, nothing sent, nothing
+    disclosed); a person's resend tries again."""
+    with transaction.atomic():
+        row = Delivery.objects.select_for_update().get(pk=delivery.pk)
+        row.attempts += 1
+        row.status, row.next_attempt_at, row.updated = Status.FAILED, None, timezone.now()
+        row.error = reason[:REASON_LENGTH]
+        row.save(update_fields=["status", "attempts", "error", "next_attempt_at", "updated"])
+    return row.status
 
 
 def _record(delivery: Delivery, outcome: Outcome, *, disclosed: bool) -> str:
@@ -392,14 +467,8 @@ def _record(delivery: Delivery, outcome: Outcome, *, disclosed: bool) -> str:
             row.error = outcome.reason[:REASON_LENGTH]
         row.save(update_fields=["status", "attempts", "error", "sent_at", "next_attempt_at", "updated"])
         if disclosed:
-            access_event_record(
-                action="dicom.sent",
-                outcome=AccessEvent.Outcome.SUCCESS if outcome.ok else AccessEvent.Outcome.FAILED,
-                username=f"{SENDER_LABEL} → {delivery.destination.name}",
-                tenant=delivery.destination.tenant,
-                target_type="dicom_instance",
-                target_id=row.instance_id,
-            )
+            outcome_label = AccessEvent.Outcome.SUCCESS if outcome.ok else AccessEvent.Outcome.FAILED
+            _disclosure_record(delivery, "dicom.sent", outcome_label)
         if retry_in is not None:
             _enqueue_on_commit(SEND_TASK, [row.pk], countdown=retry_in)
     return row.status
@@ -480,7 +549,7 @@ def _results_export_queue(request_ids: list[int]) -> None:
         tenant_id=OuterRef("tenant_id"), is_active=True, send_on=Destination.SendOn.RESULT
     )
     ids = (
-        Result.objects.filter(request_id__in=request_ids)
+        Result.objects.filter(request_id__in=request_ids, request__shadow=False)  # a shadow read is never sent
         .filter(image__format="DICOM")
         .exclude(image__original="")
         .filter(Exists(senders))
@@ -517,8 +586,13 @@ def result_export(*, result_id: int) -> list[int]:
         return []
     try:
         report = objects.ai_report_for(result)
-    except DomainError as exc:  # not DICOM after all, or an original without its UIDs: nothing to send
-        logger.warning("result %s is not exported: %s", result.pk, exc.code)
+    except DomainError as exc:  # not DICOM after all, or a source no SR can be made of: never, not later
+        _export_refused(result.tenant, REFUSED_RESULT, result.pk, exc.code)
+        return []
+    except Exception as exc:  # a library's own error (its text may quote a patient's value): permanent too
+        if is_transient(exc):
+            raise
+        _export_refused(result.tenant, REFUSED_RESULT, result.pk, type(exc).__name__)
         return []
     with transaction.atomic():
         queued = deliveries_queue((report, destination) for destination in destinations)
@@ -546,7 +620,12 @@ def review_export(*, review_id: int) -> list[int]:
             pairs += [(ai_report, destination) for destination in destinations]
         verdict = objects.review_report_for(review)
     except DomainError as exc:
-        logger.warning("review %s is not exported: %s", review.pk, exc.code)
+        _export_refused(review.tenant, REFUSED_REVIEW, review.pk, exc.code)
+        return []
+    except Exception as exc:  # a library's own error (its text may quote a patient's value): permanent too
+        if is_transient(exc):
+            raise
+        _export_refused(review.tenant, REFUSED_REVIEW, review.pk, type(exc).__name__)
         return []
     pairs += [(verdict, destination) for destination in destinations]
     with transaction.atomic():
@@ -554,6 +633,42 @@ def review_export(*, review_id: int) -> list[int]:
         if review.result_id is not None:
             _enqueue_on_commit(MAP_FOLLOW_TASK, [review.result_id])
     return queued
+
+
+# a made object that can never be made (dicomnet/objects.py's Unprocessable or NotDicomSource: a
+# source highdicom cannot copy, not DICOM after all): recorded once in the access log, as the
+# sender, failed, and never asked again by the sweep
+EXPORT_REFUSED = "dicom.export_refused"
+REFUSED_RESULT, REFUSED_REVIEW, REFUSED_MAP = "result", "review", "result_map"
+
+
+def _export_refused(tenant, target_type: str, target_id: int, code: str) -> None:
+    """Logged with its code (or the exception's class) only, never its text nor a traceback (a
+    value copied from the source may be in it), and one "dicom.export_refused" entry per object."""
+    logger.warning("%s %s is not exported as DICOM: %s", target_type, target_id, code)
+    with transaction.atomic():
+        if _refusals(target_type).filter(tenant=tenant, target_id=str(target_id)).exists():
+            return
+        access_event_record(
+            action=EXPORT_REFUSED,
+            outcome=AccessEvent.Outcome.FAILED,
+            username=SENDER_LABEL,
+            tenant=tenant,
+            target_type=target_type,
+            target_id=target_id,
+        )
+
+
+def _refusals(target_type: str) -> QuerySet:
+    return AccessEvent.objects.filter(action=EXPORT_REFUSED, target_type=target_type)
+
+
+def _refused(target_type: str) -> QuerySet:
+    """For the sweep: the outer row's refusal entry (an Exists() subquery on the access log's
+    tenant/target index)."""
+    return _refusals(target_type).filter(
+        tenant_id=OuterRef("tenant_id"), target_id=Cast(OuterRef("pk"), output_field=CharField())
+    )
 
 
 class MapPending(Exception):
@@ -586,7 +701,16 @@ def map_follow(*, result_id: int) -> list[int]:
         return []
     if status != HeatmapStatus.READY:
         raise MapPending(f"the heatmap of result {result_id} is being computed")
-    heatmap = objects.heatmap_object_for(result)
+    try:
+        heatmap = objects.heatmap_object_for(result)
+    except DomainError as exc:  # the source cannot carry a map as DICOM: never, not later
+        _export_refused(result.tenant, REFUSED_MAP, result.pk, exc.code)
+        return []
+    except Exception as exc:  # a library's own error (its text may quote a patient's value): permanent too
+        if is_transient(exc):
+            raise
+        _export_refused(result.tenant, REFUSED_MAP, result.pk, type(exc).__name__)
+        return []
     if heatmap is None:  # the heatmap is stored, the image's display copy not yet
         raise MapPending(f"the image of result {result_id} is not rendered yet")
     destinations = Destination.objects.filter(pk__in=destination_ids, is_active=True)
@@ -659,6 +783,7 @@ def _results_not_exported(since, before) -> QuerySet:
         .exclude(image__original="")
         .filter(Exists(senders))
         .exclude(Exists(exported))
+        .exclude(Exists(_refused(REFUSED_RESULT)))
         .values_list("id", flat=True)
     )
 
@@ -677,6 +802,7 @@ def _reviews_not_exported(since, before) -> QuerySet:
         .exclude(image__original="")
         .filter(Exists(senders))
         .exclude(Exists(exported))
+        .exclude(Exists(_refused(REFUSED_REVIEW)))
         .values_list("id", flat=True)
     )
 
@@ -692,6 +818,7 @@ def _results_awaiting_map(since) -> QuerySet:
         Result.objects.filter(pk__in=_recent_ids(Result), created__gte=since, heatmap_error="")
         .filter(Exists(sent_sr))
         .exclude(Exists(made_map))
+        .exclude(Exists(_refused(REFUSED_MAP)))
         .exclude(model_version__manifest__gradcam_layer=None)
         .exclude(model_version__manifest__gradcam_layer="")
         .values_list("id", flat=True)
@@ -734,3 +861,15 @@ def destination_deliveries_unsent(*, destinations: QuerySet[Destination]) -> Que
         .select_related("instance", "destination")
         .order_by("-updated", "-id")
     )
+
+
+REFUSED_LABELS = {
+    REFUSED_RESULT: "AI finding (SR) of result",
+    REFUSED_REVIEW: "sign-off (SR) of review",
+    REFUSED_MAP: "heatmap of result",
+}
+
+
+def exports_refused(*, tenant) -> QuerySet[AccessEvent]:
+    """The destinations page: what can never be made as DICOM (so never sent), newest first."""
+    return AccessEvent.objects.filter(tenant=tenant, action=EXPORT_REFUSED).order_by("-created", "-id")

@@ -22,7 +22,7 @@ from .destinations import (
     destination_update,
 )
 from .models import Destination
-from .sending import KIND_LABELS, delivery_resend, destination_deliveries_unsent
+from .sending import KIND_LABELS, REFUSED_LABELS, delivery_resend, destination_deliveries_unsent, exports_refused
 
 UNSENT_SHOWN = 50  # deliveries not sent, newest first, on the destinations page
 
@@ -55,6 +55,10 @@ def destinations_page(request):
     actor = membership_for_session(request)
     destinations = destination_list(actor=actor, request=request)
     unsent = list(destination_deliveries_unsent(destinations=destinations)[:UNSENT_SHOWN])
+    refused = [
+        (event, REFUSED_LABELS.get(event.target_type, event.target_type))
+        for event in exports_refused(tenant=actor.tenant)[:UNSENT_SHOWN]
+    ]
     return _no_store(
         render(
             request,
@@ -63,6 +67,7 @@ def destinations_page(request):
                 "actor": actor,
                 "destinations": destinations,
                 "unsent": unsent,
+                "refused": refused,
                 "kind_labels": KIND_LABELS,
                 "kinds": Destination.Kind.choices,
                 "send_ons": Destination.SendOn.choices,
@@ -90,10 +95,17 @@ def destination_edit_page(request, destination_id: int):
     destination = destination_get(actor=actor, destination_id=destination_id, request=request)
     if request.method == "POST":
         try:
-            destination = destination_update(
-                actor=actor, destination_id=destination.pk, fields=_fields(request.POST), request=request
-            )
+            fields = _fields(request.POST)
+            had_secret = bool(destination.secret_encrypted)
+            destination = destination_update(actor=actor, destination_id=destination.pk, fields=fields, request=request)
             messages.success(request, f"Destination {destination.name} saved.")
+            if had_secret and not destination.secret_encrypted and not fields.clear_secret:
+                messages.warning(
+                    request,
+                    f"{destination.name}: the stored password or token was removed, because the URL now points "
+                    "at another scheme, host or port (or the destination is no longer STOW-RS). Enter it again "
+                    "if this server needs it.",
+                )
             return redirect("destinations")
         except DomainError as exc:
             messages.error(request, exc.message)

@@ -544,4 +544,8 @@ CELERY_BEAT_SCHEDULE["send-due-deliveries"] = {  # deliveries whose message was 
     "task": "dicomnet.tasks.deliveries_reconcile",
     "schedule": SIGHTLINE_DICOM_RECONCILE_SECONDS,
 }
+# PACS destinations may not point at loopback, link-local (169.254.0.0/16 with the cloud metadata
+# address, fe80::/10), unspecified or multicast addresses (checked at save, test and send) unless
+# inside one of these networks (CIDRs, comma-separated); private ranges are always allowed
+SIGHTLINE_DESTINATION_ALLOWED_NETWORKS = env.list("SIGHTLINE_DESTINATION_ALLOWED_NETWORKS", default=[])
 # --- end DICOM networking ------------------------------------------------------------------------

@@ -31,3 +31,7 @@ SIGHTLINE_PSEUDONYM_KEY = env("SIGHTLINE_PSEUDONYM_KEY", default="test-only-pseu
 # A test database of its own on a shared PostgreSQL, for checkouts that test at the same time.
 if env("SIGHTLINE_TEST_DB_NAME", default=""):
     DATABASES["default"]["TEST"] = {**DATABASES["default"].get("TEST", {}), "NAME": env("SIGHTLINE_TEST_DB_NAME")}
+
+# issue 15: the tests' PACS (Orthanc, a recording HTTP server) listens on loopback, which a
+# destination may point at only inside an operator's allowlist
+SIGHTLINE_DESTINATION_ALLOWED_NETWORKS = ["127.0.0.0/8", "::1/128"]

@@ -12,25 +12,36 @@ from __future__ import annotations
 import http.server
 import io
 import logging
+import socket
 import threading
 import time
+import urllib.request
 import uuid
+from unittest import mock
 
 import pytest
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import connection
-from django.test import Client
+from django.test import Client, override_settings
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from accounts.models import AccessEvent, Role
 from dicomnet import sending
-from dicomnet.destinations import DestinationFields, destination_create, destination_update, secret_decrypt
+from dicomnet.destinations import (
+    DestinationFields,
+    DestinationRefused,
+    destination_create,
+    destination_test,
+    destination_update,
+    secret_decrypt,
+)
 from dicomnet.models import Delivery, Destination, Instance
 from dicomnet.tasks import deliveries_reconcile, delivery_send
 from recognition.services.images import image_upload
+from recognition.storage import dicom_key
 from tests.conftest import member, upload_file
 from tests.peers import free_port, orthanc_running
 
@@ -72,9 +83,9 @@ def dicom_image(membership):
     return image_upload(membership=membership, upload=upload_file(_test_file("CT_small.dcm"), "ct.dcm"), read=False)
 
 
-def made(image, kind: str, data: bytes) -> Instance:
+def made(image, kind: str, data: bytes, *, key: str = "") -> Instance:
     ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
-    name = default_storage.save(f"dicom/test/{uuid.uuid4().hex}.dcm", ContentFile(data))
+    name = default_storage.save(key or dicom_key(tenant_id=image.tenant_id), ContentFile(data))
     return Instance.objects.create(
         tenant=image.tenant,
         study=image.study,
@@ -682,3 +693,347 @@ def test_a_stow_server_that_refuses_says_why_and_is_retried(admin_a, objects_a, 
     assert delivery_send(delivery_id) == "retrying"
     assert "did not store the object (failure reason 272)" in Delivery.objects.get(pk=delivery_id).error
     assert "wrong" not in Delivery.objects.get(pk=delivery_id).error
+
+
+# --- review item 5: the stored key is checked against the delivery's hospital --------------------
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "dicom/test/{hex}.dcm",  # outside any hospital's area
+        "tenants/{other}/dicom/{hex}.dcm",  # another hospital's area
+    ],
+)
+def test_an_object_stored_outside_its_hospitals_area_is_never_read_nor_sent(
+    admin_a, clinician_a, hospital_b, recorder, caplog, key
+):
+    image = dicom_image(clinician_a)
+    sr = made(image, "ai_sr", _sr_bytes(), key=key.format(hex=uuid.uuid4().hex, other=hospital_b.pk))
+    destination = stow(admin_a, recorder)
+    (delivery_id,) = sending.deliveries_queue([(sr, destination)])
+    opened = []
+    original_open = type(sr.file).open
+
+    def spy(self, *args, **kwargs):
+        opened.append(self.name)
+        return original_open(self, *args, **kwargs)
+
+    with caplog.at_level(logging.WARNING, logger="dicomnet.sending"), mock.patch.object(type(sr.file), "open", spy):
+        assert delivery_send(delivery_id) == "failed"  # at once: a refusal is never retried
+    delivery = Delivery.objects.get(pk=delivery_id)
+    assert "not in this hospital's storage" in delivery.error and delivery.next_attempt_at is None
+    assert opened == [] and _Recorder.seen == []
+    assert f"delivery {delivery_id} is not sent" in caplog.text
+    assert not sent_events(admin_a.tenant).exists()
+
+
+# --- review item 6: the attempt is in the access log before a byte leaves ------------------------
+
+
+class _WorkerDied(BaseException):
+    """The worker killed mid-send (not an Exception: nothing in the sender catches it)."""
+
+
+def test_the_send_attempted_entry_is_committed_with_the_claim_before_any_byte_leaves(
+    admin_a, objects_a, recorder, monkeypatch
+):
+    _, sr, _ = objects_a
+    destination = stow(admin_a, recorder)
+    (delivery_id,) = sending.deliveries_queue([(sr, destination)])
+    outer = len(connection.atomic_blocks)  # the test's own transaction
+    seen = {}
+
+    def dies(*args):
+        seen["entries"] = list(
+            AccessEvent.objects.filter(
+                tenant=admin_a.tenant, target_type="dicom_instance", target_id=str(sr.pk)
+            ).values_list("action", flat=True)
+        )
+        seen["open_transactions"] = len(connection.atomic_blocks) - outer
+        raise _WorkerDied
+
+    monkeypatch.setattr(sending, "_transmit", dies)
+    with pytest.raises(_WorkerDied):
+        delivery_send(delivery_id)
+    assert seen == {"entries": ["dicom.send_attempted"], "open_transactions": 0}  # committed, then the send
+    assert Delivery.objects.get(pk=delivery_id).status == "sending" and not sent_events(admin_a.tenant).exists()
+
+    # the sweep takes the stalled row over; this time the peer answers: attempted, then the outcome
+    monkeypatch.undo()
+    Delivery.objects.filter(pk=delivery_id).update(status="retrying", next_attempt_at=sr.created)
+    assert delivery_send(delivery_id) == "sent"
+    entries = AccessEvent.objects.filter(tenant=admin_a.tenant, target_type="dicom_instance", target_id=str(sr.pk))
+    assert list(entries.order_by("id").values_list("action", "outcome")) == [
+        ("dicom.send_attempted", "success"),
+        ("dicom.send_attempted", "success"),
+        ("dicom.sent", "success"),
+    ]
+    assert entries.filter(actor_label__contains=destination.name).count() == 3
+
+
+# --- review item 8: no destination on the platform's own loopback, link-local or metadata -------
+
+NO_ALLOWLIST = override_settings(SIGHTLINE_DESTINATION_ALLOWED_NETWORKS=[])
+
+
+@NO_ALLOWLIST
+@pytest.mark.parametrize(
+    ("kind", "where", "said"),
+    [
+        ("dimse", "127.0.0.1", "loopback"),
+        ("dimse", "localhost", "loopback"),
+        ("dimse", "127.1", "loopback"),
+        ("dimse", "::1", "loopback"),
+        ("dimse", "::ffff:127.0.0.1", "loopback"),
+        ("dimse", "169.254.169.254", "metadata"),
+        ("dimse", "169.254.10.1", "link-local"),
+        ("dimse", "fe80::1", "link-local"),
+        ("dimse", "0.0.0.0", "unspecified"),  # noqa: S104 (the address refused, not bound)
+        ("dimse", "224.0.0.1", "multicast"),
+        ("stow", "http://169.254.169.254/latest/meta-data/", "metadata"),
+        ("stow", "http://[fd00:ec2::254]/latest/", "metadata"),
+        ("stow", "https://localhost:8042/dicom-web/studies", "loopback"),
+        ("stow", "http://[::1]:8042/dicom-web/studies", "loopback"),
+    ],
+)
+def test_a_destination_on_loopback_link_local_metadata_unspecified_or_multicast_is_refused(admin_a, kind, where, said):
+    fields = {"host": where, "port": 104, "ae_title": "PACS"} if kind == "dimse" else {"url": where}
+    with pytest.raises(DestinationRefused, match=said):
+        destination_create(actor=admin_a, fields=DestinationFields(name="x", kind=kind, **fields))
+    assert not Destination.objects.filter(tenant=admin_a.tenant).exists()
+
+
+@NO_ALLOWLIST
+def test_private_networks_stay_allowed_and_the_page_says_why_a_host_is_refused(client, admin_a):
+    for index, host in enumerate(("10.1.2.3", "172.16.0.9", "192.168.1.20", "fd12::5")):
+        destination_create(
+            actor=admin_a, fields=DestinationFields(name=f"p{index}", kind="dimse", host=host, port=104, ae_title="P")
+        )
+    stow(admin_a, "https://10.0.0.7/dicom-web/studies", secret=SECRET)
+    client.force_login(admin_a.user)
+    page = client.post(
+        "/hospital/destinations/create/",
+        {"name": "meta", "kind": "stow", "url": "http://169.254.169.254/", "send_on": "result"},
+        follow=True,
+    ).content.decode()
+    assert "the cloud metadata address: a destination may not point there" in page
+    assert not Destination.objects.filter(name="meta").exists()
+
+
+def test_the_address_is_checked_again_at_test_and_send_time(admin_a, objects_a, recorder, monkeypatch):
+    """Saved while allowed (or while the name did not resolve), then refused when reached: nothing
+    is sent, no send is logged, the delivery fails at once with the reason."""
+    _, sr, _ = objects_a
+    web = stow(admin_a, recorder)
+    dicom = dimse(admin_a, free_port(), name="later")
+    Destination.objects.filter(pk=dicom.pk).update(host="pacs.example.invalid")  # a name that resolves later
+    deliveries = sending.deliveries_queue([(sr, web), (sr, Destination.objects.get(pk=dicom.pk))])
+    with override_settings(SIGHTLINE_DESTINATION_ALLOWED_NETWORKS=[]):
+        tested = destination_test(actor=admin_a, destination_id=web.pk)
+        assert tested.last_test_ok is False and "loopback address" in tested.last_test_message
+        real = socket.getaddrinfo
+        monkeypatch.setattr(  # the name now points at the metadata address (a re-pointed DNS record)
+            socket,
+            "getaddrinfo",
+            lambda host, *a, **k: real("169.254.169.254" if host == "pacs.example.invalid" else host, *a, **k),
+        )
+        assert send_all(Delivery.objects.filter(pk__in=deliveries).order_by("id")) == ["failed", "failed"]
+    assert _Recorder.seen == []
+    web_error, dicom_error = (Delivery.objects.get(pk=pk).error for pk in deliveries)
+    assert "loopback address" in web_error
+    assert "pacs.example.invalid is 169.254.169.254, the cloud metadata" in dicom_error
+    assert not AccessEvent.objects.filter(tenant=admin_a.tenant, action__startswith="dicom.send").exists()
+    # the operator allows loopback (the test settings): the same delivery goes on a person's resend
+    sending.delivery_resend(actor=admin_a, delivery_id=deliveries[0])
+    assert delivery_send(deliveries[0]) == "sent" and len(_Recorder.seen) == 1
+
+
+def test_an_unresolvable_host_is_retried_not_failed(admin_a, objects_a):
+    _, sr, _ = objects_a
+    destination = dimse(admin_a, free_port())
+    Destination.objects.filter(pk=destination.pk).update(host="pacs.example.invalid")
+    (delivery_id,) = sending.deliveries_queue([(sr, Destination.objects.get(pk=destination.pk))])
+    assert delivery_send(delivery_id) == "retrying"
+    assert "the host name does not resolve" in Delivery.objects.get(pk=delivery_id).error
+
+
+# --- review item 7: a stored secret stays with its server, and off cleartext and proxies -----------
+
+
+def _edit(client, destination, url: str, **more):
+    form = {"name": destination.name, "kind": "stow", "url": url, "send_on": "result", "is_active_sent": "1"}
+    return client.post(f"/hospital/destinations/{destination.pk}/", {**form, "is_active": "on", **more}, follow=True)
+
+
+def test_a_new_scheme_host_or_port_drops_the_stored_secret_unless_one_is_entered(client, admin_a, recorder):
+    destination = stow(admin_a, recorder, username="sightline", secret=SECRET)
+    client.force_login(admin_a.user)
+    edit_page = client.get(f"/hospital/destinations/{destination.pk}/").content.decode()
+    assert "changing the URL's scheme, host or port removes it" in edit_page
+
+    path_only = recorder.replace("/dicom-web/studies", "/wado/studies")
+    assert "was removed" not in _edit(client, destination, path_only).content.decode()
+    assert secret_decrypt(Destination.objects.get(pk=destination.pk).secret_encrypted) == SECRET  # same server
+
+    other_port = f"http://127.0.0.1:{free_port()}/dicom-web/studies"
+    page = _edit(client, destination, other_port).content.decode()
+    assert Destination.objects.get(pk=destination.pk).secret_encrypted == ""
+    assert "the stored password or token was removed, because the URL now points at another scheme, host" in page
+    assert ("dicom.destination_change", "success") in AccessEvent.objects.filter(
+        target_type="destination", target_id=str(destination.pk)
+    ).values_list("action", "outcome")
+
+    destination_update(  # a secret entered with the change is the new server's
+        actor=admin_a,
+        destination_id=destination.pk,
+        fields=DestinationFields(name=destination.name, kind="stow", url=recorder, secret="new-" + SECRET),
+    )
+    assert secret_decrypt(Destination.objects.get(pk=destination.pk).secret_encrypted) == "new-" + SECRET
+    destination_update(  # another host, same port: dropped
+        actor=admin_a,
+        destination_id=destination.pk,
+        fields=DestinationFields(name=destination.name, kind="stow", url=recorder.replace("127.0.0.1", "127.0.0.2")),
+    )
+    assert Destination.objects.get(pk=destination.pk).secret_encrypted == ""
+
+
+@NO_ALLOWLIST
+def test_a_secret_goes_only_over_https_outside_the_allowed_networks(client, admin_a):
+    with pytest.raises(DestinationRefused, match="sent only over https://"):
+        stow(admin_a, "http://10.0.0.7/dicom-web/studies", secret=SECRET)
+    with pytest.raises(DestinationRefused, match="sent only over https://"):  # unresolvable: not shown inside
+        stow(admin_a, "http://pacs.example.invalid/dicom-web/studies", secret=SECRET)
+    plain = stow(admin_a, "http://10.0.0.7/dicom-web/studies", name="plain")  # no secret: allowed
+    secure = stow(admin_a, "https://10.0.0.7/dicom-web/studies", name="secure", secret=SECRET)
+    with pytest.raises(DestinationRefused, match="sent only over https://"):  # https -> http keeps the secret? no
+        destination_update(
+            actor=admin_a,
+            destination_id=secure.pk,
+            fields=DestinationFields(name="secure", kind="stow", url="http://10.0.0.7/dicom-web/studies", secret="x"),
+        )
+    with pytest.raises(DestinationRefused, match="sent only over https://"):
+        destination_update(
+            actor=admin_a,
+            destination_id=plain.pk,
+            fields=DestinationFields(name="plain", kind="stow", url=plain.url, secret=SECRET),
+        )
+    client.force_login(admin_a.user)
+    page = client.post(
+        "/hospital/destinations/create/",
+        {"name": "web", "kind": "stow", "url": "http://10.0.0.8/studies", "secret": SECRET, "send_on": "result"},
+        follow=True,
+    ).content.decode()
+    assert "A password or token is sent only over https://" in page and SECRET not in page
+    assert not Destination.objects.filter(name="web").exists()
+
+
+def test_a_secret_is_not_sent_over_http_at_send_time_outside_the_allowed_networks(
+    admin_a, objects_a, recorder, monkeypatch
+):
+    """A row saved under another allowlist: the send refuses it before a byte leaves."""
+    _, sr, _ = objects_a
+    destination = stow(admin_a, recorder, secret=SECRET)
+    port = int(recorder.split(":")[2].split("/")[0])
+    Destination.objects.filter(pk=destination.pk).update(url=f"http://pacs.example.invalid:{port}/dicom-web/studies")
+    real = socket.getaddrinfo
+    monkeypatch.setattr(
+        socket,
+        "getaddrinfo",
+        lambda host, *a, **k: real("10.0.0.7" if host == "pacs.example.invalid" else host, *a, **k),
+    )
+    (delivery_id,) = sending.deliveries_queue([(sr, Destination.objects.get(pk=destination.pk))])
+    assert delivery_send(delivery_id) == "failed"
+    assert "sent only over https://" in Delivery.objects.get(pk=delivery_id).error and _Recorder.seen == []
+    assert not sending.connection_check(Destination.objects.get(pk=destination.pk))[0]
+
+
+def test_the_sender_never_goes_through_an_http_proxy(admin_a, objects_a, recorder, monkeypatch):
+    _, sr, _ = objects_a
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")  # a proxy that is not there
+    destination = stow(admin_a, recorder, secret=SECRET)
+    (delivery_id,) = sending.deliveries_queue([(sr, destination)])
+    assert delivery_send(delivery_id) == "sent" and _Recorder.seen[0]["auth"] == f"Bearer {SECRET}"
+    handlers = sending._opener().handlers  # an empty ProxyHandler installs nothing, and keeps the default out
+    assert not [h for h in handlers if isinstance(h, urllib.request.ProxyHandler) and h.proxies]
+
+
+# --- a source no DICOM object can be made of: refused once, visibly, never asked again ------------
+
+
+@pytest.mark.parametrize("failure", ["unprocessable", "not_dicom", "library"])
+def test_an_export_objects_py_refuses_is_recorded_once_and_never_swept_again(
+    admin_a, clinician_a, demo_model, stub_objects, sent_tasks, django_capture_on_commit_callbacks, caplog, failure
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from core.errors import Unprocessable
+    from recognition.models import Result, Review
+    from recognition.services.reviews import review_save
+
+    patient_value = "Unable to convert '1970-01-31' to 'DA'"
+
+    def refuse(_):
+        if failure == "unprocessable":
+            raise Unprocessable("This image cannot be the source of a DICOM object.", code="dicom_source")
+        if failure == "not_dicom":
+            from dicomnet.objects import NotDicomSource
+
+            raise NotDicomSource("Only images that came in as DICOM have findings as DICOM objects.")
+        raise ValueError(patient_value)
+
+    destination = dimse(admin_a, 104, send_on="result")
+    with django_capture_on_commit_callbacks(execute=True):
+        image = read_dicom(clinician_a)
+    result = Result.objects.get(image=image)
+    with django_capture_on_commit_callbacks(execute=True):
+        review = review_save(membership=clinician_a, image_id=image.pk, verdict="agree", sign_off=True)
+    stub_objects.ai_report_for = stub_objects.review_report_for = refuse
+    caplog.set_level(logging.DEBUG)
+    for _ in range(2):  # a redelivered task records nothing twice
+        assert sending.result_export(result_id=result.pk) == []
+        assert sending.review_export(review_id=review.pk) == []
+    refusals = AccessEvent.objects.filter(tenant=admin_a.tenant, action="dicom.export_refused")
+    assert sorted(refusals.values_list("target_type", "target_id", "outcome")) == [
+        ("result", str(result.pk), "failed"),
+        ("review", str(review.pk), "failed"),
+    ]
+    assert patient_value not in caplog.text and "Traceback" not in caplog.text
+    assert f"result {result.pk} is not exported as DICOM" in caplog.text
+    browser = Client()
+    browser.force_login(admin_a.user)
+    page = browser.get("/hospital/destinations/").content.decode()
+    assert "Never sent: not made as DICOM" in page and f'data-refused="review-{review.pk}"' in page
+
+    # the map: made of a source that refuses, recorded once, not followed again
+    stub_objects.ai_report_for = lambda result: made(result.image, "ai_sr", _sr_bytes())
+    sr = stub_objects.ai_report_for(result)
+    Instance.objects.filter(pk=sr.pk).update(result=result)
+    sending.deliveries_queue([(Instance.objects.get(pk=sr.pk), destination)])
+    stub_objects.heatmap_object_for = refuse
+    from recognition.services import heatmaps
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(heatmaps, "result_heatmap_status", lambda result: heatmaps.HeatmapStatus.READY)
+        assert sending.map_follow(result_id=result.pk) == []
+    assert refusals.filter(target_type="result_map", target_id=str(result.pk)).count() == 1
+
+    earlier = timezone.now() - timedelta(minutes=5)
+    Destination.objects.filter(pk=destination.pk).update(created=earlier - timedelta(minutes=5))
+    Result.objects.filter(pk=result.pk).update(created=earlier)
+    Review.objects.filter(pk=review.pk).update(signed_off_at=earlier)
+    Instance.objects.filter(pk=sr.pk).update(result=None)  # as if its SR had never been made
+    sent_tasks.clear()
+    deliveries_reconcile()
+    swept = {(name, tuple(args)) for name, args in sent_tasks}
+    assert (sending.RESULT_EXPORT_TASK, (result.pk,)) not in swept
+    assert (sending.REVIEW_EXPORT_TASK, (review.pk,)) not in swept
+    Instance.objects.filter(pk=sr.pk).update(result=result)
+    sent_tasks.clear()
+    deliveries_reconcile()
+    assert (sending.MAP_FOLLOW_TASK, [result.pk]) not in sent_tasks
