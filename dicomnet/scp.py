@@ -187,10 +187,7 @@ class StoreSCP:
     def _refuse(self, assoc, caller: Caller, *, called: str, calling: str, address: str) -> None:
         """Rejected, logged in the access log (a security event) and counted against the address;
         the peer hears of it once the entry is written."""
-        count = self._count_rejection(address)
-        logger.warning(
-            "association from %s (%s) to %s rejected: %s (%d in window)", address, calling, called, caller.reason, count
-        )
+        # the entry first: a cache that is down must not leave a refusal unlogged
         access_event_record(
             action="dicom.association_rejected",
             outcome=AccessEvent.Outcome.DENIED,
@@ -199,6 +196,14 @@ class StoreSCP:
             tenant=caller.hospital.tenant if caller.hospital is not None else None,
             target_type="ae_title",
             target_id=called,
+        )
+        try:
+            count = self._count_rejection(address)
+        except Exception:  # the cache is down: refused and logged all the same, just not counted
+            logger.warning("rejections from %s not counted: the cache is unavailable", address)
+            count = 0
+        logger.warning(
+            "association from %s (%s) to %s rejected: %s (%d in window)", address, calling, called, caller.reason, count
         )
         self._reject(assoc, REJECT_CALLED if caller.hospital is None else REJECT_CALLING)
 
@@ -212,7 +217,11 @@ class StoreSCP:
             return 1
 
     def _throttled(self, address: str, calling: str) -> bool:
-        count = cache.get(_reject_key(address)) or 0
+        try:
+            count = cache.get(_reject_key(address)) or 0
+        except Exception:  # the cache is down: nothing is throttled until it is back
+            logger.warning("rejections from %s not read: the cache is unavailable", address)
+            return False
         if count < settings.SIGHTLINE_DICOM_REJECTIONS_PER_WINDOW:
             return False
         window = settings.SIGHTLINE_DICOM_REJECTION_WINDOW_SECONDS

@@ -216,3 +216,17 @@ def test_associations_past_the_limit_are_rejected_for_now(scp, node):
     assert first.is_established
     assert rejection(associate(scp)) == (0x02, 0x03, 0x02)  # transient, local limit exceeded
     first.release()
+
+
+def test_a_rejection_is_logged_even_when_the_cache_is_down(scp, node, hospital_a, monkeypatch):
+    class Down:
+        def __getattr__(self, name):
+            def fail(*args, **kwargs):
+                raise ConnectionError("redis is down")
+
+            return fail
+
+    monkeypatch.setattr("dicomnet.scp.cache", Down())
+    assert rejection(associate(scp, calling="STRANGER")) == (0x01, 0x01, 0x03)
+    entry = AccessEvent.objects.get(action="dicom.association_rejected")
+    assert entry.tenant == hospital_a and entry.actor_label == "dicom:STRANGER"
