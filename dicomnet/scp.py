@@ -119,6 +119,7 @@ class StoreSCP:
             (evt.EVT_RELEASED, self._on_end),
             (evt.EVT_ABORTED, self._on_end),
             (evt.EVT_CONN_CLOSE, self._on_closed),
+            (evt.EVT_CONN_OPEN, self._on_open),
         ]
 
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -148,11 +149,27 @@ class StoreSCP:
         with self._lock:
             return self._associations.get(id(assoc))
 
+    def _on_open(self, event) -> None:
+        """Before the association's thread starts: whatever way it ends (released, aborted,
+        rejected in EVT_REQUESTED, a dropped connection, a timeout, a DUL error), the database
+        connections that thread opened are closed when it does, not left to the server."""
+        assoc = event.assoc
+        run = assoc.run
+
+        def run_then_close() -> None:
+            try:
+                run()
+            finally:
+                connections.close_all()
+
+        assoc.run = run_then_close
+
     def _on_requested(self, event) -> None:
         assoc = event.assoc
         request = assoc.requestor.primitive
         called, calling = str(request.called_ae_title).strip(), str(request.calling_ae_title).strip()
         address = str(assoc.requestor.address)
+        accepted = False
         try:
             close_old_connections()
             if self._throttled(address, calling):
@@ -169,9 +186,13 @@ class StoreSCP:
                 self._associations[id(assoc)] = _Association(node=node, address=address, calling_ae=calling)
             DicomNode.objects.filter(pk=node.pk).update(last_seen=timezone.now())
             logger.info("association from %s (%s) to %s accepted: node %s", address, calling, called, node.pk)
+            accepted = True
         except Exception:
             logger.exception("association request from %s (%s) could not be checked; rejected", address, calling)
             self._reject(assoc, REJECT_BUSY)
+        finally:
+            if not accepted:  # no EVT_RELEASED or EVT_ABORTED follows a rejection
+                connections.close_all()
 
     def _certificate_matches(self, assoc, node: DicomNode) -> bool:
         if not node.tls_client_fingerprint:

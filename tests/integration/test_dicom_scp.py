@@ -230,3 +230,46 @@ def test_a_rejection_is_logged_even_when_the_cache_is_down(scp, node, hospital_a
     assert rejection(associate(scp, calling="STRANGER")) == (0x01, 0x01, 0x03)
     entry = AccessEvent.objects.get(action="dicom.association_rejected")
     assert entry.tenant == hospital_a and entry.actor_label == "dicom:STRANGER"
+
+
+def _closes_by_thread(monkeypatch) -> list[str]:
+    import threading
+
+    from django.db import connections
+
+    closed: list[str] = []
+    real = connections.close_all
+
+    def close_all():
+        closed.append(threading.current_thread().name)
+        real()
+
+    monkeypatch.setattr(connections, "close_all", close_all)
+    return closed
+
+
+def test_a_rejected_association_closes_its_threads_database_connections(scp, node, monkeypatch):
+    closed = _closes_by_thread(monkeypatch)
+    assert rejection(associate(scp, calling="STRANGER"))[0] == 0x01
+    import time
+
+    for _ in range(50):
+        if any(name.startswith("AcceptorThread") for name in closed):
+            break
+        time.sleep(0.05)
+    assert any(name.startswith("AcceptorThread") for name in closed)
+
+
+def test_a_dropped_connection_closes_its_threads_database_connections(scp, node, monkeypatch):
+    import time
+
+    closed = _closes_by_thread(monkeypatch)
+    assoc = associate(scp)
+    assert assoc.is_established
+    assoc.dul.socket.socket.close()  # no A-RELEASE, no A-ABORT: the cable is pulled
+    for _ in range(100):
+        if any(name.startswith("AcceptorThread") for name in closed):
+            break
+        time.sleep(0.05)
+    assoc.kill()
+    assert any(name.startswith("AcceptorThread") for name in closed)
