@@ -38,7 +38,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from accounts.models import AccessEvent
 from accounts.services import access_event_record
 
-from .ingest import OUT_OF_RESOURCES, instance_receive
+from .ingest import OUT_OF_RESOURCES, REFUSED_NOT_AUTHORIZED, instance_receive
 from .models import DicomNode
 from .nodes import Caller, caller_resolve, certificate_fingerprint
 
@@ -299,7 +299,11 @@ class StoreSCP:
         started = time.perf_counter()
         try:
             close_old_connections()
-            node = state.node
+            node = _node_now(state.node.pk)
+            if node is None:  # deactivated (or its account revoked) since the association began
+                self._abort_later(event.assoc, state, "node deactivated during the association")
+                return _status(REFUSED_NOT_AUTHORIZED, "This node is no longer registered with the hospital.")
+            state.node = node
             received = instance_receive(
                 membership=node.service_account.membership,
                 data=event.encoded_dataset(),
@@ -339,6 +343,23 @@ class StoreSCP:
     def _on_closed(self, event) -> None:
         with self._lock:
             self._associations.pop(id(event.assoc), None)
+
+
+def _node_now(node_id: int) -> DicomNode | None:
+    """The node as it is now, with a fresh service account and membership; None once it no longer
+    qualifies (deactivated, its account revoked or its membership ended)."""
+    return (
+        DicomNode.objects.select_related(
+            "service_account__membership__tenant", "service_account__membership__user", "tenant"
+        )
+        .filter(
+            pk=node_id,
+            is_active=True,
+            service_account__revoked_at__isnull=True,
+            service_account__membership__is_active=True,
+        )
+        .first()
+    )
 
 
 def _status(code: int, comment: str) -> Dataset:

@@ -273,3 +273,15 @@ def test_a_dropped_connection_closes_its_threads_database_connections(scp, node,
         time.sleep(0.05)
     assoc.kill()
     assert any(name.startswith("AcceptorThread") for name in closed)
+
+
+def test_a_node_deactivated_during_its_association_stores_no_more(scp, node, hospital_a):
+    dataset = dcmread(get_testdata_file("CT_small.dcm"))
+    assoc = associate(scp)
+    assert assoc.send_c_store(dataset).Status == 0x0000
+    dicom_node_deactivate(actor=member(hospital_a, "admin-a", Role.TENANT_ADMIN), node=node)
+    dataset.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+    status = assoc.send_c_store(dataset)
+    assoc.release()
+    assert status.Status == 0x0124 and "no longer registered" in status.ErrorComment
+    assert Instance.objects.count() == 1
