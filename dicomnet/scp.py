@@ -13,7 +13,8 @@ Each C-STORE is ``dicomnet.ingest.instance_receive`` as the node's service accou
 DIMSE status is the ingest's. A handler never takes the process down: an unexpected error is logged
 (ids only) and answered 0xA700 (out of resources; the sender may try again).
 
-Limits: associations at once, the largest PDU, the bytes one association may deliver (past it the
+Limits: associations at once (in all, and per hospital: one hospital's senders cannot take
+them all), the largest PDU, the bytes one association may deliver (past it the
 C-STORE is answered 0xA700 and the association aborted) and one message's bytes (the upload limit),
 ACSE/DIMSE/network timeouts. Nothing here logs a patient identifier: ids, AE titles, addresses.
 """
@@ -48,6 +49,7 @@ logger = logging.getLogger(__name__)
 REJECT_CALLING = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
 REJECT_CALLED = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
 REJECT_BUSY = (0x02, 0x03, 0x01)  # transient, presentation related, temporary congestion
+REJECT_HOSPITAL_BUSY = (0x02, 0x03, 0x02)  # transient, presentation related, local limit exceeded
 MESSAGE_SLACK = 1024 * 1024  # a C-STORE's command set and PDU headers, over its dataset
 ERROR_COMMENT = 64  # (0000,0902) Error Comment is LO: at most 64 characters
 
@@ -182,8 +184,23 @@ class StoreSCP:
                 self._refuse(assoc, caller, called=called, calling=calling, address=address)
                 return
             node = caller.node
+            cap = settings.SIGHTLINE_DICOM_MAX_ASSOCIATIONS_PER_HOSPITAL
             with self._lock:
-                self._associations[id(assoc)] = _Association(node=node, address=address, calling_ae=calling)
+                open_here = sum(1 for s in self._associations.values() if s.node.tenant_id == node.tenant_id)
+                full = open_here >= cap
+                if not full:
+                    self._associations[id(assoc)] = _Association(node=node, address=address, calling_ae=calling)
+            if full:  # one hospital's senders never take every association the SCP has
+                logger.warning(
+                    "association from %s (%s) to %s refused for now: tenant %s has %d open (the cap)",
+                    address,
+                    calling,
+                    called,
+                    node.tenant_id,
+                    open_here,
+                )
+                self._reject(assoc, REJECT_HOSPITAL_BUSY)
+                return
             DicomNode.objects.filter(pk=node.pk).update(last_seen=timezone.now())
             logger.info("association from %s (%s) to %s accepted: node %s", address, calling, called, node.pk)
             accepted = True

@@ -285,3 +285,16 @@ def test_a_node_deactivated_during_its_association_stores_no_more(scp, node, hos
     assoc.release()
     assert status.Status == 0x0124 and "no longer registered" in status.ErrorComment
     assert Instance.objects.count() == 1
+
+
+def test_one_hospital_cannot_hold_every_association(scp, node, hospital_b, settings):
+    settings.SIGHTLINE_DICOM_MAX_ASSOCIATIONS_PER_HOSPITAL = 1
+    hospital_ae_title_assign(tenant=hospital_b, ae_title="SL_B")
+    admin_b = member(hospital_b, "admin-b", Role.TENANT_ADMIN)
+    dicom_node_create(actor=admin_b, name="MR", ae_title="MR1", host=ADDRESS)
+    first = associate(scp)
+    assert first.is_established
+    assert rejection(associate(scp)) == (0x02, 0x03, 0x02)  # hospital A is at its cap
+    assert accepted(associate(scp, calling="MR1", called="SL_B"))  # hospital B is not
+    first.release()
+    assert accepted(associate(scp))
