@@ -6,7 +6,8 @@ log, the hospital's pin or split for the read) and gains its ``Instance`` row in
 transaction. A non-image instance (SR, PR, KO...) is kept and listed, never read: its file is
 stored, its study and series found or made the same way, and its ``Instance`` row written with an
 access-log entry. Receiving is idempotent by SOP Instance UID per hospital: a second copy, even one
-delivered at the same moment by another association, creates nothing.
+delivered at the same moment by another association, creates nothing but its access-log entry
+(dicom.instance_duplicate).
 
 The answer (``Received``) says what happened in the terms of both ways in: an HTTP status for
 STOW-RS and a DIMSE status (PS3.4 B.2.3) for C-STORE.
@@ -222,6 +223,10 @@ def instance_receive(
         return _refused(exc, **uids)
     for attempt in range(RECEIVE_ATTEMPTS):
         if (existing := _existing(tenant, header.sop_instance_uid)) is not None:
+            # nothing is stored, but a node touched this patient's record: the log says so
+            member_action_record(
+                membership, "dicom.instance_duplicate", request=request, target_type="instance", target_id=existing.pk
+            )
             return _duplicate(existing, header)
         try:
             if header.has_pixels:

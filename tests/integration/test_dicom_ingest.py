@@ -84,6 +84,8 @@ def test_a_second_copy_creates_nothing(clinician_a, demo_model):
     assert again.instance == first.instance and [i.pk for i in again.images] == [i.pk for i in first.images]
     assert Instance.objects.count() == 1 and Image.objects.count() == 1 and Study.objects.count() == 1
     assert stored_files(clinician_a.tenant) == files
+    entry = AccessEvent.objects.get(action="dicom.instance_duplicate")
+    assert entry.actor == clinician_a.user and entry.target_id == str(first.instance.pk)
 
 
 def test_an_instance_stored_concurrently_is_a_duplicate_with_no_half_rows(clinician_a, demo_model, monkeypatch):
