@@ -40,7 +40,7 @@ from core.errors import (
 )
 from core.pseudonym import patient_pseudonym_of
 from recognition import dicom
-from recognition.models import Image
+from recognition.models import Image, InferenceRequest
 from recognition.services.images import (
     StudyFields,
     _dicom_series,
@@ -285,9 +285,18 @@ def _instance_row(*, tenant, header: _Header, study, series, file: str, size: in
     )
 
 
-def _routing(tenant):
+def node_read_priority(node: DicomNode | None) -> int:
+    """The lane a received instance is read on: a node's reads go to the bulk lane, after the
+    clinicians' own uploads, unless an admin marked it interactive (its service account's flag);
+    an instance a person stores (STOW-RS) is read as their upload is."""
+    if node is None or node.service_account.interactive:
+        return InferenceRequest.Priority.INTERACTIVE
+    return InferenceRequest.Priority.BULK
+
+
+def _routing(tenant, node: DicomNode | None = None):
     try:
-        return upload_routing(tenant=tenant)
+        return upload_routing(tenant=tenant, priority=node_read_priority(node))
     except Unavailable:
         # a modality's study is kept even before a model is registered; it is read once one is
         logger.warning("tenant %s has no production model: a received instance is stored unread", tenant.pk)
@@ -319,7 +328,7 @@ def _image_receive(*, membership: Membership, data: bytes, header: _Header, node
         data=data,
         fields=StudyFields(),
         request=request,
-        routing=_routing(tenant),
+        routing=_routing(tenant, node),
         on_stored=on_stored,
     )
     return Received(

@@ -932,11 +932,27 @@ def _render_one(image: Image, parsed: dicom.DicomFile) -> int:
 
 def _queue_read(image: Image) -> None:
     try:
-        routing = upload_routing(tenant=image.tenant)
+        routing = upload_routing(tenant=image.tenant, priority=_deferred_read_priority(image))
     except Unavailable:
         logger.warning("image %s rendered; no production model, so its AI read is not queued", image.pk)
         return
     inference_request_create(image=image, model_version=_read_version(routing, image))
+
+
+def _deferred_read_priority(image: Image) -> int:
+    """The lane of a read queued once the worker rendered the image: a DICOM node's instance is
+    read on its node's lane (dicomnet.ingest.node_read_priority), any other upload interactively."""
+    if image.format != "DICOM" or not image.original:
+        return InferenceRequest.Priority.INTERACTIVE
+    from dicomnet.ingest import node_read_priority  # dicomnet builds on recognition, not the reverse
+    from dicomnet.models import Instance
+
+    received = (
+        Instance.objects.filter(tenant_id=image.tenant_id, file=image.original.name, received_from__isnull=False)
+        .select_related("received_from__service_account")
+        .first()
+    )
+    return node_read_priority(received.received_from) if received is not None else InferenceRequest.Priority.INTERACTIVE
 
 
 def _read_create(routing: Routing, image: Image) -> None:

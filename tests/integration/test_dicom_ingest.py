@@ -246,3 +246,37 @@ def test_an_image_no_decoder_reads_is_kept_unprocessable_and_listed(clinician_a,
     assert received.instance.transfer_syntax_uid == "1.2.840.10008.1.2.4.100"
     again = instance_receive(membership=clinician_a, data=out.getvalue())
     assert again.status == "duplicate" and [i.pk for i in again.images] == [image.pk]
+
+
+def _node(tenant, **changes):
+    from accounts.models import Role
+    from dicomnet.nodes import dicom_node_create
+    from tests.conftest import member
+
+    admin = member(tenant, "admin-a", Role.TENANT_ADMIN)
+    return admin, dicom_node_create(actor=admin, name="CT", ae_title="CT2", host="127.0.0.1", **changes)
+
+
+def test_a_nodes_instances_are_read_on_the_bulk_lane_unless_it_is_marked_interactive(hospital_a, demo_model):
+    from dicomnet.nodes import dicom_node_interactive_set
+    from recognition.services import images
+
+    admin, node = _node(hospital_a)
+    assert not node.service_account.interactive
+    received = instance_receive(membership=node.service_account.membership, data=sample("CT_small.dcm"), node=node)
+    (image,) = received.images
+    assert InferenceRequest.objects.get(image=image).priority == InferenceRequest.Priority.BULK
+    assert images._deferred_read_priority(image) == InferenceRequest.Priority.BULK  # a read queued after rendering
+
+    dicom_node_interactive_set(actor=admin, node=node, interactive=True)
+    assert AccessEvent.objects.filter(action="dicom.node_interactive", target_id=str(node.pk)).exists()
+    node.refresh_from_db()
+    received = instance_receive(membership=node.service_account.membership, data=sample("MR_small.dcm"), node=node)
+    (image,) = received.images
+    assert InferenceRequest.objects.get(image=image).priority == InferenceRequest.Priority.INTERACTIVE
+    assert images._deferred_read_priority(image) == InferenceRequest.Priority.INTERACTIVE
+
+
+def test_a_person_storing_an_instance_is_read_interactively(clinician_a, demo_model):
+    (image,) = instance_receive(membership=clinician_a, data=sample("CT_small.dcm")).images
+    assert InferenceRequest.objects.get(image=image).priority == InferenceRequest.Priority.INTERACTIVE
