@@ -16,6 +16,7 @@ import secrets
 import socket
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
 from django.utils.text import slugify
@@ -83,6 +84,14 @@ def fingerprint_clean(value: str) -> str:
             code="invalid_fingerprint",
         )
     return digits
+
+
+def mutual_tls_configured() -> bool:
+    """Whether the SCP asks every node for a client certificate (TLS on, with a CA to verify it):
+    the one setting under which a pinned fingerprint can ever be presented. Python's ssl asks
+    for a client certificate only with a CA to check it against, so a pinned certificate is one
+    that CA signed, and every node, pinned or not, presents one the CA signed."""
+    return bool(settings.SIGHTLINE_DICOM_TLS_CERT and settings.SIGHTLINE_DICOM_TLS_CA)
 
 
 def certificate_fingerprint(der: bytes) -> str:
@@ -181,6 +190,13 @@ def dicom_node_create(
     title = ae_title_clean(ae_title)
     host = host_clean(host)
     fingerprint = fingerprint_clean(tls_client_fingerprint)
+    if fingerprint and not mutual_tls_configured():
+        raise Invalid(
+            "A client certificate can be pinned only where the SCP asks for one (mutual TLS): the operator "
+            "sets SIGHTLINE_DICOM_TLS_CERT, SIGHTLINE_DICOM_TLS_KEY and SIGHTLINE_DICOM_TLS_CA, the CA that "
+            "signed the node's certificate. Until then leave the fingerprint empty.",
+            code="mutual_tls_off",
+        )
     tenant = actor.tenant
     nodes = DicomNode.objects.for_tenant(tenant)
     if nodes.filter(ae_title=title).exists():

@@ -21,6 +21,7 @@ from .nodes import (
     dicom_node_interactive_set,
     dicom_node_list,
     dicom_node_reactivate,
+    mutual_tls_configured,
 )
 
 
@@ -34,7 +35,7 @@ def _nodes_render(request, actor, *, status: int = 200, form: dict | None = None
             "called": HospitalAETitle.objects.filter(tenant=actor.tenant).first(),
             "dicom_port": settings.SIGHTLINE_DICOM_PORT,
             "tls": bool(settings.SIGHTLINE_DICOM_TLS_CERT),
-            "mutual_tls": bool(settings.SIGHTLINE_DICOM_TLS_CA),
+            "mutual_tls": mutual_tls_configured(),
             "form": form or {"bind_host": True},
         },
         status=status,
