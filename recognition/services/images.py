@@ -435,6 +435,21 @@ def _dicom_study(tenant, header: dict, fields: StudyFields) -> Study:
                     code="study_patient_mismatch",
                 )
             return existing
+    if uid and study_fields.accession_number:
+        # one accession number names one study: never file an instance of another study under it
+        taken = (
+            Study.objects.for_tenant(tenant)
+            .filter(accession_number=study_fields.accession_number)
+            .exclude(study_instance_uid="")
+            .exclude(study_instance_uid=uid)
+            .exists()
+        )
+        if taken:
+            raise Conflict(
+                "This accession number belongs to another study (another Study Instance UID); check the file's "
+                "Accession Number and Study Instance UID.",
+                code="accession_study_mismatch",
+            )
     if pseudonym and study_fields.accession_number:  # the accession's study, made under an older key
         earlier = (
             Study.objects.for_tenant(tenant)

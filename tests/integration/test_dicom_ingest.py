@@ -280,3 +280,26 @@ def test_a_nodes_instances_are_read_on_the_bulk_lane_unless_it_is_marked_interac
 def test_a_person_storing_an_instance_is_read_interactively(clinician_a, demo_model):
     (image,) = instance_receive(membership=clinician_a, data=sample("CT_small.dcm")).images
     assert InferenceRequest.objects.get(image=image).priority == InferenceRequest.Priority.INTERACTIVE
+
+
+def test_an_instance_of_another_study_under_a_known_accession_number_is_refused(clinician_a, demo_model):
+    first = instance_receive(membership=clinician_a, data=ct(AccessionNumber="ACC-1", StudyInstanceUID="1.2.3.1"))
+    assert first.status == "stored"
+    files = stored_files(clinician_a.tenant)
+
+    other = instance_receive(
+        membership=clinician_a,
+        data=ct(AccessionNumber="ACC-1", StudyInstanceUID="1.2.3.2", SOPInstanceUID="1.2.3.2.1"),
+    )
+
+    assert other.status == "refused" and other.code == "accession_study_mismatch"
+    assert other.dimse_status == 0xC000 and other.http_status == 409 and "another study" in other.reason
+    assert Study.objects.count() == 1 and Instance.objects.count() == 1 and Image.objects.count() == 1
+    assert Study.objects.get().study_instance_uid == "1.2.3.1"
+    assert stored_files(clinician_a.tenant) == files
+    # the same study's next instance is filed with it
+    same = instance_receive(
+        membership=clinician_a,
+        data=ct(AccessionNumber="ACC-1", StudyInstanceUID="1.2.3.1", SOPInstanceUID="1.2.3.1.2"),
+    )
+    assert same.status == "stored" and same.instance.study == first.instance.study
