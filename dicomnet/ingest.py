@@ -1,9 +1,9 @@
 """The one ingest of a DICOM instance, for every DICOM way in (C-STORE, STOW-RS).
 
 An image instance goes through the upload's own ingest (``_images_from_bytes``: content checks,
-the bounded inflater, limits, pseudonymisation, storage, study/series/image rows, the access
-log, the hospital's pin or split for the read) and gains its ``Instance`` row in the same
-transaction. A non-image instance (SR, PR, KO...) is kept and listed, never read: its file is
+the bounded inflater, limits, pseudonymisation, storage, study/series/image rows, its
+``Instance`` row (every stored DICOM has one: web uploads too), the access log, the hospital's
+pin or split for the read); here the row gains the node that sent it, in the same transaction. A non-image instance (SR, PR, KO...) is kept and listed, never read: its file is
 stored, its study and series found or made the same way, and its ``Instance`` row written with an
 access-log entry. Receiving is idempotent by SOP Instance UID per hospital: a second copy, even one
 delivered at the same moment by another association, creates nothing but its access-log entry
@@ -42,6 +42,7 @@ from core.pseudonym import patient_pseudonym_of
 from recognition import dicom
 from recognition.models import Image, InferenceRequest
 from recognition.services.images import (
+    DUPLICATE_INSTANCE,
     StudyFields,
     _dicom_series,
     _dicom_study,
@@ -251,7 +252,11 @@ def instance_receive(
                 dimse_status=SUCCESS if instance is not None else CANNOT_UNDERSTAND,
                 **uids,
             )
-        except (TooLarge, Unprocessable, Conflict, Unavailable, Forbidden, DomainError) as exc:
+        except Conflict as exc:
+            if exc.code == DUPLICATE_INSTANCE and attempt < RECEIVE_ATTEMPTS - 1:
+                continue  # another way in stored it between the look and the store: look again
+            return _refused(exc, **uids)
+        except (TooLarge, Unprocessable, Unavailable, Forbidden, DomainError) as exc:
             return _refused(exc, **uids)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -308,16 +313,13 @@ def _image_receive(*, membership: Membership, data: bytes, header: _Header, node
     made: list[Instance] = []
 
     def on_stored(images: list[Image]) -> None:  # in the upload's own transaction: both or neither
-        first = images[0]
-        instance = _instance_row(
-            tenant=tenant,
-            header=header,
-            study=first.study,
-            series=first.series,
-            file=first.original.name or "",
-            size=len(data),
-            node=node,
-        )
+        # the upload wrote the Instance row (every stored DICOM has one); this says who sent it
+        instance = Instance.objects.for_tenant(tenant).get(sop_instance_uid=header.sop_instance_uid)
+        instance.received_from = node
+        instance.frames = header.frames
+        instance.transfer_syntax_uid = header.transfer_syntax_uid
+        instance.sop_class_uid = header.sop_class_uid
+        instance.save(update_fields=["received_from", "frames", "transfer_syntax_uid", "sop_class_uid"])
         member_action_record(
             membership, "dicom.instance_received", request=request, target_type="instance", target_id=instance.pk
         )

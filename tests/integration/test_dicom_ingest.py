@@ -303,3 +303,23 @@ def test_an_instance_of_another_study_under_a_known_accession_number_is_refused(
         data=ct(AccessionNumber="ACC-1", StudyInstanceUID="1.2.3.1", SOPInstanceUID="1.2.3.1.2"),
     )
     assert same.status == "stored" and same.instance.study == first.instance.study
+
+
+def test_an_uploaded_dicom_has_its_instance_and_is_one_copy_with_every_way_in(clinician_a, demo_model):
+    from tests.conftest import api_client_for
+
+    data = ct(SOPInstanceUID="1.2.3.9.1")
+    client = api_client_for(clinician_a)
+    response = client.post("/api/v1/images/", {"file": io.BytesIO(data)}, format="multipart")
+    assert response.status_code == 201, response.content
+    instance = Instance.objects.get()  # DICOMweb lists it like a received one
+    image = Image.objects.get()
+    assert instance.sop_instance_uid == "1.2.3.9.1" and instance.file.name == image.original.name
+    assert instance.study == image.study and instance.series == image.series and instance.received_from is None
+    assert instance.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2" and instance.frames == 1 and instance.transfer_syntax_uid
+
+    again = instance_receive(membership=clinician_a, data=data)  # the same instance by C-STORE / STOW-RS
+    assert again.status == "duplicate" and again.instance == instance and again.images == [image]
+    second = client.post("/api/v1/images/", {"file": io.BytesIO(data)}, format="multipart")
+    assert second.status_code == 409 and second.json()["error"]["code"] == "duplicate_instance"
+    assert Image.objects.count() == 1 and Instance.objects.count() == 1
