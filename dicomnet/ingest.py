@@ -1,13 +1,13 @@
 """The one ingest of a DICOM instance, for every DICOM way in (C-STORE, STOW-RS).
 
 An image instance goes through the upload's own ingest (``_images_from_bytes``: content checks,
-the bounded inflater, limits, pseudonymisation, storage, study/series/image rows, its
-``Instance`` row (every stored DICOM has one: web uploads too), the access log, the hospital's
-pin or split for the read); here the row gains the node that sent it, in the same transaction. A non-image instance (SR, PR, KO...) is kept and listed, never read: its file is
-stored, its study and series found or made the same way, and its ``Instance`` row written with an
-access-log entry. Receiving is idempotent by SOP Instance UID per hospital: a second copy, even one
-delivered at the same moment by another association, creates nothing but its access-log entry
-(dicom.instance_duplicate).
+the bounded inflater, limits, pseudonymisation, storage, study/series/image rows, its ``Instance``
+row (every stored DICOM has one: web uploads too), the access log, the hospital's pin or split for
+the read); here the row gains the node that sent it, in the same transaction. A non-image instance
+(SR, PR, KO...) is kept and listed, never read: its file is stored, its study and series found or
+made the same way, and its ``Instance`` row written with an access-log entry. Receiving is
+idempotent by SOP Instance UID per hospital: a second copy, even one delivered at the same moment
+by another association, creates nothing but its access-log entry (dicom.instance_duplicate).
 
 The answer (``Received``) says what happened in the terms of both ways in: an HTTP status for
 STOW-RS and a DIMSE status (PS3.4 B.2.3) for C-STORE.
@@ -113,7 +113,7 @@ def _refused(exc: DomainError, *, sop_instance_uid: str = "", sop_class_uid: str
 class _Header:
     sop_instance_uid: str
     sop_class_uid: str
-    transfer_syntax_uid: str  # as received (a deflated one is named, though stored inflated)
+    transfer_syntax_uid: str  # as received: a deflated original is stored as received, deflated
     modality: str
     instance_number: int | None
     frames: int

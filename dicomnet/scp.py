@@ -1,13 +1,13 @@
 """The C-STORE SCP (pynetdicom): the DICOM way in for a hospital's modalities and PACS.
 
-Who may associate: the called AE title names the hospital (platform staff assign it, unique
-across the platform); the calling AE title and the peer's address must be an active node that
-hospital registered (host binding on by default), and, where the node has a fingerprint, the
-TLS client certificate must be exactly that one. A client certificate is asked for only with
-mutual TLS (SIGHTLINE_DICOM_TLS_CA set): then every node presents one that CA signed, and a pinned
-node that very one; a fingerprint cannot be saved without it (dicomnet.nodes). Anything else is an A-ASSOCIATE-RJ (permanent,
-calling or called AE title not recognised), an access-log entry (the hospital's chain, or the
-platform's when no hospital was named) and a count: an address rejected
+Who may associate: the called AE title names the hospital (platform staff assign it, unique across
+the platform); the calling AE title and the peer's address must be an active node that hospital
+registered (host binding on by default), and, where the node has a fingerprint, the TLS client
+certificate must be exactly that one. A client certificate is asked for only with mutual TLS
+(SIGHTLINE_DICOM_TLS_CA set): then every node presents one that CA signed, and a pinned node that
+very one; a fingerprint cannot be saved without it (dicomnet.nodes). Anything else is an
+A-ASSOCIATE-RJ (permanent, calling or called AE title not recognised), an access-log entry (the
+hospital's chain, or the platform's when no hospital was named) and a count: an address rejected
 SIGHTLINE_DICOM_REJECTIONS_PER_WINDOW times within the window is refused unread (transient), and
 logged once per window.
 

@@ -316,7 +316,9 @@ def test_an_uploaded_dicom_has_its_instance_and_is_one_copy_with_every_way_in(cl
     image = Image.objects.get()
     assert instance.sop_instance_uid == "1.2.3.9.1" and instance.file.name == image.original.name
     assert instance.study == image.study and instance.series == image.series and instance.received_from is None
-    assert instance.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2" and instance.frames == 1 and instance.transfer_syntax_uid
+    assert (
+        instance.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2" and instance.frames == 1 and instance.transfer_syntax_uid
+    )
 
     again = instance_receive(membership=clinician_a, data=data)  # the same instance by C-STORE / STOW-RS
     assert again.status == "duplicate" and again.instance == instance and again.images == [image]

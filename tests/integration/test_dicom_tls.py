@@ -130,7 +130,9 @@ def test_no_client_certificate_no_association(tls_scp, node, pki):
     assert not assoc.is_established
 
 
-@pytest.mark.parametrize("configured", [{}, {"SIGHTLINE_DICOM_TLS_CA": "/etc/ca.pem"}, {"SIGHTLINE_DICOM_TLS_CERT": "/x"}])
+@pytest.mark.parametrize(
+    "configured", [{}, {"SIGHTLINE_DICOM_TLS_CA": "/etc/ca.pem"}, {"SIGHTLINE_DICOM_TLS_CERT": "/x"}]
+)
 def test_a_fingerprint_is_refused_without_mutual_tls(hospital_a, pki, settings, configured):
     settings.SIGHTLINE_DICOM_TLS_CERT = settings.SIGHTLINE_DICOM_TLS_CA = ""
     for name, value in configured.items():
