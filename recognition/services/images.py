@@ -753,9 +753,12 @@ def _store_dicom(
                 )
             if on_stored:
                 on_stored(images)
-    except BaseException:
+    except BaseException as exc:
         for name in stored:
             default_storage.delete(name)
+        if isinstance(exc, IntegrityError):
+            # the same instance stored by another way in at the same moment: the rule, in words
+            _instance_unheld(tenant, header["sop_instance_uid"])
         raise
     logger.info("DICOM stored for tenant %s as %d image(s), %d to render", tenant.pk, len(images), received)
     return images

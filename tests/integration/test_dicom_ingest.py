@@ -325,3 +325,25 @@ def test_an_uploaded_dicom_has_its_instance_and_is_one_copy_with_every_way_in(cl
     second = client.post("/api/v1/images/", {"file": io.BytesIO(data)}, format="multipart")
     assert second.status_code == 409 and second.json()["error"]["code"] == "duplicate_instance"
     assert Image.objects.count() == 1 and Instance.objects.count() == 1
+
+
+def test_an_upload_racing_another_copy_of_its_instance_is_a_409_not_a_500(clinician_a, demo_model, monkeypatch):
+    from recognition.services import images
+    from tests.conftest import api_client_for
+
+    data = ct(SOPInstanceUID="1.2.3.9.2")
+    assert instance_receive(membership=clinician_a, data=data).status == "stored"
+    files = stored_files(clinician_a.tenant)
+    real, calls = images._instance_unheld, []
+
+    def late(tenant, uid):  # the other copy's row is not there yet when this upload first looks
+        calls.append(uid)
+        if len(calls) > 1:
+            real(tenant, uid)
+
+    monkeypatch.setattr(images, "_instance_unheld", late)
+    response = api_client_for(clinician_a).post("/api/v1/images/", {"file": io.BytesIO(data)}, format="multipart")
+    assert response.status_code == 409 and response.json()["error"]["code"] == "duplicate_instance"
+    assert Image.objects.count() == 1 and Instance.objects.count() == 1
+    assert stored_files(clinician_a.tenant) == files
+    assert len(calls) == 2  # it looked, lost the constraint, and looked again
