@@ -259,9 +259,19 @@ class StoreSCP:
     def _throttled(self, address: str, calling: str) -> bool:
         try:
             count = cache.get(_reject_key(address)) or 0
-        except Exception:  # the cache is down: nothing is throttled until it is back
-            logger.warning("rejections from %s not read: the cache is unavailable", address)
-            return False
+        except Exception:
+            # the cache is down: the throttle cannot be read, so every association is refused for
+            # now (fail closed), and each refusal is in the access log all the same
+            logger.warning("association from %s (%s) refused: the cache is unavailable", address, calling)
+            access_event_record(
+                action="dicom.association_rejected",
+                outcome=AccessEvent.Outcome.DENIED,
+                request=DicomPeer(address=address, calling_ae=calling),
+                username=f"dicom:{calling}"[:150],
+                target_type="address",
+                target_id=address,
+            )
+            return True
         if count < settings.SIGHTLINE_DICOM_REJECTIONS_PER_WINDOW:
             return False
         window = settings.SIGHTLINE_DICOM_REJECTION_WINDOW_SECONDS

@@ -218,18 +218,36 @@ def test_associations_past_the_limit_are_rejected_for_now(scp, node):
     first.release()
 
 
-def test_a_rejection_is_logged_even_when_the_cache_is_down(scp, node, hospital_a, monkeypatch):
-    class Down:
-        def __getattr__(self, name):
-            def fail(*args, **kwargs):
-                raise ConnectionError("redis is down")
+class _FailingCache:
+    """A cache whose writes fail (``reads`` too, when asked): Redis out of memory, or down."""
 
-            return fail
+    def __init__(self, *, reads: bool) -> None:
+        self.reads = reads
 
-    monkeypatch.setattr("dicomnet.scp.cache", Down())
+    def get(self, *args, **kwargs):
+        if self.reads:
+            raise ConnectionError("redis is down")
+        return None
+
+    def __getattr__(self, name):
+        def fail(*args, **kwargs):
+            raise ConnectionError("redis is down")
+
+        return fail
+
+
+def test_a_rejection_is_logged_even_when_it_cannot_be_counted(scp, node, hospital_a, monkeypatch):
+    monkeypatch.setattr("dicomnet.scp.cache", _FailingCache(reads=False))
     assert rejection(associate(scp, calling="STRANGER")) == (0x01, 0x01, 0x03)
     entry = AccessEvent.objects.get(action="dicom.association_rejected")
     assert entry.tenant == hospital_a and entry.actor_label == "dicom:STRANGER"
+
+
+def test_with_the_cache_down_associations_are_refused_and_logged(scp, node, monkeypatch):
+    monkeypatch.setattr("dicomnet.scp.cache", _FailingCache(reads=True))
+    assert rejection(associate(scp)) == (0x02, 0x03, 0x01)  # fail closed, transient: try again later
+    entry = AccessEvent.objects.get(action="dicom.association_rejected")
+    assert entry.outcome == "denied" and entry.actor_label == "dicom:CT2" and entry.target_id == ADDRESS
 
 
 def _closes_by_thread(monkeypatch) -> list[str]:
