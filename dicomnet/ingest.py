@@ -1,12 +1,13 @@
 """The one ingest of a DICOM instance, for every DICOM way in (C-STORE, STOW-RS).
 
 An image instance goes through the upload's own ingest (``_images_from_bytes``: content checks,
-the bounded inflater, limits, pseudonymisation, storage, study/series/image rows, the access
-log, the hospital's pin or split for the read) and gains its ``Instance`` row in the same
-transaction. A non-image instance (SR, PR, KO...) is kept and listed, never read: its file is
-stored, its study and series found or made the same way, and its ``Instance`` row written with an
-access-log entry. Receiving is idempotent by SOP Instance UID per hospital: a second copy, even one
-delivered at the same moment by another association, creates nothing.
+the bounded inflater, limits, pseudonymisation, storage, study/series/image rows, its ``Instance``
+row (every stored DICOM has one: web uploads too), the access log, the hospital's pin or split for
+the read); here the row gains the node that sent it, in the same transaction. A non-image instance
+(SR, PR, KO...) is kept and listed, never read: its file is stored, its study and series found or
+made the same way, and its ``Instance`` row written with an access-log entry. Receiving is
+idempotent by SOP Instance UID per hospital: a second copy, even one delivered at the same moment
+by another association, creates nothing but its access-log entry (dicom.instance_duplicate).
 
 The answer (``Received``) says what happened in the terms of both ways in: an HTTP status for
 STOW-RS and a DIMSE status (PS3.4 B.2.3) for C-STORE.
@@ -39,8 +40,9 @@ from core.errors import (
 )
 from core.pseudonym import patient_pseudonym_of
 from recognition import dicom
-from recognition.models import Image
+from recognition.models import Image, InferenceRequest
 from recognition.services.images import (
+    DUPLICATE_INSTANCE,
     StudyFields,
     _dicom_series,
     _dicom_study,
@@ -111,7 +113,7 @@ def _refused(exc: DomainError, *, sop_instance_uid: str = "", sop_class_uid: str
 class _Header:
     sop_instance_uid: str
     sop_class_uid: str
-    transfer_syntax_uid: str  # as received (a deflated one is named, though stored inflated)
+    transfer_syntax_uid: str  # as received: a deflated original is stored as received, deflated
     modality: str
     instance_number: int | None
     frames: int
@@ -222,6 +224,10 @@ def instance_receive(
         return _refused(exc, **uids)
     for attempt in range(RECEIVE_ATTEMPTS):
         if (existing := _existing(tenant, header.sop_instance_uid)) is not None:
+            # nothing is stored, but a node touched this patient's record: the log says so
+            member_action_record(
+                membership, "dicom.instance_duplicate", request=request, target_type="instance", target_id=existing.pk
+            )
             return _duplicate(existing, header)
         try:
             if header.has_pixels:
@@ -246,7 +252,11 @@ def instance_receive(
                 dimse_status=SUCCESS if instance is not None else CANNOT_UNDERSTAND,
                 **uids,
             )
-        except (TooLarge, Unprocessable, Conflict, Unavailable, Forbidden, DomainError) as exc:
+        except Conflict as exc:
+            if exc.code == DUPLICATE_INSTANCE and attempt < RECEIVE_ATTEMPTS - 1:
+                continue  # another way in stored it between the look and the store: look again
+            return _refused(exc, **uids)
+        except (TooLarge, Unprocessable, Unavailable, Forbidden, DomainError) as exc:
             return _refused(exc, **uids)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -280,9 +290,18 @@ def _instance_row(*, tenant, header: _Header, study, series, file: str, size: in
     )
 
 
-def _routing(tenant):
+def node_read_priority(node: DicomNode | None) -> int:
+    """The lane a received instance is read on: a node's reads go to the bulk lane, after the
+    clinicians' own uploads, unless an admin marked it interactive (its service account's flag);
+    an instance a person stores (STOW-RS) is read as their upload is."""
+    if node is None or node.service_account.interactive:
+        return InferenceRequest.Priority.INTERACTIVE
+    return InferenceRequest.Priority.BULK
+
+
+def _routing(tenant, node: DicomNode | None = None):
     try:
-        return upload_routing(tenant=tenant)
+        return upload_routing(tenant=tenant, priority=node_read_priority(node))
     except Unavailable:
         # a modality's study is kept even before a model is registered; it is read once one is
         logger.warning("tenant %s has no production model: a received instance is stored unread", tenant.pk)
@@ -294,16 +313,13 @@ def _image_receive(*, membership: Membership, data: bytes, header: _Header, node
     made: list[Instance] = []
 
     def on_stored(images: list[Image]) -> None:  # in the upload's own transaction: both or neither
-        first = images[0]
-        instance = _instance_row(
-            tenant=tenant,
-            header=header,
-            study=first.study,
-            series=first.series,
-            file=first.original.name or "",
-            size=len(data),
-            node=node,
-        )
+        # the upload wrote the Instance row (every stored DICOM has one); this says who sent it
+        instance = Instance.objects.for_tenant(tenant).get(sop_instance_uid=header.sop_instance_uid)
+        instance.received_from = node
+        instance.frames = header.frames
+        instance.transfer_syntax_uid = header.transfer_syntax_uid
+        instance.sop_class_uid = header.sop_class_uid
+        instance.save(update_fields=["received_from", "frames", "transfer_syntax_uid", "sop_class_uid"])
         member_action_record(
             membership, "dicom.instance_received", request=request, target_type="instance", target_id=instance.pk
         )
@@ -314,7 +330,7 @@ def _image_receive(*, membership: Membership, data: bytes, header: _Header, node
         data=data,
         fields=StudyFields(),
         request=request,
-        routing=_routing(tenant),
+        routing=_routing(tenant, node),
         on_stored=on_stored,
     )
     return Received(

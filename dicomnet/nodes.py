@@ -12,15 +12,17 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
+import secrets
 import socket
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
 from django.utils.text import slugify
 
 from accounts.access import member_action_record, tenant_object_get
-from accounts.models import Membership, Role, Tenant
+from accounts.models import Membership, Role, ServiceAccount, Tenant
 from accounts.permissions import Action
 from accounts.service_accounts import service_account_create, service_account_revoke
 from accounts.services import access_event_record, require
@@ -82,6 +84,14 @@ def fingerprint_clean(value: str) -> str:
             code="invalid_fingerprint",
         )
     return digits
+
+
+def mutual_tls_configured() -> bool:
+    """Whether the SCP asks every node for a client certificate (TLS on, with a CA to verify it):
+    the one setting under which a pinned fingerprint can ever be presented. Python's ssl asks
+    for a client certificate only with a CA to check it against, so a pinned certificate is one
+    that CA signed, and every node, pinned or not, presents one the CA signed."""
+    return bool(settings.SIGHTLINE_DICOM_TLS_CERT and settings.SIGHTLINE_DICOM_TLS_CA)
 
 
 def certificate_fingerprint(der: bytes) -> str:
@@ -151,10 +161,11 @@ def dicom_node_get(*, actor: Membership, node_id: int, request=None, for_update:
     )
 
 
-def _service_account_name(ae_title: str) -> str:
+def _service_account_name(ae_title: str, *, again: bool = False) -> str:
     slug = slugify(ae_title.replace("_", "-"))[:30].strip("-") or "node"
     digest = hashlib.sha256(ae_title.encode()).hexdigest()[:6]  # "CT_1" and "CT-1" slug alike
-    return f"dicom-{slug}-{digest}"
+    # a reactivated node's new account: the revoked one keeps its name in the record
+    return f"dicom-{slug}-{digest}" + (f"-{secrets.token_hex(2)}" if again else "")
 
 
 def dicom_node_create(
@@ -165,9 +176,13 @@ def dicom_node_create(
     host: str,
     bind_host: bool = True,
     tls_client_fingerprint: str = "",
+    interactive: bool = False,
     request=None,
 ) -> DicomNode:
-    """Register a sending node with its own service account (role clinician: it stores)."""
+    """Register a sending node with its own service account (role clinician: it stores).
+    ``interactive``: what it sends is read on the interactive lane, before the batch work (a
+    modality whose images a clinician waits on, e.g. the emergency department's CT); otherwise
+    its reads go to the bulk lane and never crowd out the clinicians' own uploads."""
     require(actor, Action.MEMBERS_MANAGE, request=request)
     name = (name or "").strip()
     if not name or len(name) > NODE_NAME_LENGTH:
@@ -175,12 +190,19 @@ def dicom_node_create(
     title = ae_title_clean(ae_title)
     host = host_clean(host)
     fingerprint = fingerprint_clean(tls_client_fingerprint)
+    if fingerprint and not mutual_tls_configured():
+        raise Invalid(
+            "A client certificate can be pinned only where the SCP asks for one (mutual TLS): the operator "
+            "sets SIGHTLINE_DICOM_TLS_CERT, SIGHTLINE_DICOM_TLS_KEY and SIGHTLINE_DICOM_TLS_CA, the CA that "
+            "signed the node's certificate. Until then leave the fingerprint empty.",
+            code="mutual_tls_off",
+        )
     tenant = actor.tenant
     nodes = DicomNode.objects.for_tenant(tenant)
     if nodes.filter(ae_title=title).exists():
         raise Conflict(
             f"{tenant.name} already has a node with the AE title {title!r} (a deactivated node keeps its "
-            "title in the record); give the new one its own.",
+            "title in the record: reactivate it instead); give the new one its own.",
             code="ae_title_taken",
         )
     if nodes.filter(name=name).exists():
@@ -192,7 +214,7 @@ def dicom_node_create(
                 name=_service_account_name(title),
                 role=Role.CLINICIAN,
                 description=f"DICOM node {name} ({title})"[:200],
-                interactive=True,
+                interactive=interactive,
                 request=request,
             )
             node = DicomNode.objects.create(
@@ -214,7 +236,8 @@ def dicom_node_create(
 
 
 def dicom_node_deactivate(*, actor: Membership, node: DicomNode, request=None) -> DicomNode:
-    """For good: the node's associations are refused from now on and its service account revoked."""
+    """The node's associations are refused from now on (open ones too, from their next C-STORE)
+    and its service account revoked for good; reactivating the node gives it a new one."""
     require(actor, Action.MEMBERS_MANAGE, request=request)
     if not node.is_active:
         return node
@@ -225,6 +248,47 @@ def dicom_node_deactivate(*, actor: Membership, node: DicomNode, request=None) -
             actor, "dicom.node_deactivate", request=request, target_type="dicom_node", target_id=node.pk
         )
     node.refresh_from_db()
+    return node
+
+
+def dicom_node_reactivate(*, actor: Membership, node: DicomNode, request=None) -> DicomNode:
+    """A deactivated node back in service, under its AE title, host and certificate as they were,
+    with a new service account (the old one stays revoked: revocation is for good)."""
+    require(actor, Action.MEMBERS_MANAGE, request=request)
+    with transaction.atomic():
+        locked = DicomNode.objects.select_for_update().select_related("service_account").get(pk=node.pk)
+        if locked.is_active:
+            return locked
+        account = service_account_create(
+            actor=actor,
+            name=_service_account_name(locked.ae_title, again=True),
+            role=Role.CLINICIAN,
+            description=f"DICOM node {locked.name} ({locked.ae_title})"[:200],
+            interactive=locked.service_account.interactive,
+            request=request,
+        )
+        DicomNode.objects.filter(pk=locked.pk).update(is_active=True, service_account=account)
+        member_action_record(
+            actor, "dicom.node_reactivate", request=request, target_type="dicom_node", target_id=locked.pk
+        )
+    node.refresh_from_db()
+    return node
+
+
+def dicom_node_interactive_set(*, actor: Membership, node: DicomNode, interactive: bool, request=None) -> DicomNode:
+    """Whether what the node sends is read on the interactive lane (else the bulk lane); it holds
+    from the node's next C-STORE on, open associations included."""
+    require(actor, Action.MEMBERS_MANAGE, request=request)
+    with transaction.atomic():
+        ServiceAccount.objects.filter(pk=node.service_account_id).update(interactive=interactive)
+        member_action_record(
+            actor,
+            "dicom.node_interactive" if interactive else "dicom.node_bulk",
+            request=request,
+            target_type="dicom_node",
+            target_id=node.pk,
+        )
+    node.service_account.refresh_from_db()
     return node
 
 

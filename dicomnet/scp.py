@@ -1,11 +1,13 @@
 """The C-STORE SCP (pynetdicom): the DICOM way in for a hospital's modalities and PACS.
 
-Who may associate: the called AE title names the hospital (platform staff assign it, unique
-across the platform); the calling AE title and the peer's address must be an active node that
-hospital registered (host binding on by default), and, where the node has a fingerprint, the
-TLS client certificate must be exactly that one. Anything else is an A-ASSOCIATE-RJ (permanent,
-calling or called AE title not recognised), an access-log entry (the hospital's chain, or the
-platform's when no hospital was named) and a count: an address rejected
+Who may associate: the called AE title names the hospital (platform staff assign it, unique across
+the platform); the calling AE title and the peer's address must be an active node that hospital
+registered (host binding on by default), and, where the node has a fingerprint, the TLS client
+certificate must be exactly that one. A client certificate is asked for only with mutual TLS
+(SIGHTLINE_DICOM_TLS_CA set): then every node presents one that CA signed, and a pinned node that
+very one; a fingerprint cannot be saved without it (dicomnet.nodes). Anything else is an
+A-ASSOCIATE-RJ (permanent, calling or called AE title not recognised), an access-log entry (the
+hospital's chain, or the platform's when no hospital was named) and a count: an address rejected
 SIGHTLINE_DICOM_REJECTIONS_PER_WINDOW times within the window is refused unread (transient), and
 logged once per window.
 
@@ -13,7 +15,8 @@ Each C-STORE is ``dicomnet.ingest.instance_receive`` as the node's service accou
 DIMSE status is the ingest's. A handler never takes the process down: an unexpected error is logged
 (ids only) and answered 0xA700 (out of resources; the sender may try again).
 
-Limits: associations at once, the largest PDU, the bytes one association may deliver (past it the
+Limits: associations at once (in all, and per hospital: one hospital's senders cannot take
+them all), the largest PDU, the bytes one association may deliver (past it the
 C-STORE is answered 0xA700 and the association aborted) and one message's bytes (the upload limit),
 ACSE/DIMSE/network timeouts. Nothing here logs a patient identifier: ids, AE titles, addresses.
 """
@@ -38,7 +41,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from accounts.models import AccessEvent
 from accounts.services import access_event_record
 
-from .ingest import OUT_OF_RESOURCES, instance_receive
+from .ingest import OUT_OF_RESOURCES, REFUSED_NOT_AUTHORIZED, instance_receive
 from .models import DicomNode
 from .nodes import Caller, caller_resolve, certificate_fingerprint
 
@@ -48,6 +51,7 @@ logger = logging.getLogger(__name__)
 REJECT_CALLING = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
 REJECT_CALLED = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
 REJECT_BUSY = (0x02, 0x03, 0x01)  # transient, presentation related, temporary congestion
+REJECT_HOSPITAL_BUSY = (0x02, 0x03, 0x02)  # transient, presentation related, local limit exceeded
 MESSAGE_SLACK = 1024 * 1024  # a C-STORE's command set and PDU headers, over its dataset
 ERROR_COMMENT = 64  # (0000,0902) Error Comment is LO: at most 64 characters
 
@@ -119,6 +123,7 @@ class StoreSCP:
             (evt.EVT_RELEASED, self._on_end),
             (evt.EVT_ABORTED, self._on_end),
             (evt.EVT_CONN_CLOSE, self._on_closed),
+            (evt.EVT_CONN_OPEN, self._on_open),
         ]
 
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -148,11 +153,27 @@ class StoreSCP:
         with self._lock:
             return self._associations.get(id(assoc))
 
+    def _on_open(self, event) -> None:
+        """Before the association's thread starts: whatever way it ends (released, aborted,
+        rejected in EVT_REQUESTED, a dropped connection, a timeout, a DUL error), the database
+        connections that thread opened are closed when it does, not left to the server."""
+        assoc = event.assoc
+        run = assoc.run
+
+        def run_then_close() -> None:
+            try:
+                run()
+            finally:
+                connections.close_all()
+
+        assoc.run = run_then_close
+
     def _on_requested(self, event) -> None:
         assoc = event.assoc
         request = assoc.requestor.primitive
         called, calling = str(request.called_ae_title).strip(), str(request.calling_ae_title).strip()
         address = str(assoc.requestor.address)
+        accepted = False
         try:
             close_old_connections()
             if self._throttled(address, calling):
@@ -165,13 +186,32 @@ class StoreSCP:
                 self._refuse(assoc, caller, called=called, calling=calling, address=address)
                 return
             node = caller.node
+            cap = settings.SIGHTLINE_DICOM_MAX_ASSOCIATIONS_PER_HOSPITAL
             with self._lock:
-                self._associations[id(assoc)] = _Association(node=node, address=address, calling_ae=calling)
+                open_here = sum(1 for s in self._associations.values() if s.node.tenant_id == node.tenant_id)
+                full = open_here >= cap
+                if not full:
+                    self._associations[id(assoc)] = _Association(node=node, address=address, calling_ae=calling)
+            if full:  # one hospital's senders never take every association the SCP has
+                logger.warning(
+                    "association from %s (%s) to %s refused for now: tenant %s has %d open (the cap)",
+                    address,
+                    calling,
+                    called,
+                    node.tenant_id,
+                    open_here,
+                )
+                self._reject(assoc, REJECT_HOSPITAL_BUSY)
+                return
             DicomNode.objects.filter(pk=node.pk).update(last_seen=timezone.now())
             logger.info("association from %s (%s) to %s accepted: node %s", address, calling, called, node.pk)
+            accepted = True
         except Exception:
             logger.exception("association request from %s (%s) could not be checked; rejected", address, calling)
             self._reject(assoc, REJECT_BUSY)
+        finally:
+            if not accepted:  # no EVT_RELEASED or EVT_ABORTED follows a rejection
+                connections.close_all()
 
     def _certificate_matches(self, assoc, node: DicomNode) -> bool:
         if not node.tls_client_fingerprint:
@@ -187,10 +227,7 @@ class StoreSCP:
     def _refuse(self, assoc, caller: Caller, *, called: str, calling: str, address: str) -> None:
         """Rejected, logged in the access log (a security event) and counted against the address;
         the peer hears of it once the entry is written."""
-        count = self._count_rejection(address)
-        logger.warning(
-            "association from %s (%s) to %s rejected: %s (%d in window)", address, calling, called, caller.reason, count
-        )
+        # the entry first: a cache that is down must not leave a refusal unlogged
         access_event_record(
             action="dicom.association_rejected",
             outcome=AccessEvent.Outcome.DENIED,
@@ -199,6 +236,14 @@ class StoreSCP:
             tenant=caller.hospital.tenant if caller.hospital is not None else None,
             target_type="ae_title",
             target_id=called,
+        )
+        try:
+            count = self._count_rejection(address)
+        except Exception:  # the cache is down: refused and logged all the same, just not counted
+            logger.warning("rejections from %s not counted: the cache is unavailable", address)
+            count = 0
+        logger.warning(
+            "association from %s (%s) to %s rejected: %s (%d in window)", address, calling, called, caller.reason, count
         )
         self._reject(assoc, REJECT_CALLED if caller.hospital is None else REJECT_CALLING)
 
@@ -212,7 +257,21 @@ class StoreSCP:
             return 1
 
     def _throttled(self, address: str, calling: str) -> bool:
-        count = cache.get(_reject_key(address)) or 0
+        try:
+            count = cache.get(_reject_key(address)) or 0
+        except Exception:
+            # the cache is down: the throttle cannot be read, so every association is refused for
+            # now (fail closed), and each refusal is in the access log all the same
+            logger.warning("association from %s (%s) refused: the cache is unavailable", address, calling)
+            access_event_record(
+                action="dicom.association_rejected",
+                outcome=AccessEvent.Outcome.DENIED,
+                request=DicomPeer(address=address, calling_ae=calling),
+                username=f"dicom:{calling}"[:150],
+                target_type="address",
+                target_id=address,
+            )
+            return True
         if count < settings.SIGHTLINE_DICOM_REJECTIONS_PER_WINDOW:
             return False
         window = settings.SIGHTLINE_DICOM_REJECTION_WINDOW_SECONDS
@@ -269,7 +328,11 @@ class StoreSCP:
         started = time.perf_counter()
         try:
             close_old_connections()
-            node = state.node
+            node = _node_now(state.node.pk)
+            if node is None:  # deactivated (or its account revoked) since the association began
+                self._abort_later(event.assoc, state, "node deactivated during the association")
+                return _status(REFUSED_NOT_AUTHORIZED, "This node is no longer registered with the hospital.")
+            state.node = node
             received = instance_receive(
                 membership=node.service_account.membership,
                 data=event.encoded_dataset(),
@@ -309,6 +372,23 @@ class StoreSCP:
     def _on_closed(self, event) -> None:
         with self._lock:
             self._associations.pop(id(event.assoc), None)
+
+
+def _node_now(node_id: int) -> DicomNode | None:
+    """The node as it is now, with a fresh service account and membership; None once it no longer
+    qualifies (deactivated, its account revoked or its membership ended)."""
+    return (
+        DicomNode.objects.select_related(
+            "service_account__membership__tenant", "service_account__membership__user", "tenant"
+        )
+        .filter(
+            pk=node_id,
+            is_active=True,
+            service_account__revoked_at__isnull=True,
+            service_account__membership__is_active=True,
+        )
+        .first()
+    )
 
 
 def _status(code: int, comment: str) -> Dataset:

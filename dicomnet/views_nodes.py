@@ -1,5 +1,6 @@
 """The sending-nodes page: a tenant admin registers the modalities and PACS that send to the
-hospital over DICOM, and deactivates them."""
+hospital over DICOM, deactivates and reactivates them, and says which are read on the
+interactive lane."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ from accounts.selectors import membership_for_session
 from core.errors import DomainError
 
 from .models import HospitalAETitle
-from .nodes import dicom_node_create, dicom_node_deactivate, dicom_node_get, dicom_node_list
+from .nodes import (
+    dicom_node_create,
+    dicom_node_deactivate,
+    dicom_node_get,
+    dicom_node_interactive_set,
+    dicom_node_list,
+    dicom_node_reactivate,
+    mutual_tls_configured,
+)
 
 
 def _nodes_render(request, actor, *, status: int = 200, form: dict | None = None):
@@ -26,7 +35,7 @@ def _nodes_render(request, actor, *, status: int = 200, form: dict | None = None
             "called": HospitalAETitle.objects.filter(tenant=actor.tenant).first(),
             "dicom_port": settings.SIGHTLINE_DICOM_PORT,
             "tls": bool(settings.SIGHTLINE_DICOM_TLS_CERT),
-            "mutual_tls": bool(settings.SIGHTLINE_DICOM_TLS_CA),
+            "mutual_tls": mutual_tls_configured(),
             "form": form or {"bind_host": True},
         },
         status=status,
@@ -49,6 +58,7 @@ def node_create_page(request):
         "host": request.POST.get("host", "").strip(),
         "bind_host": request.POST.get("bind_host") == "on",
         "tls_client_fingerprint": request.POST.get("tls_client_fingerprint", "").strip(),
+        "interactive": request.POST.get("interactive") == "on",
     }
     try:
         node = dicom_node_create(actor=actor, request=request, **form)
@@ -66,4 +76,26 @@ def node_deactivate_page(request, node_id: int):
     node = dicom_node_get(actor=actor, node_id=node_id, request=request)
     dicom_node_deactivate(actor=actor, node=node, request=request)
     messages.success(request, f"Node {node.name} deactivated; its associations are refused from now on.")
+    return redirect("dicom-nodes")
+
+
+@login_required
+@require_POST
+def node_reactivate_page(request, node_id: int):
+    actor = membership_for_session(request)
+    node = dicom_node_get(actor=actor, node_id=node_id, request=request)
+    dicom_node_reactivate(actor=actor, node=node, request=request)
+    messages.success(request, f"Node {node.name} reactivated: {node.ae_title} may send from {node.host} again.")
+    return redirect("dicom-nodes")
+
+
+@login_required
+@require_POST
+def node_lane_page(request, node_id: int):
+    actor = membership_for_session(request)
+    node = dicom_node_get(actor=actor, node_id=node_id, request=request)
+    interactive = request.POST.get("interactive") == "on"
+    dicom_node_interactive_set(actor=actor, node=node, interactive=interactive, request=request)
+    lane = "the interactive lane" if interactive else "the bulk lane"
+    messages.success(request, f"What {node.name} sends is now read on {lane}.")
     return redirect("dicom-nodes")

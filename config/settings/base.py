@@ -506,6 +506,8 @@ SIGHTLINE_DICOM_TLS_KEY = env("SIGHTLINE_DICOM_TLS_KEY", default="")
 SIGHTLINE_DICOM_TLS_CA = env("SIGHTLINE_DICOM_TLS_CA", default="")
 # limits: associations at once, the largest PDU taken, the bytes one association may deliver
 SIGHTLINE_DICOM_MAX_ASSOCIATIONS = env.int("SIGHTLINE_DICOM_MAX_ASSOCIATIONS", default=10)
+# of those, the most one hospital's nodes may hold at once (past it: rejected, transient)
+SIGHTLINE_DICOM_MAX_ASSOCIATIONS_PER_HOSPITAL = env.int("SIGHTLINE_DICOM_MAX_ASSOCIATIONS_PER_HOSPITAL", default=4)
 SIGHTLINE_DICOM_MAX_PDU = env.int("SIGHTLINE_DICOM_MAX_PDU", default=65536)
 SIGHTLINE_DICOM_MAX_ASSOCIATION_BYTES = env.int("SIGHTLINE_DICOM_MAX_ASSOCIATION_BYTES", default=2 * 1024**3)
 # association timeouts (seconds): ACSE negotiation, DIMSE messages, an idle network

@@ -30,6 +30,7 @@ from django.db.models.fields.files import FieldFile
 from django.utils import timezone
 from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
+from pydicom.filereader import _read_file_meta_info
 
 from accounts import events
 from accounts.access import member_action_record
@@ -435,6 +436,21 @@ def _dicom_study(tenant, header: dict, fields: StudyFields) -> Study:
                     code="study_patient_mismatch",
                 )
             return existing
+    if uid and study_fields.accession_number:
+        # one accession number names one study: never file an instance of another study under it
+        taken = (
+            Study.objects.for_tenant(tenant)
+            .filter(accession_number=study_fields.accession_number)
+            .exclude(study_instance_uid="")
+            .exclude(study_instance_uid=uid)
+            .exists()
+        )
+        if taken:
+            raise Conflict(
+                "This accession number belongs to another study (another Study Instance UID); check the file's "
+                "Accession Number and Study Instance UID.",
+                code="accession_study_mismatch",
+            )
     if pseudonym and study_fields.accession_number:  # the accession's study, made under an older key
         earlier = (
             Study.objects.for_tenant(tenant)
@@ -642,8 +658,11 @@ def _store_dicom(
     on_stored: OnStored = None,
 ) -> list[Image]:
     """Store the original and one image per frame: rendered (``renders``), ``received`` frames
-    for the worker step to render, or one unprocessable image (``reason``)."""
+    for the worker step to render, or one unprocessable image (``reason``); and the instance's
+    ``dicomnet.Instance`` row, so every way in (this upload, C-STORE, STOW-RS) shares the
+    hospital's one-copy-per-SOP-Instance-UID rule and DICOMweb lists what was uploaded."""
     tenant = membership.tenant
+    _instance_unheld(tenant, header["sop_instance_uid"])
     stored: list[str] = []
     try:
         original = ContentFile(dicom.anonymized_preamble(data))
@@ -726,6 +745,7 @@ def _store_dicom(
                 if routing is not None:
                     for image in images:
                         _read_create(routing, image)
+            _instance_record(tenant=tenant, data=data, header=header, study=study, series=series, images=images)
             study_summary_refresh([study.pk])
             for image in images:
                 member_action_record(
@@ -733,12 +753,66 @@ def _store_dicom(
                 )
             if on_stored:
                 on_stored(images)
-    except BaseException:
+    except BaseException as exc:
         for name in stored:
             default_storage.delete(name)
+        if isinstance(exc, IntegrityError):
+            # the same instance stored by another way in at the same moment: the rule, in words
+            _instance_unheld(tenant, header["sop_instance_uid"])
         raise
     logger.info("DICOM stored for tenant %s as %d image(s), %d to render", tenant.pk, len(images), received)
     return images
+
+
+DUPLICATE_INSTANCE = "duplicate_instance"
+
+
+def _instance_unheld(tenant, sop_instance_uid: str) -> None:
+    """One copy of a DICOM instance per hospital, whichever way it came in."""
+    from dicomnet.models import Instance  # dicomnet builds on recognition: imported when used
+
+    if sop_instance_uid and Instance.objects.for_tenant(tenant).filter(sop_instance_uid=sop_instance_uid).exists():
+        raise Conflict(
+            "This hospital already holds this DICOM instance (the same SOP Instance UID); it was not stored again.",
+            code=DUPLICATE_INSTANCE,
+        )
+
+
+def _instance_record(*, tenant, data: bytes, header: dict, study: Study, series: Series, images: list[Image]):
+    """The stored file's ``dicomnet.Instance`` (a DICOM without a SOP Instance UID has none)."""
+    from dicomnet.models import Instance
+
+    uid = header["sop_instance_uid"]
+    if not uid:
+        return None
+    meta = _file_meta(data)
+    return Instance.objects.create(
+        tenant=tenant,
+        study=study,
+        series=series,
+        sop_instance_uid=uid[:64],
+        sop_class_uid=meta.get("MediaStorageSOPClassUID", "")[:64],
+        transfer_syntax_uid=meta.get("TransferSyntaxUID", "")[:64],
+        modality=(header.get("modality") or "")[:16],
+        instance_number=header.get("instance_number"),
+        frames=len(images),
+        rows=header.get("rows"),
+        columns=header.get("columns"),
+        file=images[0].original.name or "",
+        byte_size=len(data),
+        origin=Instance.Origin.RECEIVED,
+    )
+
+
+def _file_meta(data: bytes) -> dict[str, str]:
+    """The Part 10 file meta's SOP class and transfer syntax (bounded: the meta group only)."""
+    stream = io.BytesIO(data)
+    stream.seek(dicom.PREAMBLE_SIZE + len(dicom.MAGIC))
+    try:
+        meta = _read_file_meta_info(stream)
+    except Exception:
+        return {}
+    return {key: str(meta.get(key, "") or "").strip() for key in ("MediaStorageSOPClassUID", "TransferSyntaxUID")}
 
 
 # -- the worker step: render what the request did not --------------------------------------------------------------
@@ -932,11 +1006,27 @@ def _render_one(image: Image, parsed: dicom.DicomFile) -> int:
 
 def _queue_read(image: Image) -> None:
     try:
-        routing = upload_routing(tenant=image.tenant)
+        routing = upload_routing(tenant=image.tenant, priority=_deferred_read_priority(image))
     except Unavailable:
         logger.warning("image %s rendered; no production model, so its AI read is not queued", image.pk)
         return
     inference_request_create(image=image, model_version=_read_version(routing, image))
+
+
+def _deferred_read_priority(image: Image) -> int:
+    """The lane of a read queued once the worker rendered the image: a DICOM node's instance is
+    read on its node's lane (dicomnet.ingest.node_read_priority), any other upload interactively."""
+    if image.format != "DICOM" or not image.original:
+        return InferenceRequest.Priority.INTERACTIVE
+    from dicomnet.ingest import node_read_priority  # dicomnet builds on recognition, not the reverse
+    from dicomnet.models import Instance
+
+    received = (
+        Instance.objects.filter(tenant_id=image.tenant_id, file=image.original.name, received_from__isnull=False)
+        .select_related("received_from__service_account")
+        .first()
+    )
+    return node_read_priority(received.received_from) if received is not None else InferenceRequest.Priority.INTERACTIVE
 
 
 def _read_create(routing: Routing, image: Image) -> None:

@@ -117,6 +117,10 @@ def test_storescu_sends_samples_and_a_series_which_reach_the_worklist_and_are_re
     assert generated.series.count() == 1 and generated.images.count() == 5
     assert Image.objects.for_tenant(tenant).count() == 7  # the SR is kept and listed, not read
     assert InferenceRequest.objects.filter(image__tenant=tenant).count() == 7
+    # a node not marked interactive: its reads wait on the bulk lane, behind the clinicians' uploads
+    assert set(InferenceRequest.objects.filter(image__tenant=tenant).values_list("priority", flat=True)) == {
+        InferenceRequest.Priority.BULK
+    }
     wait_for_reads()
     assert InferenceRequest.objects.filter(image__tenant=tenant, status="done").count() == 7
 

@@ -84,6 +84,8 @@ def test_a_second_copy_creates_nothing(clinician_a, demo_model):
     assert again.instance == first.instance and [i.pk for i in again.images] == [i.pk for i in first.images]
     assert Instance.objects.count() == 1 and Image.objects.count() == 1 and Study.objects.count() == 1
     assert stored_files(clinician_a.tenant) == files
+    entry = AccessEvent.objects.get(action="dicom.instance_duplicate")
+    assert entry.actor == clinician_a.user and entry.target_id == str(first.instance.pk)
 
 
 def test_an_instance_stored_concurrently_is_a_duplicate_with_no_half_rows(clinician_a, demo_model, monkeypatch):
@@ -244,3 +246,104 @@ def test_an_image_no_decoder_reads_is_kept_unprocessable_and_listed(clinician_a,
     assert received.instance.transfer_syntax_uid == "1.2.840.10008.1.2.4.100"
     again = instance_receive(membership=clinician_a, data=out.getvalue())
     assert again.status == "duplicate" and [i.pk for i in again.images] == [image.pk]
+
+
+def _node(tenant, **changes):
+    from accounts.models import Role
+    from dicomnet.nodes import dicom_node_create
+    from tests.conftest import member
+
+    admin = member(tenant, "admin-a", Role.TENANT_ADMIN)
+    return admin, dicom_node_create(actor=admin, name="CT", ae_title="CT2", host="127.0.0.1", **changes)
+
+
+def test_a_nodes_instances_are_read_on_the_bulk_lane_unless_it_is_marked_interactive(hospital_a, demo_model):
+    from dicomnet.nodes import dicom_node_interactive_set
+    from recognition.services import images
+
+    admin, node = _node(hospital_a)
+    assert not node.service_account.interactive
+    received = instance_receive(membership=node.service_account.membership, data=sample("CT_small.dcm"), node=node)
+    (image,) = received.images
+    assert InferenceRequest.objects.get(image=image).priority == InferenceRequest.Priority.BULK
+    assert images._deferred_read_priority(image) == InferenceRequest.Priority.BULK  # a read queued after rendering
+
+    dicom_node_interactive_set(actor=admin, node=node, interactive=True)
+    assert AccessEvent.objects.filter(action="dicom.node_interactive", target_id=str(node.pk)).exists()
+    node.refresh_from_db()
+    received = instance_receive(membership=node.service_account.membership, data=sample("MR_small.dcm"), node=node)
+    (image,) = received.images
+    assert InferenceRequest.objects.get(image=image).priority == InferenceRequest.Priority.INTERACTIVE
+    assert images._deferred_read_priority(image) == InferenceRequest.Priority.INTERACTIVE
+
+
+def test_a_person_storing_an_instance_is_read_interactively(clinician_a, demo_model):
+    (image,) = instance_receive(membership=clinician_a, data=sample("CT_small.dcm")).images
+    assert InferenceRequest.objects.get(image=image).priority == InferenceRequest.Priority.INTERACTIVE
+
+
+def test_an_instance_of_another_study_under_a_known_accession_number_is_refused(clinician_a, demo_model):
+    first = instance_receive(membership=clinician_a, data=ct(AccessionNumber="ACC-1", StudyInstanceUID="1.2.3.1"))
+    assert first.status == "stored"
+    files = stored_files(clinician_a.tenant)
+
+    other = instance_receive(
+        membership=clinician_a,
+        data=ct(AccessionNumber="ACC-1", StudyInstanceUID="1.2.3.2", SOPInstanceUID="1.2.3.2.1"),
+    )
+
+    assert other.status == "refused" and other.code == "accession_study_mismatch"
+    assert other.dimse_status == 0xC000 and other.http_status == 409 and "another study" in other.reason
+    assert Study.objects.count() == 1 and Instance.objects.count() == 1 and Image.objects.count() == 1
+    assert Study.objects.get().study_instance_uid == "1.2.3.1"
+    assert stored_files(clinician_a.tenant) == files
+    # the same study's next instance is filed with it
+    same = instance_receive(
+        membership=clinician_a,
+        data=ct(AccessionNumber="ACC-1", StudyInstanceUID="1.2.3.1", SOPInstanceUID="1.2.3.1.2"),
+    )
+    assert same.status == "stored" and same.instance.study == first.instance.study
+
+
+def test_an_uploaded_dicom_has_its_instance_and_is_one_copy_with_every_way_in(clinician_a, demo_model):
+    from tests.conftest import api_client_for
+
+    data = ct(SOPInstanceUID="1.2.3.9.1")
+    client = api_client_for(clinician_a)
+    response = client.post("/api/v1/images/", {"file": io.BytesIO(data)}, format="multipart")
+    assert response.status_code == 201, response.content
+    instance = Instance.objects.get()  # DICOMweb lists it like a received one
+    image = Image.objects.get()
+    assert instance.sop_instance_uid == "1.2.3.9.1" and instance.file.name == image.original.name
+    assert instance.study == image.study and instance.series == image.series and instance.received_from is None
+    assert (
+        instance.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2" and instance.frames == 1 and instance.transfer_syntax_uid
+    )
+
+    again = instance_receive(membership=clinician_a, data=data)  # the same instance by C-STORE / STOW-RS
+    assert again.status == "duplicate" and again.instance == instance and again.images == [image]
+    second = client.post("/api/v1/images/", {"file": io.BytesIO(data)}, format="multipart")
+    assert second.status_code == 409 and second.json()["error"]["code"] == "duplicate_instance"
+    assert Image.objects.count() == 1 and Instance.objects.count() == 1
+
+
+def test_an_upload_racing_another_copy_of_its_instance_is_a_409_not_a_500(clinician_a, demo_model, monkeypatch):
+    from recognition.services import images
+    from tests.conftest import api_client_for
+
+    data = ct(SOPInstanceUID="1.2.3.9.2")
+    assert instance_receive(membership=clinician_a, data=data).status == "stored"
+    files = stored_files(clinician_a.tenant)
+    real, calls = images._instance_unheld, []
+
+    def late(tenant, uid):  # the other copy's row is not there yet when this upload first looks
+        calls.append(uid)
+        if len(calls) > 1:
+            real(tenant, uid)
+
+    monkeypatch.setattr(images, "_instance_unheld", late)
+    response = api_client_for(clinician_a).post("/api/v1/images/", {"file": io.BytesIO(data)}, format="multipart")
+    assert response.status_code == 409 and response.json()["error"]["code"] == "duplicate_instance"
+    assert Image.objects.count() == 1 and Instance.objects.count() == 1
+    assert stored_files(clinician_a.tenant) == files
+    assert len(calls) == 2  # it looked, lost the constraint, and looked again

@@ -175,3 +175,49 @@ def test_the_page_is_for_admins_and_their_own_nodes(admin_a, admin_b, clinician_
     assert browser.post(f"/dicom/nodes/{node.pk}/deactivate/").status_code == 404
     node.refresh_from_db()
     assert node.is_active
+
+
+def test_a_deactivated_node_is_reactivated_with_a_new_service_account(admin_a, hospital_a):
+    from dicomnet.nodes import dicom_node_reactivate
+
+    hospital_ae_title_assign(tenant=hospital_a, ae_title="SL_A")
+    node = dicom_node_deactivate(actor=admin_a, node=node_for(admin_a))
+    old_account = node.service_account
+    with pytest.raises(Conflict, match="reactivate"):
+        node_for(admin_a, name="CT again")  # its AE title is still its own
+    node = dicom_node_reactivate(actor=admin_a, node=node)
+    assert node.is_active and node.service_account != old_account
+    assert node.service_account.revoked_at is None and node.service_account.membership.is_active
+    assert node.service_account.membership.role == Role.CLINICIAN
+    old_account.refresh_from_db()
+    assert old_account.revoked_at is not None  # revocation is for good
+    assert AccessEvent.objects.filter(action="dicom.node_reactivate", target_id=str(node.pk)).exists()
+    assert caller_resolve(called_ae="SL_A", calling_ae="CT2", address="127.0.0.1").node == node
+    # and again: each reactivation has its own account
+    dicom_node_deactivate(actor=admin_a, node=node)
+    assert dicom_node_reactivate(actor=admin_a, node=node).is_active
+
+
+def test_the_page_reactivates_a_node_and_sets_its_lane(admin_a, admin_b):
+    node = dicom_node_deactivate(actor=admin_a, node=node_for(admin_a))
+    browser = APIClient()
+    browser.force_login(admin_b.user)
+    assert browser.post(f"/dicom/nodes/{node.pk}/reactivate/").status_code == 404
+    assert browser.post(f"/dicom/nodes/{node.pk}/lane/", {"interactive": "on"}).status_code == 404
+    browser.force_login(admin_a.user)
+    assert b"Reactivate" in browser.get("/dicom/nodes/").content
+    assert browser.post(f"/dicom/nodes/{node.pk}/reactivate/").status_code == 302
+    node.refresh_from_db()
+    assert node.is_active and not node.service_account.interactive
+    assert browser.post(f"/dicom/nodes/{node.pk}/lane/", {"interactive": "on"}).status_code == 302
+    node.service_account.refresh_from_db()
+    assert node.service_account.interactive
+    assert browser.post(f"/dicom/nodes/{node.pk}/lane/", {}).status_code == 302
+    node.service_account.refresh_from_db()
+    assert not node.service_account.interactive
+    assert AccessEvent.objects.filter(action="dicom.node_bulk", target_id=str(node.pk)).exists()
+
+
+def test_a_node_registered_interactive_says_so(admin_a):
+    assert not node_for(admin_a).service_account.interactive
+    assert node_for(admin_a, name="ED CT", ae_title="EDCT", interactive=True).service_account.interactive

@@ -216,3 +216,103 @@ def test_associations_past_the_limit_are_rejected_for_now(scp, node):
     assert first.is_established
     assert rejection(associate(scp)) == (0x02, 0x03, 0x02)  # transient, local limit exceeded
     first.release()
+
+
+class _FailingCache:
+    """A cache whose writes fail (``reads`` too, when asked): Redis out of memory, or down."""
+
+    def __init__(self, *, reads: bool) -> None:
+        self.reads = reads
+
+    def get(self, *args, **kwargs):
+        if self.reads:
+            raise ConnectionError("redis is down")
+        return None
+
+    def __getattr__(self, name):
+        def fail(*args, **kwargs):
+            raise ConnectionError("redis is down")
+
+        return fail
+
+
+def test_a_rejection_is_logged_even_when_it_cannot_be_counted(scp, node, hospital_a, monkeypatch):
+    monkeypatch.setattr("dicomnet.scp.cache", _FailingCache(reads=False))
+    assert rejection(associate(scp, calling="STRANGER")) == (0x01, 0x01, 0x03)
+    entry = AccessEvent.objects.get(action="dicom.association_rejected")
+    assert entry.tenant == hospital_a and entry.actor_label == "dicom:STRANGER"
+
+
+def test_with_the_cache_down_associations_are_refused_and_logged(scp, node, monkeypatch):
+    monkeypatch.setattr("dicomnet.scp.cache", _FailingCache(reads=True))
+    assert rejection(associate(scp)) == (0x02, 0x03, 0x01)  # fail closed, transient: try again later
+    entry = AccessEvent.objects.get(action="dicom.association_rejected")
+    assert entry.outcome == "denied" and entry.actor_label == "dicom:CT2" and entry.target_id == ADDRESS
+
+
+def _closes_by_thread(monkeypatch) -> list[str]:
+    import threading
+
+    from django.db import connections
+
+    closed: list[str] = []
+    real = connections.close_all
+
+    def close_all():
+        closed.append(threading.current_thread().name)
+        real()
+
+    monkeypatch.setattr(connections, "close_all", close_all)
+    return closed
+
+
+def test_a_rejected_association_closes_its_threads_database_connections(scp, node, monkeypatch):
+    closed = _closes_by_thread(monkeypatch)
+    assert rejection(associate(scp, calling="STRANGER"))[0] == 0x01
+    import time
+
+    for _ in range(50):
+        if any(name.startswith("AcceptorThread") for name in closed):
+            break
+        time.sleep(0.05)
+    assert any(name.startswith("AcceptorThread") for name in closed)
+
+
+def test_a_dropped_connection_closes_its_threads_database_connections(scp, node, monkeypatch):
+    import time
+
+    closed = _closes_by_thread(monkeypatch)
+    assoc = associate(scp)
+    assert assoc.is_established
+    assoc.dul.socket.socket.close()  # no A-RELEASE, no A-ABORT: the cable is pulled
+    for _ in range(100):
+        if any(name.startswith("AcceptorThread") for name in closed):
+            break
+        time.sleep(0.05)
+    assoc.kill()
+    assert any(name.startswith("AcceptorThread") for name in closed)
+
+
+def test_a_node_deactivated_during_its_association_stores_no_more(scp, node, hospital_a):
+    dataset = dcmread(get_testdata_file("CT_small.dcm"))
+    assoc = associate(scp)
+    assert assoc.send_c_store(dataset).Status == 0x0000
+    dicom_node_deactivate(actor=member(hospital_a, "admin-a", Role.TENANT_ADMIN), node=node)
+    dataset.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+    status = assoc.send_c_store(dataset)
+    assoc.release()
+    assert status.Status == 0x0124 and "no longer registered" in status.ErrorComment
+    assert Instance.objects.count() == 1
+
+
+def test_one_hospital_cannot_hold_every_association(scp, node, hospital_b, settings):
+    settings.SIGHTLINE_DICOM_MAX_ASSOCIATIONS_PER_HOSPITAL = 1
+    hospital_ae_title_assign(tenant=hospital_b, ae_title="SL_B")
+    admin_b = member(hospital_b, "admin-b", Role.TENANT_ADMIN)
+    dicom_node_create(actor=admin_b, name="MR", ae_title="MR1", host=ADDRESS)
+    first = associate(scp)
+    assert first.is_established
+    assert rejection(associate(scp)) == (0x02, 0x03, 0x02)  # hospital A is at its cap
+    assert accepted(associate(scp, calling="MR1", called="SL_B"))  # hospital B is not
+    first.release()
+    assert accepted(associate(scp))

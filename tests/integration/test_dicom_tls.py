@@ -14,6 +14,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from accounts.models import Role
+from core.errors import Invalid
 from dicomnet.models import DicomNode
 from dicomnet.nodes import certificate_fingerprint, dicom_node_create, hospital_ae_title_assign
 from dicomnet.scp import StoreSCP
@@ -127,3 +128,19 @@ def test_another_certificate_of_the_same_ca_is_not_that_node(tls_scp, node, pki)
 def test_no_client_certificate_no_association(tls_scp, node, pki):
     assoc = associate(tls_scp, pki, None)
     assert not assoc.is_established
+
+
+@pytest.mark.parametrize(
+    "configured", [{}, {"SIGHTLINE_DICOM_TLS_CA": "/etc/ca.pem"}, {"SIGHTLINE_DICOM_TLS_CERT": "/x"}]
+)
+def test_a_fingerprint_is_refused_without_mutual_tls(hospital_a, pki, settings, configured):
+    settings.SIGHTLINE_DICOM_TLS_CERT = settings.SIGHTLINE_DICOM_TLS_CA = ""
+    for name, value in configured.items():
+        setattr(settings, name, value)
+    admin = member(hospital_a, "admin-a", Role.TENANT_ADMIN)
+    with pytest.raises(Invalid, match="mutual TLS"):
+        dicom_node_create(
+            actor=admin, name="CT", ae_title="CT2", host=ADDRESS, tls_client_fingerprint=pki["client_fingerprint"]
+        )
+    assert not DicomNode.objects.exists()
+    assert dicom_node_create(actor=admin, name="CT", ae_title="CT2", host=ADDRESS)  # without one it is fine

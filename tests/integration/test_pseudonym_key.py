@@ -53,7 +53,9 @@ def test_after_rotation_a_new_file_of_an_old_study_joins_it_and_a_new_study_uses
 ):
     settings.SIGHTLINE_PSEUDONYM_KEY = KEY_A
     first = upload_ct(clinician_a, AccessionNumber="ACC-ROT", SeriesNumber=1)
-    by_accession = upload_ct(clinician_a, AccessionNumber="ACC-ROT-2")  # a study found by accession only
+    # a study found by accession only: it has no Study Instance UID (one with another UID would be
+    # another study, refused)
+    by_accession = upload_ct(clinician_a, AccessionNumber="ACC-ROT-2", StudyInstanceUID="")
     under_a = first.study.patient_pseudonym
 
     settings.SIGHTLINE_PSEUDONYM_KEY, settings.SIGHTLINE_PSEUDONYM_KEY_FALLBACKS = KEY_B, [KEY_A]

@@ -343,6 +343,8 @@ ROUTE_ACTION = {
     "service-account-revoke": {Action.MEMBERS_MANAGE},
     "api-key-revoke-page": {Action.MEMBERS_MANAGE},
     "dicom-node-deactivate": {Action.MEMBERS_MANAGE},
+    "dicom-node-reactivate": {Action.MEMBERS_MANAGE},
+    "dicom-node-lane": {Action.MEMBERS_MANAGE},
     "destination-edit": {Action.MEMBERS_MANAGE},
     "destination-test": {Action.MEMBERS_MANAGE},
     "destination-delete": {Action.MEMBERS_MANAGE},
