@@ -780,20 +780,21 @@ def _instance_unheld(tenant, sop_instance_uid: str) -> None:
 
 def _instance_record(*, tenant, data: bytes, header: dict, study: Study, series: Series, images: list[Image]):
     """The stored file's ``dicomnet.Instance`` (a DICOM without a SOP Instance UID has none)."""
-    from dicomnet.models import Instance
+    from dicomnet.models import UID_LENGTH, Instance
 
     uid = header["sop_instance_uid"]
     if not uid:
         return None
     meta = _file_meta(data)
+    modality_length = Instance._meta.get_field("modality").max_length
     return Instance.objects.create(
         tenant=tenant,
         study=study,
         series=series,
-        sop_instance_uid=uid[:64],
-        sop_class_uid=meta.get("MediaStorageSOPClassUID", "")[:64],
-        transfer_syntax_uid=meta.get("TransferSyntaxUID", "")[:64],
-        modality=(header.get("modality") or "")[:16],
+        sop_instance_uid=uid[:UID_LENGTH],
+        sop_class_uid=meta.get("MediaStorageSOPClassUID", "")[:UID_LENGTH],
+        transfer_syntax_uid=meta.get("TransferSyntaxUID", "")[:UID_LENGTH],
+        modality=(header.get("modality") or "")[:modality_length],
         instance_number=header.get("instance_number"),
         frames=len(images),
         rows=header.get("rows"),
