@@ -36,9 +36,8 @@ from bench.run import (  # noqa: E402  (the stack helpers of the main benchmark)
     Processes,
     demo_package,
     free_port,
-    redis_server_binary,
+    start_redis,
     wait_for_line,
-    wait_for_port,
 )
 
 HOSPITAL_AE, NODE_AE = "BENCH_HOSPITAL", "BENCH_CT"
@@ -97,9 +96,7 @@ def run(args, workdir: Path, processes: Processes) -> dict:
     }
     os.environ.update(env)
     child_env = {**os.environ, **env}
-    argv = [redis_server_binary(), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""]
-    redis_process = processes.start("redis", [*argv, "--appendonly", "no", "--dir", str(workdir)], child_env)
-    wait_for_port(redis_port, redis_process, processes.log("redis"))
+    start_redis(processes, workdir, redis_port, child_env)
 
     import django
 

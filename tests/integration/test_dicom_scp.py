@@ -25,8 +25,9 @@ def clear_rejections() -> None:
     cache.delete_many([f"dicom:rejections:{ADDRESS}", f"dicom:throttle-logged:{ADDRESS}"])
 
 
-@pytest.fixture
-def scp(settings):
+def scp_serving(settings):
+    """A real SCP in this process on a free port (``server.port``), with no rejections counted
+    before or after it: the SCP fixtures here and in test_dicom_tls.py."""
     settings.SIGHTLINE_DICOM_TIMEOUT = 10
     clear_rejections()
     server = StoreSCP()
@@ -36,6 +37,11 @@ def scp(settings):
     yield server
     server.shutdown()
     clear_rejections()
+
+
+@pytest.fixture
+def scp(settings):
+    yield from scp_serving(settings)
 
 
 @pytest.fixture

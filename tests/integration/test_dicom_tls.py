@@ -17,10 +17,8 @@ from accounts.models import Role
 from core.errors import Invalid
 from dicomnet.models import DicomNode
 from dicomnet.nodes import certificate_fingerprint, dicom_node_create, hospital_ae_title_assign
-from dicomnet.scp import StoreSCP
 from tests.conftest import member
-from tests.e2e.conftest import free_port
-from tests.integration.test_dicom_scp import clear_rejections
+from tests.integration.test_dicom_scp import scp_serving
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ADDRESS = "127.0.0.1"
@@ -78,15 +76,7 @@ def pki(tmp_path):
 def tls_scp(settings, pki):
     settings.SIGHTLINE_DICOM_TLS_CERT, settings.SIGHTLINE_DICOM_TLS_KEY = map(str, pki["server"])
     settings.SIGHTLINE_DICOM_TLS_CA = str(pki["ca"])
-    settings.SIGHTLINE_DICOM_TIMEOUT = 10
-    clear_rejections()
-    server = StoreSCP()
-    port = free_port()
-    server.start(host=ADDRESS, port=port)
-    server.port = port
-    yield server
-    server.shutdown()
-    clear_rejections()
+    yield from scp_serving(settings)
 
 
 @pytest.fixture
