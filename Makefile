@@ -8,7 +8,7 @@ REDIS_URL ?= redis://127.0.0.1:6379/0
 SIGHTLINE_DEMO_PASSWORD ?= sightline-demo
 export REDIS_URL SIGHTLINE_DEMO_PASSWORD
 
-.PHONY: run test test-gpu typecheck contract lint format bench browser-deps dicom-deps clean
+.PHONY: run test test-gpu typecheck contract lint format bench browser-deps dicom-deps deploy-deps drill clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,19 +57,34 @@ dicom-deps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb dcmtk >/dev/null; \
 	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb dcmtk >/dev/null; fi; }
 
+# The deployment peers (issue 16): nginx in front, promtool for the alert rules, age for the
+# encrypted backups, buildah for the image.
+deploy-deps:
+	@test -x /usr/sbin/nginx -a -x /usr/bin/promtool -a -x /usr/bin/age -a -x /usr/bin/buildah || { \
+	  echo "Installing Debian's nginx, prometheus (promtool), age and buildah for the deployment tests"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx prometheus age buildah >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx prometheus age buildah >/dev/null; fi; }
+
 test: export DJANGO_SETTINGS_MODULE = config.settings.test
-test: $(VENV)/.dev browser-deps dicom-deps
+test: $(VENV)/.dev browser-deps dicom-deps deploy-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	@$(MAKE) --no-print-directory typecheck
 	$(BIN)/python manage.py makemigrations --check --dry-run
-	$(BIN)/python -m pytest -m "not browser and not gpu and not contract"
+	$(BIN)/python -m pytest -m "not browser and not gpu and not contract and not multihost"
 	# Playwright gets a process of its own: async tests after it in one process fail. The browser
 	# suite and the OpenAPI contract (schemathesis against a live server, a few minutes) prove the
 	# same on either database: CI's PostgreSQL pass (SIGHTLINE_CI_PASS=postgres) leaves them to
 	# the SQLite pass; tests/conftest.py splits the heavy e2e tests the same way.
 	@if [ "$$SIGHTLINE_CI_PASS" = postgres ]; then echo "browser suite and contract: in CI's SQLite pass"; \
 	else $(BIN)/python -m pytest -m "browser and not gpu" && $(BIN)/python -m pytest -m contract tests/contract; fi
+
+# The multi-host drill (tests/drill/): platform/multihost.sh brings up two web replicas behind nginx,
+# the worker host, beat, the DICOM receiver, PostgreSQL, Redis and S3 in network namespaces, and the
+# test kills hosts under load. Its own CI step, once (.ci/run).
+drill: export DJANGO_SETTINGS_MODULE = config.settings.test
+drill: $(VENV)/.dev deploy-deps
+	$(BIN)/python -m pytest -m multihost tests/drill
 
 test-gpu: export DJANGO_SETTINGS_MODULE = config.settings.test
 test-gpu: $(VENV)/.dev
