@@ -10,13 +10,25 @@ are trusted only when a deployment says so (see README, "Behind a proxy").
 from pathlib import Path
 
 
-def web_server_argv(*, bin_dir: Path, port: int, host: str = "127.0.0.1") -> list[str]:
+def web_server_argv(
+    *, bin_dir: Path, port: int, host: str = "127.0.0.1", forwarded_allow_ips: str | None = None
+) -> list[str]:
+    """uvicorn's command line. ``forwarded_allow_ips``: the proxy's address(es), comma-separated;
+    only connections from there may set the client address and scheme (X-Forwarded-For, which
+    nginx overwrites with the address it saw, and X-Forwarded-Proto). None: trust no one."""
+    if forwarded_allow_ips is not None and not forwarded_allow_ips.strip():
+        raise ValueError("forwarded_allow_ips names the proxy's address; None trusts no forwarded headers")
+    proxy = (
+        ["--no-proxy-headers"]
+        if forwarded_allow_ips is None
+        else ["--proxy-headers", "--forwarded-allow-ips", forwarded_allow_ips]
+    )
     return [
         str(bin_dir / "uvicorn"),
         "config.asgi:application",
         "--host", host,
         "--port", str(port),
         "--lifespan", "off",  # Channels' router does not speak the lifespan protocol
-        "--no-proxy-headers",
+        *proxy,
         "--no-server-header",
     ]  # fmt: skip
