@@ -125,6 +125,13 @@ AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
 AXES_VERBOSE = False
 AXES_DISABLE_ACCESS_LOG = True  # successes are in Sightline's own access log
+# The client address is REMOTE_ADDR only, never a header: behind nginx uvicorn sets it from the
+# X-Forwarded-For the proxy overwrote, and only for connections from the proxy's address
+# (--forwarded-allow-ips); a header a client sends itself is never read (axes uses ipware when
+# installed, which would otherwise read X-Forwarded-For and friends first).
+AXES_IPWARE_META_PRECEDENCE_ORDER = ("REMOTE_ADDR",)
+AXES_IPWARE_PROXY_COUNT = None
+AXES_IPWARE_PROXY_TRUSTED_IPS = None
 # --- axes keeps no username (issue 11 item 13, branch ids) ---
 # axes' AccessAttempt/AccessFailureLog rows and its log lines name the keyed hash of the
 # username tried (core.pseudonym, purpose "username"), never what was typed: a password typed
