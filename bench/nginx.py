@@ -286,13 +286,16 @@ def main() -> None:
                             f"{name}_core_ms_per_request": round(1000 * spent / answers, 2)
                             for name, spent in run["cpu"].items()
                         },
+                        # cores the replicas kept busy: about 1 per replica at most (one Python
+                        # process: its request threads share one interpreter lock)
+                        "web_cores_busy": round(run["cpu"]["web"] / seconds, 2),
                     }
                     cells.append(cell)
                     print(
                         f"{op:6} c={concurrency:<3} replicas={replica_count}: {cell['throughput_per_s']:7.1f}/s "
                         f"p50 {cell['p50_ms']} ms p99 {cell['p99_ms']} ms statuses {run['statuses']}; core-ms per "
                         f"answer: nginx {cell['nginx_core_ms_per_request']}, web {cell['web_core_ms_per_request']}, "
-                        f"client {cell['client_core_ms_per_request']}",
+                        f"client {cell['client_core_ms_per_request']}; replicas busy {cell['web_cores_busy']} cores",
                         flush=True,
                     )
         ratios = {}
