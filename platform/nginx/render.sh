@@ -94,7 +94,7 @@ fi
 {
     echo "worker_processes $SIGHTLINE_NGINX_WORKERS;"
     if [ -n "$SIGHTLINE_NGINX_USER" ] && [ "$(id -u)" = 0 ]; then
-        echo "user $SIGHTLINE_NGINX_USER;"
+        echo "user $SIGHTLINE_NGINX_USER $(id -gn "$SIGHTLINE_NGINX_USER");"
     fi
 } >"$out/main.conf"
 
@@ -130,6 +130,14 @@ error_file 500 server_error true "Something went wrong on the server; retry in a
 error_file 502 bad_gateway true "The service is briefly unavailable; retry in a few seconds."
 error_file 503 unavailable true "The service is briefly unavailable; retry in a few seconds."
 error_file 504 gateway_timeout true "The service took too long to answer; retry in a few seconds."
+
+# Started as root, nginx's workers drop to SIGHTLINE_NGINX_USER (else nginx's default, nobody):
+# that user must reach the error pages and the static files, or every one of them is a 403.
+if [ "$(id -u)" = 0 ] && command -v runuser >/dev/null 2>&1; then
+    worker=${SIGHTLINE_NGINX_USER:-nobody}
+    runuser -u "$worker" -- test -r "$out/errors/502.json" -a -x "$SIGHTLINE_STATIC_ROOT" ||
+        fail "nginx's workers run as $worker, who cannot read $out/errors or $SIGHTLINE_STATIC_ROOT: set SIGHTLINE_NGINX_USER or make them readable"
+fi
 
 nginx -t -q -p "$out" -c "$out/nginx.conf" -e "$out/logs/error.log" || fail "nginx -t refused $out/nginx.conf"
 echo "$out/nginx.conf"
