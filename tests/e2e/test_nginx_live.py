@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import stat
+import subprocess
 import time
 import zipfile
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from tests.e2e.nginx_fixtures import (
     CLIENT_ADDRESS,
     OTHER_CLIENT_ADDRESS,
     PROXY_ADDRESS,
+    RENDER,
     Nginx,
     Tls,
     collect_static,
@@ -223,9 +225,10 @@ def test_a_large_archive_streams_through_nginx_without_being_kept_there(edge, li
             connection.sendall(chunk(body[start : min(start + 2**16, half)]))
         # the client has sent part of the body and waits: the replica already has most of it
         deadline = time.monotonic() + 20
-        while spooled_bytes(edge.web_pid) < half - 2**20 and time.monotonic() < deadline:
+        while spooled_bytes(edge.web_pid) < half // 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert spooled_bytes(edge.web_pid) >= half - 2**20, "the body did not reach the replica while arriving"
+        # (buffered in nginx, the replica would have none of it until the client had sent it all)
+        assert spooled_bytes(edge.web_pid) >= half // 2, "the body did not reach the replica while arriving"
         assert files_under(edge.front.worker_pids(), client_body_temp) == []
         assert list(client_body_temp.iterdir()) == []
         for start in range(half, len(body), 2**16):
@@ -367,3 +370,20 @@ def test_nginx_answers_502_and_504_in_the_platforms_shape_on_api_paths_and_a_pag
     for nginx in (edge.front, edge.slow, edge.down):
         text = nginx.log_text()
         assert "not-for-logs" not in text and "NOT-FOR-LOGS" not in text and "PatientID" not in text
+
+
+@pytest.mark.parametrize("value", ["8388608; include /etc/passwd", "1m", "8388608\nlisten 80"])
+def test_render_refuses_a_value_nginx_would_read_as_more_config(tmp_path, value):
+    tls = tls_files(tmp_path / "tls")
+    env = {
+        "PATH": os.environ["PATH"],
+        "SIGHTLINE_NGINX_LISTEN": f"127.0.0.1:{free_port()}",
+        "SIGHTLINE_NGINX_UPSTREAMS": "127.0.0.1:1",
+        "SIGHTLINE_NGINX_CERT": str(tls.cert_pem),
+        "SIGHTLINE_NGINX_KEY": str(tls.key_pem),
+        "SIGHTLINE_STATIC_ROOT": str(tmp_path),
+        "SIGHTLINE_MAX_REQUEST_BYTES": value,
+    }
+    rendered = subprocess.run(["sh", str(RENDER), str(tmp_path / "out")], env=env, capture_output=True, text=True)
+    assert rendered.returncode == 2 and "SIGHTLINE_MAX_REQUEST_BYTES" in rendered.stderr
+    assert not (tmp_path / "out" / "nginx.conf").exists()
