@@ -20,6 +20,8 @@
 #   SIGHTLINE_NGINX_PROXY_BIND       local address nginx connects to the replicas from; the web
 #                                    replicas trust forwarded headers from this address only
 #                                    (uvicorn --forwarded-allow-ips)
+#   SIGHTLINE_NGINX_HTTP_LISTEN      addr:port for plain HTTP, which only redirects to HTTPS (301 for
+#                                    GET and HEAD, 308 for the rest); unset: no plain HTTP at all
 #   SIGHTLINE_NGINX_UPSTREAM_TIMEOUT read/send timeout towards a replica (default 60s); past it,
 #                                    an API client gets a 504 in the platform's error shape
 #   SIGHTLINE_NGINX_WS_TIMEOUT       idle timeout of a WebSocket (default 3600s)
@@ -45,6 +47,7 @@ fail() {
 : "${SIGHTLINE_STATIC_ROOT:?render.sh: set SIGHTLINE_STATIC_ROOT (collectstatic output)}"
 : "${SIGHTLINE_MAX_REQUEST_BYTES:?render.sh: set SIGHTLINE_MAX_REQUEST_BYTES (bytes)}"
 SIGHTLINE_NGINX_PROXY_BIND=${SIGHTLINE_NGINX_PROXY_BIND:-}
+SIGHTLINE_NGINX_HTTP_LISTEN=${SIGHTLINE_NGINX_HTTP_LISTEN:-}
 SIGHTLINE_NGINX_UPSTREAM_TIMEOUT=${SIGHTLINE_NGINX_UPSTREAM_TIMEOUT:-60s}
 SIGHTLINE_NGINX_WS_TIMEOUT=${SIGHTLINE_NGINX_WS_TIMEOUT:-3600s}
 SIGHTLINE_NGINX_WORKERS=${SIGHTLINE_NGINX_WORKERS:-auto}
@@ -52,7 +55,7 @@ SIGHTLINE_NGINX_USER=${SIGHTLINE_NGINX_USER:-}
 
 # Values become nginx syntax: refuse anything that could end a directive or open a block.
 for name in SIGHTLINE_NGINX_LISTEN SIGHTLINE_NGINX_UPSTREAMS SIGHTLINE_NGINX_CERT SIGHTLINE_NGINX_KEY \
-    SIGHTLINE_STATIC_ROOT SIGHTLINE_MAX_REQUEST_BYTES SIGHTLINE_NGINX_PROXY_BIND \
+    SIGHTLINE_STATIC_ROOT SIGHTLINE_MAX_REQUEST_BYTES SIGHTLINE_NGINX_PROXY_BIND SIGHTLINE_NGINX_HTTP_LISTEN \
     SIGHTLINE_NGINX_UPSTREAM_TIMEOUT SIGHTLINE_NGINX_WS_TIMEOUT SIGHTLINE_NGINX_WORKERS SIGHTLINE_NGINX_USER; do
     eval "value=\${$name}"
     case $value in
@@ -89,6 +92,26 @@ if [ -n "$SIGHTLINE_NGINX_PROXY_BIND" ]; then
     echo "proxy_bind $SIGHTLINE_NGINX_PROXY_BIND;" >"$out/proxy_bind.conf"
 else
     : >"$out/proxy_bind.conf"
+fi
+
+if [ -n "$SIGHTLINE_NGINX_HTTP_LISTEN" ]; then
+    # the HTTPS port, for the Location: the listen address's last ":"-separated part
+    https_port=${SIGHTLINE_NGINX_LISTEN##*:}
+    cat >"$out/http_redirect.conf" <<EOF
+server {
+    listen $SIGHTLINE_NGINX_HTTP_LISTEN;
+    server_name _;
+    # nothing is proxied over plain HTTP; the path and query go along (the access log drops the query)
+    location / {
+        if (\$request_method ~ ^(GET|HEAD)\$) {
+            return 301 https://\$host:$https_port\$request_uri;
+        }
+        return 308 https://\$host:$https_port\$request_uri;
+    }
+}
+EOF
+else
+    : >"$out/http_redirect.conf"
 fi
 
 {

@@ -65,6 +65,7 @@ class Edge:
     web_pid: int
     web_port: int
     web_log: Path
+    http_port: int  # the front's plain-HTTP port: redirects only
     static: dict[str, str]  # collectstatic's manifest
 
 
@@ -79,18 +80,22 @@ def edge(stack, tmp_path_factory):
         "SIGHTLINE_MAX_REQUEST_BYTES": str(LIMIT),
         "SIGHTLINE_LOGIN_FAILURE_LIMIT": str(LOGIN_FAILURE_LIMIT),
     }
+    http_port = free_port()
     common = {"tls": tls, "static_root": root / "static", "max_request_bytes": LIMIT}
     try:
         web, web_port = proxied_web_start(processes, env)
         replica = f"127.0.0.1:{web_port}"
         yield Edge(
-            front=nginx_start(processes, prefix=root / "front", upstreams=[replica], **common),
+            front=nginx_start(
+                processes, prefix=root / "front", upstreams=[replica], http_listen=f"127.0.0.1:{http_port}", **common
+            ),
             slow=nginx_start(processes, prefix=root / "slow", upstreams=[replica], upstream_timeout="2s", **common),
             down=nginx_start(processes, prefix=root / "down", upstreams=[f"127.0.0.1:{free_port()}"], **common),
             tls=tls,
             web_pid=web.pid,
             web_port=web_port,
             web_log=root / "web-proxied.log",
+            http_port=http_port,
             static=static,
         )
     finally:
@@ -281,6 +286,16 @@ def test_static_files_come_from_nginx_with_long_caching_and_nothing_else_is_stor
     assert plain.headers.get_list("cache-control") == ["no-cache"]
     assert page.status_code == 200 and len(page.headers.get_list("cache-control")) == 1
     assert "no-store" in page.headers["cache-control"]  # Django's, passed on as it is
+
+
+def test_plain_http_only_redirects_to_https_and_proxies_nothing(edge):
+    with httpx.Client(base_url=f"http://127.0.0.1:{edge.http_port}", timeout=10) as client:
+        page = client.get("/accounts/login/?next=/worklist/")
+        upload = client.post("/api/v1/images/", content=b"not sent on")
+    assert page.status_code == 301
+    assert page.headers["location"] == f"https://127.0.0.1:{edge.front.port}/accounts/login/?next=/worklist/"
+    assert upload.status_code == 308  # the method and body must be sent again, to https
+    assert edge.front.entry(uri="/api/v1/images/", status=308)["upstream"] == ""
 
 
 def security_headers_once(response: httpx.Response) -> None:
