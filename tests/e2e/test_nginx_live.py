@@ -200,7 +200,8 @@ def files_under(pids: list[int], folder: Path) -> list[str]:
     return held
 
 
-def test_a_large_archive_streams_through_nginx_without_being_kept_there(edge, live_demo):
+@pytest.mark.parametrize("protocol", ["HTTP/1.1", "HTTP/2"])
+def test_a_large_archive_streams_through_nginx_without_being_kept_there(edge, live_demo, protocol):
     with https_client(edge.front, edge.tls) as client:
         headers = {"Authorization": f"Bearer {sign_in(client, live_demo['password']).json()['access']}"}
         job = client.post("/api/v1/batches/", json={"name": "streamed"}, headers=headers).json()
@@ -215,20 +216,11 @@ def test_a_large_archive_streams_through_nginx_without_being_kept_there(edge, li
         + f"\r\n--{boundary}--\r\n".encode()
     )
     assert 4 * 2**20 < len(body) < LIMIT
-    # chunked, no Content-Length: nginx streams such a body only to an HTTP/1.1 upstream (to an
-    # HTTP/1.0 one it would buffer it whole), so this also shows what nginx speaks to the replica
-    head = (
-        f"POST /api/v1/batches/{job['id']}/items/ HTTP/1.1\r\nHost: 127.0.0.1:{edge.front.port}\r\n"
-        f"Authorization: {headers['Authorization']}\r\n"
-        f"Content-Type: multipart/form-data; boundary={boundary}\r\nTransfer-Encoding: chunked\r\n\r\n"
-    ).encode()
+    path, content_type = f"/api/v1/batches/{job['id']}/items/", f"multipart/form-data; boundary={boundary}"
     client_body_temp = edge.front.prefix / "temp" / "client_body"
     half = len(body) // 2 + 2**20
-    with tls_socket(edge.front, edge.tls) as connection:
-        connection.sendall(head)
-        for start in range(0, half, 2**16):
-            connection.sendall(chunk(body[start : min(start + 2**16, half)]))
-        # the client has sent part of the body and waits: the replica already has most of it
+
+    def the_replica_has_it_while_the_client_waits() -> None:
         deadline = time.monotonic() + 20
         while spooled_bytes(edge.web_pid) < half // 2 and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -236,13 +228,43 @@ def test_a_large_archive_streams_through_nginx_without_being_kept_there(edge, li
         assert spooled_bytes(edge.web_pid) >= half // 2, "the body did not reach the replica while arriving"
         assert files_under(edge.front.worker_pids(), client_body_temp) == []
         assert list(client_body_temp.iterdir()) == []
-        for start in range(half, len(body), 2**16):
-            connection.sendall(chunk(body[start : start + 2**16]))
-        connection.sendall(b"0\r\n\r\n")
-        status, _, answer = read_response(connection)
+
+    def pieces(start: int, end: int):
+        for offset in range(start, end, 2**16):
+            yield body[offset : min(offset + 2**16, end)]
+
+    if protocol == "HTTP/1.1":
+        # chunked, no Content-Length: nginx streams such a body only to an HTTP/1.1 upstream (to an
+        # HTTP/1.0 one it would buffer it whole), so this also shows what nginx speaks to the replica
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{edge.front.port}\r\n"
+            f"Authorization: {headers['Authorization']}\r\n"
+            f"Content-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ).encode()
+        with tls_socket(edge.front, edge.tls) as connection:
+            connection.sendall(head)
+            for piece in pieces(0, half):
+                connection.sendall(chunk(piece))
+            the_replica_has_it_while_the_client_waits()
+            for piece in pieces(half, len(body)):
+                connection.sendall(chunk(piece))
+            connection.sendall(b"0\r\n\r\n")
+            status, answer_headers, answer = read_response(connection)
+        request_id = answer_headers["x-request-id"]
+    else:  # a browser's upload: HTTP/2 DATA frames, no length declared
+
+        def paused_body():
+            yield from pieces(0, half)
+            the_replica_has_it_while_the_client_waits()
+            yield from pieces(half, len(body))
+
+        with https_client(edge.front, edge.tls) as client:
+            response = client.post(path, headers={**headers, "Content-Type": content_type}, content=paused_body())
+        assert response.http_version == "HTTP/2"
+        status, answer, request_id = response.status_code, response.content, response.headers["x-request-id"]
     assert status == 202, answer
-    entry = edge.front.entry(uri=f"/api/v1/batches/{job['id']}/items/")
-    assert entry["status"] == 202 and entry["request_length"] > len(body)
+    entry = edge.front.entry(request_id=request_id, uri=path)
+    assert entry["status"] == 202 and entry["request_length"] >= len(body)
     with https_client(edge.front, edge.tls) as client:  # the worker unpacks it: wait, so the test ends quiet
         deadline = time.monotonic() + 60
         while client.get(f"/api/v1/batches/{job['id']}/", headers=headers).json()["uploads_pending"]:
