@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
 from django.db import models
 from django.db.migrations import operations
 from django.db.migrations.loader import MigrationLoader
