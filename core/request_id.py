@@ -5,6 +5,8 @@ import uuid
 
 from django.utils.functional import SimpleLazyObject, empty
 
+from core.logging import request_id_bound
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -23,7 +25,8 @@ class RequestIdMiddleware:
 
     def __call__(self, request):
         request.request_id = new_request_id(request.headers.get("X-Request-ID", ""))
-        response = self.get_response(request)
+        with request_id_bound(request.request_id):  # the same id the ASGI layer bound; WSGI's too
+            response = self.get_response(request)
         response["X-Request-ID"] = request.request_id
         _note_requester(request, response)
         return response

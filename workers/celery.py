@@ -4,6 +4,7 @@ import logging
 import os
 import time
 
+import celery.apps.worker as celery_worker_app
 from celery import Celery
 from celery.signals import (
     before_task_publish,
@@ -38,6 +39,16 @@ task_log = logging.getLogger("sightline.task")
 # Python warnings (Celery's own, when it starts) become log lines: through LOGGING's handler, not
 # bare text on stderr
 logging.captureWarnings(True)
+
+
+def _say_as_a_log_line(message, f=None):
+    """Celery prints its shutdown notices ("worker: Warm shutdown") straight to stdout, the one
+    text line left in a JSON log; they become log lines. Called from a signal handler: logging's
+    handler lock is re-entrant, so a line being written when the signal lands cannot deadlock it."""
+    logging.getLogger("celery.apps.worker").info(str(message).strip())
+
+
+celery_worker_app.safe_say = _say_as_a_log_line
 
 
 @setup_logging.connect
