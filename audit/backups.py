@@ -26,6 +26,7 @@ accept that such an original is re-uploaded.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -388,6 +389,23 @@ def _restore_sqlite(stream: _Decrypting) -> None:
         target.close()
 
 
+class _Forward(io.RawIOBase):
+    """A tar member's bytes as a forward-only stream: the storage streams it (S3 in multipart
+    pieces) instead of seeking, and nothing is spooled to a plaintext temporary file."""
+
+    def __init__(self, content: IO[bytes]):
+        super().__init__()
+        self._content = content
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._content.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
 def _restore_objects(stream: _Decrypting) -> int:
     restored = 0
     with tarfile.open(fileobj=stream, mode="r|") as archive:  # type: ignore[call-overload]
@@ -396,7 +414,7 @@ def _restore_objects(stream: _Decrypting) -> int:
                 raise BackupError(f"The objects archive holds an entry that is not an object: {member.name!r}")
             content: IO[bytes] | None = archive.extractfile(member)
             assert content is not None
-            saved = default_storage.save(member.name, File(content, name=member.name))
+            saved = default_storage.save(member.name, File(_Forward(content), name=member.name))
             if saved != member.name:
                 raise BackupError(f"The storage renamed {member.name!r} to {saved!r}: it was not empty.")
             restored += 1

@@ -22,6 +22,7 @@ from accounts.models import AccessEvent
 from recognition.models import Image
 from tests.conftest import api_client_for, png_bytes, render_received
 from tests.integration.test_api import upload
+from tests.integration.test_s3_storage import BUCKET, s3_endpoint, s3_storage  # noqa: F401, F811  fixtures
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -57,13 +58,14 @@ def empty_database(tmp_path):
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def manage(args: list[str], *, database_url: str, var_dir: Path) -> subprocess.CompletedProcess:
+def manage(args: list[str], *, database_url: str, var_dir: Path, **extra: str) -> subprocess.CompletedProcess:
     """A management command of another deployment: its own database and storage."""
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings.test",
         "DATABASE_URL": database_url,
         "SIGHTLINE_VAR_DIR": str(var_dir),
+        **extra,
     }
     return subprocess.run(
         [sys.executable, *args], env=env, cwd=settings.BASE_DIR, capture_output=True, text=True, timeout=300
@@ -174,3 +176,51 @@ def test_a_backup_without_a_recipient_is_refused_in_words(tmp_path, monkeypatch,
     with pytest.raises(CommandError, match="No recipient"):
         call_command("backup_create", str(tmp_path / "backup"))
     assert not AccessEvent.objects.filter(action="backup.start").exists()
+
+
+def test_objects_in_s3_are_backed_up_and_restored_into_an_empty_bucket_through_the_storage_api(
+    s3_storage,  # noqa: F811
+    s3_endpoint,  # noqa: F811
+    clinician_a,
+    demo_model,
+    age_identity,
+    empty_database,
+    tmp_path,
+):
+    identity, public = age_identity
+    endpoint, client = s3_endpoint
+    client_for = api_client_for(clinician_a)
+    assert upload(client_for, png_bytes(seed=5)).status_code == 201
+    render_received(Image.objects.get())
+    source_keys = {item["Key"] for item in client.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
+    assert len(source_keys) >= 1
+    backup = tmp_path / "backup"
+    call_command("backup_create", str(backup), recipient=[public])
+    assert json.loads((backup / "manifest.json").read_text())["objects"] == len(source_keys)
+
+    restored_bucket = f"restored-{uuid.uuid4().hex[:8]}"
+    client.create_bucket(Bucket=restored_bucket)
+    s3 = {
+        "SIGHTLINE_S3_BUCKET": restored_bucket,
+        "SIGHTLINE_S3_ENDPOINT_URL": endpoint,
+        "SIGHTLINE_S3_ACCESS_KEY_ID": "test",
+        "SIGHTLINE_S3_SECRET_ACCESS_KEY": "test",
+        "SIGHTLINE_S3_REGION": "us-east-1",
+    }
+    var_dir = tmp_path / "restored-var"
+    restore = manage(
+        ["manage.py", "backup_restore", str(backup), "--identity", str(identity)],
+        database_url=empty_database,
+        var_dir=var_dir,
+        **s3,
+    )
+    assert restore.returncode == 0, restore.stderr
+    restored = {item["Key"]: item["Size"] for item in client.list_objects_v2(Bucket=restored_bucket)["Contents"]}
+    assert set(restored) == source_keys
+    for key in source_keys:
+        original = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        assert client.get_object(Bucket=restored_bucket, Key=key)["Body"].read() == original
+    assert manage(["manage.py", "verify_audit_log"], database_url=empty_database, var_dir=var_dir, **s3).returncode == 0
+    opened = manage(["-c", OPEN_AN_IMAGE], database_url=empty_database, var_dir=var_dir, **s3)
+    assert opened.returncode == 0, opened.stderr
+    assert int(opened.stdout.strip().splitlines()[-1]) == 1
