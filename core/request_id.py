@@ -3,18 +3,44 @@
 import re
 import uuid
 
+from django.utils.functional import SimpleLazyObject, empty
+
+from core.logging import request_id_bound
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
+def new_request_id(incoming: str = "") -> str:
+    """The proxy's X-Request-ID when well-formed, else a new one."""
+    return incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+
+
 class RequestIdMiddleware:
-    """Every request carries an id, taken from the proxy's X-Request-ID when well-formed."""
+    """Every request carries an id, taken from X-Request-ID when well-formed: under ASGI the web
+    line's layer (core/request_log.py) has put its own id there, so both name the same one. On the
+    way out it tells that layer which user and hospital the request turned out to be."""
 
     def __init__(self, get_response):
         self.get_response = get_response
 
     def __call__(self, request):
-        incoming = request.headers.get("X-Request-ID", "")
-        request.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-        response = self.get_response(request)
+        request.request_id = new_request_id(request.headers.get("X-Request-ID", ""))
+        with request_id_bound(request.request_id):  # the same id the ASGI layer bound; WSGI's too
+            response = self.get_response(request)
         response["X-Request-ID"] = request.request_id
+        _note_requester(request, response)
         return response
+
+
+def _note_requester(request, response) -> None:
+    from core.request_log import note_requester  # it imports this module
+
+    # never evaluate a lazy user here (a query for a log line): only one authentication found
+    user = request.__dict__.get("user")
+    if isinstance(user, SimpleLazyObject):
+        user = None if user._wrapped is empty else user._wrapped
+    user_id = getattr(user, "pk", None) if getattr(user, "is_authenticated", False) else None
+    # an API view's DRF request knows the membership it resolved (accounts/apis.py)
+    drf_request = (getattr(response, "renderer_context", None) or {}).get("request")
+    membership = getattr(drf_request, "membership", None) if drf_request is not None else None
+    note_requester(user_id=user_id, tenant_id=getattr(membership, "tenant_id", None))

@@ -27,6 +27,7 @@ import logging
 import ssl
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -40,6 +41,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from accounts.models import AccessEvent
 from accounts.services import access_event_record
+from core.logging import bind_request_id, current_request_id
 
 from .ingest import OUT_OF_RESOURCES, REFUSED_NOT_AUTHORIZED, instance_receive
 from .models import DicomNode
@@ -80,6 +82,10 @@ class _Association:
     over: bool = False
     aborting: bool = False
     stored: int = 0
+    refused: int = 0  # C-STOREs answered with anything but success
+    called_ae: str = ""
+    started: float = field(default_factory=time.perf_counter)
+    request_id: str = field(default_factory=current_request_id)  # the association's id, bound first
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -170,6 +176,7 @@ class StoreSCP:
 
     def _on_requested(self, event) -> None:
         assoc = event.assoc
+        bind_request_id(f"assoc-{uuid.uuid4().hex}")  # this association's thread: its lines, its tasks
         request = assoc.requestor.primitive
         called, calling = str(request.called_ae_title).strip(), str(request.calling_ae_title).strip()
         address = str(assoc.requestor.address)
@@ -191,7 +198,9 @@ class StoreSCP:
                 open_here = sum(1 for s in self._associations.values() if s.node.tenant_id == node.tenant_id)
                 full = open_here >= cap
                 if not full:
-                    self._associations[id(assoc)] = _Association(node=node, address=address, calling_ae=calling)
+                    self._associations[id(assoc)] = _Association(
+                        node=node, address=address, calling_ae=calling, called_ae=called
+                    )
             if full:  # one hospital's senders never take every association the SCP has
                 logger.warning(
                     "association from %s (%s) to %s refused for now: tenant %s has %d open (the cap)",
@@ -343,6 +352,7 @@ class StoreSCP:
             logger.exception("C-STORE from node %s failed", state.node.pk)
             return _status(OUT_OF_RESOURCES, "The instance could not be stored; try again later.")
         state.stored += received.status == "stored"
+        state.refused += received.dimse_status != 0x0000
         instance_id = received.instance.pk if received.instance is not None else None
         logger.info(
             "C-STORE from node %s: %s (instance %s, 0x%04X, %s) in %.0f ms",
@@ -365,7 +375,22 @@ class StoreSCP:
             state = self._associations.pop(id(event.assoc), None)
         if state is not None:
             logger.info(
-                "association from node %s ended: %d stored, %d bytes", state.node.pk, state.stored, state.received_bytes
+                "association from node %s ended: %d stored, %d refused, %d bytes",
+                state.node.pk,
+                state.stored,
+                state.refused,
+                state.received_bytes,
+                extra={
+                    "request_id": state.request_id or None,
+                    "calling_ae": state.calling_ae,
+                    "called_ae": state.called_ae,
+                    "node_id": state.node.pk,
+                    "tenant_id": state.node.tenant_id,
+                    "stored": state.stored,
+                    "refused": state.refused,
+                    "received_bytes": state.received_bytes,
+                    "duration_ms": round((time.perf_counter() - state.started) * 1000, 1),
+                },
             )
         connections.close_all()  # this association's thread's connections
 

@@ -1,10 +1,21 @@
 """The Celery app. Start a worker with ``celery -A workers.celery worker``."""
 
+import logging
 import os
+import time
 
+import celery.apps.worker as celery_worker_app
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import (
+    before_task_publish,
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_ready,
+)
 
+from core.logging import bind_request_id, current_request_id, process_role, unbind_request_id
 from workers.bootsteps import GpuBackPressure
 
 # production by default, like the web process: a worker started bare refuses to start without its
@@ -17,11 +28,82 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.production")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 NUMPY_SEED_LIMIT = 2**32  # numpy's legacy seed is a 32-bit unsigned integer
+REQUEST_ID_HEADER = "sightline_request_id"  # the publishing request's id, for the task's log lines
 
 app = Celery("sightline", include=["workers.tasks", "protocols.tasks", "dicomnet.tasks"])
 app.config_from_object("django.conf:settings", namespace="CELERY")
 # a worker whose GPU stays busy stops taking tasks until it cools down (no-op without a GPU)
 app.steps["consumer"].add(GpuBackPressure)
+
+task_log = logging.getLogger("sightline.task")
+# Python warnings (Celery's own, when it starts) become log lines: through LOGGING's handler, not
+# bare text on stderr
+logging.captureWarnings(True)
+
+
+def _say_as_a_log_line(message, f=None):
+    """Celery prints its shutdown notices ("worker: Warm shutdown") straight to stdout, the one
+    text line left in a JSON log; they become log lines. Called from a signal handler: logging's
+    handler lock is re-entrant, so a line being written when the signal lands cannot deadlock it."""
+    logging.getLogger("celery.apps.worker").info(str(message).strip())
+
+
+celery_worker_app.safe_say = _say_as_a_log_line
+
+
+@setup_logging.connect
+def _keep_django_logging(**_kwargs):
+    """Connected, so Celery leaves the root logger alone: Django's LOGGING (JSON or plain, the
+    settings') is every worker's and beat's configuration too."""
+
+
+@before_task_publish.connect
+def _carry_request_id(sender=None, headers=None, **_kwargs):
+    """The current request's id (or task's) travels in a message header; beat logs each send."""
+    request_id = current_request_id()
+    if headers is not None and request_id:
+        headers.setdefault(REQUEST_ID_HEADER, request_id)
+    if process_role() == "beat":
+        task_log.info(
+            "task %s sent",
+            sender,
+            extra={
+                "task": sender,
+                "task_id": (headers or {}).get("id"),
+                "request_id": request_id or (headers or {}).get("id"),
+            },
+        )
+
+
+_running: dict[str, tuple[float, object]] = {}
+
+
+@task_prerun.connect
+def _task_started(task_id=None, task=None, **_kwargs):
+    request = task.request if task is not None else None
+    request_id = getattr(request, REQUEST_ID_HEADER, None) or (getattr(request, "headers", None) or {}).get(
+        REQUEST_ID_HEADER
+    )
+    _running[task_id] = (time.perf_counter(), bind_request_id(request_id or task_id))
+
+
+@task_postrun.connect
+def _task_finished(task_id=None, task=None, state=None, **_kwargs):
+    started, token = _running.pop(task_id, (None, None))
+    task_log.info(
+        "task %s %s",
+        getattr(task, "name", "?"),
+        state,
+        extra={
+            "task": getattr(task, "name", None),
+            "task_id": task_id,
+            "request_id": current_request_id() or task_id,
+            "state": state,
+            "runtime_ms": round((time.perf_counter() - started) * 1000, 1) if started is not None else None,
+        },
+    )
+    if token is not None:
+        unbind_request_id(token)
 
 
 def lane_torch_threads(lane: str, threads: int = 0, cores: int | None = None) -> int:

@@ -7,6 +7,8 @@ from pathlib import Path
 import environ
 import pydicom.config  # noqa: F401  pydicom sets its logger's level when imported: before LOGGING's cap, not after
 
+from core.logging import logging_config
+
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 env = environ.Env()
 
@@ -435,31 +437,11 @@ SIGHTLINE_PSEUDONYM_KEY_FALLBACKS = env.list("SIGHTLINE_PSEUDONYM_KEY_FALLBACKS"
 SIGHTLINE_PSEUDONYM_LEGACY_SECRET_KEYS = env.list("SIGHTLINE_PSEUDONYM_LEGACY_SECRET_KEYS", default=[])
 # --- end keys and rotation ---
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "filters": {
-        "redact_query": {"()": "core.log_filters.RedactQueryStrings"},
-        "redact_request_query": {"()": "core.log_filters.RedactRequestQuery"},
-    },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
-    "loggers": {
-        # the ASGI server's lines (its handshakes name the query string, where API tokens ride)
-        "uvicorn.error": {"filters": ["redact_query"]},
-        # off by default; if an operator turns it on, no query string: DICOMweb's QIDO carries
-        # PatientID and AccessionNumber there (dicomnet/dicomweb/)
-        "uvicorn.access": {"level": "WARNING", "filters": ["redact_query"]},
-        "django.server": {"filters": ["redact_query"]},  # runserver's request lines, likewise
-        "django.request": {"filters": ["redact_request_query"]},  # a 4xx warning's record holds the request
-        "axes": {"level": "WARNING"},
-        # pydicom's warnings quote the values they find invalid (a patient's birth date, a name);
-        # pynetdicom's DEBUG dumps whole datasets: capped here for every process (web, Celery, SCP)
-        "pydicom": {"level": "ERROR"},
-        "pynetdicom": {"level": "INFO"},
-    },
-}
+# JSON lines (one object per line: time, level, logger, message, role, request_id, ...) or plain
+# text; production defaults to json (config/settings/production.py), local and test to plain.
+# Every process's lines go through one handler on stderr (core/logging.py).
+SIGHTLINE_LOG_FORMAT = env("SIGHTLINE_LOG_FORMAT", default="plain")
+LOGGING = logging_config(log_format=SIGHTLINE_LOG_FORMAT, level=env("LOG_LEVEL", default="INFO"))
 # ... and the same messages as Python warnings, which a worker's stderr would carry into its log
 warnings.filterwarnings("ignore", module=r"(pydicom|highdicom)(\.|$)")
 

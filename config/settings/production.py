@@ -3,7 +3,7 @@
 from django.core.exceptions import ImproperlyConfigured
 
 from .base import *  # noqa: F403
-from .base import env
+from .base import env, logging_config
 
 _MIN_SECRET_CHARS = 32  # a pseudonym key or metrics token shorter than this is refused
 
@@ -52,3 +52,7 @@ vars().update(env.email_url("EMAIL_URL", default="smtp://localhost:25"))
 
 # Platform staff reach the Django admin only with a session verified by a second factor.
 SIGHTLINE_STAFF_TWO_FACTOR = True
+
+# JSON lines for the log shipper (README, "Logs"); SIGHTLINE_LOG_FORMAT=plain for a person reading
+SIGHTLINE_LOG_FORMAT = env("SIGHTLINE_LOG_FORMAT", default="json")
+LOGGING = logging_config(log_format=SIGHTLINE_LOG_FORMAT, level=env("LOG_LEVEL", default="INFO"))

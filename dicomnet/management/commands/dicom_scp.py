@@ -28,10 +28,9 @@ class Command(BaseCommand):
             signal.signal(signum, lambda *_: stop.set())
         scp.start(host=host, port=port, block=False)
         tls = "TLS" + (" with client certificates" if settings.SIGHTLINE_DICOM_TLS_CA else "")
-        self.stdout.write(
-            f"DICOM SCP listening on {host}:{port} ({tls if settings.SIGHTLINE_DICOM_TLS_CERT else 'no TLS'})",
-        )
-        self.stdout.flush()
+        tls = tls if settings.SIGHTLINE_DICOM_TLS_CERT else "no TLS"
+        # a log line (JSON where the logs are), not bare stdout: every line this process writes parses
+        logger.info("DICOM SCP listening on %s:%s (%s)", host, port, tls)
         stop.wait()
         logger.info("DICOM SCP stopping")
         scp.shutdown()
