@@ -115,11 +115,12 @@ clean:
 BENCH_ARGS ?=
 
 # A benchmark, not a test: issue 12's tables and goals (bench/results.json), int8 against fp32
-# (bench/optimised.json), then the worklist, audit, bulk-job and DICOM SCP benchmarks. `make bench BENCH_ARGS=--quick`
+# (bench/optimised.json), nginx with two web replicas against one (bench/nginx.json), then the worklist, audit, bulk-job and DICOM SCP benchmarks. `make bench BENCH_ARGS=--quick`
 # is the smoke run of bench/run.py and bench/optimised.py alone (under 6 min).
 bench: $(VENV)/.dev
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/optimised.py $(findstring --quick,$(BENCH_ARGS))
+	$(BIN)/python bench/nginx.py $(findstring --quick,$(BENCH_ARGS))
 ifeq ($(findstring --quick,$(BENCH_ARGS)),)
 	$(BIN)/python bench/worklist.py
 	$(BIN)/python bench/audit.py

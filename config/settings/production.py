@@ -30,9 +30,12 @@ if len(SIGHTLINE_METRICS_TOKEN) < _MIN_SECRET_CHARS:
         "/metrics answers only a scrape that sends it as a bearer token"
     )
 
-# TLS ends at nginx, which sets X-Forwarded-Proto.
-SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# TLS ends at nginx, which sets X-Forwarded-Proto. uvicorn (--proxy-headers --forwarded-allow-ips
+# <the proxy>) turns it into the request's scheme on connections from the proxy only; Django's
+# SECURE_PROXY_SSL_HEADER would believe the header from anyone who reaches a replica, so it is unset.
 SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=True)
+# probes and the scrape reach a replica directly over plain HTTP (Kubernetes, the multi-host script)
+SECURE_REDIRECT_EXEMPT = [r"^health/", r"^metrics$"]
 SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", default=60 * 60 * 24 * 365)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = True
 SECURE_HSTS_PRELOAD = True
