@@ -212,8 +212,8 @@ def test_gpu_limits_only_in_the_gpu_cluster_with_both_lanes_on_each_gpu(rendered
     (container,) = pod["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
-    script = (ROOT / "platform" / "worker-pair.sh").read_text()
-    assert container["command"] == ["sh", "/app/platform/worker-pair.sh"]
+    script = (ROOT / "platform" / "kubernetes" / "worker-pair.sh").read_text()
+    assert container["command"] == ["sh", "/app/platform/kubernetes/worker-pair.sh"]
     assert "SIGHTLINE_WORKER_LANE=interactive" in script and "SIGHTLINE_WORKER_LANE=bulk" in script
     assert "-Q interactive,bulk" in script and "-Q maintenance,bulk" in script  # the Procfile's lanes
     for name, c in _containers(gpu):
