@@ -284,3 +284,21 @@ def test_the_autoscaler_reads_an_external_queue_metric_the_adapter_rule_serves(r
     rules = yaml.safe_load((ROOT / "platform" / "prometheus" / "adapter-rules.yaml").read_text())
     served = {rule["name"]["as"] for rule in rules["rules"]["external"]}
     assert name in served
+
+
+def test_the_image_matches_the_pods_it_runs_in(rendered):
+    """platform/Containerfile's user is the pods' runAsUser, its default command is the web
+    Deployment's, and the build context leaves out the operator's secrets and local state."""
+    containerfile = (ROOT / "platform" / "Containerfile").read_text()
+    (user,) = re.findall(r"^USER (\d+):(\d+)$", containerfile, re.MULTILINE)
+    pod = _deployment(rendered["single-node"], "sightline-web")["spec"]["template"]["spec"]
+    assert (int(user[0]), int(user[1])) == (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"])
+    cmd = yaml.safe_load(re.search(r"^CMD (\[.*?\])$", containerfile, re.MULTILINE | re.DOTALL)[1].replace("\\\n", ""))
+    (web,) = pod["containers"]
+    assert cmd[:2] == web["command"][:2]
+    assert [a for a in cmd if a.startswith("--")] == [a for a in web["command"] if a.startswith("--")]
+    assert "pip install -r /app/requirements.txt" in containerfile
+    for path in WRITABLE[1:]:
+        assert path in containerfile  # made and owned by the image's user, mounted over in the pods
+    ignored = (ROOT / ".containerignore").read_text().split()
+    assert {".git", ".venv", "var", "platform/kubernetes/base/secrets.env"} <= set(ignored)
