@@ -21,6 +21,7 @@ api_v1 = [
 urlpatterns = [
     path("health/live/", health.live, name="health-live"),
     path("health/ready/", health.ready, name="health-ready"),
+    path("health/workers/", health.workers, name="health-workers"),
     path("metrics", health.metrics, name="metrics"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     # staff sign in like everyone else: lockout and second factor apply

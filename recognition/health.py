@@ -1,4 +1,11 @@
-"""Readiness and Prometheus metrics. Worker heartbeats live in Redis with a short expiry."""
+"""Health checks and Prometheus metrics. Worker heartbeats live in Redis with a short expiry.
+
+Three checks, for three askers: ``/health/live/`` (the process answers: a liveness probe),
+``/health/ready/`` (this web pod can serve: database and broker answer; a readiness probe, which
+must not wait on workers, or a cluster whose workers are still pulling a GPU image would take
+every web pod out of its Service), ``/health/workers/`` (a worker serves the production model:
+for an operator, a deploy script, the ``sightline_workers`` metric's alert). The model-server
+protocols keep their own semantics through ``readiness()`` (database, broker and a worker)."""
 
 from __future__ import annotations
 
@@ -30,6 +37,8 @@ HEARTBEAT_PREFIX = "sightline:worker:"
 HEARTBEAT_SECONDS = 15
 HEARTBEAT_TTL = 45  # three missed beats and the worker counts as gone
 QUEUES = ("interactive", "bulk", "maintenance")
+WORKER_LANES = ("interactive", "bulk", "all")  # SIGHTLINE_WORKER_LANE's values
+AUDIT_TAMPERED = "audit.tampered"  # the security event accounts.audit.audit_verify_and_alert records
 Priority = InferenceRequest.Priority
 LANES = {Priority.INTERACTIVE: "interactive", Priority.BULK: "bulk"}  # a request's lane, by its priority
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -43,9 +52,9 @@ def _redis() -> redis.Redis:
 
 
 def heartbeat(models: list[str], device: str) -> None:
-    """Called in a worker process: 'alive, serving these model packages'."""
+    """Called in a worker process: 'alive, in this lane, serving these model packages'."""
     key = f"{HEARTBEAT_PREFIX}{socket.gethostname()}:{os.getpid()}"
-    payload = {"models": models, "device": device, "at": time.time()}
+    payload = {"models": models, "device": device, "lane": settings.SIGHTLINE_WORKER_LANE, "at": time.time()}
     _redis().set(key, json.dumps(payload), ex=HEARTBEAT_TTL)
 
 
@@ -69,7 +78,8 @@ def workers_alive() -> list[dict]:
     return [json.loads(value) for value in client.mget(keys) if value] if keys else []
 
 
-def readiness() -> tuple[bool, dict]:
+def pod_readiness() -> tuple[bool, dict]:
+    """This web process can serve: its database and its broker answer. Never the workers."""
     checks: dict[str, dict] = {}
     try:
         connection.ensure_connection()
@@ -83,16 +93,31 @@ def readiness() -> tuple[bool, dict]:
         checks["broker"] = {"ok": True}
     except Exception as exc:
         checks["broker"] = {"ok": False, "error": type(exc).__name__}
+    return all(check["ok"] for check in checks.values()), checks
+
+
+def worker_check(*, database_ok: bool = True, broker_ok: bool = True) -> dict:
+    """Whether a live worker (a heartbeat within ``HEARTBEAT_TTL``) serves the production model."""
     from .services.registry import version_for
 
-    production = version_for() if checks["database"]["ok"] else None
+    production = version_for() if database_ok else None
     if production is None:
-        checks["worker"] = {"ok": False, "error": "no production model is registered"}
-    elif not checks["broker"]["ok"]:
-        checks["worker"] = {"ok": False, "error": "broker unreachable"}
-    else:
-        serving = [w for w in workers_alive() if production.weights_sha256 in w.get("models", [])]
-        checks["worker"] = {"ok": bool(serving), "workers": len(serving), "model": str(production)}
+        return {"ok": False, "error": "no production model is registered"}
+    if not broker_ok:
+        return {"ok": False, "error": "broker unreachable"}
+    try:
+        alive = workers_alive()
+    except redis.RedisError as exc:
+        return {"ok": False, "error": type(exc).__name__}
+    serving = [w for w in alive if production.weights_sha256 in w.get("models", [])]
+    return {"ok": bool(serving), "workers": len(serving), "model": str(production)}
+
+
+def readiness() -> tuple[bool, dict]:
+    """Database, broker and a worker serving the production model: the model-server protocols'
+    readiness (TF-Serving's ``AVAILABLE`` promises a read can run). Web pods use ``pod_readiness``."""
+    _, checks = pod_readiness()
+    checks["worker"] = worker_check(database_ok=checks["database"]["ok"], broker_ok=checks["broker"]["ok"])
     return all(check["ok"] for check in checks.values()), checks
 
 
@@ -100,10 +125,13 @@ class SightlineCollector:
     """Computed at scrape time from Redis and the database, so every web replica reports the
     same numbers and workers need no metrics server of their own.
 
-    A scrape costs three indexed queries, however large the tables grow: counts of the states
+    A scrape costs five indexed queries, however large the tables grow: counts of the states
     work waits in, by lane (queued, running: a range of the ``status`` index); aggregates per
     lane over the requests finished in the last ``SIGHTLINE_METRICS_WINDOW_SECONDS`` (a range of
-    the ``finished_at`` index); results per model version over the same range. A request's lane
+    the ``finished_at`` index); results per model version over the same range; PACS deliveries
+    retrying or failed (a range of the ``delivery_due`` index: failures are the rare rows); the
+    newest ``audit.tampered`` event (one row off the platform chain's ``tenant, action`` index).
+    Worker presence comes from the heartbeats in Redis, no query. A request's lane
     is its priority (interactive read or bulk job), whichever worker ran it. Nothing scans the
     history: the windowed figures are gauges (a gauge histogram for batch sizes and latencies),
     which Prometheus keeps over time itself."""
@@ -117,6 +145,20 @@ class SightlineCollector:
         except redis.RedisError:
             pass
         yield depth
+
+        present = GaugeMetricFamily(
+            "sightline_workers",
+            f"Worker processes whose heartbeat is younger than {HEARTBEAT_TTL} s, by lane",
+            labels=["lane"],
+        )
+        try:
+            alive = workers_alive()
+        except redis.RedisError:
+            alive = None  # absent, not zero: an unreachable broker is its own alert
+        if alive is not None:
+            for lane in WORKER_LANES:
+                present.add_metric([lane], sum(1 for w in alive if w.get("lane", "all") == lane))
+        yield present
 
         counts = {
             (status, priority): n
@@ -204,14 +246,54 @@ class SightlineCollector:
                 results.add_metric([model, version], count)
         yield results
 
+        from accounts.models import AccessEvent
+        from dicomnet.models import Delivery
+
+        delivery_states = (Delivery.Status.RETRYING, Delivery.Status.FAILED)
+        by_status = dict(
+            Delivery.objects.filter(status__in=delivery_states).values_list("status").annotate(n=Count("id")).order_by()
+        )
+        deliveries = GaugeMetricFamily(
+            "sightline_deliveries", "Findings sent to a PACS that are retrying or failed for good", labels=["status"]
+        )
+        for status in delivery_states:
+            deliveries.add_metric([status], by_status.get(status, 0))
+        yield deliveries
+
+        last = (
+            AccessEvent.objects.filter(tenant__isnull=True, action=AUDIT_TAMPERED)
+            .order_by("-created", "-id")
+            .values_list("created", flat=True)
+            .first()
+        )
+        yield GaugeMetricFamily(
+            "sightline_audit_tampered_last_timestamp_seconds",
+            "When the access log's chain check last failed (an audit.tampered event; 0: never)",
+            value=last.timestamp() if last else 0,
+        )
+        yield GaugeMetricFamily(
+            "sightline_audit_verify_interval_seconds",
+            "How often beat verifies the access log's hash chains (SIGHTLINE_AUDIT_VERIFY_MINUTES)",
+            value=settings.CELERY_BEAT_SCHEDULE["verify-audit-log"]["schedule"],
+        )
+
 
 def live(request):
     return JsonResponse({"status": "ok"})
 
 
 def ready(request):
-    ok, checks = readiness()
+    ok, checks = pod_readiness()
     return JsonResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status=200 if ok else 503)
+
+
+def workers(request):
+    _, checks = pod_readiness()
+    check = worker_check(database_ok=checks["database"]["ok"], broker_ok=checks["broker"]["ok"])
+    return JsonResponse(
+        {"status": "ok" if check["ok"] else "unavailable", "checks": {"worker": check}},
+        status=200 if check["ok"] else 503,
+    )
 
 
 _registry = CollectorRegistry(auto_describe=False)  # collects at scrape time only, never at import

@@ -103,7 +103,7 @@ def test_sockets_without_valid_credentials_are_refused(stack, live_demo):
         assert refused.value.response.status_code == 403
 
 
-def test_the_stack_becomes_ready_once_a_worker_serves_the_production_model(stack, live_demo):
+def test_worker_presence_turns_ok_once_a_worker_serves_the_production_model(stack, live_demo):
     access = token(stack, "clinician", live_demo["password"])
     requests.post(
         f"{stack.base_url}/api/v1/images/",
@@ -113,7 +113,7 @@ def test_the_stack_becomes_ready_once_a_worker_serves_the_production_model(stack
     )
     deadline = time.monotonic() + 40  # the worker's heartbeat runs every 15 s
     while True:
-        response = requests.get(f"{stack.base_url}/health/ready/", timeout=10)
+        response = requests.get(f"{stack.base_url}/health/workers/", timeout=10)
         if response.status_code == 200 or time.monotonic() > deadline:
             break
         time.sleep(1)

@@ -96,7 +96,7 @@ def test_make_run_serves_the_demo_and_ctrl_c_stops_everything(demo_package, tmp_
         while time.monotonic() < deadline and make.poll() is None:
             started |= descendants(make.pid)
             try:
-                ready = requests.get(f"{base}/health/ready/", timeout=5)
+                ready = requests.get(f"{base}/health/workers/", timeout=5)  # and a worker serves the model
                 if ready.status_code == 200:
                     break
             except requests.ConnectionError:

@@ -1,5 +1,7 @@
 """Liveness, readiness and metrics."""
 
+import os
+import socket
 from datetime import timedelta
 
 import pytest
@@ -7,6 +9,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from recognition import health
 from recognition.models import InferenceRequest
 from recognition.services.images import image_upload
 from tests.conftest import png_bytes, upload_file
@@ -14,6 +17,8 @@ from tests.e2e.conftest import free_port
 from workers.runner import inference_run
 
 pytestmark = pytest.mark.django_db
+
+HEARTBEAT_DB = "redis://127.0.0.1:6379/15"  # a database of their own: other processes' workers beat in 0
 
 
 def test_liveness_needs_nothing(client):
@@ -25,15 +30,85 @@ def test_readiness_names_what_is_missing(client, settings, demo_model):
     response = client.get("/health/ready/")
     assert response.status_code == 503
     checks = response.json()["checks"]
-    assert checks["database"] == {"ok": True}
-    assert checks["broker"]["ok"] is False
-    assert checks["worker"] == {"ok": False, "error": "broker unreachable"}
+    assert checks == {"database": {"ok": True}, "broker": {"ok": False, "error": "ConnectionError"}}
 
 
-def test_readiness_without_a_model_says_so(client, settings):
+def test_a_web_pod_is_ready_without_any_worker(client, demo_model):
+    """The readiness probe of web pods: a cluster whose GPU workers are still starting keeps its web."""
+    response = client.get("/health/ready/")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "checks": {"database": {"ok": True}, "broker": {"ok": True}}}
+
+
+def test_worker_presence_is_its_own_check(client, settings, demo_model):
+    settings.REDIS_URL = HEARTBEAT_DB
+    response = client.get("/health/workers/")
+    assert response.status_code == 503  # no worker process in this test
+    assert response.json()["checks"]["worker"] == {"ok": False, "workers": 0, "model": str(demo_model)}
+    health.heartbeat([demo_model.weights_sha256], "cpu")
+    try:
+        response = client.get("/health/workers/")
+        assert response.status_code == 200
+        assert response.json()["checks"]["worker"] == {"ok": True, "workers": 1, "model": str(demo_model)}
+    finally:
+        _forget_heartbeats()
+
+
+def test_worker_presence_names_what_is_missing(client, settings):
+    checks = client.get("/health/workers/").json()["checks"]
+    assert checks["worker"] == {"ok": False, "error": "no production model is registered"}
     settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"
-    checks = client.get("/health/ready/").json()["checks"]
-    assert checks["worker"]["error"] == "no production model is registered"
+    response = client.get("/health/workers/")
+    assert response.status_code == 503
+    assert response.json()["checks"]["worker"]["error"] == "no production model is registered"
+
+
+def test_the_protocols_readiness_still_asks_for_a_worker(settings, demo_model):
+    """TF-Serving's AVAILABLE promises a read can run: ``readiness()`` keeps the worker in it."""
+    ok, checks = health.readiness()
+    assert not ok and set(checks) == {"database", "broker", "worker"}
+    settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"
+    assert health.readiness()[1]["worker"] == {"ok": False, "error": "broker unreachable"}
+
+
+def _forget_heartbeats():
+    """Removes this process's heartbeat only (another test run may share the Redis)."""
+    health._redis().delete(f"{health.HEARTBEAT_PREFIX}{socket.gethostname()}:{os.getpid()}")
+
+
+def test_metrics_count_live_workers_by_lane(client, settings, demo_model):
+    settings.REDIS_URL = HEARTBEAT_DB
+    settings.SIGHTLINE_WORKER_LANE = "interactive"
+    health.heartbeat([demo_model.weights_sha256], "cpu")
+    try:
+        text = client.get("/metrics").content.decode()
+    finally:
+        _forget_heartbeats()
+    assert 'sightline_workers{lane="interactive"} 1.0' in text
+    assert 'sightline_workers{lane="bulk"} 0.0' in text
+
+
+def test_metrics_report_failed_pacs_sends_and_a_failed_chain_check(client, settings):
+    from accounts.audit import chain_append
+    from accounts.models import AccessEvent
+
+    text = client.get("/metrics").content.decode()
+    assert 'sightline_deliveries{status="failed"} 0.0' in text
+    assert "sightline_audit_tampered_last_timestamp_seconds 0.0" in text
+    assert "sightline_audit_verify_interval_seconds 3600.0" in text
+    # the event audit_verify_and_alert records for a chain that fails (tests/integration/test_audit_chain.py)
+    chain_append(
+        AccessEvent(
+            action=health.AUDIT_TAMPERED,
+            outcome=AccessEvent.Outcome.FAILED,
+            actor_label="verify_audit_log",
+            target_type="audit_chain",
+            target_id="tenant:1#3",
+        )
+    )
+    text = client.get("/metrics").content.decode()
+    (line,) = [x for x in text.splitlines() if x.startswith("sightline_audit_tampered_last_timestamp_seconds ")]
+    assert abs(float(line.split()[1]) - timezone.now().timestamp()) < 60
 
 
 def test_metrics_report_requests_batches_latency_and_results(client, settings, clinician_a, demo_model):
@@ -79,7 +154,10 @@ def _plans(captured) -> list[str]:
     return plans
 
 
-def test_a_scrape_costs_three_indexed_queries_however_much_history_there_is(
+SCRAPED_TABLES = ("recognition_inferencerequest", "dicomnet_delivery", "accounts_accessevent")
+
+
+def test_a_scrape_costs_five_indexed_queries_however_much_history_there_is(
     client, settings, clinician_a, demo_model, django_assert_num_queries
 ):
     settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"
@@ -104,12 +182,12 @@ def test_a_scrape_costs_three_indexed_queries_however_much_history_there_is(
             for _ in range(500)
         ]
     )
-    with CaptureQueriesContext(connection) as captured, django_assert_num_queries(3):
+    with CaptureQueriesContext(connection) as captured, django_assert_num_queries(5):
         text = client.get("/metrics").content.decode()
     assert 'sightline_inference_finished{status="done"} 1.0' in text  # the month-old ones are not read
     queries = captured.captured_queries
     for query, plan in zip(queries, _plans(queries), strict=True):
-        reads = [step for step in plan.split(" | ") if "recognition_inferencerequest" in step]
+        reads = [step for step in plan.split(" | ") if any(table in step for table in SCRAPED_TABLES)]
         assert reads, plan
         # SQLite: SEARCH is an index range, SCAN reads every row; PostgreSQL: no sequential scan
         assert not any(step.startswith("SCAN") or "Seq Scan" in step for step in reads), plan

@@ -79,7 +79,8 @@ ROUTES_WITHOUT_IDS = {
     "home": "public",  # a redirect to the role's first page
     "admin-login": "public",  # a redirect to the site's own sign-in
     "health-live": "public",  # process up
-    "health-ready": "public",  # database, broker, worker: no hospital data
+    "health-ready": "public",  # database, broker: no hospital data
+    "health-workers": "public",  # a worker serves the production model: no hospital data
     "metrics": "public",  # totals across hospitals, no identifiers; SIGHTLINE_METRICS_TOKEN guards it
     "login": "public",
     "logout": "public",
