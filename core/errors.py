@@ -7,7 +7,7 @@ Services raise ``DomainError`` subclasses; the API renders every 4xx as
 from __future__ import annotations
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.http import Http404
+from django.http import Http404, HttpResponse
 from django.shortcuts import render
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
@@ -172,9 +172,32 @@ def permission_denied(request, exception=None):
     )  # fmt: skip
 
 
+UNAVAILABLE_RETRY_AFTER_SECONDS = 5  # PostgreSQL restarted in the drill answers again within this
+UNAVAILABLE_PAGE = (
+    "<!doctype html><html lang=en><meta charset=utf-8><title>Sightline</title>"
+    "<h1>Sightline</h1><p>Sightline is briefly unavailable; try again in a few seconds.</p></html>"
+)
+
+
 def server_error(request):
+    import sys
+
     from django.views import defaults
 
+    from core.transient import is_transient
+
+    failure = sys.exc_info()[1]  # Django calls this view while it handles the request's exception
+    if failure is not None and is_transient(failure):
+        # the database or the broker went away for a moment (a restart, a failover): a 503 the
+        # client can retry, never a 500 that reads as the platform's fault with the request
+        response = _api_error_or_page(
+            request, status=503, code="unavailable",
+            message="The service is briefly unavailable; retry in a few seconds.",
+            # a plain page: error.html's context processors would ask the database again
+            page=lambda: HttpResponse(UNAVAILABLE_PAGE, status=503),
+        )  # fmt: skip
+        response["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_SECONDS)
+        return response
     return _api_error_or_page(
         request, status=500, code="server_error", message="Something went wrong on our side.",
         page=lambda: defaults.server_error(request),
