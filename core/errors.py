@@ -202,3 +202,39 @@ def server_error(request):
         request, status=500, code="server_error", message="Something went wrong on our side.",
         page=lambda: defaults.server_error(request),
     )  # fmt: skip
+
+
+def websocket_unavailable_guard(app):
+    """A WebSocket handshake that meets the database or the broker gone for a moment (its
+    authentication reads the database) is refused with the platform's 503 and Retry-After, as an
+    HTTP request would be, instead of the ASGI server's bare 500; after the handshake the consumer
+    closes with 1012 itself (recognition/consumers.py)."""
+    import json
+
+    from core.transient import is_transient
+
+    async def guarded(scope, receive, send):
+        accepted = False
+
+        async def tracking_send(message):
+            nonlocal accepted
+            accepted = accepted or message["type"] in ("websocket.accept", "websocket.close")
+            await send(message)
+
+        try:
+            await app(scope, receive, tracking_send)
+        except Exception as exc:
+            if accepted or not is_transient(exc):
+                raise
+            if "websocket.http.response" not in scope.get("extensions", {}):
+                await send({"type": "websocket.close", "code": 1013})  # "try again later"
+                return
+            body = error_body("unavailable", "The service is briefly unavailable; retry in a few seconds.")
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"retry-after", str(UNAVAILABLE_RETRY_AFTER_SECONDS).encode()),
+            ]
+            await send({"type": "websocket.http.response.start", "status": 503, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": json.dumps(body).encode()})
+
+    return guarded

@@ -75,10 +75,17 @@ class Api:
     """JWT over HTTP/2 to the edge; signs in again when the access token runs out."""
 
     def __init__(self, base: str, ca: str, username: str, password: str, log: Log):
-        self.base, self.username, self.password, self.log = base, username, password, log
-        self.http = httpx.Client(verify=ca, http2=True, timeout=REQUEST_TIMEOUT_SECONDS)
+        self.base, self.ca, self.username, self.password, self.log = base, ca, username, password, log
+        self.local = threading.local()
         self.lock = threading.Lock()
         self.access = ""
+
+    @property
+    def http(self) -> httpx.Client:
+        """Each thread its own HTTP/2 connection, as each of a hospital's clients has."""
+        if not hasattr(self.local, "http"):
+            self.local.http = httpx.Client(verify=self.ca, http2=True, timeout=REQUEST_TIMEOUT_SECONDS)
+        return self.local.http
 
     def sign_in(self) -> str:
         with self.lock:
@@ -173,7 +180,7 @@ def retried(api: Api, log: Log, what: str, method: str, path: str, **kwargs) -> 
                 return response
             log("call_error", what=what, status=response.status_code, clear=clear_error(response))
         except httpx.HTTPError as exc:
-            log("call_error", what=what, status="transport", error=type(exc).__name__, clear=False)
+            log("call_error", what=what, status="transport", error=f"{type(exc).__name__}: {exc}", clear=False)
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what}: no answer for {UPLOAD_GIVE_UP_SECONDS} s")
         time.sleep(delay)
