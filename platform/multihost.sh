@@ -85,7 +85,7 @@ netns_up() {
 netns_down() {
     local host
     for host in "${HOSTS[@]}" br; do
-        if ip netns list 2>/dev/null | grep -qw "^$(ns "$host")"; then
+        if ip netns list 2>/dev/null | grep -w "^$(ns "$host")" >/dev/null; then
             # whatever still runs in it (a crash left it) goes first
             local pids
             pids=$(ip netns pids "$(ns "$host")" 2>/dev/null || true)
@@ -96,10 +96,8 @@ netns_down() {
 }
 
 loopback_up() {
-    local host
-    for host in "${HOSTS[@]}"; do  # 127.0.0.0/8 is all on lo already; make sure it answers
-        ip addr show lo 2>/dev/null | grep -q "inet 127.0.0.1/8" || return 1
-    done
+    # 127.0.0.0/8 is all on lo already: every host's 127.77.0.N answers without adding anything
+    [[ $(ip -o addr show lo 2>/dev/null) == *"inet 127.0.0.1/8"* ]]
 }
 
 # --- processes ---------------------------------------------------------------------------------
@@ -168,7 +166,7 @@ wait_port() {  # wait_port HOST PORT PROC-HOST PROC: something listens (asked fr
 
 wait_line() {  # wait_line HOST PROC TEXT: TEXT appears in the log after OFFSET bytes
     local host=$1 proc=$2 text=$3 offset=${4:-0} deadline=$((SECONDS + STARTUP_SECONDS))
-    until tail -c +"$((offset + 1))" "$(logfile "$host" "$proc")" 2>/dev/null | grep -qF -- "$text"; do
+    until tail -c +"$((offset + 1))" "$(logfile "$host" "$proc")" 2>/dev/null | grep -F -- "$text" >/dev/null; do
         alive "$host" "$proc" || { tail -30 "$(logfile "$host" "$proc")" >&2; die "$host/$proc exited while starting"; }
         ((SECONDS < deadline)) || { tail -30 "$(logfile "$host" "$proc")" >&2; die "$host/$proc never said '$text'"; }
         sleep 0.2
