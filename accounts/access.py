@@ -77,7 +77,9 @@ def tenant_object_get(
     on ``target_type`` ``pk``). The caller checks the member's role first (``require``) and logs
     the success where the read is one to log."""
     scoped = queryset.filter(tenant=membership.tenant)  # TenantQuerySet.for_tenant, on any queryset (annotated too)
-    found = (scoped.select_for_update() if for_update else scoped).filter(pk=pk).first()
+    # of=self: the object's own row only, never the rows select_related joins (a job's model
+    # version is every hospital's: locking it deadlocked an upload committing its request, multihost drill)
+    found = (scoped.select_for_update(of=("self",)) if for_update else scoped).filter(pk=pk).first()
     if found is None:
         raise _not_found_recorded(
             membership=membership,

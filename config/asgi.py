@@ -11,6 +11,7 @@ from channels.routing import ProtocolTypeRouter  # noqa: E402
 
 from accounts.ws_auth import websocket_auth  # noqa: E402
 from core.body_limit import BodySizeLimit  # noqa: E402
+from core.errors import websocket_unavailable_guard  # noqa: E402
 from core.request_log import RequestLog  # noqa: E402
 from protocols.asgi import is_protocol_path, protocol_asgi_application  # noqa: E402
 from recognition.routing import websocket_urlpatterns  # noqa: E402
@@ -26,6 +27,6 @@ async def http_application(scope, receive, send):
 application = ProtocolTypeRouter(
     {
         "http": RequestLog(BodySizeLimit(http_application)),  # outermost: one line per request, a 413 too
-        "websocket": websocket_auth(websocket_urlpatterns),
+        "websocket": websocket_unavailable_guard(websocket_auth(websocket_urlpatterns)),
     }
 )

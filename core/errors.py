@@ -7,7 +7,7 @@ Services raise ``DomainError`` subclasses; the API renders every 4xx as
 from __future__ import annotations
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.http import Http404
+from django.http import Http404, HttpResponse
 from django.shortcuts import render
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
@@ -172,10 +172,69 @@ def permission_denied(request, exception=None):
     )  # fmt: skip
 
 
+UNAVAILABLE_RETRY_AFTER_SECONDS = 5  # PostgreSQL restarted in the drill answers again within this
+UNAVAILABLE_PAGE = (
+    "<!doctype html><html lang=en><meta charset=utf-8><title>Sightline</title>"
+    "<h1>Sightline</h1><p>Sightline is briefly unavailable; try again in a few seconds.</p></html>"
+)
+
+
 def server_error(request):
+    import sys
+
     from django.views import defaults
 
+    from core.transient import is_transient
+
+    failure = sys.exc_info()[1]  # Django calls this view while it handles the request's exception
+    if failure is not None and is_transient(failure):
+        # the database or the broker went away for a moment (a restart, a failover): a 503 the
+        # client can retry, never a 500 that reads as the platform's fault with the request
+        response = _api_error_or_page(
+            request, status=503, code="unavailable",
+            message="The service is briefly unavailable; retry in a few seconds.",
+            # a plain page: error.html's context processors would ask the database again
+            page=lambda: HttpResponse(UNAVAILABLE_PAGE, status=503),
+        )  # fmt: skip
+        response["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_SECONDS)
+        return response
     return _api_error_or_page(
         request, status=500, code="server_error", message="Something went wrong on our side.",
         page=lambda: defaults.server_error(request),
     )  # fmt: skip
+
+
+def websocket_unavailable_guard(app):
+    """A WebSocket handshake that meets the database or the broker gone for a moment (its
+    authentication reads the database) is refused with the platform's 503 and Retry-After, as an
+    HTTP request would be, instead of the ASGI server's bare 500; after the handshake the consumer
+    closes with 1012 itself (recognition/consumers.py)."""
+    import json
+
+    from core.transient import is_transient
+
+    async def guarded(scope, receive, send):
+        accepted = False
+
+        async def tracking_send(message):
+            nonlocal accepted
+            accepted = accepted or message["type"] in ("websocket.accept", "websocket.close")
+            await send(message)
+
+        try:
+            await app(scope, receive, tracking_send)
+        except Exception as exc:
+            if accepted or not is_transient(exc):
+                raise
+            if "websocket.http.response" not in scope.get("extensions", {}):
+                await send({"type": "websocket.close", "code": 1013})  # "try again later"
+                return
+            body = error_body("unavailable", "The service is briefly unavailable; retry in a few seconds.")
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"retry-after", str(UNAVAILABLE_RETRY_AFTER_SECONDS).encode()),
+            ]
+            await send({"type": "websocket.http.response.start", "status": 503, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": json.dumps(body).encode()})
+
+    return guarded
