@@ -177,7 +177,7 @@ log_size() { stat -c %s "$(logfile "$1" "$2")" 2>/dev/null || echo 0; }
 
 celery_worker() {  # the Procfile's worker lines
     local lane=$1 queues=$2
-    echo "env SIGHTLINE_WORKER_LANE=$lane $VENV/celery -A workers.celery worker -P prefork -c ${WORKER_CONCURRENCY:-1} -Q $queues -n $lane@worker --without-gossip -l info"
+    echo "env SIGHTLINE_WORKER_LANE=$lane $VENV/celery --quiet -A workers.celery worker -P prefork -c ${WORKER_CONCURRENCY:-1} -Q $queues -n $lane@worker --without-gossip -l info"
 }
 
 start_proc() {  # start_proc HOST PROC: start it and wait until it serves
@@ -224,7 +224,7 @@ start_proc() {  # start_proc HOST PROC: start it and wait until it serves
             wait_line worker bulk " ready." "$offset"
             ;;
         svc/beat)
-            spawn svc beat "$VENV/celery" -A workers.celery beat -l info -s "$DIR/data/svc/celerybeat-schedule"
+            spawn svc beat "$VENV/celery" --quiet -A workers.celery beat -l info -s "$DIR/data/svc/celerybeat-schedule"
             wait_line svc beat "beat: Starting" "$offset"
             ;;
         svc/dicom)
