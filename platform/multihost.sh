@@ -225,7 +225,7 @@ start_proc() {  # start_proc HOST PROC: start it and wait until it serves
             ;;
         svc/beat)
             spawn svc beat "$VENV/celery" --quiet -A workers.celery beat -l info -s "$DIR/data/svc/celerybeat-schedule"
-            wait_line svc beat "beat: Starting" "$offset"
+            wait_line svc beat '"logger": "sightline.task"' "$offset"  # its first send (JSON logs; --quiet: no banner)
             ;;
         svc/dicom)
             spawn svc dicom "$VENV/python" manage.py dicom_scp
