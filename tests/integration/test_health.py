@@ -224,3 +224,37 @@ def test_production_settings_refuse_to_start_without_a_metrics_token(settings):
     result = start(SIGHTLINE_METRICS_TOKEN=token)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == token
+
+
+def test_metrics_count_a_real_failed_pacs_delivery(client, settings, hospital_a, clinician_a):
+    """A Delivery the real sender gave up on (a PACS nobody listens for, one attempt allowed)
+    shows in ``sightline_deliveries{status="failed"}``; a retrying one in its own series."""
+    from accounts.models import Role
+    from dicomnet import sending
+    from dicomnet.models import Delivery
+    from dicomnet.tasks import delivery_send
+    from tests.conftest import member
+    from tests.integration.test_dicom_sending import _sr_bytes, dicom_image, dimse, made
+    from tests.peers import free_port as peer_free_port
+
+    settings.SIGHTLINE_DICOM_SEND_MAX_ATTEMPTS = 1
+    settings.SIGHTLINE_DICOM_TIMEOUT = 5
+    admin = member(hospital_a, "admin-a", Role.TENANT_ADMIN)
+    image = dicom_image(clinician_a)
+    sr = made(image, "ai_sr", _sr_bytes())
+    (delivery_id,) = sending.deliveries_queue([(sr, dimse(admin, peer_free_port()))])
+    assert delivery_send(delivery_id) == "failed"
+    delivery = Delivery.objects.get(pk=delivery_id)
+    assert delivery.status == Delivery.Status.FAILED and "could not reach" in delivery.error
+
+    text = client.get("/metrics").content.decode()
+    assert 'sightline_deliveries{status="failed"} 1.0' in text
+    assert 'sightline_deliveries{status="retrying"} 0.0' in text
+
+    settings.SIGHTLINE_DICOM_SEND_MAX_ATTEMPTS = 3
+    second = made(image, "ai_sr", _sr_bytes())
+    (retrying_id,) = sending.deliveries_queue([(second, dimse(admin, peer_free_port(), name="pacs-2"))])
+    assert delivery_send(retrying_id) == "retrying"
+    text = client.get("/metrics").content.decode()
+    assert 'sightline_deliveries{status="failed"} 1.0' in text
+    assert 'sightline_deliveries{status="retrying"} 1.0' in text

@@ -210,3 +210,73 @@ def test_a_database_blip_mid_batch_sends_the_claimed_requests_back(clinician_a, 
     with mock.patch("recognition.services.inference.task_send"):
         assert inference_run(request_id=requests[0].pk) == 2
     assert set(InferenceRequest.objects.values_list("status", flat=True)) == {"done"}
+
+
+# --- the web answers a database or broker blip with a 503 to retry, never a 500 ---------------------
+
+LEAKED = "could not connect to server: host=db-primary.internal password=hunter2"
+
+
+def _every_query_fails(error: BaseException):
+    """The database connection's own hook (``connection.execute_wrapper``): every query of the
+    request meets ``error``, as it would while PostgreSQL restarts."""
+    from django.db import connection
+
+    def wrapper(execute, sql, params, many, context):
+        raise error
+
+    return connection.execute_wrapper(wrapper)
+
+
+def _transient_errors():
+    from django.db import OperationalError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    return [OperationalError(LEAKED), RedisConnectionError(LEAKED)]
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["database", "broker"])
+def test_an_api_request_during_an_outage_gets_503_unavailable_with_retry_after(clinician_a, index):
+    from rest_framework.test import APIClient
+
+    from core.errors import UNAVAILABLE_RETRY_AFTER_SECONDS
+
+    client = APIClient(raise_request_exception=False)
+    client.force_authenticate(clinician_a.user)
+    with _every_query_fails(_transient_errors()[index]):
+        response = client.get("/api/v1/images/")
+    assert response.status_code == 503
+    assert response["Retry-After"] == str(UNAVAILABLE_RETRY_AFTER_SECONDS)
+    body = response.json()
+    assert body["error"]["code"] == "unavailable"
+    assert set(body["error"]) == {"code", "message", "detail"}
+    text = response.content.decode()
+    assert "hunter2" not in text and "db-primary" not in text and "OperationalError" not in text
+
+
+def test_a_page_during_a_database_outage_gets_a_plain_503_page(clinician_a):
+    from django.db import OperationalError
+    from django.test import Client
+
+    client = Client(raise_request_exception=False)
+    client.force_login(clinician_a.user)
+    with _every_query_fails(OperationalError(LEAKED)):
+        response = client.get("/")
+    assert response.status_code == 503
+    assert response["Retry-After"]
+    assert response["Content-Type"].startswith("text/html")
+    text = response.content.decode()
+    assert "briefly unavailable" in text and "hunter2" not in text and "db-primary" not in text
+
+
+def test_a_bug_is_still_a_500_in_the_error_shape(clinician_a):
+    """Only what ``is_transient`` names becomes a 503: a programming error stays a 500."""
+    from rest_framework.test import APIClient
+
+    client = APIClient(raise_request_exception=False)
+    client.force_authenticate(clinician_a.user)
+    with _every_query_fails(ZeroDivisionError(LEAKED)):
+        response = client.get("/api/v1/images/")
+    assert response.status_code == 500 and "Retry-After" not in response
+    assert response.json()["error"]["code"] == "server_error"
+    assert "hunter2" not in response.content.decode()
