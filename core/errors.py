@@ -214,11 +214,15 @@ def websocket_unavailable_guard(app):
     from core.transient import is_transient
 
     async def guarded(scope, receive, send):
-        accepted = False
+        accepted = False  # answered already: an accept, a close or an HTTP denial was sent
 
         async def tracking_send(message):
             nonlocal accepted
-            accepted = accepted or message["type"] in ("websocket.accept", "websocket.close")
+            accepted = accepted or message["type"] in (
+                "websocket.accept",
+                "websocket.close",
+                "websocket.http.response.start",
+            )
             await send(message)
 
         try:

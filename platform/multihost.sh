@@ -67,18 +67,18 @@ netns_up() {
     local br host i
     br=$(ns br)
     ip netns add "$br" || return 1
-    ip -n "$br" link set lo up
-    ip -n "$br" link add br0 type bridge
-    ip -n "$br" link set br0 up
+    ip -n "$br" link set lo up || return 1
+    ip -n "$br" link add br0 type bridge || return 1
+    ip -n "$br" link set br0 up || return 1
     for host in "${HOSTS[@]}"; do
         i=$(host_index "$host")
-        ip netns add "$(ns "$host")"
-        ip -n "$(ns "$host")" link set lo up
+        ip netns add "$(ns "$host")" || return 1
+        ip -n "$(ns "$host")" link set lo up || return 1
         # both ends made inside the namespaces: nothing appears in this one, even for a moment
-        ip -n "$br" link add "v$host" type veth peer name eth0 netns "$(ns "$host")"
-        ip -n "$br" link set "v$host" master br0 up
-        ip -n "$(ns "$host")" addr add "$NETNS_SUBNET.$i/24" dev eth0
-        ip -n "$(ns "$host")" link set eth0 up
+        ip -n "$br" link add "v$host" type veth peer name eth0 netns "$(ns "$host")" || return 1
+        ip -n "$br" link set "v$host" master br0 up || return 1
+        ip -n "$(ns "$host")" addr add "$NETNS_SUBNET.$i/24" dev eth0 || return 1
+        ip -n "$(ns "$host")" link set eth0 up || return 1
     done
 }
 

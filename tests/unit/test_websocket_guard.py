@@ -91,3 +91,12 @@ def test_a_handshake_that_succeeds_passes_through_untouched():
     assert _handshake(websocket_unavailable_guard(inner), extensions=WITH_HTTP_RESPONSE) == [
         {"type": "websocket.accept"}
     ]
+
+
+def test_an_error_after_the_inner_app_began_its_own_http_denial_sends_no_second_answer():
+    async def denies_then_fails(scope, receive, send):
+        await send({"type": "websocket.http.response.start", "status": 403, "headers": []})
+        raise OperationalError(LEAKED)
+
+    with pytest.raises(OperationalError):
+        _handshake(websocket_unavailable_guard(denies_then_fails), extensions=WITH_HTTP_RESPONSE)
