@@ -157,6 +157,7 @@ def logging_config(*, log_format: str, level: str) -> dict:
             "uvicorn.access": {**own, "level": "WARNING", "filters": ["redact_query"]},
             "django.server": {"filters": ["redact_query"]},  # runserver's request lines, likewise
             "django.request": {"filters": ["redact_request_query"]},  # a 4xx warning's record holds the request
+            "django.security.csrf": {"filters": ["redact_request_query"]},  # its refusals, likewise
             "axes": {"level": "WARNING"},
             # pydicom's warnings quote the values they find invalid (a patient's birth date, a name);
             # pynetdicom's DEBUG dumps whole datasets: capped here for every process (web, Celery, SCP)

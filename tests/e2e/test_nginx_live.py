@@ -1,7 +1,7 @@
 """The platform behind the real nginx (platform/nginx, rendered by render.sh): HTTPS with HTTP/2,
 wss:// for the live feed, bodies streamed to the replica, static files from nginx, the client's
 address (not the proxy's) in the access log and the lockout, security headers once, nginx's own
-errors in the platform's shape, and no query string in nginx's logs.
+errors in the platform's shape, and no query string (nor an invitation link's token) in nginx's logs.
 
 The web replica, the worker and Redis are real (the suite's ``stack`` gives the worker and Redis;
 the replica here is started with the flags it has behind a proxy)."""
@@ -407,6 +407,33 @@ def test_nginx_answers_502_and_504_in_the_platforms_shape_on_api_paths_and_a_pag
     for nginx in (edge.front, edge.slow, edge.down):
         text = nginx.log_text()
         assert "not-for-logs" not in text and "NOT-FOR-LOGS" not in text and "PatientID" not in text
+
+
+def test_an_invitation_links_token_is_in_neither_nginxs_log_nor_the_web_replicas(edge, live_demo):
+    # the link is the credential (whoever holds it joins the hospital): a live one and a used-up one
+    from accounts.models import Role, Tenant
+    from accounts.services import invitation_create, membership_grant, user_get_or_create
+
+    general = Tenant.objects.get(slug="demo-general")
+    admin = membership_grant(
+        tenant=general,
+        user=user_get_or_create(username="inviter", password=live_demo["password"]),
+        role=Role.TENANT_ADMIN,
+    )
+    _, live = invitation_create(actor=admin, email="new-reader@example.org", role=Role.VIEWER)
+    unknown = "not-for-logs-invitation-9c2e"
+    with https_client(edge.front, edge.tls) as client:
+        page = client.get(f"/invitations/{live}/?{SECRET_QUERY}")
+        gone = client.get(f"/invitations/{unknown}/")
+    assert (page.status_code, gone.status_code) == (200, 410)
+    assert edge.front.entry(request_id=page.headers["x-request-id"])["uri"] == "/invitations/[redacted]/"
+    assert edge.front.entry(request_id=gone.headers["x-request-id"])["uri"] == "/invitations/[redacted]/"
+    deadline = time.monotonic() + 5  # the replica's own line follows its answer
+    while gone.headers["x-request-id"] not in edge.web_log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for text in (edge.front.log_text(), edge.web_log.read_text(errors="replace")):
+        assert live not in text and unknown not in text and "not-for-logs" not in text
+    assert "/invitations/[redacted]/" in edge.web_log.read_text()
 
 
 @pytest.mark.parametrize("value", ["8388608; include /etc/passwd", "1m", "8388608\nlisten 80"])

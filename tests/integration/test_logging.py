@@ -109,6 +109,7 @@ def test_the_settings_send_uvicorn_through_the_one_handler_and_keep_its_access_l
     assert config["loggers"]["uvicorn.access"]["level"] == "WARNING"
     assert config["loggers"]["uvicorn.error"]["handlers"] == ["console"]
     assert config["loggers"]["uvicorn.error"]["filters"] == ["redact_query"]
+    assert config["loggers"]["django.security.csrf"]["filters"] == ["redact_request_query"]
     with pytest.raises(ValueError):
         logging_config(log_format="xml", level="INFO")
 
@@ -193,6 +194,87 @@ def test_a_malformed_request_id_from_outside_is_replaced_and_a_failed_app_still_
         lambda scope, receive, send: _answer(send, 200), b"/x", headers=[(b"x-request-id", b"bad id!")]
     )
     assert len(records) == 1 and records[0].request_id != "bad id!" and len(records[0].request_id) == 32
+
+
+def _json_line(record: logging.LogRecord) -> str:
+    record.role = "web"
+    return JsonFormatter().format(record)
+
+
+def test_an_invitation_link_is_redacted_in_the_json_web_line():
+    # the link itself is the credential (accounts/urls.py): whoever holds it joins the hospital
+    _, records = _run_asgi(lambda scope, receive, send: _answer(send, 410), f"/invitations/{TOKEN}/".encode())
+    assert len(records) == 1
+    line = _json_line(records[0])
+    assert TOKEN not in line
+    assert json.loads(line)["path"] == "/invitations/[redacted]/"
+    assert json.loads(line)["message"] == "GET /invitations/[redacted]/ 410"
+
+
+@pytest.mark.parametrize(
+    "path, logged",
+    [
+        (f"/invitations/{TOKEN}", "/invitations/[redacted]"),
+        (f"/invitations/{TOKEN}/extra/", "/invitations/[redacted]/extra/"),
+        ("/invitations/", "/invitations/"),  # nothing to hide
+        ("/api/v1/invitations/", "/api/v1/invitations/"),  # the API's create endpoint: no token in it
+        (f"/api/v1/images?token={TOKEN}", "/api/v1/images"),  # a decoded %3F reads as a query: dropped
+    ],
+)
+def test_the_web_line_path_never_carries_a_secret_segment_or_a_query(path, logged):
+    _, records = _run_asgi(lambda scope, receive, send: _answer(send, 200), path.encode())
+    assert records[0].path == logged
+    assert TOKEN not in _json_line(records[0])
+
+
+def test_a_websocket_handshake_gets_no_web_line_and_its_token_is_never_logged_by_it():
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope)
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    keep = Keep()
+    request_logger = logging.getLogger("sightline.request")
+    request_logger.addHandler(keep)
+    scope = {"type": "websocket", "path": "/ws/events/", "query_string": f"token={TOKEN}".encode(), "headers": []}
+    try:
+        asyncio.run(RequestLog(app)(scope, None, None))
+    finally:
+        request_logger.removeHandler(keep)
+    assert seen == [scope] and records == []  # uvicorn.error's handshake line: redact_query (above)
+
+
+def test_uvicorns_access_line_redacts_an_invitation_link_too():
+    from core.log_filters import RedactQueryStrings
+
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5", "GET", f"/invitations/{TOKEN}/?next=/", "1.1", 410), None,
+    )  # fmt: skip
+    RedactQueryStrings().filter(record)
+    assert record.getMessage() == '127.0.0.1:5 - "GET /invitations/[redacted]/?[redacted] HTTP/1.1" 410'
+
+
+@pytest.mark.django_db
+def test_djangos_own_warnings_about_an_invitation_path_do_not_name_its_token(caplog):
+    from django.test import Client
+
+    with caplog.at_level(logging.WARNING):
+        gone = Client().get(f"/invitations/{TOKEN}/")  # unknown token: 410, "Gone: <path>"
+        refused = Client(enforce_csrf_checks=True).post(f"/invitations/{TOKEN}/")  # "Forbidden (CSRF …): <path>"
+    assert (gone.status_code, refused.status_code) == (410, 403)
+    names = {record.name for record in caplog.records}
+    assert {"django.request", "django.security.csrf"} <= names
+    for record in caplog.records:
+        assert TOKEN not in record.getMessage()
+        assert TOKEN not in repr(getattr(record, "request", ""))
+    assert "/invitations/[redacted]/" in caplog.text
 
 
 async def _answer(send, status):
