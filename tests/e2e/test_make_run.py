@@ -116,8 +116,8 @@ def test_make_run_serves_the_demo_and_ctrl_c_stops_everything(demo_package, tmp_
         for process in (
             "redis-server",
             "uvicorn",
-            "celery -A workers.celery worker",
-            "celery -A workers.celery beat",
+            "celery --quiet -A workers.celery worker",
+            "celery --quiet -A workers.celery beat",
             "manage.py dicom_scp",
         ):
             assert process in commands, (process, commands)
@@ -130,7 +130,7 @@ def test_make_run_serves_the_demo_and_ctrl_c_stops_everything(demo_package, tmp_
         workers = {
             pid: line
             for pid, line in running.items()
-            if "celery -A workers.celery worker" in line and line.split()[0] not in ("sh", "nice", "env")
+            if "celery --quiet -A workers.celery worker" in line and line.split()[0] not in ("sh", "nice", "env")
         }  # the celery processes, not the shell honcho starts them with
         lanes = {lane: {niceness(pid) for pid, line in workers.items() if f"-n {lane}@" in line} for lane in LANES}
         assert lanes == {"interactive": {niceness(make.pid)}, "bulk": {min(19, niceness(make.pid) + 10)}}, workers
