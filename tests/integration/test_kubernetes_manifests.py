@@ -243,6 +243,23 @@ def test_the_ingress_streams_bodies_up_to_the_request_limit_and_keeps_websockets
     assert annotations["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "off"
     assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
     assert ingress["spec"]["tls"][0]["secretName"]
+    # request lines carry ?token= (WebSockets) and DICOMweb PatientID searches: no access log
+    assert annotations["nginx.ingress.kubernetes.io/enable-access-log"] == "false"
+
+
+def test_the_controller_config_snippet_logs_no_query_string():
+    """platform/kubernetes/ingress-nginx-controller-configmap.yaml, for the controller's operator:
+    a valid ConfigMap whose access-log format names the path without its query string and no
+    referer, and whose error log is quiet below crit (nginx's error lines quote the request line)."""
+    document = yaml.safe_load((KUBERNETES / "ingress-nginx-controller-configmap.yaml").read_text())
+    kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
+    data = document["data"]
+    log_format = data["log-format-upstream"]
+    assert "$uri" in log_format
+    variables = set(re.findall(r"\$([a-z_0-9]+)", log_format))
+    assert not variables & {"request", "request_uri", "args", "query_string", "http_referer"}, variables
+    assert not any(v.startswith("arg_") for v in variables)
+    assert data["error-log-level"] == "crit"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
