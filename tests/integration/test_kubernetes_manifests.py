@@ -65,6 +65,21 @@ def _secret(objects) -> dict[str, str]:
     return {k: base64.b64decode(v).decode() for k, v in _one(objects, "Secret", "sightline-secrets")["data"].items()}
 
 
+def _selects(selector: dict, labels: dict) -> bool:
+    """A label selector's meaning (matchLabels and the In / NotIn / Exists operators)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        value, operator = labels.get(expression["key"]), expression["operator"]
+        if operator == "In" and value not in expression["values"]:
+            return False
+        if operator == "NotIn" and value in expression["values"]:
+            return False
+        if operator == "Exists" and value is None:
+            return False
+    return True
+
+
 def _deployment(objects, name):
     return _one(objects, "Deployment", name)
 
@@ -280,6 +295,18 @@ def test_traffic_is_denied_unless_a_policy_allows_it_and_disruption_is_bounded(r
     web = _one(objects, "NetworkPolicy", "sightline-web")
     assert web["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 8000}]
     budgets = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "PodDisruptionBudget"}
+    # the PACS ports are open to every pod that sends: workers deliver, web runs "test connection"
+    sends = _one(objects, "NetworkPolicy", "sightline-pacs-sends")
+    ports = {p["port"] for rule in sends["spec"]["egress"] for p in rule["ports"]}
+    assert {104, 11112} <= ports
+    senders = [
+        o["metadata"]["name"]
+        for o in objects
+        if o["kind"] == "Deployment"
+        and _selects(sends["spec"]["podSelector"], o["spec"]["template"]["metadata"]["labels"])
+    ]
+    assert "sightline-web" in senders and any("worker" in name for name in senders), senders
+    assert "sightline-dicom" not in senders and "sightline-beat" not in senders
     assert budgets["sightline-web"] == {"minAvailable": 1, "selector": budgets["sightline-web"]["selector"]}
     assert _deployment(objects, "sightline-web")["spec"]["replicas"] >= 2  # a budget a drain can honour
     for name, spec in budgets.items():  # every budget selects the pods of one Deployment
