@@ -6,6 +6,7 @@ on the rendered objects. No cluster runs here: what only a cluster can show is i
 from __future__ import annotations
 
 import base64
+import ipaddress
 import re
 import shutil
 import subprocess
@@ -217,7 +218,12 @@ def test_web_is_ready_without_workers_and_runs_the_procfile_command_behind_the_p
     assert "--proxy-headers" in command and "--no-proxy-headers" not in command
     assert command[command.index("--forwarded-allow-ips") + 1] == "$(FORWARDED_ALLOW_IPS)"
     config = _one(rendered[overlay], "ConfigMap", "sightline-config")["data"]
-    assert config["FORWARDED_ALLOW_IPS"] and "*" not in config["FORWARDED_ALLOW_IPS"]
+    # no usable default: a placeholder no address matches (uvicorn trusts nothing) until the
+    # operator names the controller's pod range; the README says what a wrong value does
+    assert config["FORWARDED_ALLOW_IPS"].startswith("SET-ME")
+    for entry in config["FORWARDED_ALLOW_IPS"].split(","):
+        with pytest.raises(ValueError):
+            ipaddress.ip_network(entry.strip(), strict=False)
     assert "localhost" in config["ALLOWED_HOSTS"].split(",")  # the probes' Host header
     for name, container in _containers(rendered[overlay]):
         if name not in ("sightline-migrate", "sightline-beat", "sightline-backup"):
@@ -267,6 +273,16 @@ def test_the_ingress_streams_bodies_up_to_the_request_limit_and_keeps_websockets
     assert ingress["spec"]["tls"][0]["secretName"]
     # request lines carry ?token= (WebSockets) and DICOMweb PatientID searches: no access log
     assert annotations["nginx.ingress.kubernetes.io/enable-access-log"] == "false"
+
+
+def test_the_readme_warns_about_forwarded_allow_ips():
+    """The placeholder must be set: the README says what a wrong value does (a redirect loop, or
+    forged client addresses) and how the controller keeps real client addresses."""
+    text = (ROOT / "README.md").read_text()
+    kubernetes = text.split("### Kubernetes", 1)[1].split("\n### ", 1)[0]
+    assert "FORWARDED_ALLOW_IPS" in kubernetes and "SET-ME" in kubernetes
+    assert "redirect loop" in kubernetes
+    assert "externalTrafficPolicy: Local" in kubernetes and "ingress-nginx" in kubernetes
 
 
 def test_the_controller_config_snippet_logs_no_query_string():
@@ -371,7 +387,12 @@ def test_the_image_matches_the_pods_it_runs_in(rendered):
     cmd = yaml.safe_load(re.search(r"^CMD (\[.*?\])$", containerfile, re.MULTILINE | re.DOTALL)[1].replace("\\\n", ""))
     (web,) = pod["containers"]
     assert cmd[:2] == web["command"][:2]
-    assert [a for a in cmd if a.startswith("--")] == [a for a in web["command"] if a.startswith("--")]
+    # the image alone trusts no forwarded header; the Deployment adds the proxy's addresses
+    assert "--no-proxy-headers" in cmd and "--proxy-headers" not in cmd and "--forwarded-allow-ips" not in cmd
+    proxy = {"--proxy-headers", "--forwarded-allow-ips", "--no-proxy-headers"}
+    assert [a for a in cmd if a.startswith("--") and a not in proxy] == [
+        a for a in web["command"] if a.startswith("--") and a not in proxy
+    ]
     assert "pip install -r /app/requirements.txt" in containerfile
     for path in WRITABLE[1:]:
         assert path in containerfile  # made and owned by the image's user, mounted over in the pods
