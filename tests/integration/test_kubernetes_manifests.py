@@ -200,8 +200,20 @@ def test_every_pod_runs_as_non_root_on_a_read_only_root_with_its_writable_paths_
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_beat_is_one_replica_that_never_overlaps(rendered, overlay):
-    beat = _deployment(rendered[overlay], "sightline-beat")
-    assert beat["spec"]["replicas"] == 1 and beat["spec"]["strategy"] == {"type": "Recreate"}
+    """A StatefulSet of one: its controller starts sightline-beat-0 only once the old one is known
+    gone, so a node partition pauses the scheduler rather than running two (a Deployment's
+    ReplicaSet would start a replacement at once)."""
+    objects = rendered[overlay]
+    assert not [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "sightline-beat"]
+    beat = _one(objects, "StatefulSet", "sightline-beat")
+    assert beat["spec"]["replicas"] == 1
+    assert beat["spec"]["podManagementPolicy"] == "OrderedReady"
+    assert beat["spec"]["updateStrategy"]["type"] == "RollingUpdate"  # delete, wait until gone, start
+    service = _one(objects, "Service", beat["spec"]["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == beat["spec"]["selector"]["matchLabels"]
+    budgets = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
+    assert not [b for b in budgets if _selects(b["spec"]["selector"], beat["spec"]["template"]["metadata"]["labels"])]
     scaled = {o["spec"]["scaleTargetRef"]["name"] for o in rendered[overlay] if o["kind"] == "HorizontalPodAutoscaler"}
     assert "sightline-beat" not in scaled
 
