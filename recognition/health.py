@@ -39,6 +39,7 @@ HEARTBEAT_TTL = 45  # three missed beats and the worker counts as gone
 QUEUES = ("interactive", "bulk", "maintenance")
 WORKER_LANES = ("interactive", "bulk", "all")  # SIGHTLINE_WORKER_LANE's values
 AUDIT_TAMPERED = "audit.tampered"  # the security event accounts.audit.audit_verify_and_alert records
+AUDIT_VERIFIED = "audit.verified"  # ... and the event it records when every chain verifies
 Priority = InferenceRequest.Priority
 LANES = {Priority.INTERACTIVE: "interactive", Priority.BULK: "bulk"}  # a request's lane, by its priority
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -125,12 +126,13 @@ class SightlineCollector:
     """Computed at scrape time from Redis and the database, so every web replica reports the
     same numbers and workers need no metrics server of their own.
 
-    A scrape costs five indexed queries, however large the tables grow: counts of the states
+    A scrape costs six indexed queries, however large the tables grow: counts of the states
     work waits in, by lane (queued, running: a range of the ``status`` index); aggregates per
     lane over the requests finished in the last ``SIGHTLINE_METRICS_WINDOW_SECONDS`` (a range of
     the ``finished_at`` index); results per model version over the same range; PACS deliveries
     retrying or failed (a range of the ``delivery_due`` index: failures are the rare rows); the
-    newest ``audit.tampered`` event (one row off the platform chain's ``tenant, action`` index).
+    newest ``audit.tampered`` event and the newest ``audit.verified`` one (one row each off the
+    platform chain's ``tenant, action, -created`` index).
     Worker presence comes from the heartbeats in Redis, no query. A request's lane
     is its priority (interactive read or bulk job), whichever worker ran it. Nothing scans the
     history: the windowed figures are gauges (a gauge histogram for batch sizes and latencies),
@@ -270,6 +272,17 @@ class SightlineCollector:
             "sightline_audit_tampered_last_timestamp_seconds",
             "When the access log's chain check last failed (an audit.tampered event; 0: never)",
             value=last.timestamp() if last else 0,
+        )
+        verified = (
+            AccessEvent.objects.filter(tenant__isnull=True, action=AUDIT_VERIFIED)
+            .order_by("-created", "-id")
+            .values_list("created", flat=True)
+            .first()
+        )
+        yield GaugeMetricFamily(
+            "sightline_audit_verified_last_timestamp_seconds",
+            "When beat's chain check last found every chain intact (an audit.verified event; 0: never)",
+            value=verified.timestamp() if verified else 0,
         )
         yield GaugeMetricFamily(
             "sightline_audit_verify_interval_seconds",
