@@ -242,3 +242,33 @@ def test_production_settings_refuse_to_start_without_a_metrics_token(settings):
     result = start(SIGHTLINE_METRICS_TOKEN=token)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == token
+
+
+def test_the_newest_pacs_failure_is_reported_even_when_the_failed_count_nets_out(client, clinician_a, demo_model):
+    """A resend takes an old failure out of ``failed`` as a new one fails: the failed count is the
+    same, the newest failure's time is not (the alert reads that)."""
+    from dicomnet.models import Delivery, Destination, Instance
+
+    image = image_upload(membership=clinician_a, upload=upload_file(png_bytes()))
+    tenant = clinician_a.tenant
+    pacs = Destination.objects.create(tenant=tenant, name="pacs", kind="dimse", host="h", port=104)
+    made = [
+        Instance.objects.create(
+            tenant=tenant, study=image.study, series=image.series, sop_instance_uid=f"2.25.{n}", origin="created"
+        )
+        for n in (1, 2)
+    ]
+    name = "sightline_delivery_failed_last_timestamp_seconds"
+    assert _gauge(client.get("/metrics").content.decode(), name) == 0
+    old = timezone.now() - timedelta(hours=2)
+    first = Delivery.objects.create(
+        tenant=tenant, instance=made[0], destination=pacs, status=Delivery.Status.FAILED, updated=old
+    )
+    text = client.get("/metrics").content.decode()
+    assert 'sightline_deliveries{status="failed"} 1.0' in text
+    assert abs(_gauge(text, name) - old.timestamp()) < 1
+    Delivery.objects.filter(pk=first.pk).update(status=Delivery.Status.RETRYING, updated=timezone.now())  # resent
+    Delivery.objects.create(tenant=tenant, instance=made[1], destination=pacs, status=Delivery.Status.FAILED)
+    text = client.get("/metrics").content.decode()
+    assert 'sightline_deliveries{status="failed"} 1.0' in text  # the count nets out
+    assert abs(_gauge(text, name) - timezone.now().timestamp()) < 60
