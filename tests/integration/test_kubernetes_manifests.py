@@ -294,7 +294,8 @@ def test_the_readme_warns_about_forwarded_allow_ips():
     kubernetes = text.split("### Kubernetes", 1)[1].split("\n### ", 1)[0]
     assert "FORWARDED_ALLOW_IPS" in kubernetes and "SET-ME" in kubernetes
     assert "redirect loop" in kubernetes
-    assert "externalTrafficPolicy: Local" in kubernetes and "ingress-nginx" in kubernetes
+    # the controller's Service, not only the DICOM one the section already names
+    assert "controller.service.externalTrafficPolicy=Local" in kubernetes
 
 
 def test_the_controller_config_snippet_logs_no_query_string():
