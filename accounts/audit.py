@@ -169,7 +169,8 @@ def chain_prune(tenant: Tenant, *, now=None) -> PruneReport | None:
 
 def audit_verify_and_alert() -> bool:
     """Verify every chain; for each that fails, log an error and record an ``audit.tampered``
-    security event in the platform's chain (naming the chain and the first bad entry)."""
+    security event in the platform's chain (naming the chain and the first bad entry); when all
+    verify, record ``audit.verified`` there (``sightline_audit_verified_last_timestamp_seconds``)."""
     import logging
 
     failed = [report for report in chains_verify() if not report.ok]
@@ -182,6 +183,16 @@ def audit_verify_and_alert() -> bool:
                 actor_label="verify_audit_log",
                 target_type="audit_chain",
                 target_id=f"{report.chain}#{report.first_bad_sequence}",
+            )
+        )
+    if not failed:  # the run's own trace: /metrics exports the newest (an alert when they stop)
+        chain_append(
+            AccessEvent(
+                action="audit.verified",
+                outcome=AccessEvent.Outcome.SUCCESS,
+                actor_label="verify_audit_log",
+                target_type="audit_chain",
+                target_id="all",
             )
         )
     return not failed

