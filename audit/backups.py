@@ -12,7 +12,8 @@ A backup is a folder of three files:
   It names no patient and no object key (those are inside the encrypted tar).
 
 Each run is an export of every hospital's patient data: its start is written to the access log
-(platform chain, ``backup.start``) and committed before any byte is read, so a backup that cannot
+(platform chain, ``backup.start``; the actor names the command, the ``--operator`` and the OS
+user: see ``actor_label``) and committed before any byte is read, so a backup that cannot
 be recorded does not run and the dump itself holds its own start entry; its end is written as
 ``backup.complete`` (or ``backup.failed``). A restore writes ``backup.restore`` into the restored
 database.
@@ -25,6 +26,7 @@ accept that such an original is re-uploaded.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import io
 import json
@@ -52,6 +54,29 @@ CHUNK = 1 << 20  # bytes per read and write of a stream (1 MiB: few system calls
 MANIFEST = "manifest.json"
 OBJECTS = "objects.tar.age"
 ACTOR = "manage.py backup"
+OPERATOR_LENGTH = 64
+
+
+def os_user() -> str:
+    """Who runs the command on this machine: the person behind ``sudo`` where there is one."""
+    sudo_user = os.environ.get("SUDO_USER", "").strip()
+    if sudo_user:
+        return sudo_user
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container's uid without a passwd entry
+        return f"uid {os.getuid()}"
+
+
+def actor_label(operator: str = "") -> str:
+    """The access-log actor of a backup or restore: the command, the person who says they ran it
+    (``--operator``, a name or staff id, never a patient identifier) and the OS user it ran as.
+    The OS user is always recorded: it is observed, the operator's name is only claimed."""
+    operator = operator.strip()
+    if any(not character.isprintable() for character in operator) or len(operator) > OPERATOR_LENGTH:
+        raise BackupError(f"--operator: a name or staff id of at most {OPERATOR_LENGTH} printable characters.")
+    who = f"operator {operator}, os user {os_user()}" if operator else f"os user {os_user()}"
+    return f"{ACTOR} ({who})"
 
 
 class BackupError(Exception):
@@ -252,7 +277,7 @@ def _record(action: str, backup_id: str, actor: str, outcome: str = AccessEvent.
         access_event_record(action=action, outcome=outcome, username=actor, target_type="backup", target_id=backup_id)
 
 
-def backup_create(*, destination: Path, recipients: list[str], actor: str = ACTOR) -> Manifest:
+def backup_create(*, destination: Path, recipients: list[str], operator: str = "") -> Manifest:
     """Write one backup into ``destination`` (a new or empty folder)."""
     recipients = [recipient for recipient in recipients if recipient.strip()]
     if not recipients:
@@ -261,6 +286,7 @@ def backup_create(*, destination: Path, recipients: list[str], actor: str = ACTO
         )
     if destination.exists() and any(destination.iterdir()):
         raise BackupError(f"{destination} is not empty: each backup goes into a folder of its own.")
+    actor = actor_label(operator)
     destination.mkdir(parents=True, exist_ok=True)
     engine = _engine()
     manifest = Manifest(backup_id=uuid.uuid4().hex, created=timezone.now().isoformat(), engine=engine)
@@ -432,8 +458,9 @@ def _decrypted_into(source: Path, part: Part, identity: Path, consume):
     return result
 
 
-def backup_restore(*, source: Path, identity: Path, actor: str = ACTOR) -> Manifest:
+def backup_restore(*, source: Path, identity: Path, operator: str = "") -> Manifest:
     """Restore a backup into this deployment's database and storage; both must be empty."""
+    actor = actor_label(operator)
     manifest = manifest_read(source)
     engine = _engine()
     if manifest.engine != engine:

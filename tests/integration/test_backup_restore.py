@@ -5,6 +5,7 @@ Runs in both CI passes: pg_dump/pg_restore on one, SQLite's backup API on the ot
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from accounts.models import AccessEvent
+from audit.backups import os_user
 from recognition.models import Image
 from tests.conftest import api_client_for, png_bytes, render_received
 from tests.integration.test_api import upload
@@ -72,6 +74,12 @@ def manage(args: list[str], *, database_url: str, var_dir: Path, **extra: str) -
     )
 
 
+RESTORED_BY = """
+import django; django.setup()
+from accounts.models import AccessEvent
+print(AccessEvent.objects.get(action="backup.restore").actor_label)
+"""
+
 OPEN_AN_IMAGE = """
 import django; django.setup()
 from PIL import Image as Pil
@@ -96,7 +104,7 @@ def test_a_backup_restores_into_an_empty_database_and_storage_and_its_audit_log_
         render_received(image)
     backup = tmp_path / "backup"
 
-    call_command("backup_create", str(backup), recipient=[public])
+    call_command("backup_create", str(backup), recipient=[public], operator="A. Operator")
 
     manifest = json.loads((backup / "manifest.json").read_text())
     database_part = "database.sqlite3.age" if connection.vendor == "sqlite" else "database.pgdump.age"
@@ -111,16 +119,22 @@ def test_a_backup_restores_into_an_empty_database_and_storage_and_its_audit_log_
         AccessEvent.objects.get(action=action, target_type="backup", target_id=manifest["backup_id"])
         for action in ("backup.start", "backup.complete")
     )
-    assert started.tenant_id is None and started.actor_label == "manage.py backup"
+    assert started.tenant_id is None
+    assert (
+        started.actor_label == completed.actor_label == f"manage.py backup (operator A. Operator, os user {os_user()})"
+    )
     assert started.sequence < completed.sequence
 
     restored_var = tmp_path / "restored-var"  # its media folder, empty
     restore = manage(
-        ["manage.py", "backup_restore", str(backup), "--identity", str(identity)],
+        ["manage.py", "backup_restore", str(backup), "--identity", str(identity), "--operator", "B. Restorer"],
         database_url=empty_database,
         var_dir=restored_var,
+        SUDO_USER="on-call",
     )
     assert restore.returncode == 0, restore.stderr
+    restored_by = manage(["-c", RESTORED_BY], database_url=empty_database, var_dir=restored_var)
+    assert restored_by.stdout.strip().splitlines()[-1] == "manage.py backup (operator B. Restorer, os user on-call)"
     verify = manage(["manage.py", "verify_audit_log"], database_url=empty_database, var_dir=restored_var)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "entries verify" in verify.stdout
@@ -135,6 +149,20 @@ def test_a_backup_restores_into_an_empty_database_and_storage_and_its_audit_log_
     )
     assert again.returncode != 0
     assert "database is not empty" in again.stderr
+
+
+def test_a_backup_without_an_operator_names_the_os_user_and_sudo_s_user_first(tmp_path, age_identity, monkeypatch, db):
+    _, public = age_identity
+    monkeypatch.delenv("SUDO_USER", raising=False)
+    call_command("backup_create", str(tmp_path / "one"), recipient=[public])
+    monkeypatch.setenv("SUDO_USER", "night-shift")
+    call_command("backup_create", str(tmp_path / "two"), recipient=[public])
+    labels = list(
+        AccessEvent.objects.filter(action="backup.start").order_by("sequence").values_list("actor_label", flat=True)
+    )
+    assert labels == [f"manage.py backup (os user {getpass.getuser()})", "manage.py backup (os user night-shift)"]
+    with pytest.raises(CommandError, match="--operator"):
+        call_command("backup_create", str(tmp_path / "three"), recipient=[public], operator="bad\nname")
 
 
 def test_a_restore_into_a_storage_that_is_not_empty_is_refused(
