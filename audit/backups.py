@@ -30,6 +30,7 @@ import getpass
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -55,6 +56,8 @@ MANIFEST = "manifest.json"
 OBJECTS = "objects.tar.age"
 ACTOR = "manage.py backup"
 OPERATOR_LENGTH = 64
+
+logger = logging.getLogger(__name__)
 
 
 def os_user() -> str:
@@ -302,9 +305,17 @@ def backup_create(*, destination: Path, recipients: list[str], operator: str = "
         manifest.objects = counted[0]
         manifest.recipients = recipients
         (destination / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
-    except BaseException:
-        _record("backup.failed", manifest.backup_id, actor, outcome=AccessEvent.Outcome.FAILED)
-        raise
+    except BaseException as error:
+        try:
+            _record("backup.failed", manifest.backup_id, actor, outcome=AccessEvent.Outcome.FAILED)
+        except Exception as record_error:  # the database may be what failed: keep the dump's own error
+            # the backup's id and the error's class only: nothing of the data, no object key
+            logger.error(
+                "backup %s failed and its backup.failed entry could not be written (%s)",
+                manifest.backup_id,
+                type(record_error).__name__,
+            )
+        raise error
     _record("backup.complete", manifest.backup_id, actor)
     return manifest
 

@@ -165,6 +165,44 @@ def test_a_backup_without_an_operator_names_the_os_user_and_sudo_s_user_first(tm
         call_command("backup_create", str(tmp_path / "three"), recipient=[public], operator="bad\nname")
 
 
+def test_a_failed_backup_whose_failure_cannot_be_recorded_raises_the_dump_s_own_error(
+    tmp_path, age_identity, monkeypatch, caplog, db
+):
+    """The database is what failed: pg_dump's message, not the backup.failed write's, reaches the
+    operator, and the log says the entry is missing (the backup's id, no data)."""
+    from django.db import OperationalError
+
+    from audit import backups
+
+    _, public = age_identity
+
+    def dump_fails(sink):
+        sink.write(b"half a dump")
+        raise backups.BackupError("pg_dump failed: server closed the connection unexpectedly")
+
+    record = backups._record
+
+    def record_fails_for_the_failure(action, *args, **kwargs):
+        if action == "backup.failed":
+            raise OperationalError("the database is gone")
+        return record(action, *args, **kwargs)
+
+    monkeypatch.setattr(backups, "_dump_postgresql", dump_fails)
+    monkeypatch.setattr(backups, "_dump_sqlite", dump_fails)
+    monkeypatch.setattr(backups, "_record", record_fails_for_the_failure)
+    backup = tmp_path / "backup"
+    with caplog.at_level("ERROR", logger="audit.backups"), pytest.raises(CommandError) as raised:
+        call_command("backup_create", str(backup), recipient=[public])
+
+    assert "pg_dump failed: server closed the connection unexpectedly" in str(raised.value)
+    started = AccessEvent.objects.get(action="backup.start")
+    assert not AccessEvent.objects.filter(action="backup.failed").exists()
+    assert [record.getMessage() for record in caplog.records if record.name == "audit.backups"] == [
+        f"backup {started.target_id} failed and its backup.failed entry could not be written (OperationalError)"
+    ]
+    assert list(backup.iterdir()) == []  # the half-written part is gone
+
+
 def test_a_restore_into_a_storage_that_is_not_empty_is_refused(
     clinician_a, demo_model, age_identity, empty_database, tmp_path
 ):
