@@ -37,7 +37,7 @@ import sqlite3
 import subprocess
 import tarfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
@@ -352,6 +352,7 @@ class _Decrypting:
         )
         self.hash = hashlib.sha256()
         self.size = 0
+        self.verified = False
 
     def read(self, size: int = -1) -> bytes:
         assert self.process.stdout is not None
@@ -361,6 +362,10 @@ class _Decrypting:
         return data
 
     def finish(self, part: Part) -> None:
+        """Read to the end, then check age's exit and the plaintext's size and sha256: a consumer
+        calls it before it commits what it read (again after: a no-op)."""
+        if self.verified:
+            return
         while self.read(CHUNK):  # whatever the reader left (tar's end-of-archive padding)
             pass
         _, error = self.process.communicate()
@@ -368,6 +373,7 @@ class _Decrypting:
             raise BackupError(f"age could not decrypt {part.name}: {error.decode(errors='replace').strip()}")
         if (self.size, self.hash.hexdigest()) != (part.plain_size, part.plain_sha256):
             raise BackupError(f"{part.name} decrypted to bytes the manifest does not name.")
+        self.verified = True
 
     def abort(self) -> None:
         if self.process.poll() is None:
@@ -383,7 +389,10 @@ def storage_is_empty() -> bool:
     return next(storage_keys(), None) is None
 
 
-def _restore_postgresql(stream: _Decrypting) -> None:
+def _restore_postgresql(stream: _Decrypting, verify: Callable[[], None]) -> None:
+    """pg_restore in one transaction, fed through a pipe; the last chunk is held back until the
+    whole plaintext's sha256 matches: pg_restore cannot reach its COMMIT without those bytes, and a
+    mismatch kills it, so the server rolls everything back and the database stays empty."""
     restore = subprocess.Popen(
         [
             "pg_restore",
@@ -400,21 +409,30 @@ def _restore_postgresql(stream: _Decrypting) -> None:
     )
     assert restore.stdin is not None
     try:
+        pending = stream.read(CHUNK)
         while chunk := stream.read(CHUNK):
-            restore.stdin.write(chunk)
+            restore.stdin.write(pending)
+            pending = chunk
+        verify()  # the whole plaintext read and checked: only now the archive's last bytes go
+        restore.stdin.write(pending)
         restore.stdin.close()
     except BrokenPipeError:
         pass  # pg_restore stopped early: its error says why
+    except BaseException:
+        restore.kill()  # before its COMMIT: the transaction is rolled back
+        restore.wait()
+        raise
     assert restore.stderr is not None
     error = restore.stderr.read()
     if restore.wait():
         raise BackupError(f"pg_restore failed: {error.decode(errors='replace').strip()}")
 
 
-def _restore_sqlite(stream: _Decrypting) -> None:
+def _restore_sqlite(stream: _Decrypting, verify: Callable[[], None]) -> None:
     data = bytearray()
     while chunk := stream.read(CHUNK):
         data += chunk
+    verify()  # before a page is written
     copy = sqlite3.connect(":memory:")
     connection.close()  # Django's handle on the (empty) target, reopened after
     target = sqlite3.connect(connection.settings_dict["NAME"])
@@ -443,7 +461,9 @@ class _Forward(io.RawIOBase):
         return len(data)
 
 
-def _restore_objects(stream: _Decrypting) -> int:
+def _restore_objects(stream: _Decrypting, verify: Callable[[], None], saved: list[str]) -> int:
+    """Each object into the storage as it streams (``saved``: the keys written, removed again by
+    the caller if the restore fails); the sha256 is known at the archive's end."""
     restored = 0
     with tarfile.open(fileobj=stream, mode="r|") as archive:  # type: ignore[call-overload]
         for member in archive:
@@ -451,17 +471,20 @@ def _restore_objects(stream: _Decrypting) -> int:
                 raise BackupError(f"The objects archive holds an entry that is not an object: {member.name!r}")
             content: IO[bytes] | None = archive.extractfile(member)
             assert content is not None
-            saved = default_storage.save(member.name, File(_Forward(content), name=member.name))
-            if saved != member.name:
-                raise BackupError(f"The storage renamed {member.name!r} to {saved!r}: it was not empty.")
+            saved_as = default_storage.save(member.name, File(_Forward(content), name=member.name))
+            saved.append(saved_as)
+            if saved_as != member.name:
+                raise BackupError(f"The storage renamed {member.name!r} to {saved_as!r}: it was not empty.")
             restored += 1
+    verify()
     return restored
 
 
 def _decrypted_into(source: Path, part: Part, identity: Path, consume):
+    """``consume(stream, verify)``: it calls ``verify()`` before it commits what it read."""
     stream = _Decrypting(_check_encrypted(source, part), identity)
     try:
-        result = consume(stream)
+        result = consume(stream, lambda: stream.finish(part))
         stream.finish(part)
     except BaseException:
         stream.abort()
@@ -485,9 +508,41 @@ def backup_restore(*, source: Path, identity: Path, operator: str = "") -> Manif
     if not storage_is_empty():
         raise BackupError("The storage is not empty: restore into an empty folder or bucket.")
     restore = _restore_postgresql if engine == "postgresql" else _restore_sqlite
-    _decrypted_into(source, manifest.part(_database_part_name(engine)), identity, restore)
-    restored = _decrypted_into(source, manifest.part(OBJECTS), identity, _restore_objects)
-    if restored != manifest.objects:
-        raise BackupError(f"{restored} objects restored; the manifest names {manifest.objects}.")
-    _record("backup.restore", manifest.backup_id, actor)
+    saved: list[str] = []
+    try:
+        # the objects first: what they wrote can be removed again; then the database, in one
+        # transaction that commits only once its plaintext's sha256 matches
+        restored = _decrypted_into(
+            source, manifest.part(OBJECTS), identity, lambda stream, verify: _restore_objects(stream, verify, saved)
+        )
+        if restored != manifest.objects:
+            raise BackupError(f"{restored} objects restored; the manifest names {manifest.objects}.")
+        _decrypted_into(source, manifest.part(_database_part_name(engine)), identity, restore)
+        _record("backup.restore", manifest.backup_id, actor)
+    except BaseException as error:
+        _remove_objects(saved)
+        if isinstance(error, Exception):
+            raise BackupError(f"The restore failed: {error} {_before_a_retry(engine)}") from error
+        raise
     return manifest
+
+
+def _remove_objects(keys: list[str]) -> None:
+    for key in keys:
+        try:
+            default_storage.delete(key)
+        except Exception:  # best effort: the message tells the operator to empty the storage
+            logger.warning("restore: an object it wrote could not be removed again")
+
+
+def _before_a_retry(engine: str) -> str:
+    """What the operator does before a retry (a non-empty target is refused), in words."""
+    name = connection.settings_dict["NAME"]
+    database = f"dropdb {name} && createdb {name}" if engine == "postgresql" else f"delete the file {name}"
+    bucket = getattr(default_storage, "bucket_name", None)
+    storage = f"the bucket {bucket}" if bucket else f"the folder {getattr(default_storage, 'location', '')}"
+    return (
+        "Before a retry, drop and recreate the target database "
+        f"({database}) and empty the storage (every object in {storage}): this run rolled back what it "
+        "could, but do not start the platform on this target."
+    )

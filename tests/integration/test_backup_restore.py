@@ -80,6 +80,28 @@ from accounts.models import AccessEvent
 print(AccessEvent.objects.get(action="backup.restore").actor_label)
 """
 
+TARGET_STATE = """
+import django; django.setup()
+from audit.backups import database_is_empty, storage_is_empty
+print(f"database empty: {database_is_empty()}, storage empty: {storage_is_empty()}")
+"""
+EMPTY = "database empty: True, storage empty: True"
+
+RESTORE_IN_SMALL_CHUNKS = """
+import sys, django; django.setup()
+from django.core.management import call_command
+from audit import backups
+backups.CHUNK = 4096  # a small test dump spans many reads: pg_restore has all but the last before the check
+call_command("backup_restore", sys.argv[1], "--identity", sys.argv[2])
+"""
+
+
+def target_state(database_url: str, var_dir: Path) -> str:
+    state = manage(["-c", TARGET_STATE], database_url=database_url, var_dir=var_dir)
+    assert state.returncode == 0, state.stderr
+    return state.stdout.strip().splitlines()[-1]
+
+
 OPEN_AN_IMAGE = """
 import django; django.setup()
 from PIL import Image as Pil
@@ -235,6 +257,40 @@ def test_a_tampered_backup_file_is_refused_before_anything_is_written(age_identi
     )
     assert refused.returncode != 0
     assert "does not match the manifest" in refused.stderr
+
+
+@pytest.mark.parametrize("part", ["database", "objects"])
+def test_a_restore_whose_plaintext_does_not_match_leaves_the_target_empty_and_says_what_to_do_and_a_retry_works(
+    part, clinician_a, demo_model, age_identity, empty_database, tmp_path
+):
+    """The plaintext's sha256 is known only once the stream ends: the database's last bytes are
+    held back from pg_restore (one transaction) until it matches, the objects written are removed."""
+    identity, public = age_identity
+    assert upload(api_client_for(clinician_a), png_bytes(seed=7)).status_code == 201
+    backup = tmp_path / "backup"
+    call_command("backup_create", str(backup), recipient=[public])
+    manifest_path = backup / "manifest.json"
+    good = manifest_path.read_text()
+    manifest = json.loads(good)
+    for entry in manifest["parts"]:
+        if entry["name"].startswith(part):
+            entry["plain_sha256"] = "0" * 64  # the file whole and decryptable, its plaintext not the one named
+    manifest_path.write_text(json.dumps(manifest))
+    var_dir = tmp_path / "restored-var"
+    restore = ["manage.py", "backup_restore", str(backup), "--identity", str(identity)]
+
+    failed = manage(
+        ["-c", RESTORE_IN_SMALL_CHUNKS, str(backup), str(identity)], database_url=empty_database, var_dir=var_dir
+    )
+
+    assert failed.returncode != 0
+    assert "decrypted to bytes the manifest does not name" in failed.stderr
+    assert "drop and recreate the target database" in failed.stderr and "empty the storage" in failed.stderr
+    assert target_state(empty_database, var_dir) == EMPTY
+    manifest_path.write_text(good)
+    retried = manage(restore, database_url=empty_database, var_dir=var_dir)
+    assert retried.returncode == 0, retried.stderr
+    assert target_state(empty_database, var_dir) == "database empty: False, storage empty: False"
 
 
 def test_a_backup_without_a_recipient_is_refused_in_words(tmp_path, monkeypatch, db):
