@@ -257,6 +257,7 @@ def test_a_tampered_backup_file_is_refused_before_anything_is_written(age_identi
     )
     assert refused.returncode != 0
     assert "does not match the manifest" in refused.stderr
+    assert target_state(empty_database, tmp_path / "empty-var") == EMPTY  # no table, no object
 
 
 @pytest.mark.parametrize("part", ["database", "objects"])
