@@ -15,8 +15,14 @@ Each run is an export of every hospital's patient data: its start is written to 
 (platform chain, ``backup.start``; the actor names the command, the ``--operator`` and the OS
 user: see ``actor_label``) and committed before any byte is read, so a backup that cannot
 be recorded does not run and the dump itself holds its own start entry; its end is written as
-``backup.complete`` (or ``backup.failed``). A restore writes ``backup.restore`` into the restored
-database.
+``backup.complete`` (or ``backup.failed``; where that entry cannot be written, the log says so and
+the dump's own error is raised). A restore writes ``backup.restore`` into the restored database.
+
+A restore writes the objects first, then the database; each part's plaintext sha256 is checked
+before it is committed where the format allows: the database (pg_restore in one transaction, its
+last bytes held back until the hash matches; SQLite: read whole first), and the objects are
+removed again if anything fails. Its error then says to drop and recreate the target database and
+empty the storage before a retry (a non-empty target is refused).
 
 Order: the database first, then the objects. An object created after the dump is copied as an
 orphan (harmless); an object deleted in between (a PNG original, once its display copy exists)
