@@ -12,10 +12,17 @@ A backup is a folder of three files:
   It names no patient and no object key (those are inside the encrypted tar).
 
 Each run is an export of every hospital's patient data: its start is written to the access log
-(platform chain, ``backup.start``) and committed before any byte is read, so a backup that cannot
+(platform chain, ``backup.start``; the actor names the command, the ``--operator`` and the OS
+user: see ``actor_label``) and committed before any byte is read, so a backup that cannot
 be recorded does not run and the dump itself holds its own start entry; its end is written as
-``backup.complete`` (or ``backup.failed``). A restore writes ``backup.restore`` into the restored
-database.
+``backup.complete`` (or ``backup.failed``; where that entry cannot be written, the log says so and
+the dump's own error is raised). A restore writes ``backup.restore`` into the restored database.
+
+A restore writes the objects first, then the database; each part's plaintext sha256 is checked
+before it is committed where the format allows: the database (pg_restore in one transaction, its
+last bytes held back until the hash matches; SQLite: read whole first), and the objects are
+removed again if anything fails. Its error then says to drop and recreate the target database and
+empty the storage before a retry (a non-empty target is refused).
 
 Order: the database first, then the objects. An object created after the dump is copied as an
 orphan (harmless); an object deleted in between (a PNG original, once its display copy exists)
@@ -25,16 +32,18 @@ accept that such an original is re-uploaded.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import sqlite3
 import subprocess
 import tarfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
@@ -52,6 +61,31 @@ CHUNK = 1 << 20  # bytes per read and write of a stream (1 MiB: few system calls
 MANIFEST = "manifest.json"
 OBJECTS = "objects.tar.age"
 ACTOR = "manage.py backup"
+OPERATOR_LENGTH = 64
+
+logger = logging.getLogger(__name__)
+
+
+def os_user() -> str:
+    """Who runs the command on this machine: the person behind ``sudo`` where there is one."""
+    sudo_user = os.environ.get("SUDO_USER", "").strip()
+    if sudo_user:
+        return sudo_user
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container's uid without a passwd entry
+        return f"uid {os.getuid()}"
+
+
+def actor_label(operator: str = "") -> str:
+    """The access-log actor of a backup or restore: the command, the person who says they ran it
+    (``--operator``, a name or staff id, never a patient identifier) and the OS user it ran as.
+    The OS user is always recorded: it is observed, the operator's name is only claimed."""
+    operator = operator.strip()
+    if any(not character.isprintable() for character in operator) or len(operator) > OPERATOR_LENGTH:
+        raise BackupError(f"--operator: a name or staff id of at most {OPERATOR_LENGTH} printable characters.")
+    who = f"operator {operator}, os user {os_user()}" if operator else f"os user {os_user()}"
+    return f"{ACTOR} ({who})"
 
 
 class BackupError(Exception):
@@ -252,7 +286,7 @@ def _record(action: str, backup_id: str, actor: str, outcome: str = AccessEvent.
         access_event_record(action=action, outcome=outcome, username=actor, target_type="backup", target_id=backup_id)
 
 
-def backup_create(*, destination: Path, recipients: list[str], actor: str = ACTOR) -> Manifest:
+def backup_create(*, destination: Path, recipients: list[str], operator: str = "") -> Manifest:
     """Write one backup into ``destination`` (a new or empty folder)."""
     recipients = [recipient for recipient in recipients if recipient.strip()]
     if not recipients:
@@ -261,6 +295,7 @@ def backup_create(*, destination: Path, recipients: list[str], actor: str = ACTO
         )
     if destination.exists() and any(destination.iterdir()):
         raise BackupError(f"{destination} is not empty: each backup goes into a folder of its own.")
+    actor = actor_label(operator)
     destination.mkdir(parents=True, exist_ok=True)
     engine = _engine()
     manifest = Manifest(backup_id=uuid.uuid4().hex, created=timezone.now().isoformat(), engine=engine)
@@ -276,9 +311,17 @@ def backup_create(*, destination: Path, recipients: list[str], actor: str = ACTO
         manifest.objects = counted[0]
         manifest.recipients = recipients
         (destination / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2) + "\n")
-    except BaseException:
-        _record("backup.failed", manifest.backup_id, actor, outcome=AccessEvent.Outcome.FAILED)
-        raise
+    except BaseException as error:
+        try:
+            _record("backup.failed", manifest.backup_id, actor, outcome=AccessEvent.Outcome.FAILED)
+        except Exception as record_error:  # the database may be what failed: keep the dump's own error
+            # the backup's id and the error's class only: nothing of the data, no object key
+            logger.error(
+                "backup %s failed and its backup.failed entry could not be written (%s)",
+                manifest.backup_id,
+                type(record_error).__name__,
+            )
+        raise error
     _record("backup.complete", manifest.backup_id, actor)
     return manifest
 
@@ -315,6 +358,7 @@ class _Decrypting:
         )
         self.hash = hashlib.sha256()
         self.size = 0
+        self.verified = False
 
     def read(self, size: int = -1) -> bytes:
         assert self.process.stdout is not None
@@ -324,6 +368,10 @@ class _Decrypting:
         return data
 
     def finish(self, part: Part) -> None:
+        """Read to the end, then check age's exit and the plaintext's size and sha256: a consumer
+        calls it before it commits what it read (again after: a no-op)."""
+        if self.verified:
+            return
         while self.read(CHUNK):  # whatever the reader left (tar's end-of-archive padding)
             pass
         _, error = self.process.communicate()
@@ -331,6 +379,7 @@ class _Decrypting:
             raise BackupError(f"age could not decrypt {part.name}: {error.decode(errors='replace').strip()}")
         if (self.size, self.hash.hexdigest()) != (part.plain_size, part.plain_sha256):
             raise BackupError(f"{part.name} decrypted to bytes the manifest does not name.")
+        self.verified = True
 
     def abort(self) -> None:
         if self.process.poll() is None:
@@ -346,7 +395,10 @@ def storage_is_empty() -> bool:
     return next(storage_keys(), None) is None
 
 
-def _restore_postgresql(stream: _Decrypting) -> None:
+def _restore_postgresql(stream: _Decrypting, verify: Callable[[], None]) -> None:
+    """pg_restore in one transaction, fed through a pipe; the last chunk is held back until the
+    whole plaintext's sha256 matches: pg_restore cannot reach its COMMIT without those bytes, and a
+    mismatch kills it, so the server rolls everything back and the database stays empty."""
     restore = subprocess.Popen(
         [
             "pg_restore",
@@ -363,21 +415,30 @@ def _restore_postgresql(stream: _Decrypting) -> None:
     )
     assert restore.stdin is not None
     try:
+        pending = stream.read(CHUNK)
         while chunk := stream.read(CHUNK):
-            restore.stdin.write(chunk)
+            restore.stdin.write(pending)
+            pending = chunk
+        verify()  # the whole plaintext read and checked: only now the archive's last bytes go
+        restore.stdin.write(pending)
         restore.stdin.close()
     except BrokenPipeError:
         pass  # pg_restore stopped early: its error says why
+    except BaseException:
+        restore.kill()  # before its COMMIT: the transaction is rolled back
+        restore.wait()
+        raise
     assert restore.stderr is not None
     error = restore.stderr.read()
     if restore.wait():
         raise BackupError(f"pg_restore failed: {error.decode(errors='replace').strip()}")
 
 
-def _restore_sqlite(stream: _Decrypting) -> None:
+def _restore_sqlite(stream: _Decrypting, verify: Callable[[], None]) -> None:
     data = bytearray()
     while chunk := stream.read(CHUNK):
         data += chunk
+    verify()  # before a page is written
     copy = sqlite3.connect(":memory:")
     connection.close()  # Django's handle on the (empty) target, reopened after
     target = sqlite3.connect(connection.settings_dict["NAME"])
@@ -406,7 +467,9 @@ class _Forward(io.RawIOBase):
         return len(data)
 
 
-def _restore_objects(stream: _Decrypting) -> int:
+def _restore_objects(stream: _Decrypting, verify: Callable[[], None], saved: list[str]) -> int:
+    """Each object into the storage as it streams (``saved``: the keys written, removed again by
+    the caller if the restore fails); the sha256 is known at the archive's end."""
     restored = 0
     with tarfile.open(fileobj=stream, mode="r|") as archive:  # type: ignore[call-overload]
         for member in archive:
@@ -414,17 +477,20 @@ def _restore_objects(stream: _Decrypting) -> int:
                 raise BackupError(f"The objects archive holds an entry that is not an object: {member.name!r}")
             content: IO[bytes] | None = archive.extractfile(member)
             assert content is not None
-            saved = default_storage.save(member.name, File(_Forward(content), name=member.name))
-            if saved != member.name:
-                raise BackupError(f"The storage renamed {member.name!r} to {saved!r}: it was not empty.")
+            saved_as = default_storage.save(member.name, File(_Forward(content), name=member.name))
+            saved.append(saved_as)
+            if saved_as != member.name:
+                raise BackupError(f"The storage renamed {member.name!r} to {saved_as!r}: it was not empty.")
             restored += 1
+    verify()
     return restored
 
 
 def _decrypted_into(source: Path, part: Part, identity: Path, consume):
+    """``consume(stream, verify)``: it calls ``verify()`` before it commits what it read."""
     stream = _Decrypting(_check_encrypted(source, part), identity)
     try:
-        result = consume(stream)
+        result = consume(stream, lambda: stream.finish(part))
         stream.finish(part)
     except BaseException:
         stream.abort()
@@ -432,8 +498,9 @@ def _decrypted_into(source: Path, part: Part, identity: Path, consume):
     return result
 
 
-def backup_restore(*, source: Path, identity: Path, actor: str = ACTOR) -> Manifest:
+def backup_restore(*, source: Path, identity: Path, operator: str = "") -> Manifest:
     """Restore a backup into this deployment's database and storage; both must be empty."""
+    actor = actor_label(operator)
     manifest = manifest_read(source)
     engine = _engine()
     if manifest.engine != engine:
@@ -447,9 +514,41 @@ def backup_restore(*, source: Path, identity: Path, actor: str = ACTOR) -> Manif
     if not storage_is_empty():
         raise BackupError("The storage is not empty: restore into an empty folder or bucket.")
     restore = _restore_postgresql if engine == "postgresql" else _restore_sqlite
-    _decrypted_into(source, manifest.part(_database_part_name(engine)), identity, restore)
-    restored = _decrypted_into(source, manifest.part(OBJECTS), identity, _restore_objects)
-    if restored != manifest.objects:
-        raise BackupError(f"{restored} objects restored; the manifest names {manifest.objects}.")
-    _record("backup.restore", manifest.backup_id, actor)
+    saved: list[str] = []
+    try:
+        # the objects first: what they wrote can be removed again; then the database, in one
+        # transaction that commits only once its plaintext's sha256 matches
+        restored = _decrypted_into(
+            source, manifest.part(OBJECTS), identity, lambda stream, verify: _restore_objects(stream, verify, saved)
+        )
+        if restored != manifest.objects:
+            raise BackupError(f"{restored} objects restored; the manifest names {manifest.objects}.")
+        _decrypted_into(source, manifest.part(_database_part_name(engine)), identity, restore)
+        _record("backup.restore", manifest.backup_id, actor)
+    except BaseException as error:
+        _remove_objects(saved)
+        if isinstance(error, Exception):
+            raise BackupError(f"The restore failed: {error} {_before_a_retry(engine)}") from error
+        raise
     return manifest
+
+
+def _remove_objects(keys: list[str]) -> None:
+    for key in keys:
+        try:
+            default_storage.delete(key)
+        except Exception:  # best effort: the message tells the operator to empty the storage
+            logger.warning("restore: an object it wrote could not be removed again")
+
+
+def _before_a_retry(engine: str) -> str:
+    """What the operator does before a retry (a non-empty target is refused), in words."""
+    name = connection.settings_dict["NAME"]
+    database = f"dropdb {name} && createdb {name}" if engine == "postgresql" else f"delete the file {name}"
+    bucket = getattr(default_storage, "bucket_name", None)
+    storage = f"the bucket {bucket}" if bucket else f"the folder {getattr(default_storage, 'location', '')}"
+    return (
+        "Before a retry, drop and recreate the target database "
+        f"({database}) and empty the storage (every object in {storage}): this run rolled back what it "
+        "could, but do not start the platform on this target."
+    )

@@ -5,6 +5,7 @@ Runs in both CI passes: pg_dump/pg_restore on one, SQLite's backup API on the ot
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from accounts.models import AccessEvent
+from audit.backups import os_user
 from recognition.models import Image
 from tests.conftest import api_client_for, png_bytes, render_received
 from tests.integration.test_api import upload
@@ -72,6 +74,34 @@ def manage(args: list[str], *, database_url: str, var_dir: Path, **extra: str) -
     )
 
 
+RESTORED_BY = """
+import django; django.setup()
+from accounts.models import AccessEvent
+print(AccessEvent.objects.get(action="backup.restore").actor_label)
+"""
+
+TARGET_STATE = """
+import django; django.setup()
+from audit.backups import database_is_empty, storage_is_empty
+print(f"database empty: {database_is_empty()}, storage empty: {storage_is_empty()}")
+"""
+EMPTY = "database empty: True, storage empty: True"
+
+RESTORE_IN_SMALL_CHUNKS = """
+import sys, django; django.setup()
+from django.core.management import call_command
+from audit import backups
+backups.CHUNK = 4096  # a small test dump spans many reads: pg_restore has all but the last before the check
+call_command("backup_restore", sys.argv[1], "--identity", sys.argv[2])
+"""
+
+
+def target_state(database_url: str, var_dir: Path) -> str:
+    state = manage(["-c", TARGET_STATE], database_url=database_url, var_dir=var_dir)
+    assert state.returncode == 0, state.stderr
+    return state.stdout.strip().splitlines()[-1]
+
+
 OPEN_AN_IMAGE = """
 import django; django.setup()
 from PIL import Image as Pil
@@ -96,7 +126,7 @@ def test_a_backup_restores_into_an_empty_database_and_storage_and_its_audit_log_
         render_received(image)
     backup = tmp_path / "backup"
 
-    call_command("backup_create", str(backup), recipient=[public])
+    call_command("backup_create", str(backup), recipient=[public], operator="A. Operator")
 
     manifest = json.loads((backup / "manifest.json").read_text())
     database_part = "database.sqlite3.age" if connection.vendor == "sqlite" else "database.pgdump.age"
@@ -111,16 +141,22 @@ def test_a_backup_restores_into_an_empty_database_and_storage_and_its_audit_log_
         AccessEvent.objects.get(action=action, target_type="backup", target_id=manifest["backup_id"])
         for action in ("backup.start", "backup.complete")
     )
-    assert started.tenant_id is None and started.actor_label == "manage.py backup"
+    assert started.tenant_id is None
+    assert (
+        started.actor_label == completed.actor_label == f"manage.py backup (operator A. Operator, os user {os_user()})"
+    )
     assert started.sequence < completed.sequence
 
     restored_var = tmp_path / "restored-var"  # its media folder, empty
     restore = manage(
-        ["manage.py", "backup_restore", str(backup), "--identity", str(identity)],
+        ["manage.py", "backup_restore", str(backup), "--identity", str(identity), "--operator", "B. Restorer"],
         database_url=empty_database,
         var_dir=restored_var,
+        SUDO_USER="on-call",
     )
     assert restore.returncode == 0, restore.stderr
+    restored_by = manage(["-c", RESTORED_BY], database_url=empty_database, var_dir=restored_var)
+    assert restored_by.stdout.strip().splitlines()[-1] == "manage.py backup (operator B. Restorer, os user on-call)"
     verify = manage(["manage.py", "verify_audit_log"], database_url=empty_database, var_dir=restored_var)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "entries verify" in verify.stdout
@@ -135,6 +171,58 @@ def test_a_backup_restores_into_an_empty_database_and_storage_and_its_audit_log_
     )
     assert again.returncode != 0
     assert "database is not empty" in again.stderr
+
+
+def test_a_backup_without_an_operator_names_the_os_user_and_sudo_s_user_first(tmp_path, age_identity, monkeypatch, db):
+    _, public = age_identity
+    monkeypatch.delenv("SUDO_USER", raising=False)
+    call_command("backup_create", str(tmp_path / "one"), recipient=[public])
+    monkeypatch.setenv("SUDO_USER", "night-shift")
+    call_command("backup_create", str(tmp_path / "two"), recipient=[public])
+    labels = list(
+        AccessEvent.objects.filter(action="backup.start").order_by("sequence").values_list("actor_label", flat=True)
+    )
+    assert labels == [f"manage.py backup (os user {getpass.getuser()})", "manage.py backup (os user night-shift)"]
+    with pytest.raises(CommandError, match="--operator"):
+        call_command("backup_create", str(tmp_path / "three"), recipient=[public], operator="bad\nname")
+
+
+def test_a_failed_backup_whose_failure_cannot_be_recorded_raises_the_dump_s_own_error(
+    tmp_path, age_identity, monkeypatch, caplog, db
+):
+    """The database is what failed: pg_dump's message, not the backup.failed write's, reaches the
+    operator, and the log says the entry is missing (the backup's id, no data)."""
+    from django.db import OperationalError
+
+    from audit import backups
+
+    _, public = age_identity
+
+    def dump_fails(sink):
+        sink.write(b"half a dump")
+        raise backups.BackupError("pg_dump failed: server closed the connection unexpectedly")
+
+    record = backups._record
+
+    def record_fails_for_the_failure(action, *args, **kwargs):
+        if action == "backup.failed":
+            raise OperationalError("the database is gone")
+        return record(action, *args, **kwargs)
+
+    monkeypatch.setattr(backups, "_dump_postgresql", dump_fails)
+    monkeypatch.setattr(backups, "_dump_sqlite", dump_fails)
+    monkeypatch.setattr(backups, "_record", record_fails_for_the_failure)
+    backup = tmp_path / "backup"
+    with caplog.at_level("ERROR", logger="audit.backups"), pytest.raises(CommandError) as raised:
+        call_command("backup_create", str(backup), recipient=[public])
+
+    assert "pg_dump failed: server closed the connection unexpectedly" in str(raised.value)
+    started = AccessEvent.objects.get(action="backup.start")
+    assert not AccessEvent.objects.filter(action="backup.failed").exists()
+    assert [record.getMessage() for record in caplog.records if record.name == "audit.backups"] == [
+        f"backup {started.target_id} failed and its backup.failed entry could not be written (OperationalError)"
+    ]
+    assert list(backup.iterdir()) == []  # the half-written part is gone
 
 
 def test_a_restore_into_a_storage_that_is_not_empty_is_refused(
@@ -169,6 +257,41 @@ def test_a_tampered_backup_file_is_refused_before_anything_is_written(age_identi
     )
     assert refused.returncode != 0
     assert "does not match the manifest" in refused.stderr
+    assert target_state(empty_database, tmp_path / "empty-var") == EMPTY  # no table, no object
+
+
+@pytest.mark.parametrize("part", ["database", "objects"])
+def test_a_restore_whose_plaintext_does_not_match_leaves_the_target_empty_and_says_what_to_do_and_a_retry_works(
+    part, clinician_a, demo_model, age_identity, empty_database, tmp_path
+):
+    """The plaintext's sha256 is known only once the stream ends: the database's last bytes are
+    held back from pg_restore (one transaction) until it matches, the objects written are removed."""
+    identity, public = age_identity
+    assert upload(api_client_for(clinician_a), png_bytes(seed=7)).status_code == 201
+    backup = tmp_path / "backup"
+    call_command("backup_create", str(backup), recipient=[public])
+    manifest_path = backup / "manifest.json"
+    good = manifest_path.read_text()
+    manifest = json.loads(good)
+    for entry in manifest["parts"]:
+        if entry["name"].startswith(part):
+            entry["plain_sha256"] = "0" * 64  # the file whole and decryptable, its plaintext not the one named
+    manifest_path.write_text(json.dumps(manifest))
+    var_dir = tmp_path / "restored-var"
+    restore = ["manage.py", "backup_restore", str(backup), "--identity", str(identity)]
+
+    failed = manage(
+        ["-c", RESTORE_IN_SMALL_CHUNKS, str(backup), str(identity)], database_url=empty_database, var_dir=var_dir
+    )
+
+    assert failed.returncode != 0
+    assert "decrypted to bytes the manifest does not name" in failed.stderr
+    assert "drop and recreate the target database" in failed.stderr and "empty the storage" in failed.stderr
+    assert target_state(empty_database, var_dir) == EMPTY
+    manifest_path.write_text(good)
+    retried = manage(restore, database_url=empty_database, var_dir=var_dir)
+    assert retried.returncode == 0, retried.stderr
+    assert target_state(empty_database, var_dir) == "database empty: False, storage empty: False"
 
 
 def test_a_backup_without_a_recipient_is_refused_in_words(tmp_path, monkeypatch, db):

@@ -24,11 +24,17 @@ class Command(BaseCommand):
             default=[],
             help=f"an age public key (age1...); repeatable; default: {RECIPIENTS_ENV}, comma- or space-separated",
         )
+        parser.add_argument(
+            "--operator",
+            default="",
+            help="who runs it (a name or staff id, never a patient identifier), recorded in the access log "
+            "with the OS user (SUDO_USER where set); default: the OS user alone",
+        )
 
-    def handle(self, *args, destination: Path, recipient: list[str], **options):
+    def handle(self, *args, destination: Path, recipient: list[str], operator: str, **options):
         recipients = recipient or os.environ.get(RECIPIENTS_ENV, "").replace(",", " ").split()
         try:
-            manifest = backup_create(destination=destination, recipients=recipients)
+            manifest = backup_create(destination=destination, recipients=recipients, operator=operator)
         except BackupError as error:
             raise CommandError(str(error)) from error
         total = sum(part.size for part in manifest.parts)
