@@ -275,28 +275,19 @@ class SightlineCollector:
             value=newest_failure.timestamp() if newest_failure else 0,
         )
 
-        last = (
-            AccessEvent.objects.filter(tenant__isnull=True, action=AUDIT_TAMPERED)
-            .order_by("-created", "-id")
-            .values_list("created", flat=True)
-            .first()
-        )
-        yield GaugeMetricFamily(
-            "sightline_audit_tampered_last_timestamp_seconds",
-            "When the access log's chain check last failed (an audit.tampered event; 0: never)",
-            value=last.timestamp() if last else 0,
-        )
-        verified = (
-            AccessEvent.objects.filter(tenant__isnull=True, action=AUDIT_VERIFIED)
-            .order_by("-created", "-id")
-            .values_list("created", flat=True)
-            .first()
-        )
-        yield GaugeMetricFamily(
-            "sightline_audit_verified_last_timestamp_seconds",
-            "When beat's chain check last found every chain intact (an audit.verified event; 0: never)",
-            value=verified.timestamp() if verified else 0,
-        )
+        for action, name, documentation in (
+            (AUDIT_TAMPERED, "sightline_audit_tampered_last_timestamp_seconds",
+             "When the access log's chain check last failed (an audit.tampered event; 0: never)"),
+            (AUDIT_VERIFIED, "sightline_audit_verified_last_timestamp_seconds",
+             "When beat's chain check last found every chain intact (an audit.verified event; 0: never)"),
+        ):  # fmt: skip
+            last = (
+                AccessEvent.objects.filter(tenant__isnull=True, action=action)
+                .order_by("-created", "-id")
+                .values_list("created", flat=True)
+                .first()
+            )
+            yield GaugeMetricFamily(name, documentation, value=last.timestamp() if last else 0)
         yield GaugeMetricFamily(
             "sightline_audit_verify_interval_seconds",
             "How often beat verifies the access log's hash chains (SIGHTLINE_AUDIT_VERIFY_MINUTES)",
