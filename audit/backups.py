@@ -243,6 +243,16 @@ def _dump_sqlite(sink: _Encrypting) -> None:
         sink.write(view[start : start + CHUNK])
 
 
+def _is_link(storage, key: str) -> bool:
+    """On local files, a symbolic link is no object the platform made (a bulk import's prefix may
+    hold one, which intake refuses): never followed, so a loop or a link to another hospital's
+    folder is not copied. Object stores have no links."""
+    try:
+        return os.path.islink(storage.path(key.rstrip("/")))
+    except NotImplementedError:
+        return False
+
+
 def storage_keys(storage=default_storage, prefix: str = "") -> Iterator[str]:
     """Every object key under ``prefix``, depth first (S3 lists "folders" by delimiter too)."""
     try:
@@ -250,9 +260,11 @@ def storage_keys(storage=default_storage, prefix: str = "") -> Iterator[str]:
     except FileNotFoundError:
         return
     for name in sorted(files):
-        yield f"{prefix}{name}"
+        if not _is_link(storage, f"{prefix}{name}"):
+            yield f"{prefix}{name}"
     for folder in sorted(folders):
-        yield from storage_keys(storage, f"{prefix}{folder}/")
+        if not _is_link(storage, f"{prefix}{folder}"):
+            yield from storage_keys(storage, f"{prefix}{folder}/")
 
 
 def _write_objects(sink: _Encrypting, counted: list[int]) -> None:

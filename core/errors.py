@@ -204,6 +204,9 @@ def server_error(request):
     )  # fmt: skip
 
 
+CLOSE_TRY_AGAIN_LATER = 1013  # RFC 6455's "try again later": no HTTP answer can be sent on this server
+
+
 def websocket_unavailable_guard(app):
     """A WebSocket handshake that meets the database or the broker gone for a moment (its
     authentication reads the database) is refused with the platform's 503 and Retry-After, as an
@@ -231,7 +234,7 @@ def websocket_unavailable_guard(app):
             if accepted or not is_transient(exc):
                 raise
             if "websocket.http.response" not in scope.get("extensions", {}):
-                await send({"type": "websocket.close", "code": 1013})  # "try again later"
+                await send({"type": "websocket.close", "code": CLOSE_TRY_AGAIN_LATER})
                 return
             body = error_body("unavailable", "The service is briefly unavailable; retry in a few seconds.")
             headers = [

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import re
 import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -34,6 +36,15 @@ def bind_request_id(request_id: str) -> contextvars.Token:
 
 def unbind_request_id(token: contextvars.Token) -> None:
     _request_id.reset(token)
+
+
+MS_PER_SECOND = 1000  # the lines' durations are in ms
+REQUEST_ID_FORM = re.compile(r"^[A-Za-z0-9._-]{1,64}$")  # what a proxy's X-Request-ID may be
+
+
+def new_request_id(incoming: str = "") -> str:
+    """The proxy's X-Request-ID when well-formed, else a new one."""
+    return incoming if REQUEST_ID_FORM.match(incoming) else uuid.uuid4().hex
 
 
 @contextmanager

@@ -1,18 +1,11 @@
 """The request id every request carries (the access log and the logs name it)."""
 
-import re
-import uuid
-
 from django.utils.functional import SimpleLazyObject, empty
 
-from core.logging import request_id_bound
+from core.logging import REQUEST_ID_FORM, new_request_id, request_id_bound
+from core.request_log import note_requester
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-
-
-def new_request_id(incoming: str = "") -> str:
-    """The proxy's X-Request-ID when well-formed, else a new one."""
-    return incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+__all__ = ["REQUEST_ID_FORM", "RequestIdMiddleware", "new_request_id"]
 
 
 class RequestIdMiddleware:
@@ -33,8 +26,6 @@ class RequestIdMiddleware:
 
 
 def _note_requester(request, response) -> None:
-    from core.request_log import note_requester  # it imports this module
-
     # never evaluate a lazy user here (a query for a log line): only one authentication found
     user = request.__dict__.get("user")
     if isinstance(user, SimpleLazyObject):

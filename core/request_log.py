@@ -16,8 +16,7 @@ import re
 import time
 from contextvars import ContextVar
 
-from core.logging import bind_request_id, unbind_request_id
-from core.request_id import new_request_id
+from core.logging import MS_PER_SECOND, bind_request_id, new_request_id, unbind_request_id
 
 logger = logging.getLogger("sightline.request")
 
@@ -106,7 +105,7 @@ class RequestLog:
                     "method": scope["method"],
                     "path": path,
                     "status": status.get("code", 0),  # 0: the client went away before an answer
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                    "duration_ms": round((time.perf_counter() - started) * MS_PER_SECOND, 1),
                     "user_id": who.get("user_id"),
                     "tenant_id": who.get("tenant_id"),
                 },

@@ -17,7 +17,6 @@ for the database (``close_old_connections``: CONN_MAX_AGE and the health checks 
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -35,7 +34,7 @@ from django.utils.module_loading import import_string
 
 from core.body_limit import too_large_body
 from core.cache_control import NO_STORE
-from core.request_id import _REQUEST_ID
+from core.logging import new_request_id
 
 T = TypeVar("T")
 # paths this handler serves: KServe v2, TF Serving REST, TorchServe
@@ -57,7 +56,7 @@ def protocol_middleware(get_response):
 
     def before(request: HttpRequest) -> HttpResponse | None:
         incoming = request.headers.get("X-Request-ID", "")
-        request.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex  # type: ignore[attr-defined]
+        request.request_id = new_request_id(incoming)  # type: ignore[attr-defined]
         try:
             length = int(request.META.get("CONTENT_LENGTH") or 0)
         except ValueError:

@@ -15,7 +15,7 @@ from celery.signals import (
     worker_ready,
 )
 
-from core.logging import bind_request_id, current_request_id, process_role, unbind_request_id
+from core.logging import MS_PER_SECOND, bind_request_id, current_request_id, process_role, unbind_request_id
 from workers.bootsteps import GpuBackPressure
 
 # production by default, like the web process: a worker started bare refuses to start without its
@@ -99,7 +99,7 @@ def _task_finished(task_id=None, task=None, state=None, **_kwargs):
             "task_id": task_id,
             "request_id": current_request_id() or task_id,
             "state": state,
-            "runtime_ms": round((time.perf_counter() - started) * 1000, 1) if started is not None else None,
+            "runtime_ms": round((time.perf_counter() - started) * MS_PER_SECOND, 1) if started is not None else None,
         },
     )
     if token is not None:

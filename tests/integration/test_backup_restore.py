@@ -347,3 +347,21 @@ def test_objects_in_s3_are_backed_up_and_restored_into_an_empty_bucket_through_t
     opened = manage(["-c", OPEN_AN_IMAGE], database_url=empty_database, var_dir=var_dir, **s3)
     assert opened.returncode == 0, opened.stderr
     assert int(opened.stdout.strip().splitlines()[-1]) == 1
+
+
+def test_the_object_walk_follows_no_symbolic_link(tmp_path):
+    """A local media folder may hold a link (a bulk import's prefix looping back up, or pointing
+    at another hospital's folder): the backup copies objects, never what a link reaches."""
+    from django.core.files.storage import FileSystemStorage
+
+    from audit.backups import storage_keys
+
+    root = tmp_path / "media"
+    (root / "tenants" / "1" / "images").mkdir(parents=True)
+    (root / "tenants" / "1" / "images" / "a.png").write_bytes(b"x")
+    (root / "tenants" / "2").mkdir(parents=True)
+    (root / "tenants" / "2" / "b.png").write_bytes(b"y")
+    os.symlink(root / "tenants", root / "tenants" / "1" / "images" / "loop")
+    os.symlink(root / "tenants" / "2" / "b.png", root / "tenants" / "1" / "images" / "other.png")
+    keys = list(storage_keys(FileSystemStorage(location=root)))
+    assert sorted(keys) == ["tenants/1/images/a.png", "tenants/2/b.png"]
