@@ -48,8 +48,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
+from django.core.exceptions import SuspiciousFileOperation
 from django.core.files import File
 from django.core.files.storage import default_storage
+from django.core.files.utils import validate_file_name
 from django.db import connection, transaction
 from django.utils import timezone
 
@@ -253,6 +255,17 @@ def _is_link(storage, key: str) -> bool:
         return False
 
 
+def _is_object_name(key: str) -> bool:
+    """A name the storage would refuse to write (a file a person dropped into a local import
+    folder named ``evil\\..\\..\\x.png``, which intake refuses) is no object the platform made:
+    copying it would make the backup one that no restore can write back."""
+    try:
+        validate_file_name(key, allow_relative_path=True)
+    except SuspiciousFileOperation:
+        return False
+    return "\\" not in key
+
+
 def storage_keys(storage=default_storage, prefix: str = "") -> Iterator[str]:
     """Every object key under ``prefix``, depth first (S3 lists "folders" by delimiter too)."""
     try:
@@ -260,7 +273,7 @@ def storage_keys(storage=default_storage, prefix: str = "") -> Iterator[str]:
     except FileNotFoundError:
         return
     for name in sorted(files):
-        if not _is_link(storage, f"{prefix}{name}"):
+        if not _is_link(storage, f"{prefix}{name}") and _is_object_name(f"{prefix}{name}"):
             yield f"{prefix}{name}"
     for folder in sorted(folders):
         if not _is_link(storage, f"{prefix}{folder}"):

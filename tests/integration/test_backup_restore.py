@@ -363,5 +363,7 @@ def test_the_object_walk_follows_no_symbolic_link(tmp_path):
     (root / "tenants" / "2" / "b.png").write_bytes(b"y")
     os.symlink(root / "tenants", root / "tenants" / "1" / "images" / "loop")
     os.symlink(root / "tenants" / "2" / "b.png", root / "tenants" / "1" / "images" / "other.png")
+    # a name no storage would write (intake refuses it too): a backup holding it could not be restored
+    (root / "tenants" / "1" / "images" / "evil\\..\\..\\2\\b.png").write_bytes(b"z")
     keys = list(storage_keys(FileSystemStorage(location=root)))
     assert sorted(keys) == ["tenants/1/images/a.png", "tenants/2/b.png"]
