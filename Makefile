@@ -8,7 +8,7 @@ REDIS_URL ?= redis://127.0.0.1:6379/0
 SIGHTLINE_DEMO_PASSWORD ?= sightline-demo
 export REDIS_URL SIGHTLINE_DEMO_PASSWORD
 
-.PHONY: run test test-gpu typecheck contract lint format bench browser-deps dicom-deps deploy-deps drill clean
+.PHONY: run test test-gpu typecheck contract lint format bench browser-deps dicom-deps deploy-deps drill clean vendor-onnxruntime-web
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -128,3 +128,23 @@ ifeq ($(findstring --quick,$(BENCH_ARGS)),)
 	$(MAKE) --no-print-directory dicom-deps
 	$(BIN)/python bench/dicom_scp.py
 endif
+
+# ONNX Runtime Web for the browser screen (issue 17), vendored so that `make run` needs no Node:
+# the wasm-only build (ort.wasm.min.js), its Emscripten loader and the SIMD+threads WebAssembly.
+# Refreshes them from the npm registry at the pinned version, checks the tarball against the
+# registry's sha512 and writes SHA256SUMS (tests/unit/test_vendored_onnxruntime.py checks it).
+ORT_WEB_VERSION = 1.30.0
+ORT_WEB_INTEGRITY = sha512-q0y+JrrtukXSzsBWEMccVfqX25LRmosXHF+CaRJmg8pZClzcV7svNc4rKY3jL02Vb7QmRMDs1SigqR4CXAfKYQ==
+ORT_WEB_DIR = templates/static/vendor/onnxruntime-web
+ORT_WEB_FILES = ort.wasm.min.js ort-wasm-simd-threaded.mjs ort-wasm-simd-threaded.wasm
+vendor-onnxruntime-web:
+	@set -eu; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	  curl -fsSL "https://registry.npmjs.org/onnxruntime-web/-/onnxruntime-web-$(ORT_WEB_VERSION).tgz" -o "$$tmp/ort.tgz"; \
+	  got="sha512-$$(openssl dgst -sha512 -binary "$$tmp/ort.tgz" | base64 -w0)"; \
+	  test "$$got" = "$(ORT_WEB_INTEGRITY)" || { echo "onnxruntime-web $(ORT_WEB_VERSION): the tarball's sha512 is not the pinned one"; exit 1; }; \
+	  tar -xzf "$$tmp/ort.tgz" -C "$$tmp" $(addprefix package/dist/,$(ORT_WEB_FILES)) package/package.json; \
+	  mkdir -p $(ORT_WEB_DIR); \
+	  for f in $(ORT_WEB_FILES); do cp "$$tmp/package/dist/$$f" $(ORT_WEB_DIR)/; done; \
+	  (cd $(ORT_WEB_DIR) && sha256sum $(ORT_WEB_FILES) > SHA256SUMS); \
+	  echo "$(ORT_WEB_VERSION)" > $(ORT_WEB_DIR)/VERSION; \
+	  echo "onnxruntime-web $(ORT_WEB_VERSION) vendored in $(ORT_WEB_DIR)"

@@ -17,6 +17,7 @@ class Action(StrEnum):
     MEMBERS_MANAGE = "members.manage"  # list, invite, change role, deactivate
     ACTIVITY_VIEW = "activity.view"  # the hospital's membership and sign-in activity
     AUDIT_VIEW = "audit.view"  # the access log
+    HOSPITAL_SETTINGS = "hospital.settings"  # the hospital's own settings (browser screening, its routing)
 
 
 _READ_CLINICAL = {Action.IMAGE_VIEW, Action.EVENTS_SUBSCRIBE}
@@ -24,12 +25,14 @@ _READ_CLINICAL = {Action.IMAGE_VIEW, Action.EVENTS_SUBSCRIBE}
 ROLE_ACTIONS: dict[str, frozenset[Action]] = {
     Role.VIEWER: frozenset(_READ_CLINICAL),
     Role.CLINICIAN: frozenset(_READ_CLINICAL | {Action.IMAGE_UPLOAD, Action.REVIEW_WRITE, Action.BATCH_SUBMIT}),
-    Role.TENANT_ADMIN: frozenset({Action.MEMBERS_MANAGE, Action.ACTIVITY_VIEW, Action.AGREEMENT_VIEW}),
+    Role.TENANT_ADMIN: frozenset(
+        {Action.MEMBERS_MANAGE, Action.ACTIVITY_VIEW, Action.AGREEMENT_VIEW, Action.HOSPITAL_SETTINGS}
+    ),
     Role.AUDITOR: frozenset({Action.AUDIT_VIEW}),
 }
 
 # Actions a hospital can put behind a second factor for its admins.
-ADMIN_ACTIONS = frozenset({Action.MEMBERS_MANAGE, Action.ACTIVITY_VIEW})
+ADMIN_ACTIONS = frozenset({Action.MEMBERS_MANAGE, Action.ACTIVITY_VIEW, Action.HOSPITAL_SETTINGS})
 
 
 def can(membership: Membership, action: Action) -> bool:

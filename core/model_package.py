@@ -39,6 +39,12 @@ byte for byte):
 ``targets``
     Where the version may run: ``server`` (the workers; the default) and/or ``browser``
     (screening models run in the reader's browser), from ``TARGETS``.
+``role``
+    What the version is for, from ``ROLES``: ``reads`` (the default: the server's reads, the
+    findings) or ``screening`` (a preliminary screen run in the reader's browser before upload;
+    untrusted, never a finding). A screening version names ``browser`` among its targets, carries
+    ``model.onnx`` (the graph the browser runs), and can never be routed to, aliased, split or
+    pinned as the model that makes a hospital's reads.
 ``label_codes``
     Standard codes for the labels, where the operator supplies them, for the DICOM SR and FHIR
     the platform makes of a finding (dicomnet/objects.py, recognition/fhir.py)::
@@ -65,6 +71,8 @@ ONNX_NAME = "model.onnx"
 FRAMEWORKS = ("torchvision", "torchscript")
 RUNTIME_BACKENDS = ("eager", "compile", "onnx")
 TARGETS = ("server", "browser")
+ROLES = ("reads", "screening")
+ROLE_READS, ROLE_SCREENING = ROLES
 MAX_ATOL = 0.05  # looser than this is not "the same model" any more
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TRANSFORM = re.compile(r"[a-z0-9][a-z0-9.+-]{0,63}")
@@ -193,6 +201,7 @@ class Manifest:
     holdout: str = ""  # a derived version's held-out labels CSV inside the package
     targets: tuple[str, ...] = ("server",)
     label_codes: dict = field(default_factory=dict)  # label → {"scheme", "value", "meaning"}; {}: none
+    role: str = ROLE_READS
 
     @classmethod
     def from_dict(cls, data: dict) -> Manifest:
@@ -221,6 +230,7 @@ class Manifest:
                 holdout=str(data.get("holdout", "")),
                 targets=tuple(str(v) for v in data.get("targets", ("server",))),
                 label_codes=_label_codes(data.get("label_codes"), tuple(str(v) for v in data["labels"])),
+                role=str(data.get("role", ROLE_READS)),
             )
         except PackageError:
             raise
@@ -252,7 +262,17 @@ class Manifest:
             raise PackageError(f"targets must name each of {list(TARGETS)} at most once, and at least one")
         if any(t not in TARGETS for t in manifest.targets):
             raise PackageError(f"targets {list(manifest.targets)} are not among {list(TARGETS)}")
+        if manifest.role not in ROLES:
+            raise PackageError(f"role {manifest.role!r} is not among {list(ROLES)}")
+        if manifest.role == ROLE_SCREENING and "browser" not in manifest.targets:
+            raise PackageError('a screening model runs in the browser: its targets must include "browser"')
+        if manifest.role == ROLE_SCREENING and manifest.task != "single-label":
+            raise PackageError("a screening model is single-label: one preliminary label per image")
         return manifest
+
+    @property
+    def screening(self) -> bool:
+        return self.role == ROLE_SCREENING
 
     @property
     def lossy(self) -> bool:
@@ -267,7 +287,7 @@ class Manifest:
         # the fields added for backends and derived versions appear only when set, so that a
         # manifest written before them round-trips unchanged
         del data["runtime"], data["derived_from"], data["transform"], data["targets"], data["holdout"]
-        del data["label_codes"]
+        del data["label_codes"], data["role"]
         if runtime := self.runtime.to_dict():
             data["runtime"] = runtime
         if self.derived_from:
@@ -276,6 +296,8 @@ class Manifest:
             data["holdout"] = self.holdout
         if self.targets != ("server",):
             data["targets"] = list(self.targets)
+        if self.role != ROLE_READS:
+            data["role"] = self.role
         if self.label_codes:
             data["label_codes"] = {label: dict(code) for label, code in self.label_codes.items()}
         return data

@@ -241,6 +241,12 @@ class ModelVersion(models.Model):
         help_text="A derived version measured against its parent on a held-out set, by the worker "
         "(agreement, probability differences, accuracy, sizes, speed); empty until measured.",
     )
+    browser_confirmed_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="A screening model: when the registering operator confirmed that its licence allows "
+        "shipping its weights to readers' browsers; a screening version without it is refused.",
+    )
 
     class Meta:
         constraints = [
@@ -432,6 +438,18 @@ class InferenceRequest(TenantOwned):
     protocol = models.CharField(
         max_length=16, choices=PROTOCOL_CHOICES, blank=True, help_text="The model-server protocol it came by."
     )
+    # the browser's screen (untrusted) may reorder work only inside its hospital's own turns:
+    # SCREEN_FIRST runs before the hospital's other requests of its priority, never before another
+    # hospital's turn; a confident negative sent to the bulk lane is read anyway at read_by
+    screen_order = models.PositiveSmallIntegerField(
+        default=1, help_text="0: the browser's screen called it suspicious (first within its hospital's turns)."
+    )
+    read_by = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Screened confidently negative and sent to the bulk lane: moved to the interactive lane at "
+        "this time if it still waits.",
+    )
 
     class Meta:
         indexes = [
@@ -440,6 +458,8 @@ class InferenceRequest(TenantOwned):
             models.Index(fields=["status", "claimed_by"], name="inference_running"),
             # /metrics reads the requests finished in its window, never the whole history
             models.Index(fields=["finished_at"], name="inference_finished"),
+            # beat moves screened negatives whose wait is over to the interactive lane
+            models.Index(fields=["status", "read_by"], name="inference_read_by"),
         ]
 
 
@@ -609,3 +629,76 @@ class BatchItem(TenantOwned):
             models.Index(fields=["job", "status"], name="batchitem_job_status"),
             models.Index(fields=["job", "id"], name="batchitem_job_order"),
         ]
+
+
+class HospitalSettings(TenantOwned):
+    """The settings that are a hospital's own, changed by its tenant admins on the hospital
+    settings page (platform staff's settings live elsewhere); every change is access-logged.
+    One row per hospital; a hospital without one has the defaults."""
+
+    screening_enabled = models.BooleanField(
+        default=False, help_text="Screen PNG and JPEG files in the reader's browser before upload."
+    )
+    screening_version = models.ForeignKey(
+        ModelVersion,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        help_text="The screening model the browser runs: a ready version whose manifest says role: screening.",
+    )
+    route_negatives_to_bulk = models.BooleanField(
+        default=False,
+        help_text="Send images the screen calls confidently negative to the bulk lane (read anyway after the "
+        "maximum wait).",
+    )
+    negative_threshold = models.FloatField(
+        default=0.95,
+        help_text="The screen's probability of its negative label (the manifest's first) at or above which an "
+        "image counts as confidently negative.",
+    )
+    negative_max_wait_seconds = models.PositiveIntegerField(
+        default=900, help_text="The longest a screened negative waits in the bulk lane before it is read anyway."
+    )
+    updated = models.DateTimeField(default=timezone.now)
+    updated_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        verbose_name_plural = "hospital settings"
+        constraints = [
+            models.UniqueConstraint(fields=["tenant"], name="hospital_settings_one_per_tenant"),
+            models.CheckConstraint(
+                condition=models.Q(negative_threshold__gt=0) & models.Q(negative_threshold__lt=1),
+                name="hospital_settings_threshold_between_0_and_1",
+            ),
+        ]
+
+
+class PreliminaryResult(TenantOwned):
+    """The browser's screen of an image, made before upload: untrusted input from the client.
+    Shown as preliminary beside the server's read, used to order work within the hospital's
+    share, compared with the server's read on the agreement page; never exported, sent to a
+    PACS or counted as a finding."""
+
+    class Route(models.TextChoices):
+        FIRST = "first", "suspicious: first in its hospital's turns"
+        NORMAL = "normal", "in order"
+        BULK = "bulk", "confidently negative: bulk lane"
+
+    image = models.OneToOneField(Image, on_delete=models.CASCADE, related_name="preliminary")
+    screening_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="+")
+    probabilities = models.JSONField()
+    top_label = models.CharField(max_length=100)
+    top_probability = models.FloatField()
+    quality_flags = models.JSONField(
+        default=list, help_text="The browser's quality heuristics that fired: blank, saturated, unfamiliar."
+    )
+    ood_score = models.FloatField(null=True, blank=True, help_text="The screen's out-of-distribution score, 0-1.")
+    latency_ms = models.PositiveIntegerField(null=True, blank=True, help_text="Decode to label, in the browser.")
+    route = models.CharField(max_length=8, choices=Route.choices, default=Route.NORMAL)
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["tenant", "screening_version"], name="preliminary_by_version")]

@@ -26,6 +26,7 @@ from .agreement import AB_MINIMUM_SAMPLE, ab_comparisons, agreement_csv, agreeme
 from .display import display_content_type
 from .job_selectors import batch_job_get, batch_job_list, batch_jobs_progress
 from .models import Image, Review, Study
+from .screening import allow_wasm, screening_page_config
 from .selectors import (
     WORKLIST_SORTS,
     WorklistFilters,
@@ -336,11 +337,13 @@ def upload_page(request):
         if stored:
             messages.success(request, f"{stored} image{'s' if stored != 1 else ''} uploaded; AI reads are queued.")
             return redirect("recognition:image-list")
-    return render(
+    screening = screening_page_config(membership=membership)
+    response = render(
         request,
         "recognition/upload.html",
-        {"membership": membership, "can_upload": can(membership, Action.IMAGE_UPLOAD)},
+        {"membership": membership, "can_upload": can(membership, Action.IMAGE_UPLOAD), "screening": screening},
     )
+    return allow_wasm(response, screening)
 
 
 def _agreement_scope(request):
@@ -409,7 +412,8 @@ def jobs_page(request):
             messages.success(request, f"Job “{job.name}” created: add files or a zip, then start it.")
         return redirect("recognition:jobs")
     jobs = list(batch_job_list(membership=membership, request=request)[:JOBS_PAGE])
-    return render(
+    screening = screening_page_config(membership=membership)
+    response = render(
         request,
         "recognition/jobs.html",
         {
@@ -417,8 +421,10 @@ def jobs_page(request):
             "jobs": list(zip(jobs, batch_jobs_progress(jobs), strict=True)),
             "can_submit": can(membership, Action.BATCH_SUBMIT),
             "live_config": {"tenant": membership.tenant.slug, "apiJob": reverse("api-batch-detail", args=[0])},
+            "screening": screening,
         },
     )
+    return allow_wasm(response, screening)
 
 
 @login_required
