@@ -87,9 +87,15 @@ def _no_wake_markers():
 
 @pytest.fixture(scope="session", autouse=True)
 def _fresh_media_root():
-    """Stored files outlive the rolled-back rows that named them: start each run with none, so
-    repeated runs (CI runs the suite twice) do not fill the disk."""
-    shutil.rmtree(settings.MEDIA_ROOT, ignore_errors=True)
+    """Stored files outlive the rolled-back rows that named them, and the worker's model cache
+    keeps every package a test registered (a run writes about 4 GB of them, mostly derived
+    versions): start each run with none and leave none behind, so repeated runs (CI runs the
+    suite twice, on a disk other work shares) do not fill the disk."""
+    for folder in (settings.MEDIA_ROOT, settings.SIGHTLINE_MODEL_CACHE_DIR):
+        shutil.rmtree(folder, ignore_errors=True)
+    yield
+    for folder in (settings.MEDIA_ROOT, settings.SIGHTLINE_MODEL_CACHE_DIR):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
