@@ -29,6 +29,22 @@ from tests.integration.test_s3_storage import BUCKET, s3_endpoint, s3_storage  #
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@pytest.fixture(autouse=True)
+def _own_media_root(settings, tmp_path):
+    """Each backup holds only its own test's files. By the time these run, the suite's shared
+    media root holds gigabytes of other tests' model packages, and a backup of it per test (each
+    kept in its tmp_path) once filled CI's disk. (The S3 test's fixture replaces this storage.)"""
+    media = tmp_path / "media"
+    settings.MEDIA_ROOT = media
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "default": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": media, "file_permissions_mode": 0o640},
+        },
+    }
+
+
 @pytest.fixture
 def age_identity(tmp_path) -> tuple[Path, str]:
     identity = tmp_path / "operator.key"
