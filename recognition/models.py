@@ -631,6 +631,13 @@ class BatchItem(TenantOwned):
         ]
 
 
+# a hospital's defaults for screened negatives (both off until it turns the routing on): a screen
+# that sure of "no finding" is wrong rarely enough to wait (the agreement page says how rarely), and
+# a quarter of an hour keeps the bulk lane's wait within a clinician's session
+SCREEN_NEGATIVE_THRESHOLD = 0.95
+SCREEN_NEGATIVE_MAX_WAIT_SECONDS = 15 * 60
+
+
 class HospitalSettings(TenantOwned):
     """The settings that are a hospital's own, changed by its tenant admins on the hospital
     settings page (platform staff's settings live elsewhere); every change is access-logged.
@@ -653,12 +660,12 @@ class HospitalSettings(TenantOwned):
         "maximum wait).",
     )
     negative_threshold = models.FloatField(
-        default=0.95,
+        default=SCREEN_NEGATIVE_THRESHOLD,
         help_text="The screen's probability of its negative label (the manifest's first) at or above which an "
         "image counts as confidently negative.",
     )
     negative_max_wait_seconds = models.PositiveIntegerField(
-        default=900, help_text="The longest a screened negative waits in the bulk lane before it is read anyway."
+        default=SCREEN_NEGATIVE_MAX_WAIT_SECONDS, help_text="The longest a screened negative waits in the bulk lane before it is read anyway."
     )
     updated = models.DateTimeField(default=timezone.now)
     updated_by = models.ForeignKey(
