@@ -31,6 +31,7 @@ from core.model_package import (
     CHANNELS,
     ONNX_NAME,
     ROLE_SCREENING,
+    SCREENING_MODEL_NAME,
     Manifest,
     PackageError,
     read_manifest,
@@ -43,7 +44,7 @@ from .backends import AGREEMENT_ATOL, MAX_ONNX_BYTES, ONNX_INPUT, ONNX_OPSET, ON
 from .handler import _to_rgb, build_model, configure_cpu_threads, open_image
 from .package import write_package
 
-SCREEN_NAME = "sightline-screen"
+SCREEN_NAME = SCREENING_MODEL_NAME
 SCREEN_VERSION = "1.0.0"
 SCREEN_ARCHITECTURE = "mobilenet_v3_small"
 SCREEN_INPUT_SIZE = training.DEMO_INPUT_SIZE  # the demo's 64 px: the browser resizes to the same
@@ -276,6 +277,21 @@ def build_screening_package(
     with zipfile.ZipFile(package, "a", compression=zipfile.ZIP_STORED) as archive:
         archive.writestr(ONNX_NAME, onnx_bytes)
     return ScreeningReport(package, manifest, accuracy, held_out_images, seconds, len(onnx_bytes), diff)
+
+
+def held_out_accuracy(
+    graph, *, seed: int = SCREEN_SEED, images: int = SCREEN_HELD_OUT_IMAGES, size: int = SCREEN_INPUT_SIZE
+) -> float:
+    """The graph's (ONNX bytes or a session) top-label accuracy on the demo generator's held-out
+    set for ``seed``: the registration task's measurement of a demo screening model."""
+    x_test, y_test = synthetic.dataset(seed + training.HELD_OUT_SEED_OFFSET, images, size)
+    if isinstance(graph, (bytes, bytearray)):
+        graph = session(bytes(graph))
+    correct = 0
+    for start in range(0, images, training.EVAL_CHUNK):
+        probabilities, _ = run_graph(graph, _as_pixels(x_test[start : start + training.EVAL_CHUNK]))
+        correct += int((probabilities.argmax(1) == y_test[start : start + training.EVAL_CHUNK]).sum())
+    return correct / images
 
 
 # --- the server side of the screen ---------------------------------------------------------------
