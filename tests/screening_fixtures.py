@@ -40,3 +40,23 @@ def cached_screening_package() -> Path:
 @pytest.fixture(scope="session")
 def screening_package() -> Path:
     return cached_screening_package()
+
+
+@pytest.fixture
+def screening_version(db, screening_package):
+    """sightline-screen 1.0.0 registered through the registration task's path, browser
+    distribution confirmed: ready, with its evaluation (held-out accuracy, bytes) recorded."""
+    from workers.registration import model_version_register
+
+    version, _ = model_version_register(package_path=screening_package, alias=None, browser_distribution_allowed=True)
+    return version
+
+
+def screening_turn_on(tenant, version, **fields):
+    """The hospital screens with ``version`` (its HospitalSettings row, created or changed)."""
+    from recognition.models import HospitalSettings
+
+    row, _ = HospitalSettings.objects.update_or_create(
+        tenant=tenant, defaults={"screening_enabled": True, "screening_version": version, **fields}
+    )
+    return row
