@@ -158,3 +158,19 @@ def test_build_screening_model_registers_it_once(screening_package, settings, tm
     events = AccessEvent.objects.count()
     assert "already registered" in run("build_screening_model")
     assert ModelVersion.objects.count() == 1 and AccessEvent.objects.count() == events
+
+
+def test_seed_demo_turns_screening_on_for_demo_general_once(screening_version, demo_model):  # noqa: F811
+    from accounts.models import Tenant
+    from recognition.models import HospitalSettings
+
+    out = run("seed_demo")
+    assert f"Demo General screens uploads in the browser with {screening_version}" in out
+    row = HospitalSettings.objects.get()
+    assert row.tenant.slug == "demo-general" and row.screening_enabled and row.screening_version == screening_version
+    assert not row.route_negatives_to_bulk  # off by default, as the issue asks
+    assert AccessEvent.objects.filter(action="hospital_settings.change", tenant=row.tenant).count() == 1
+    HospitalSettings.objects.filter(pk=row.pk).update(screening_enabled=False)  # the hospital's admin turns it off
+    run("seed_demo")
+    assert HospitalSettings.objects.get().screening_enabled is False  # a second seeding keeps their choice
+    assert not HospitalSettings.objects.filter(tenant=Tenant.objects.get(slug="demo-childrens")).exists()

@@ -86,7 +86,7 @@ class ScreeningGraph(ProbabilityModel):
     def __init__(self, model: torch.nn.Module):
         super().__init__(model, MEAN, STD, multi_label=False)
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model((pixels.float() / 255.0 - self.mean) / self.std)
         return torch.softmax(logits, dim=1), logits
 
