@@ -220,14 +220,18 @@ def main() -> None:
     args = parser.parse_args()
     report = measure(args.images, ensure_package(args.package))
     mib = 1024 * 1024
-    print(f"\nbrowser screen, {report['model']}, {args.images} PNGs of {IMAGE_SIZE}x{IMAGE_SIZE} px (headless Chromium)")
+    print(
+        f"\nbrowser screen, {report['model']}, {args.images} PNGs of {IMAGE_SIZE}x{IMAGE_SIZE} px (headless Chromium)"
+    )
     print(f"{'mode':<40} {'threads':>7} {'load ms':>8} {'first ms':>9} {'median ms':>10} {'p95 ms':>7}")
     for mode, row in report["modes"].items():
         print(
             f"{mode:<40} {row['threads']:>7} {row['load_ms']:>8} {row['first_ms']:>9} "
             f"{row['median_ms']:>10.1f} {row['p95_ms']:>7.1f}"
         )
-    print(f"model over the wire: {report['model_bytes'] / mib:.2f} MiB ({report['model_gzip_bytes'] / mib:.2f} gzipped)")
+    print(
+        f"model over the wire: {report['model_bytes'] / mib:.2f} MiB ({report['model_gzip_bytes'] / mib:.2f} gzipped)"
+    )
     print(
         f"runtime (js + mjs + wasm): {report['runtime_bytes'] / mib:.2f} MiB "
         f"({report['runtime_gzip_bytes'] / mib:.2f} gzipped); both cached by the browser after the first page"

@@ -83,6 +83,7 @@
   // their preliminary finding shown, and sent one per request with their `screen` field; a zip is
   // "not screened" and goes in as before. Without the screen the Add form posts as it always did.
   function screenJobs(screener) {
+    document.body.dataset.screening = "on";
     var csrf = document.querySelector("input[name=csrfmiddlewaretoken]");
     document.querySelectorAll("[data-job]").forEach(function (card) {
       var form = card.querySelector('[data-action="add"]'), table = card.querySelector("[data-role=screen]");
@@ -149,6 +150,7 @@
       }
 
       files.addEventListener("change", choose);
+      if (files.files.length) choose();  // chosen before the screen had loaded
       archive.addEventListener("change", function () {
         if (archive.files.length) row(archive.files[0].name, "not screened (zip)", "—", "sent with Add");
       });
