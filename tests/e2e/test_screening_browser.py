@@ -14,11 +14,10 @@ from PIL import Image
 from playwright.sync_api import expect
 
 from tests.conftest import png_bytes
-from tests.e2e import screening_fixtures
 from tests.e2e.test_browser import sign_in
+from tests.screening_fixtures import screening_package  # noqa: F401  (the fixture)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
-screening_package = screening_fixtures.screening_package  # the real package, built once
 
 expect.set_options(timeout=30_000)
 
@@ -26,21 +25,14 @@ PRELIMINARY_WITHIN_MS = 1000  # "within a fraction of a second of choosing a fil
 
 
 @pytest.fixture
-def screening_on(live_demo, screening_package):
+def screening_on(live_demo, screening_package):  # noqa: F811  (the imported fixture)
     """Demo General screens with the real screening package, as `make run`'s demo sets it up."""
-    from django.utils import timezone
-
     from accounts.models import Tenant
-    from recognition.models import HospitalSettings
+    from tests.screening_fixtures import screening_turn_on
     from workers.registration import model_version_register
 
-    version, _ = model_version_register(package_path=screening_package)
-    version.browser_confirmed_at = timezone.now()  # the operator's licence confirmation
-    version.save(update_fields=["browser_confirmed_at"])
-    HospitalSettings.objects.update_or_create(
-        tenant=Tenant.objects.get(slug="demo-general"),
-        defaults={"screening_enabled": True, "screening_version": version},
-    )
+    version, _ = model_version_register(package_path=screening_package, alias=None, browser_distribution_allowed=True)
+    screening_turn_on(Tenant.objects.get(slug="demo-general"), version)
     return live_demo
 
 

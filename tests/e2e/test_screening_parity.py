@@ -17,11 +17,10 @@ import pytest
 from PIL import Image
 
 from bench.screening_browser import CHROMIUM, CHROMIUM_ARGS, harness, page_config, read_package, screen_in_browser
-from tests.e2e import screening_fixtures
+from tests.screening_fixtures import screening_package  # noqa: F401  (the fixture)
 from workers.engine import screening, synthetic
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
-screening_package = screening_fixtures.screening_package  # the real package, built once
 
 FILES = 200
 SIZES = (64, 97, 128, 181, 256, 300, 512)  # equal, up and down by odd factors, non-square below
@@ -49,7 +48,7 @@ def generated_files(count: int, seed: int = 17) -> list[tuple[str, str, bytes]]:
     return files
 
 
-def test_the_browser_tensor_and_label_match_the_servers_for_200_files(screening_package):
+def test_the_browser_tensor_and_label_match_the_servers_for_200_files(screening_package):  # noqa: F811
     from playwright.sync_api import sync_playwright
 
     manifest, model = read_package(screening_package)
