@@ -53,6 +53,8 @@ def test_the_preliminary_shows_before_the_upload_completes_and_the_server_read_r
     stack, screening_on, browser_context, tmp_path
 ):
     page = browser_context.new_page()
+    violations = []
+    page.on("console", lambda message: "Content Security Policy" in message.text and violations.append(message.text))
     response = open_upload_page(page, stack, screening_on["password"])
     assert "'wasm-unsafe-eval'" in response.headers["content-security-policy"]  # the page that screens
     expect(page.locator("#upload-form")).to_have_attribute("data-screening", "on")
@@ -87,6 +89,7 @@ def test_the_preliminary_shows_before_the_upload_completes_and_the_server_read_r
     expect(finding).to_contain_text("server read")
     expect(finding).to_contain_text("round_opacity")
     assert page.evaluate("window.__sameDocument") is True  # replaced live, no reload
+    assert violations == []  # the runtime needs nothing beyond 'wasm-unsafe-eval' and 'self'
     page.screenshot(path=str(stack.logs / "screening-upload.png"), full_page=True)
 
 
