@@ -8,6 +8,7 @@ Run in a pytest process of its own (``-m browser``), like tests/e2e/test_browser
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 from PIL import Image
@@ -36,6 +37,17 @@ def screening_on(live_demo, screening_package):  # noqa: F811  (the imported fix
     return live_demo
 
 
+# every text the first file's status cell shows, in order (a fast read must not hide a state)
+RECORD_STATES = """() => {
+  window.__states = [];
+  new MutationObserver(function () {
+    var cell = document.querySelector("#screen-files [data-role=state]");
+    var text = cell ? cell.textContent : "";
+    if (text && window.__states[window.__states.length - 1] !== text) window.__states.push(text);
+  }).observe(document.getElementById("screen-files"), {subtree: true, childList: true, characterData: true});
+}"""
+
+
 def open_upload_page(page, stack, password):
     sign_in(page, stack, "clinician", password)
     return page.goto(f"{stack.base_url}/upload/")
@@ -59,6 +71,7 @@ def test_the_preliminary_shows_before_the_upload_completes_and_the_server_read_r
     assert "'wasm-unsafe-eval'" in response.headers["content-security-policy"]  # the page that screens
     expect(page.locator("#upload-form")).to_have_attribute("data-screening", "on")
     page.evaluate("window.__sameDocument = true")
+    page.evaluate(RECORD_STATES)
 
     held = []  # the upload waits here until the test lets it go: the order is not a race
     page.route("**/api/v1/images/", lambda route: held.append(route))
@@ -84,10 +97,13 @@ def test_the_preliminary_shows_before_the_upload_completes_and_the_server_read_r
     assert b'name="screen"' in sent and b'"version_id"' in sent and b'"probabilities"' in sent
     held[0].continue_()
 
-    expect(row.locator("[data-role=state]")).to_contain_text("uploaded, reading…")
+    expect(page.locator("#screen-summary")).to_contain_text("1 image uploaded")
     expect(row).to_have_attribute("data-finding", "final")  # result.ready arrived on the socket
     expect(finding).to_contain_text("server read")
     expect(finding).to_contain_text("round_opacity")
+    states = page.evaluate("window.__states")
+    reading = next(i for i, state in enumerate(states) if state.startswith("uploaded, reading…"))
+    assert states[-1].startswith("read ") and reading < len(states) - 1  # uploaded, then read
     assert page.evaluate("window.__sameDocument") is True  # replaced live, no reload
     assert violations == []  # the runtime needs nothing beyond 'wasm-unsafe-eval' and 'self'
     page.screenshot(path=str(stack.logs / "screening-upload.png"), full_page=True)
@@ -122,7 +138,7 @@ def test_a_blank_image_is_flagged_and_sent_only_when_the_sender_says_so(stack, s
     answer["accept"] = True
     page.set_input_files("#files", str(blank_png(tmp_path)))
     page.click("#upload-form button[type=submit]")
-    expect(page.locator("#screen-files tr").last.locator("[data-role=state]")).to_contain_text("uploaded")
+    expect(page.locator("#screen-files tr").last).to_have_attribute("data-image", re.compile(r"^\d+$"))  # uploaded
     assert len(dialogs) == 2 and posts == [1]
 
 

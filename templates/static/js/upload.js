@@ -138,6 +138,16 @@
       input.value = "";  // what was sent is not sent again; the rows stay until the page is left
       if (count) input.required = false;
       form.dataset.uploaded = String((Number(form.dataset.uploaded) || 0) + count);
+      var summary = document.getElementById("screen-summary");
+      if (summary && count) {
+        summary.textContent = count + " image" + (count !== 1 ? "s" : "") + " uploaded; AI reads are queued. " +
+          "Each row shows the server's read when it is done; all of them are on the ";
+        var link = document.createElement("a");
+        link.href = form.dataset.imageList;
+        link.textContent = "image list";
+        summary.appendChild(link);
+        summary.appendChild(document.createTextNode("."));
+      }
     });
   }
 
