@@ -10,7 +10,6 @@
   if (!form || !panel || !window.SightlineScreen) return;
   var input = form.querySelector("input[type=file]");
   var tbody = document.getElementById("screen-files");
-  var live = document.getElementById("live");
   var tenant = form.dataset.tenant;
   var rows = [], byImage = {}, sending = false;
 
@@ -181,7 +180,6 @@
 
   window.SightlineScreen.load().then(function () {
     panel.hidden = false;
-    if (live) live.hidden = false;
     form.dataset.screening = "on";
     input.addEventListener("change", choose);
     if (input.files.length) choose();
