@@ -79,6 +79,109 @@
     });
   });
 
+  // The browser screen (issue 17), once it has loaded: files chosen for a job are screened at once,
+  // their preliminary finding shown, and sent one per request with their `screen` field; a zip is
+  // "not screened" and goes in as before. Without the screen the Add form posts as it always did.
+  function screenJobs(screener) {
+    document.body.dataset.screening = "on";
+    var csrf = document.querySelector("input[name=csrfmiddlewaretoken]");
+    document.querySelectorAll("[data-job]").forEach(function (card) {
+      var form = card.querySelector('[data-action="add"]'), table = card.querySelector("[data-role=screen]");
+      if (!form || !table) return;
+      var files = form.querySelector("input[name=files]"), archive = form.querySelector("input[name=archive]");
+      var entries = [], shown = null;
+
+      function row(name, finding, quality, state) {
+        var tr = document.createElement("tr");
+        [["name", name], ["finding", finding], ["quality", quality], ["state", state]].forEach(function (pair) {
+          var td = document.createElement("td");
+          td.dataset.role = pair[0];
+          td.textContent = pair[1];
+          tr.appendChild(td);
+        });
+        table.tBodies[0].appendChild(tr);
+        table.hidden = false;
+        return tr;
+      }
+
+      function show(entry, found) {
+        entry.found = found;
+        var finding = entry.row.querySelector("[data-role=finding]"), quality = entry.row.querySelector("[data-role=quality]");
+        if (found.status !== "screened") {
+          entry.row.dataset.finding = "not-screened";
+          finding.textContent = "not screened" + (found.reason ? " (" + found.reason + ")" : "");
+          return;
+        }
+        entry.row.dataset.finding = "preliminary";
+        entry.row.dataset.flags = found.quality.flags.join(" ");
+        finding.textContent = "preliminary: " + found.label + " (" + found.probability.toFixed(2) + ") · " +
+          found.latency_ms + " ms in your browser";
+        quality.textContent = found.quality.flags.length ? screener.describeFlags(found.quality.flags) : "looks fine";
+      }
+
+      function choose() {
+        if (shown === files.files) return;
+        shown = files.files;
+        entries.forEach(function (entry) { if (!entry.sent) entry.row.remove(); });
+        entries = entries.filter(function (entry) { return entry.sent; });
+        Array.prototype.forEach.call(files.files, function (file) {
+          var entry = {file: file, row: row(file.name, "screening…", "", "not sent yet")};
+          entry.screening = screener.screen(file).then(function (found) { show(entry, found); },
+            function () { show(entry, {status: "failed", reason: "the screen failed"}); });
+          entries.push(entry);
+        });
+      }
+
+      function send(entry) {
+        var data = new FormData();
+        data.append("files", entry.file, entry.file.name);
+        if (entry.found && entry.found.status === "screened") data.append("screen", JSON.stringify(entry.found.screen));
+        var state = entry.row.querySelector("[data-role=state]");
+        state.textContent = "uploading…";
+        return fetch(cfg.apiJob.replace("/0/", "/" + card.dataset.job + "/") + "items/", {
+          method: "POST", body: data, credentials: "same-origin",
+          headers: {"Accept": "application/json", "X-Tenant": cfg.tenant, "X-CSRFToken": csrf ? csrf.value : ""}
+        }).then(function (response) {
+          if (response.ok) { entry.sent = true; state.textContent = "added"; return; }
+          return response.json().then(function (body) {
+            state.textContent = "not added: " + ((body.error && body.error.message) || response.status);
+          }, function () { state.textContent = "not added: " + response.status; });
+        }, function () { state.textContent = "not added: the connection failed"; });
+      }
+
+      files.addEventListener("change", choose);
+      if (files.files.length) choose();  // chosen before the screen had loaded
+      archive.addEventListener("change", function () {
+        if (archive.files.length) row(archive.files[0].name, "not screened (zip)", "—", "sent with Add");
+      });
+      form.addEventListener("submit", function (event) {
+        if (archive.files.length || !files.files.length) return;  // a zip goes in as before
+        event.preventDefault();
+        choose();  // files dropped on the card arrive without a change event
+        var chosen = entries.filter(function (entry) { return !entry.sent && !entry.asked; });
+        Promise.all(chosen.map(function (entry) { return entry.screening; })).then(function () {
+          var go = chosen.filter(function (entry) {
+            var flags = entry.found && entry.found.quality ? entry.found.quality.flags : [];
+            entry.asked = true;
+            if (!flags.length || window.confirm(entry.file.name + " " + screener.describeFlags(flags) +
+                " (a heuristic check in your browser). Add it anyway?")) return true;
+            entry.row.querySelector("[data-role=state]").textContent = "not sent (you chose not to)";
+            return false;
+          });
+          return go.reduce(function (previous, entry) {
+            return previous.then(function () { return send(entry); });
+          }, Promise.resolve());
+        }).then(function () {
+          files.value = "";
+          shown = null;
+          refresh(card.dataset.job);
+        });
+      });
+    });
+  }
+
+  if (window.SightlineScreen) window.SightlineScreen.load().then(screenJobs, function () {});
+
   window.SightlineFeed(cfg.tenant, {
     onSubscribed: resync,
     "job.progress": function (message) { refresh(message.job); }
