@@ -33,6 +33,13 @@ class RegisterPackageForm(forms.Form):
     alias = forms.ChoiceField(
         choices=[("", "no alias"), *ModelAlias.Name.choices], required=False, help_text="Point this alias at it."
     )
+    browser_distribution_allowed = forms.BooleanField(
+        required=False,
+        label="Its licence allows shipping the weights to browsers",
+        help_text="Screening models only (manifest role: screening): they run in readers' browsers, which "
+        "download the weights. A vendor's licence may forbid that; a screening package is refused unless "
+        "you confirm it does not.",
+    )
 
 
 @admin.register(AIModel)
@@ -149,7 +156,10 @@ class ModelVersionAdmin(admin.ModelAdmin):
                 try:
                     # stored and recorded as validating; a worker loads and checks it, never this process
                     version, created = model_version_submit(
-                        package_path=package, registered_by=request.user, alias=form.cleaned_data["alias"] or None
+                        package_path=package,
+                        registered_by=request.user,
+                        alias=form.cleaned_data["alias"] or None,
+                        browser_distribution_allowed=form.cleaned_data["browser_distribution_allowed"],
                     )
                 except DomainError as exc:
                     form.add_error("package", exc.message)

@@ -199,7 +199,9 @@ STATICFILES_DIRS = [BASE_DIR / "templates" / "static"]
 # Cache-Control: the only paths a browser or proxy may cache (everything else is no-store):
 # static files, whose names carry their hash in production; the model files a browser screens
 # with are served as static files, under the same prefix
-SIGHTLINE_CACHEABLE_PATH_PREFIXES = env.list("SIGHTLINE_CACHEABLE_PATH_PREFIXES", default=[f"/{STATIC_URL}"])
+SIGHTLINE_CACHEABLE_PATH_PREFIXES = env.list(
+    "SIGHTLINE_CACHEABLE_PATH_PREFIXES", default=[f"/{STATIC_URL}", "/screening/models/"]
+)
 MEDIA_ROOT = VAR_DIR / "media"
 # No MEDIA_URL is routed: image bytes are patient data and leave only through views that
 # check access and write the access log.

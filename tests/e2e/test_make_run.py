@@ -16,6 +16,7 @@ import requests
 from django.conf import settings
 
 from tests.conftest import PACKAGE_CACHE
+from tests.screening_fixtures import cached_screening_package
 from tests.e2e.conftest import free_port
 
 # `make run` always starts on its own SQLite: CI runs this in one pass
@@ -70,6 +71,8 @@ def test_make_run_serves_the_demo_and_ctrl_c_stops_everything(demo_package, tmp_
     var = tmp_path / "var"
     (var / "models").mkdir(parents=True)
     shutil.copy(PACKAGE_CACHE, var / "models" / PACKAGE_CACHE.name)  # the demo model, trained once per machine
+    screen = cached_screening_package()  # and the browser's screening model
+    shutil.copy(screen, var / "models" / screen.name)
     web_port, redis_port, dicom_port = free_port(), free_port(), free_port()
     env = {
         **os.environ,
