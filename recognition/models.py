@@ -665,7 +665,8 @@ class HospitalSettings(TenantOwned):
         "image counts as confidently negative.",
     )
     negative_max_wait_seconds = models.PositiveIntegerField(
-        default=SCREEN_NEGATIVE_MAX_WAIT_SECONDS, help_text="The longest a screened negative waits in the bulk lane before it is read anyway."
+        default=SCREEN_NEGATIVE_MAX_WAIT_SECONDS,
+        help_text="The longest a screened negative waits in the bulk lane before it is read anyway.",
     )
     updated = models.DateTimeField(default=timezone.now)
     updated_by = models.ForeignKey(

@@ -16,8 +16,8 @@ import requests
 from django.conf import settings
 
 from tests.conftest import PACKAGE_CACHE
-from tests.screening_fixtures import cached_screening_package
 from tests.e2e.conftest import free_port
+from tests.screening_fixtures import cached_screening_package
 
 # `make run` always starts on its own SQLite: CI runs this in one pass
 pytestmark = [pytest.mark.e2e, pytest.mark.heavy_any_db]
