@@ -442,7 +442,9 @@ class InferenceRequest(TenantOwned):
     # SCREEN_FIRST runs before the hospital's other requests of its priority, never before another
     # hospital's turn; a confident negative sent to the bulk lane is read anyway at read_by
     screen_order = models.PositiveSmallIntegerField(
-        default=1, help_text="0: the browser's screen called it suspicious (first within its hospital's turns)."
+        default=1,
+        db_default=1,
+        help_text="0: the browser's screen called it suspicious (first within its hospital's turns).",
     )
     read_by = models.DateTimeField(
         null=True,

@@ -51,7 +51,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='inferencerequest',
             name='screen_order',
-            field=models.PositiveSmallIntegerField(default=1, help_text="0: the browser's screen called it suspicious (first within its hospital's turns)."),
+            field=models.PositiveSmallIntegerField(db_default=1, default=1, help_text="0: the browser's screen called it suspicious (first within its hospital's turns)."),
         ),
         migrations.AddField(
             model_name='modelversion',

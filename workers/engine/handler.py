@@ -66,7 +66,7 @@ def open_image(data: bytes) -> Image.Image:
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit and float images: stretch the stored range onto 8 bits.
         array = np.asarray(image, dtype=np.float32)
@@ -207,7 +207,7 @@ class Handler:
 
     def from_image(self, image: Image.Image) -> torch.Tensor:
         """A decoded image → uint8 tensor (3, H, W) at the model's input size."""
-        rgb = _to_rgb(image).resize(self._size, Image.Resampling.BILINEAR)
+        rgb = to_rgb(image).resize(self._size, Image.Resampling.BILINEAR)
         return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
 
     def preprocess(self, items: list[bytes]) -> tuple[torch.Tensor | None, list[str]]:

@@ -41,7 +41,7 @@ from core.model_package import (
 
 from . import synthetic, training
 from .backends import AGREEMENT_ATOL, MAX_ONNX_BYTES, ONNX_INPUT, ONNX_OPSET, ONNX_OUTPUT, ProbabilityModel
-from .handler import _to_rgb, build_model, configure_cpu_threads, open_image
+from .handler import build_model, configure_cpu_threads, open_image, to_rgb
 from .package import write_package
 
 SCREEN_NAME = SCREENING_MODEL_NAME
@@ -299,9 +299,9 @@ def held_out_accuracy(
 
 def server_pixels(data: bytes, size: int = SCREEN_INPUT_SIZE) -> np.ndarray:
     """Image bytes → uint8 (3, size, size) as the server preprocesses for a screening model: full
-    decode (no JPEG ``draft``: the browser cannot scale in the DCT), ``_to_rgb``, PIL BILINEAR."""
+    decode (no JPEG ``draft``: the browser cannot scale in the DCT), ``to_rgb``, PIL BILINEAR."""
     with open_image(data) as image:
-        rgb = _to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
+        rgb = to_rgb(image).resize((size, size), Image.Resampling.BILINEAR)
     return np.ascontiguousarray(np.asarray(rgb).transpose(2, 0, 1))
 
 
