@@ -403,7 +403,7 @@ def agreement_page(request):
             "rows": rows,
             "ab": ab_comparisons(tenant=tenant, rows=rows),
             "ab_minimum": AB_MINIMUM_SAMPLE,
-            "screening": screening_agreement(tenant=tenant),
+            "screening_agreement": screening_agreement(tenant=tenant),
             "chart": mark_safe(agreement_svg(rows)),  # noqa: S308  (agreement_svg escapes every text it writes)
             "csv_url": csv_url,
             "is_staff": request.user.is_staff,
