@@ -24,6 +24,7 @@ run: $(VENV)/.runtime
 	@mkdir -p var
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py build_demo_model
+	$(BIN)/python manage.py build_screening_model
 	$(BIN)/python manage.py seed_demo
 	@redis_port=$$($(BIN)/python -c "from urllib.parse import urlsplit; print(urlsplit('$(REDIS_URL)').port or 6379)"); \
 	if $(BIN)/python -c "import redis; redis.Redis.from_url('$(REDIS_URL)', socket_connect_timeout=1).ping()" 2>/dev/null; then \

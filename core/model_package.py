@@ -73,6 +73,7 @@ RUNTIME_BACKENDS = ("eager", "compile", "onnx")
 TARGETS = ("server", "browser")
 ROLES = ("reads", "screening")
 ROLE_READS, ROLE_SCREENING = ROLES
+SCREENING_MODEL_NAME = "sightline-screen"  # the demo's screening model: a model of its own, screening only
 MAX_ATOL = 0.05  # looser than this is not "the same model" any more
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TRANSFORM = re.compile(r"[a-z0-9][a-z0-9.+-]{0,63}")
@@ -268,6 +269,12 @@ class Manifest:
             raise PackageError('a screening model runs in the browser: its targets must include "browser"')
         if manifest.role == ROLE_SCREENING and manifest.task != "single-label":
             raise PackageError("a screening model is single-label: one preliminary label per image")
+        if manifest.role == ROLE_SCREENING and not manifest.runtime.onnx_sha256:
+            raise PackageError(
+                f"a screening model carries {ONNX_NAME}, the graph the browser runs: runtime.onnx_sha256 names it"
+            )
+        if manifest.name == SCREENING_MODEL_NAME and manifest.role != ROLE_SCREENING:
+            raise PackageError(f"{SCREENING_MODEL_NAME} is the screening model's name: its versions are screening")
         return manifest
 
     @property

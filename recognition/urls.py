@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import screening, views
 
 app_name = "recognition"
 
@@ -27,4 +27,5 @@ urlpatterns = [
     path("jobs/<int:job_id>/results.csv", views.job_results, name="job-results"),
     path("agreement.csv", views.agreement_csv_view, name="agreement-csv"),
     path("hospital/", views.tenant_switch, name="tenant-switch"),
+    path("screening/models/<int:version_id>/model.onnx", screening.screening_model_file, name="screening-model"),
 ]

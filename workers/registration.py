@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 from django.conf import settings
 from django.db import transaction
@@ -17,11 +18,18 @@ from django.utils import timezone
 
 from accounts.services import access_event_record
 from core.errors import Conflict, Invalid
-from core.model_package import SHORT_HASH_CHARS, TORCHSCRIPT_REFUSED, PackageError
+from core.model_package import (
+    CHANNELS,
+    ONNX_NAME,
+    ROLE_SCREENING,
+    SHORT_HASH_CHARS,
+    TORCHSCRIPT_REFUSED,
+    PackageError,
+)
 from core.transient import is_transient
 from recognition.models import ModelAlias, ModelVersion
 from recognition.services.registry import model_alias_move, model_validation_enqueue, model_version_submit
-from workers.engine import backends, optimise
+from workers.engine import backends, optimise, screening
 from workers.engine.handler import Handler
 from workers.model_cache import local_package
 
@@ -30,13 +38,22 @@ REFUSAL_CHARS = 2000  # of a refusal (a traceback's last lines) kept on the vers
 
 
 def model_version_register(
-    *, package_path: Path, registered_by=None, alias: str | None = ModelAlias.Name.PRODUCTION
+    *,
+    package_path: Path,
+    registered_by=None,
+    alias: str | None = ModelAlias.Name.PRODUCTION,
+    browser_distribution_allowed: bool = False,
 ) -> tuple[ModelVersion, bool]:
     """Submit and validate in this process, for shell tools and tests (never the web process):
     the synchronous path of the same service. Returns (version, created); a refused package
-    raises ``Invalid`` with the reason, and its version stays recorded as refused."""
+    raises ``Invalid`` with the reason, and its version stays recorded as refused. A screening
+    package takes no alias (pass ``alias=None``) and needs ``browser_distribution_allowed``."""
     version, created = model_version_submit(
-        package_path=package_path, registered_by=registered_by, alias=alias, enqueue=False
+        package_path=package_path,
+        registered_by=registered_by,
+        alias=alias,
+        enqueue=False,
+        browser_distribution_allowed=browser_distribution_allowed,
     )
     if version.status == ModelVersion.Status.VALIDATING:
         version = model_version_validate(version_id=version.pk)
@@ -150,6 +167,62 @@ def check_derived_against_parent(candidate: Candidate) -> None:
     logger.info("%s measured against %s: %s", version, parent, evaluation)
 
 
+def check_screening(candidate: Candidate) -> None:
+    """A screening version: the operator confirmed browser distribution, its ``model.onnx``
+    (checked against the manifest by ``check_backends_agree``) takes ``pixels`` uint8 N×3×H×W and
+    answers ``probabilities`` then ``logits``, one per label each; measured here and stored on
+    the version (``ModelVersion.evaluation``): held-out accuracy (the demo generator's held-out
+    set for a demo model; an operator's model keeps the accuracy its manifest states, marked so)
+    and the bytes a browser downloads."""
+    version = candidate.version
+    if version.manifest.get("role") != ROLE_SCREENING:
+        return
+    if version.browser_confirmed_at is None:
+        raise Refused(
+            "a screening model's weights go to readers' browsers, and no operator confirmed its licence allows it"
+        )
+    if candidate.package is None:  # check_stored_package runs first
+        raise Refused("the package was not fetched before it could be checked")
+    graph = screening.read_onnx(candidate.package)  # PackageError refuses, in words
+    onnx_session = screening.session(graph)
+    inputs, outputs = onnx_session.get_inputs(), onnx_session.get_outputs()
+    names = [output.name for output in outputs]
+    if [i.name for i in inputs] != [backends.ONNX_INPUT] or inputs[0].type != "tensor(uint8)":
+        raise Refused(f"its {ONNX_NAME} must take one uint8 input named {backends.ONNX_INPUT!r}")
+    if names[:2] != [backends.ONNX_OUTPUT, screening.ONNX_LOGITS]:
+        raise Refused(
+            f"its {ONNX_NAME} answers {names}; a screening graph answers {backends.ONNX_OUTPUT!r} then "
+            f"{screening.ONNX_LOGITS!r} (the browser's out-of-distribution score)"
+        )
+    manifest = candidate.handler.manifest if candidate.handler else None
+    size = manifest.input_size if manifest else version.manifest["input_size"]
+    probabilities, logits = screening.run_graph(onnx_session, np.zeros((1, CHANNELS, size, size), dtype=np.uint8))
+    labels = len(version.manifest["labels"])
+    if probabilities.shape != (1, labels) or logits.shape != (1, labels):
+        raise Refused(f"its {ONNX_NAME} answers {probabilities.shape[1:]} and {logits.shape[1:]} for {labels} labels")
+    stated = version.manifest.get("metrics", {})
+    if version.manifest.get("demo") and size == screening.SCREEN_INPUT_SIZE:
+        accuracy = screening.held_out_accuracy(onnx_session, seed=stated.get("seed", screening.SCREEN_SEED))
+        source, images = "measured: demo generator's held-out set", screening.SCREEN_HELD_OUT_IMAGES
+    else:
+        accuracy, source, images = stated.get("accuracy"), "stated in the manifest", stated.get("held_out_images")
+    evaluation = {
+        "kind": "screening",
+        "held_out_accuracy": round(accuracy, SCREENING_DIGITS) if isinstance(accuracy, float) else accuracy,
+        "held_out_images": images,
+        "accuracy_source": source,
+        "onnx_bytes": len(graph),
+        "package_bytes": candidate.package.stat().st_size,
+        "measured_at": timezone.now().isoformat(),
+    }
+    ModelVersion.objects.filter(pk=version.pk).update(evaluation=evaluation)
+    version.evaluation = evaluation
+    logger.info("%s checked as a screening model: %s", version, evaluation)
+
+
+SCREENING_DIGITS = 4  # decimals of a stored accuracy
+
+
 # In order; each raises Refused or PackageError to refuse, a transient error to be tried again.
 # Later checks (agreement across backends, derived-version measurements, screening models)
 # are appended here and find the loaded model on ``candidate.handler``.
@@ -159,6 +232,7 @@ REGISTRATION_CHECKS: list[Callable[[Candidate], None]] = [
     check_loads_and_answers,
     check_backends_agree,
     check_derived_against_parent,
+    check_screening,
 ]
 
 

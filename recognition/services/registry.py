@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from accounts.services import access_event_record
 from core.errors import Conflict, Invalid, NotFound
-from core.model_package import PackageError, file_sha256, read_manifest
+from core.model_package import ROLE_READS, ROLE_SCREENING, PackageError, file_sha256, read_manifest
 
 from ..enqueue import task_send
 from ..models import (
@@ -37,7 +37,12 @@ logger = logging.getLogger(__name__)
 
 
 def model_version_submit(
-    *, package_path: Path, registered_by=None, alias: str | None = None, enqueue: bool = True
+    *,
+    package_path: Path,
+    registered_by=None,
+    alias: str | None = None,
+    enqueue: bool = True,
+    browser_distribution_allowed: bool = False,
 ) -> tuple[ModelVersion, bool]:
     """Store a package and create its version ``validating``; a worker runs the registration
     checks (``model_version_validate``, after commit) and makes it ready or refused. Nothing
@@ -46,6 +51,12 @@ def model_version_submit(
     Registering the same bytes again changes nothing (a refused version is checked again, for
     a setting may have changed); other bytes under an existing version number are refused,
     since versions are immutable. ``alias`` moves to the version once it is ready.
+
+    A screening package (manifest ``role: screening``) runs in readers' browsers, so its weights
+    are sent to them: ``browser_distribution_allowed`` is the operator's confirmation that its
+    licence allows that (recorded as ``browser_confirmed_at``), and without it the package is
+    refused. A screening version takes no alias, and a model is either a reads model or a
+    screening model: a version of the other role is refused.
     """
     if alias and alias not in ModelAlias.Name.values:
         raise Invalid(f"{alias!r} is not an alias; use one of {', '.join(ModelAlias.Name.values)}.", code="bad_alias")
@@ -53,6 +64,7 @@ def model_version_submit(
         manifest = read_manifest(package_path)
     except PackageError as exc:
         raise Invalid(f"The model package was refused: {exc}", code="model_refused") from exc
+    _screening_rules(manifest, alias=alias, browser_distribution_allowed=browser_distribution_allowed)
     package_sha256 = file_sha256(package_path)
 
     existing = ModelVersion.objects.filter(model__name=manifest.name, version=manifest.version).first()
@@ -95,6 +107,7 @@ def model_version_submit(
                 registered_by=registered_by,
                 status=ModelVersion.Status.VALIDATING,
                 requested_alias=alias or "",
+                browser_confirmed_at=timezone.now() if manifest.screening else None,
             )
             access_event_record(
                 action="model.register", user=registered_by, target_type="model_version", target_id=version.pk
@@ -106,6 +119,54 @@ def model_version_submit(
             default_storage.delete(stored_name)
         raise
     return version, True
+
+
+def _screening_rules(manifest, *, alias: str | None, browser_distribution_allowed: bool) -> None:
+    if manifest.screening and not browser_distribution_allowed:
+        raise Invalid(
+            f"{manifest.name} {manifest.version} is a screening model: it runs in readers' browsers, so its "
+            "weights are sent to every reader's computer. Confirm that its licence allows that "
+            "(register_model --browser-distribution-allowed); it was not registered.",
+            code="browser_distribution_unconfirmed",
+        )
+    if manifest.screening and alias:
+        raise Invalid(
+            f"{manifest.name} {manifest.version} is a screening model: it never makes a hospital's reads, "
+            f"so it takes no {alias} alias.",
+            code="screening_version",
+        )
+    model = AIModel.objects.filter(name=manifest.name).first()
+    if model is not None:
+        role = model_role(model)
+        if role and role != manifest.role:
+            raise Invalid(
+                f"{manifest.name} is a {role} model and this package is a {manifest.role} model: a model is either "
+                "a reads model or a screening model; register it under a name of its own.",
+                code="model_role_mismatch",
+            )
+
+
+def model_role(model: AIModel) -> str:
+    """``reads`` or ``screening``: what the model's versions are (all the same, by
+    ``model_version_submit``'s rule); "" for a model with no version yet."""
+    manifest = ModelVersion.objects.filter(model=model).values_list("manifest", flat=True).first()
+    if manifest is None:
+        return ""
+    return manifest.get("role", ROLE_READS)
+
+
+def is_screening(version: ModelVersion) -> bool:
+    return version.manifest.get("role", ROLE_READS) == ROLE_SCREENING
+
+
+def refuse_screening(version: ModelVersion | None, what: str) -> None:
+    """A screening version is never the model that makes a hospital's reads (409, in words)."""
+    if version is not None and is_screening(version):
+        raise Conflict(
+            f"{version} is a screening model: a preliminary screen in the reader's browser, never the model "
+            f"that makes a hospital's reads, so it cannot be given {what}.",
+            code="screening_version",
+        )
 
 
 def _validate_again(version: ModelVersion, *, registered_by, alias: str | None, enqueue: bool) -> None:
@@ -202,6 +263,7 @@ def model_alias_move(
     if alias not in ModelAlias.Name.values:
         raise Invalid(f"{alias!r} is not an alias; use one of {', '.join(ModelAlias.Name.values)}.", code="bad_alias")
     _version_of(model, version)
+    refuse_screening(version, f"the {alias} alias")
     model_version_require_ready(version=version)
     below = derived_below_floor(version) if alias == ModelAlias.Name.PRODUCTION else ""
     if below and not force:
@@ -271,6 +333,7 @@ def traffic_split_set(
                     code="bad_percent",
                 )
             _version_of(model, version)
+            refuse_screening(version, "a traffic split")
             model_version_require_ready(version=version)
             split, _ = TrafficSplit.objects.update_or_create(
                 tenant=tenant,
@@ -315,6 +378,7 @@ def model_pin_set(
             pin = None
         else:
             _version_of(model, version)
+            refuse_screening(version, "a pin")
             model_version_require_ready(version=version)
             pin, _ = ModelPin.objects.update_or_create(
                 tenant=tenant,
@@ -517,6 +581,10 @@ def version_for(
         if found is None:
             _require_model(name)
             raise NotFound(f"{name} has no version {version or serial!r}.", code="unknown_version")
+        if is_screening(found):  # a screen never reads: as absent as another hospital's object
+            raise NotFound(
+                f"{found} is a screening model, which never makes a hospital's reads.", code="screening_version"
+            )
         if tenant is not None:
             version_allowed(tenant=tenant, version=found, routing=routing)
         model_version_require_ready(version=found)  # 409 for a version still validating or refused
@@ -602,6 +670,12 @@ def model_allowance_set(
         raise Invalid(f"{alias!r} is not an alias; use one of {', '.join(ModelAlias.Name.values)}.", code="bad_alias")
     if version is not None:
         _version_of(model, version)
+    if allowed and model_role(model) == ROLE_SCREENING:
+        raise Conflict(
+            f"{model.name} is a screening model: a hospital never reads with it, so there is nothing to allow; "
+            "a hospital chooses its screening model on its settings page.",
+            code="screening_version",
+        )
     with transaction.atomic():
         rows = ModelAllowance.objects.for_tenant(tenant).filter(model=model, version=version, alias=alias)
         row = None

@@ -224,6 +224,7 @@ def onnx_runner(model: bytes, threads: int | None = None) -> Runner:
 
     def run(batch: torch.Tensor) -> torch.Tensor:
         pixels = np.ascontiguousarray(batch.cpu().numpy(), dtype=np.uint8)
+        # by name: a screening graph has a second output (logits), and probabilities is the read
         (probabilities,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: pixels})
         return torch.from_numpy(probabilities)
 

@@ -199,7 +199,10 @@ class Handler:
     def decode(self, data: bytes) -> torch.Tensor:
         """Bytes → uint8 tensor (3, H, W) at the model's input size."""
         with open_image(data) as image:
-            image.draft("RGB", self._size)  # JPEG: decode at reduced scale when possible
+            # JPEG: decode at reduced scale when possible; never for a screening model, whose
+            # browser twin cannot scale in the DCT and must see the same pixels as the server
+            if not self.manifest.screening:
+                image.draft("RGB", self._size)
             return self.from_image(image)
 
     def from_image(self, image: Image.Image) -> torch.Tensor:

@@ -6,6 +6,10 @@ deployment with no worker running yet (the first model of a fresh install, CI); 
 platform operator's shell, never the web process, so loading the model here costs nothing a
 hospital's request waits for. Without it, the command needs a worker consuming the
 ``maintenance`` queue, like the admin page's registration.
+
+A screening package (manifest ``role: screening``) runs in readers' browsers, so its weights
+are downloaded by every reader's computer: ``--browser-distribution-allowed`` is the operator's
+confirmation that its licence allows that; without it the package is refused.
 """
 
 import time
@@ -39,15 +43,32 @@ class Command(BaseCommand):
             help="run the registration checks in this process instead of a worker (no worker running yet)",
         )
         parser.add_argument(
+            "--browser-distribution-allowed",
+            action="store_true",
+            help="a screening model: I confirm its licence allows shipping its weights to readers' browsers",
+        )
+        parser.add_argument(
             "--timeout", type=float, default=VERDICT_TIMEOUT_SECONDS, help="seconds to wait for a worker's verdict"
         )
 
-    def handle(self, *args, package: Path, alias: str, validate_here: bool, timeout: float, **options):
+    def handle(
+        self,
+        *args,
+        package: Path,
+        alias: str,
+        validate_here: bool,
+        timeout: float,
+        browser_distribution_allowed: bool = False,
+        **options,
+    ):
         if not package.is_file():
             raise CommandError(f"{package} is not a file")
         try:
             version, created = model_version_submit(
-                package_path=package, alias=None if alias == "none" else alias, enqueue=not validate_here
+                package_path=package,
+                alias=None if alias == "none" else alias,
+                enqueue=not validate_here,
+                browser_distribution_allowed=browser_distribution_allowed,
             )
         except DomainError as exc:
             raise CommandError(exc.message) from exc

@@ -10,10 +10,11 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 
 from accounts.models import Role, Tenant
-from accounts.services import membership_grant, user_get_or_create
+from accounts.services import access_event_record, membership_grant, user_get_or_create
+from core.model_package import SCREENING_MODEL_NAME
 from dicomnet.models import DicomNode, HospitalAETitle
 from dicomnet.nodes import dicom_node_create, hospital_ae_title_assign
-from recognition.models import Study
+from recognition.models import HospitalSettings, ModelVersion, Study
 from recognition.services.images import StudyFields, image_upload
 from workers.engine import synthetic
 
@@ -51,8 +52,11 @@ class Command(BaseCommand):
                 user = user_get_or_create(username=username, password=password)
                 memberships[username] = membership_grant(tenant=tenants[slug], user=user, role=role)
             self._dicom(tenants, memberships["hospital-admin"])
+            screening = self._screening(tenants["demo-general"])
         created = self._samples(memberships)
         self.stdout.write(self.style.SUCCESS(f"Demo seeded: {len(USERS)} users, {created} new sample images."))
+        if screening:
+            self.stdout.write(f"Demo General screens uploads in the browser with {screening}.")
 
     def _dicom(self, tenants, admin) -> None:
         for slug, ae_title in AE_TITLES.items():
@@ -60,6 +64,25 @@ class Command(BaseCommand):
                 hospital_ae_title_assign(tenant=tenants[slug], ae_title=ae_title)
         if not DicomNode.objects.for_tenant(admin.tenant).filter(ae_title=DEMO_NODE["ae_title"]).exists():
             dicom_node_create(actor=admin, **DEMO_NODE)
+
+    def _screening(self, tenant) -> ModelVersion | None:
+        """Demo General screens in the browser (build_screening_model registered the model) so a
+        new user sees it at once. Only a hospital with no settings row yet: a tenant admin's own
+        choice, made on the settings page, is never overwritten by a second seeding."""
+        version = (
+            ModelVersion.objects.filter(
+                model__name=SCREENING_MODEL_NAME, status=ModelVersion.Status.READY, browser_confirmed_at__isnull=False
+            )
+            .order_by("-serial")
+            .first()
+        )
+        if version is None or HospitalSettings.objects.for_tenant(tenant).exists():
+            return None
+        row = HospitalSettings.objects.create(tenant=tenant, screening_enabled=True, screening_version=version)
+        access_event_record(
+            action="hospital_settings.change", tenant=tenant, target_type="hospital_settings", target_id=row.pk
+        )
+        return version
 
     def _samples(self, memberships) -> int:
         rng = np.random.default_rng(2026)
