@@ -38,6 +38,7 @@ SCREEN_MAX_BYTES = 4096  # the contract's cap on the `screen` field (CONTRACT17.
 QUALITY_FLAGS = ("blank", "saturated", "unfamiliar")  # what the browser's quality gate can say (screen.js)
 PROBABILITY_SUM_TOLERANCE = 0.01  # a softmax's outputs, rounded to a few digits by the browser, sum to 1 ± this
 SCREEN_FIRST, SCREEN_IN_ORDER = 0, 1  # InferenceRequest.screen_order: 0 runs first within its hospital's turns
+LABEL_QUOTED = 40  # characters of a refused label quoted back: enough to recognise it, never the whole field
 MAX_LATENCY_MS = 600_000  # ten minutes: a browser's figure above that is not a latency
 # the settings page's bounds: a threshold is a probability strictly between 0 and 1 (the table's
 # check constraint), the wait at most a day (beyond that "read anyway" means nothing to a clinic)
@@ -136,7 +137,7 @@ def screen_parse(raw: str | bytes | None) -> Screen | None:
     probabilities = data.get("probabilities")
     if not isinstance(probabilities, dict) or not probabilities:
         raise _refuse("probabilities must be an object of label → probability.")
-    checked = {str(label): _number(p, f"the probability of {str(label)[:40]!r}") for label, p in probabilities.items()}
+    checked = {str(label): _number(p, f"the probability of {str(label)[:LABEL_QUOTED]!r}") for label, p in probabilities.items()}
     if abs(sum(checked.values()) - 1.0) > PROBABILITY_SUM_TOLERANCE:
         raise _refuse("the probabilities must add up to 1.")
     latency = data.get("latency_ms")
