@@ -137,7 +137,10 @@ def screen_parse(raw: str | bytes | None) -> Screen | None:
     probabilities = data.get("probabilities")
     if not isinstance(probabilities, dict) or not probabilities:
         raise _refuse("probabilities must be an object of label → probability.")
-    checked = {str(label): _number(p, f"the probability of {str(label)[:LABEL_QUOTED]!r}") for label, p in probabilities.items()}
+    checked = {
+        str(label): _number(p, f"the probability of {str(label)[:LABEL_QUOTED]!r}")
+        for label, p in probabilities.items()
+    }
     if abs(sum(checked.values()) - 1.0) > PROBABILITY_SUM_TOLERANCE:
         raise _refuse("the probabilities must add up to 1.")
     latency = data.get("latency_ms")
