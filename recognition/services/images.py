@@ -415,7 +415,7 @@ def _images_from_bytes(
                 preliminary_store(
                     image=image,
                     plan=plan,
-                    bulk_lane=bool(routing) and routing.priority == InferenceRequest.Priority.INTERACTIVE,
+                    bulk_lane=routing is not None and routing.priority == InferenceRequest.Priority.INTERACTIVE,
                 )
             else:  # the answer knows there is none without asking (ImageCreatedOutput.preliminary)
                 Image.preliminary.related.set_cached_value(image, None)

@@ -177,6 +177,7 @@ def screen_plan(*, tenant, screen: Screen | None) -> ScreenPlan | None:
         logger.info("a screen for another version than the hospital's came with an upload; not stored")
         return None
     version = found.screening_version
+    assert version is not None  # hospital_screening answers only a row with a usable version
     labels = version.labels
     if set(screen.probabilities) != set(labels):
         raise _refuse(f"its labels must be exactly the screening model's: {labels}.")
