@@ -414,3 +414,60 @@ def ab_svg(comparison: ABComparison) -> str:
         parts.append("</g>")
     parts.append("</svg>")
     return "".join(parts)
+
+
+# -- the browser screen against the server's read ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScreeningAgreement:
+    """One screening version: on the images that have both its preliminary and the server's
+    read, how often the two top labels are the same, and how often the screen called an image
+    negative that the server did not (the misses that routing to the bulk lane would delay)."""
+
+    model: str
+    version: str
+    serial: int
+    proportion: Proportion  # n: images with both; agreed: the same top label
+    screen_negative_server_positive: int
+
+
+def screening_agreement(*, tenant: Tenant | None = None) -> list[ScreeningAgreement]:
+    """Per screening version (``tenant=None``: every hospital, platform staff), over the images
+    with a preliminary and a server read (the latest non-shadow result): two queries whatever the
+    number of images (the groups; the versions' labels)."""
+    from .models import PreliminaryResult  # beside the review models; the screen came later
+
+    latest = Result.objects.filter(image=OuterRef("image"), request__shadow=False).order_by("-created", "-id")
+    preliminaries = PreliminaryResult.objects.all() if tenant is None else PreliminaryResult.objects.for_tenant(tenant)
+    groups = (
+        preliminaries.annotate(server_label=Subquery(latest.values("top_label")[:1]))
+        .filter(server_label__isnull=False)
+        .values("screening_version", "top_label", "server_label")
+        .annotate(n=Count("id"))
+        .order_by()
+    )
+    counts: dict[int, list[int]] = {}  # version id → [n, agreed, screen negative / server positive]
+    found = list(groups)
+    versions = ModelVersion.objects.select_related("model").in_bulk({g["screening_version"] for g in found})
+    for group in found:
+        version = versions[group["screening_version"]]
+        negative = version.labels[0] if version.labels else ""  # a screening model's first label (CONTRACT17.md)
+        row = counts.setdefault(version.pk, [0, 0, 0])
+        row[0] += group["n"]
+        if group["top_label"] == group["server_label"]:
+            row[1] += group["n"]
+        if group["top_label"] == negative and group["server_label"] != negative:
+            row[2] += group["n"]
+    return [
+        ScreeningAgreement(
+            model=versions[pk].model.name,
+            version=versions[pk].version,
+            serial=versions[pk].serial,
+            proportion=Proportion(n=n, agreed=agreed),
+            screen_negative_server_positive=missed,
+        )
+        for pk, (n, agreed, missed) in sorted(
+            counts.items(), key=lambda item: (versions[item[0]].model.name, versions[item[0]].serial)
+        )
+    ]

@@ -25,7 +25,7 @@ from core.streaming import streaming_response
 from .display import display_content_type
 from .fhir import FHIR_CONTENT_TYPE, study_fhir_bundle
 from .job_selectors import batch_job_get, batch_job_list, batch_job_progress, batch_jobs_progress
-from .models import Image, ModelAlias, Review, Study
+from .models import Image, ModelAlias, PreliminaryResult, Review, Study
 from .selectors import (
     WORKLIST_PAGE,
     WORKLIST_PAGE_MAX,
@@ -62,6 +62,7 @@ from .services.jobs import (
 )
 from .services.registry import model_version_list
 from .services.reviews import review_save, review_sign_off
+from .services.screening import SCREEN_MAX_BYTES, screen_parse
 
 
 class ResultOutput(serializers.Serializer):
@@ -129,9 +130,43 @@ class UploadedImageOutput(serializers.Serializer):
     state = serializers.ChoiceField(choices=Image.State.choices)
 
 
+class PreliminaryOutput(serializers.Serializer):
+    label = serializers.CharField(source="top_label", help_text="the screen's top label (computed by the server)")
+    probability = serializers.FloatField(source="top_probability", help_text="the screen's probability of it")
+    route = serializers.ChoiceField(
+        choices=PreliminaryResult.Route.choices,
+        help_text="first: its read goes first within the hospital's own turns; bulk: it waits in the bulk lane "
+        "(read anyway after the hospital's maximum wait); normal: in order",
+    )
+    version = serializers.IntegerField(source="screening_version_id", help_text="the screening model version's id")
+
+
+SCREEN_HELP = (
+    "The browser's screen of this file, made before upload (JSON, at most "
+    f"{SCREEN_MAX_BYTES} bytes): "
+    '{"version_id": 12, "probabilities": {"no_finding": 0.97, "round_opacity": 0.03}, "latency_ms": 41, '
+    '"quality": {"flags": ["blank"], "ood_score": 0.12}}. Untrusted: a malformed one answers 422 and nothing is '
+    "stored; one for another version than the hospital's current screening model is ignored (the upload goes "
+    "on). It is a preliminary only: the server still reads every image, and the screen only orders that read "
+    "within the hospital's own share of the queue."
+)
+
+
 class ImageCreatedOutput(ImageBaseOutput):
     status = serializers.SerializerMethodField(help_text="The AI read's status; null until the image is rendered")
     images = serializers.SerializerMethodField(help_text="Every image the file became (a DICOM: one per frame)")
+    preliminary = serializers.SerializerMethodField(
+        help_text="The browser screen's preliminary read as stored, or null (no screen came, or it was not for the "
+        "hospital's current screening model). Never a finding: the server's read follows as `status`/results."
+    )
+
+    @extend_schema_field(PreliminaryOutput(allow_null=True))
+    def get_preliminary(self, image) -> dict | None:
+        try:
+            preliminary = image.preliminary
+        except PreliminaryResult.DoesNotExist:
+            return None
+        return PreliminaryOutput(preliminary).data
 
     def get_status(self, image) -> str | None:
         if hasattr(image, "ai_status"):  # set by the upload that queued it (or a selector's annotation)
@@ -174,6 +209,14 @@ class ImageUploadInput(ApiInput):
         default="",
         allow_blank=True,
         help_text="An alias of the model to read with, under the same rule as `version`.",
+    )
+    screen = serializers.CharField(
+        max_length=SCREEN_MAX_BYTES,
+        required=False,
+        default="",
+        allow_blank=True,
+        trim_whitespace=False,
+        help_text=SCREEN_HELP,
     )
 
     def validate(self, attrs):
@@ -234,6 +277,7 @@ class ImageListCreateApi(TenantApi):
         data.is_valid(raise_exception=True)
         interactive_admission()  # 429 while too many reads wait: before anything is stored
         fields = data.validated_data
+        screen = screen_parse(fields["screen"])  # 422 in words before anything is stored
         read_as = None
         if fields["model"] or fields["version"] or fields["alias"]:
             read_as = upload_routing(
@@ -255,6 +299,7 @@ class ImageListCreateApi(TenantApi):
             idempotency_key=request.headers.get("Idempotency-Key", ""),
             request=request,
             read_as=read_as,
+            screen=screen,
         )
         answer = status.HTTP_200_OK
         if created:
@@ -664,10 +709,19 @@ class BatchItemsInput(ApiInput):
     )
     archive = serializers.FileField(required=False, help_text="one zip of images (PNG, JPEG, DICOM)")
     prefix = serializers.CharField(required=False, help_text="import every file under tenants/<id>/imports/…")
+    screen = serializers.CharField(
+        max_length=SCREEN_MAX_BYTES,
+        required=False,
+        default="",
+        allow_blank=True,
+        trim_whitespace=False,
+        help_text=f"{SCREEN_HELP} With a screen, send exactly one file in `files`.",
+    )
 
 
 class BatchItemsApi(TenantApi):
-    api_errors = (Conflict,)  # the job has started, or an archive is still being unpacked
+    # the job has started, or an archive is still being unpacked; 422 a malformed screen
+    api_errors = (Conflict, Unprocessable)
 
     @extend_schema(
         parameters=[TENANT_HEADER],
@@ -690,8 +744,16 @@ class BatchItemsApi(TenantApi):
         if sum(bool(x) for x in (files, archive, prefix)) != 1:
             batch_job_get(membership=membership, job_id=job_id, request=request)  # a 404 comes first
             raise Invalid("Send exactly one of: files, archive, prefix.", code="one_source")
+        try:
+            screen = screen_parse(data.validated_data["screen"])  # 422 in words before anything is stored
+        except Unprocessable:
+            batch_job_get(membership=membership, job_id=job_id, request=request)  # a 404 comes first
+            raise
+        if screen is not None and len(files) != 1:
+            batch_job_get(membership=membership, job_id=job_id, request=request)  # a 404 comes first
+            raise Invalid("A screen comes with exactly one file.", code="screen_one_file")
         if files:
-            batch_items_add_files(membership=membership, job_id=job_id, files=files, request=request)
+            batch_items_add_files(membership=membership, job_id=job_id, files=files, request=request, screen=screen)
         elif archive:
             batch_upload_zip(membership=membership, job_id=job_id, archive=archive, request=request)
         else:

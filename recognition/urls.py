@@ -18,6 +18,7 @@ urlpatterns = [
     path("worklist/rows/<int:study_id>/", views.worklist_row, name="worklist-row"),
     path("studies/<int:study_id>/", views.study_open, name="study-open"),
     path("agreement/", views.agreement_page, name="agreement"),
+    path("settings/", views.hospital_settings_page, name="hospital-settings"),
     path("jobs/", views.jobs_page, name="jobs"),
     path("jobs/<int:job_id>/items/", views.job_action, {"action": "items"}, name="job-items"),
     path("jobs/<int:job_id>/start/", views.job_action, {"action": "start"}, name="job-start"),

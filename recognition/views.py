@@ -18,14 +18,21 @@ from accounts.permissions import Action, can
 from accounts.selectors import membership_for_session, membership_resolve, memberships_active
 from accounts.services import require
 from core.cursor import identifiers_refused_in_query
-from core.errors import DomainError, Invalid, NotFound
+from core.errors import DomainError, Invalid, NotFound, Unprocessable
 from core.streaming import streaming_response
 from dicomnet.sending import can_resend, study_deliveries
 
-from .agreement import AB_MINIMUM_SAMPLE, ab_comparisons, agreement_csv, agreement_rows, agreement_svg
+from .agreement import (
+    AB_MINIMUM_SAMPLE,
+    ab_comparisons,
+    agreement_csv,
+    agreement_rows,
+    agreement_svg,
+    screening_agreement,
+)
 from .display import display_content_type
 from .job_selectors import batch_job_get, batch_job_list, batch_jobs_progress
-from .models import Image, Review, Study
+from .models import Image, PreliminaryResult, Review, Study
 from .screening import allow_wasm, screening_page_config
 from .selectors import (
     WORKLIST_SORTS,
@@ -59,6 +66,14 @@ from .services.jobs import (
     results_csv,
 )
 from .services.reviews import review_save, review_sign_off
+from .services.screening import (
+    MAX_NEGATIVE_WAIT_SECONDS,
+    MIN_NEGATIVE_WAIT_SECONDS,
+    hospital_settings_get,
+    hospital_settings_update,
+    screen_parse,
+    screening_versions,
+)
 
 PAGE_SIZE = 100
 JOBS_PAGE = 100  # the jobs page shows the newest; the API pages through all of them
@@ -118,6 +133,13 @@ def image_detail_page(request, image_id: int):
     image = image_get(membership=membership, image_id=image_id, request=request)
     previous_id, next_id, position, count = image_neighbours(image)
     result = next(iter(image.results.all()), None)
+    # the browser's screen, shown as preliminary beside the server's read (never a finding)
+    preliminary = (
+        PreliminaryResult.objects.for_tenant(membership.tenant)
+        .filter(image=image)
+        .select_related("screening_version__model")
+        .first()
+    )
     explained = image_heatmap_result(image)
     # the viewer asks for the heatmap itself when it opens (GET …/heatmap/), and shows "computing…"
     heatmap_status = result_heatmap_status(explained) if explained else HeatmapStatus.UNAVAILABLE
@@ -138,6 +160,7 @@ def image_detail_page(request, image_id: int):
         {
             "image": image,
             "result": result,
+            "preliminary": preliminary,
             "membership": membership,
             "live_config": live_config,
             "previous_id": previous_id,
@@ -328,9 +351,15 @@ def upload_page(request):
         if not files:
             messages.error(request, "Choose at least one image to upload.")
         stored = 0
+        # the page's script sends one file per request when a screen comes with it
+        try:
+            screen = screen_parse(request.POST.get("screen")) if len(files) == 1 else None
+        except DomainError as exc:  # a malformed screen: nothing is stored, said in words
+            messages.error(request, exc.message)
+            files, screen = [], None
         for upload in files:
             try:
-                image_upload(membership=membership, upload=upload, request=request)
+                image_upload(membership=membership, upload=upload, request=request, screen=screen)
                 stored += 1
             except DomainError as exc:  # one bad file never stops the others
                 messages.error(request, f"{upload.name}: {exc.message}")
@@ -374,6 +403,7 @@ def agreement_page(request):
             "rows": rows,
             "ab": ab_comparisons(tenant=tenant, rows=rows),
             "ab_minimum": AB_MINIMUM_SAMPLE,
+            "screening_agreement": screening_agreement(tenant=tenant),
             "chart": mark_safe(agreement_svg(rows)),  # noqa: S308  (agreement_svg escapes every text it writes)
             "csv_url": csv_url,
             "is_staff": request.user.is_staff,
@@ -440,7 +470,11 @@ def job_action(request, job_id: int, action: str):
                 batch_upload_zip(membership=membership, job_id=job_id, archive=archive, request=request)
                 messages.success(request, "Archive received; it is being unpacked.")
             elif files:
-                items = batch_items_add_files(membership=membership, job_id=job_id, files=files, request=request)
+                # one file per request when a screen comes with it (the jobs page's script)
+                screen = screen_parse(request.POST.get("screen")) if len(files) == 1 else None
+                items = batch_items_add_files(
+                    membership=membership, job_id=job_id, files=files, request=request, screen=screen
+                )
                 messages.success(request, f"{len(items)} item{'s' if len(items) != 1 else ''} added.")
             else:
                 messages.error(request, "Choose files or a zip archive.")
@@ -465,3 +499,55 @@ def job_results(request, job_id: int):
     membership = membership_for_session(request)
     job = batch_results_open(membership=membership, job_id=job_id, request=request)
     return streaming_response(request, results_csv(job), content_type="text/csv", filename=f"job-{job.pk}.csv")
+
+
+def _settings_form(data) -> dict:
+    """The settings form's fields as the service takes them; 422 in words for one that is not
+    a number where a number belongs."""
+    version = data.get("screening_version", "").strip()
+    try:
+        return {
+            "screening_enabled": data.get("screening_enabled") == "on",
+            "screening_version_id": int(version) if version else None,
+            "route_negatives_to_bulk": data.get("route_negatives_to_bulk") == "on",
+            "negative_threshold": float(data.get("negative_threshold", "")),
+            "negative_max_wait_seconds": int(data.get("negative_max_wait_seconds", "")),
+        }
+    except ValueError:
+        raise Unprocessable(
+            "The threshold is a probability (e.g. 0.95) and the maximum wait a whole number of seconds.",
+            code="bad_settings",
+        ) from None
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def hospital_settings_page(request):
+    """The hospital's own settings (not platform staff's): browser screening and its routing;
+    its tenant admins only, behind the second factor where the hospital asks for one."""
+    membership = membership_for_session(request)
+    current = hospital_settings_get(membership=membership, request=request)  # 403 before anything else
+    error, status = "", 200
+    if request.method == "POST":
+        try:
+            hospital_settings_update(membership=membership, **_settings_form(request.POST), request=request)
+        except DomainError as exc:
+            if exc.status in (403, 404):
+                raise
+            error, status = exc.message, 422
+        else:
+            messages.success(request, "Hospital settings saved.")
+            return redirect("recognition:hospital-settings")
+    return render(
+        request,
+        "recognition/hospital_settings.html",
+        {
+            "settings": current,
+            "versions": list(screening_versions()),
+            "error": error,
+            "posted": request.POST if error else None,
+            "min_wait": MIN_NEGATIVE_WAIT_SECONDS,
+            "max_wait": MAX_NEGATIVE_WAIT_SECONDS,
+        },
+        status=status,
+    )

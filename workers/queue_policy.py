@@ -2,7 +2,9 @@
 
 The database is the queue's truth; the broker's messages only wake a worker. Here, and only
 here, is the order: the triggering request, then interactive ones, then bulk ones round-robin
-across hospitals; the lanes (``SIGHTLINE_WORKER_LANE``): ``interactive`` takes interactive
+across hospitals, and within each hospital's turns the images its browser screen called
+suspicious first (``screen_order``: untrusted input, so it reorders only that hospital's own
+share, never another hospital's turn); the lanes (``SIGHTLINE_WORKER_LANE``): ``interactive`` takes interactive
 requests and falls back to bulk ones only when none waits, ``bulk`` takes bulk ones only, ``all``
 (one worker for everything) behaves like ``interactive``. Plus what gives requests back: a dead
 process's claims (reclaim), a transient error (requeue with a backoff), a claim not started
@@ -66,7 +68,15 @@ def claim(*, model_version_id: int, limit: int, first_id: int | None = None) -> 
     ranked = (
         # a request sent back by a transient error waits out its backoff
         waiting.filter(Q(retry_after__isnull=True) | Q(retry_after__lte=timezone.now()))
-        .annotate(turn=Window(RowNumber(), partition_by=[F("priority"), F("tenant_id")], order_by=F("id").asc()))
+        # a hospital's n-th turn in its priority is its n-th request, suspicious ones (screen_order 0)
+        # first: the screen moves work only within the hospital's own turns
+        .annotate(
+            turn=Window(
+                RowNumber(),
+                partition_by=[F("priority"), F("tenant_id")],
+                order_by=[F("screen_order").asc(), F("id").asc()],
+            )
+        )
         .order_by(
             Case(When(id=first_id, then=Value(0)), default=Value(1), output_field=IntegerField()),
             "priority",
@@ -125,6 +135,21 @@ def wake_next(version_id: int) -> None:
     if waiting is not None:
         request_id, priority = waiting
         transaction.on_commit(lambda: inference_enqueue(request_id, priority, model_version_id=version_id), robust=True)
+
+
+def screened_negatives_promote() -> int:
+    """Periodic (beat): screened negatives still waiting in the bulk lane past their ``read_by``
+    (recognition/services/screening.py sent them there) move to the interactive lane, and each
+    version with one gets an interactive wake-up. Returns how many moved."""
+    due = InferenceRequest.objects.filter(status=Status.QUEUED, priority=Priority.BULK, read_by__lte=timezone.now())
+    with transaction.atomic():
+        versions = set(due.values_list("model_version_id", flat=True))
+        moved = due.update(priority=Priority.INTERACTIVE, read_by=None)
+        for version_id in versions:
+            wake_next(version_id)  # the version's first waiting request is interactive now
+    if moved:
+        logger.info("%d screened negative(s) waited their maximum: moved to the interactive lane", moved)
+    return moved
 
 
 def requeue_waiting() -> int:

@@ -88,3 +88,12 @@ def model_validate_reconcile() -> int:
     from workers.registration import model_version_reconcile
 
     return model_version_reconcile()
+
+
+@shared_task(name="workers.tasks.screened_negatives_promote", acks_late=True)
+def screened_negatives_promote() -> int:
+    """Periodic (Celery beat): screened negatives whose wait in the bulk lane is over move to the
+    interactive lane, and a worker is woken for them."""
+    from workers.queue_policy import screened_negatives_promote as promote
+
+    return promote()

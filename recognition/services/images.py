@@ -48,6 +48,7 @@ from ..models import REASON_LENGTH, Image, InferenceRequest, ModelVersion, Serie
 from ..storage import dicom_key, image_key, original_key, pixels_key
 from .inference import inference_request_create, upload_routing
 from .registry import Routing, version_for
+from .screening import Screen, ScreenPlan, preliminary_store, read_routed, route_priority, screen_plan
 from .studies import study_summary_refresh, study_updated_on_commit
 
 logger = logging.getLogger(__name__)
@@ -222,10 +223,18 @@ def _study_for_upload(*, tenant, fields: StudyFields, summary: dict | None = Non
 
 
 def image_upload(
-    *, membership: Membership, upload, study: StudyFields | None = None, request=None, read: bool = True
+    *,
+    membership: Membership,
+    upload,
+    study: StudyFields | None = None,
+    request=None,
+    read: bool = True,
+    screen: Screen | None = None,
 ) -> Image:
     """Store one file for the member's hospital; the first image it became (see images_upload)."""
-    return images_upload(membership=membership, upload=upload, study=study, request=request, read=read)[0]
+    return images_upload(membership=membership, upload=upload, study=study, request=request, read=read, screen=screen)[
+        0
+    ]
 
 
 def images_upload(
@@ -236,18 +245,23 @@ def images_upload(
     request=None,
     read: bool = True,
     read_as: Routing | None = None,
+    screen: Screen | None = None,
 ) -> list[Image]:
     """Store one file for the member's hospital and queue its AI read after commit (``read``;
     a bulk job queues its reads when it starts). A DICOM file becomes one image per frame.
-    ``read_as``: the routing ``upload_routing`` gave for a named version, lane or protocol."""
+    ``read_as``: the routing ``upload_routing`` gave for a named version, lane or protocol.
+    ``screen``: the browser's screen that came with it (services/screening.py), stored as the
+    image's preliminary in the same transaction and routing its read."""
     require(membership, Action.IMAGE_UPLOAD, request=request)
     routing = (read_as or upload_routing(tenant=membership.tenant)) if read else None  # 503 before storing
+    plan = screen_plan(tenant=membership.tenant, screen=screen)  # 422 before storing
     return _images_from_bytes(
         membership=membership,
         data=_read_upload(upload),
         fields=study or StudyFields(),
         request=request,
         routing=routing,
+        plan=plan,
     )
 
 
@@ -262,12 +276,17 @@ def images_upload_once(
     idempotency_key: str = "",
     request=None,
     read_as: Routing | None = None,
+    screen: Screen | None = None,
 ) -> tuple[list[Image], bool]:
     """``images_upload`` for a client that may retry: the same ``idempotency_key`` in the same
     hospital answers the image(s) of the first try (and False: nothing was created); the same key
-    with another file or other study fields is refused in words."""
+    with another file or other study fields is refused in words. A replay stores no second
+    preliminary: the screen is not part of what the key names (a retry screens again)."""
     if not idempotency_key:
-        return images_upload(membership=membership, upload=upload, study=study, request=request, read_as=read_as), True
+        images = images_upload(
+            membership=membership, upload=upload, study=study, request=request, read_as=read_as, screen=screen
+        )
+        return images, True
     if len(idempotency_key) > IDEMPOTENCY_KEY_MAX or not idempotency_key.isascii() or not idempotency_key.isprintable():
         raise Invalid(
             f"The Idempotency-Key must be at most {IDEMPOTENCY_KEY_MAX} printable ASCII characters.",
@@ -282,6 +301,7 @@ def images_upload_once(
     if (earlier := _upload_replay(membership, idempotency_key, fingerprint, request)) is not None:
         return earlier, False
     routing = read_as or upload_routing(tenant=tenant)
+    plan = screen_plan(tenant=tenant, screen=screen)
 
     def remember(images: list[Image]) -> None:  # in the upload's own transaction: both or neither
         UploadKey.objects.create(
@@ -294,7 +314,13 @@ def images_upload_once(
 
     try:
         images = _images_from_bytes(
-            membership=membership, data=data, fields=fields, request=request, routing=routing, on_stored=remember
+            membership=membership,
+            data=data,
+            fields=fields,
+            request=request,
+            routing=routing,
+            on_stored=remember,
+            plan=plan,
         )
     except IntegrityError:
         # a concurrent try with the same key won the unique constraint; this one stored nothing
@@ -339,8 +365,11 @@ def _images_from_bytes(
     request,
     routing: Routing | None,
     on_stored: OnStored = None,
+    plan: ScreenPlan | None = None,
 ) -> list[Image]:
-    """``routing``: the AI read to queue (None: no read now, a bulk job's item)."""
+    """``routing``: the AI read to queue (None: no read now, a bulk job's item). ``plan``: the
+    browser's screen, for a PNG/JPEG (the browser screens no DICOM: one that came with a DICOM
+    file was not made from it, and is not stored)."""
     tenant = membership.tenant
     fields = replace(fields, patient_pseudonym=patient_pseudonym_of(fields.patient_pseudonym, scope=tenant.pk))
     if dicom.looks_like_dicom(data):
@@ -382,8 +411,16 @@ def _images_from_bytes(
                 byte_size=len(data),
                 uploaded_by=membership.user,
             )
+            if plan is not None:
+                preliminary_store(
+                    image=image,
+                    plan=plan,
+                    bulk_lane=routing is not None and routing.priority == InferenceRequest.Priority.INTERACTIVE,
+                )
+            else:  # the answer knows there is none without asking (ImageCreatedOutput.preliminary)
+                Image.preliminary.related.set_cached_value(image, None)
             if routing:  # the read renders it, in the same pass as the forward (workers/runner.py)
-                _read_create(routing, image)
+                _read_create(routing, image, plan)
                 # what the answer shows, without asking again (the list queries annotate it)
                 image.ai_status = InferenceRequest.Status.QUEUED  # type: ignore[attr-defined]
             else:  # no read yet (a bulk job's item): the worker step renders it for display
@@ -1030,10 +1067,14 @@ def _deferred_read_priority(image: Image) -> int:
     return node_read_priority(received.received_from) if received is not None else InferenceRequest.Priority.INTERACTIVE
 
 
-def _read_create(routing: Routing, image: Image) -> None:
-    inference_request_create(
-        image=image, model_version=_read_version(routing, image), priority=routing.priority, protocol=routing.protocol
+def _read_create(routing: Routing, image: Image, plan: ScreenPlan | None = None) -> None:
+    """The image's read; a screened image's is routed by its stored preliminary's route."""
+    priority = route_priority(plan, routing.priority)
+    request = inference_request_create(
+        image=image, model_version=_read_version(routing, image), priority=priority, protocol=routing.protocol
     )
+    if plan is not None:
+        read_routed(request=request, route=image.preliminary.route, max_wait_seconds=plan.max_wait_seconds)
 
 
 def _read_version(routing: Routing, image: Image) -> ModelVersion:

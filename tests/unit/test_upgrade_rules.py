@@ -40,6 +40,7 @@ TASK_NAMES = {
     "workers.tasks.infer",
     "workers.tasks.model_validate",
     "workers.tasks.model_validate_reconcile",
+    "workers.tasks.screened_negatives_promote",
 }
 # a name no longer registered: {name: "the release that dropped it, one release after its rename"}
 RETIRED_TASKS: dict[str, str] = {}

@@ -20,6 +20,7 @@ from ...enqueue import task_send
 from ...models import ERROR_LENGTH, BatchItem, BatchJob, BatchUpload
 from ...storage import ForeignStorageKey, archive_key, storage_key_for_tenant
 from ..images import images_upload
+from ..screening import Screen, screen_plan
 from .bookkeeping import batch_jobs_notify
 from .lifecycle import batch_job_open_for_items, batch_job_record
 
@@ -46,17 +47,23 @@ def _next_position(job: BatchJob) -> int:
     return (last.first() or 0) + 1
 
 
-def batch_items_add_files(*, membership: Membership, job_id: int, files: list, request=None) -> list[BatchItem]:
+def batch_items_add_files(
+    *, membership: Membership, job_id: int, files: list, request=None, screen: Screen | None = None
+) -> list[BatchItem]:
     """Files sent with the request: each becomes an item (a DICOM file, one per frame); a file
     that is not a usable image, or that its reader fails on, becomes a failed item that says why.
     The others go on.
 
     Each file is added in its own transaction that holds the job's row lock and sees the job still
     open, so a start that comes meanwhile waits for that file and queues it; the files after it are
-    refused (409, saying how many were added), never left pending in a running job."""
+    refused (409, saying how many were added), never left pending in a running job.
+
+    ``screen``: the browser's screen of the one file sent (services/screening.py); its read goes
+    first within the hospital's bulk turns when the screen calls it suspicious."""
     items: list[BatchItem] = []
     with transaction.atomic():
         job = batch_job_open_for_items(membership, job_id, request)  # 404 and 409 before anything is read
+    screen_plan(tenant=membership.tenant, screen=screen)  # 422 before anything is stored, not a failed item
     for index, upload in enumerate(files):
         with transaction.atomic():
             try:
@@ -70,18 +77,18 @@ def batch_items_add_files(*, membership: Membership, job_id: int, files: list, r
                     code="job_started",
                     detail={"added": index},
                 ) from None
-            items.extend(batch_file_items(membership, job, None, _next_position(job), upload, request))
+            items.extend(batch_file_items(membership, job, None, _next_position(job), upload, request, screen))
     batch_jobs_notify([job])
     return items
 
 
-def batch_file_items(membership, job, upload, position, file, request=None) -> list[BatchItem]:
+def batch_file_items(membership, job, upload, position, file, request=None, screen=None) -> list[BatchItem]:
     """The items one file becomes: its images (a DICOM file's frames follow the first, each with
     a place of its own), or one failed item that says why. Any error that is not the platform's
     (see TRANSIENT) is this file's alone: the reader failing on it fails it, not the upload."""
     try:
         with transaction.atomic():
-            images = images_upload(membership=membership, upload=file, request=request, read=False)
+            images = images_upload(membership=membership, upload=file, request=request, read=False, screen=screen)
     except DomainError as exc:
         error = exc.message
     except TRANSIENT:

@@ -18,9 +18,10 @@ from core.bulk import rows_update
 from core.errors import Conflict, Invalid
 
 from ...job_selectors import batch_job_get, job_uploads_pending
-from ...models import IDEMPOTENCY_KEY_LENGTH, JOB_NAME_LENGTH, BatchItem, BatchJob, InferenceRequest
+from ...models import IDEMPOTENCY_KEY_LENGTH, JOB_NAME_LENGTH, BatchItem, BatchJob, InferenceRequest, PreliminaryResult
 from ..inference import inference_enqueue
 from ..registry import version_for
+from ..screening import SCREEN_FIRST, SCREEN_IN_ORDER
 from .bookkeeping import batch_jobs_notify
 
 Item, Job = BatchItem.Status, BatchJob.Status
@@ -125,7 +126,8 @@ def batch_job_start(*, membership: Membership, job_id: int, request=None) -> Bat
 def _queue(job: BatchJob, items) -> None:
     """One bulk request per item, created in bulk; wake-ups go out after commit, one per chunk."""
     chunk = job.model_version.manifest.get("max_batch_size") or settings.SIGHTLINE_MAX_BATCH_SIZE
-    pending = list(items.values_list("id", "image_id"))
+    # a screen that called an item suspicious puts its read first within the hospital's bulk turns
+    pending = list(items.values_list("id", "image_id", "image__preliminary__route"))
     for start in range(0, len(pending), QUEUE_CHUNK_ROWS):
         part = pending[start : start + QUEUE_CHUNK_ROWS]
         requests = InferenceRequest.objects.bulk_create(
@@ -135,13 +137,14 @@ def _queue(job: BatchJob, items) -> None:
                     image_id=image_id,
                     model_version_id=job.model_version_id,
                     priority=InferenceRequest.Priority.BULK,
+                    screen_order=SCREEN_FIRST if route == PreliminaryResult.Route.FIRST else SCREEN_IN_ORDER,
                 )
-                for _, image_id in part
+                for _, image_id, route in part
             ]
         )
         rows = [
             BatchItem(pk=item_id, request_id=r.pk, status=Item.QUEUED)
-            for (item_id, _), r in zip(part, requests, strict=True)
+            for (item_id, _, _), r in zip(part, requests, strict=True)
         ]
         rows_update(rows, ["request_id", "status"])
         first_ids = [r.pk for r in requests[::chunk]]
