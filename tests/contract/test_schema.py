@@ -109,7 +109,12 @@ def test_uploads_are_multipart_with_the_real_field_names(schema):
         resolve(schema, upload["multipart/form-data"]["schema"])["properties"]
     )
     items = schema["paths"]["/api/v1/batches/{job_id}/items/"]["post"]["requestBody"]["content"]
-    assert set(resolve(schema, items["multipart/form-data"]["schema"])["properties"]) == {"files", "archive", "prefix"}
+    assert set(resolve(schema, items["multipart/form-data"]["schema"])["properties"]) == {
+        "files",
+        "archive",
+        "prefix",
+        "screen",
+    }
 
 
 # What the document says is what the server enforces: these were accepted although documented as invalid.

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.django_db
 # uploads pending and refused, the pace of the latest run, as subqueries), the refused uploads'
 # words for the page (1, only when a job on it has one). Before: up to five queries per job.
 JOB_LIST_API = 3
-JOB_LIST_PAGE = JOB_LIST_API + 5
+# The page also reads the hospital's settings (1: whether it screens, with which model).
+JOB_LIST_PAGE = JOB_LIST_API + 5 + 1
 # One job: the member, the job, its progress annotated, the refused uploads' words (only when it has one).
 JOB_DETAIL_API = 4
 # The member (1), the page of studies with their state (1), the access-log entry: the chain's
@@ -30,9 +31,10 @@ JOB_DETAIL_API = 4
 WORKLIST_API = 5
 WORKLIST_PAGE = WORKLIST_API + 5
 # The member, the image with its AI state, its results, the access-log entry (3); the page also
-# reads the image's place among its study's images and its reviews (2).
+# reads the image's place among its study's images and its reviews (2), and the browser's
+# preliminary screen with its model version (1).
 IMAGE_API = 6
-IMAGE_PAGE = IMAGE_API + 5 + 2
+IMAGE_PAGE = IMAGE_API + 5 + 2 + 1
 
 
 def add_jobs(membership, count: int, start: int = 0) -> None:

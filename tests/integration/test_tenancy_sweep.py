@@ -23,6 +23,7 @@ from recognition.services.images import StudyFields, image_upload
 from recognition.services.jobs import batch_job_create
 from recognition.services.reviews import review_save
 from tests.conftest import PASSWORD, png_bytes, upload_file
+from tests.screening_fixtures import screening_package, screening_turn_on, screening_version  # noqa: F401
 from workers.runner import inference_run
 
 pytestmark = pytest.mark.django_db
@@ -42,6 +43,8 @@ OBJECT_KINDS = {
     "node_id": "dicom_node",
     "destination_id": "destination",  # dicomnet: a PACS destination
     "delivery_id": "delivery",  # dicomnet: one made object's send to one destination
+    # the screening model a hospital's settings choose: its ONNX is served to that hospital's members only
+    "version_id": "screening_version",
 }
 
 # Every route without an object id, by name, and why it cannot show hospital A to hospital B.
@@ -75,6 +78,7 @@ ROUTES_WITHOUT_IDS = {
     "dicom-node-create": "own-hospital",
     "destination-create": "own-hospital",  # dicomnet
     "tenant-switch": "own-hospital",
+    "hospital-settings": "own-hospital",  # the active hospital's own settings (tenant admins)
     # no hospital data at all
     "home": "public",  # a redirect to the role's first page
     "admin-login": "public",  # a redirect to the site's own sign-in
@@ -180,8 +184,9 @@ def all_routes() -> list[Route]:
 
 
 @pytest.fixture
-def world(hospital_a, hospital_b, demo_model):
+def world(hospital_a, hospital_b, demo_model, screening_version):  # noqa: F811
     """Hospital A full of marked data; hospital B with one member of every role."""
+    screening_turn_on(hospital_a, screening_version)
     admin_a = membership_grant(
         tenant=hospital_a, user=user_get_or_create(username="a-marker-admin", password=PASSWORD), role=Role.TENANT_ADMIN
     )
@@ -230,6 +235,7 @@ def world(hospital_a, hospital_b, demo_model):
             "dicom_node": node.pk,
             "destination": pacs.pk,
             "delivery": delivery.pk,
+            "screening_version": screening_version.pk,
         },
     }
 
@@ -302,6 +308,8 @@ def test_hospital_b_gets_404_for_every_object_of_hospital_a(world, capsys):
 
 # Which action protects each object route; the sweep above asserts every object route is here.
 ROUTE_ACTION = {
+    # any member of the hospital that screens with it (its upload and jobs pages load it)
+    "screening-model": {Action.IMAGE_VIEW, Action.IMAGE_UPLOAD, Action.BATCH_SUBMIT},
     "api-image-detail": {Action.IMAGE_VIEW},
     "api-image-file": {Action.IMAGE_VIEW},
     "image-detail": {Action.IMAGE_VIEW},
@@ -413,6 +421,7 @@ HTTP_PROBES = {
     Action.REVIEW_WRITE: [("api", "post", "api-image-reviews", 201)],
     Action.BATCH_SUBMIT: [("api", "post", "api-batches", 201)],
     Action.AGREEMENT_VIEW: [("page", "get", "recognition:agreement", 200)],
+    Action.HOSPITAL_SETTINGS: [("page", "get", "recognition:hospital-settings", 200)],
     Action.MEMBERS_MANAGE: [("api", "get", "api-members", 200), ("page", "get", "members", 200)],
     Action.ACTIVITY_VIEW: [("api", "get", "api-activity", 200)],
     Action.AUDIT_VIEW: [("api", "get", "api-access-log", 200), ("page", "get", "access-log", 200)],
