@@ -128,6 +128,9 @@ ifeq ($(findstring --quick,$(BENCH_ARGS)),)
 	$(BIN)/python bench/job.py
 	$(MAKE) --no-print-directory dicom-deps
 	$(BIN)/python bench/dicom_scp.py
+	$(MAKE) --no-print-directory browser-deps
+	$(BIN)/python bench/screening_browser.py
+	$(BIN)/python bench/screening_routing.py
 endif
 
 # ONNX Runtime Web for the browser screen (issue 17), vendored so that `make run` needs no Node:
