@@ -366,7 +366,8 @@ def upload_page(request):
         if stored:
             messages.success(request, f"{stored} image{'s' if stored != 1 else ''} uploaded; AI reads are queued.")
             return redirect("recognition:image-list")
-    screening = screening_page_config(membership=membership)
+    # a page screens only for someone who can send from it
+    screening = screening_page_config(membership=membership) if can(membership, Action.IMAGE_UPLOAD) else None
     response = render(
         request,
         "recognition/upload.html",
@@ -442,7 +443,7 @@ def jobs_page(request):
             messages.success(request, f"Job “{job.name}” created: add files or a zip, then start it.")
         return redirect("recognition:jobs")
     jobs = list(batch_job_list(membership=membership, request=request)[:JOBS_PAGE])
-    screening = screening_page_config(membership=membership)
+    screening = screening_page_config(membership=membership) if can(membership, Action.BATCH_SUBMIT) else None
     response = render(
         request,
         "recognition/jobs.html",

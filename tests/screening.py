@@ -7,7 +7,8 @@ import json
 
 from django.utils import timezone
 
-from recognition.models import AIModel, HospitalSettings, ModelVersion
+from recognition.models import AIModel, ModelVersion
+from tests.screening_fixtures import screening_turn_on as screening_on  # noqa: F401  (one way to turn it on)
 
 SCREEN_LABELS = ["no_finding", "round_opacity"]  # labels[0] is the negative one (CONTRACT17.md)
 
@@ -36,13 +37,6 @@ def screening_version(version: str = "1.0.0", *, ready=True, confirmed=True, rol
         status=ModelVersion.Status.READY if ready else ModelVersion.Status.VALIDATING,
         browser_confirmed_at=timezone.now() if confirmed else None,
     )
-
-
-def screening_on(tenant, version: ModelVersion, **fields) -> HospitalSettings:
-    row, _ = HospitalSettings.objects.update_or_create(
-        tenant=tenant, defaults={"screening_enabled": True, "screening_version": version, **fields}
-    )
-    return row
 
 
 def screen_json(version: ModelVersion, p_negative: float, *, flags=(), latency_ms=41) -> str:

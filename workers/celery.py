@@ -35,20 +35,6 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 # a worker whose GPU stays busy stops taking tasks until it cools down (no-op without a GPU)
 app.steps["consumer"].add(GpuBackPressure)
 
-# beat moves screened negatives whose maximum wait is over to the interactive lane this often: a
-# negative the screen sent to the bulk lane is read at most its hospital's wait plus this late
-SCREEN_PROMOTE_SECONDS = 30
-
-
-@app.on_after_configure.connect
-def _screening_beat(sender, **_kwargs):
-    sender.add_periodic_task(
-        SCREEN_PROMOTE_SECONDS,
-        sender.signature("workers.tasks.screened_negatives_promote", options={"queue": "maintenance"}),
-        name="promote-screened-negatives",
-    )
-
-
 task_log = logging.getLogger("sightline.task")
 # Python warnings (Celery's own, when it starts) become log lines: through LOGGING's handler, not
 # bare text on stderr

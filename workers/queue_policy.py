@@ -141,11 +141,18 @@ def screened_negatives_promote() -> int:
     """Periodic (beat): screened negatives still waiting in the bulk lane past their ``read_by``
     (recognition/services/screening.py sent them there) move to the interactive lane, and each
     version with one gets an interactive wake-up. Returns how many moved."""
-    due = InferenceRequest.objects.filter(status=Status.QUEUED, priority=Priority.BULK, read_by__lte=timezone.now())
     with transaction.atomic():
-        versions = set(due.values_list("model_version_id", flat=True))
-        moved = due.update(priority=Priority.INTERACTIVE, read_by=None)
-        for version_id in versions:
+        # the rows read are the rows moved (by id), so every version moved gets its wake-up even
+        # when another row falls due between the two statements
+        due = list(
+            InferenceRequest.objects.filter(
+                status=Status.QUEUED, priority=Priority.BULK, read_by__lte=timezone.now()
+            ).values_list("id", "model_version_id")
+        )
+        moved = InferenceRequest.objects.filter(
+            id__in=[request_id for request_id, _ in due], status=Status.QUEUED, priority=Priority.BULK
+        ).update(priority=Priority.INTERACTIVE, read_by=None)
+        for version_id in {version_id for _, version_id in due}:
             wake_next(version_id)  # the version's first waiting request is interactive now
     if moved:
         logger.info("%d screened negative(s) waited their maximum: moved to the interactive lane", moved)

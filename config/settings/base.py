@@ -264,7 +264,13 @@ CELERY_TASK_ROUTES = {
     "workers.tasks.image_render_reconcile": {"queue": "maintenance"},
     "workers.tasks.model_validate": {"queue": "maintenance"},  # loads the package once, on CPU
     "workers.tasks.model_validate_reconcile": {"queue": "maintenance"},
+    # on the interactive lane's queue: what it moves is interactive work, and the bulk worker that
+    # takes maintenance is busiest exactly when screened negatives wait in its lane
+    "workers.tasks.screened_negatives_promote": {"queue": "interactive"},
 }
+# beat moves screened negatives whose maximum wait is over to the interactive lane this often: a
+# negative the browser's screen sent to the bulk lane is read at most its hospital's wait plus this late
+SCREEN_PROMOTE_SECONDS = 30
 CELERY_BEAT_SCHEDULE = {
     "reconcile-stuck-requests": {
         "task": "workers.tasks.batch_reconcile",
@@ -277,6 +283,10 @@ CELERY_BEAT_SCHEDULE = {
     "validate-stalled-model-versions": {  # a registration whose check message was lost
         "task": "workers.tasks.model_validate_reconcile",
         "schedule": env.int("SIGHTLINE_RECONCILE_SECONDS", default=60),
+    },
+    "promote-screened-negatives": {
+        "task": "workers.tasks.screened_negatives_promote",
+        "schedule": SCREEN_PROMOTE_SECONDS,
     },
     "verify-audit-log": {
         "task": "workers.tasks.audit_verify",

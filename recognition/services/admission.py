@@ -14,10 +14,15 @@ from ..models import InferenceRequest
 
 logger = logging.getLogger(__name__)
 
-# one range of the claim index (model_version_id, status, priority, id) per model version
+# one range of the claim index (model_version_id, status, priority, id) per model version, plus
+# one range of inference_read_by (status, read_by): the interactive uploads a browser's screen sent
+# to the bulk lane until read_by. They count: they are interactive reads deferred, and a forged
+# "negative" screen must not let a hospital's uploads past the bound every hospital shares (nor
+# their promotion at read_by flood the lane past it)
 BACKLOG_SQL = (
-    "SELECT SUM((SELECT COUNT(*) FROM recognition_inferencerequest r"
-    " WHERE r.model_version_id = v.id AND r.status = %s AND r.priority = %s))"
+    "SELECT COALESCE(SUM((SELECT COUNT(*) FROM recognition_inferencerequest r"
+    " WHERE r.model_version_id = v.id AND r.status = %s AND r.priority = %s)), 0)"
+    " + (SELECT COUNT(*) FROM recognition_inferencerequest d WHERE d.status = %s AND d.read_by IS NOT NULL)"
     " FROM recognition_modelversion v"
 )
 
@@ -27,7 +32,8 @@ class InteractiveBacklog(Busy):
 
 
 def interactive_backlog() -> int:
-    """The queued interactive reads (the database is the truth: a broker list holds wake-ups, not
+    """The queued interactive reads, screened negatives deferred to the bulk lane included (the
+    database is the truth: a broker list holds wake-ups, not
     reads, and loses them with a restart).
 
     One query: per model version, a range of the claim index (version, status, priority, id)
@@ -36,7 +42,8 @@ def interactive_backlog() -> int:
     because it runs on every upload: the ORM spelling (a Subquery summed over an annotation)
     cost 1.4 core-ms to compile here, the statement itself 0.04 ms."""
     with connection.cursor() as cursor:
-        cursor.execute(BACKLOG_SQL, [InferenceRequest.Status.QUEUED.value, InferenceRequest.Priority.INTERACTIVE.value])
+        queued = InferenceRequest.Status.QUEUED.value
+        cursor.execute(BACKLOG_SQL, [queued, InferenceRequest.Priority.INTERACTIVE.value, queued])
         (total,) = cursor.fetchone()
     return int(total or 0)
 

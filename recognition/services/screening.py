@@ -103,12 +103,21 @@ class ScreenPlan:
     max_wait_seconds: int
 
 
+MAX_ROW_ID = 2**63 - 1  # the largest id a database key column holds
+
+
 def _refuse(message: str) -> Unprocessable:
     return Unprocessable(f"The screen sent with this upload is not usable: {message}", code="bad_screen")
 
 
 def _number(value, what: str, *, low: float = 0.0, high: float = 1.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _refuse(f"{what} must be a number.")
+    try:
+        finite = math.isfinite(value)  # an integer of thousands of digits overflows a float here
+    except OverflowError:
+        finite = False
+    if not finite:
         raise _refuse(f"{what} must be a number.")
     if not low <= value <= high:
         raise _refuse(f"{what} must be between {low:g} and {high:g}.")
@@ -120,11 +129,11 @@ def screen_parse(raw: str | bytes | None) -> Screen | None:
     upload came without one."""
     if raw is None or raw == "" or raw == b"":
         return None
-    if len(raw) > SCREEN_MAX_BYTES:
+    if len(raw.encode() if isinstance(raw, str) else raw) > SCREEN_MAX_BYTES:
         raise _refuse(f"it is larger than {SCREEN_MAX_BYTES} bytes.")
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[…" nested too deep
         raise _refuse("it is not JSON.") from None
     if not isinstance(data, dict):
         raise _refuse("it must be a JSON object.")
@@ -132,7 +141,7 @@ def screen_parse(raw: str | bytes | None) -> Screen | None:
     if unknown:
         raise _refuse(f"unknown field(s) {sorted(unknown)}.")
     version_id = data.get("version_id")
-    if isinstance(version_id, bool) or not isinstance(version_id, int) or version_id < 1:
+    if isinstance(version_id, bool) or not isinstance(version_id, int) or not 1 <= version_id <= MAX_ROW_ID:
         raise _refuse("version_id must be a positive integer.")
     probabilities = data.get("probabilities")
     if not isinstance(probabilities, dict) or not probabilities:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import re
 
+import numpy as np
 import pytest
 from PIL import Image
 from playwright.sync_api import expect
@@ -140,6 +141,34 @@ def test_a_blank_image_is_flagged_and_sent_only_when_the_sender_says_so(stack, s
     page.click("#upload-form button[type=submit]")
     expect(page.locator("#screen-files tr").last).to_have_attribute("data-image", re.compile(r"^\d+$"))  # uploaded
     assert len(dialogs) == 2 and posts == [1]
+
+
+def unscreenable(tmp_path):
+    """Files whose pixels a browser would see otherwise than the server reads them."""
+    rgb = Image.fromarray(np.random.default_rng(44).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    exif = rgb.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90° (a phone's portrait photo); the browser applies it, Pillow does not
+    rotated, transparent = tmp_path / "portrait.jpg", tmp_path / "overlay.png"
+    rgb.save(rotated, "JPEG", exif=exif.tobytes())
+    rgb.convert("RGBA").save(transparent, "PNG")
+    return {str(rotated): "EXIF-rotated JPEG", str(transparent): "transparency"}
+
+
+def test_files_the_browser_would_see_otherwise_are_not_screened_and_still_sent(
+    stack, screening_on, browser_context, tmp_path
+):
+    page = browser_context.new_page()
+    open_upload_page(page, stack, screening_on["password"])
+    expect(page.locator("#upload-form")).to_have_attribute("data-screening", "on")
+    files = unscreenable(tmp_path)
+    page.set_input_files("#files", list(files))
+    rows = page.locator("#screen-files tr")
+    expect(rows).to_have_count(len(files))
+    for index, reason in enumerate(files.values()):
+        expect(rows.nth(index).locator("[data-role=finding]")).to_have_text(f"not screened ({reason})")
+    page.click("#upload-form button[type=submit]")
+    for index in range(len(files)):
+        expect(rows.nth(index)).to_have_attribute("data-image", re.compile(r"^\d+$"))  # uploaded without a screen
 
 
 def test_with_screening_off_the_upload_page_is_the_plain_form(stack, live_demo, browser_context, tmp_path):

@@ -19,6 +19,7 @@ from django.utils import timezone
 from accounts.models import Role
 from dicomnet.objects import ai_report_for
 from recognition.models import BatchJob, Image, InferenceRequest, PreliminaryResult, Result, Study
+from recognition.services.admission import interactive_backlog
 from recognition.services.jobs import results_csv
 from tests.conftest import api_client_for, member, png_bytes, upload_file
 from tests.screening import screen_json, screening_on, screening_version
@@ -233,6 +234,21 @@ def test_screened_negatives_past_their_wait_move_to_the_interactive_lane(
     assert (moved.priority, moved.read_by) == (Priority.INTERACTIVE, None)
     assert left.priority == Priority.BULK and left.read_by is not None
     assert screened_negatives_promote() == 0
+
+
+def test_screened_negatives_in_the_bulk_lane_count_against_the_interactive_bound(
+    clinician_a, demo_model, screen, hospital_a, settings
+):
+    """They are interactive uploads deferred: forged "negative" screens must not let one hospital's
+    uploads past the bound every hospital shares, nor flood the lane past it when promoted."""
+    screening_on(hospital_a, screen, route_negatives_to_bulk=True)
+    settings.SIGHTLINE_INTERACTIVE_QUEUE_MAX = 2
+    for seed in (90, 91):
+        assert upload(clinician_a, screen=screen_json(screen, 0.99), seed=seed).status_code == 201
+    assert interactive_backlog() == 2
+    assert InferenceRequest.objects.filter(priority=Priority.INTERACTIVE).count() == 0  # both wait in bulk
+    refused = upload(clinician_a, screen=screen_json(screen, 0.99), seed=92)
+    assert refused.status_code == 429 and refused["Retry-After"]
 
 
 def test_a_bulk_jobs_reads_are_never_promoted(clinician_a, demo_model, screen):

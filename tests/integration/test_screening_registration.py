@@ -169,7 +169,7 @@ def test_seed_demo_turns_screening_on_for_demo_general_once(screening_version, d
     row = HospitalSettings.objects.get()
     assert row.tenant.slug == "demo-general" and row.screening_enabled and row.screening_version == screening_version
     assert not row.route_negatives_to_bulk  # off by default, as the issue asks
-    assert AccessEvent.objects.filter(action="hospital_settings.change", tenant=row.tenant).count() == 1
+    assert AccessEvent.objects.filter(action="hospital.settings_update", tenant=row.tenant).count() == 1
     HospitalSettings.objects.filter(pk=row.pk).update(screening_enabled=False)  # the hospital's admin turns it off
     run("seed_demo")
     assert HospitalSettings.objects.get().screening_enabled is False  # a second seeding keeps their choice

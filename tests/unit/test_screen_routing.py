@@ -80,6 +80,11 @@ def test_no_screen_is_none():
     assert screen_parse("") is None
 
 
+WIDE = json.dumps({"version_id": 1, "pad": "\U0001f600" * (SCREEN_MAX_BYTES // 4)}, ensure_ascii=False)
+HUGE_PROBABILITY = '{"version_id": 1, "probabilities": {"' + NEG + '": 1' + "0" * 4000 + "}}"
+HUGE_VERSION = '{"version_id": 1' + "0" * 30 + ', "probabilities": {}}'
+
+
 @pytest.mark.parametrize(
     ("raw", "says"),
     [
@@ -97,6 +102,11 @@ def test_no_screen_is_none():
         (screen(latency_ms=-1), "latency_ms"),
         (screen(tenant=2), "unknown field"),
         (json.dumps({"version_id": 1, "probabilities": {NEG: 1.0}, "pad": "x" * SCREEN_MAX_BYTES}), "larger than"),
+        (WIDE, "larger than"),  # four-byte characters: the cap counts bytes, not characters
+        ("[" * 4000, "not JSON"),  # nested past the JSON parser's recursion limit
+        (HUGE_PROBABILITY, "must be a number"),  # an integer that overflows a float
+        (HUGE_VERSION, "version_id"),  # past any database key
+        (screen(latency_ms=int("9" * 400)), "latency_ms"),
     ],
 )
 def test_a_malformed_screen_is_refused_in_words(raw, says):

@@ -18,9 +18,16 @@ window.SightlineScreen = (function () {
   // ood_score: how far the image's statistics lie outside the training set's 1st-99th percentile
   // range, in units of that range's width (capped at 1); above this it is called unfamiliar
   var UNFAMILIAR_SCORE = 0.25;
-  // a PNG's IHDR bit depth (byte 24): 16-bit files the server stretches to 8 bits by their own
-  // range (handler._to_rgb), which a canvas cannot reproduce, so they are not screened
-  var PNG_BIT_DEPTH_OFFSET = 24, PNG_16_BIT = 16;
+  // a PNG's IHDR bit depth (byte 24) and colour type (byte 25): 16-bit files the server stretches to
+  // 8 bits by their own range (handler.to_rgb), which a canvas cannot reproduce; a canvas keeps
+  // pixels premultiplied, so wherever alpha < 255 it cannot give back the RGB that PIL's
+  // convert("RGB") keeps (colour types 4 and 6, or a tRNS chunk): neither is screened
+  var PNG_BIT_DEPTH_OFFSET = 24, PNG_16_BIT = 16, PNG_COLOUR_TYPE_OFFSET = 25, PNG_ALPHA_TYPES = [4, 6];
+  var PNG_FIRST_CHUNK = 8, PNG_CHUNK_OVERHEAD = 12;  // signature; length + type + CRC
+  // createImageBitmap applies a JPEG's EXIF orientation (Chromium ignores imageOrientation "none"),
+  // Pillow does not: a rotated JPEG, or a CMYK one (4 components), is not screened
+  var JPEG_EXIF_ORIENTATION = 0x0112, JPEG_CMYK_COMPONENTS = 4;
+  var HEAD_BYTES = 65536;  // PNG chunks before the first IDAT and a JPEG's APPn and SOF segments live here
 
   var loading = null, queue = Promise.resolve();
 
@@ -50,8 +57,11 @@ window.SightlineScreen = (function () {
       if (!response.ok) throw new Error("the screening model answered " + response.status);
       return response.arrayBuffer();
     }).then(function (bytes) {
-      // crypto.subtle exists in secure contexts only (https, localhost): elsewhere the check is skipped
-      if (!cfg.model_sha256 || !(window.crypto && crypto.subtle)) return bytes;
+      // crypto.subtle exists in secure contexts only (https, localhost): elsewhere the model cannot
+      // be checked, so the page does not screen (it works as without screening)
+      if (!cfg.model_sha256 || !(window.crypto && crypto.subtle)) {
+        throw new Error("the screening model cannot be checked here (no SHA-256 outside https)");
+      }
       return crypto.subtle.digest("SHA-256", bytes).then(function (digest) {
         if (hex(digest) !== cfg.model_sha256) throw new Error("the screening model's checksum does not match");
         return bytes;
@@ -86,15 +96,55 @@ window.SightlineScreen = (function () {
   }
 
   // ---- what a file is -------------------------------------------------------------------
-  function sniff(file) {
-    return file.slice(0, 32).arrayBuffer().then(function (head) {
-      var b = new Uint8Array(head);
-      if (b[0] === 0x89 && b[1] === 0x50 && b[2] === 0x4e && b[3] === 0x47) {
-        return b[PNG_BIT_DEPTH_OFFSET] === PNG_16_BIT ? "png16" : "png";
+  function pngKind(b) {
+    if (b[PNG_BIT_DEPTH_OFFSET] === PNG_16_BIT) return "png16";
+    if (PNG_ALPHA_TYPES.indexOf(b[PNG_COLOUR_TYPE_OFFSET]) >= 0) return "alpha";
+    var view = new DataView(b.buffer, b.byteOffset, b.byteLength);
+    for (var at = PNG_FIRST_CHUNK; at + 8 <= b.length; at += PNG_CHUNK_OVERHEAD + view.getUint32(at)) {
+      var type = String.fromCharCode(b[at + 4], b[at + 5], b[at + 6], b[at + 7]);
+      if (type === "tRNS") return "alpha";
+      if (type === "IDAT" || type === "IEND") break;
+    }
+    return "png";
+  }
+
+  // the EXIF Orientation in an APP1 segment (1 when there is none or it cannot be read)
+  function exifOrientation(view, start, length) {
+    if (length < 14 || view.getUint32(start) !== 0x45786966) return 1;  // "Exif"
+    var tiff = start + 6, little = view.getUint16(tiff) === 0x4949;
+    var ifd = tiff + view.getUint32(tiff + 4, little);
+    if (ifd + 2 > start + length) return 1;
+    var count = view.getUint16(ifd, little);
+    for (var i = 0; i < count; i++) {
+      var entry = ifd + 2 + i * 12;
+      if (entry + 12 > start + length) return 1;
+      if (view.getUint16(entry, little) === JPEG_EXIF_ORIENTATION) return view.getUint16(entry + 8, little);
+    }
+    return 1;
+  }
+
+  function jpegKind(b) {
+    var view = new DataView(b.buffer, b.byteOffset, b.byteLength);
+    for (var at = 2; at + 4 <= b.length && b[at] === 0xff;) {
+      var marker = b[at + 1], length = view.getUint16(at + 2);
+      if (marker === 0xe1 && at + 2 + length <= b.length && exifOrientation(view, at + 4, length - 2) !== 1) {
+        return "rotated";
       }
-      if (b[0] === 0xff && b[1] === 0xd8 && b[2] === 0xff) return "jpeg";
+      var frame = marker >= 0xc0 && marker <= 0xcf && marker !== 0xc4 && marker !== 0xc8 && marker !== 0xcc;
+      if (frame) return at + 9 < b.length && b[at + 9] === JPEG_CMYK_COMPONENTS ? "cmyk" : "jpeg";
+      if (marker === 0xda) break;  // scan data: no frame header before it
+      at += 2 + length;
+    }
+    return "jpeg";
+  }
+
+  function sniff(file) {
+    return file.slice(0, HEAD_BYTES).arrayBuffer().then(function (head) {
+      var b = new Uint8Array(head);
+      if (b[0] === 0x89 && b[1] === 0x50 && b[2] === 0x4e && b[3] === 0x47) return pngKind(b);
+      if (b[0] === 0xff && b[1] === 0xd8 && b[2] === 0xff) return jpegKind(b);
       return "other";
-    });
+    }).catch(function () { return "other"; });  // a header that cannot be read is not screened
   }
 
   function decode(file) {
@@ -265,7 +315,8 @@ window.SightlineScreen = (function () {
   function screen(file, options) {
     var started = performance.now();
     return sniff(file).then(function (kind) {
-      if (kind === "png16") return {status: "not-screened", reason: "16-bit PNG"};
+      var unscreened = {png16: "16-bit PNG", alpha: "transparency", rotated: "EXIF-rotated JPEG", cmyk: "CMYK JPEG"};
+      if (unscreened[kind]) return {status: "not-screened", reason: unscreened[kind]};
       if (kind === "other") return {status: "not-screened", reason: /\.zip$/i.test(file.name) ? "zip" : "not PNG or JPEG"};
       return decode(file).then(function (image) {
         var tensor = pixels(image);

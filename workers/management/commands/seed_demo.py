@@ -80,7 +80,7 @@ class Command(BaseCommand):
             return None
         row = HospitalSettings.objects.create(tenant=tenant, screening_enabled=True, screening_version=version)
         access_event_record(
-            action="hospital_settings.change", tenant=tenant, target_type="hospital_settings", target_id=row.pk
+            action="hospital.settings_update", tenant=tenant, target_type="hospital_settings", target_id=row.pk
         )
         return version
 
