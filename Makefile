@@ -134,13 +134,14 @@ ifeq ($(findstring --quick,$(BENCH_ARGS)),)
 endif
 
 # ONNX Runtime Web for the browser screen (issue 17), vendored so that `make run` needs no Node:
-# the wasm-only build (ort.wasm.min.js), its Emscripten loader and the SIMD+threads WebAssembly.
+# the wasm-only build (ort.wasm.min.js, with the source map it names: collectstatic's manifest storage
+# refuses a file naming a map it cannot find), its Emscripten loader and the SIMD+threads WebAssembly.
 # Refreshes them from the npm registry at the pinned version, checks the tarball against the
 # registry's sha512 and writes SHA256SUMS (tests/unit/test_vendored_onnxruntime.py checks it).
 ORT_WEB_VERSION = 1.30.0
 ORT_WEB_INTEGRITY = sha512-q0y+JrrtukXSzsBWEMccVfqX25LRmosXHF+CaRJmg8pZClzcV7svNc4rKY3jL02Vb7QmRMDs1SigqR4CXAfKYQ==
 ORT_WEB_DIR = templates/static/vendor/onnxruntime-web
-ORT_WEB_FILES = ort.wasm.min.js ort-wasm-simd-threaded.mjs ort-wasm-simd-threaded.wasm
+ORT_WEB_FILES = ort.wasm.min.js ort.wasm.min.js.map ort-wasm-simd-threaded.mjs ort-wasm-simd-threaded.wasm
 vendor-onnxruntime-web:
 	@set -eu; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	  curl -fsSL "https://registry.npmjs.org/onnxruntime-web/-/onnxruntime-web-$(ORT_WEB_VERSION).tgz" -o "$$tmp/ort.tgz"; \

@@ -9,7 +9,9 @@ from django.conf import settings
 
 ROOT = Path(settings.BASE_DIR)
 VENDOR = ROOT / "templates" / "static" / "vendor" / "onnxruntime-web"
-RUNTIME_FILES = {"ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"}
+# the runtime, its loader, its WebAssembly, and the source map the runtime names (collectstatic's
+# manifest storage refuses a file naming a map it cannot find)
+RUNTIME_FILES = {"ort.wasm.min.js", "ort.wasm.min.js.map", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"}
 # script, module, stylesheet or fetch addresses on another host; the one documentation link the
 # runtime prints in a warning (web.dev's cross-origin isolation guide) is text, not something loaded
 URL = re.compile(r"""(?:src|href|import|fetch|wasmPaths)\s*[=(:]\s*["'`](?:https?:)?//""")
