@@ -56,7 +56,7 @@ def page_config(manifest: dict, model_bytes: int) -> dict:
         "label": f"{manifest['name']} · {manifest['version']}",
         "model_url": "/model.onnx",
         "model_bytes": model_bytes,
-        "model_sha256": "",
+        "model_sha256": manifest["runtime"]["onnx_sha256"],  # checked by the page, as on the platform's
         "input_size": manifest["input_size"],
         "mean": manifest["mean"],
         "std": manifest["std"],
