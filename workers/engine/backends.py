@@ -165,23 +165,29 @@ def onnx_export(handler: Handler) -> bytes:
         raise BackendUnavailable("onnx runs on the CPU only")
     manifest = handler.manifest
     wrapper = ProbabilityModel(handler.model, manifest.mean, manifest.std, manifest.task == "multi-label").eval()
-    example = torch.zeros((2, CHANNELS, *handler.input_shape), dtype=torch.uint8)
-    buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the exporter's deprecation notice and tracer warnings
-            torch.onnx.export(
-                wrapper,
-                (example,),
-                buffer,
-                dynamo=False,
-                input_names=[ONNX_INPUT],
-                output_names=[ONNX_OUTPUT],
-                dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
-                opset_version=ONNX_OPSET,
-            )
+        return uint8_graph_export(wrapper, handler.input_shape, (ONNX_OUTPUT,))
     except Exception as exc:
         raise BackendUnavailable(f"the model could not be exported to ONNX: {exc}") from exc
+
+
+def uint8_graph_export(module: torch.nn.Module, input_shape: tuple[int, int], outputs: tuple[str, ...]) -> bytes:
+    """``module`` (uint8 ``pixels`` N×3×H×W in, ``outputs`` out, every axis 0 the batch) as ONNX
+    bytes: the package format's graph, for the reads backends and the browser's screen alike."""
+    example = torch.zeros((2, CHANNELS, *input_shape), dtype=torch.uint8)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's deprecation notice and tracer warnings
+        torch.onnx.export(
+            module,
+            (example,),
+            buffer,
+            dynamo=False,
+            input_names=[ONNX_INPUT],
+            output_names=list(outputs),
+            dynamic_axes={name: {0: "batch"} for name in (ONNX_INPUT, *outputs)},
+            opset_version=ONNX_OPSET,
+        )
     return buffer.getvalue()
 
 

@@ -14,10 +14,8 @@ training inputs' statistics that gate compares an image with.
 
 from __future__ import annotations
 
-import io
 import math
 import time
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +38,7 @@ from core.model_package import (
 )
 
 from . import synthetic, training
-from .backends import AGREEMENT_ATOL, MAX_ONNX_BYTES, ONNX_INPUT, ONNX_OPSET, ONNX_OUTPUT, ProbabilityModel
+from .backends import AGREEMENT_ATOL, MAX_ONNX_BYTES, ONNX_INPUT, ONNX_OUTPUT, ProbabilityModel, uint8_graph_export
 from .handler import build_model, configure_cpu_threads, open_image, to_rgb
 from .package import write_package
 
@@ -140,22 +138,9 @@ def _recalibrate_batch_norm(model: torch.nn.Module, x_train: np.ndarray) -> None
 
 def export_onnx(model: torch.nn.Module) -> bytes:
     """The screening graph as ONNX bytes: ``pixels`` in, ``probabilities`` then ``logits`` out."""
-    graph = ScreeningGraph(model).eval()
-    example = torch.zeros((2, CHANNELS, SCREEN_INPUT_SIZE, SCREEN_INPUT_SIZE), dtype=torch.uint8)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the exporter's deprecation notice and tracer warnings
-        torch.onnx.export(
-            graph,
-            (example,),
-            buffer,
-            dynamo=False,
-            input_names=[ONNX_INPUT],
-            output_names=[ONNX_OUTPUT, ONNX_LOGITS],
-            dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}, ONNX_LOGITS: {0: "batch"}},
-            opset_version=ONNX_OPSET,
-        )
-    return buffer.getvalue()
+    return uint8_graph_export(
+        ScreeningGraph(model).eval(), (SCREEN_INPUT_SIZE, SCREEN_INPUT_SIZE), (ONNX_OUTPUT, ONNX_LOGITS)
+    )
 
 
 def session(onnx_bytes: bytes, threads: int | None = None):
