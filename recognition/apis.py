@@ -152,6 +152,18 @@ SCREEN_HELP = (
 )
 
 
+def screen_input(help_text: str) -> serializers.CharField:
+    """The optional ``screen`` field of an upload (checked by services/screening.py's screen_parse)."""
+    return serializers.CharField(
+        max_length=SCREEN_MAX_BYTES,
+        required=False,
+        default="",
+        allow_blank=True,
+        trim_whitespace=False,
+        help_text=help_text,
+    )
+
+
 class ImageCreatedOutput(ImageBaseOutput):
     status = serializers.SerializerMethodField(help_text="The AI read's status; null until the image is rendered")
     images = serializers.SerializerMethodField(help_text="Every image the file became (a DICOM: one per frame)")
@@ -210,14 +222,7 @@ class ImageUploadInput(ApiInput):
         allow_blank=True,
         help_text="An alias of the model to read with, under the same rule as `version`.",
     )
-    screen = serializers.CharField(
-        max_length=SCREEN_MAX_BYTES,
-        required=False,
-        default="",
-        allow_blank=True,
-        trim_whitespace=False,
-        help_text=SCREEN_HELP,
-    )
+    screen = screen_input(SCREEN_HELP)
 
     def validate(self, attrs):
         if attrs["version"] and attrs["alias"]:
@@ -709,14 +714,7 @@ class BatchItemsInput(ApiInput):
     )
     archive = serializers.FileField(required=False, help_text="one zip of images (PNG, JPEG, DICOM)")
     prefix = serializers.CharField(required=False, help_text="import every file under tenants/<id>/imports/…")
-    screen = serializers.CharField(
-        max_length=SCREEN_MAX_BYTES,
-        required=False,
-        default="",
-        allow_blank=True,
-        trim_whitespace=False,
-        help_text=f"{SCREEN_HELP} With a screen, send exactly one file in `files`.",
-    )
+    screen = screen_input(f"{SCREEN_HELP} With a screen, send exactly one file in `files`.")
 
 
 class BatchItemsApi(TenantApi):
