@@ -470,7 +470,7 @@ SIGHTLINE_API_KEY_RATE_PER_MINUTE = env.int("SIGHTLINE_API_KEY_RATE_PER_MINUTE",
 # unless SIGHTLINE_CACHE_URL names another). Counters are keyed on the key's random public id.
 CACHES = {
     "default": {
-        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "BACKEND": "core.redis_cache.SharedPoolRedisCache",
         "LOCATION": env("SIGHTLINE_CACHE_URL", default=REDIS_URL),
         "KEY_PREFIX": env("SIGHTLINE_CACHE_PREFIX", default="sightline"),
     }

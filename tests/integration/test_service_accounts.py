@@ -220,7 +220,7 @@ def test_a_key_over_its_rate_gets_429_with_retry_after(admin_a, demo_model):
 
 def test_the_rate_is_counted_in_a_cache_every_web_process_shares():
     cache = settings.CACHES["default"]
-    assert cache["BACKEND"] == "django.core.cache.backends.redis.RedisCache"
+    assert cache["BACKEND"] == "core.redis_cache.SharedPoolRedisCache"
     assert cache["LOCATION"].startswith("redis://")
 
 
@@ -229,7 +229,7 @@ def test_a_key_is_refused_in_words_when_its_rate_cannot_be_counted(admin_a, demo
     _, _, raw = make_key(admin_a)
     settings.CACHES = {
         "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "BACKEND": "core.redis_cache.SharedPoolRedisCache",
             "LOCATION": f"redis://127.0.0.1:{free_port}/0",
         }
     }
