@@ -72,15 +72,21 @@ def pytest_collection_modifyitems(config, items):
 def _no_wake_markers():
     """Wake-up markers (recognition.services.inference) live in the shared cache, keyed by model
     version id, which the next test's rolled-back database gives out again: each test starts
-    with none, as a fresh deployment would."""
+    with none, as a fresh deployment would. Remembered routing (recognition.services.registry)
+    is keyed by hospital id, given out again too: this process forgets its own, and the routing
+    generation counts up so that the servers a test started forget theirs."""
     import redis
     from django.core.cache import cache
 
+    from recognition.services.registry import ROUTING_GENERATION_KEY, routing_forget
+
+    routing_forget()
     try:
         client = redis.Redis.from_url(settings.CACHES["default"]["LOCATION"], socket_connect_timeout=1)
         stale = list(client.scan_iter(match=cache.make_key("sightline:wake:*"), count=1000))
         if stale:
             client.delete(*stale)
+        client.incr(cache.make_key(ROUTING_GENERATION_KEY))
     except redis.exceptions.ConnectionError:  # no Redis for this test: nothing was marked in it
         pass
 
