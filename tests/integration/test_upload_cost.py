@@ -16,10 +16,11 @@ from tests.conftest import jpeg_bytes, png_bytes, upload_file
 pytestmark = pytest.mark.django_db(transaction=True)
 
 # A JPEG upload with a JWT, once the membership's last-seen mark is fresh: the user with their
-# membership and hospital (1, one join), the model routing (1: the production alias, the pin and
-# the split in one query), the interactive backlog (1), BEGIN, the study, series, image and read
-# (4 INSERTs), the access-log entry (its chain's head, the entry, the new head: 3), COMMIT.
-UPLOAD_STATEMENTS = 12
+# membership and hospital (1, one join), the model routing (0: the process remembers it until a
+# routing row changes, registry.model_routing), the interactive backlog (1), BEGIN, the study,
+# series, image and read (4 INSERTs), the access-log entry (its chain's head, the entry, the new
+# head: 3), COMMIT.
+UPLOAD_STATEMENTS = 11
 
 
 def jwt_client(membership) -> APIClient:
