@@ -67,3 +67,61 @@ def test_the_consumer_forwards_each_message_with_its_fields_only(kind):
     signed_out = Socket(signed_in=False)
     handler(signed_out, {"type": kind, **fields})
     assert (signed_out.sent, signed_out.closed) == ([], CLOSE_UNAUTHENTICATED)
+
+
+def forwarding_socket(*, scope: dict, feeds: dict, checked_ago: float = 0.0):
+    """An EventsConsumer as connect() leaves it, its server send captured."""
+    import time
+
+    consumer = EventsConsumer()
+    consumer.scope = scope
+    consumer.feeds = feeds
+    consumer.session_checked = time.monotonic() - checked_ago
+    sent: list[dict] = []
+
+    async def send_here(message):
+        sent.append(message)
+
+    consumer._send_here = send_here
+    return consumer, sent
+
+
+def test_a_push_is_forwarded_on_the_servers_loop_when_no_check_needs_the_database(monkeypatch):
+    import asyncio
+    import json
+    import time
+
+    from channels.consumer import SyncConsumer
+
+    from recognition.consumers import SESSION_RECHECK_SECONDS
+
+    threaded: list[str] = []
+
+    async def in_a_thread(self, message):  # the sync consumer's path: one thread hop per message
+        threaded.append(message["type"])
+
+    monkeypatch.setattr(SyncConsumer, "dispatch", in_a_thread)
+    message = {"type": "result.ready", "image": 7, "status": "done", "top_label": "x", "probability": 0.5, "z": 1}
+
+    token_socket, sent = forwarding_socket(scope={"token_expires": time.time() + 60}, feeds={1: "tenant-1"})
+    asyncio.run(token_socket.dispatch(message))
+    assert [json.loads(m["text"]) for m in sent] == [
+        {"type": "result.ready", "image": 7, "status": "done", "top_label": "x", "probability": 0.5}
+    ]
+    assert sent[0]["type"] == "websocket.send" and threaded == []
+
+    # each of these needs the thread: an expired token closes, a session is due its re-read, a
+    # socket with no feed yet, and a message that is not a push
+    for scope, feeds, checked_ago, kind in (
+        ({"token_expires": time.time() - 1}, {1: "tenant-1"}, 0, "result.ready"),
+        ({"session": object()}, {1: "tenant-1"}, SESSION_RECHECK_SECONDS + 1, "result.ready"),
+        ({}, {}, 0, "result.ready"),
+        ({}, {1: "tenant-1"}, 0, "access.revoked"),
+    ):
+        socket, sent = forwarding_socket(scope=scope, feeds=feeds, checked_ago=checked_ago)
+        asyncio.run(socket.dispatch({**message, "type": kind}))
+        assert sent == []
+    assert threaded == ["result.ready", "result.ready", "result.ready", "access.revoked"]
+    socket, sent = forwarding_socket(scope={"session": object()}, feeds={1: "tenant-1"}, checked_ago=1)
+    asyncio.run(socket.dispatch(message))  # a session socket re-read recently: on the loop
+    assert len(sent) == 1 and len(threaded) == 4
