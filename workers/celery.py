@@ -89,7 +89,8 @@ _running: dict[str, tuple[float, object]] = {}
 
 @task_prerun.connect
 def _task_started(task_id=None, task=None, **_kwargs):
-    close_old_connections()  # one that errored or outlived CONN_MAX_AGE: a new one for this task
+    if not _eager(task):  # an eager task runs inside its caller's connection and transaction
+        close_old_connections()  # one that errored or outlived CONN_MAX_AGE: a new one for this task
     request = task.request if task is not None else None
     request_id = getattr(request, REQUEST_ID_HEADER, None) or (getattr(request, "headers", None) or {}).get(
         REQUEST_ID_HEADER
@@ -114,7 +115,12 @@ def _task_finished(task_id=None, task=None, state=None, **_kwargs):
     )
     if token is not None:
         unbind_request_id(token)
-    close_old_connections()
+    if not _eager(task):
+        close_old_connections()
+
+
+def _eager(task) -> bool:
+    return bool(getattr(getattr(task, "request", None), "is_eager", False))
 
 
 def lane_torch_threads(lane: str, threads: int = 0, cores: int | None = None) -> int:
