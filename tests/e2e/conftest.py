@@ -197,10 +197,9 @@ def live_demo(transactional_db, demo_package):
     """Two hospitals with their people and the demo model, committed for the other processes."""
     from accounts.models import Role, Tenant
     from accounts.services import membership_grant, user_get_or_create
-    from tests.conftest import PASSWORD
-    from workers.registration import model_version_register
+    from tests.conftest import PASSWORD, register_demo
 
-    model_version_register(package_path=demo_package)
+    register_demo(demo_package)
     general = Tenant.objects.create(name="Demo General", slug="demo-general")
     childrens = Tenant.objects.create(name="Demo Children's", slug="demo-childrens")
     for username, tenant, role in [
