@@ -40,12 +40,18 @@ SESSION_RECHECK_SECONDS = 60
 TENANT_KEY_CHARS = 64  # a subscribe message's tenant is cut to a slug's width before it is looked up
 
 
+def browser_message(event: dict) -> dict:
+    """What a socket sends its browser of a pushed message: its type and the fields PUSHED names."""
+    kind = event["type"]
+    return {"type": kind, **{key: event[key] for key in PUSHED[kind]}}
+
+
 class EventsConsumer(JsonWebsocketConsumer):
     async def __call__(self, scope, receive, send):
         """Redis (the channel layer) gone away ends the socket with a close frame saying "try
         again", not a traceback and a dropped connection: the socket's groups lived in Redis, so
         it could hear nothing more; the client reconnects and subscribes again (feed.js does)."""
-        self._send_here = send  # the server's own send, for forward_here on this loop
+        self._send_here = send  # the server's own send, for dispatch's pushes on this loop
         try:
             await super().__call__(scope, receive, send)
         except Exception as exc:
@@ -62,9 +68,7 @@ class EventsConsumer(JsonWebsocketConsumer):
         due a session re-read, go to a thread as a sync consumer's do. A thread per message was
         most of what the web process spent on a push, and every image makes three."""
         if message.get("type") in PUSHED and self._forwards_here():
-            kind = message["type"]
-            text = json.dumps({"type": kind, **{key: message[key] for key in PUSHED[kind]}})
-            await self._send_here({"type": "websocket.send", "text": text})
+            await self._send_here({"type": "websocket.send", "text": json.dumps(browser_message(message))})
             return
         await super().dispatch(message)
 
@@ -170,8 +174,7 @@ class EventsConsumer(JsonWebsocketConsumer):
         if not self._still_signed_in():
             self.close(code=CLOSE_UNAUTHENTICATED)
             return
-        kind = event["type"]
-        self.send_json({"type": kind, **{key: event[key] for key in PUSHED[kind]}})
+        self.send_json(browser_message(event))
 
     # Channels calls the method named after a message's type ("result.ready" → result_ready)
     result_ready = heatmap_ready = study_updated = job_progress = forward
