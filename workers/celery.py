@@ -12,6 +12,7 @@ from celery.signals import (
     task_postrun,
     task_prerun,
     worker_process_init,
+    worker_process_shutdown,
     worker_ready,
 )
 from django.db import close_old_connections
@@ -165,6 +166,16 @@ def _warm_up(**_kwargs):
     use_background_loop()  # this process's pushes keep one Redis connection
 
     start_heartbeat(loaded_models)
+
+
+@worker_process_shutdown.connect
+def _flush_pushes(**_kwargs):
+    """A pool process leaving (a restart, the pool shrinking) first lets its notifications go out:
+    they are handed to the background loop and not waited for (accounts.events)."""
+    from accounts.events import flush
+
+    if not flush():
+        logging.getLogger(__name__).warning("notifications still waiting at shutdown were dropped")
 
 
 @worker_ready.connect

@@ -1,10 +1,14 @@
 """A worker process sends its pushes from one kept event loop (accounts.events.use_background_loop):
 they reach the group on the real Redis channel layer, over one connection, and a forked child
-does not use its parent's loop."""
+does not use its parent's loop; a send hands its trip over without waiting for it, the trips go
+out in order, and a slow or absent Redis neither blocks the sender for long nor loses order."""
 
 from __future__ import annotations
 
 import asyncio
+import random
+import threading
+import time
 
 import pytest
 import redis
@@ -80,3 +84,59 @@ def test_a_forked_child_does_not_use_its_parents_loop(kept_loop, monkeypatch):
     group = events.tenant_group(987_002)
     got, _ = receive_after(group, lambda: events.send(group, {"type": "result.ready", "image": 7}))
     assert [m["image"] for m in got] == [7] and sent == []  # async_to_sync on a loop of its own
+
+
+class HeldLayer:
+    """A channel layer whose trips wait for ``opened`` and take a random moment each: what a slow
+    Redis looks like to the sender. Records what went out, in order."""
+
+    def __init__(self):
+        self.opened = threading.Event()
+        self.out: list[int] = []
+
+    async def group_send(self, group, message):
+        while not self.opened.is_set():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(random.random() / 100)
+        self.out.append(message["image"])
+
+
+def test_a_send_does_not_wait_for_redis_and_the_trips_go_out_in_order(kept_loop, monkeypatch):
+    layer = HeldLayer()
+    monkeypatch.setattr(events, "get_channel_layer", lambda: layer)
+    started = time.monotonic()
+    for image in range(20):
+        events.send("tenant-1", {"type": "result.ready", "image": image})
+    events.send_many([("tenant-1", {"type": "result.ready", "image": image}) for image in range(20, 25)])
+    assert time.monotonic() - started < 1  # handed over, not sent: Redis has not answered yet
+    assert layer.out == [] and events.flush(timeout=0.2) is False
+    layer.opened.set()
+    assert events.flush() is True
+    assert layer.out == list(range(25))
+
+
+def test_when_too_many_wait_a_sender_waits_for_room_then_gives_up_in_words(kept_loop, monkeypatch, caplog):
+    layer = HeldLayer()
+    monkeypatch.setattr(events, "get_channel_layer", lambda: layer)
+    monkeypatch.setattr(events, "_room", threading.BoundedSemaphore(2))
+    monkeypatch.setattr(events, "ROOM_WAIT_SECONDS", 0.3)
+    for image in range(3):
+        events.send("tenant-1", {"type": "result.ready", "image": image})  # the third finds no room
+    assert "could not notify tenant-1" in caplog.text
+    layer.opened.set()
+    assert events.flush(timeout=5) is True
+    assert layer.out == [0, 1]
+    events.send("tenant-1", {"type": "result.ready", "image": 3})  # room again
+    assert events.flush(timeout=5) is True and layer.out == [0, 1, 3]
+
+
+def test_a_trip_that_hangs_is_given_up_and_the_next_ones_go_out(kept_loop, monkeypatch, caplog):
+    layer = HeldLayer()
+    monkeypatch.setattr(events, "get_channel_layer", lambda: layer)
+    monkeypatch.setattr(events, "SEND_TIMEOUT_SECONDS", 0.3)
+    events.send("tenant-1", {"type": "result.ready", "image": 0})  # hangs past its timeout
+    time.sleep(0.5)
+    layer.opened.set()
+    events.send("tenant-1", {"type": "result.ready", "image": 1})
+    assert events.flush(timeout=5) is True
+    assert layer.out == [1] and "could not notify in time" in caplog.text
