@@ -124,18 +124,19 @@ def _eager(task) -> bool:
     return bool(getattr(getattr(task, "request", None), "is_eager", False))
 
 
-def lane_torch_threads(lane: str, threads: int = 0, cores: int | None = None) -> int:
-    """Intra-op threads for a worker of ``lane``: ``threads`` if set, else its share of the cores.
-
-    The interactive lane (and ``all``) gets every core: a person waits on each forward pass, and
-    when none does it takes bulk work with the same cores. The bulk lane runs at a lower CPU
-    priority (``nice``, in the Procfile) with half the cores, at least one: beside a busy
-    interactive lane on two cores that is one runnable bulk thread, not two, so the interactive
-    pass, whose threads all wait for its slowest, keeps one core to itself and wins the other."""
+def worker_torch_threads(threads: int = 0, cores: int | None = None) -> int:
+    """Intra-op threads for a worker process: ``threads`` if set (SIGHTLINE_TORCH_THREADS), else
+    every core it may run on, in either lane. The bulk lane yields by its CPU priority (``nice
+    10``, in the Procfile: about 1/9 of a core's time against a busy interactive thread), not by
+    fewer threads: with half the cores it left one of two cores idle whenever no clinician waited.
+    Measured on two cores (bench/run.py, resnet18, paired runs): the bulk path moved 51 and 60
+    img/s with every core against 45 and 35 with half, and interactive p99 during a bulk backlog
+    stayed where it was (c1 218/274 ms against 211/227, c8 508/554 against 516/550). The
+    backends never spin (OMP_WAIT_POLICY above, ONNX Runtime's allow_spinning off), so a bulk
+    thread that waits for the CPU costs the interactive pass nothing."""
     if threads:
         return threads
-    cores = cores or len(os.sched_getaffinity(0))
-    return max(1, cores // 2) if lane == "bulk" else cores
+    return cores or len(os.sched_getaffinity(0))
 
 
 @worker_process_init.connect
@@ -152,7 +153,7 @@ def _warm_up(**_kwargs):
     seed = os.getpid()
     torch.manual_seed(seed)
     np.random.seed(seed % NUMPY_SEED_LIMIT)
-    configure_cpu_threads(lane_torch_threads(settings.SIGHTLINE_WORKER_LANE, settings.SIGHTLINE_TORCH_THREADS))
+    configure_cpu_threads(worker_torch_threads(settings.SIGHTLINE_TORCH_THREADS))
     try:
         inference_warm_up()
     except Exception:  # the first task will try again and record the error per request

@@ -394,8 +394,8 @@ if SIGHTLINE_WORKER_LANE not in ("all", "interactive", "bulk"):
 # batches, 1.1x with batches of 2. The bulk lane, and a single worker for everything (lane "all"),
 # take full batches.
 SIGHTLINE_INTERACTIVE_LANE_BULK_BATCH = env.int("SIGHTLINE_INTERACTIVE_LANE_BULK_BATCH", default=2)
-# intra-op threads of a worker process; 0: its lane's share of the cores it may run on (an
-# interactive or all lane: every core; the bulk lane: half of them, at least one)
+# intra-op threads of a worker process; 0: every core it may run on, in either lane (the bulk
+# lane yields by its CPU priority, workers/celery.py worker_torch_threads)
 SIGHTLINE_TORCH_THREADS = env.int("SIGHTLINE_TORCH_THREADS", default=0)
 # Uploads that want a read answer 429 (Retry-After) while this many interactive reads already
 # wait, instead of joining a wait with no end; 0: never refuse. Bulk jobs are not counted.

@@ -1,4 +1,4 @@
-"""Two lanes: each worker's share of the cores, and a lane name the settings refuse."""
+"""Two lanes: each worker's threads, and a lane name the settings refuse."""
 
 import os
 import subprocess
@@ -6,14 +6,13 @@ import sys
 
 from django.conf import settings
 
-from workers.celery import lane_torch_threads
+from workers.celery import worker_torch_threads
 
 
-def test_the_interactive_lane_gets_every_core_and_the_bulk_lane_half():
-    assert [lane_torch_threads("interactive", cores=n) for n in (1, 2, 16)] == [1, 2, 16]
-    assert [lane_torch_threads("all", cores=n) for n in (1, 2, 16)] == [1, 2, 16]
-    assert [lane_torch_threads("bulk", cores=n) for n in (1, 2, 3, 16)] == [1, 1, 1, 8]
-    assert lane_torch_threads("bulk", threads=2, cores=2) == 2  # SIGHTLINE_TORCH_THREADS overrides
+def test_each_lane_gets_a_thread_per_core_unless_the_setting_says_otherwise():
+    assert [worker_torch_threads(cores=n) for n in (1, 2, 16)] == [1, 2, 16]
+    assert worker_torch_threads(threads=3, cores=2) == 3  # SIGHTLINE_TORCH_THREADS overrides
+    assert worker_torch_threads() == len(os.sched_getaffinity(0))
 
 
 def test_an_unknown_lane_stops_the_process_in_words():
