@@ -132,7 +132,7 @@ def worker_torch_threads(threads: int = 0, cores: int | None = None) -> int:
     Measured on two cores (bench/run.py, resnet18, paired runs): the bulk path moved 51 and 60
     img/s with every core against 45 and 35 with half; interactive p99 during a bulk backlog
     stayed where it was in those pairs (c1 218/274 ms against 211/227, c8 508/554 against
-    516/550), though a full run afterwards measured c8 747 (README, "Benchmarks"). The
+    516/550), though a full run afterwards measured c8 747 (README, "Benchmark"). The
     backends never spin (OMP_WAIT_POLICY above, ONNX Runtime's allow_spinning off), so a bulk
     thread that waits for the CPU costs the interactive pass nothing."""
     if threads:
