@@ -46,7 +46,7 @@ from ..display import DisplayCopy, display_copy
 from ..enqueue import task_send
 from ..models import REASON_LENGTH, Image, InferenceRequest, ModelVersion, Series, Study, UploadKey
 from ..storage import dicom_key, image_key, original_key, pixels_key
-from .inference import inference_request_create, upload_routing
+from .inference import inference_queue, inference_request_create, upload_routing
 from .registry import Routing, version_for
 from .screening import Screen, ScreenPlan, preliminary_store, read_routed, route_priority, screen_plan
 from .studies import study_summary_refresh, study_updated_on_commit
@@ -423,9 +423,9 @@ def _images_from_bytes(
                 _read_create(routing, image, plan)
                 # what the answer shows, without asking again (the list queries annotate it)
                 image.ai_status = InferenceRequest.Status.QUEUED  # type: ignore[attr-defined]
-            else:  # no read yet (a bulk job's item): the worker step renders it for display
+            else:  # no read yet (a bulk job's item): the bulk lane's worker renders it for display
                 ids = [image.pk]
-                transaction.on_commit(lambda: _enqueue_render(ids), robust=True)
+                transaction.on_commit(lambda: _enqueue_render(ids, _render_queue(None)), robust=True)
             if new_study:
                 study_updated_on_commit([study_row])
             else:
@@ -766,7 +766,8 @@ def _store_dicom(
                 )
                 ids = [image.pk for image in images]
                 # robust: a broker outage must not undo a committed upload; reconciliation wakes it
-                transaction.on_commit(lambda: _enqueue_render(ids), robust=True)
+                queue = _render_queue(routing)
+                transaction.on_commit(lambda: _enqueue_render(ids, queue), robust=True)
             else:
                 images = [
                     Image.objects.create(
@@ -856,9 +857,18 @@ def _file_meta(data: bytes) -> dict[str, str]:
 # -- the worker step: render what the request did not --------------------------------------------------------------
 
 
-def _enqueue_render(image_ids: list[int]) -> None:
+def _render_queue(routing: Routing | None) -> str:
+    """The lane that renders received images: a clinician's upload (its read waits for the
+    render) the interactive one; a bulk job's item (no read yet) or a bulk-lane read the bulk
+    one, so that a job of thousands never stands in front of the interactive lane's reads."""
+    if routing is not None and routing.priority == InferenceRequest.Priority.INTERACTIVE:
+        return inference_queue(InferenceRequest.Priority.INTERACTIVE)
+    return inference_queue(InferenceRequest.Priority.BULK)
+
+
+def _enqueue_render(image_ids: list[int], queue: str | None = None) -> None:
     # the broker down: the images stay received in the database; reconciliation wakes them
-    task_send("workers.tasks.image_render", args=[image_ids])
+    task_send("workers.tasks.image_render", args=[image_ids], queue=queue)
 
 
 def images_render(*, image_ids: list[int]) -> int:
@@ -1124,10 +1134,15 @@ def images_render_reconcile() -> int:
     stalled = Image.objects.filter(
         Q(render_queued_at__lt=before) | Q(render_queued_at__isnull=True), state=Image.State.RECEIVED
     )
-    by_original: dict[str, list[int]] = {}
-    for image_id, original in stalled.values_list("pk", "original")[:RENDER_RECONCILE_MAX]:
-        by_original.setdefault(original, []).append(image_id)
-    for ids in by_original.values():
+    by_original: dict[tuple[str, bool], list[int]] = {}
+    for image_id, original, read_on_render in stalled.values_list("pk", "original", "read_on_render")[
+        :RENDER_RECONCILE_MAX
+    ]:
+        by_original.setdefault((original, read_on_render), []).append(image_id)
+    for (_, read_on_render), ids in by_original.items():
         if Image.objects.filter(pk__in=ids, state=Image.State.RECEIVED).update(render_queued_at=timezone.now()):
-            _enqueue_render(ids)
+            # a DICOM frame whose read waits for it goes to the interactive lane; the rest (a job's
+            # items, an upload whose read ended without rendering it) to the bulk one
+            priority = InferenceRequest.Priority.INTERACTIVE if read_on_render else InferenceRequest.Priority.BULK
+            _enqueue_render(ids, inference_queue(priority))
     return sum(len(ids) for ids in by_original.values())

@@ -37,7 +37,7 @@ class RenderWorker:
     render wake-ups are kept, and ``run()`` delivers them to the real task. Nothing reaches Redis."""
 
     def __init__(self, capture) -> None:
-        self.capture, self.sent = capture, []
+        self.capture, self.sent, self.queues = capture, [], []
 
     def post(self, client, data: bytes, **kwargs):
         with self.capture(execute=True):
@@ -51,7 +51,11 @@ class RenderWorker:
 @pytest.fixture
 def render_worker(monkeypatch, django_capture_on_commit_callbacks):
     worker = RenderWorker(django_capture_on_commit_callbacks)
-    monkeypatch.setattr(images, "task_send", lambda name, args, **options: worker.sent.append(args[0]))
+    monkeypatch.setattr(
+        images,
+        "task_send",
+        lambda name, args, **options: (worker.sent.append(args[0]), worker.queues.append(options.get("queue"))),
+    )
     monkeypatch.setattr(
         inference, "inference_enqueue", lambda *args, **kwargs: None
     )  # reads stay queued in the database
@@ -118,6 +122,7 @@ def test_a_compressed_dicom_is_received_at_once_and_rendered_by_the_worker(clini
     assert body["state"] == "received" and body["status"] is None
     assert [(i["frame_number"], i["state"]) for i in body["images"]] == [(0, "received"), (1, "received")]
     assert render_worker.sent == [[i["id"] for i in body["images"]]]  # one wake-up, ids only
+    assert render_worker.queues == ["interactive"]  # its read waits for the render: a clinician's lane
     assert not InferenceRequest.objects.exists()  # the read is queued only once rendered
     assert Study.objects.get().ai_status == "queued"  # the worklist says so meanwhile
     assert client.get(f"/api/v1/images/{body['id']}/file/").json()["error"]["code"] == "rendering"

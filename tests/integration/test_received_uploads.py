@@ -117,10 +117,16 @@ def test_images_render_renders_an_upload_without_a_read_and_leaves_one_with_a_re
 
 
 def test_an_upload_without_a_read_queues_its_render_after_commit(clinician_a, demo_model, monkeypatch):
-    sent = []
-    monkeypatch.setattr(image_services, "task_send", lambda name, args, **options: sent.append(args[0]))
+    sent, queues = [], []
+    monkeypatch.setattr(
+        image_services,
+        "task_send",
+        lambda name, args, **options: (sent.append(args[0]), queues.append(options.get("queue"))),
+    )
     image = image_upload(membership=clinician_a, upload=upload_file(jpeg_bytes(), "a.jpg"), read=False)
     assert sent == [[image.pk]]
+    # a bulk job's item: the bulk lane renders it, never in front of the interactive lane's reads
+    assert queues == ["bulk"]
     tasks.image_render.apply(args=[sent.pop()], throw=True)
     assert Image.objects.get(pk=image.pk).state == "rendered"
 
@@ -128,13 +134,18 @@ def test_an_upload_without_a_read_queues_its_render_after_commit(clinician_a, de
 def test_reconciliation_renders_a_received_upload_whose_read_is_over(clinician_a, demo_model, monkeypatch, settings):
     """A read that ended without rendering (its model failed to load, say) leaves the image
     received; once the stall time passes, reconciliation renders it for display."""
-    sent = []
-    monkeypatch.setattr(image_services, "task_send", lambda name, args, **options: sent.append(args[0]))
+    sent, queues = [], []
+    monkeypatch.setattr(
+        image_services,
+        "task_send",
+        lambda name, args, **options: (sent.append(args[0]), queues.append(options.get("queue"))),
+    )
     settings.SIGHTLINE_RENDER_STALL_SECONDS = 0
     image = image_upload(membership=clinician_a, upload=upload_file(jpeg_bytes(), "a.jpg"))
     InferenceRequest.objects.filter(image=image).update(status="failed")
 
     assert images_render_reconcile() == 1
+    assert queues == ["bulk"]  # no read waits for this render
     tasks.image_render.apply(args=[sent.pop()], throw=True)
 
     assert Image.objects.get(pk=image.pk).state == "rendered"
