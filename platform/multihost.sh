@@ -433,6 +433,8 @@ cmd_down() {
     for pf in "$DIR"/run/*.pid; do
         [[ -s $pf ]] && kill -KILL -- "-$(cat "$pf")" 2>/dev/null || true
     done
+    # the edge's access log (upstream, status and timings of every request) stays with the others
+    [[ -f $DIR/edge/logs/access.log ]] && cp "$DIR/edge/logs/access.log" "$DIR/log/edge.access.log"
     rm -rf "$DIR/run" "$DIR/data" "$DIR/pgs" "$DIR/static" "$DIR/edge" "$DIR/secrets.env"
     mkdir -p "$DIR/state"
     echo down >"$DIR/state/phase"
