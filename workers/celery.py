@@ -1,7 +1,10 @@
 """The Celery app. Start a worker with ``celery -A workers.celery worker``."""
 
+import faulthandler
 import logging
 import os
+import signal
+import sys
 import time
 
 import celery.apps.worker as celery_worker_app
@@ -155,6 +158,10 @@ def _warm_up(**_kwargs):
     torch.manual_seed(seed)
     np.random.seed(seed % NUMPY_SEED_LIMIT)
     configure_cpu_threads(worker_torch_threads(settings.SIGHTLINE_TORCH_THREADS))
+    # a pool process that seems stuck: ``kill -USR2 <pid>`` writes every thread's stack to the
+    # worker's own stderr (its log) and the process goes on (the main process has SIGUSR1, Celery's)
+    if sys.__stderr__ is not None:
+        faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)
     try:
         inference_warm_up()
     except Exception:  # the first task will try again and record the error per request

@@ -239,10 +239,12 @@ class Watcher:
         self.refetched: set[int] = set()  # images found done (or failed) by a refetch
         self.connections = 0
         self.closes: list = []
+        self.attempts: list[dict] = []  # when each connection began and how long it lasted: the timeline
 
     def run(self) -> None:
         delay = BACKOFF_FIRST
         while not self.stop.exists():
+            began, closes = time.time(), len(self.closes)
             try:
                 with connect(
                     f"{self.ws_base}/ws/events/?token={self.api.access}", ssl=self.ssl, open_timeout=10,
@@ -266,12 +268,14 @@ class Watcher:
                 self.closes.append(exc.rcvd.code if exc.rcvd else "no close frame")
             except (OSError, TimeoutError, ConnectionError, AssertionError, ValueError) as exc:
                 self.closes.append(type(exc).__name__)
+            ended = str((self.closes[closes:] or ["stop"])[0])
+            self.attempts.append({"t": round(began, 3), "lasted": round(time.time() - began, 3), "end": ended})
             if self.stop.exists():
                 break
             time.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
         self.log("watcher", number=self.number, connections=self.connections, closes=[str(c) for c in self.closes],
-                 live=sorted(self.live), refetched=sorted(self.refetched))  # fmt: skip
+                 attempts=self.attempts, live=sorted(self.live), refetched=sorted(self.refetched))  # fmt: skip
 
     def listen(self, socket) -> None:
         while not self.stop.exists():

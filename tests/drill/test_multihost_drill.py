@@ -122,6 +122,35 @@ def verify(deployment, run: str, job: int | None) -> dict:
     return json.loads(script(*args, *(["--job", str(job)] if job else []), timeout=120).stdout)
 
 
+def log_tail(path: Path, lines: int = 25, skip: str = "over capacity") -> str:
+    """The last ``lines`` lines of one of the deployment's logs, each cut to 300 characters."""
+    if not path.exists():
+        return f"({path.name}: none)"
+    kept = [line[:300] for line in path.read_text(errors="replace").splitlines() if skip not in line]
+    return f"--- {path.name}\n" + "\n".join(kept[-lines:])
+
+
+def stalled(deployment, last: dict) -> str:
+    """What a drain that timed out left behind: the job's last counts, the reads' states, every
+    request the database holds by status, lane and claim, and the tail of each worker's log."""
+    reads = last.get("reads") or {}
+    queue = script(
+        "exec", "web1", "--", PYTHON, "manage.py", "shell", "-c",
+        "from collections import Counter; from recognition.models import InferenceRequest as R; "
+        "print(dict(Counter(R.objects.values_list('status', 'priority', 'claimed_by'))))",
+        check=False, timeout=120,
+    )  # fmt: skip
+    logs = deployment["dir"] / "log"
+    return "\n".join(
+        [
+            f"job: {last.get('job')}",
+            f"reads: {reads.get('requests_by_status')}, without request: {reads.get('images_without_request')}",
+            f"every request by (status, priority, claimed_by): {queue.stdout.strip()[-2000:]} {queue.stderr[-500:]}",
+            *(log_tail(logs / name) for name in ("worker.bulk.log", "worker.interactive.log", "svc.beat.log")),
+        ]
+    )
+
+
 def test_hosts_killed_under_load_lose_and_double_nothing(deployment):
     out = deployment["dir"] / "client"
     subprocess.run(["rm", "-rf", str(out)], check=True)
@@ -167,15 +196,20 @@ def test_hosts_killed_under_load_lose_and_double_nothing(deployment):
         (out / "stop").touch()
         run = [e for e in events(out) if e["kind"] == "started"][0]["run"]
 
+        last: dict = {}
+
         def drained():
-            progress = job_progress(out) or {}
+            last["job"] = progress = job_progress(out) or {}
             if progress.get("state") != "finished":
                 return None
-            report = verify(deployment, run, job)
+            last["reads"] = report = verify(deployment, run, job)
             waiting = sum(n for status, n in report["requests_by_status"].items() if status not in ("done", "failed"))
             return report if waiting == 0 and report["images_without_request"] == [] else None
 
-        wait_for(drained, DRAIN_SECONDS, "the job and every accepted read to finish", interval=3)
+        try:
+            wait_for(drained, DRAIN_SECONDS, "the job and every accepted read to finish", interval=3)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{stalled(deployment, last)}") from None
         time.sleep(3)  # the last result.ready on its way to the sockets
         (out / "stop-ws").touch()
         client.wait(timeout=120)
@@ -226,6 +260,7 @@ def test_hosts_killed_under_load_lose_and_double_nothing(deployment):
                 "live": len(set(w["live"]) & accepted_images),
                 "refetched_only": len((set(w["refetched"]) - set(w["live"])) & accepted_images),
                 "missed": sorted(accepted_images - set(w["live"]) - set(w["refetched"])),
+                "attempts": w["attempts"],  # each connection's start (epoch s), length and end
             }
             for w in watchers
         ],

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+from contextlib import suppress
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -45,6 +47,28 @@ def wait_until(predicate, timeout: float, interval: float = 0.02):
     return False
 
 
+def stuck(worker, log) -> str:
+    """Why a worker made no progress: its pool processes' stacks (SIGUSR2, faulthandler: see
+    workers/celery.py), what the database's sessions wait on, and the tail of its log."""
+    from django.db import connection
+
+    children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children")
+    for pid in children.read_text().split() if children.exists() else []:
+        with suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGUSR2)
+    time.sleep(2)
+    sessions = ""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pid, state, wait_event_type, wait_event, left(query, 160) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            sessions = "\n".join(map(str, cursor.fetchall()))
+    statuses = list(InferenceRequest.objects.values_list("status", "claimed_by").distinct())
+    return f"requests: {statuses}\nsessions:\n{sessions}\nlog:\n{log.read_text(errors='replace')[-6000:]}"
+
+
 def test_a_killed_worker_loses_and_doubles_nothing(live_demo, demo_package, tmp_path):
     from accounts.models import Membership
 
@@ -72,7 +96,8 @@ def test_a_killed_worker_loses_and_doubles_nothing(live_demo, demo_package, tmp_
         )
         wait_for_port(redis_port, server, log)
         first = start_worker(processes, env, "doomed")
-        assert wait_until(lambda: InferenceRequest.objects.filter(status="done").exists(), timeout=60)
+        if not wait_until(lambda: InferenceRequest.objects.filter(status="done").exists(), timeout=60):
+            raise AssertionError(f"no request done in 60 s\n{stuck(first, tmp_path / 'doomed.log')}")
         os.killpg(first.pid, signal.SIGKILL)  # the main process and its pool child, mid-batch
         first.wait()
         unfinished = InferenceRequest.objects.exclude(status__in=["done", "failed"]).count()
