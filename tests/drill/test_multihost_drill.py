@@ -17,8 +17,10 @@ result. The counts are printed and written to ``$SIGHTLINE_MULTIHOST_DIR/drill.j
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -130,6 +132,26 @@ def log_tail(path: Path, lines: int = 25, skip: str = "over capacity") -> str:
     return f"--- {path.name}\n" + "\n".join(kept[-lines:])
 
 
+def dump_worker_stacks() -> None:
+    """Every Celery pool process (a celery worker whose parent is one) writes its threads' stacks
+    to its worker's log (SIGUSR2: workers/celery.py); the main processes are left alone."""
+    processes: dict[int, tuple[int, str]] = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            processes[int(proc.name)] = (parent, (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+    celery = {  # the drill's two workers only (multihost.sh names them LANE@worker)
+        pid
+        for pid, (_, cmdline) in processes.items()
+        if "workers.celery worker" in cmdline and ("-n bulk@worker" in cmdline or "-n interactive@worker" in cmdline)
+    }
+    for pid in celery:
+        if processes[pid][0] in celery:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR2)
+    time.sleep(2)
+
+
 def stalled(deployment, last: dict) -> str:
     """What a drain that timed out left behind: the job's last counts, the reads' states, every
     request the database holds by status, lane and claim, and the tail of each worker's log."""
@@ -140,6 +162,7 @@ def stalled(deployment, last: dict) -> str:
         "print(dict(Counter(R.objects.values_list('status', 'priority', 'claimed_by'))))",
         check=False, timeout=120,
     )  # fmt: skip
+    dump_worker_stacks()
     logs = deployment["dir"] / "log"
     return "\n".join(
         [
