@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from celery import bootsteps
+from celery.signals import task_received
 
 from workers.engine.backpressure import (
     DEFAULT_BUSY_PERCENT,
@@ -144,3 +146,76 @@ class GpuBackPressure(bootsteps.StartStopStep):
 
 def _percent(utilisation: float | None) -> str:
     return "?" if utilisation is None else f"{utilisation:.0f}"
+
+
+INTERACTIVE_QUEUE, BULK_QUEUE = "interactive", "bulk"
+DEFAULT_IDLE_SECONDS = 2.0
+IDLE_CHECK_SECONDS = 0.25  # how often a lane that stopped taking bulk work looks whether it is idle again
+
+
+class BulkWhenIdle(bootsteps.StartStopStep):
+    """The interactive lane takes bulk work only once it has been idle: a message from the
+    interactive queue stops it consuming ``bulk`` (the broker keeps those messages for the bulk
+    lane), and ``SIGHTLINE_INTERACTIVE_IDLE_SECONDS`` without one starts it again.
+
+    Without it the lane took a bulk wake-up in the tens of milliseconds between one clinician's
+    read and the next (the queue is empty while a closed-loop client waits for its result), and
+    the next read waited for that bulk bite to finish. Only the ``interactive`` lane has the
+    step, and only while it consumes ``bulk``; 0 seconds turns it off (bulk whenever the
+    interactive queue is empty, as before). A queue change runs in the consumer's loop."""
+
+    label = "bulk work only when idle"
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c: Any, **kwargs: Any):
+        super().__init__(c, **kwargs)
+        self.idle_seconds = float(_setting(c.app, "SIGHTLINE_INTERACTIVE_IDLE_SECONDS", DEFAULT_IDLE_SECONDS))
+        self.enabled = _setting(c.app, "SIGHTLINE_WORKER_LANE", "all") == INTERACTIVE_QUEUE and self.idle_seconds > 0
+        self.last_interactive = float("-inf")
+        self.holding_back = False  # bulk cancelled by this step, to be added again when idle
+        self._timer_entry: Any = None
+        if self.enabled:
+            task_received.connect(self.received, weak=False)
+
+    def start(self, c: Any) -> None:
+        if self.enabled and self._timer_entry is None:
+            self._timer_entry = c.timer.call_repeatedly(IDLE_CHECK_SECONDS, self.check, (c,))
+
+    def stop(self, c: Any) -> None:
+        if self._timer_entry is not None:
+            c.timer.cancel(self._timer_entry)
+            self._timer_entry = None
+
+    def shutdown(self, c: Any) -> None:
+        self.stop(c)
+        task_received.disconnect(self.received)
+
+    def received(self, sender: Any = None, request: Any = None, **_kwargs: Any) -> None:
+        delivery = getattr(request, "delivery_info", None) or {}
+        if not self.enabled or delivery.get("routing_key") != INTERACTIVE_QUEUE:
+            return
+        self.last_interactive = time.monotonic()
+        if not self.holding_back and sender is not None:
+            self.hold_back(sender)
+
+    def consuming(self, c: Any) -> set[str]:
+        return {queue.name for queue in c.task_consumer.queues} if c.task_consumer is not None else set()
+
+    def hold_back(self, c: Any) -> None:
+        if BULK_QUEUE in self.consuming(c):
+            c.cancel_task_queue(BULK_QUEUE)
+            self.holding_back = True
+            logger.debug("an interactive read arrived: bulk work waits until %.1f s without one", self.idle_seconds)
+
+    def check(self, c: Any) -> None:
+        """One timer tick: idle long enough, the bulk queue is taken up again."""
+        if self.holding_back and time.monotonic() - self.last_interactive >= self.idle_seconds:
+            c.call_soon(self.take_bulk_again, c)
+
+    def take_bulk_again(self, c: Any) -> None:
+        if not self.holding_back:
+            return
+        self.holding_back = False
+        if c.task_consumer is not None and BULK_QUEUE not in self.consuming(c):
+            c.add_task_queue(BULK_QUEUE)
+            logger.debug("idle for %.1f s: taking bulk work again", self.idle_seconds)

@@ -21,7 +21,7 @@ from celery.signals import (
 from django.db import close_old_connections
 
 from core.logging import MS_PER_SECOND, bind_request_id, current_request_id, process_role, unbind_request_id
-from workers.bootsteps import GpuBackPressure
+from workers.bootsteps import BulkWhenIdle, GpuBackPressure
 
 # production by default, like the web process: a worker started bare refuses to start without its
 # secrets (the pseudonym key above all) instead of hashing patients with a development key
@@ -47,6 +47,8 @@ DB_REUSE_TASKS = 10_000
 app.conf.CELERY_DB_REUSE_MAX = DB_REUSE_TASKS
 # a worker whose GPU stays busy stops taking tasks until it cools down (no-op without a GPU)
 app.steps["consumer"].add(GpuBackPressure)
+# the interactive lane takes bulk work only after SIGHTLINE_INTERACTIVE_IDLE_SECONDS without a read
+app.steps["consumer"].add(BulkWhenIdle)
 
 task_log = logging.getLogger("sightline.task")
 # Python warnings (Celery's own, when it starts) become log lines: through LOGGING's handler, not

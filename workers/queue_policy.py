@@ -55,16 +55,26 @@ def batch_limits(version: ModelVersion) -> tuple[int, float]:
     )
 
 
-def claim(*, model_version_id: int, limit: int, first_id: int | None = None) -> list[int]:
+def takes_bulk(priority: int) -> bool:
+    """Whether a task woken by a message of this priority claims bulk work: on the interactive
+    lane only one woken from the bulk queue (it took that message because it was idle); a task
+    for a clinician's read there ends when no clinician's read is left, and the lane takes bulk
+    work again only by taking a bulk message (workers/bootsteps.py BulkWhenIdle says when)."""
+    return worker_lane() != "interactive" or priority == Priority.BULK
+
+
+def claim(*, model_version_id: int, limit: int, first_id: int | None = None, bulk: bool = True) -> list[int]:
     """Move up to ``limit`` queued requests of one version to running, in the order they should
     run (see the module's docstring). A batch never mixes priorities: interactive requests do not
     wait for bulk ones to fill it; bulk work claimed by the interactive lane comes in batches of
-    SIGHTLINE_INTERACTIVE_LANE_BULK_BATCH at most."""
+    SIGHTLINE_INTERACTIVE_LANE_BULK_BATCH at most, and none when ``bulk`` is False (``takes_bulk``)."""
     waiting = InferenceRequest.objects.filter(
         model_version_id=model_version_id, status=Status.QUEUED, attempts__lt=settings.SIGHTLINE_MAX_ATTEMPTS
     )
     if worker_lane() == "bulk":
         waiting = waiting.filter(priority=Priority.BULK)
+    elif not bulk and worker_lane() == "interactive":
+        waiting = waiting.filter(priority=Priority.INTERACTIVE)
     ranked = (
         # a request sent back by a transient error waits out its backoff
         waiting.filter(Q(retry_after__isnull=True) | Q(retry_after__lte=timezone.now()))
@@ -115,6 +125,26 @@ def yields_to_interactive(version_id: int, priority: int) -> bool:
     return InferenceRequest.objects.filter(
         model_version_id=version_id, status=Status.QUEUED, priority=Priority.INTERACTIVE
     ).exists()
+
+
+def hands_over(version_id: int, priority: int) -> bool:
+    """A bulk batch on the interactive lane found a clinician's read waiting: on that lane the
+    bulk task ends, with a wake-up for each lane's waiting work (coalesced: usually the read's own
+    upload sent the interactive one), so the read runs as a task of its own and the lane stops
+    taking bulk messages until it is idle again; True when it does. A single worker for
+    everything (``all``) turns to the read inside the task instead."""
+    if worker_lane() != "interactive" or priority != Priority.BULK:
+        return False
+    for lane_priority in (Priority.INTERACTIVE, Priority.BULK):
+        waiting = (
+            InferenceRequest.objects.filter(model_version_id=version_id, status=Status.QUEUED, priority=lane_priority)
+            .order_by("id")
+            .values_list("id", flat=True)
+            .first()
+        )
+        if waiting is not None:
+            inference_enqueue(waiting, lane_priority, model_version_id=version_id)
+    return True
 
 
 def release(ids: list[int]) -> None:

@@ -114,8 +114,9 @@ def inference_run(*, request_id: int) -> int:
     first_id = request_id if row.status == Status.QUEUED else None
     version = row.model_version
     max_batch, max_wait = queue_policy.batch_limits(version)
+    bulk = queue_policy.takes_bulk(row.priority)
     first = collect_batch(
-        lambda n: queue_policy.claim(model_version_id=version.pk, limit=n, first_id=first_id),
+        lambda n: queue_policy.claim(model_version_id=version.pk, limit=n, first_id=first_id, bulk=bulk),
         max_batch_size=max_batch,
         max_wait_ms=max_wait,
     )
@@ -137,7 +138,7 @@ def inference_run(*, request_id: int) -> int:
 
     claimed: set[int] = set(first)  # claimed by this task and not stored yet
     try:
-        return _run_batches(version, BatchPipeline(handler, _pool()), first, claimed, max_batch)
+        return _run_batches(version, BatchPipeline(handler, _pool()), first, claimed, max_batch, bulk)
     except Exception as exc:
         if is_transient(exc) and claimed:  # the database or storage went away mid-batch
             with suppress(Exception):  # best effort: the database may still be away
@@ -146,17 +147,20 @@ def inference_run(*, request_id: int) -> int:
 
 
 def _run_batches(
-    version: ModelVersion, pipeline: BatchPipeline, first: list[int], claimed: set[int], limit: int
+    version: ModelVersion, pipeline: BatchPipeline, first: list[int], claimed: set[int], limit: int, bulk: bool
 ) -> int:
     done, batches = 0, 0
     current: Batch | None = Batch(pipeline, first)
     while current is not None:
         batch = current
-        if queue_policy.yields_to_interactive(version.pk, batch.requests[0].priority):
+        priority = batch.requests[0].priority
+        if queue_policy.yields_to_interactive(version.pk, priority):
             # a clinician's read arrived while this bulk batch waited its turn: it goes first
             queue_policy.release(batch.ids)
             claimed.difference_update(batch.ids)
-            ids = queue_policy.claim(model_version_id=version.pk, limit=limit)
+            if queue_policy.hands_over(version.pk, priority):
+                break  # the interactive lane: the read runs as its own task (see hands_over)
+            ids = queue_policy.claim(model_version_id=version.pk, limit=limit, bulk=bulk)
             if not ids:
                 break
             claimed.update(ids)
@@ -164,7 +168,7 @@ def _run_batches(
         batches += 1
         current = None
         if batches < settings.SIGHTLINE_MAX_BATCHES_PER_TASK:
-            more = queue_policy.claim(model_version_id=version.pk, limit=limit)
+            more = queue_policy.claim(model_version_id=version.pk, limit=limit, bulk=bulk)
             if more:
                 claimed.update(more)
                 current = Batch(pipeline, more)

@@ -394,6 +394,11 @@ if SIGHTLINE_WORKER_LANE not in ("all", "interactive", "bulk"):
 # batches, 1.1x with batches of 2. The bulk lane, and a single worker for everything (lane "all"),
 # take full batches.
 SIGHTLINE_INTERACTIVE_LANE_BULK_BATCH = env.int("SIGHTLINE_INTERACTIVE_LANE_BULK_BATCH", default=2)
+# ...and only once it has had no interactive message for this long (workers/bootsteps.py
+# BulkWhenIdle): between two reads of a busy clinician the interactive queue is empty for tens of
+# milliseconds, long enough to take a bulk bite the next read then waited for. 0: bulk work
+# whenever the interactive queue is empty.
+SIGHTLINE_INTERACTIVE_IDLE_SECONDS = env.float("SIGHTLINE_INTERACTIVE_IDLE_SECONDS", default=2.0)
 # intra-op threads of a worker process; 0: every core it may run on, in either lane (the bulk
 # lane yields by its CPU priority, workers/celery.py worker_torch_threads)
 SIGHTLINE_TORCH_THREADS = env.int("SIGHTLINE_TORCH_THREADS", default=0)

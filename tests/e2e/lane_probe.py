@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import redis
 from celery import shared_task
@@ -27,6 +28,7 @@ def record(token: str, gate: str = "") -> None:
         "pid": os.getpid(),
         "nice": os.nice(0),
         "threads": torch.get_num_threads(),
+        "began": time.time(),
     }
     if gate:
         client.rpush(STARTED, json.dumps(entry))

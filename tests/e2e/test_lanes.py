@@ -1,6 +1,6 @@
 """Two lanes, the broker side: the Procfile's two workers against a private Redis. The bulk
 worker never takes interactive work; the interactive worker takes interactive messages before
-bulk ones, whatever order they came in, and bulk ones when no interactive one waits; the bulk
+bulk ones, whatever order they came in, and bulk ones once it has been idle; the bulk
 worker runs at a lower CPU priority with fewer threads. Events are ordered by the broker (a
 worker held on a gate the test opens), never by how long anything takes."""
 
@@ -31,6 +31,7 @@ from workers.celery import worker_torch_threads
 
 # the broker's order between lanes (probe tasks, no database): CI runs this in one pass
 pytestmark = [pytest.mark.e2e, pytest.mark.heavy_any_db]
+IDLE_SECONDS = 3  # the interactive lane takes bulk work after this long without an interactive message
 
 
 def procfile() -> dict[str, str]:
@@ -52,6 +53,7 @@ def lanes(transactional_db, tmp_path):
         "REDIS_URL": url,
         "SIGHTLINE_VAR_DIR": str(settings.VAR_DIR),
         "PYTHONUNBUFFERED": "1",
+        "SIGHTLINE_INTERACTIVE_IDLE_SECONDS": str(IDLE_SECONDS),
     }
     env.pop("SIGHTLINE_WORKER_LANE", None)
     env.pop("SIGHTLINE_TORCH_THREADS", None)
@@ -122,6 +124,11 @@ def test_each_lane_takes_its_own_work_interactive_first_and_bulk_when_idle(lanes
         "bulk-2",
     ]
     assert {entry["lane"] for entry in ran} == {"interactive"}
+    # ...but only once it has been idle: the bulk one starts no sooner than IDLE_SECONDS after the
+    # interactive lane received its last interactive message (just before that one began); a
+    # lower bound only, so a slow machine cannot fail it (workers/bootsteps.py BulkWhenIdle)
+    last_interactive, first_bulk = ran[3], ran[4]
+    assert first_bulk["began"] - last_interactive["began"] >= IDLE_SECONDS - 0.5, (last_interactive, first_bulk)
 
     client.rpush("gate:bulk", "open")
     assert entries(client, lane_probe.RAN, 8, logs)[-1]["token"] == "hold-bulk"
