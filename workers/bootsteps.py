@@ -54,7 +54,23 @@ def gpu_sampler(device: int | str | None) -> UtilisationSampler | None:
     return None if device is None else nvml_sampler(device)
 
 
-class GpuBackPressure(bootsteps.StartStopStep):
+class _TimedStep(bootsteps.StartStopStep):
+    """A consumer step with one repeating timer, started once and cancelled on stop (a reconnection
+    runs start again)."""
+
+    _timer_entry: Any = None
+
+    def repeat(self, c: Any, seconds: float, fun: Any) -> None:
+        if self._timer_entry is None:
+            self._timer_entry = c.timer.call_repeatedly(seconds, fun, (c,))
+
+    def stop(self, c: Any) -> None:
+        if self._timer_entry is not None:
+            c.timer.cancel(self._timer_entry)
+            self._timer_entry = None
+
+
+class GpuBackPressure(_TimedStep):
     """Pause consuming while this worker's GPU stays busy; resume once it is well below."""
 
     label = "GPU back-pressure"
@@ -74,7 +90,6 @@ class GpuBackPressure(bootsteps.StartStopStep):
         self.sampler: UtilisationSampler | None = None
         self.paused_queues: list[str] = []
         self._looked_up = False
-        self._timer_entry: Any = None
 
     def start(self, c: Any) -> None:
         # NVML is opened here, after the pool has forked its processes, and once per worker:
@@ -92,13 +107,8 @@ class GpuBackPressure(bootsteps.StartStopStep):
                     self.policy.resume_below,
                     self.interval,
                 )
-        if self.sampler is not None and self._timer_entry is None:
-            self._timer_entry = c.timer.call_repeatedly(self.interval, self.sample, (c,))
-
-    def stop(self, c: Any) -> None:
-        if self._timer_entry is not None:
-            c.timer.cancel(self._timer_entry)
-            self._timer_entry = None
+        if self.sampler is not None:
+            self.repeat(c, self.interval, self.sample)
 
     def shutdown(self, c: Any) -> None:
         self.stop(c)
@@ -153,7 +163,7 @@ DEFAULT_IDLE_SECONDS = 2.0
 IDLE_CHECK_SECONDS = 0.25  # how often a lane that stopped taking bulk work looks whether it is idle again
 
 
-class BulkWhenIdle(bootsteps.StartStopStep):
+class BulkWhenIdle(_TimedStep):
     """The interactive lane takes bulk work only once it has been idle: a message from the
     interactive queue stops it consuming ``bulk`` (the broker keeps those messages for the bulk
     lane), and ``SIGHTLINE_INTERACTIVE_IDLE_SECONDS`` without one starts it again.
@@ -173,18 +183,12 @@ class BulkWhenIdle(bootsteps.StartStopStep):
         self.enabled = _setting(c.app, "SIGHTLINE_WORKER_LANE", "all") == INTERACTIVE_QUEUE and self.idle_seconds > 0
         self.last_interactive = float("-inf")
         self.holding_back = False  # bulk cancelled by this step, to be added again when idle
-        self._timer_entry: Any = None
         if self.enabled:
             task_received.connect(self.received, weak=False)
 
     def start(self, c: Any) -> None:
-        if self.enabled and self._timer_entry is None:
-            self._timer_entry = c.timer.call_repeatedly(IDLE_CHECK_SECONDS, self.check, (c,))
-
-    def stop(self, c: Any) -> None:
-        if self._timer_entry is not None:
-            c.timer.cancel(self._timer_entry)
-            self._timer_entry = None
+        if self.enabled:
+            self.repeat(c, IDLE_CHECK_SECONDS, self.check)
 
     def shutdown(self, c: Any) -> None:
         self.stop(c)
