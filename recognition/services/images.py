@@ -861,12 +861,10 @@ def _render_queue(routing: Routing | None) -> str:
     """The lane that renders received images: a clinician's upload (its read waits for the
     render) the interactive one; a bulk job's item (no read yet) or a bulk-lane read the bulk
     one, so that a job of thousands never stands in front of the interactive lane's reads."""
-    if routing is not None and routing.priority == InferenceRequest.Priority.INTERACTIVE:
-        return inference_queue(InferenceRequest.Priority.INTERACTIVE)
-    return inference_queue(InferenceRequest.Priority.BULK)
+    return inference_queue(routing.priority if routing is not None else InferenceRequest.Priority.BULK)
 
 
-def _enqueue_render(image_ids: list[int], queue: str | None = None) -> None:
+def _enqueue_render(image_ids: list[int], queue: str) -> None:
     # the broker down: the images stay received in the database; reconciliation wakes them
     task_send("workers.tasks.image_render", args=[image_ids], queue=queue)
 
